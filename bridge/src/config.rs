@@ -1,0 +1,549 @@
+//! The `[[bridge]]` configuration table: types, defaults and validation.
+//!
+//! Durations are humantime strings ("30s", "5m") or integer seconds; sizes are strings with
+//! a binary or decimal unit ("512MiB", "2GB") or integer bytes. Unknown keys are errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::ConfigError;
+use crate::rules::TopicRule;
+
+/// One `[[bridge]]` table: a link to one cloud broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Name of the link, used in the spool file name, status and `$SYS` topics.
+    pub name: String,
+    /// `mqtt://host:port`, `mqtts://host:port`, `ws://host:port/path` or `wss://host:port/path`.
+    pub address: String,
+    /// MQTT version spoken to the cloud: "5.0" (default) or "3.1.1".
+    #[serde(default)]
+    pub protocol: ProtocolVersion,
+    /// Client identifier; defaults to `outpost-{gateway_id}-{name}`. It must stay fixed
+    /// across restarts because the cloud session (and QoS 2 state) is keyed on it.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name for the cloud broker.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for the cloud broker.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Keep alive sent in CONNECT (default 60s); also bounds half-open link detection.
+    #[serde(default = "default_keep_alive", deserialize_with = "de_duration")]
+    pub keep_alive: Duration,
+    /// Session expiry requested from a 5.0 cloud (default 7 days). The session must outlive
+    /// an outage for QoS 2 state to survive on the cloud side.
+    #[serde(default = "default_session_expiry", deserialize_with = "de_duration")]
+    pub session_expiry: Duration,
+    /// Highest QoS used towards the cloud (default 2). Set 1 for brokers without QoS 2
+    /// (AWS IoT Core); a CONNACK Maximum QoS lowers it too.
+    #[serde(default = "default_max_qos")]
+    pub max_qos: u8,
+    /// Upper bound on unacknowledged messages in flight (default 256); the cloud's Receive
+    /// Maximum lowers it.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Replay rate limit in messages per second for backlog accepted before the current
+    /// connection (0 = unlimited, the default).
+    #[serde(default)]
+    pub replay_rate: u32,
+    /// TLS settings for `mqtts://` and `wss://` addresses.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Topic rules (Mosquitto `topic` semantics).
+    #[serde(default)]
+    pub topics: Vec<TopicRule>,
+    /// The on-disk spool.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// Reconnect backoff.
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// Gateway status (birth and will) announced on the cloud.
+    #[serde(default)]
+    pub status: StatusConfig,
+    /// How often `$SYS/broker/bridge/{name}/...` counters are published locally (default 10s).
+    #[serde(default = "default_stats_interval", deserialize_with = "de_duration")]
+    pub stats_interval: Duration,
+}
+
+/// MQTT version used towards the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtocolVersion {
+    /// MQTT 3.1.1.
+    V3_1_1,
+    /// MQTT 5.0.
+    #[default]
+    V5,
+}
+
+impl<'de> Deserialize<'de> for ProtocolVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            F(f64),
+            I(i64),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::S(s) => s,
+            Raw::F(f) => f.to_string(),
+            Raw::I(i) => i.to_string(),
+        };
+        match text.trim() {
+            "3.1.1" | "311" | "v3.1.1" | "4" => Ok(ProtocolVersion::V3_1_1),
+            "5" | "5.0" | "v5" | "v5.0" => Ok(ProtocolVersion::V5),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown protocol version {other:?}: expected \"3.1.1\" or \"5.0\""
+            ))),
+        }
+    }
+}
+
+impl ProtocolVersion {
+    /// The codec's protocol for this version.
+    pub fn to_protocol(self) -> outpost_mqtt::Protocol {
+        match self {
+            ProtocolVersion::V3_1_1 => outpost_mqtt::Protocol::V3_1_1,
+            ProtocolVersion::V5 => outpost_mqtt::Protocol::V5,
+        }
+    }
+}
+
+/// TLS client settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of trusted CA certificates; system roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Server name sent in SNI and checked against the certificate (default: address host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// ALPN protocols to offer (e.g. `["x-amzn-mqtt-ca"]` for AWS IoT on port 443).
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// What to do when a new message would take the spool past `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Delete the oldest unsent messages to make room (each one counted as dropped).
+    #[default]
+    DropOldest,
+    /// Refuse the new message: 5.0 publishers get reason 0x97, 3.1.1 ones get no ack.
+    RejectNew,
+}
+
+/// Spool settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// SQLite file; default `{state_dir}/bridge-{name}.sqlite`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Bound on the spooled data (topic + payload + properties + 32 bytes per row).
+    #[serde(default = "default_max_bytes", deserialize_with = "de_size")]
+    pub max_bytes: u64,
+    /// Policy when the bound is reached.
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// Spool QoS 0 messages too (default false: QoS 0 goes up only while the link is up).
+    #[serde(default)]
+    pub qos0: bool,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            path: None,
+            max_bytes: default_max_bytes(),
+            when_full: WhenFull::default(),
+            qos0: false,
+        }
+    }
+}
+
+/// Reconnect backoff: exponential with full jitter, between `min` and `max`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    /// First backoff ceiling (default 1s).
+    #[serde(default = "default_backoff_min", deserialize_with = "de_duration")]
+    pub min: Duration,
+    /// Largest backoff ceiling (default 60s).
+    #[serde(default = "default_backoff_max", deserialize_with = "de_duration")]
+    pub max: Duration,
+    /// Bound on connect + CONNACK (default 10s).
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            min: default_backoff_min(),
+            max: default_backoff_max(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+/// Gateway status announced on the cloud.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Publish birth, will and clean offline (default true).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Topic prefix: the status topic is `{prefix}/{gateway_id}/status` (default "outpost").
+    #[serde(default = "default_status_prefix")]
+    pub prefix: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            enabled: true,
+            prefix: default_status_prefix(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_status_prefix() -> String {
+    "outpost".into()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_max_qos() -> u8 {
+    2
+}
+fn default_max_inflight() -> u16 {
+    256
+}
+fn default_max_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_backoff_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Transport scheme of the cloud address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain TCP.
+    Mqtt,
+    /// TLS over TCP.
+    Mqtts,
+    /// WebSocket over TCP.
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+}
+
+impl Scheme {
+    /// True when the transport is wrapped in TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Mqtts | Scheme::Wss)
+    }
+}
+
+/// A parsed cloud address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// Transport.
+    pub scheme: Scheme,
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Path for WebSocket (default "/mqtt").
+    pub path: String,
+}
+
+impl Address {
+    /// Parse `scheme://host[:port][/path]`.
+    pub fn parse(s: &str) -> Result<Address, ConfigError> {
+        let bad = |why: &str| ConfigError::Invalid(format!("address {s:?}: {why}"));
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| bad("missing scheme"))?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "mqtt" | "tcp" => Scheme::Mqtt,
+            "mqtts" | "ssl" | "tls" => Scheme::Mqtts,
+            "ws" => Scheme::Ws,
+            "wss" => Scheme::Wss,
+            other => return Err(bad(&format!("unknown scheme {other:?}"))),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/mqtt".to_string()),
+        };
+        let default_port = match scheme {
+            Scheme::Mqtt => 1883,
+            Scheme::Mqtts => 8883,
+            Scheme::Ws => 80,
+            Scheme::Wss => 443,
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+                None if after.is_empty() => default_port,
+                None => return Err(bad("garbage after ']'")),
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        Ok(Address {
+            scheme,
+            host,
+            port,
+            path,
+        })
+    }
+}
+
+impl BridgeConfig {
+    /// Check everything that can be checked without I/O; called by `start` and usable by
+    /// `outpost check`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(format!("bridge {:?}: {m}", self.name)));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return invalid("name must be non-empty and use only [A-Za-z0-9_-]".into());
+        }
+        let addr = Address::parse(&self.address)?;
+        if addr.scheme.is_tls() {
+            if let Some(tls) = &self.tls
+                && tls.cert_file.is_some() != tls.key_file.is_some()
+            {
+                return invalid("tls.cert_file and tls.key_file go together".into());
+            }
+        } else if self.tls.is_some() {
+            return invalid("tls settings given for a non-TLS address".into());
+        }
+        if self.max_qos > 2 {
+            return invalid(format!("max_qos {} (0, 1 or 2)", self.max_qos));
+        }
+        if self.max_inflight == 0 {
+            return invalid("max_inflight must be at least 1".into());
+        }
+        if self.keep_alive.as_secs() > u64::from(u16::MAX) {
+            return invalid("keep_alive above 65535s".into());
+        }
+        if self.reconnect.min.is_zero() || self.reconnect.min > self.reconnect.max {
+            return invalid("reconnect.min must be > 0 and <= reconnect.max".into());
+        }
+        if self.spool.max_bytes < 4096 {
+            return invalid("spool.max_bytes below 4KiB".into());
+        }
+        if self.stats_interval.is_zero() {
+            return invalid("stats_interval must be > 0".into());
+        }
+        if self.topics.is_empty() {
+            return invalid("no topics: a bridge needs at least one rule".into());
+        }
+        for rule in &self.topics {
+            rule.validate()
+                .map_err(|e| ConfigError::Invalid(format!("bridge {:?}: {e}", self.name)))?;
+        }
+        if self.status.prefix.contains(['+', '#']) {
+            return invalid("status.prefix contains a wildcard".into());
+        }
+        Ok(())
+    }
+
+    /// The client id used on the cloud.
+    pub fn effective_client_id(&self, gateway_id: &str) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("outpost-{gateway_id}-{}", self.name))
+    }
+}
+
+/// Accept "30s"/"1h 5m" (humantime) or integer seconds.
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        S(String),
+        I(u64),
+    }
+    match Raw::deserialize(d)? {
+        Raw::S(s) => humantime::parse_duration(s.trim())
+            .map_err(|e| serde::de::Error::custom(format!("bad duration {s:?}: {e}"))),
+        Raw::I(i) => Ok(Duration::from_secs(i)),
+    }
+}
+
+/// Accept "512MiB", "2 GB", "4096" or an integer byte count.
+pub(crate) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        S(String),
+        I(u64),
+    }
+    match Raw::deserialize(d)? {
+        Raw::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
+        Raw::I(i) => Ok(i),
+    }
+}
+
+/// Parse a byte size with an optional unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected a number with an optional unit"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("bad size {s:?}: unknown unit {other:?}")),
+    };
+    let v = num * mult as f64;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(format!("bad size {s:?}: out of range"));
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<BridgeConfig, toml::de::Error> {
+        toml::from_str(toml_text)
+    }
+
+    #[test]
+    fn full_table_parses_with_units() {
+        let c = parse(
+            r#"
+            name = "cloud"
+            address = "mqtts://broker.example.com:8883"
+            protocol = "3.1.1"
+            keep_alive = "30s"
+            max_qos = 1
+            topics = [
+              { pattern = "sensors/#", direction = "out", qos = 1, local_prefix = "outpost/gw-01/", remote_prefix = "plant-7/" },
+              { pattern = "cmd/#", direction = "in", qos = 1 },
+            ]
+            [tls]
+            ca_file = "/etc/ca.pem"
+            alpn = ["x-amzn-mqtt-ca"]
+            [spool]
+            max_bytes = "512MiB"
+            when_full = "reject-new"
+            qos0 = true
+            [reconnect]
+            min = "500ms"
+            max = 30
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(c.protocol, ProtocolVersion::V3_1_1);
+        assert_eq!(c.keep_alive, Duration::from_secs(30));
+        assert_eq!(c.spool.max_bytes, 512 << 20);
+        assert_eq!(c.spool.when_full, WhenFull::RejectNew);
+        assert_eq!(c.reconnect.min, Duration::from_millis(500));
+        assert_eq!(c.reconnect.max, Duration::from_secs(30));
+        assert_eq!(c.topics.len(), 2);
+        c.validate().expect("valid");
+        assert_eq!(c.effective_client_id("gw-01"), "outpost-gw-01-cloud");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = parse("name='a'\naddress='mqtt://h'\nbogus=1\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn protocol_as_float_and_bad_value() {
+        let c = parse("name='a'\naddress='mqtt://h'\nprotocol=5.0\n").unwrap();
+        assert_eq!(c.protocol, ProtocolVersion::V5);
+        assert!(parse("name='a'\naddress='mqtt://h'\nprotocol='4.0'\n").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn addresses() {
+        let a = Address::parse("mqtt://127.0.0.1:1884").unwrap();
+        assert_eq!((a.scheme, a.host.as_str(), a.port), (Scheme::Mqtt, "127.0.0.1", 1884));
+        let a = Address::parse("wss://[::1]/ws").unwrap();
+        assert_eq!((a.scheme, a.host.as_str(), a.port, a.path.as_str()), (Scheme::Wss, "::1", 443, "/ws"));
+        assert!(Address::parse("http://x").is_err());
+        assert!(Address::parse("mqtt://:1883").is_err());
+        assert!(Address::parse("mqtt://h:99999").is_err());
+    }
+
+    #[test]
+    fn validation_catches_mistakes() {
+        let base = "name='a'\naddress='mqtt://h'\ntopics=[{pattern='x/#', direction='out'}]\n";
+        parse(base).unwrap().validate().unwrap();
+        let no_rules = parse("name='a'\naddress='mqtt://h'\n").unwrap();
+        assert!(no_rules.validate().is_err());
+        let tls_on_plain = parse(&format!("{base}[tls]\nca_file='x'\n")).unwrap();
+        assert!(tls_on_plain.validate().is_err());
+        let bad_name = parse(&base.replace("name='a'", "name='a/b'")).unwrap();
+        assert!(bad_name.validate().is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! The durable spool: an SQLite file owned by one writer thread that group-commits every
+//! queued request (appends, deletes, QoS 2 stage changes) in one transaction.
+//!
+//! Callers never touch SQLite: they send commands over a channel and get answers on
+//! oneshot channels, so the async runtime never blocks on disk.
+
+mod props;
+mod store;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use bytes::Bytes;
+use outpost_mqtt::Properties;
+use tokio::sync::{oneshot, watch};
+
+use crate::config::WhenFull;
+use crate::error::{RejectReason, Rejected, SpoolError};
+use crate::stats::BridgeStats;
+
+pub use props::{decode as decode_properties, encode as encode_properties};
+pub use store::ROW_OVERHEAD;
+
+/// A message to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Remote (cloud) topic.
+    pub topic: String,
+    /// Payload, shared with the publisher's buffer.
+    pub payload: Bytes,
+    /// QoS towards the cloud (0, 1 or 2).
+    pub qos: u8,
+    /// RETAIN flag towards the cloud.
+    pub retain: bool,
+    /// Encoded properties ([`encode_properties`]).
+    pub props: Option<Vec<u8>>,
+    /// Accept time, unix milliseconds.
+    pub accepted_ms: i64,
+}
+
+impl NewMessage {
+    /// Bytes this message counts for against `max_bytes`.
+    pub fn accounted_size(&self) -> u64 {
+        (self.topic.len() + self.payload.len() + self.props.as_ref().map_or(0, Vec::len)) as u64
+            + ROW_OVERHEAD
+    }
+}
+
+/// Where a QoS 2 message is in its exchange with the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Not sent yet (or QoS 0/1, whose identifiers are not persisted).
+    New = 0,
+    /// PUBLISH sent with the persisted packet id; resend PUBLISH (DUP) after a restart.
+    Published = 1,
+    /// PUBREC received; resend PUBREL, never PUBLISH.
+    Released = 2,
+}
+
+impl Stage {
+    fn from_i64(v: i64) -> Stage {
+        match v {
+            1 => Stage::Published,
+            2 => Stage::Released,
+            _ => Stage::New,
+        }
+    }
+}
+
+/// A spooled row.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Row id (accept order).
+    pub id: i64,
+    /// Remote topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS as accepted.
+    pub qos: u8,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// Decoded properties (empty when none or damaged).
+    pub properties: Properties,
+    /// Accept time, unix milliseconds.
+    pub accepted_ms: i64,
+    /// Persisted packet id (QoS 2 in progress).
+    pub packet_id: Option<u16>,
+    /// QoS 2 stage.
+    pub stage: Stage,
+}
+
+/// One persisted QoS 2 stage change.
+#[derive(Debug, Clone, Copy)]
+pub struct StageUpdate {
+    /// Row id.
+    pub id: i64,
+    /// Packet identifier on the cloud session.
+    pub packet_id: u16,
+    /// New stage.
+    pub stage: Stage,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+pub(crate) enum Command {
+    Append(NewMessage, Reply<Result<(), Rejected>>),
+    Delete(i64),
+    SetStages(Vec<StageUpdate>, Reply<Result<(), SpoolError>>),
+    Fetch {
+        after: i64,
+        limit: usize,
+        reply: Reply<Result<Vec<StoredMessage>, SpoolError>>,
+    },
+    InProgress(Reply<Result<Vec<StoredMessage>, SpoolError>>),
+    Flush(Reply<Result<(), SpoolError>>),
+}
+
+/// Settings of a spool.
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    /// SQLite file.
+    pub path: PathBuf,
+    /// Byte bound.
+    pub max_bytes: u64,
+    /// Policy at the bound.
+    pub when_full: WhenFull,
+}
+
+/// Handle to the spool writer; cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    tx: mpsc::Sender<Command>,
+    committed: watch::Receiver<i64>,
+    path: Arc<PathBuf>,
+}
+
+/// The writer thread; join it after every [`Spool`] handle is dropped.
+pub struct SpoolThread(std::thread::JoinHandle<()>);
+
+impl SpoolThread {
+    /// Wait for the writer to finish its last transaction (blocking).
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("spool writer thread panicked");
+        }
+    }
+}
+
+impl Spool {
+    /// Open the file (blocking: call from a blocking context) and start the writer thread.
+    pub fn open(
+        opts: SpoolOptions,
+        stats: Arc<BridgeStats>,
+    ) -> Result<(Spool, SpoolThread), SpoolError> {
+        let (conn, quarantined) = store::open(&opts.path)?;
+        if quarantined.is_some() {
+            BridgeStats::bump(&stats.quarantined);
+        }
+        let sqlite = |source| SpoolError::Sqlite {
+            path: opts.path.clone(),
+            source,
+        };
+        let (count, bytes) = store::totals(&conn).map_err(sqlite)?;
+        let last_id = store::max_id(&conn).map_err(sqlite)?;
+        let oldest = store::oldest_ms(&conn).map_err(sqlite)?;
+        stats.spool_messages.store(count, std::sync::atomic::Ordering::Relaxed);
+        stats.spool_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+        stats.oldest_accepted_ms.store(oldest, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(spool = %opts.path.display(), messages = count, bytes, "spool opened");
+        let (tx, rx) = mpsc::channel();
+        let (committed_tx, committed) = watch::channel(last_id);
+        let path = Arc::new(opts.path.clone());
+        let w = writer::Writer::new(conn, opts, stats, bytes, count, committed_tx);
+        let thread = std::thread::Builder::new()
+            .name("bridge-spool".into())
+            .spawn(move || w.run(rx))
+            .map_err(|source| SpoolError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok((
+            Spool {
+                tx,
+                committed,
+                path,
+            },
+            SpoolThread(thread),
+        ))
+    }
+
+    /// The spool file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queue a message; the receiver resolves after the commit that holds it.
+    pub fn append(&self, msg: NewMessage) -> oneshot::Receiver<Result<(), Rejected>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::Append(_, reply))) =
+            self.tx.send(Command::Append(msg, reply))
+        {
+            let _ = reply.send(Err(Rejected {
+                reason: RejectReason::ShuttingDown,
+            }));
+        }
+        rx
+    }
+
+    /// Delete an acknowledged row (committed with the next group).
+    pub fn delete(&self, id: i64) {
+        let _ = self.tx.send(Command::Delete(id));
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(Reply<Result<T, SpoolError>>) -> Command,
+    ) -> Result<T, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Persist QoS 2 stages; resolves after they are committed.
+    pub async fn set_stages(&self, updates: Vec<StageUpdate>) -> Result<(), SpoolError> {
+        self.ask(|r| Command::SetStages(updates, r)).await
+    }
+
+    /// Up to `limit` rows with id > `after`, in id order.
+    pub async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<StoredMessage>, SpoolError> {
+        self.ask(|reply| Command::Fetch {
+            after,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Rows with a persisted QoS 2 packet id.
+    pub async fn in_progress(&self) -> Result<Vec<StoredMessage>, SpoolError> {
+        self.ask(Command::InProgress).await
+    }
+
+    /// Resolves once everything queued before it is committed.
+    pub async fn flush(&self) -> Result<(), SpoolError> {
+        self.ask(Command::Flush).await
+    }
+
+    /// Highest committed row id, updated after every commit.
+    pub fn committed(&self) -> watch::Receiver<i64> {
+        self.committed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

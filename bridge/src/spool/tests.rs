@@ -1,0 +1,181 @@
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+
+use super::*;
+
+fn msg(i: usize, payload_len: usize) -> NewMessage {
+    NewMessage {
+        topic: format!("t/{i}"),
+        payload: Bytes::from(vec![b'x'; payload_len]),
+        qos: 1,
+        retain: false,
+        props: None,
+        accepted_ms: 1_000 + i as i64,
+    }
+}
+
+fn open(dir: &Path, max_bytes: u64, when_full: WhenFull) -> (Spool, SpoolThread, Arc<BridgeStats>) {
+    let stats = Arc::new(BridgeStats::default());
+    let (spool, thread) = Spool::open(
+        SpoolOptions {
+            path: dir.join("spool.sqlite"),
+            max_bytes,
+            when_full,
+        },
+        stats.clone(),
+    )
+    .expect("open spool");
+    (spool, thread, stats)
+}
+
+fn close(spool: Spool, thread: SpoolThread) {
+    drop(spool);
+    thread.join();
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn commits_in_order_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (spool, thread, stats) = open(dir.path(), 1 << 30, WhenFull::DropOldest);
+        let rxs: Vec<_> = (0..1000).map(|i| spool.append(msg(i, 64))).collect();
+        for rx in rxs {
+            rx.await.unwrap().unwrap();
+        }
+        assert_eq!(stats.spool_messages.load(Relaxed), 1000);
+        let rows = spool.fetch(0, 10_000).await.unwrap();
+        let topics: Vec<_> = rows.iter().map(|r| r.topic.clone()).collect();
+        let expected: Vec<_> = (0..1000).map(|i| format!("t/{i}")).collect();
+        assert_eq!(topics, expected);
+        assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
+        assert_eq!(stats.oldest_accepted_ms.load(Relaxed), 1000);
+        // Acknowledge the first ten, then reopen as after a crash.
+        for r in &rows[..10] {
+            spool.delete(r.id);
+        }
+        spool.flush().await.unwrap();
+        close(spool, thread);
+    });
+    rt().block_on(async {
+        let (spool, thread, stats) = open(dir.path(), 1 << 30, WhenFull::DropOldest);
+        assert_eq!(stats.spool_messages.load(Relaxed), 990);
+        let topic_bytes = 90 * 4 + 900 * 5;
+        assert_eq!(stats.spool_bytes.load(Relaxed), topic_bytes + 990 * (64 + ROW_OVERHEAD));
+        let rows = spool.fetch(0, 5).await.unwrap();
+        assert_eq!(rows[0].topic, "t/10");
+        assert_eq!(rows[0].payload.len(), 64);
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn reject_new_refuses_past_the_byte_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let one = msg(0, 1000).accounted_size();
+        let (spool, thread, stats) = open(dir.path(), one * 5, WhenFull::RejectNew);
+        let mut results = Vec::new();
+        for i in 0..8 {
+            results.push(spool.append(msg(i, 1000)).await.unwrap());
+        }
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 5);
+        for r in &results[5..] {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.reason, RejectReason::SpoolFull);
+            assert_eq!(e.reason_code(), outpost_mqtt::ReasonCode::QUOTA_EXCEEDED);
+        }
+        assert_eq!(stats.rejected_full.load(Relaxed), 3);
+        // The accepted five are intact and first in line.
+        let rows = spool.fetch(0, 100).await.unwrap();
+        let topics: Vec<_> = rows.iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(topics, ["t/0", "t/1", "t/2", "t/3", "t/4"]);
+        // Room frees up after an ack.
+        spool.delete(rows[0].id);
+        assert!(spool.append(msg(9, 1000)).await.unwrap().is_ok());
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn drop_oldest_keeps_newest_and_spares_qos2_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let one = msg(0, 1000).accounted_size();
+        let (spool, thread, stats) = open(dir.path(), one * 4, WhenFull::DropOldest);
+        for i in 0..4 {
+            spool.append(msg(i, 1000)).await.unwrap().unwrap();
+        }
+        let first = spool.fetch(0, 1).await.unwrap()[0].id;
+        spool
+            .set_stages(vec![StageUpdate { id: first, packet_id: 7, stage: Stage::Released }])
+            .await
+            .unwrap();
+        for i in 4..7 {
+            spool.append(msg(i, 1000)).await.unwrap().unwrap();
+        }
+        let rows = spool.fetch(0, 100).await.unwrap();
+        let topics: Vec<_> = rows.iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(topics, ["t/0", "t/4", "t/5", "t/6"], "t/0 has a QoS 2 exchange in progress");
+        assert_eq!(rows[0].packet_id, Some(7));
+        assert_eq!(rows[0].stage, Stage::Released);
+        assert_eq!(stats.dropped_spool_full.load(Relaxed), 3);
+        assert!(stats.spool_bytes.load(Relaxed) <= one * 4);
+        let in_progress = spool.in_progress().await.unwrap();
+        assert_eq!(in_progress.len(), 1);
+        // A message bigger than the whole bound is refused, not allowed to wipe the spool.
+        let huge = spool.append(msg(99, 10 * 1000)).await.unwrap();
+        assert_eq!(huge.unwrap_err().reason, RejectReason::SpoolFull);
+        assert_eq!(spool.fetch(0, 100).await.unwrap().len(), 4);
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn properties_round_trip_through_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (spool, thread, _) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        let props = outpost_mqtt::Properties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        };
+        let mut m = msg(0, 3);
+        m.props = encode_properties(&props);
+        m.qos = 2;
+        m.retain = true;
+        spool.append(m).await.unwrap().unwrap();
+        let row = &spool.fetch(0, 1).await.unwrap()[0];
+        assert_eq!(row.properties, props);
+        assert_eq!((row.qos, row.retain, row.stage), (2, true, Stage::New));
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn corrupt_file_is_set_aside_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.sqlite");
+    let garbage = b"this is not an sqlite database, it is a damaged spool file....".repeat(200);
+    std::fs::write(&path, &garbage).unwrap();
+    rt().block_on(async {
+        let (spool, thread, stats) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        assert_eq!(stats.quarantined.load(Relaxed), 1);
+        spool.append(msg(0, 8)).await.unwrap().unwrap();
+        close(spool, thread);
+    });
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("spool.sqlite.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "exactly one quarantined file");
+    assert_eq!(std::fs::read(aside[0].path()).unwrap(), garbage, "kept byte for byte");
+}

@@ -1,0 +1,73 @@
+//! Counters of one bridge, shared lock-free between the spool writer, the uplink and the
+//! `$SYS` publisher.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Live counters; all updates are relaxed atomics (they are reported, not synchronised on).
+#[derive(Debug, Default)]
+pub struct BridgeStats {
+    /// Link to the cloud is up (CONNACK accepted).
+    pub connected: AtomicBool,
+    /// Rows in the spool.
+    pub spool_messages: AtomicU64,
+    /// Accounted bytes in the spool.
+    pub spool_bytes: AtomicU64,
+    /// Accept time (unix ms) of the oldest spooled row, 0 when empty.
+    pub oldest_accepted_ms: AtomicI64,
+    /// Messages acknowledged by the cloud (QoS 1/2) or written to it (QoS 0).
+    pub forwarded: AtomicU64,
+    /// Messages taken into the spool.
+    pub spooled: AtomicU64,
+    /// Oldest rows deleted to make room (`drop-oldest`).
+    pub dropped_spool_full: AtomicU64,
+    /// Messages larger than the cloud's Maximum Packet Size.
+    pub dropped_too_large: AtomicU64,
+    /// Messages whose Message Expiry Interval passed while spooled.
+    pub dropped_expired: AtomicU64,
+    /// Unspooled QoS 0 messages that could not be sent (link down or queue full).
+    pub dropped_qos0: AtomicU64,
+    /// Messages the cloud refused with an error reason code in PUBACK/PUBREC.
+    pub dropped_refused: AtomicU64,
+    /// Offers refused because the spool is full (`reject-new`).
+    pub rejected_full: AtomicU64,
+    /// Offers refused because SQLite could not commit.
+    pub rejected_storage: AtomicU64,
+    /// Successful connections after the first one.
+    pub reconnects: AtomicU64,
+    /// Connection attempts that failed.
+    pub connect_failures: AtomicU64,
+    /// Spool files set aside as corrupt.
+    pub quarantined: AtomicU64,
+}
+
+impl BridgeStats {
+    /// Add one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Counter name/value pairs as published under `$SYS/broker/bridge/{name}/`.
+    pub fn snapshot(&self, now_ms: i64) -> Vec<(&'static str, String)> {
+        let oldest = self.oldest_accepted_ms.load(Relaxed);
+        let age = if oldest == 0 { 0 } else { (now_ms - oldest).max(0) / 1000 };
+        let g = |c: &AtomicU64| c.load(Relaxed).to_string();
+        vec![
+            ("state", if self.connected.load(Relaxed) { "connected" } else { "disconnected" }.to_string()),
+            ("spool/messages", g(&self.spool_messages)),
+            ("spool/bytes", g(&self.spool_bytes)),
+            ("spool/oldest_age_seconds", age.to_string()),
+            ("spooled", g(&self.spooled)),
+            ("forwarded", g(&self.forwarded)),
+            ("dropped/spool_full", g(&self.dropped_spool_full)),
+            ("dropped/too_large", g(&self.dropped_too_large)),
+            ("dropped/expired", g(&self.dropped_expired)),
+            ("dropped/qos0", g(&self.dropped_qos0)),
+            ("dropped/refused", g(&self.dropped_refused)),
+            ("rejected/spool_full", g(&self.rejected_full)),
+            ("rejected/storage", g(&self.rejected_storage)),
+            ("reconnects", g(&self.reconnects)),
+            ("connect_failures", g(&self.connect_failures)),
+            ("spool/quarantined", g(&self.quarantined)),
+        ]
+    }
+}

@@ -1,0 +1,51 @@
+//! Starts the gateway from a config and runs it until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::broker::{Broker, Settings, bind_listeners};
+use crate::config::Config;
+use crate::service;
+
+/// Runs the gateway until a termination signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let state_dir = config.state_dir();
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+    let gateway_id = config.gateway_id();
+    let listeners = bind_listeners(&config.broker.listeners)
+        .await
+        .context("starting the broker")?;
+    let broker = Broker::start(Settings::from_config(&config.broker), Vec::new());
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| format!("{}://{}", l.transport(), l.local_addr))
+        .collect();
+    broker.serve(listeners);
+    info!(gateway_id = %gateway_id, state_dir = %state_dir.display(), "outpost {} running", env!("CARGO_PKG_VERSION"));
+    service::notify_ready(&format!("serving MQTT on {}", addrs.join(", ")));
+    service::spawn_watchdog();
+
+    wait_for_signal().await;
+    info!("shutting down");
+    service::notify_stopping();
+    broker.handle().shutdown().await;
+    // Let writers flush the DISCONNECTs before the runtime goes away.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,272 @@
+//! CONNECT, takeover, session resume and the end of a connection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_mqtt::{ConnAck, Disconnect, Packet, Properties, Protocol, PubResponse, ReasonCode};
+use tracing::{debug, info};
+
+use super::timers::Timer;
+use super::{ConnectRequest, Core};
+use crate::broker::message::Message;
+use crate::broker::outbound::Outbound;
+use crate::broker::router::SessionKey;
+use crate::broker::session::{Link, Session};
+
+impl Core {
+    pub(super) fn on_connect(&mut self, req: ConnectRequest) {
+        let ConnectRequest { connect, tx, reply } = req;
+        let v5 = connect.protocol.is_v5();
+        let refuse = |reason: ReasonCode| {
+            tx.send(Outbound::Control(Packet::ConnAck(ConnAck {
+                session_present: false,
+                reason,
+                properties: Properties::default(),
+            })));
+            tx.send(Outbound::Close);
+        };
+
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            // MQTT-3.1.3-8: 3.1.1 needs clean session for a server-assigned id; 3.1
+            // requires an id outright.
+            if !v5 && (!connect.clean_start || connect.protocol == Protocol::V3_1) {
+                refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+                let _ = reply.send(None);
+                return;
+            }
+            let id: Arc<str> = format!("outpost-{:016x}", rand_u64()).into();
+            if v5 {
+                assigned = Some(id.to_string());
+            }
+            id
+        } else {
+            connect.client_id.as_str().into()
+        };
+
+        let mut expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        if let Some(max) = self.settings.max_session_expiry {
+            expiry = expiry.min(max);
+        }
+
+        let conn_id = self.next_conn_id;
+        self.next_conn_id += 1;
+        let now = Instant::now();
+
+        let mut session_present = false;
+        if let Some(&key) = self.by_client_id.get(&client_id) {
+            self.take_over(key, connect.clean_start);
+            if connect.clean_start {
+                self.end_session(key);
+            } else {
+                session_present = true;
+            }
+        }
+        let key = if session_present {
+            self.by_client_id[&client_id]
+        } else {
+            let key = self.next_key;
+            self.next_key += 1;
+            self.sessions.insert(
+                key,
+                Session::new(client_id.clone(), connect.protocol),
+            );
+            self.by_client_id.insert(client_id.clone(), key);
+            key
+        };
+
+        let s = self.sessions.get_mut(&key).expect("session just ensured");
+        s.protocol = connect.protocol;
+        s.expiry = expiry;
+        s.generation += 1;
+        s.will = connect.will.clone();
+        s.disconnected_at = None;
+        s.send_quota = connect
+            .properties
+            .receive_maximum
+            .unwrap_or(u16::MAX)
+            .min(self.settings.max_inflight);
+        s.max_packet_size = connect.properties.maximum_packet_size;
+        s.link = Some(Link::Network {
+            conn_id,
+            tx: tx.clone(),
+        });
+
+        let mut properties = Properties::default();
+        if v5 {
+            properties.assigned_client_identifier = assigned;
+            properties.receive_maximum = Some(self.settings.receive_maximum);
+            properties.maximum_packet_size =
+                Some(u32::try_from(self.settings.max_packet_size).unwrap_or(u32::MAX));
+            properties.topic_alias_maximum = Some(self.settings.topic_alias_maximum);
+            if connect.properties.session_expiry_interval.is_some_and(|e| e > expiry) {
+                properties.session_expiry_interval = Some(expiry);
+            }
+            if connect.keep_alive > self.settings.max_keepalive
+                || (connect.keep_alive == 0 && self.settings.max_keepalive < u16::MAX)
+            {
+                properties.server_keep_alive = Some(self.settings.max_keepalive);
+            }
+        }
+        tx.send(Outbound::Control(Packet::ConnAck(ConnAck {
+            session_present,
+            reason: ReasonCode::SUCCESS,
+            properties,
+        })));
+        self.stats.connects += 1;
+        info!(client_id = %client_id, protocol = ?connect.protocol, session_present, "client connected");
+
+        // MQTT-4.4.0-1: resend unacknowledged PUBLISH (DUP) and PUBREL in original order.
+        let s = self.sessions.get_mut(&key).expect("session exists");
+        for f in &s.inflight {
+            if f.released {
+                tx.send(Outbound::Control(Packet::PubRel(PubResponse::new(
+                    f.packet_id,
+                ))));
+            } else {
+                tx.send(Outbound::Publish {
+                    delivery: f.delivery.clone(),
+                    packet_id: Some(f.packet_id),
+                    dup: true,
+                });
+            }
+        }
+        self.pump(key, now);
+        let _ = reply.send(Some((key, conn_id)));
+    }
+
+    /// Closes the current connection of a session that a new CONNECT claims.
+    fn take_over(&mut self, key: SessionKey, clean_start: bool) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if let Some(Link::Network { tx, .. }) = s.link.take() {
+            info!(client_id = %s.client_id, "session taken over by a new connection");
+            tx.send(Outbound::Disconnect(ReasonCode::SESSION_TAKEN_OVER));
+            // The old connection ended without DISCONNECT: its will is due. A delayed will
+            // is cancelled by the new connection (MQTT-3.1.3-9) unless the session ends now.
+            let will = s.will.take();
+            let delay = will
+                .as_ref()
+                .and_then(|w| w.properties.will_delay_interval)
+                .unwrap_or(0);
+            if let Some(w) = will
+                && (delay == 0 || clean_start)
+            {
+                self.publish_will(key, w);
+            }
+        }
+    }
+
+    pub(super) fn on_closed(
+        &mut self,
+        key: SessionKey,
+        conn_id: u64,
+        disconnect: Option<Disconnect>,
+    ) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if s.conn_id() != Some(conn_id) {
+            return;
+        }
+        s.link = None;
+        s.disconnected_at = Some(Instant::now());
+        let publish_will = match &disconnect {
+            None => true,
+            Some(d) => {
+                // 5.0: a DISCONNECT may shorten or extend the session expiry, except from
+                // zero (MQTT-3.14.2-2 makes that a protocol error; we keep zero).
+                if let Some(e) = d.properties.session_expiry_interval
+                    && s.expiry != 0
+                {
+                    s.expiry = self.settings.max_session_expiry.map_or(e, |m| e.min(m));
+                }
+                d.reason == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE
+            }
+        };
+        debug!(client_id = %s.client_id, graceful = disconnect.is_some(), "client disconnected");
+        if !publish_will {
+            s.will = None;
+        }
+        let expiry = s.expiry;
+        let generation = s.generation;
+        let will_delay = s
+            .will
+            .as_ref()
+            .map(|w| w.properties.will_delay_interval.unwrap_or(0));
+
+        if expiry == 0 {
+            if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+                self.publish_will(key, w);
+            }
+            self.end_session(key);
+            return;
+        }
+        let now = Instant::now();
+        match will_delay {
+            Some(0) => {
+                if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+                    self.publish_will(key, w);
+                }
+            }
+            Some(delay) => {
+                // MQTT-3.1.3-9: the will waits for the delay or the end of the session,
+                // whichever comes first.
+                let at = now + Duration::from_secs(u64::from(delay.min(expiry)));
+                self.timers.push(at, Timer::Will { key, generation });
+            }
+            None => {}
+        }
+        if expiry != u32::MAX {
+            let at = now + Duration::from_secs(u64::from(expiry));
+            self.timers.push(at, Timer::Expire { key, generation });
+        }
+    }
+
+    pub(super) fn publish_will(&mut self, key: SessionKey, will: outpost_mqtt::Will) {
+        self.stats.wills += 1;
+        let msg = Message::new(
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            will.properties,
+            Some(key),
+        );
+        // A will is not acknowledged to anyone, so durable receipts are not awaited.
+        let _ = self.accept(&msg);
+    }
+
+    /// Removes a session and everything it subscribed to.
+    pub(crate) fn end_session(&mut self, key: SessionKey) {
+        let Some(s) = self.sessions.remove(&key) else {
+            return;
+        };
+        for sub in s.subs.values() {
+            self.tree.remove(&sub.filter, sub.group.as_deref(), key);
+        }
+        if self.by_client_id.get(&s.client_id) == Some(&key) {
+            self.by_client_id.remove(&s.client_id);
+        }
+    }
+}
+
+/// A random value for assigned client identifiers, without pulling in an RNG crate:
+/// std's hasher is seeded randomly per process.
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

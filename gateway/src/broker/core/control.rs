@@ -1,0 +1,241 @@
+//! Packets from connected clients: PUBLISH and its acknowledgements, SUBSCRIBE and
+//! UNSUBSCRIBE.
+
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use outpost_mqtt::{
+    Packet, Properties, Publish, PubResponse, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
+};
+use tokio::sync::oneshot;
+
+use super::Core;
+use crate::broker::Rejected;
+use crate::broker::message::Message;
+use crate::broker::outbound::{DurableResult, Outbound, OutboundTx};
+use crate::broker::router::{SessionKey, SubEntry};
+use crate::broker::session::{Delivery, Link, SessionSub};
+
+impl Core {
+    pub(super) fn on_packet(&mut self, key: SessionKey, packet: Packet) {
+        match packet {
+            Packet::Publish(p) => self.on_publish(key, p),
+            Packet::PubAck(r) | Packet::PubComp(r) => self.on_complete(key, r.packet_id),
+            Packet::PubRec(r) => self.on_pubrec(key, r),
+            Packet::PubRel(r) => self.on_pubrel(key, r.packet_id),
+            Packet::Subscribe(s) => self.on_subscribe(key, s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(key, u),
+            // The connection task handles or rejects everything else.
+            _ => {}
+        }
+    }
+
+    fn link_tx(&self, key: SessionKey) -> Option<OutboundTx> {
+        match &self.sessions.get(&key)?.link {
+            Some(Link::Network { tx, .. }) => Some(tx.clone()),
+            _ => None,
+        }
+    }
+
+    fn on_publish(&mut self, key: SessionKey, p: Publish) {
+        let Some(tx) = self.link_tx(key) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let v5 = s.protocol.is_v5();
+        let packet_id = p.packet_id.unwrap_or(0);
+        if p.qos == QoS::ExactlyOnce && !s.incoming_qos2.insert(packet_id) {
+            // MQTT-4.3.3-9 (3.1.1: 4.3.3-2): a re-sent PUBLISH before PUBREL is the same
+            // message; acknowledge it again without delivering a second copy.
+            tx.send(Outbound::Control(Packet::PubRec(PubResponse::new(packet_id))));
+            return;
+        }
+        let qos = p.qos;
+        let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
+        let receipts = self.accept(&msg);
+        if qos == QoS::AtMostOnce {
+            return;
+        }
+        let make_ack = move |reason: ReasonCode, reason_string: Option<String>| {
+            let r = PubResponse {
+                packet_id,
+                reason,
+                properties: Properties {
+                    reason_string,
+                    ..Properties::default()
+                },
+            };
+            if qos == QoS::AtLeastOnce {
+                Packet::PubAck(r)
+            } else {
+                Packet::PubRec(r)
+            }
+        };
+        if receipts.is_empty() {
+            tx.send(Outbound::Control(make_ack(ReasonCode::SUCCESS, None)));
+            return;
+        }
+        tx.send(Outbound::AckAfter {
+            wait: all_committed(receipts).boxed(),
+            ack: Box::new(move |outcome: DurableResult| match outcome {
+                Ok(()) => Some(make_ack(ReasonCode::SUCCESS, None)),
+                // 5.0 publishers learn why; 3.x has no way to say no, so the message is
+                // left unacknowledged and the client will send it again.
+                Err(e) if v5 => Some(make_ack(ReasonCode::QUOTA_EXCEEDED, Some(e.reason))),
+                Err(_) => None,
+            }),
+        });
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) ends an outgoing exchange.
+    fn on_complete(&mut self, key: SessionKey, packet_id: u16) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if s.take_inflight(packet_id).is_some() {
+            self.pump(key, Instant::now());
+        }
+    }
+
+    fn on_pubrec(&mut self, key: SessionKey, r: PubResponse) {
+        let Some(tx) = self.link_tx(key) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if r.reason.is_error() {
+            // 5.0: a failing PUBREC ends the exchange (MQTT-4.3.3-?); free the slot.
+            if s.take_inflight(r.packet_id).is_some() {
+                self.pump(key, Instant::now());
+            }
+            return;
+        }
+        let mut rel = PubResponse::new(r.packet_id);
+        match s.inflight.iter_mut().find(|f| f.packet_id == r.packet_id) {
+            Some(f) => f.released = true,
+            None if s.protocol.is_v5() => rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+            None => {}
+        }
+        tx.send(Outbound::Control(Packet::PubRel(rel)));
+    }
+
+    fn on_pubrel(&mut self, key: SessionKey, packet_id: u16) {
+        let Some(tx) = self.link_tx(key) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let mut comp = PubResponse::new(packet_id);
+        if !s.incoming_qos2.remove(&packet_id) && s.protocol.is_v5() {
+            comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+        }
+        tx.send(Outbound::Control(Packet::PubComp(comp)));
+    }
+
+    fn on_subscribe(&mut self, key: SessionKey, sub: Subscribe) {
+        let Some(tx) = self.link_tx(key) else {
+            return;
+        };
+        let sub_id = sub.properties.subscription_identifiers.first().copied();
+        let mut reason_codes = Vec::with_capacity(sub.filters.len());
+        let mut retained_for = Vec::new();
+        for f in sub.filters {
+            let (group, inner) = match outpost_mqtt::topic::parse_shared(&f.filter) {
+                Some((g, i)) => (Some(g.to_owned()), i.to_owned()),
+                None => (None, f.filter.clone()),
+            };
+            if group.is_some() && f.options.no_local {
+                // MQTT-3.8.3-4: No Local on a shared subscription is a protocol error.
+                tx.send(Outbound::Disconnect(ReasonCode::PROTOCOL_ERROR));
+                return;
+            }
+            let entry = SubEntry {
+                options: f.options,
+                id: sub_id,
+            };
+            let existed = self.tree.insert(&inner, group.as_deref(), key, entry);
+            let s = self.sessions.get_mut(&key).expect("connected session");
+            s.subs.insert(
+                f.filter.clone(),
+                SessionSub {
+                    group: group.clone(),
+                    filter: inner.clone(),
+                },
+            );
+            reason_codes.push(ReasonCode(f.options.qos as u8));
+            // Shared subscriptions never receive retained messages on subscribe.
+            let send_retained = group.is_none()
+                && match f.options.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendIfNew => !existed,
+                    RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                retained_for.push((inner, entry));
+            }
+        }
+        tx.send(Outbound::Control(Packet::SubAck(SubAck {
+            packet_id: sub.packet_id,
+            reason_codes,
+            properties: Properties::default(),
+        })));
+        let now = Instant::now();
+        for (filter, entry) in retained_for {
+            for msg in self.retained.matching(&filter, now) {
+                // MQTT-3.3.1-8: retained messages sent on subscribe carry RETAIN=1.
+                let d = Delivery {
+                    qos: msg.qos.min(entry.options.qos),
+                    msg,
+                    retain: true,
+                    sub_ids: entry.id.into_iter().collect(),
+                };
+                self.deliver(key, d, now);
+            }
+        }
+    }
+
+    fn on_unsubscribe(&mut self, key: SessionKey, u: Unsubscribe) {
+        let Some(tx) = self.link_tx(key) else {
+            return;
+        };
+        let mut reason_codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let s = self.sessions.get_mut(&key).expect("connected session");
+            let code = match s.subs.remove(f) {
+                Some(sub) => {
+                    self.tree.remove(&sub.filter, sub.group.as_deref(), key);
+                    ReasonCode::SUCCESS
+                }
+                None => ReasonCode::NO_SUBSCRIPTION_EXISTED,
+            };
+            reason_codes.push(code);
+        }
+        tx.send(Outbound::Control(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reason_codes,
+            properties: Properties::default(),
+        })));
+    }
+}
+
+/// Resolves when every receipt is committed, or with the first refusal. A sink that
+/// vanished (its task ended) counts as a refusal: the message is not known durable.
+async fn all_committed(receipts: Vec<oneshot::Receiver<DurableResult>>) -> DurableResult {
+    for r in receipts {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Rejected {
+                    reason: "durable sink stopped before committing".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The broker core: one task that owns all session state and routes every message.
+//!
+//! Keeping the state in one place (as Mosquitto does in its single thread) means no
+//! locks on the routing path and a simple story for takeover, wills and expiry. The
+//! expensive per-byte work, decoding and encoding, happens in the connection tasks.
+
+mod connect;
+mod control;
+mod route;
+mod sys;
+mod timers;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use outpost_mqtt::{Connect, Disconnect, Packet, QoS};
+use tokio::sync::{mpsc, oneshot};
+
+use super::handle::BrokerHandle;
+use super::message::Message;
+use super::outbound::{DurableResult, OutboundTx};
+use super::retained::RetainedStore;
+use super::router::{Match, SessionKey, SubscriptionTree};
+use super::session::Session;
+use super::settings::Settings;
+use super::sys::Stats;
+use super::DurableSink;
+
+/// Capacity of the queue from connections into the core; a full queue slows the
+/// readers down instead of growing memory.
+const INBOX_CAPACITY: usize = 4096;
+
+/// What connections and the in-process API tell the core.
+pub(crate) enum CoreEvent {
+    /// A client sent a valid CONNECT and passed authentication.
+    Connect(ConnectRequest),
+    /// A packet from a connected client.
+    Packet {
+        /// Session of the sender.
+        session: SessionKey,
+        /// Connection of the sender (stale ones are ignored).
+        conn_id: u64,
+        /// The packet.
+        packet: Packet,
+    },
+    /// A connection ended.
+    Closed {
+        /// Its session.
+        session: SessionKey,
+        /// The connection.
+        conn_id: u64,
+        /// DISCONNECT packet if the client sent one, `None` for an abnormal end.
+        disconnect: Option<Disconnect>,
+    },
+    /// An in-process publish; the reply carries the durable sinks' receipts.
+    LocalPublish {
+        /// The message.
+        msg: Arc<Message>,
+        /// Receipts to await before reporting the publish complete.
+        done: oneshot::Sender<Vec<oneshot::Receiver<DurableResult>>>,
+    },
+    /// An in-process subscription.
+    LocalSubscribe {
+        /// Topic filter (may be `$share/...`).
+        filter: String,
+        /// Maximum QoS.
+        qos: QoS,
+        /// Where messages go.
+        tx: mpsc::Sender<Arc<Message>>,
+        /// The key to unsubscribe with.
+        done: oneshot::Sender<SessionKey>,
+    },
+    /// An in-process subscription was dropped.
+    LocalUnsubscribe(SessionKey),
+    /// Adds a durable sink (the bridge registers after the broker starts).
+    AddSink(Arc<dyn DurableSink>),
+    /// Disconnect everyone and stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A CONNECT handed to the core.
+pub(crate) struct ConnectRequest {
+    /// The decoded CONNECT.
+    pub connect: Box<Connect>,
+    /// The connection's outbound queue (CONNACK goes out through it).
+    pub tx: OutboundTx,
+    /// Answered with the session and connection ids, or `None` if refused.
+    pub reply: oneshot::Sender<Option<(SessionKey, u64)>>,
+}
+
+pub(crate) struct Core {
+    settings: Arc<Settings>,
+    sessions: HashMap<SessionKey, Session>,
+    by_client_id: HashMap<Arc<str>, SessionKey>,
+    tree: SubscriptionTree,
+    retained: RetainedStore,
+    sinks: Vec<Arc<dyn DurableSink>>,
+    next_key: SessionKey,
+    next_conn_id: u64,
+    timers: timers::Timers,
+    /// Reused per publish to avoid an allocation per message.
+    scratch: Vec<Match>,
+    stats: Stats,
+    started: Instant,
+}
+
+/// Spawns the core task and returns the handle to reach it.
+pub(crate) fn spawn(settings: Arc<Settings>, sinks: Vec<Arc<dyn DurableSink>>) -> BrokerHandle {
+    let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let core = Core {
+        settings,
+        sessions: HashMap::new(),
+        by_client_id: HashMap::new(),
+        tree: SubscriptionTree::default(),
+        retained: RetainedStore::default(),
+        sinks,
+        next_key: 1,
+        next_conn_id: 1,
+        timers: timers::Timers::default(),
+        scratch: Vec::new(),
+        stats: Stats::default(),
+        started: Instant::now(),
+    };
+    tokio::spawn(core.run(rx));
+    BrokerHandle::new(tx)
+}
+
+impl Core {
+    async fn run(mut self, mut rx: mpsc::Receiver<CoreEvent>) {
+        let mut batch = Vec::with_capacity(64);
+        self.schedule_sys();
+        loop {
+            let deadline = self.timers.next_deadline();
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 64) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for ev in batch.drain(..) {
+                        if let CoreEvent::Shutdown(done) = ev {
+                            self.shutdown();
+                            let _ = done.send(());
+                            return;
+                        }
+                        self.handle(ev);
+                    }
+                }
+                () = sleep_until(deadline) => self.fire_timers(Instant::now()),
+            }
+        }
+        self.shutdown();
+    }
+
+    fn handle(&mut self, ev: CoreEvent) {
+        match ev {
+            CoreEvent::Connect(req) => self.on_connect(req),
+            CoreEvent::Packet {
+                session,
+                conn_id,
+                packet,
+            } => {
+                if self.sessions.get(&session).and_then(Session::conn_id) == Some(conn_id) {
+                    self.on_packet(session, packet);
+                }
+            }
+            CoreEvent::Closed {
+                session,
+                conn_id,
+                disconnect,
+            } => self.on_closed(session, conn_id, disconnect),
+            CoreEvent::LocalPublish { msg, done } => {
+                self.stats.local_publishes += 1;
+                let receipts = self.accept(&msg);
+                let _ = done.send(receipts);
+            }
+            CoreEvent::LocalSubscribe {
+                filter,
+                qos,
+                tx,
+                done,
+            } => {
+                let key = self.local_subscribe(&filter, qos, tx);
+                let _ = done.send(key);
+            }
+            CoreEvent::LocalUnsubscribe(key) => self.end_session(key),
+            CoreEvent::AddSink(sink) => self.sinks.push(sink),
+            CoreEvent::Shutdown(_) => unreachable!("handled in run"),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for s in self.sessions.values_mut() {
+            if let Some(super::session::Link::Network { tx, .. }) = s.link.take() {
+                tx.send(super::outbound::Outbound::Disconnect(
+                    outpost_mqtt::ReasonCode::SERVER_SHUTTING_DOWN,
+                ));
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

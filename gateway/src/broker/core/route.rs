@@ -1,0 +1,258 @@
+//! Routing: from an accepted message to each subscriber's connection or queue.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use outpost_mqtt::QoS;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::Core;
+use crate::broker::message::Message;
+use crate::broker::outbound::{DurableResult, Outbound};
+use crate::broker::router::{Match, SessionKey, SubEntry};
+use crate::broker::session::{Delivery, Inflight, Link, Session, SessionSub};
+
+impl Core {
+    /// Accepts a message from any publisher: updates retained state, delivers it to
+    /// subscribers, and offers it to the durable sinks. Returns the sinks' receipts.
+    pub(super) fn accept(&mut self, msg: &Arc<Message>) -> Vec<oneshot::Receiver<DurableResult>> {
+        self.stats.messages_received += 1;
+        self.stats.bytes_received += msg.payload.len() as u64;
+        if msg.retain {
+            self.retained.update(msg);
+        }
+        self.route(msg);
+        self.sinks.iter().filter_map(|s| s.offer(msg)).collect()
+    }
+
+    pub(super) fn route(&mut self, msg: &Arc<Message>) {
+        let mut matches = std::mem::take(&mut self.scratch);
+        matches.clear();
+        let sessions = &self.sessions;
+        self.tree.matches(
+            &msg.topic,
+            &|k| sessions.get(&k).is_some_and(|s| s.link.is_some()),
+            &mut matches,
+        );
+        // Non-shared matches of one session become one delivery with the highest QoS and
+        // every subscription identifier (MQTT-3.3.5-1, 3.3.4 in 5.0); shared ones are
+        // delivered on their own.
+        matches.sort_unstable_by_key(|m| (m.shared, m.session));
+        let now = Instant::now();
+        let mut i = 0;
+        while i < matches.len() {
+            let first = matches[i];
+            let mut j = i + 1;
+            if !first.shared {
+                while j < matches.len() && !matches[j].shared && matches[j].session == first.session
+                {
+                    j += 1;
+                }
+            }
+            if let Some(d) = merge(msg, &matches[i..j]) {
+                self.deliver(first.session, d, now);
+            }
+            i = j;
+        }
+        self.scratch = matches;
+    }
+
+    /// Sends or queues one delivery for one session.
+    pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) {
+        let max_queued = self.settings.max_queued_messages;
+        let queue_qos0 = self.settings.queue_qos0;
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if d.msg.is_expired(now) {
+            return;
+        }
+        if let Some(max) = s.max_packet_size
+            && publish_size(&d, s.protocol.is_v5()) > max as usize
+        {
+            // MQTT-3.1.2-25: a packet larger than the client accepts is discarded as if
+            // it had been delivered.
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        match &s.link {
+            Some(Link::Local(tx)) => {
+                if tx.try_send(d.msg).is_err() {
+                    self.stats.dropped_queue_full += 1;
+                } else {
+                    self.stats.messages_sent += 1;
+                }
+            }
+            Some(Link::Network { tx, .. }) => {
+                if d.qos == QoS::AtMostOnce {
+                    if tx.send_qos0(d) {
+                        self.stats.messages_sent += 1;
+                    } else {
+                        self.stats.dropped_slow_client += 1;
+                    }
+                } else if s.queue.is_empty() && s.inflight.len() < usize::from(s.send_quota) {
+                    let tx = tx.clone();
+                    send_inflight(s, &tx, d);
+                    self.stats.messages_sent += 1;
+                } else {
+                    enqueue(s, d, max_queued, &mut self.stats.dropped_queue_full);
+                }
+            }
+            None => {
+                if d.qos != QoS::AtMostOnce || queue_qos0 {
+                    enqueue(s, d, max_queued, &mut self.stats.dropped_queue_full);
+                }
+            }
+        }
+    }
+
+    /// Moves queued messages into free inflight slots of a connected session.
+    pub(super) fn pump(&mut self, key: SessionKey, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(Link::Network { tx, .. }) = &s.link else {
+            return;
+        };
+        let tx = tx.clone();
+        while s.inflight.len() < usize::from(s.send_quota) {
+            let Some(d) = s.queue.pop_front() else {
+                break;
+            };
+            if d.msg.is_expired(now) {
+                continue;
+            }
+            self.stats.messages_sent += 1;
+            if d.qos == QoS::AtMostOnce {
+                tx.send(Outbound::Publish {
+                    delivery: d,
+                    packet_id: None,
+                    dup: false,
+                });
+            } else {
+                send_inflight(s, &tx, d);
+            }
+        }
+    }
+
+    /// Registers an in-process subscriber as a session of its own.
+    pub(super) fn local_subscribe(
+        &mut self,
+        filter: &str,
+        qos: QoS,
+        tx: mpsc::Sender<Arc<Message>>,
+    ) -> SessionKey {
+        let key = self.next_key;
+        self.next_key += 1;
+        let mut s = Session::new(format!("$local-{key}").into(), outpost_mqtt::Protocol::V5);
+        s.link = Some(Link::Local(tx));
+        s.expiry = u32::MAX;
+        let (group, inner) = match outpost_mqtt::topic::parse_shared(filter) {
+            Some((g, f)) => (Some(g.to_owned()), f.to_owned()),
+            None => (None, filter.to_owned()),
+        };
+        let entry = SubEntry {
+            options: outpost_mqtt::SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+            id: None,
+        };
+        self.tree.insert(&inner, group.as_deref(), key, entry);
+        s.subs.insert(
+            filter.to_owned(),
+            SessionSub {
+                group,
+                filter: inner,
+            },
+        );
+        self.sessions.insert(key, s);
+        key
+    }
+}
+
+fn send_inflight(s: &mut Session, tx: &crate::broker::outbound::OutboundTx, d: Delivery) {
+    let packet_id = s.alloc_packet_id();
+    s.inflight.push_back(Inflight {
+        packet_id,
+        delivery: d.clone(),
+        released: false,
+    });
+    tx.send(Outbound::Publish {
+        delivery: d,
+        packet_id: Some(packet_id),
+        dup: false,
+    });
+}
+
+fn enqueue(s: &mut Session, d: Delivery, max: usize, dropped: &mut u64) {
+    if s.queue.len() >= max {
+        s.dropped += 1;
+        *dropped += 1;
+        if s.dropped.is_power_of_two() {
+            warn!(client_id = %s.client_id, dropped = s.dropped, "session queue full; dropping new messages");
+        }
+    } else {
+        s.queue.push_back(d);
+    }
+}
+
+/// Combines the matches of one session into a single delivery, or `None` when No Local
+/// excludes every one of them.
+fn merge(msg: &Arc<Message>, matches: &[Match]) -> Option<Delivery> {
+    let mut qos = None::<QoS>;
+    let mut retain = false;
+    let mut sub_ids = Vec::new();
+    for m in matches {
+        let o = &m.entry.options;
+        if o.no_local && msg.origin == Some(m.session) {
+            continue;
+        }
+        qos = Some(qos.map_or(o.qos, |q| q.max(o.qos)));
+        retain |= o.retain_as_published && msg.retain;
+        if let Some(id) = m.entry.id {
+            sub_ids.push(id);
+        }
+    }
+    let qos = qos?.min(msg.qos);
+    Some(Delivery {
+        msg: msg.clone(),
+        qos,
+        retain,
+        sub_ids,
+    })
+}
+
+/// Encoded size of the PUBLISH for this delivery (before any outbound topic alias,
+/// which only makes it smaller after the first use), for Maximum Packet Size.
+fn publish_size(d: &Delivery, v5: bool) -> usize {
+    fn varint(n: usize) -> usize {
+        match n {
+            0..=127 => 1,
+            128..=16_383 => 2,
+            16_384..=2_097_151 => 3,
+            _ => 4,
+        }
+    }
+    let mut rem = 2 + d.msg.topic.len() + d.msg.payload.len();
+    if d.qos != QoS::AtMostOnce {
+        rem += 2;
+    }
+    if v5 {
+        let p = &d.msg.properties;
+        let str3 = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
+        let plen = p.payload_format_indicator.map_or(0, |_| 2)
+            + d.msg.expires_at.map_or(0, |_| 5)
+            + str3(&p.content_type)
+            + str3(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, |b| 3 + b.len())
+            + d.sub_ids.iter().map(|&i| 1 + varint(i as usize)).sum::<usize>()
+            + p.user_properties
+                .iter()
+                .map(|(k, v)| 5 + k.len() + v.len())
+                .sum::<usize>();
+        rem += varint(plen) + plen;
+    }
+    1 + varint(rem) + rem
+}

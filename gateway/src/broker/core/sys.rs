@@ -1,0 +1,52 @@
+//! `$SYS/broker/...`: the core publishes its statistics as retained messages.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use outpost_mqtt::{Properties, QoS};
+
+use super::Core;
+use crate::broker::message::Message;
+use crate::broker::session::Link;
+
+impl Core {
+    /// Publishes the statistics as retained `$SYS` messages.
+    pub(super) fn publish_sys(&mut self, now: Instant) {
+        let connected = self
+            .sessions
+            .values()
+            .filter(|s| matches!(s.link, Some(Link::Network { .. })))
+            .count();
+        let st = self.stats.clone();
+        let entries: [(&str, String); 12] = [
+            ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
+            (
+                "uptime",
+                format!("{} seconds", now.duration_since(self.started).as_secs()),
+            ),
+            ("clients/connected", connected.to_string()),
+            ("clients/total", self.sessions.len().to_string()),
+            ("subscriptions/count", self.tree.len().to_string()),
+            ("retained messages/count", self.retained.len().to_string()),
+            ("messages/received", st.messages_received.to_string()),
+            ("messages/sent", st.messages_sent.to_string()),
+            ("load/bytes/received", st.bytes_received.to_string()),
+            ("messages/dropped/queue_full", st.dropped_queue_full.to_string()),
+            ("messages/dropped/slow_client", st.dropped_slow_client.to_string()),
+            ("messages/dropped/too_large", st.dropped_too_large.to_string()),
+        ];
+        for (name, value) in entries {
+            let msg = Message::new(
+                format!("$SYS/broker/{name}").into(),
+                Bytes::from(value),
+                QoS::AtMostOnce,
+                true,
+                Properties::default(),
+                None,
+            );
+            // $SYS messages are not counted as received traffic nor offered to the bridge.
+            self.retained.update(&msg);
+            self.route(&msg);
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Delayed work of the core: delayed wills, session expiry and `$SYS` publishing.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use super::Core;
+use crate::broker::router::SessionKey;
+
+/// Something due at a point in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    /// Publish the will of a disconnected session if it has not reconnected.
+    Will {
+        /// The session.
+        key: SessionKey,
+        /// Session generation at disconnect; a reconnect makes it stale.
+        generation: u64,
+    },
+    /// End a disconnected session whose expiry interval has passed.
+    Expire {
+        /// The session.
+        key: SessionKey,
+        /// Session generation at disconnect.
+        generation: u64,
+    },
+    /// Publish `$SYS` statistics.
+    Sys,
+}
+
+/// A min-heap of timers.
+#[derive(Default)]
+pub(crate) struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, Timer)>>,
+}
+
+impl Timers {
+    pub(crate) fn push(&mut self, at: Instant, t: Timer) {
+        self.heap.push(Reverse((at, t)));
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<Timer> {
+        if self.next_deadline()? <= now {
+            self.heap.pop().map(|Reverse((_, t))| t)
+        } else {
+            None
+        }
+    }
+}
+
+impl Core {
+    pub(super) fn fire_timers(&mut self, now: Instant) {
+        // Bounded: only timers already due are handled; new ones land in the future.
+        while let Some(t) = self.timers.pop_due(now) {
+            match t {
+                Timer::Will { key, generation } => {
+                    if let Some(s) = self.sessions.get_mut(&key)
+                        && s.generation == generation
+                        && s.link.is_none()
+                        && let Some(w) = s.will.take()
+                    {
+                        self.publish_will(key, w);
+                    }
+                }
+                Timer::Expire { key, generation } => {
+                    if self
+                        .sessions
+                        .get(&key)
+                        .is_some_and(|s| s.generation == generation && s.link.is_none())
+                    {
+                        // A will still pending is due when the session ends.
+                        if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+                            self.publish_will(key, w);
+                        }
+                        self.end_session(key);
+                    }
+                }
+                Timer::Sys => {
+                    self.publish_sys(now);
+                    self.schedule_sys();
+                }
+            }
+        }
+    }
+
+    pub(super) fn schedule_sys(&mut self) {
+        let every = self.settings.sys_interval;
+        if !every.is_zero() {
+            self.timers.push(Instant::now() + every, Timer::Sys);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The in-process client API used by the sensors and the bridge.
+//!
+//! In-process publishers skip the socket and the codec entirely; their publish completes
+//! when the broker has accepted the message and every durable sink that wants it has
+//! committed it, which is the same promise a PUBACK makes to a network client.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use outpost_mqtt::{Properties, QoS};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Rejected;
+use super::core::CoreEvent;
+use super::message::Message;
+use super::router::SessionKey;
+
+/// Deliveries an in-process subscriber may have pending before new ones are dropped.
+const LOCAL_SUBSCRIPTION_CAPACITY: usize = 4096;
+
+/// Why an in-process publish did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The topic name is not valid for publishing.
+    #[error("invalid topic name `{topic}`: {reason}")]
+    InvalidTopic {
+        /// The topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+    /// The broker is shutting down.
+    #[error("the broker has stopped")]
+    Stopped,
+    /// A durable sink (the bridge spool) refused the message.
+    #[error("not stored: {0}")]
+    Rejected(#[from] Rejected),
+}
+
+/// A cheap, cloneable handle to the broker core.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    tx: mpsc::Sender<CoreEvent>,
+}
+
+impl BrokerHandle {
+    pub(crate) fn new(tx: mpsc::Sender<CoreEvent>) -> BrokerHandle {
+        BrokerHandle { tx }
+    }
+
+    pub(crate) async fn send(&self, ev: CoreEvent) -> Result<(), PublishError> {
+        self.tx.send(ev).await.map_err(|_| PublishError::Stopped)
+    }
+
+    /// Publishes a message and resolves once the broker has accepted it (and, for
+    /// messages a bridge rule matches, once the bridge spool has committed it).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: Properties,
+    ) -> Result<(), PublishError> {
+        outpost_mqtt::topic::validate_topic_name(topic).map_err(|e| {
+            PublishError::InvalidTopic {
+                topic: topic.to_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+        let msg = Message::new(topic.into(), payload, qos, retain, properties, None);
+        let (done, receipts) = oneshot::channel();
+        self.send(CoreEvent::LocalPublish { msg, done }).await?;
+        let receipts = receipts.await.map_err(|_| PublishError::Stopped)?;
+        for r in receipts {
+            r.await.map_err(|_| PublishError::Stopped)??;
+        }
+        Ok(())
+    }
+
+    /// Subscribes in-process; messages arrive on the returned subscription until it is
+    /// dropped. A subscriber that falls more than a few thousand messages behind loses
+    /// the newest ones (counted in `$SYS`), so the core never waits on it.
+    pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<LocalSubscription, PublishError> {
+        outpost_mqtt::topic::validate_topic_filter(filter).map_err(|e| {
+            PublishError::InvalidTopic {
+                topic: filter.to_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+        let (tx, rx) = mpsc::channel(LOCAL_SUBSCRIPTION_CAPACITY);
+        let (done, key) = oneshot::channel();
+        self.send(CoreEvent::LocalSubscribe {
+            filter: filter.to_owned(),
+            qos,
+            tx,
+            done,
+        })
+        .await?;
+        let key = key.await.map_err(|_| PublishError::Stopped)?;
+        Ok(LocalSubscription {
+            rx,
+            key,
+            core: self.tx.clone(),
+        })
+    }
+
+    /// Registers a durable sink; see [`super::DurableSink`].
+    pub async fn add_durable_sink(&self, sink: Arc<dyn super::DurableSink>) -> Result<(), PublishError> {
+        self.send(CoreEvent::AddSink(sink)).await
+    }
+
+    /// Disconnects every client (5.0 clients get reason 0x8B) and stops the core.
+    pub async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.send(CoreEvent::Shutdown(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// An in-process subscription; dropping it unsubscribes.
+pub struct LocalSubscription {
+    rx: mpsc::Receiver<Arc<Message>>,
+    key: SessionKey,
+    core: mpsc::Sender<CoreEvent>,
+}
+
+impl LocalSubscription {
+    /// The next message, or `None` once the broker has stopped.
+    pub async fn recv(&mut self) -> Option<Arc<Message>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for LocalSubscription {
+    fn drop(&mut self) {
+        let _ = self.core.try_send(CoreEvent::LocalUnsubscribe(self.key));
+    }
+}

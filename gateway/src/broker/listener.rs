@@ -1,0 +1,142 @@
+//! Listening sockets: TCP, TLS and WebSocket (plain or over TLS), all feeding the same
+//! connection code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use super::connection;
+use super::handle::BrokerHandle;
+use super::settings::Settings;
+use super::tls;
+use crate::config::ListenerConfig;
+
+/// A bound listener, ready to accept.
+pub struct BoundListener {
+    socket: TcpListener,
+    tls: Option<TlsAcceptor>,
+    websocket: Option<String>,
+    /// The address actually bound (port 0 resolved).
+    pub local_addr: SocketAddr,
+}
+
+impl BoundListener {
+    /// "tcp", "tls", "ws" or "wss".
+    pub fn transport(&self) -> &'static str {
+        match (self.tls.is_some(), self.websocket.is_some()) {
+            (false, false) => "tcp",
+            (true, false) => "tls",
+            (false, true) => "ws",
+            (true, true) => "wss",
+        }
+    }
+}
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS files are wrong.
+    #[error("listener {addr}: {source}")]
+    Tls {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: tls::TlsError,
+    },
+}
+
+/// Binds every configured listener before anything is served, so a bad one stops the
+/// start instead of leaving a half-working gateway.
+pub async fn bind_listeners(configs: &[ListenerConfig]) -> Result<Vec<BoundListener>, ListenError> {
+    let mut out = Vec::with_capacity(configs.len());
+    for c in configs {
+        let tls = match &c.tls {
+            Some(t) => Some(TlsAcceptor::from(
+                tls::server_config(t).map_err(|source| ListenError::Tls { addr: c.bind, source })?,
+            )),
+            None => None,
+        };
+        let socket = TcpListener::bind(c.bind)
+            .await
+            .map_err(|source| ListenError::Bind { addr: c.bind, source })?;
+        let local_addr = socket
+            .local_addr()
+            .map_err(|source| ListenError::Bind { addr: c.bind, source })?;
+        let l = BoundListener {
+            socket,
+            tls,
+            websocket: c.websocket.clone(),
+            local_addr,
+        };
+        info!(transport = %l.transport(), addr = %local_addr, "listening");
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Accepts connections forever, one task per connection.
+pub fn spawn_accept_loop(l: BoundListener, core: BrokerHandle, settings: Arc<Settings>) {
+    tokio::spawn(async move {
+        loop {
+            match l.socket.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(handle(stream, peer, l.tls.clone(), l.websocket.clone(), core.clone(), settings.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    warn!(error = %e, addr = %l.local_addr, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+}
+
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    websocket: Option<String>,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) {
+    let handshake = settings.connect_timeout;
+    match (tls, websocket) {
+        (None, None) => connection::serve(stream, peer, core, settings).await,
+        (Some(acceptor), ws) => {
+            let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    info!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            match ws {
+                None => connection::serve(tls, peer, core, settings).await,
+                Some(path) => match tokio::time::timeout(handshake, super::ws::accept(tls, &path)).await {
+                    Ok(Ok(s)) => connection::serve(s, peer, core, settings).await,
+                    Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
+                    Err(_) => {}
+                },
+            }
+        }
+        (None, Some(path)) => match tokio::time::timeout(handshake, super::ws::accept(stream, &path)).await {
+            Ok(Ok(s)) => connection::serve(s, peer, core, settings).await,
+            Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
+            Err(_) => {}
+        },
+    }
+}

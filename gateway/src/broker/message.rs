@@ -1,0 +1,73 @@
+//! The application message as the broker keeps it: shared, immutable, cheap to fan out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use outpost_mqtt::{Properties, QoS};
+
+/// One accepted application message. Routed as `Arc<Message>` so fan-out to many
+/// subscribers copies a pointer, not the payload.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic name (never empty: inbound aliases are resolved before routing).
+    pub topic: ByteString,
+    /// Payload, shared with the buffer it was decoded from.
+    pub payload: Bytes,
+    /// QoS it was published with; each subscription may lower it.
+    pub qos: QoS,
+    /// RETAIN flag as published.
+    pub retain: bool,
+    /// 5.0 properties forwarded to subscribers (payload format, content type, response
+    /// topic, correlation data, user properties). Topic alias and subscription identifiers
+    /// are per-hop and never stored here.
+    pub properties: Properties,
+    /// When the 5.0 Message Expiry Interval runs out.
+    pub expires_at: Option<Instant>,
+    /// Session that published it, for No Local; `None` for in-process publishers.
+    pub origin: Option<u64>,
+}
+
+impl Message {
+    /// Builds a message, turning a Message Expiry Interval into a deadline.
+    pub fn new(
+        topic: ByteString,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        mut properties: Properties,
+        origin: Option<u64>,
+    ) -> Arc<Message> {
+        let expires_at = properties
+            .message_expiry_interval
+            .take()
+            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        Arc::new(Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at,
+            origin,
+        })
+    }
+
+    /// True once the message expiry interval has passed (MQTT-3.3.2-5).
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Remaining expiry in whole seconds, rounded up, for the forwarded PUBLISH
+    /// (MQTT-3.3.2-6: the receiver sees the lifetime minus the time spent waiting).
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|t| {
+            let left = t.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
+        })
+    }
+}

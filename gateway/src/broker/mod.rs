@@ -1,0 +1,75 @@
+//! The local MQTT broker.
+//!
+//! One task, the [core](core), owns every session, the subscription tree and the retained
+//! messages, so routing needs no locks; connection tasks decode and encode on the other
+//! cores and talk to it through queues. The in-process API ([`BrokerHandle`]) lets the
+//! sensors and the bridge publish and subscribe without a socket, and [`DurableSink`]
+//! lets the bridge hold a publisher's acknowledgement until its spool has committed.
+
+mod auth;
+mod connection;
+mod core;
+pub mod handle;
+mod listener;
+pub mod message;
+mod outbound;
+mod retained;
+pub mod router;
+mod session;
+mod settings;
+mod sys;
+mod tls;
+mod ws;
+
+use std::sync::Arc;
+
+pub use handle::{BrokerHandle, LocalSubscription, PublishError};
+pub use listener::{BoundListener, bind_listeners};
+pub use message::Message;
+pub use settings::Settings;
+pub use auth::hash_password;
+
+/// Why a durable sink refused a message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejected {
+    /// Human-readable reason, logged and sent as a 5.0 reason string.
+    pub reason: String,
+}
+
+/// Something that must make a message durable before its publisher is acknowledged
+/// (the bridge spool). `offer` is called on the core task for every accepted message,
+/// so it must be cheap and must not block: return `None` when the sink does not want
+/// the message, so messages it does not match are not slowed at all.
+pub trait DurableSink: Send + Sync + 'static {
+    /// Offers a message; `Some` resolves once it is committed or refused.
+    fn offer(&self, msg: &Message) -> Option<tokio::sync::oneshot::Receiver<Result<(), Rejected>>>;
+}
+
+/// Starts the broker core and returns its handle; listeners are attached with
+/// [`listener::serve`] through [`Broker::serve`].
+pub struct Broker {
+    handle: BrokerHandle,
+    settings: Arc<Settings>,
+}
+
+impl Broker {
+    /// Spawns the core task on the current runtime.
+    pub fn start(settings: Settings, sinks: Vec<Arc<dyn DurableSink>>) -> Broker {
+        let settings = Arc::new(settings);
+        let handle = core::spawn(settings.clone(), sinks);
+        Broker { handle, settings }
+    }
+
+    /// The in-process client API.
+    pub fn handle(&self) -> BrokerHandle {
+        self.handle.clone()
+    }
+
+    /// Accepts connections on already bound listeners until shutdown.
+    pub fn serve(&self, listeners: Vec<BoundListener>) {
+        for l in listeners {
+            listener::spawn_accept_loop(l, self.handle.clone(), self.settings.clone());
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Per-client session state: subscriptions, messages in flight, the offline queue, and
+//! the QoS 2 packet identifiers awaiting PUBREL.
+//!
+//! A session outlives its network connection when the client asked for that (3.1.1
+//! clean session off, 5.0 session expiry above zero), which is why this state lives in
+//! the broker core and not in the connection task.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use outpost_mqtt::{Protocol, QoS, Will};
+
+use super::message::Message;
+use super::outbound::OutboundTx;
+use super::router::SessionKey;
+
+/// Where a session's deliveries go while it is connected.
+pub enum Link {
+    /// A network client: deliveries are encoded by its connection's writer task.
+    Network {
+        /// Identifies the connection, so events from a replaced one are ignored.
+        conn_id: u64,
+        /// The writer task's queue.
+        tx: OutboundTx,
+    },
+    /// An in-process subscriber (sensors, bridge): deliveries are handed over as is.
+    Local(tokio::sync::mpsc::Sender<Arc<Message>>),
+}
+
+/// A message waiting for an acknowledgement from the client.
+pub struct Inflight {
+    /// Packet identifier used towards the client.
+    pub packet_id: u16,
+    /// The message.
+    pub delivery: Delivery,
+    /// True once PUBREC arrived and PUBREL went out (QoS 2 second half).
+    pub released: bool,
+}
+
+/// What to send to one subscriber for one message.
+#[derive(Clone)]
+pub struct Delivery {
+    /// The message.
+    pub msg: Arc<Message>,
+    /// QoS after the subscription's downgrade.
+    pub qos: QoS,
+    /// RETAIN flag to send (retain-as-published, or a retained message on subscribe).
+    pub retain: bool,
+    /// 5.0 subscription identifiers of every matching subscription.
+    pub sub_ids: Vec<u32>,
+}
+
+/// One subscription as the session remembers it (to rebuild or remove tree entries).
+pub struct SessionSub {
+    /// Shared group, for `$share/...` filters.
+    pub group: Option<String>,
+    /// Filter without the `$share/{group}/` prefix.
+    pub filter: String,
+}
+
+/// The broker's view of one client.
+pub struct Session {
+    /// Client identifier.
+    pub client_id: Arc<str>,
+    /// Protocol of the current (or last) connection.
+    pub protocol: Protocol,
+    /// Present while connected.
+    pub link: Option<Link>,
+    /// Subscriptions by their full filter as the client wrote it.
+    pub subs: HashMap<String, SessionSub>,
+    /// Session expiry interval in seconds; `u32::MAX` never expires.
+    pub expiry: u32,
+    /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.
+    pub inflight: VecDeque<Inflight>,
+    /// Messages waiting for a free inflight slot or for the client to reconnect.
+    pub queue: VecDeque<Delivery>,
+    /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL is awaited.
+    pub incoming_qos2: HashSet<u16>,
+    /// Next packet id to try for outgoing messages.
+    pub next_packet_id: u16,
+    /// How many QoS 1/2 messages may be in flight towards the client.
+    pub send_quota: u16,
+    /// Largest packet the client accepts (5.0 Maximum Packet Size).
+    pub max_packet_size: Option<u32>,
+    /// Will message of the current connection.
+    pub will: Option<Will>,
+    /// Bumped on every connect so timers of an earlier disconnect are recognised as stale.
+    pub generation: u64,
+    /// When the client last disconnected, for statistics.
+    pub disconnected_at: Option<Instant>,
+    /// Messages dropped because the queue was full.
+    pub dropped: u64,
+}
+
+impl Session {
+    /// A new, empty, offline session.
+    pub fn new(client_id: Arc<str>, protocol: Protocol) -> Session {
+        Session {
+            client_id,
+            protocol,
+            link: None,
+            subs: HashMap::new(),
+            expiry: 0,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            incoming_qos2: HashSet::new(),
+            next_packet_id: 1,
+            send_quota: 20,
+            max_packet_size: None,
+            will: None,
+            generation: 0,
+            disconnected_at: None,
+            dropped: 0,
+        }
+    }
+
+    /// The connection id if connected over the network.
+    pub fn conn_id(&self) -> Option<u64> {
+        match &self.link {
+            Some(Link::Network { conn_id, .. }) => Some(*conn_id),
+            _ => None,
+        }
+    }
+
+    /// Allocates a packet identifier not used by any message in flight.
+    pub fn alloc_packet_id(&mut self) -> u16 {
+        // The window is small (<= 65535 and usually ~20), so a linear probe is cheap and
+        // needs no second index.
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.wrapping_add(1).max(1);
+            if !self.inflight.iter().any(|f| f.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Removes the inflight entry with `packet_id`, if any.
+    pub fn take_inflight(&mut self, packet_id: u16) -> Option<Inflight> {
+        let pos = self.inflight.iter().position(|f| f.packet_id == packet_id)?;
+        self.inflight.remove(pos)
+    }
+}

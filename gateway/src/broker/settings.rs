@@ -1,0 +1,56 @@
+//! Broker settings resolved from the config file, in the units the hot path wants.
+
+use std::time::Duration;
+
+use crate::config::{BrokerConfig, UserConfig};
+
+/// Resolved broker settings shared by the core and every connection.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Accept clients without credentials.
+    pub allow_anonymous: bool,
+    /// Users and their password hashes.
+    pub users: Vec<UserConfig>,
+    /// CONNECT deadline after accept.
+    pub connect_timeout: Duration,
+    /// Cap on 5.0 keep alive (Server Keep Alive).
+    pub max_keepalive: u16,
+    /// Largest inbound packet.
+    pub max_packet_size: usize,
+    /// Our Receive Maximum.
+    pub receive_maximum: u16,
+    /// Outbound inflight cap per client.
+    pub max_inflight: u16,
+    /// Queue bound per session.
+    pub max_queued_messages: usize,
+    /// Queue QoS 0 for offline sessions.
+    pub queue_qos0: bool,
+    /// Our Topic Alias Maximum.
+    pub topic_alias_maximum: u16,
+    /// Cap on session expiry, seconds.
+    pub max_session_expiry: Option<u32>,
+    /// `$SYS` publish interval; zero disables.
+    pub sys_interval: Duration,
+}
+
+impl Settings {
+    /// Resolves a `[broker]` table.
+    pub fn from_config(c: &BrokerConfig) -> Settings {
+        Settings {
+            allow_anonymous: c.anonymous_allowed(),
+            users: c.users.clone(),
+            connect_timeout: c.connect_timeout,
+            max_keepalive: c.max_keepalive,
+            max_packet_size: usize::try_from(c.max_packet_size.0).unwrap_or(usize::MAX),
+            receive_maximum: c.receive_maximum,
+            max_inflight: c.max_inflight,
+            max_queued_messages: c.max_queued_messages,
+            queue_qos0: c.queue_qos0,
+            topic_alias_maximum: c.topic_alias_maximum,
+            max_session_expiry: c
+                .max_session_expiry
+                .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+            sys_interval: c.sys_interval,
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Broker statistics and their `$SYS/broker/...` topics.
+
+/// Counters kept by the core.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Application messages accepted from any publisher.
+    pub messages_received: u64,
+    /// Deliveries handed to subscribers.
+    pub messages_sent: u64,
+    /// Payload bytes accepted.
+    pub bytes_received: u64,
+    /// In-process publishes.
+    pub local_publishes: u64,
+    /// Successful CONNECTs.
+    pub connects: u64,
+    /// Wills published.
+    pub wills: u64,
+    /// Messages dropped because a session queue was full.
+    pub dropped_queue_full: u64,
+    /// QoS 0 messages dropped for a client that did not keep up.
+    pub dropped_slow_client: u64,
+    /// Messages not sent because they exceed the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+}

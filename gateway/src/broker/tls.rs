@@ -1,0 +1,72 @@
+//! TLS for listeners: rustls with the ring provider, PEM files from the config.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::config::TlsConfig;
+
+/// Why a listener's TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file is missing, unreadable or holds nothing usable.
+    #[error("{path}: {message}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the combination.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client CA bundle cannot build a verifier.
+    #[error("client CA: {0}")]
+    Verifier(String),
+}
+
+fn pem_err(path: &Path, message: impl ToString) -> TlsError {
+    TlsError::Pem {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds a server config; with `client_ca`, clients must present a certificate it signed.
+pub fn server_config(c: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c.cert)
+        .map_err(|e| pem_err(&c.cert, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err(&c.cert, e))?;
+    if certs.is_empty() {
+        return Err(pem_err(&c.cert, "no certificate found in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| pem_err(&c.key, e))?;
+    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match &c.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, e))? {
+                roots
+                    .add(cert.map_err(|e| pem_err(ca, e))?)
+                    .map_err(|e| pem_err(ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"mqtt".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

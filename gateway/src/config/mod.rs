@@ -1,0 +1,425 @@
+//! The one TOML configuration file, `outpost.toml`.
+//!
+//! Every table denies unknown keys: a misspelt key silently ignored on an appliance is a
+//! field visit later. Errors name the file, line, column and key path so the user can fix
+//! them without guessing. Each crate owns its own section's types; this module composes
+//! them.
+
+mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use units::ByteSize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identifies this gateway in topics and in the cloud; defaults to the host name.
+    #[serde(default)]
+    pub gateway_id: Option<String>,
+    /// First level of the gateway's own topics (`{prefix}/{gateway_id}/...`).
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Where sessions, retained messages and spools live; defaults to `$STATE_DIRECTORY`
+    /// (set by systemd) or the working directory.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The local MQTT broker.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+}
+
+fn default_prefix() -> String {
+    "outpost".to_owned()
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter such as "info" or "info,outpost_gateway=debug"; `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// `[broker]`: the local MQTT broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Sockets to listen on. Default: 127.0.0.1:1883 only (secure by default).
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Accept clients without a user name. Default: true only when every listener is on
+    /// loopback, as Mosquitto 2 does.
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
+    /// Users allowed to connect, with PHC-format password hashes (see `outpost passwd`).
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// A client must send CONNECT within this time after the TCP connection opens.
+    #[serde(default = "default_connect_timeout", deserialize_with = "units::duration")]
+    pub connect_timeout: Duration,
+    /// Upper bound on a client's keep alive, announced as 5.0 Server Keep Alive.
+    #[serde(default = "default_max_keepalive")]
+    pub max_keepalive: u16,
+    /// Largest packet accepted from a client (announced as Maximum Packet Size).
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: ByteSize,
+    /// QoS 1/2 publishes a client may have unacknowledged towards us (5.0 Receive Maximum).
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u16,
+    /// QoS 1/2 messages in flight towards one client (capped by its Receive Maximum).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Messages queued per session beyond the inflight window (offline or slow clients);
+    /// past it new messages for that session are dropped and counted.
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    /// Queue QoS 0 messages for offline persistent sessions too.
+    #[serde(default)]
+    pub queue_qos0: bool,
+    /// Topic aliases a 5.0 client may use towards us (Topic Alias Maximum).
+    #[serde(default = "default_topic_alias_maximum")]
+    pub topic_alias_maximum: u16,
+    /// Upper bound on a 5.0 session expiry interval; 3.1.1 persistent sessions use it too.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_session_expiry: Option<Duration>,
+    /// How often `$SYS/broker/...` statistics are published; "0s" turns them off.
+    #[serde(default = "default_sys_interval", deserialize_with = "units::duration")]
+    pub sys_interval: Duration,
+}
+
+fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    units::duration(d).map(Some)
+}
+
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![ListenerConfig {
+        bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+        tls: None,
+        websocket: None,
+    }]
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_keepalive() -> u16 {
+    u16::MAX
+}
+fn default_max_packet_size() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_receive_maximum() -> u16 {
+    100
+}
+fn default_max_inflight() -> u16 {
+    20
+}
+fn default_max_queued_messages() -> usize {
+    1000
+}
+fn default_topic_alias_maximum() -> u16 {
+    10
+}
+fn default_sys_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        // Round-trip through serde so the defaults live in one place.
+        toml::from_str("").expect("empty broker table is valid")
+    }
+}
+
+impl BrokerConfig {
+    /// Whether anonymous clients are accepted, after applying the loopback default.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or_else(|| self.listeners.iter().all(|l| l.bind.ip().is_loopback()))
+    }
+}
+
+/// One `[[broker.listeners]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address and port, e.g. "0.0.0.0:1883"; port 0 picks a free one (logged).
+    pub bind: SocketAddr,
+    /// Serve MQTT over TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve MQTT over WebSocket (subprotocol `mqtt`) at this HTTP path, e.g. "/mqtt".
+    #[serde(default)]
+    pub websocket: Option<String>,
+}
+
+/// TLS settings of a listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle for client certificates; with it, clients must present one.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// One `[[broker.users]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// User name clients present in CONNECT.
+    pub name: String,
+    /// PHC string of the password hash (argon2id), never the password itself.
+    pub password_hash: String,
+}
+
+/// A configuration error a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("{path}:{line}:{column}: {key}{message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending text.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// Dotted key path, with a trailing ": " when known.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Parsed, but the values do not make sense together.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key path.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+impl Config {
+    /// The configuration used when `outpost` runs without `--config`.
+    pub fn embedded_default() -> Config {
+        Config::parse("", Path::new("<embedded default>")).expect("embedded default is valid")
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, path, "", &e))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            toml_error(text, path, &key, e.inner())
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message: message.to_owned(),
+        };
+        let b = &self.broker;
+        if b.listeners.is_empty() {
+            return Err(invalid(
+                "broker.listeners".into(),
+                "at least one listener is needed, e.g. [{ bind = \"127.0.0.1:1883\" }]",
+            ));
+        }
+        for (i, l) in b.listeners.iter().enumerate() {
+            if let Some(ws) = &l.websocket
+                && !ws.starts_with('/')
+            {
+                return Err(invalid(
+                    format!("broker.listeners[{i}].websocket"),
+                    "the WebSocket path must start with '/', e.g. \"/mqtt\"",
+                ));
+            }
+        }
+        if b.receive_maximum == 0 {
+            return Err(invalid(
+                "broker.receive_maximum".into(),
+                "must be at least 1 (MQTT 5.0 forbids 0)",
+            ));
+        }
+        if b.max_inflight == 0 {
+            return Err(invalid("broker.max_inflight".into(), "must be at least 1"));
+        }
+        if b.max_packet_size.0 < 64 || b.max_packet_size.0 > 268_435_455 {
+            return Err(invalid(
+                "broker.max_packet_size".into(),
+                "must be between 64 bytes and 256MiB (the MQTT limit)",
+            ));
+        }
+        for (i, u) in b.users.iter().enumerate() {
+            if !u.password_hash.starts_with('$') {
+                return Err(invalid(
+                    format!("broker.users[{i}].password_hash"),
+                    "must be a PHC hash string such as \"$argon2id$...\"; \
+                     create one with `outpost passwd`",
+                ));
+            }
+        }
+        if let Some(id) = &self.gateway_id
+            && (id.is_empty() || id.contains(['/', '+', '#']))
+        {
+            return Err(invalid(
+                "gateway_id".into(),
+                "must be non-empty and contain no '/', '+' or '#' (it is a topic level)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The gateway id, defaulting to the host name.
+    pub fn gateway_id(&self) -> String {
+        self.gateway_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().replace(['/', '+', '#'], "_"))
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "outpost".to_owned())
+        })
+    }
+
+    /// The state directory: config, else `$STATE_DIRECTORY` (systemd), else the working
+    /// directory.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+            // systemd may pass several colon-separated directories; the first is ours.
+            if let Some(first) = d.to_string_lossy().split(':').next()
+                && !first.is_empty()
+            {
+                return PathBuf::from(first);
+            }
+        }
+        PathBuf::from(".")
+    }
+}
+
+fn toml_error(text: &str, path: &Path, key: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = e
+        .span()
+        .map(|s| line_col(text, s.start))
+        .unwrap_or((1, 1));
+    ConfigError::Parse {
+        path: path.to_owned(),
+        line,
+        column,
+        key: if key.is_empty() || key == "." {
+            String::new()
+        } else {
+            format!("{key}: ")
+        },
+        message: e.message().trim().to_owned(),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_config_is_loopback_only_and_anonymous() {
+        let c = parse("").unwrap();
+        assert_eq!(c.broker.listeners.len(), 1);
+        assert!(c.broker.listeners[0].bind.ip().is_loopback());
+        assert!(c.broker.anonymous_allowed());
+    }
+
+    #[test]
+    fn lan_listener_turns_anonymous_off_unless_explicit() {
+        let c = parse("[broker]\nlisteners = [{ bind = \"0.0.0.0:1883\" }]\n").unwrap();
+        assert!(!c.broker.anonymous_allowed());
+        let c = parse(
+            "[broker]\nlisteners = [{ bind = \"0.0.0.0:1883\" }]\nallow_anonymous = true\n",
+        )
+        .unwrap();
+        assert!(c.broker.anonymous_allowed());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_column_and_key() {
+        let err = parse("[broker]\nlisteners = [{ bind = \"127.0.0.1:0\" }]\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:1:"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key_path() {
+        let err = parse("[broker]\nconnect_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:2:"), "{err}");
+        assert!(err.contains("broker.connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let err = parse("[broker]\nreceive_maximum = 0\n").unwrap_err().to_string();
+        assert!(err.contains("broker.receive_maximum"), "{err}");
+    }
+}

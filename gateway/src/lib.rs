@@ -1,0 +1,11 @@
+//! Outpost gateway: the local MQTT broker and the wiring of the whole `outpost` binary.
+//!
+//! - [`config`]: the one TOML file.
+//! - [`broker`]: listeners, connections, sessions, routing, retained, wills, `$SYS`.
+//! - [`app`]: starts everything from a config and runs until a signal.
+//! - [`service`]: systemd readiness, watchdog and journal logging.
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod service;

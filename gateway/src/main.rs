@@ -1,0 +1,96 @@
+//! `outpost`: the edge gateway binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use outpost_gateway::config::Config;
+
+/// Outpost edge gateway: local MQTT broker, sensors and store-and-forward bridge.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without it, the embedded default runs: a broker on
+    /// 127.0.0.1:1883 with state in the working directory or $STATE_DIRECTORY.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and exit (non-zero with the error on a bad file).
+    Check,
+    /// Print the PHC hash of a password (read from stdin) for `[[broker.users]]`.
+    Passwd,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::embedded_default()),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outpost: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => {
+            let name = cli
+                .config
+                .as_ref()
+                .map_or("embedded default".to_owned(), |p| p.display().to_string());
+            println!("{name}: configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Some(Command::Passwd) => passwd(),
+        None => run(config),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    outpost_gateway::service::init_logging(&config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(outpost_gateway::app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn passwd() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("outpost: cannot read the password from stdin");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("outpost: empty password");
+        return ExitCode::FAILURE;
+    }
+    match outpost_gateway::broker::hash_password(password) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

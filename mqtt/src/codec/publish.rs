@@ -1,0 +1,163 @@
+//! PUBLISH and its acknowledgements (PUBACK, PUBREC, PUBREL, PUBCOMP).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::properties::{self, Ctx};
+use super::reader::Reader;
+use super::reason_codes::{self, Kind};
+use super::writer::put_str;
+use crate::error::{DecodeError, EncodeError};
+use crate::packet::{Protocol, PubResponse, Publish, QoS};
+use crate::properties::Properties;
+use crate::reason::ReasonCode;
+
+/// Is a topic name free of wildcards and U+0000 (MQTT-3.3.2-2, MQTT-1.5.3-2)?
+#[inline]
+fn topic_chars_ok(topic: &str) -> bool {
+    !topic.bytes().any(|b| b == b'+' || b == b'#' || b == 0)
+}
+
+/// Decode a PUBLISH body; `flags` are the fixed header's low nibble, already checked.
+pub(crate) fn decode_publish(flags: u8, body: &Bytes, protocol: Protocol) -> Result<Publish, DecodeError> {
+    let qos_bits = (flags >> 1) & 0x03;
+    let qos = QoS::from_u8(qos_bits).ok_or(DecodeError::InvalidQoS(qos_bits))?;
+    let mut r = Reader::new(body);
+    let topic = r.byte_string()?;
+    if !topic_chars_ok(&topic) {
+        return Err(DecodeError::InvalidTopicName);
+    }
+    let packet_id = if qos == QoS::AtMostOnce { None } else { Some(r.packet_id()?) };
+    let properties = if protocol.is_v5() {
+        properties::decode(&mut r, Ctx::PUBLISH)?
+    } else {
+        Properties::default()
+    };
+    // MQTT-3.3.2-1 / 5.0 MQTT-3.3.2-1: only a 5.0 topic alias may stand in for the name.
+    if topic.is_empty() && properties.topic_alias.is_none() {
+        return Err(DecodeError::InvalidTopicName);
+    }
+    let payload = r.rest();
+    Ok(Publish {
+        dup: flags & 0x08 != 0,
+        qos,
+        retain: flags & 0x01 != 0,
+        topic,
+        packet_id,
+        properties,
+        payload,
+    })
+}
+
+/// The fixed header's first byte for a PUBLISH (DUP is never set on QoS 0, MQTT-3.3.1-2).
+#[inline]
+pub(crate) fn publish_first_byte(p: &Publish) -> u8 {
+    let mut b = 0x30 | ((p.qos as u8) << 1);
+    if p.dup && p.qos != QoS::AtMostOnce {
+        b |= 0x08;
+    }
+    if p.retain {
+        b |= 0x01;
+    }
+    b
+}
+
+/// Body size of a PUBLISH.
+#[inline]
+pub(crate) fn publish_len(p: &Publish, protocol: Protocol) -> usize {
+    let mut n = 2 + p.topic.len() + p.payload.len();
+    if p.qos != QoS::AtMostOnce {
+        n += 2;
+    }
+    if protocol.is_v5() {
+        n += properties::block_len(&p.properties);
+    }
+    n
+}
+
+/// Check what the encoder needs of a PUBLISH before writing anything.
+#[inline]
+pub(crate) fn check_publish(p: &Publish, protocol: Protocol) -> Result<(), EncodeError> {
+    if p.qos != QoS::AtMostOnce && matches!(p.packet_id, None | Some(0)) {
+        return Err(EncodeError::MissingPacketId);
+    }
+    if p.topic.is_empty() && !(protocol.is_v5() && p.properties.topic_alias.is_some()) {
+        return Err(EncodeError::EmptyTopic);
+    }
+    Ok(())
+}
+
+/// Append a PUBLISH body.
+#[inline]
+pub(crate) fn write_publish(p: &Publish, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+    put_str(buf, &p.topic)?;
+    if p.qos != QoS::AtMostOnce {
+        buf.put_u16(p.packet_id.unwrap_or_default());
+    }
+    if protocol.is_v5() {
+        if p.properties.is_empty() {
+            buf.put_u8(0);
+        } else {
+            properties::write(buf, &p.properties)?;
+        }
+    }
+    buf.put_slice(&p.payload);
+    Ok(())
+}
+
+fn response_kind(packet_type: u8) -> (Kind, Ctx) {
+    match packet_type {
+        4 => (Kind::PubAckRec, Ctx::PUBACK),
+        5 => (Kind::PubAckRec, Ctx::PUBREC),
+        6 => (Kind::PubRelComp, Ctx::PUBREL),
+        _ => (Kind::PubRelComp, Ctx::PUBCOMP),
+    }
+}
+
+/// Decode a PUBACK, PUBREC, PUBREL or PUBCOMP body (`packet_type` 4 to 7).
+pub(crate) fn decode_response(packet_type: u8, body: &Bytes, protocol: Protocol) -> Result<PubResponse, DecodeError> {
+    let mut r = Reader::new(body);
+    let packet_id = r.packet_id()?;
+    let mut response = PubResponse::new(packet_id);
+    // 5.0 section 3.4.2.1: reason code and properties may be left out (remaining length 2
+    // or 3); 3.x has only the packet identifier.
+    if protocol.is_v5() && !r.is_empty() {
+        let (kind, ctx) = response_kind(packet_type);
+        response.reason = reason_codes::check(kind, r.u8()?)?;
+        if !r.is_empty() {
+            response.properties = properties::decode(&mut r, ctx)?;
+        }
+    }
+    r.finish()?;
+    Ok(response)
+}
+
+/// Body size of a publish response, using the short forms 5.0 allows.
+pub(crate) fn response_len(p: &PubResponse, protocol: Protocol) -> usize {
+    if !protocol.is_v5() {
+        2
+    } else if !p.properties.is_empty() {
+        3 + properties::block_len(&p.properties)
+    } else if p.reason != ReasonCode::SUCCESS {
+        3
+    } else {
+        2
+    }
+}
+
+/// Append a publish response body.
+pub(crate) fn write_response(p: &PubResponse, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+    if p.packet_id == 0 {
+        return Err(EncodeError::MissingPacketId);
+    }
+    buf.put_u16(p.packet_id);
+    if !protocol.is_v5() {
+        return Ok(());
+    }
+    if !p.properties.is_empty() {
+        buf.put_u8(p.reason.0);
+        properties::write(buf, &p.properties)?;
+    } else if p.reason != ReasonCode::SUCCESS {
+        buf.put_u8(p.reason.0);
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Turns observations into published messages: range checks, report policy, payloads.
+
+use crate::clock::Clock;
+use crate::error::SensorsError;
+use crate::point::Value;
+use crate::publish::{DeviceStatus, SensorMessage, reading_payload, status_payload};
+use crate::report::{Policy, Quality, Reporter};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Sends messages to the gateway with the layer's clock.
+#[derive(Debug, Clone)]
+pub struct Emitter {
+    out: mpsc::Sender<SensorMessage>,
+    /// Clock used to stamp payloads.
+    pub clock: Clock,
+}
+
+impl Emitter {
+    /// An emitter over the gateway channel.
+    pub fn new(out: mpsc::Sender<SensorMessage>, clock: Clock) -> Self {
+        Emitter { out, clock }
+    }
+
+    /// Sends one message; fails only when the gateway is gone.
+    pub async fn send(&self, msg: SensorMessage) -> Result<(), SensorsError> {
+        self.out.send(msg).await.map_err(|_| SensorsError::OutputClosed)
+    }
+
+    /// Publishes a retained device status.
+    pub async fn status(&self, topic: &str, status: DeviceStatus, error: Option<&str>) -> Result<(), SensorsError> {
+        self.send(SensorMessage {
+            topic: topic.to_string(),
+            payload: status_payload(status, error, &self.clock),
+            qos: 1,
+            retain: true,
+        })
+        .await
+    }
+}
+
+/// The publishing side of one point.
+#[derive(Debug, Clone)]
+pub struct PointOutput {
+    /// Reading topic.
+    pub topic: String,
+    /// Engineering unit.
+    pub unit: Option<String>,
+    /// QoS of readings.
+    pub qos: u8,
+    /// Retain flag of readings.
+    pub retain: bool,
+    /// Lowest good value.
+    pub min: Option<f64>,
+    /// Highest good value.
+    pub max: Option<f64>,
+    reporter: Reporter,
+}
+
+impl PointOutput {
+    /// Builds the output of one point.
+    pub fn new(topic: String, unit: Option<String>, qos: u8, retain: bool, min: Option<f64>, max: Option<f64>, policy: Policy) -> Self {
+        PointOutput {
+            topic,
+            unit,
+            qos,
+            retain,
+            min,
+            max,
+            reporter: Reporter::new(policy),
+        }
+    }
+
+    /// Range check against min/max.
+    pub fn check_range(&self, v: &Value) -> Result<(), String> {
+        if let Some(x) = v.as_f64()
+            && (self.min.is_some_and(|m| x < m) || self.max.is_some_and(|m| x > m))
+        {
+            return Err(format!("out of range: {x}"));
+        }
+        Ok(())
+    }
+
+    /// Records a reading (or a failure) and returns the message to publish, if any.
+    pub fn observe(&mut self, reading: Result<Value, String>, now: Instant, clock: &Clock) -> Option<SensorMessage> {
+        let (value, quality) = match reading.and_then(|v| self.check_range(&v).map(|()| v)) {
+            Ok(v) => (Some(v), Quality::Good),
+            Err(reason) => (None, Quality::Bad(reason)),
+        };
+        self.offer(value, quality, now, clock)
+    }
+
+    /// Republishes the last good value as stale, once.
+    pub fn mark_stale(&mut self, now: Instant, clock: &Clock) -> Option<SensorMessage> {
+        if self.reporter.last_quality() != Some(&Quality::Good) {
+            return None;
+        }
+        let last = self.reporter.last_value().cloned();
+        self.offer(last, Quality::Stale, now, clock)
+    }
+
+    /// Quality last published.
+    pub fn last_quality(&self) -> Option<&Quality> {
+        self.reporter.last_quality()
+    }
+
+    fn offer(&mut self, value: Option<Value>, quality: Quality, now: Instant, clock: &Clock) -> Option<SensorMessage> {
+        if !self.reporter.offer(value.as_ref(), &quality, now) {
+            return None;
+        }
+        Some(SensorMessage {
+            topic: self.topic.clone(),
+            payload: reading_payload(value.as_ref(), self.unit.as_deref(), &quality, clock),
+            qos: self.qos,
+            retain: self.retain,
+        })
+    }
+}

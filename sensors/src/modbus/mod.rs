@@ -1,0 +1,151 @@
+//! Modbus acquisition: lines built from the config, their schedulers, and write routing.
+
+pub mod health;
+pub mod line;
+pub mod transport;
+
+use crate::config::{ModbusDevice, SensorsConfig, Transport};
+use crate::emit::{Emitter, PointOutput};
+use crate::plan::{Limits, Span, plan};
+use crate::point::Value;
+use crate::publish::Topics;
+use crate::report::Policy;
+use crate::stats::{Stats, line_name};
+use health::{Health, HealthPolicy};
+use line::{Line, LineDevice, LinePoint, Scheduled, WriteJob};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use transport::Endpoint;
+
+/// Where writes for a device go.
+#[derive(Debug, Clone)]
+pub struct WriteRoute {
+    /// The line's queue.
+    pub tx: mpsc::Sender<WriteJob>,
+    /// Device index on the line.
+    pub device: usize,
+    /// Point name -> (index, writable).
+    pub points: HashMap<String, (usize, bool)>,
+}
+
+/// Lines ready to run, plus the routes for writes.
+#[derive(Debug)]
+pub struct Built {
+    /// Schedulers with their write queues.
+    pub lines: Vec<(Line, mpsc::Receiver<WriteJob>)>,
+    /// Device name -> route.
+    pub routes: HashMap<String, WriteRoute>,
+}
+
+/// Builds one scheduler per serial port and per TCP endpoint.
+pub fn build(config: &SensorsConfig, topics: &Topics, emitter: &Emitter, stats: &Stats) -> Built {
+    let mut groups: BTreeMap<String, (Endpoint, Vec<&ModbusDevice>)> = BTreeMap::new();
+    for d in &config.modbus {
+        let (key, ep) = match &d.transport {
+            Transport::Tcp(t) => (format!("{}:{}", t.host, t.port), Endpoint::Tcp { host: t.host.clone(), port: t.port }),
+            Transport::Rtu(r) => (r.port.clone(), Endpoint::Rtu(r.clone())),
+        };
+        groups.entry(key).or_insert_with(|| (ep, Vec::new())).1.push(d);
+    }
+    let mut lines = Vec::new();
+    let mut routes = HashMap::new();
+    let start = Instant::now();
+    for (key, (ep, devs)) in groups {
+        let baud = match &ep {
+            Endpoint::Rtu(r) => r.baud,
+            Endpoint::Tcp { .. } => 0,
+        };
+        let line_stats = stats.line(line_name(&key), baud);
+        let (tx, rx) = mpsc::channel(64);
+        let mut devices = Vec::new();
+        for (i, d) in devs.into_iter().enumerate() {
+            devices.push(build_device(d, topics, start));
+            routes.insert(
+                d.name.clone(),
+                WriteRoute {
+                    tx: tx.clone(),
+                    device: i,
+                    points: d.points.iter().enumerate().map(|(j, p)| (p.name.clone(), (j, p.writable))).collect(),
+                },
+            );
+        }
+        lines.push((Line::new(ep, devices, line_stats, emitter.clone()), rx));
+    }
+    Built { lines, routes }
+}
+
+fn build_device(d: &ModbusDevice, topics: &Topics, start: Instant) -> LineDevice {
+    let base = u32::from(d.address_base);
+    let points: Vec<LinePoint> = d
+        .points
+        .iter()
+        .map(|p| {
+            let policy = Policy::new(p.report.unwrap_or(d.report), p.deadband, p.deadband_percent, d.heartbeat_of(p));
+            LinePoint {
+                name: p.name.clone(),
+                area: p.kind,
+                // validate() guarantees the address fits after removing the base.
+                start: (p.address.saturating_sub(base)).min(65_535) as u16,
+                codec: p.codec(),
+                writable: p.writable,
+                write_function: p.write_function,
+                out: PointOutput::new(topics.reading(&d.name, &p.name), p.unit.clone(), p.qos.unwrap_or(d.qos), p.retain.unwrap_or(d.retain), p.min, p.max, policy),
+            }
+        })
+        .collect();
+    // Plan per poll interval so a fast point never drags slow ones along.
+    let mut by_every: BTreeMap<Duration, Vec<Span>> = BTreeMap::new();
+    for (i, (p, lp)) in d.points.iter().zip(&points).enumerate() {
+        by_every.entry(d.every_of(p)).or_default().push(Span { point: i, area: lp.area, start: lp.start, count: p.count() });
+    }
+    let limits = Limits { max_gap: d.max_gap, max_registers: d.max_registers, max_bits: d.max_bits };
+    let mut reads = Vec::new();
+    for (every, spans) in by_every {
+        for read in plan(&spans, limits) {
+            reads.push(Scheduled { read, every, next_due: start });
+        }
+    }
+    let health = Health::new(HealthPolicy {
+        backoff: d.backoff(),
+        max_backoff: d.max_backoff(),
+        quarantine_after: d.quarantine_after,
+        quarantine: d.quarantine(),
+    });
+    let result_topics = d.points.iter().map(|p| topics.write_result(&d.name, &p.name)).collect();
+    LineDevice::new(d.name.clone(), d.unit, d.timeout(), d.retries, points, reads, health, topics.status(&d.name), result_topics)
+}
+
+/// Why a command could not be queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// No such device.
+    UnknownDevice,
+    /// No such point.
+    UnknownPoint,
+    /// The point is read-only.
+    NotWritable,
+    /// The line's queue is full or gone.
+    Busy,
+}
+
+impl std::fmt::Display for RouteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RouteError::UnknownDevice => "unknown device",
+            RouteError::UnknownPoint => "unknown point",
+            RouteError::NotWritable => "point is not writable",
+            RouteError::Busy => "write queue full",
+        })
+    }
+}
+
+/// Queues a write for a device point.
+pub fn route_write(routes: &HashMap<String, WriteRoute>, device: &str, point: &str, value: Value, id: Option<serde_json::Value>) -> Result<(), RouteError> {
+    let r = routes.get(device).ok_or(RouteError::UnknownDevice)?;
+    let &(idx, writable) = r.points.get(point).ok_or(RouteError::UnknownPoint)?;
+    if !writable {
+        return Err(RouteError::NotWritable);
+    }
+    r.tx.try_send(WriteJob { device: r.device, point: idx, value, id }).map_err(|_| RouteError::Busy)
+}

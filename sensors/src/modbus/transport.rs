@@ -1,0 +1,148 @@
+//! Opening Modbus connections: TCP or an RTU serial port, metered for bus statistics.
+
+use crate::config::{Parity, RtuTransport};
+use crate::stats::LineStats;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_modbus::client::Context;
+use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
+
+/// Where a line's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Modbus TCP host and port.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// An RTU serial line.
+    Rtu(RtuTransport),
+}
+
+/// Something whose unread input can be discarded before a request.
+pub trait DiscardInput {
+    /// Drops bytes received but not yet read.
+    fn discard_input(&self);
+}
+
+impl DiscardInput for SerialStream {
+    fn discard_input(&self) {
+        // A master only writes requests; any byte waiting before one is a late or stray reply.
+        if let Err(e) = self.clear(tokio_serial::ClearBuffer::Input) {
+            tracing::debug!("could not flush serial input: {e}");
+        }
+    }
+}
+
+impl DiscardInput for TcpStream {
+    fn discard_input(&self) {}
+}
+
+/// A stream that counts bytes (and their wire time on serial lines) into the line's stats.
+#[derive(Debug)]
+pub struct Metered<T> {
+    inner: T,
+    stats: Arc<LineStats>,
+    serial: Option<RtuTransport>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.account(n, false);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + DiscardInput + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        self.inner.discard_input();
+        let res = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.account(*n as u64, true);
+        }
+        res
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T> Metered<T> {
+    fn account(&mut self, n: u64, tx: bool) {
+        let counter = if tx { &self.stats.bytes_tx } else { &self.stats.bytes_rx };
+        counter.fetch_add(n, Ordering::Relaxed);
+        if let Some(s) = &self.serial {
+            LineStats::add_time(&self.stats.wire_ns, s.wire_time(n));
+        }
+    }
+}
+
+/// Opens a serial port with the line's settings.
+pub fn open_serial(s: &RtuTransport) -> io::Result<SerialStream> {
+    let data_bits = match s.data_bits {
+        5 => tokio_serial::DataBits::Five,
+        6 => tokio_serial::DataBits::Six,
+        7 => tokio_serial::DataBits::Seven,
+        _ => tokio_serial::DataBits::Eight,
+    };
+    let parity = match s.parity {
+        Parity::None => tokio_serial::Parity::None,
+        Parity::Even => tokio_serial::Parity::Even,
+        Parity::Odd => tokio_serial::Parity::Odd,
+    };
+    let stop_bits = if s.stop_bits == 2 {
+        tokio_serial::StopBits::Two
+    } else {
+        tokio_serial::StopBits::One
+    };
+    tokio_serial::new(&s.port, s.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(stop_bits)
+        .flow_control(tokio_serial::FlowControl::None)
+        .open_native_async()
+        .map_err(io::Error::from)
+}
+
+/// Opens a client context for the endpoint within `timeout`.
+pub async fn connect(endpoint: &Endpoint, timeout: Duration, stats: &Arc<LineStats>) -> io::Result<Context> {
+    match endpoint {
+        Endpoint::Tcp { host, port } => {
+            let stream = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port)))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            stream.set_nodelay(true)?;
+            let metered = Metered {
+                inner: stream,
+                stats: Arc::clone(stats),
+                serial: None,
+            };
+            Ok(tokio_modbus::client::tcp::attach(metered))
+        }
+        Endpoint::Rtu(s) => {
+            let port = open_serial(s)?;
+            let metered = Metered {
+                inner: port,
+                stats: Arc::clone(stats),
+                serial: Some(s.clone()),
+            };
+            Ok(tokio_modbus::client::rtu::attach(metered))
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Serial line sensors: open/reopen with backoff, framing, parsing, publishing.
+
+pub mod csv;
+pub mod framing;
+pub mod jsonl;
+pub mod kv;
+pub mod nmea;
+pub mod parsed;
+
+use crate::config::{Format, Framing, SerialSensor, SerialPoint};
+use crate::emit::{Emitter, PointOutput};
+use crate::error::SensorsError;
+use crate::modbus::transport::open_serial;
+use crate::point::{Codec, DataType, Order};
+use crate::publish::{DeviceStatus, SensorMessage, Topics};
+use crate::report::Policy;
+use crate::stats::LineStats;
+use framing::{Frame, Framer};
+use parsed::Parsed;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+/// Parses one frame with the sensor's format.
+pub fn parse_frame(cfg: &SerialSensor, frame: &[u8]) -> Parsed {
+    let Ok(text) = std::str::from_utf8(frame) else {
+        return Parsed::error("frame is not UTF-8 text");
+    };
+    let text = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+    if text.is_empty() {
+        return Parsed::Ignored;
+    }
+    match cfg.format {
+        Format::Nmea => nmea::parse(text, cfg.allow_missing_checksum),
+        Format::Kv => kv::parse(text),
+        Format::Csv => csv::parse(text, &cfg.columns, cfg.separator.unwrap_or(',')),
+        Format::Jsonl => jsonl::parse(text),
+    }
+}
+
+struct Field {
+    out: PointOutput,
+    codec: Codec,
+    updated: Instant,
+}
+
+/// The running state of one serial sensor.
+pub struct SerialTask {
+    cfg: SerialSensor,
+    topics: Topics,
+    emitter: Emitter,
+    stats: Arc<LineStats>,
+    fields: HashMap<String, Field>,
+    status: Option<(DeviceStatus, Option<String>)>,
+}
+
+impl std::fmt::Debug for SerialTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialTask").field("name", &self.cfg.name).finish()
+    }
+}
+
+impl SerialTask {
+    /// Builds the task; configured points are created up front, others on first sight.
+    pub fn new(cfg: SerialSensor, topics: Topics, emitter: Emitter, stats: Arc<LineStats>) -> Self {
+        let mut t = SerialTask {
+            cfg,
+            topics,
+            emitter,
+            stats,
+            fields: HashMap::new(),
+            status: None,
+        };
+        let points = t.cfg.points.clone();
+        for p in &points {
+            let f = t.make_field(Some(p), &p.field);
+            t.fields.insert(p.field.clone(), f);
+        }
+        t
+    }
+
+    fn make_field(&self, p: Option<&SerialPoint>, field: &str) -> Field {
+        let c = &self.cfg;
+        let name = p.map_or(field, SerialPoint::topic_name);
+        let policy = Policy::new(
+            p.and_then(|p| p.report).unwrap_or(c.report),
+            p.and_then(|p| p.deadband),
+            p.and_then(|p| p.deadband_percent),
+            c.heartbeat_of(p),
+        );
+        Field {
+            out: PointOutput::new(
+                self.topics.reading(&c.name, name),
+                p.and_then(|p| p.unit.clone()),
+                p.and_then(|p| p.qos).unwrap_or(c.qos),
+                p.and_then(|p| p.retain).unwrap_or(c.retain),
+                p.and_then(|p| p.min),
+                p.and_then(|p| p.max),
+                policy,
+            ),
+            codec: Codec {
+                scale: p.map_or(1.0, |p| p.scale),
+                offset: p.map_or(0.0, |p| p.offset),
+                ..Codec::plain(DataType::F64, Order::Abcd)
+            },
+            updated: Instant::now(),
+        }
+    }
+
+    /// Turns one parsed frame into messages.
+    pub fn handle(&mut self, parsed: Parsed, now: Instant) -> Vec<SensorMessage> {
+        let clock = self.emitter.clock.clone();
+        let mut msgs = Vec::new();
+        match parsed {
+            Parsed::Ignored => {}
+            Parsed::Fields(fields) => {
+                for (name, result) in fields {
+                    if !self.fields.contains_key(&name) {
+                        // Unconfigured fields are published only when no points are listed, and only if they are valid topic levels.
+                        if !self.cfg.points.is_empty() || name.is_empty() || name.contains(['/', '+', '#', '\0']) || name == "status" {
+                            continue;
+                        }
+                        let f = self.make_field(None, &name);
+                        self.fields.insert(name.clone(), f);
+                    }
+                    let Some(f) = self.fields.get_mut(&name) else { continue };
+                    let result = result.and_then(|v| f.codec.apply_scale(v).map_err(|e| e.to_string()));
+                    if result.is_err() {
+                        LineStats::bump(&self.stats.value_errors);
+                    }
+                    f.updated = now;
+                    msgs.extend(f.out.observe(result, now, &clock));
+                }
+            }
+            Parsed::Error { fields, reason } => {
+                LineStats::bump(&self.stats.value_errors);
+                tracing::debug!(sensor = %self.cfg.name, %reason, "bad frame");
+                for (name, f) in &mut self.fields {
+                    if fields.is_empty() || fields.contains(name) {
+                        msgs.extend(f.out.observe(Err(reason.clone()), now, &clock));
+                    }
+                }
+            }
+        }
+        msgs
+    }
+
+    fn check_stale(&mut self, now: Instant) -> Vec<SensorMessage> {
+        let Some(limit) = self.cfg.stale_after.map(|d| d.0) else {
+            return Vec::new();
+        };
+        let clock = self.emitter.clock.clone();
+        self.fields
+            .values_mut()
+            .filter(|f| now.duration_since(f.updated) >= limit)
+            .filter_map(|f| f.out.mark_stale(now, &clock))
+            .collect()
+    }
+
+    async fn set_status(&mut self, status: DeviceStatus, error: Option<String>) -> Result<(), SensorsError> {
+        let next = (status, error);
+        if self.status.as_ref() == Some(&next) {
+            return Ok(());
+        }
+        tracing::info!(sensor = %self.cfg.name, status = status.as_str(), error = ?next.1, "serial sensor status");
+        self.emitter.status(&self.topics.status(&self.cfg.name), status, next.1.as_deref()).await?;
+        self.status = Some(next);
+        Ok(())
+    }
+
+    /// Runs until shutdown: opens the port, reads frames, reopens with backoff when it goes away.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SensorsError> {
+        let first = self.cfg.reopen_backoff.map_or(Duration::from_secs(1), |d| d.0);
+        let max = self.cfg.max_reopen_backoff.map_or(Duration::from_secs(30), |d| d.0);
+        let mut backoff = first;
+        let limit = match self.cfg.framing {
+            Framing::Fixed => self.cfg.frame_length.unwrap_or(1),
+            Framing::Lines => self.cfg.frame_length.unwrap_or(1024),
+        };
+        let mut framer = Framer::new(self.cfg.framing, limit);
+        let tick_every = self.cfg.stale_after.map_or(Duration::from_secs(3600), |d| (d.0 / 2).max(Duration::from_millis(10)));
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let line = self.cfg.line();
+            match open_serial(&line) {
+                Err(e) => {
+                    LineStats::bump(&self.stats.transport_errors);
+                    self.set_status(DeviceStatus::Offline, Some(format!("cannot open {}: {e}; retrying in {backoff:?}", self.cfg.port))).await?;
+                }
+                Ok(mut port) => {
+                    backoff = first;
+                    framer.reset();
+                    self.set_status(DeviceStatus::Online, None).await?;
+                    let mut buf = vec![0u8; 1024];
+                    let mut tick = tokio::time::interval(tick_every);
+                    let reason = loop {
+                        tokio::select! {
+                            r = port.read(&mut buf) => match r {
+                                Ok(0) => break "port closed".to_string(),
+                                Ok(n) => {
+                                    self.stats.bytes_rx.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                                    LineStats::add_time(&self.stats.wire_ns, line.wire_time(n as u64));
+                                    let now = Instant::now();
+                                    for frame in framer.push(&buf[..n]) {
+                                        let parsed = match frame {
+                                            Frame::Data(d) => parse_frame(&self.cfg, &d),
+                                            Frame::TooLong(len) => Parsed::error(format!("frame longer than {len} bytes")),
+                                        };
+                                        for m in self.handle(parsed, now) {
+                                            self.emitter.send(m).await?;
+                                        }
+                                    }
+                                }
+                                Err(e) => break format!("port lost: {e}"),
+                            },
+                            _ = tick.tick() => {
+                                for m in self.check_stale(Instant::now()) {
+                                    self.emitter.send(m).await?;
+                                }
+                            }
+                            _ = shutdown.changed() => return Ok(()),
+                        }
+                    };
+                    LineStats::bump(&self.stats.transport_errors);
+                    self.set_status(DeviceStatus::Offline, Some(format!("{reason}; reopening in {backoff:?}"))).await?;
+                    let now = Instant::now();
+                    let clock = self.emitter.clock.clone();
+                    let mut msgs = Vec::new();
+                    for f in self.fields.values_mut() {
+                        msgs.extend(f.out.observe(Err("device disconnected".into()), now, &clock));
+                    }
+                    for m in msgs {
+                        self.emitter.send(m).await?;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    }
+}
+

@@ -1,0 +1,398 @@
+//! Starting, stopping and killing the broker under test (the real `outpost` binary, or a
+//! real Mosquitto when `OUTPOST_TEST_BROKER=mosquitto` validates the tests themselves).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to announce its listener.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which broker the suite runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// The `outpost` binary of this workspace (the default).
+    Outpost,
+    /// A real Mosquitto 2.x, to prove that the tests encode the standard, not outpost.
+    Mosquitto,
+}
+
+/// The broker selected by `OUTPOST_TEST_BROKER` (`mosquitto`, or anything else for outpost).
+pub fn broker_kind() -> BrokerKind {
+    match std::env::var("OUTPOST_TEST_BROKER").as_deref() {
+        Ok("mosquitto") => BrokerKind::Mosquitto,
+        _ => BrokerKind::Outpost,
+    }
+}
+
+/// True when the suite validates itself against Mosquitto; outpost-only tests return early.
+pub fn mosquitto_mode() -> bool {
+    broker_kind() == BrokerKind::Mosquitto
+}
+
+/// Return early from a test that checks outpost-specific behaviour (its CLI, its config).
+#[macro_export]
+macro_rules! outpost_only {
+    () => {
+        if $crate::mosquitto_mode() {
+            eprintln!("outpost-specific test: skipped in mosquitto mode");
+            return;
+        }
+    };
+}
+
+/// Path of the `outpost` binary: `OUTPOST_BIN`, or `<target>/<profile>/outpost` built once.
+pub fn outpost_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("OUTPOST_BIN") {
+            return PathBuf::from(bin);
+        }
+        build_outpost()
+    })
+    .clone()
+}
+
+/// Build the gateway into the target dir this test executable lives in, so the suite
+/// always runs the current sources (cargo makes this a no-op when nothing changed).
+fn build_outpost() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // <target>/<profile>/deps/<test-exe>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_path_buf();
+    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_string();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["-p", "outpost-gateway", "--bin", "outpost"])
+        .env("CARGO_TARGET_DIR", &target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = cmd.output().expect("run cargo build for outpost");
+    assert!(
+        out.status.success(),
+        "cargo build -p outpost-gateway failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = profile_dir.join("outpost");
+    assert!(bin.exists(), "built outpost but {} is missing", bin.display());
+    bin
+}
+
+/// Remove ANSI colour sequences so log lines can be parsed whatever the subscriber does.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c2 in chars.by_ref() {
+                    if c2.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The port of a `listening transport=tcp addr=127.0.0.1:PORT` log line.
+pub fn parse_listening_port(line: &str) -> Option<u16> {
+    let line = strip_ansi(line);
+    if !line.contains("listening") || !line.contains("transport=tcp") {
+        return None;
+    }
+    let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr="))?;
+    let addr = addr.trim_matches('"');
+    addr.strip_prefix("127.0.0.1:")?.parse().ok()
+}
+
+/// A free loopback port (bound, then released: a small race that is fine for tests).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// A running broker with its own state directory; killed (SIGKILL) on drop.
+pub struct Broker {
+    kind: BrokerKind,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    child: Option<Child>,
+    port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Broker {
+    /// Start the broker under test. `broker_lines` are extra `key = value` lines for the
+    /// `[broker]` table (e.g. `max_keepalive = 10`); in mosquitto mode each known key is
+    /// translated to its Mosquitto equivalent.
+    pub fn start(broker_lines: &str) -> Broker {
+        match broker_kind() {
+            BrokerKind::Outpost => Self::outpost(broker_lines),
+            BrokerKind::Mosquitto => Self::mosquitto(broker_lines),
+        }
+    }
+
+    /// Start outpost with `[broker]` on an ephemeral loopback port plus `broker_lines`.
+    pub fn outpost(broker_lines: &str) -> Broker {
+        let config = format!(
+            "[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{}\n",
+            broker_lines.trim()
+        );
+        Self::outpost_with_full_config(&config)
+    }
+
+    /// Start outpost with a complete config file (the caller owns every section).
+    pub fn outpost_with_full_config(config: &str) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("outpost.toml");
+        std::fs::write(&config_path, config).expect("write outpost.toml");
+        let mut b = Broker {
+            kind: BrokerKind::Outpost,
+            dir,
+            config_path,
+            child: None,
+            port: 0,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        b.spawn();
+        b
+    }
+
+    /// Start a real Mosquitto with a config equivalent to `broker_lines`.
+    pub fn mosquitto(broker_lines: &str) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("mosquitto.conf");
+        let mut conf = String::from("allow_anonymous true\npersistence false\nlog_type all\n\
+             # One copy per matching subscription: the default (false) delivers overlapping\n\
+             # 3.1.1 subscriptions once at the first match's QoS, against MQTT-3.3.5-1.\n\
+             allow_duplicate_messages true\n");
+        for line in broker_lines.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            conf.push_str(&mosquitto_equivalent(line));
+            conf.push('\n');
+        }
+        std::fs::write(&config_path, conf).expect("write mosquitto.conf");
+        let mut b = Broker {
+            kind: BrokerKind::Mosquitto,
+            dir,
+            config_path,
+            child: None,
+            port: 0,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        match self.kind {
+            BrokerKind::Outpost => self.spawn_outpost(),
+            BrokerKind::Mosquitto => self.spawn_mosquitto(),
+        }
+    }
+
+    fn spawn_outpost(&mut self) {
+        let mut child = Command::new(outpost_bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("STATE_DIRECTORY", self.dir.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost");
+        let stderr = child.stderr.take().expect("piped stderr");
+        self.child = Some(child);
+        let (tx, rx) = std_mpsc::channel::<u16>();
+        let log = Arc::clone(&self.log);
+        std::thread::spawn(move || drain_log(stderr, log, Some(tx)));
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(port) => self.port = port,
+            Err(_) => {
+                let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                self.kill9();
+                panic!(
+                    "outpost did not log `listening transport=tcp addr=127.0.0.1:PORT` within {:?} \
+                     (exit status {status:?}); stderr:\n{}",
+                    START_TIMEOUT,
+                    self.log()
+                );
+            }
+        }
+    }
+
+    fn spawn_mosquitto(&mut self) {
+        let port = free_port();
+        let mut conf = std::fs::read_to_string(&self.config_path).expect("read mosquitto.conf");
+        // Listener line first so a restart may pick a new port.
+        conf = conf
+            .lines()
+            .filter(|l| !l.starts_with("listener "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        conf = format!("listener {port} 127.0.0.1\n{conf}\n");
+        std::fs::write(&self.config_path, conf).expect("write mosquitto.conf");
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mosquitto (apt-get install mosquitto)");
+        let stderr = child.stderr.take().expect("piped stderr");
+        self.child = Some(child);
+        let log = Arc::clone(&self.log);
+        std::thread::spawn(move || drain_log(stderr, log, None));
+        let deadline = Instant::now() + START_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("mosquitto did not listen on {port}; stderr:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.port = port;
+    }
+
+    /// The TCP port the broker listens on (loopback).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Which broker this is.
+    pub fn kind(&self) -> BrokerKind {
+        self.kind
+    }
+
+    /// The broker's state directory (`STATE_DIRECTORY`).
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the broker wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Kill the broker with SIGKILL and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to 10 s (SIGKILL after that); returns the exit status.
+    pub fn stop_gracefully(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start again with the same config and state directory (the port may change).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.log.lock().map(|mut l| l.push_str("---- restart ----\n")).ok();
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- broker stderr ----\n{}", self.log());
+        }
+    }
+}
+
+fn drain_log(stderr: impl Read, log: Arc<Mutex<String>>, port_tx: Option<std_mpsc::Sender<u16>>) {
+    let mut port_tx = port_tx;
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if let Some(tx) = &port_tx
+            && let Some(port) = parse_listening_port(&line)
+        {
+            let _ = tx.send(port);
+            port_tx = None;
+        }
+        if let Ok(mut l) = log.lock() {
+            l.push_str(&strip_ansi(&line));
+            l.push('\n');
+        }
+    }
+}
+
+/// The Mosquitto config line for one outpost `[broker]` line.
+fn mosquitto_equivalent(line: &str) -> String {
+    let (key, value) = line
+        .split_once('=')
+        .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
+        .unwrap_or_else(|| panic!("not a key = value line: {line}"));
+    match key {
+        "max_keepalive" => format!("max_keepalive {value}"),
+        "max_packet_size" => format!("max_packet_size {value}"),
+        // Mosquitto announces max_inflight_messages as its Receive Maximum.
+        "receive_maximum" => format!("max_inflight_messages {value}"),
+        "max_inflight" => format!("max_inflight_messages {value}"),
+        // No Mosquitto equivalent: the CONNECT timeout is outpost's own.
+        "connect_timeout" => String::new(),
+        other => panic!("no mosquitto equivalent for outpost key `{other}`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listening_line() {
+        let l = "2026-01-01T00:00:00Z  INFO outpost_gateway::listener: listening transport=tcp addr=127.0.0.1:41234";
+        assert_eq!(parse_listening_port(l), Some(41234));
+        let colored = "\u{1b}[32m INFO\u{1b}[0m listening \u{1b}[3mtransport\u{1b}[0m\u{1b}[2m=\u{1b}[0mtcp \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:5000";
+        assert_eq!(parse_listening_port(colored), Some(5000));
+        assert_eq!(parse_listening_port("listening transport=ws addr=127.0.0.1:1"), None);
+    }
+}

@@ -1,0 +1,44 @@
+//! Harness for Outpost's end-to-end tests: the real broker binary (or Mosquitto, to
+//! validate the tests), rumqttc clients, a raw packet client and the Mosquitto CLI tools.
+
+pub mod broker;
+pub mod cli;
+pub mod clients;
+pub mod raw;
+
+pub use broker::{Broker, BrokerKind, broker_kind, mosquitto_mode, outpost_bin};
+pub use clients::{V4Client, V5Client};
+pub use raw::RawClient;
+
+use std::time::Duration;
+
+/// Short wait for things that should happen promptly on loopback.
+pub const WAIT: Duration = Duration::from_secs(3);
+
+/// Wait used to assert that something does NOT happen.
+pub const QUIET: Duration = Duration::from_millis(500);
+
+/// A topic unique to the calling test, so a shared prefix never collides.
+pub fn topic(test: &str, leaf: &str) -> String {
+    format!("t/{test}/{leaf}")
+}
+
+/// Assert that the broker still routes messages between two fresh clients: used after a
+/// bad connection to prove that only that connection was affected.
+pub async fn assert_broker_serves(port: u16, tag: &str) {
+    let t = topic(tag, "alive");
+    let (mut sub, _) = V4Client::connect(port, &format!("{tag}-alive-sub"), |_| {}).await;
+    sub.client
+        .subscribe(t.as_str(), rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("queue subscribe");
+    sub.expect_suback().await;
+    let (mut publ, _) = V4Client::connect(port, &format!("{tag}-alive-pub"), |_| {}).await;
+    publ.client
+        .publish(t.as_str(), rumqttc::QoS::AtLeastOnce, false, "still alive")
+        .await
+        .expect("queue publish");
+    publ.expect_publish_done().await;
+    let p = sub.expect_publish(WAIT).await;
+    assert_eq!(&p.payload[..], b"still alive", "broker stopped routing after a bad connection");
+}

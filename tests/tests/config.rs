@@ -1,0 +1,160 @@
+//! The `outpost` CLI and configuration: `outpost check`, refusal of bad configs at start,
+//! the secure default listener and graceful shutdown. Outpost-specific (skipped when the
+//! suite validates itself against Mosquitto), except graceful shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_tests::broker::parse_listening_port;
+use outpost_tests::{Broker, V4Client, outpost_bin, outpost_only};
+
+const GOOD: &str = "[broker]\nlisteners = [{ bind = \"127.0.0.1:0\" }]\nmax_keepalive = 60\n";
+const BOGUS: &str = "[broker]\nlisteners = [{ bind = \"127.0.0.1:0\" }]\nbogus = 1\n";
+
+fn run_check(file: &str, body: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file);
+    std::fs::write(&path, body).unwrap();
+    let out = Command::new(outpost_bin())
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env("STATE_DIRECTORY", dir.path())
+        .output()
+        .expect("run outpost check");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    outpost_only!();
+    let (ok, text) = run_check("good.toml", GOOD);
+    assert!(ok, "outpost check refused a good config: {text}");
+}
+
+#[test]
+fn check_rejects_unknown_key_naming_file_line_and_key() {
+    outpost_only!();
+    let (ok, text) = run_check("bad.toml", BOGUS);
+    assert!(!ok, "outpost check accepted an unknown key: {text}");
+    assert!(text.contains("bad.toml"), "error must name the file: {text}");
+    assert!(text.contains("line 3"), "error must name the line: {text}");
+    assert!(text.contains("bogus"), "error must name the key: {text}");
+}
+
+#[test]
+fn check_rejects_a_wrong_type_with_its_line() {
+    outpost_only!();
+    let body = "[broker]\nlisteners = [{ bind = \"127.0.0.1:0\" }]\nmax_keepalive = \"soon\"\n";
+    let (ok, text) = run_check("type.toml", body);
+    assert!(!ok, "a string for max_keepalive was accepted: {text}");
+    assert!(text.contains("type.toml") && text.contains("line 3"), "{text}");
+    assert!(text.contains("max_keepalive"), "{text}");
+}
+
+#[test]
+fn check_rejects_a_missing_file_naming_it() {
+    outpost_only!();
+    let out = Command::new(outpost_bin())
+        .args(["check", "--config", "/nonexistent/outpost-missing.toml"])
+        .output()
+        .expect("run outpost check");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outpost-missing.toml"));
+}
+
+#[test]
+fn start_with_bad_config_refuses_and_exits() {
+    outpost_only!();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("start-bad.toml");
+    std::fs::write(&path, BOGUS).unwrap();
+    let mut child = Command::new(outpost_bin())
+        .arg("--config")
+        .arg(&path)
+        .env("STATE_DIRECTORY", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outpost");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("outpost kept running with an invalid config");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("bogus") && err.contains("start-bad.toml"), "{err}");
+}
+
+#[test]
+fn no_config_listens_on_loopback_1883_only() {
+    outpost_only!();
+    // Only when 1883 is free on every interface: never disturb a broker on this machine.
+    if std::net::TcpListener::bind("0.0.0.0:1883").is_err() {
+        eprintln!("port 1883 is in use: default-listener test skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(outpost_bin())
+        .current_dir(dir.path())
+        .env("STATE_DIRECTORY", dir.path())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outpost");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut lines = Vec::new();
+    let mut port = None;
+    while Instant::now() < deadline && port.is_none() {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            port = parse_listening_port(&line);
+            lines.push(line);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(port, Some(1883), "default must listen on 127.0.0.1:1883; log:\n{}", lines.join("\n"));
+    assert!(
+        !lines.iter().any(|l| l.contains("addr=0.0.0.0") || l.contains("addr=[::]")),
+        "default must not listen beyond loopback:\n{}",
+        lines.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_broker_cleanly() {
+    let mut broker = Broker::start("");
+    let (_c, _) = V4Client::connect(broker.port(), "cfg-term", |_| {}).await;
+    let status = tokio::task::block_in_place(|| broker.stop_gracefully()).expect("broker was running");
+    assert!(status.success(), "SIGTERM exit status {status:?}; log:\n{}", broker.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_on_same_state_dir_serves_again() {
+    let mut broker = Broker::start("");
+    let first = broker.port();
+    assert!(first > 0);
+    tokio::task::block_in_place(|| broker.restart());
+    outpost_tests::assert_broker_serves(broker.port(), "cfg-restart").await;
+}
