@@ -55,7 +55,10 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     outpost_gateway::service::init_logging(&config.log.level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("outpost: cannot start the async runtime: {e}");

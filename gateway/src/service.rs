@@ -33,9 +33,10 @@ pub fn init_logging(level: &str) {
 
 /// Tells systemd the service is ready, with a status line.
 pub fn notify_ready(status: &str) {
-    let _ = sd_notify::notify(
-        &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)],
-    );
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
 }
 
 /// Tells systemd the service is stopping.

@@ -43,13 +43,16 @@ pub async fn check(c: &Connect, s: &Settings) -> Result<(), ReasonCode> {
 
 /// True if `password` matches the PHC `hash`.
 pub fn verify(password: &[u8], hash: &str) -> bool {
-    PasswordHash::new(hash)
-        .is_ok_and(|h| argon2::Argon2::default().verify_password(password, &h).is_ok())
+    PasswordHash::new(hash).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password, &h)
+            .is_ok()
+    })
 }
 
 /// Hashes a password into a PHC string for the config file.
 pub fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::{PasswordHasher, SaltString, };
+    use argon2::password_hash::{PasswordHasher, SaltString};
     use rand_core::OsRng;
     let salt = SaltString::generate(&mut OsRng);
     argon2::Argon2::default()

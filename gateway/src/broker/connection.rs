@@ -26,7 +26,7 @@ use tracing::{debug, info};
 use super::auth;
 use super::core::{ConnectRequest, CoreEvent};
 use super::handle::BrokerHandle;
-use super::outbound::{self, DurableResult, Outbound, OutboundRx, OutboundTx};
+use super::outbound::{self, Ack, AckKind, DurableResult, Outbound, OutboundRx, OutboundTx};
 use super::router::SessionKey;
 use super::settings::Settings;
 
@@ -63,7 +63,12 @@ where
             // MQTT-3.1.2-2: answer an unknown protocol level with return code 1 (3.1.1
             // format, which every version's client can parse), then close.
             info!(%peer, level, "unsupported protocol level; refusing");
-            let _ = write_packet(&mut wr, &refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION), Protocol::V3_1_1).await;
+            let _ = write_packet(
+                &mut wr,
+                &refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+                Protocol::V3_1_1,
+            )
+            .await;
             return;
         }
         Ok(Err(e)) => {
@@ -147,7 +152,9 @@ fn refusal(reason: ReasonCode) -> Packet {
 /// `max_keepalive` (announced as Server Keep Alive). 3.x clients cannot be told a
 /// different value, so theirs is honoured as is.
 fn effective_keep_alive(c: &Connect, s: &Settings) -> Option<Duration> {
-    let secs = if c.protocol.is_v5() && (c.keep_alive > s.max_keepalive || (c.keep_alive == 0 && s.max_keepalive < u16::MAX)) {
+    let secs = if c.protocol.is_v5()
+        && (c.keep_alive > s.max_keepalive || (c.keep_alive == 0 && s.max_keepalive < u16::MAX))
+    {
         s.max_keepalive
     } else {
         c.keep_alive
@@ -188,7 +195,11 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_packet<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, protocol: Protocol) -> std::io::Result<()> {
+async fn write_packet<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    p: &Packet,
+    protocol: Protocol,
+) -> std::io::Result<()> {
     let mut b = BytesMut::new();
     outpost_mqtt::encode(p, protocol, &mut b).map_err(std::io::Error::other)?;
     wr.write_all(&b).await?;
@@ -227,14 +238,16 @@ impl Reader {
         let max = self.settings.max_packet_size;
         loop {
             let next = match keep_alive {
-                Some(t) => match tokio::time::timeout(t, read_packet(rd, buf, self.protocol, max)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        debug!(conn_id = self.conn_id, "keep alive expired");
-                        self.violation(Violation::Reason(ReasonCode::KEEP_ALIVE_TIMEOUT));
-                        return None;
+                Some(t) => {
+                    match tokio::time::timeout(t, read_packet(rd, buf, self.protocol, max)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            debug!(conn_id = self.conn_id, "keep alive expired");
+                            self.violation(Violation::Reason(ReasonCode::KEEP_ALIVE_TIMEOUT));
+                            return None;
+                        }
                     }
-                },
+                }
                 None => read_packet(rd, buf, self.protocol, max).await,
             };
             let packet = match next {
@@ -281,13 +294,17 @@ impl Reader {
         match packet {
             Packet::Publish(p) => self.on_publish(p).await?,
             Packet::PingReq => {
-                self.tx.send(Outbound::Control(Packet::PingResp));
+                self.tx.send(Outbound::PingResp);
             }
             Packet::PubRel(r) => {
                 self.pending_qos2.remove(&r.packet_id);
                 self.forward(Packet::PubRel(r)).await?;
             }
-            p @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_)) => {
+            p @ (Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubComp(_)
+            | Packet::Subscribe(_)
+            | Packet::Unsubscribe(_)) => {
                 self.forward(p).await?;
             }
             Packet::Disconnect(d) => return Ok(Some(d)),
@@ -302,7 +319,8 @@ impl Reader {
         if self.protocol.is_v5() {
             self.resolve_alias(&mut p)?;
             if p.qos != QoS::AtMostOnce {
-                let new_qos2 = p.qos == QoS::ExactlyOnce && !self.pending_qos2.contains(&p.packet_id.unwrap_or(0));
+                let new_qos2 = p.qos == QoS::ExactlyOnce
+                    && !self.pending_qos2.contains(&p.packet_id.unwrap_or(0));
                 let inflight = self.unacked_qos1.load(Ordering::Relaxed) as usize
                     + self.pending_qos2.len()
                     + usize::from(p.qos == QoS::AtLeastOnce || new_qos2);
@@ -353,9 +371,9 @@ impl Reader {
 enum PendingAck {
     Waiting {
         wait: BoxFuture<'static, DurableResult>,
-        ack: Box<dyn FnOnce(DurableResult) -> Option<Packet> + Send>,
+        ack: Box<dyn FnOnce(DurableResult) -> Option<Ack> + Send>,
     },
-    Ready(Packet),
+    Ready(Ack),
 }
 
 struct Writer {
@@ -371,7 +389,12 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run<W: AsyncWrite + Unpin>(mut self, mut wr: W, mut rx: OutboundRx, closed: watch::Sender<bool>) {
+    async fn run<W: AsyncWrite + Unpin>(
+        mut self,
+        mut wr: W,
+        mut rx: OutboundRx,
+        closed: watch::Sender<bool>,
+    ) {
         loop {
             let first = if let Some(PendingAck::Waiting { wait, .. }) = self.acks.front_mut() {
                 tokio::select! {
@@ -422,14 +445,22 @@ impl Writer {
     /// Encodes one item into the buffer; true when the connection must close after it.
     fn add(&mut self, item: Outbound) -> bool {
         match item {
-            Outbound::Control(p @ (Packet::PubAck(_) | Packet::PubRec(_))) if !self.acks.is_empty() => {
-                self.acks.push_back(PendingAck::Ready(p));
+            Outbound::Ack(a)
+                if matches!(a.kind, AckKind::PubAck | AckKind::PubRec) && !self.acks.is_empty() =>
+            {
+                self.acks.push_back(PendingAck::Ready(a));
             }
+            Outbound::Ack(a) => self.encode_ack(&a),
+            Outbound::PingResp => self.encode(&Packet::PingResp),
             Outbound::Control(p) => self.encode(&p),
             Outbound::AckAfter { wait, ack } => {
                 self.acks.push_back(PendingAck::Waiting { wait, ack });
             }
-            Outbound::Publish { delivery, packet_id, dup } => self.encode_publish(delivery, packet_id, dup),
+            Outbound::Publish {
+                delivery,
+                packet_id,
+                dup,
+            } => self.encode_publish(delivery, packet_id, dup),
             Outbound::Disconnect(reason) => {
                 if self.protocol.is_v5() {
                     self.encode(&Packet::Disconnect(Disconnect {
@@ -446,22 +477,27 @@ impl Writer {
 
     /// The head acknowledgement resolved: send it and every ready one behind it.
     fn release_acks(&mut self, outcome: Option<DurableResult>) {
-        if let (Some(outcome), Some(PendingAck::Waiting { ack, .. })) = (outcome, self.acks.pop_front())
-            && let Some(p) = ack(outcome)
+        if let (Some(outcome), Some(PendingAck::Waiting { ack, .. })) =
+            (outcome, self.acks.pop_front())
+            && let Some(a) = ack(outcome)
         {
-            self.encode(&p);
+            self.encode_ack(&a);
         }
         while let Some(PendingAck::Ready(_)) = self.acks.front() {
-            if let Some(PendingAck::Ready(p)) = self.acks.pop_front() {
-                self.encode(&p);
+            if let Some(PendingAck::Ready(a)) = self.acks.pop_front() {
+                self.encode_ack(&a);
             }
         }
     }
 
-    fn encode(&mut self, p: &Packet) {
-        if matches!(p, Packet::PubAck(_)) {
+    fn encode_ack(&mut self, a: &Ack) {
+        if a.kind == AckKind::PubAck {
             self.unacked_qos1.fetch_sub(1, Ordering::Relaxed);
         }
+        self.encode(&a.to_packet());
+    }
+
+    fn encode(&mut self, p: &Packet) {
         if let Err(e) = outpost_mqtt::encode(p, self.protocol, &mut self.buf) {
             debug!(error = %e, "cannot encode a control packet; skipped");
         }
@@ -469,7 +505,11 @@ impl Writer {
 
     fn encode_publish(&mut self, d: super::session::Delivery, packet_id: Option<u16>, dup: bool) {
         let v5 = self.protocol.is_v5();
-        let mut properties = if v5 { d.msg.properties.clone() } else { Properties::default() };
+        let mut properties = if v5 {
+            d.msg.properties.clone()
+        } else {
+            Properties::default()
+        };
         let mut topic = d.msg.topic.clone();
         if v5 {
             properties.subscription_identifiers = d.sub_ids;
@@ -495,12 +535,16 @@ impl Writer {
             payload: d.msg.payload.clone(),
         };
         let start = self.buf.len();
-        if let Err(e) = outpost_mqtt::codec::encode_publish(&publish, self.protocol, &mut self.buf) {
+        if let Err(e) = outpost_mqtt::codec::encode_publish(&publish, self.protocol, &mut self.buf)
+        {
             debug!(error = %e, "cannot encode a PUBLISH; skipped");
             self.buf.truncate(start);
             return;
         }
-        if self.max_packet_size.is_some_and(|m| self.buf.len() - start > m) {
+        if self
+            .max_packet_size
+            .is_some_and(|m| self.buf.len() - start > m)
+        {
             // MQTT-3.1.2-25: never send more than the client's Maximum Packet Size.
             self.buf.truncate(start);
         }

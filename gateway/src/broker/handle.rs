@@ -81,7 +81,11 @@ impl BrokerHandle {
     /// Subscribes in-process; messages arrive on the returned subscription until it is
     /// dropped. A subscriber that falls more than a few thousand messages behind loses
     /// the newest ones (counted in `$SYS`), so the core never waits on it.
-    pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<LocalSubscription, PublishError> {
+    pub async fn subscribe(
+        &self,
+        filter: &str,
+        qos: QoS,
+    ) -> Result<LocalSubscription, PublishError> {
         outpost_mqtt::topic::validate_topic_filter(filter).map_err(|e| {
             PublishError::InvalidTopic {
                 topic: filter.to_owned(),
@@ -106,7 +110,10 @@ impl BrokerHandle {
     }
 
     /// Registers a durable sink; see [`super::DurableSink`].
-    pub async fn add_durable_sink(&self, sink: Arc<dyn super::DurableSink>) -> Result<(), PublishError> {
+    pub async fn add_durable_sink(
+        &self,
+        sink: Arc<dyn super::DurableSink>,
+    ) -> Result<(), PublishError> {
         self.send(CoreEvent::AddSink(sink)).await
     }
 

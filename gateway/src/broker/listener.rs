@@ -62,17 +62,24 @@ pub async fn bind_listeners(configs: &[ListenerConfig]) -> Result<Vec<BoundListe
     let mut out = Vec::with_capacity(configs.len());
     for c in configs {
         let tls = match &c.tls {
-            Some(t) => Some(TlsAcceptor::from(
-                tls::server_config(t).map_err(|source| ListenError::Tls { addr: c.bind, source })?,
-            )),
+            Some(t) => Some(TlsAcceptor::from(tls::server_config(t).map_err(
+                |source| ListenError::Tls {
+                    addr: c.bind,
+                    source,
+                },
+            )?)),
             None => None,
         };
         let socket = TcpListener::bind(c.bind)
             .await
-            .map_err(|source| ListenError::Bind { addr: c.bind, source })?;
-        let local_addr = socket
-            .local_addr()
-            .map_err(|source| ListenError::Bind { addr: c.bind, source })?;
+            .map_err(|source| ListenError::Bind {
+                addr: c.bind,
+                source,
+            })?;
+        let local_addr = socket.local_addr().map_err(|source| ListenError::Bind {
+            addr: c.bind,
+            source,
+        })?;
         let l = BoundListener {
             socket,
             tls,
@@ -92,7 +99,14 @@ pub fn spawn_accept_loop(l: BoundListener, core: BrokerHandle, settings: Arc<Set
             match l.socket.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(handle(stream, peer, l.tls.clone(), l.websocket.clone(), core.clone(), settings.clone()));
+                    tokio::spawn(handle(
+                        stream,
+                        peer,
+                        l.tls.clone(),
+                        l.websocket.clone(),
+                        core.clone(),
+                        settings.clone(),
+                    ));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly rather than spin.
@@ -126,17 +140,21 @@ async fn handle(
             };
             match ws {
                 None => connection::serve(tls, peer, core, settings).await,
-                Some(path) => match tokio::time::timeout(handshake, super::ws::accept(tls, &path)).await {
-                    Ok(Ok(s)) => connection::serve(s, peer, core, settings).await,
-                    Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
-                    Err(_) => {}
-                },
+                Some(path) => {
+                    match tokio::time::timeout(handshake, super::ws::accept(tls, &path)).await {
+                        Ok(Ok(s)) => connection::serve(s, peer, core, settings).await,
+                        Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
+                        Err(_) => {}
+                    }
+                }
             }
         }
-        (None, Some(path)) => match tokio::time::timeout(handshake, super::ws::accept(stream, &path)).await {
-            Ok(Ok(s)) => connection::serve(s, peer, core, settings).await,
-            Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
-            Err(_) => {}
-        },
+        (None, Some(path)) => {
+            match tokio::time::timeout(handshake, super::ws::accept(stream, &path)).await {
+                Ok(Ok(s)) => connection::serve(s, peer, core, settings).await,
+                Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
+                Err(_) => {}
+            }
+        }
     }
 }

@@ -23,11 +23,11 @@ mod ws;
 
 use std::sync::Arc;
 
+pub use auth::hash_password;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError};
 pub use listener::{BoundListener, bind_listeners};
 pub use message::Message;
 pub use settings::Settings;
-pub use auth::hash_password;
 
 /// Why a durable sink refused a message.
 #[derive(Debug, Clone, thiserror::Error)]

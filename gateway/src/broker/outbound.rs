@@ -21,10 +21,72 @@ pub const QOS0_BACKLOG_LIMIT: usize = 8 << 20;
 /// Result of making a message durable before acknowledging it.
 pub type DurableResult = Result<(), super::Rejected>;
 
+/// Which acknowledgement of the PUBLISH exchanges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // named after the packets
+pub enum AckKind {
+    /// PUBACK (QoS 1).
+    PubAck,
+    /// PUBREC (QoS 2, first half).
+    PubRec,
+    /// PUBREL (QoS 2, second half).
+    PubRel,
+    /// PUBCOMP (QoS 2 end).
+    PubComp,
+}
+
+/// A compact PUBACK/PUBREC/PUBREL/PUBCOMP: these are per message, so they travel as a
+/// few bytes instead of a full `Packet` with its properties.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// Which packet.
+    pub kind: AckKind,
+    /// Packet identifier.
+    pub packet_id: u16,
+    /// Reason code (5.0).
+    pub reason: ReasonCode,
+    /// Reason string (5.0), only on failures.
+    pub reason_string: Option<Box<str>>,
+}
+
+impl Ack {
+    /// A successful acknowledgement.
+    pub fn new(kind: AckKind, packet_id: u16) -> Ack {
+        Ack {
+            kind,
+            packet_id,
+            reason: ReasonCode::SUCCESS,
+            reason_string: None,
+        }
+    }
+
+    /// The packet to encode.
+    pub fn to_packet(&self) -> Packet {
+        let r = outpost_mqtt::PubResponse {
+            packet_id: self.packet_id,
+            reason: self.reason,
+            properties: outpost_mqtt::Properties {
+                reason_string: self.reason_string.as_deref().map(str::to_owned),
+                ..Default::default()
+            },
+        };
+        match self.kind {
+            AckKind::PubAck => Packet::PubAck(r),
+            AckKind::PubRec => Packet::PubRec(r),
+            AckKind::PubRel => Packet::PubRel(r),
+            AckKind::PubComp => Packet::PubComp(r),
+        }
+    }
+}
+
 /// One item for a connection writer.
 pub enum Outbound {
-    /// A control packet (CONNACK, SUBACK, PUBACK, PUBREL, ...), sent in queue order.
-    Control(Packet),
+    /// An acknowledgement of the PUBLISH exchanges, sent in queue order.
+    Ack(Ack),
+    /// PINGRESP.
+    PingResp,
+    /// A rarer control packet (CONNACK, SUBACK, UNSUBACK), boxed to keep queue slots small.
+    Control(Box<Packet>),
     /// An acknowledgement (PUBACK or PUBREC) that may only go out once `wait` resolves;
     /// acknowledgements behind it wait too, so they leave in the order PUBLISHes came in
     /// (MQTT-4.6.0-2). The closure builds the ack from the outcome (a reason code on
@@ -33,7 +95,7 @@ pub enum Outbound {
         /// Completes when every durable sink has committed the message.
         wait: BoxFuture<'static, DurableResult>,
         /// Builds the packet to send from the outcome; `None` sends nothing.
-        ack: Box<dyn FnOnce(DurableResult) -> Option<Packet> + Send>,
+        ack: Box<dyn FnOnce(DurableResult) -> Option<Ack> + Send>,
     },
     /// An application message for the client.
     Publish {

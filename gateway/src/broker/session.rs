@@ -13,7 +13,6 @@ use outpost_mqtt::{Protocol, QoS, Will};
 
 use super::message::Message;
 use super::outbound::OutboundTx;
-use super::router::SessionKey;
 
 /// Where a session's deliveries go while it is connected.
 pub enum Link {
@@ -138,7 +137,10 @@ impl Session {
 
     /// Removes the inflight entry with `packet_id`, if any.
     pub fn take_inflight(&mut self, packet_id: u16) -> Option<Inflight> {
-        let pos = self.inflight.iter().position(|f| f.packet_id == packet_id)?;
+        let pos = self
+            .inflight
+            .iter()
+            .position(|f| f.packet_id == packet_id)?;
         self.inflight.remove(pos)
     }
 }

@@ -50,7 +50,8 @@ pub fn server_config(c: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
         return Err(pem_err(&c.cert, "no certificate found in the file"));
     }
     let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| pem_err(&c.key, e))?;
-    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match &c.client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();

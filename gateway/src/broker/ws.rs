@@ -14,11 +14,15 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 
 /// Accepts the HTTP upgrade on `path`, agreeing to the `mqtt` subprotocol (MQTT-6.0.0-3).
-pub async fn accept<S>(stream: S, path: &str) -> Result<WsStream<S>, tokio_tungstenite::tungstenite::Error>
+pub async fn accept<S>(
+    stream: S,
+    path: &str,
+) -> Result<WsStream<S>, tokio_tungstenite::tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let path = path.to_owned();
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's callback contract
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != path {
             let mut e = ErrorResponse::new(Some(format!("MQTT is served at {path}")));
@@ -52,7 +56,11 @@ pub struct WsStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
@@ -78,7 +86,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let inner = Pin::new(&mut self.inner);
         ready!(inner.poll_ready(cx)).map_err(io::Error::other)?;
         Pin::new(&mut self.inner)
@@ -88,10 +100,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx).map_err(io::Error::other)
+        Pin::new(&mut self.inner)
+            .poll_flush(cx)
+            .map_err(io::Error::other)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_close(cx).map_err(io::Error::other)
+        Pin::new(&mut self.inner)
+            .poll_close(cx)
+            .map_err(io::Error::other)
     }
 }

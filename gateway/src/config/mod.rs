@@ -77,7 +77,10 @@ pub struct BrokerConfig {
     #[serde(default)]
     pub users: Vec<UserConfig>,
     /// A client must send CONNECT within this time after the TCP connection opens.
-    #[serde(default = "default_connect_timeout", deserialize_with = "units::duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "units::duration"
+    )]
     pub connect_timeout: Duration,
     /// Upper bound on a client's keep alive, announced as 5.0 Server Keep Alive.
     #[serde(default = "default_max_keepalive")]
@@ -348,10 +351,7 @@ impl Config {
 }
 
 fn toml_error(text: &str, path: &Path, key: &str, e: &toml::de::Error) -> ConfigError {
-    let (line, column) = e
-        .span()
-        .map(|s| line_col(text, s.start))
-        .unwrap_or((1, 1));
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
     ConfigError::Parse {
         path: path.to_owned(),
         line,
@@ -392,10 +392,9 @@ mod tests {
     fn lan_listener_turns_anonymous_off_unless_explicit() {
         let c = parse("[broker]\nlisteners = [{ bind = \"0.0.0.0:1883\" }]\n").unwrap();
         assert!(!c.broker.anonymous_allowed());
-        let c = parse(
-            "[broker]\nlisteners = [{ bind = \"0.0.0.0:1883\" }]\nallow_anonymous = true\n",
-        )
-        .unwrap();
+        let c =
+            parse("[broker]\nlisteners = [{ bind = \"0.0.0.0:1883\" }]\nallow_anonymous = true\n")
+                .unwrap();
         assert!(c.broker.anonymous_allowed());
     }
 
@@ -419,7 +418,9 @@ mod tests {
 
     #[test]
     fn semantic_errors_name_the_key() {
-        let err = parse("[broker]\nreceive_maximum = 0\n").unwrap_err().to_string();
+        let err = parse("[broker]\nreceive_maximum = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("broker.receive_maximum"), "{err}");
     }
 }

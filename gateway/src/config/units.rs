@@ -5,8 +5,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 /// A byte count written as an integer or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost_mqtt::{ConnAck, Disconnect, Packet, Properties, Protocol, PubResponse, ReasonCode};
+use outpost_mqtt::{ConnAck, Disconnect, Packet, Properties, Protocol, ReasonCode};
 use tracing::{debug, info};
 
 use super::timers::Timer;
 use super::{ConnectRequest, Core};
 use crate::broker::message::Message;
-use crate::broker::outbound::Outbound;
+use crate::broker::outbound::{Ack, AckKind, Outbound};
 use crate::broker::router::SessionKey;
 use crate::broker::session::{Link, Session};
 
@@ -18,11 +18,11 @@ impl Core {
         let ConnectRequest { connect, tx, reply } = req;
         let v5 = connect.protocol.is_v5();
         let refuse = |reason: ReasonCode| {
-            tx.send(Outbound::Control(Packet::ConnAck(ConnAck {
+            tx.send(Outbound::Control(Box::new(Packet::ConnAck(ConnAck {
                 session_present: false,
                 reason,
                 properties: Properties::default(),
-            })));
+            }))));
             tx.send(Outbound::Close);
         };
 
@@ -73,10 +73,8 @@ impl Core {
         } else {
             let key = self.next_key;
             self.next_key += 1;
-            self.sessions.insert(
-                key,
-                Session::new(client_id.clone(), connect.protocol),
-            );
+            self.sessions
+                .insert(key, Session::new(client_id.clone(), connect.protocol));
             self.by_client_id.insert(client_id.clone(), key);
             key
         };
@@ -105,7 +103,11 @@ impl Core {
             properties.maximum_packet_size =
                 Some(u32::try_from(self.settings.max_packet_size).unwrap_or(u32::MAX));
             properties.topic_alias_maximum = Some(self.settings.topic_alias_maximum);
-            if connect.properties.session_expiry_interval.is_some_and(|e| e > expiry) {
+            if connect
+                .properties
+                .session_expiry_interval
+                .is_some_and(|e| e > expiry)
+            {
                 properties.session_expiry_interval = Some(expiry);
             }
             if connect.keep_alive > self.settings.max_keepalive
@@ -114,11 +116,11 @@ impl Core {
                 properties.server_keep_alive = Some(self.settings.max_keepalive);
             }
         }
-        tx.send(Outbound::Control(Packet::ConnAck(ConnAck {
+        tx.send(Outbound::Control(Box::new(Packet::ConnAck(ConnAck {
             session_present,
             reason: ReasonCode::SUCCESS,
             properties,
-        })));
+        }))));
         self.stats.connects += 1;
         info!(client_id = %client_id, protocol = ?connect.protocol, session_present, "client connected");
 
@@ -126,9 +128,7 @@ impl Core {
         let s = self.sessions.get_mut(&key).expect("session exists");
         for f in &s.inflight {
             if f.released {
-                tx.send(Outbound::Control(Packet::PubRel(PubResponse::new(
-                    f.packet_id,
-                ))));
+                tx.send(Outbound::Ack(Ack::new(AckKind::PubRel, f.packet_id)));
             } else {
                 tx.send(Outbound::Publish {
                     delivery: f.delivery.clone(),

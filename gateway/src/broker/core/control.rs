@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use outpost_mqtt::{
-    Packet, Properties, Publish, PubResponse, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    Packet, Properties, PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     UnsubAck, Unsubscribe,
 };
 use tokio::sync::oneshot;
@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use super::Core;
 use crate::broker::Rejected;
 use crate::broker::message::Message;
-use crate::broker::outbound::{DurableResult, Outbound, OutboundTx};
+use crate::broker::outbound::{Ack, AckKind, DurableResult, Outbound, OutboundTx};
 use crate::broker::router::{SessionKey, SubEntry};
 use crate::broker::session::{Delivery, Link, SessionSub};
 
@@ -50,7 +50,7 @@ impl Core {
         if p.qos == QoS::ExactlyOnce && !s.incoming_qos2.insert(packet_id) {
             // MQTT-4.3.3-9 (3.1.1: 4.3.3-2): a re-sent PUBLISH before PUBREL is the same
             // message; acknowledge it again without delivering a second copy.
-            tx.send(Outbound::Control(Packet::PubRec(PubResponse::new(packet_id))));
+            tx.send(Outbound::Ack(Ack::new(AckKind::PubRec, packet_id)));
             return;
         }
         let qos = p.qos;
@@ -59,23 +59,19 @@ impl Core {
         if qos == QoS::AtMostOnce {
             return;
         }
-        let make_ack = move |reason: ReasonCode, reason_string: Option<String>| {
-            let r = PubResponse {
-                packet_id,
-                reason,
-                properties: Properties {
-                    reason_string,
-                    ..Properties::default()
-                },
-            };
-            if qos == QoS::AtLeastOnce {
-                Packet::PubAck(r)
-            } else {
-                Packet::PubRec(r)
-            }
+        let kind = if qos == QoS::AtLeastOnce {
+            AckKind::PubAck
+        } else {
+            AckKind::PubRec
+        };
+        let make_ack = move |reason: ReasonCode, reason_string: Option<String>| Ack {
+            kind,
+            packet_id,
+            reason,
+            reason_string: reason_string.map(String::into_boxed_str),
         };
         if receipts.is_empty() {
-            tx.send(Outbound::Control(make_ack(ReasonCode::SUCCESS, None)));
+            tx.send(Outbound::Ack(Ack::new(kind, packet_id)));
             return;
         }
         tx.send(Outbound::AckAfter {
@@ -114,13 +110,13 @@ impl Core {
             }
             return;
         }
-        let mut rel = PubResponse::new(r.packet_id);
+        let mut rel = Ack::new(AckKind::PubRel, r.packet_id);
         match s.inflight.iter_mut().find(|f| f.packet_id == r.packet_id) {
             Some(f) => f.released = true,
             None if s.protocol.is_v5() => rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
             None => {}
         }
-        tx.send(Outbound::Control(Packet::PubRel(rel)));
+        tx.send(Outbound::Ack(rel));
     }
 
     fn on_pubrel(&mut self, key: SessionKey, packet_id: u16) {
@@ -130,11 +126,11 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        let mut comp = PubResponse::new(packet_id);
+        let mut comp = Ack::new(AckKind::PubComp, packet_id);
         if !s.incoming_qos2.remove(&packet_id) && s.protocol.is_v5() {
             comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
         }
-        tx.send(Outbound::Control(Packet::PubComp(comp)));
+        tx.send(Outbound::Ack(comp));
     }
 
     fn on_subscribe(&mut self, key: SessionKey, sub: Subscribe) {
@@ -179,11 +175,11 @@ impl Core {
                 retained_for.push((inner, entry));
             }
         }
-        tx.send(Outbound::Control(Packet::SubAck(SubAck {
+        tx.send(Outbound::Control(Box::new(Packet::SubAck(SubAck {
             packet_id: sub.packet_id,
             reason_codes,
             properties: Properties::default(),
-        })));
+        }))));
         let now = Instant::now();
         for (filter, entry) in retained_for {
             for msg in self.retained.matching(&filter, now) {
@@ -215,11 +211,11 @@ impl Core {
             };
             reason_codes.push(code);
         }
-        tx.send(Outbound::Control(Packet::UnsubAck(UnsubAck {
+        tx.send(Outbound::Control(Box::new(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reason_codes,
             properties: Properties::default(),
-        })));
+        }))));
     }
 }
 

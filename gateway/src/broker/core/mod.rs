@@ -17,6 +17,7 @@ use std::time::Instant;
 use outpost_mqtt::{Connect, Disconnect, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 
+use super::DurableSink;
 use super::handle::BrokerHandle;
 use super::message::Message;
 use super::outbound::{DurableResult, OutboundTx};
@@ -25,7 +26,6 @@ use super::router::{Match, SessionKey, SubscriptionTree};
 use super::session::Session;
 use super::settings::Settings;
 use super::sys::Stats;
-use super::DurableSink;
 
 /// Capacity of the queue from connections into the core; a full queue slows the
 /// readers down instead of growing memory.

@@ -247,7 +247,10 @@ fn publish_size(d: &Delivery, v5: bool) -> usize {
             + str3(&p.content_type)
             + str3(&p.response_topic)
             + p.correlation_data.as_ref().map_or(0, |b| 3 + b.len())
-            + d.sub_ids.iter().map(|&i| 1 + varint(i as usize)).sum::<usize>()
+            + d.sub_ids
+                .iter()
+                .map(|&i| 1 + varint(i as usize))
+                .sum::<usize>()
             + p.user_properties
                 .iter()
                 .map(|(k, v)| 5 + k.len() + v.len())

@@ -31,9 +31,18 @@ impl Core {
             ("messages/received", st.messages_received.to_string()),
             ("messages/sent", st.messages_sent.to_string()),
             ("load/bytes/received", st.bytes_received.to_string()),
-            ("messages/dropped/queue_full", st.dropped_queue_full.to_string()),
-            ("messages/dropped/slow_client", st.dropped_slow_client.to_string()),
-            ("messages/dropped/too_large", st.dropped_too_large.to_string()),
+            (
+                "messages/dropped/queue_full",
+                st.dropped_queue_full.to_string(),
+            ),
+            (
+                "messages/dropped/slow_client",
+                st.dropped_slow_client.to_string(),
+            ),
+            (
+                "messages/dropped/too_large",
+                st.dropped_too_large.to_string(),
+            ),
         ];
         for (name, value) in entries {
             let msg = Message::new(
