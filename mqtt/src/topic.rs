@@ -122,7 +122,11 @@ mod tests {
     // Non-normative examples of 3.1.1 section 4.7.1.2 and 5.0 section 4.7.1.2.
     #[test]
     fn multi_level_wildcard_spec_examples() {
-        for topic in ["sport/tennis/player1", "sport/tennis/player1/ranking", "sport/tennis/player1/score/wimbledon"] {
+        for topic in [
+            "sport/tennis/player1",
+            "sport/tennis/player1/ranking",
+            "sport/tennis/player1/score/wimbledon",
+        ] {
             assert!(matches("sport/tennis/player1/#", topic), "{topic}");
         }
         assert!(matches("sport/#", "sport"));
@@ -178,12 +182,30 @@ mod tests {
         assert_eq!(parse_shared("$share"), None);
         assert_eq!(parse_shared("$share/g"), None);
         assert_eq!(validate_topic_filter("$share/g/a/+"), Ok(()));
-        assert_eq!(validate_topic_filter("$share/g"), Err(TopicError::EmptyShareFilter));
-        assert_eq!(validate_topic_filter("$share/g/"), Err(TopicError::EmptyShareFilter));
-        assert_eq!(validate_topic_filter("$share//a"), Err(TopicError::InvalidShareGroup));
-        assert_eq!(validate_topic_filter("$share/g#/a"), Err(TopicError::InvalidShareGroup));
-        assert_eq!(validate_topic_filter("$share/+/a"), Err(TopicError::InvalidShareGroup));
-        assert_eq!(validate_topic_filter("$share/g/a#"), Err(TopicError::MisplacedWildcard));
+        assert_eq!(
+            validate_topic_filter("$share/g"),
+            Err(TopicError::EmptyShareFilter)
+        );
+        assert_eq!(
+            validate_topic_filter("$share/g/"),
+            Err(TopicError::EmptyShareFilter)
+        );
+        assert_eq!(
+            validate_topic_filter("$share//a"),
+            Err(TopicError::InvalidShareGroup)
+        );
+        assert_eq!(
+            validate_topic_filter("$share/g#/a"),
+            Err(TopicError::InvalidShareGroup)
+        );
+        assert_eq!(
+            validate_topic_filter("$share/+/a"),
+            Err(TopicError::InvalidShareGroup)
+        );
+        assert_eq!(
+            validate_topic_filter("$share/g/a#"),
+            Err(TopicError::MisplacedWildcard)
+        );
         // A shared filter matches like its inner filter.
         assert!(matches("$share/g/sensors/+", "sensors/t1"));
         assert!(!matches("$share/g/#", "$SYS/x"));
@@ -201,7 +223,10 @@ mod tests {
         assert_eq!(validate_topic_name("a/#"), Err(TopicError::WildcardInName));
         assert_eq!(validate_topic_name("a\0b"), Err(TopicError::ContainsNull));
         assert_eq!(validate_topic_name(&"x".repeat(MAX_TOPIC_LEN)), Ok(()));
-        assert_eq!(validate_topic_name(&"x".repeat(MAX_TOPIC_LEN + 1)), Err(TopicError::TooLong));
+        assert_eq!(
+            validate_topic_name(&"x".repeat(MAX_TOPIC_LEN + 1)),
+            Err(TopicError::TooLong)
+        );
         assert_eq!(validate_topic_filter(""), Err(TopicError::Empty));
         assert_eq!(validate_topic_filter("a\0"), Err(TopicError::ContainsNull));
     }

@@ -51,14 +51,20 @@ fn allocated_by_decode(bytes: &[u8], protocol: Protocol) -> usize {
 fn announced_lengths_without_bytes_allocate_nothing() {
     let inputs: [&[u8]; 5] = [
         &[0x30, 0xFF, 0xFF, 0xFF, 0x7F, 0x00],
-        &[0x10, 0xFF, 0xFF, 0xFF, 0x7F, 0, 4, b'M', b'Q', b'T', b'T', 5],
+        &[
+            0x10, 0xFF, 0xFF, 0xFF, 0x7F, 0, 4, b'M', b'Q', b'T', b'T', 5,
+        ],
         &[0x82, 0xFF, 0xFF, 0xFF, 0x7F, 0, 1, 0xFF, 0xFF, 0xFF, 0x7F],
         &[0x90, 0xFF, 0xFF, 0xFF, 0x7F, 0, 1],
         &[0xE0, 0x80, 0x80, 0x80],
     ];
     for bytes in inputs {
         for protocol in [Protocol::V3_1, Protocol::V3_1_1, Protocol::V5] {
-            assert_eq!(allocated_by_decode(bytes, protocol), 0, "{bytes:?} {protocol:?}");
+            assert_eq!(
+                allocated_by_decode(bytes, protocol),
+                0,
+                "{bytes:?} {protocol:?}"
+            );
         }
     }
 }
@@ -69,7 +75,9 @@ fn inner_lengths_beyond_the_packet_allocate_nothing() {
     let inputs: [&[u8]; 3] = [
         &[0x30, 3, 0xFF, 0xFF, b'a'],
         &[0x82, 7, 0, 1, 0xFF, 0xFF, 0xFF, 0x7F, 0],
-        &[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 0, 0xFF, 0x7F],
+        &[
+            0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 0, 0xFF, 0x7F,
+        ],
     ];
     for bytes in inputs {
         let mut buf = BytesMut::from(bytes);
@@ -97,5 +105,9 @@ fn subscribe_with_many_filters_allocates_in_proportion_to_input() {
     // Each filter owns a String and a Vec slot (doubling growth): bounded by a small
     // multiple of its four wire bytes.
     assert!(allocated > 0);
-    assert!(allocated <= 32 * bytes.len(), "{allocated} bytes for {} input bytes", bytes.len());
+    assert!(
+        allocated <= 32 * bytes.len(),
+        "{allocated} bytes for {} input bytes",
+        bytes.len()
+    );
 }

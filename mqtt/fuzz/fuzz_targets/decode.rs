@@ -5,8 +5,8 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use outpost_mqtt::codec::{decode, encode, encoded_len};
 use outpost_mqtt::Protocol;
+use outpost_mqtt::codec::{decode, encode, encoded_len};
 
 fuzz_target!(|data: &[u8]| {
     for protocol in [Protocol::V3_1, Protocol::V3_1_1, Protocol::V5] {

@@ -48,7 +48,9 @@ pub(crate) fn decode_connect(body: &Bytes) -> Result<Connect, DecodeError> {
     let protocol = protocol_of(name, level)?;
     let flags = r.u8()?;
     if flags & FLAG_RESERVED != 0 {
-        return Err(DecodeError::Malformed("CONNECT reserved flag set (MQTT-3.1.2-3)"));
+        return Err(DecodeError::Malformed(
+            "CONNECT reserved flag set (MQTT-3.1.2-3)",
+        ));
     }
     let will_flag = flags & FLAG_WILL != 0;
     let will_qos_bits = (flags & FLAG_WILL_QOS) >> 3;
@@ -62,7 +64,9 @@ pub(crate) fn decode_connect(body: &Bytes) -> Result<Connect, DecodeError> {
     let has_username = flags & FLAG_USERNAME != 0;
     let has_password = flags & FLAG_PASSWORD != 0;
     if protocol == Protocol::V3_1_1 && has_password && !has_username {
-        return Err(DecodeError::Malformed("password flag without user name flag (MQTT-3.1.2-22)"));
+        return Err(DecodeError::Malformed(
+            "password flag without user name flag (MQTT-3.1.2-22)",
+        ));
     }
     let keep_alive = r.u16()?;
     let properties = if protocol.is_v5() {
@@ -80,12 +84,26 @@ pub(crate) fn decode_connect(body: &Bytes) -> Result<Connect, DecodeError> {
         let topic = r.byte_string()?;
         validate_topic_name(&topic).map_err(|_| DecodeError::InvalidTopicName)?;
         let payload = r.binary()?;
-        Some(Will { topic, payload, qos: will_qos, retain: will_retain, properties })
+        Some(Will {
+            topic,
+            payload,
+            qos: will_qos,
+            retain: will_retain,
+            properties,
+        })
     } else {
         None
     };
-    let username = if has_username { Some(r.string()?) } else { None };
-    let password = if has_password { Some(r.binary()?) } else { None };
+    let username = if has_username {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let password = if has_password {
+        Some(r.binary()?)
+    } else {
+        None
+    };
     r.finish()?;
     Ok(Connect {
         protocol,
@@ -109,7 +127,10 @@ pub(crate) fn connect_len(c: &Connect) -> usize {
     if let Some(w) = &c.will {
         n += props(&w.properties) + prefixed_len(w.topic.as_bytes()) + prefixed_len(&w.payload);
     }
-    n += c.username.as_ref().map_or(0, |u| prefixed_len(u.as_bytes()));
+    n += c
+        .username
+        .as_ref()
+        .map_or(0, |u| prefixed_len(u.as_bytes()));
     n += c.password.as_ref().map_or(0, |p| prefixed_len(p));
     n
 }
@@ -162,27 +183,46 @@ pub(crate) fn decode_connack(body: &Bytes, protocol: Protocol) -> Result<ConnAck
     let mut r = Reader::new(body);
     let flags = r.u8()?;
     if flags & 0xFE != 0 {
-        return Err(DecodeError::Malformed("CONNACK reserved flags set (MQTT-3.2.2-1)"));
+        return Err(DecodeError::Malformed(
+            "CONNACK reserved flags set (MQTT-3.2.2-1)",
+        ));
     }
     let code = r.u8()?;
     let (reason, properties) = if protocol.is_v5() {
         let reason = reason_codes::check(Kind::ConnAck, code)?;
         (reason, properties::decode(&mut r, Ctx::CONNACK)?)
     } else {
-        let reason = reason_codes::connack_reason(code).ok_or(DecodeError::InvalidReasonCode(code))?;
+        let reason =
+            reason_codes::connack_reason(code).ok_or(DecodeError::InvalidReasonCode(code))?;
         (reason, Properties::default())
     };
     r.finish()?;
-    Ok(ConnAck { session_present: flags & 1 != 0, reason, properties })
+    // 3.1 has no session present flag: that byte was reserved and unused. A refusal has no
+    // session (MQTT-3.2.2-4, 5.0 MQTT-3.2.2-6); a server that says otherwise is ignored on
+    // that point so the client still learns why it was refused.
+    let session_present = flags & 1 != 0 && protocol != Protocol::V3_1 && !reason.is_error();
+    Ok(ConnAck {
+        session_present,
+        reason,
+        properties,
+    })
 }
 
 /// Body size of a CONNACK.
 pub(crate) fn connack_len(c: &ConnAck, protocol: Protocol) -> usize {
-    2 + if protocol.is_v5() { properties::block_len(&c.properties) } else { 0 }
+    2 + if protocol.is_v5() {
+        properties::block_len(&c.properties)
+    } else {
+        0
+    }
 }
 
 /// Append a CONNACK body; 3.x gets the mapped return code and no properties.
-pub(crate) fn write_connack(c: &ConnAck, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+pub(crate) fn write_connack(
+    c: &ConnAck,
+    protocol: Protocol,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
     // MQTT-3.2.2-4 (3.1.1) / MQTT-3.2.2-6 (5.0): a refusal never has a session; 3.1 has
     // no session present flag at all.
     if protocol.is_v5() {

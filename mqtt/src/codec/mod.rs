@@ -17,7 +17,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::{Packet, Protocol, Publish};
@@ -47,7 +47,11 @@ fn check_first_byte(first: u8, protocol: Protocol) -> Result<(), DecodeError> {
         15 if !protocol.is_v5() => return Err(DecodeError::InvalidPacketType(15)),
         _ => flags == 0,
     };
-    if ok { Ok(()) } else { Err(DecodeError::InvalidFlags { packet_type, flags }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::InvalidFlags { packet_type, flags })
+    }
 }
 
 /// Decode one packet from the front of `buf`.
@@ -58,7 +62,14 @@ fn check_first_byte(first: u8, protocol: Protocol) -> Result<(), DecodeError> {
 /// them without copying. `protocol` is the connection's negotiated version; CONNECT is
 /// decoded by the protocol name and level inside it. Nothing is allocated on the strength
 /// of a length read from the wire before the bytes it announces are in `buf`.
-pub fn decode(buf: &mut BytesMut, protocol: Protocol, max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
+///
+/// After an error the connection is beyond repair (the spec closes it): the offending
+/// packet may or may not have been consumed, so `buf` should be discarded.
+pub fn decode(
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    max_packet_size: usize,
+) -> Result<Option<Packet>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -71,15 +82,20 @@ pub fn decode(buf: &mut BytesMut, protocol: Protocol, max_packet_size: usize) ->
     let header_len = 1 + len_bytes;
     let total = header_len + remaining as usize;
     if total > max_packet_size {
-        return Err(DecodeError::PacketTooLarge { size: total, max: max_packet_size });
+        return Err(DecodeError::PacketTooLarge {
+            size: total,
+            max: max_packet_size,
+        });
     }
     if buf.len() < total {
         return Ok(None);
     }
     let mut frame = buf.split_to(total);
-    let _ = frame.split_to(header_len);
-    let body = frame.freeze();
-    decode_body(first, &body, protocol).map(Some)
+    frame.advance(header_len);
+    if first >> 4 == 3 {
+        return publish::decode_publish(first & 0x0F, frame, protocol);
+    }
+    decode_body(first, &frame.freeze(), protocol).map(Some)
 }
 
 fn decode_body(first: u8, body: &Bytes, protocol: Protocol) -> Result<Packet, DecodeError> {
@@ -87,7 +103,6 @@ fn decode_body(first: u8, body: &Bytes, protocol: Protocol) -> Result<Packet, De
     Ok(match packet_type {
         1 => Packet::Connect(Box::new(connect::decode_connect(body)?)),
         2 => Packet::ConnAck(connect::decode_connack(body, protocol)?),
-        3 => Packet::Publish(publish::decode_publish(first & 0x0F, body, protocol)?),
         4 => Packet::PubAck(publish::decode_response(4, body, protocol)?),
         5 => Packet::PubRec(publish::decode_response(5, body, protocol)?),
         6 => Packet::PubRel(publish::decode_response(6, body, protocol)?),
@@ -100,7 +115,11 @@ fn decode_body(first: u8, body: &Bytes, protocol: Protocol) -> Result<Packet, De
             if !body.is_empty() {
                 return Err(DecodeError::TrailingBytes);
             }
-            if packet_type == 12 { Packet::PingReq } else { Packet::PingResp }
+            if packet_type == 12 {
+                Packet::PingReq
+            } else {
+                Packet::PingResp
+            }
         }
         14 => Packet::Disconnect(control::decode_disconnect(body, protocol)?),
         15 => Packet::Auth(control::decode_auth(body)?),
@@ -113,7 +132,13 @@ fn header(packet: &Packet, protocol: Protocol) -> Result<(u8, usize), EncodeErro
     Ok(match packet {
         Packet::Connect(c) => (0x10, connect::connect_len(c)),
         Packet::ConnAck(c) => (0x20, connect::connack_len(c, protocol)),
-        Packet::Publish(p) => (publish::publish_first_byte(p), publish::publish_len(p, protocol)),
+        Packet::Publish(p) => {
+            publish::check_publish(p, protocol)?;
+            (
+                publish::publish_first_byte(p),
+                publish::publish_len(p, protocol),
+            )
+        }
         Packet::PubAck(r) => (0x40, publish::response_len(r, protocol)),
         Packet::PubRec(r) => (0x50, publish::response_len(r, protocol)),
         Packet::PubRel(r) => (0x62, publish::response_len(r, protocol)),
@@ -179,11 +204,14 @@ pub fn encode(packet: &Packet, protocol: Protocol, buf: &mut BytesMut) -> Result
         return encode_publish(p, protocol, buf);
     }
     let (first, body_len) = header(packet, protocol)?;
-    write_framed(buf, first, body_len, |buf| write_body(packet, protocol, buf))
+    write_framed(buf, first, body_len, |buf| {
+        write_body(packet, protocol, buf)
+    })
 }
 
 /// Total encoded size (fixed header included) of `packet` for `protocol`: exactly what
-/// [`encode`] appends, and 0 for a packet the version cannot carry (AUTH on 3.x).
+/// [`encode`] appends, and 0 for a packet it refuses outright (AUTH on 3.x, a QoS 1
+/// PUBLISH without packet identifier).
 pub fn encoded_len(packet: &Packet, protocol: Protocol) -> usize {
     match header(packet, protocol) {
         Ok((_, body_len)) => 1 + varint::len(body_len) + body_len,
@@ -192,9 +220,15 @@ pub fn encoded_len(packet: &Packet, protocol: Protocol) -> usize {
 }
 
 /// Encode a PUBLISH without building a [`Packet`], with a single reservation.
-pub fn encode_publish(publish: &Publish, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode_publish(
+    publish: &Publish,
+    protocol: Protocol,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
     publish::check_publish(publish, protocol)?;
     let first = publish::publish_first_byte(publish);
     let body_len = publish::publish_len(publish, protocol);
-    write_framed(buf, first, body_len, |buf| publish::write_publish(publish, protocol, buf))
+    write_framed(buf, first, body_len, |buf| {
+        publish::write_publish(publish, protocol, buf)
+    })
 }

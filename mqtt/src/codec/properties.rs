@@ -18,20 +18,62 @@ pub(crate) struct Ctx {
 
 #[allow(missing_docs)]
 impl Ctx {
-    pub(crate) const CONNECT: Ctx = Ctx { bit: 1, name: "CONNECT" };
-    pub(crate) const CONNACK: Ctx = Ctx { bit: 1 << 1, name: "CONNACK" };
-    pub(crate) const PUBLISH: Ctx = Ctx { bit: 1 << 2, name: "PUBLISH" };
-    pub(crate) const WILL: Ctx = Ctx { bit: 1 << 3, name: "will" };
-    pub(crate) const PUBACK: Ctx = Ctx { bit: 1 << 4, name: "PUBACK" };
-    pub(crate) const PUBREC: Ctx = Ctx { bit: 1 << 4, name: "PUBREC" };
-    pub(crate) const PUBREL: Ctx = Ctx { bit: 1 << 4, name: "PUBREL" };
-    pub(crate) const PUBCOMP: Ctx = Ctx { bit: 1 << 4, name: "PUBCOMP" };
-    pub(crate) const SUBSCRIBE: Ctx = Ctx { bit: 1 << 5, name: "SUBSCRIBE" };
-    pub(crate) const SUBACK: Ctx = Ctx { bit: 1 << 6, name: "SUBACK" };
-    pub(crate) const UNSUBSCRIBE: Ctx = Ctx { bit: 1 << 7, name: "UNSUBSCRIBE" };
-    pub(crate) const UNSUBACK: Ctx = Ctx { bit: 1 << 8, name: "UNSUBACK" };
-    pub(crate) const DISCONNECT: Ctx = Ctx { bit: 1 << 9, name: "DISCONNECT" };
-    pub(crate) const AUTH: Ctx = Ctx { bit: 1 << 10, name: "AUTH" };
+    pub(crate) const CONNECT: Ctx = Ctx {
+        bit: 1,
+        name: "CONNECT",
+    };
+    pub(crate) const CONNACK: Ctx = Ctx {
+        bit: 1 << 1,
+        name: "CONNACK",
+    };
+    pub(crate) const PUBLISH: Ctx = Ctx {
+        bit: 1 << 2,
+        name: "PUBLISH",
+    };
+    pub(crate) const WILL: Ctx = Ctx {
+        bit: 1 << 3,
+        name: "will",
+    };
+    pub(crate) const PUBACK: Ctx = Ctx {
+        bit: 1 << 4,
+        name: "PUBACK",
+    };
+    pub(crate) const PUBREC: Ctx = Ctx {
+        bit: 1 << 4,
+        name: "PUBREC",
+    };
+    pub(crate) const PUBREL: Ctx = Ctx {
+        bit: 1 << 4,
+        name: "PUBREL",
+    };
+    pub(crate) const PUBCOMP: Ctx = Ctx {
+        bit: 1 << 4,
+        name: "PUBCOMP",
+    };
+    pub(crate) const SUBSCRIBE: Ctx = Ctx {
+        bit: 1 << 5,
+        name: "SUBSCRIBE",
+    };
+    pub(crate) const SUBACK: Ctx = Ctx {
+        bit: 1 << 6,
+        name: "SUBACK",
+    };
+    pub(crate) const UNSUBSCRIBE: Ctx = Ctx {
+        bit: 1 << 7,
+        name: "UNSUBSCRIBE",
+    };
+    pub(crate) const UNSUBACK: Ctx = Ctx {
+        bit: 1 << 8,
+        name: "UNSUBACK",
+    };
+    pub(crate) const DISCONNECT: Ctx = Ctx {
+        bit: 1 << 9,
+        name: "DISCONNECT",
+    };
+    pub(crate) const AUTH: Ctx = Ctx {
+        bit: 1 << 10,
+        name: "AUTH",
+    };
 }
 
 const CONNECT: u16 = Ctx::CONNECT.bit;
@@ -99,7 +141,10 @@ pub(crate) fn decode(r: &mut Reader<'_>, ctx: Ctx) -> Result<Properties, DecodeE
         let id = u8::try_from(raw_id).unwrap_or(u8::MAX);
         let allowed = allowed_in(id).ok_or(DecodeError::InvalidProperty { id })?;
         if allowed & ctx.bit == 0 {
-            return Err(DecodeError::PropertyNotAllowed { id, packet: ctx.name });
+            return Err(DecodeError::PropertyNotAllowed {
+                id,
+                packet: ctx.name,
+            });
         }
         match id {
             0x01 => set_once(&mut p.payload_format_indicator, id, flag(&mut r, id)?)?,
@@ -108,7 +153,8 @@ pub(crate) fn decode(r: &mut Reader<'_>, ctx: Ctx) -> Result<Properties, DecodeE
             0x08 => {
                 let topic = r.string()?;
                 // MQTT-3.3.2-14: a response topic is a topic name, without wildcards.
-                validate_topic_name(&topic).map_err(|_| DecodeError::InvalidPropertyValue { id })?;
+                validate_topic_name(&topic)
+                    .map_err(|_| DecodeError::InvalidPropertyValue { id })?;
                 set_once(&mut p.response_topic, id, topic)?
             }
             0x09 => set_once(&mut p.correlation_data, id, r.binary()?)?,
@@ -151,13 +197,84 @@ pub(crate) fn decode(r: &mut Reader<'_>, ctx: Ctx) -> Result<Properties, DecodeE
                 }
                 set_once(&mut p.maximum_packet_size, id, max)?
             }
-            0x28 => set_once(&mut p.wildcard_subscription_available, id, flag(&mut r, id)?)?,
-            0x29 => set_once(&mut p.subscription_identifier_available, id, flag(&mut r, id)?)?,
+            0x28 => set_once(
+                &mut p.wildcard_subscription_available,
+                id,
+                flag(&mut r, id)?,
+            )?,
+            0x29 => set_once(
+                &mut p.subscription_identifier_available,
+                id,
+                flag(&mut r, id)?,
+            )?,
             0x2A => set_once(&mut p.shared_subscription_available, id, flag(&mut r, id)?)?,
             _ => return Err(DecodeError::InvalidProperty { id }),
         }
     }
     Ok(p)
+}
+
+/// True when no property is set: a field-by-field check, far cheaper on the per-message
+/// path than comparing with a freshly built default. The exhaustive pattern makes a new
+/// field a compile error here rather than a silently dropped property.
+#[inline]
+pub(crate) fn is_empty(p: &Properties) -> bool {
+    let Properties {
+        payload_format_indicator,
+        message_expiry_interval,
+        content_type,
+        response_topic,
+        correlation_data,
+        subscription_identifiers,
+        session_expiry_interval,
+        assigned_client_identifier,
+        server_keep_alive,
+        authentication_method,
+        authentication_data,
+        request_problem_information,
+        will_delay_interval,
+        request_response_information,
+        response_information,
+        server_reference,
+        reason_string,
+        receive_maximum,
+        topic_alias_maximum,
+        topic_alias,
+        maximum_qos,
+        retain_available,
+        user_properties,
+        maximum_packet_size,
+        wildcard_subscription_available,
+        subscription_identifier_available,
+        shared_subscription_available,
+    } = p;
+    payload_format_indicator.is_none()
+        && message_expiry_interval.is_none()
+        && content_type.is_none()
+        && response_topic.is_none()
+        && correlation_data.is_none()
+        && subscription_identifiers.is_empty()
+        && session_expiry_interval.is_none()
+        && assigned_client_identifier.is_none()
+        && server_keep_alive.is_none()
+        && authentication_method.is_none()
+        && authentication_data.is_none()
+        && request_problem_information.is_none()
+        && will_delay_interval.is_none()
+        && request_response_information.is_none()
+        && response_information.is_none()
+        && server_reference.is_none()
+        && reason_string.is_none()
+        && receive_maximum.is_none()
+        && topic_alias_maximum.is_none()
+        && topic_alias.is_none()
+        && maximum_qos.is_none()
+        && retain_available.is_none()
+        && user_properties.is_empty()
+        && maximum_packet_size.is_none()
+        && wildcard_subscription_available.is_none()
+        && subscription_identifier_available.is_none()
+        && shared_subscription_available.is_none()
 }
 
 fn opt_len<T>(v: &Option<T>, size: impl Fn(&T) -> usize) -> usize {
@@ -166,7 +283,7 @@ fn opt_len<T>(v: &Option<T>, size: impl Fn(&T) -> usize) -> usize {
 
 /// Bytes of the properties themselves, without the length prefix.
 pub(crate) fn body_len(p: &Properties) -> usize {
-    if p.is_empty() {
+    if is_empty(p) {
         return 0;
     }
     let s = |v: &String| prefixed_len(v.as_bytes());
@@ -176,7 +293,10 @@ pub(crate) fn body_len(p: &Properties) -> usize {
         + opt_len(&p.content_type, s)
         + opt_len(&p.response_topic, s)
         + opt_len(&p.correlation_data, b)
-        + p.subscription_identifiers.iter().map(|&v| 1 + varint::len(v as usize)).sum::<usize>()
+        + p.subscription_identifiers
+            .iter()
+            .map(|&v| 1 + varint::len(v as usize))
+            .sum::<usize>()
         + opt_len(&p.session_expiry_interval, |_| 4)
         + opt_len(&p.assigned_client_identifier, s)
         + opt_len(&p.server_keep_alive, |_| 2)
@@ -193,7 +313,10 @@ pub(crate) fn body_len(p: &Properties) -> usize {
         + opt_len(&p.topic_alias, |_| 2)
         + opt_len(&p.maximum_qos, |_| 1)
         + opt_len(&p.retain_available, |_| 1)
-        + p.user_properties.iter().map(|(k, v)| 1 + s(k) + s(v)).sum::<usize>()
+        + p.user_properties
+            .iter()
+            .map(|(k, v)| 1 + s(k) + s(v))
+            .sum::<usize>()
         + opt_len(&p.maximum_packet_size, |_| 4)
         + opt_len(&p.wildcard_subscription_available, |_| 1)
         + opt_len(&p.subscription_identifier_available, |_| 1)

@@ -16,7 +16,11 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A reader over the whole of `buf`.
     pub(crate) fn new(buf: &'a Bytes) -> Self {
-        Reader { buf, pos: 0, end: buf.len() }
+        Reader {
+            buf,
+            pos: 0,
+            end: buf.len(),
+        }
     }
 
     /// Bytes left to read.
@@ -33,7 +37,11 @@ impl<'a> Reader<'a> {
 
     /// Fail unless every byte has been read.
     pub(crate) fn finish(&self) -> Result<(), DecodeError> {
-        if self.is_empty() { Ok(()) } else { Err(DecodeError::TrailingBytes) }
+        if self.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::TrailingBytes)
+        }
     }
 
     #[inline]
@@ -51,7 +59,11 @@ impl<'a> Reader<'a> {
         if self.remaining() < n {
             return Err(DecodeError::Truncated);
         }
-        let sub = Reader { buf: self.buf, pos: self.pos, end: self.pos + n };
+        let sub = Reader {
+            buf: self.buf,
+            pos: self.pos,
+            end: self.pos + n,
+        };
         self.pos += n;
         Ok(sub)
     }
@@ -140,12 +152,5 @@ impl<'a> Reader<'a> {
         let bytes = self.buf.slice(self.pos..self.pos + n);
         self.pos += n;
         Ok(bytes)
-    }
-
-    /// Everything left (a PUBLISH payload), sharing the packet's memory.
-    pub(crate) fn rest(&mut self) -> Bytes {
-        let bytes = self.buf.slice(self.pos..self.end);
-        self.pos = self.end;
-        bytes
     }
 }

@@ -93,7 +93,10 @@ mod tests {
 
     #[test]
     fn fifth_byte_is_malformed() {
-        assert_eq!(read(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01]), Err(VarIntError::TooLong));
+        assert_eq!(
+            read(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+            Err(VarIntError::TooLong)
+        );
         assert_eq!(read(&[0x80, 0x80, 0x80, 0x80]), Err(VarIntError::TooLong));
     }
 

@@ -24,7 +24,11 @@ fn decode_one(bytes: &[u8], protocol: Protocol) -> Result<Packet, DecodeError> {
 fn encode_vec(packet: &Packet, protocol: Protocol) -> Vec<u8> {
     let mut buf = BytesMut::new();
     encode(packet, protocol, &mut buf).expect("encodes");
-    assert_eq!(buf.len(), encoded_len(packet, protocol), "encoded_len of {packet:?}");
+    assert_eq!(
+        buf.len(),
+        encoded_len(packet, protocol),
+        "encoded_len of {packet:?}"
+    );
     buf.to_vec()
 }
 

@@ -4,7 +4,7 @@ use bytes::BytesMut;
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-use super::strategies::{normalise, packet, protocol, PROTOCOLS};
+use super::strategies::{PROTOCOLS, normalise, packet, protocol};
 use crate::codec::{decode, encode, encoded_len};
 use crate::packet::{Packet, Protocol};
 

@@ -58,10 +58,41 @@ fn non_zero_u16() -> impl Strategy<Value = Option<u16>> {
 
 /// Every property with a valid value; [`keep`] trims it to what a packet may carry.
 fn all_properties() -> impl Strategy<Value = Properties> {
-    let a = (flag(), of(any::<u32>()), of(text()), of(topic_name()), of(binary()), vec(1u32..=268_435_455, 0..3));
-    let b = (of(any::<u32>()), of(text()), of(any::<u16>()), of(text()), of(binary()), flag(), of(any::<u32>()));
-    let c = (flag(), of(text()), of(text()), of(text()), non_zero_u16(), of(any::<u16>()), non_zero_u16());
-    let d = (flag(), flag(), vec((text(), text()), 0..3), of(1u32..), flag(), flag(), flag());
+    let a = (
+        flag(),
+        of(any::<u32>()),
+        of(text()),
+        of(topic_name()),
+        of(binary()),
+        vec(1u32..=268_435_455, 0..3),
+    );
+    let b = (
+        of(any::<u32>()),
+        of(text()),
+        of(any::<u16>()),
+        of(text()),
+        of(binary()),
+        flag(),
+        of(any::<u32>()),
+    );
+    let c = (
+        flag(),
+        of(text()),
+        of(text()),
+        of(text()),
+        non_zero_u16(),
+        of(any::<u16>()),
+        non_zero_u16(),
+    );
+    let d = (
+        flag(),
+        flag(),
+        vec((text(), text()), 0..3),
+        of(1u32..),
+        flag(),
+        flag(),
+        flag(),
+    );
     (a, b, c, d).prop_map(|(a, b, c, d)| Properties {
         payload_format_indicator: a.0,
         message_expiry_interval: a.1,
@@ -118,12 +149,16 @@ fn keep(mut p: Properties, ids: &[u8]) -> Properties {
 }
 
 fn props(ids: &'static [u8]) -> impl Strategy<Value = Properties> {
-    prop_oneof![Just(Properties::default()), all_properties().prop_map(move |p| keep(p, ids))]
+    prop_oneof![
+        Just(Properties::default()),
+        all_properties().prop_map(move |p| keep(p, ids))
+    ]
 }
 
 const CONNECT_IDS: &[u8] = &[0x11, 0x15, 0x16, 0x17, 0x19, 0x21, 0x22, 0x26, 0x27];
 const CONNACK_IDS: &[u8] = &[
-    0x11, 0x12, 0x13, 0x15, 0x16, 0x1A, 0x1C, 0x1F, 0x21, 0x22, 0x24, 0x25, 0x26, 0x27, 0x28, 0x29, 0x2A,
+    0x11, 0x12, 0x13, 0x15, 0x16, 0x1A, 0x1C, 0x1F, 0x21, 0x22, 0x24, 0x25, 0x26, 0x27, 0x28, 0x29,
+    0x2A,
 ];
 const PUBLISH_IDS: &[u8] = &[0x01, 0x02, 0x03, 0x08, 0x09, 0x0B, 0x23, 0x26];
 const WILL_IDS: &[u8] = &[0x01, 0x02, 0x03, 0x08, 0x09, 0x18, 0x26];
@@ -142,81 +177,119 @@ fn reason(codes: &'static [u8]) -> impl Strategy<Value = ReasonCode> {
 }
 
 const CONNACK_CODES: &[u8] = &[
-    0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97, 0x99,
-    0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
+    0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
+    0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
 ];
 const PUBACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
 const PUBREL_CODES: &[u8] = &[0x00, 0x92];
-const SUBACK_CODES: &[u8] = &[0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2];
+const SUBACK_CODES: &[u8] = &[
+    0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2,
+];
 const UNSUBACK_CODES: &[u8] = &[0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91];
 const DISCONNECT_CODES: &[u8] = &[
-    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96,
-    0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
+    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95,
+    0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
 ];
 const AUTH_CODES: &[u8] = &[0x00, 0x18, 0x19];
 
 fn will() -> impl Strategy<Value = Will> {
-    (topic_name(), binary(), qos(), any::<bool>(), props(WILL_IDS)).prop_map(
-        |(topic, payload, qos, retain, properties)| Will {
+    (
+        topic_name(),
+        binary(),
+        qos(),
+        any::<bool>(),
+        props(WILL_IDS),
+    )
+        .prop_map(|(topic, payload, qos, retain, properties)| Will {
             topic: ByteString::from(topic),
             payload,
             qos,
             retain,
             properties,
-        },
-    )
+        })
 }
 
 fn connect(protocol: Protocol) -> impl Strategy<Value = Packet> {
     let head = (any::<bool>(), any::<u16>(), props(CONNECT_IDS), text());
-    (head, of(will()), of(text()), of(binary())).prop_map(move |((clean, ka, properties, id), will, user, pass)| {
-        // MQTT-3.1.2-22: 3.1.1 forbids a password without a user name.
-        let pass = if protocol == Protocol::V3_1_1 && user.is_none() { None } else { pass };
-        Packet::Connect(Box::new(Connect {
-            protocol,
-            clean_start: clean,
-            keep_alive: ka,
-            properties,
-            client_id: id,
-            will,
-            username: user,
-            password: pass,
-        }))
-    })
+    (head, of(will()), of(text()), of(binary())).prop_map(
+        move |((clean, ka, properties, id), will, user, pass)| {
+            // MQTT-3.1.2-22: 3.1.1 forbids a password without a user name.
+            let pass = if protocol == Protocol::V3_1_1 && user.is_none() {
+                None
+            } else {
+                pass
+            };
+            Packet::Connect(Box::new(Connect {
+                protocol,
+                clean_start: clean,
+                keep_alive: ka,
+                properties,
+                client_id: id,
+                will,
+                username: user,
+                password: pass,
+            }))
+        },
+    )
 }
 
 fn publish(protocol: Protocol) -> impl Strategy<Value = Publish> {
     // An empty topic standing for a topic alias only exists in 5.0.
     let alias_only = any::<bool>().prop_map(move |b| b && protocol.is_v5());
-    (any::<bool>(), qos(), any::<bool>(), topic_name(), 1u16.., props(PUBLISH_IDS), binary(), alias_only).prop_map(
-        |(dup, qos, retain, topic, id, properties, payload, alias_only)| {
-            let topic = if alias_only && properties.topic_alias.is_some() { String::new() } else { topic };
-            Publish {
-                dup,
-                qos,
-                retain,
-                topic: ByteString::from(topic),
-                packet_id: Some(id),
-                properties,
-                payload,
-            }
-        },
+    (
+        any::<bool>(),
+        qos(),
+        any::<bool>(),
+        topic_name(),
+        1u16..,
+        props(PUBLISH_IDS),
+        binary(),
+        alias_only,
     )
+        .prop_map(
+            |(dup, qos, retain, topic, id, properties, payload, alias_only)| {
+                let topic = if alias_only && properties.topic_alias.is_some() {
+                    String::new()
+                } else {
+                    topic
+                };
+                Publish {
+                    dup,
+                    qos,
+                    retain,
+                    topic: ByteString::from(topic),
+                    packet_id: Some(id),
+                    properties,
+                    payload,
+                }
+            },
+        )
 }
 
 fn response(codes: &'static [u8]) -> impl Strategy<Value = PubResponse> {
-    (1u16.., reason(codes), props(ACK_IDS)).prop_map(|(packet_id, reason, properties)| PubResponse {
-        packet_id,
-        reason,
-        properties,
+    (1u16.., reason(codes), props(ACK_IDS)).prop_map(|(packet_id, reason, properties)| {
+        PubResponse {
+            packet_id,
+            reason,
+            properties,
+        }
     })
 }
 
 fn options() -> impl Strategy<Value = SubscriptionOptions> {
-    let rh = select(vec![RetainHandling::SendAtSubscribe, RetainHandling::SendIfNew, RetainHandling::DoNotSend]);
-    (qos(), any::<bool>(), any::<bool>(), rh).prop_map(|(qos, no_local, retain_as_published, retain_handling)| {
-        SubscriptionOptions { qos, no_local, retain_as_published, retain_handling }
-    })
+    let rh = select(vec![
+        RetainHandling::SendAtSubscribe,
+        RetainHandling::SendIfNew,
+        RetainHandling::DoNotSend,
+    ]);
+    (qos(), any::<bool>(), any::<bool>(), rh).prop_map(
+        |(qos, no_local, retain_as_published, retain_handling)| SubscriptionOptions {
+            qos,
+            no_local,
+            retain_as_published,
+            retain_handling,
+        },
+    )
 }
 
 fn subscribe() -> impl Strategy<Value = Packet> {
@@ -227,10 +300,16 @@ fn subscribe() -> impl Strategy<Value = Packet> {
         }
         SubscribeFilter { filter, options }
     });
-    (1u16.., vec(filter, 1..4), props(SUBSCRIBE_IDS)).prop_map(|(packet_id, filters, mut properties)| {
-        properties.subscription_identifiers.truncate(1);
-        Packet::Subscribe(Subscribe { packet_id, filters, properties })
-    })
+    (1u16.., vec(filter, 1..4), props(SUBSCRIBE_IDS)).prop_map(
+        |(packet_id, filters, mut properties)| {
+            properties.subscription_identifiers.truncate(1);
+            Packet::Subscribe(Subscribe {
+                packet_id,
+                filters,
+                properties,
+            })
+        },
+    )
 }
 
 /// Any packet that is valid for `protocol`.
@@ -239,7 +318,11 @@ pub(super) fn packet(protocol: Protocol) -> BoxedStrategy<Packet> {
         connect(protocol).boxed(),
         (any::<bool>(), reason(CONNACK_CODES), props(CONNACK_IDS))
             .prop_map(|(session_present, reason, properties)| {
-                Packet::ConnAck(ConnAck { session_present, reason, properties })
+                Packet::ConnAck(ConnAck {
+                    session_present,
+                    reason,
+                    properties,
+                })
             })
             .boxed(),
         publish(protocol).prop_map(Packet::Publish).boxed(),
@@ -250,17 +333,29 @@ pub(super) fn packet(protocol: Protocol) -> BoxedStrategy<Packet> {
         subscribe().boxed(),
         (1u16.., vec(reason(SUBACK_CODES), 1..4), props(ACK_IDS))
             .prop_map(|(packet_id, reason_codes, properties)| {
-                Packet::SubAck(SubAck { packet_id, reason_codes, properties })
+                Packet::SubAck(SubAck {
+                    packet_id,
+                    reason_codes,
+                    properties,
+                })
             })
             .boxed(),
         (1u16.., vec(topic_filter(), 1..4), props(USER_IDS))
             .prop_map(|(packet_id, filters, properties)| {
-                Packet::Unsubscribe(Unsubscribe { packet_id, filters, properties })
+                Packet::Unsubscribe(Unsubscribe {
+                    packet_id,
+                    filters,
+                    properties,
+                })
             })
             .boxed(),
         (1u16.., vec(reason(UNSUBACK_CODES), 1..4), props(ACK_IDS))
             .prop_map(|(packet_id, reason_codes, properties)| {
-                Packet::UnsubAck(UnsubAck { packet_id, reason_codes, properties })
+                Packet::UnsubAck(UnsubAck {
+                    packet_id,
+                    reason_codes,
+                    properties,
+                })
             })
             .boxed(),
         Just(Packet::PingReq).boxed(),
@@ -285,12 +380,10 @@ pub(super) fn normalise(packet: &Packet, protocol: Protocol) -> Packet {
     let v5 = protocol.is_v5();
     let none = Properties::default;
     match &mut p {
-        Packet::Connect(c) => {
-            if !c.protocol.is_v5() {
-                c.properties = none();
-                if let Some(w) = &mut c.will {
-                    w.properties = none();
-                }
+        Packet::Connect(c) if !c.protocol.is_v5() => {
+            c.properties = none();
+            if let Some(w) = &mut c.will {
+                w.properties = none();
             }
         }
         Packet::ConnAck(c) if !v5 => {
@@ -314,7 +407,10 @@ pub(super) fn normalise(packet: &Packet, protocol: Protocol) -> Packet {
         Packet::Subscribe(s) if !v5 => {
             s.properties = none();
             for f in &mut s.filters {
-                f.options = SubscriptionOptions { qos: f.options.qos, ..Default::default() };
+                f.options = SubscriptionOptions {
+                    qos: f.options.qos,
+                    ..Default::default()
+                };
             }
         }
         Packet::SubAck(s) if !v5 => {
