@@ -1,15 +1,15 @@
 //! One network connection: decode what the client sends, encode what the core sends.
 //!
-//! The reader half runs the protocol checks that need no shared state (CONNECT first,
-//! keep alive, inbound topic aliases, Receive Maximum) and forwards the rest to the core.
-//! The writer half encodes deliveries, applies outbound topic aliases and keeps
-//! PUBACK/PUBREC in the order the PUBLISHes arrived even when some wait for the bridge
-//! spool. Any protocol violation ends this connection only.
+//! A single task per connection multiplexes reading, writing, the core's queue and the
+//! keep-alive timer, so an idle client costs one small task and no buffers. It runs the
+//! protocol checks that need no shared state (CONNECT first, keep alive, inbound topic
+//! aliases, Receive Maximum), forwards the rest to the core, applies outbound topic
+//! aliases and keeps PUBACK/PUBREC in the order the PUBLISHes arrived even when some wait
+//! for the bridge spool. Any protocol violation ends this connection only.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -19,142 +19,213 @@ use outpost_mqtt::{
     ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Protocol, Publish, QoS,
     ReasonCode,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
+use tokio::net::TcpStream;
+use tokio::time::sleep_until;
 use tracing::{debug, info};
 
 use super::auth;
 use super::core::{ConnectRequest, CoreEvent};
 use super::handle::BrokerHandle;
-use super::outbound::{self, Ack, AckKind, DurableResult, Outbound, OutboundRx, OutboundTx};
+use super::outbound::{self, Ack, AckKind, DurableResult, Outbound, OutboundRx};
 use super::router::SessionKey;
+use super::session::Delivery;
 use super::settings::Settings;
+use super::transport::{self, ReadSide, WriteSide};
 
-/// Writes are batched up to this many items before one `write_all`.
-const WRITE_BATCH: usize = 512;
+/// Stop taking items from the core while this much is waiting to be written.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// A write buffer above this size is released once it drains.
+const WRITE_BUF_KEEP: usize = 16 * 1024;
+/// How long a closing connection may take to flush its last packets.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves one accepted connection until it closes.
-pub async fn serve<S>(stream: S, peer: SocketAddr, core: BrokerHandle, settings: Arc<Settings>)
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+/// Serves a plain TCP connection.
+pub async fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) {
+    let (rd, wr) = transport::tcp(stream);
+    serve(rd, wr, peer, core, settings).await;
+}
+
+/// Serves a connection over any byte stream (TLS, WebSocket).
+pub async fn serve_stream<S>(
+    stream: S,
+    peer: SocketAddr,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(1024);
-    let max = settings.max_packet_size;
+    let (rd, wr) = transport::stream(stream);
+    serve(rd, wr, peer, core, settings).await;
+}
 
+async fn serve<R: ReadSide, W: WriteSide>(
+    mut rd: R,
+    mut wr: W,
+    peer: SocketAddr,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) {
+    let mut rbuf = BytesMut::new();
+    let Some(connect) = handshake_boxed(&mut rd, &mut wr, &mut rbuf, peer, &settings).await else {
+        return;
+    };
+    let keep_alive = effective_keep_alive(&connect, &settings);
+    let (tx, rx) = outbound::channel();
+    let mut conn = Conn {
+        protocol: connect.protocol,
+        session: 0,
+        conn_id: 0,
+        core: core.clone(),
+        settings,
+        in_aliases: HashMap::new(),
+        unacked_qos1: 0,
+        pending_qos2: HashSet::new(),
+        acks: VecDeque::new(),
+        out_aliases: HashMap::new(),
+        out_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
+        max_packet_size: connect.properties.maximum_packet_size.map(|m| m as usize),
+        closing: false,
+    };
+    let (reply, accepted) = tokio::sync::oneshot::channel();
+    let request = ConnectRequest { connect, tx, reply };
+    if Box::pin(core.send(CoreEvent::Connect(request)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let accepted = accepted.await.ok().flatten();
+    if let Some((session, conn_id)) = accepted {
+        conn.session = session;
+        conn.conn_id = conn_id;
+    } else {
+        // Refused: the core queued the CONNACK and a Close; flush them.
+        conn.closing = true;
+    }
+    if rbuf.is_empty() {
+        // Do not hold the CONNECT's receive buffer while the client idles.
+        rbuf = BytesMut::new();
+    }
+    let disconnect = conn
+        .run(&mut rd, &mut wr, &rx, rbuf, keep_alive)
+        .await
+        .map(|d| *d);
+    rx.close();
+    if let Some((session, conn_id)) = accepted {
+        let _ = Box::pin(core.send(CoreEvent::Closed {
+            session,
+            conn_id,
+            disconnect,
+        }))
+        .await;
+    }
+}
+
+/// [`handshake`] on the heap, so the long-lived connection future does not keep room
+/// for it (see [`Conn::on_bytes_boxed`]).
+fn handshake_boxed<'a, R: ReadSide, W: WriteSide>(
+    rd: &'a mut R,
+    wr: &'a mut W,
+    rbuf: &'a mut BytesMut,
+    peer: SocketAddr,
+    settings: &'a Settings,
+) -> BoxFuture<'a, Option<Box<Connect>>> {
+    Box::pin(handshake(rd, wr, rbuf, peer, settings))
+}
+
+/// Reads the CONNECT and authenticates it; `None` if the connection is to end.
+async fn handshake<R: ReadSide, W: WriteSide>(
+    rd: &mut R,
+    wr: &mut W,
+    rbuf: &mut BytesMut,
+    peer: SocketAddr,
+    settings: &Settings,
+) -> Option<Box<Connect>> {
+    let max = settings.max_packet_size;
     // MQTT-3.1.0-1: the first packet must be CONNECT, within the configured time.
-    let first = tokio::time::timeout(
-        settings.connect_timeout,
-        read_packet(&mut rd, &mut buf, Protocol::V5, max),
-    )
+    let first = tokio::time::timeout(settings.connect_timeout, async {
+        loop {
+            if let Some(p) = outpost_mqtt::decode(rbuf, Protocol::V5, max)? {
+                return Ok(Some(p));
+            }
+            if rd.read_into(rbuf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    })
     .await;
     let connect = match first {
         Err(_) => {
             debug!(%peer, "no CONNECT within the connect timeout; closing");
-            return;
+            return None;
         }
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(other))) => {
-            debug!(%peer, packet = ?kind(&other), "first packet is not CONNECT; closing");
-            return;
+            debug!(%peer, packet = kind(&other), "first packet is not CONNECT; closing");
+            return None;
         }
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => return None,
         Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol { level, .. }))) => {
             // MQTT-3.1.2-2: answer an unknown protocol level with return code 1 (3.1.1
             // format, which every version's client can parse), then close.
             info!(%peer, level, "unsupported protocol level; refusing");
-            let _ = write_packet(
-                &mut wr,
-                &refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+            refuse(
+                wr,
+                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
                 Protocol::V3_1_1,
             )
             .await;
-            return;
+            return None;
         }
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "bad CONNECT; closing");
-            return;
+            return None;
         }
     };
-    let protocol = connect.protocol;
-
-    if let Err(reason) = auth::check(&connect, &settings).await {
-        info!(%peer, client_id = %connect.client_id, reason = ?reason, "connection refused");
-        let _ = write_packet(&mut wr, &refusal(reason), protocol).await;
-        return;
+    if let Err(reason) = auth::check(&connect, settings).await {
+        info!(%peer, client_id = %connect.client_id, ?reason, "connection refused");
+        refuse(wr, reason, connect.protocol).await;
+        return None;
     }
-
-    let keep_alive = effective_keep_alive(&connect, &settings);
-    let (tx, rx) = outbound::channel();
-    let (closed_tx, mut closed_rx) = watch::channel(false);
-    let unacked_qos1 = Arc::new(AtomicU32::new(0));
-    let writer = Writer {
-        protocol,
-        buf: BytesMut::with_capacity(1024),
-        acks: VecDeque::new(),
-        aliases: HashMap::new(),
-        alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
-        max_packet_size: connect.properties.maximum_packet_size.map(|m| m as usize),
-        unacked_qos1: unacked_qos1.clone(),
-    };
-    let writer_task = tokio::spawn(writer.run(wr, rx, closed_tx));
-
-    let (reply, accepted) = oneshot::channel();
-    let request = ConnectRequest {
-        connect,
-        tx: tx.clone(),
-        reply,
-    };
-    if core.send(CoreEvent::Connect(request)).await.is_err() {
-        return;
-    }
-    let Ok(Some((session, conn_id))) = accepted.await else {
-        drop(tx);
-        let _ = writer_task.await;
-        return;
-    };
-
-    let mut reader = Reader {
-        protocol,
-        session,
-        conn_id,
-        core: core.clone(),
-        tx,
-        settings,
-        aliases: HashMap::new(),
-        unacked_qos1,
-        pending_qos2: HashSet::new(),
-    };
-    let disconnect = tokio::select! {
-        d = reader.run(&mut rd, &mut buf, keep_alive) => d,
-        _ = closed_rx.wait_for(|c| *c) => None,
-    };
-    let _ = core
-        .send(CoreEvent::Closed {
-            session,
-            conn_id,
-            disconnect,
-        })
-        .await;
-    drop(reader);
-    let _ = writer_task.await;
+    Some(connect)
 }
 
-fn refusal(reason: ReasonCode) -> Packet {
-    Packet::ConnAck(ConnAck {
+async fn refuse<W: WriteSide>(wr: &mut W, reason: ReasonCode, protocol: Protocol) {
+    let p = Packet::ConnAck(ConnAck {
         session_present: false,
         reason,
         properties: Properties::default(),
-    })
+    });
+    let mut b = BytesMut::new();
+    if outpost_mqtt::encode(&p, protocol, &mut b).is_ok() {
+        let _ = write_all(wr, &b).await;
+    }
+    wr.close().await;
+}
+
+async fn write_all<W: WriteSide>(wr: &mut W, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let n = wr.write_from(data).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
 }
 
 /// Keep alive the server enforces: the client's value, capped for 5.0 clients by
 /// `max_keepalive` (announced as Server Keep Alive). 3.x clients cannot be told a
 /// different value, so theirs is honoured as is.
 fn effective_keep_alive(c: &Connect, s: &Settings) -> Option<Duration> {
-    let secs = if c.protocol.is_v5()
-        && (c.keep_alive > s.max_keepalive || (c.keep_alive == 0 && s.max_keepalive < u16::MAX))
-    {
+    let capped =
+        c.keep_alive > s.max_keepalive || (c.keep_alive == 0 && s.max_keepalive < u16::MAX);
+    let secs = if c.protocol.is_v5() && capped {
         s.max_keepalive
     } else {
         c.keep_alive
@@ -171,202 +242,6 @@ enum ReadError {
     Decode(#[from] DecodeError),
 }
 
-/// Reads until one whole packet is decoded; `Ok(None)` on a clean end of stream.
-async fn read_packet<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-    protocol: Protocol,
-    max: usize,
-) -> Result<Option<Packet>, ReadError> {
-    loop {
-        if let Some(p) = outpost_mqtt::decode(buf, protocol, max)? {
-            return Ok(Some(p));
-        }
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(4096);
-        }
-        if rd.read_buf(buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))
-            };
-        }
-    }
-}
-
-async fn write_packet<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    p: &Packet,
-    protocol: Protocol,
-) -> std::io::Result<()> {
-    let mut b = BytesMut::new();
-    outpost_mqtt::encode(p, protocol, &mut b).map_err(std::io::Error::other)?;
-    wr.write_all(&b).await?;
-    wr.flush().await
-}
-
-struct Reader {
-    protocol: Protocol,
-    session: SessionKey,
-    conn_id: u64,
-    core: BrokerHandle,
-    tx: OutboundTx,
-    settings: Arc<Settings>,
-    /// Inbound topic aliases (5.0): alias -> topic.
-    aliases: HashMap<u16, ByteString>,
-    /// QoS 1 PUBLISHes not yet acknowledged (the writer decrements).
-    unacked_qos1: Arc<AtomicU32>,
-    /// QoS 2 packet ids between PUBLISH and PUBREL.
-    pending_qos2: HashSet<u16>,
-}
-
-/// Why the reader stopped; a protocol violation also tells the writer what to send.
-enum Violation {
-    Reason(ReasonCode),
-}
-
-impl Reader {
-    /// Reads packets until the client disconnects (returns its DISCONNECT) or the
-    /// connection ends abnormally (returns `None`).
-    async fn run<R: AsyncRead + Unpin>(
-        &mut self,
-        rd: &mut R,
-        buf: &mut BytesMut,
-        keep_alive: Option<Duration>,
-    ) -> Option<Disconnect> {
-        let max = self.settings.max_packet_size;
-        loop {
-            let next = match keep_alive {
-                Some(t) => {
-                    match tokio::time::timeout(t, read_packet(rd, buf, self.protocol, max)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            debug!(conn_id = self.conn_id, "keep alive expired");
-                            self.violation(Violation::Reason(ReasonCode::KEEP_ALIVE_TIMEOUT));
-                            return None;
-                        }
-                    }
-                }
-                None => read_packet(rd, buf, self.protocol, max).await,
-            };
-            let packet = match next {
-                Ok(Some(p)) => p,
-                Ok(None) => return None,
-                Err(ReadError::Io(e)) => {
-                    debug!(conn_id = self.conn_id, error = %e, "connection lost");
-                    return None;
-                }
-                Err(ReadError::Decode(e)) => {
-                    info!(conn_id = self.conn_id, error = %e, "malformed packet; closing the connection");
-                    self.violation(Violation::Reason(e.reason_code()));
-                    return None;
-                }
-            };
-            match self.on_packet(packet).await {
-                Ok(None) => {}
-                Ok(Some(d)) => return Some(d),
-                Err(v) => {
-                    self.violation(v);
-                    return None;
-                }
-            }
-        }
-    }
-
-    fn violation(&self, v: Violation) {
-        let Violation::Reason(r) = v;
-        self.tx.send(Outbound::Disconnect(r));
-    }
-
-    async fn forward(&self, packet: Packet) -> Result<(), Violation> {
-        self.core
-            .send(CoreEvent::Packet {
-                session: self.session,
-                conn_id: self.conn_id,
-                packet,
-            })
-            .await
-            .map_err(|_| Violation::Reason(ReasonCode::SERVER_SHUTTING_DOWN))
-    }
-
-    async fn on_packet(&mut self, packet: Packet) -> Result<Option<Disconnect>, Violation> {
-        match packet {
-            Packet::Publish(p) => self.on_publish(p).await?,
-            Packet::PingReq => {
-                self.tx.send(Outbound::PingResp);
-            }
-            Packet::PubRel(r) => {
-                self.pending_qos2.remove(&r.packet_id);
-                self.forward(Packet::PubRel(r)).await?;
-            }
-            p @ (Packet::PubAck(_)
-            | Packet::PubRec(_)
-            | Packet::PubComp(_)
-            | Packet::Subscribe(_)
-            | Packet::Unsubscribe(_)) => {
-                self.forward(p).await?;
-            }
-            Packet::Disconnect(d) => return Ok(Some(d)),
-            // MQTT-3.1.0-2: a second CONNECT is a protocol violation; so are packets only
-            // a server sends, and AUTH, since no enhanced authentication is offered.
-            _ => return Err(Violation::Reason(ReasonCode::PROTOCOL_ERROR)),
-        }
-        Ok(None)
-    }
-
-    async fn on_publish(&mut self, mut p: Publish) -> Result<(), Violation> {
-        if self.protocol.is_v5() {
-            self.resolve_alias(&mut p)?;
-            if p.qos != QoS::AtMostOnce {
-                let new_qos2 = p.qos == QoS::ExactlyOnce
-                    && !self.pending_qos2.contains(&p.packet_id.unwrap_or(0));
-                let inflight = self.unacked_qos1.load(Ordering::Relaxed) as usize
-                    + self.pending_qos2.len()
-                    + usize::from(p.qos == QoS::AtLeastOnce || new_qos2);
-                if inflight > usize::from(self.settings.receive_maximum) {
-                    // MQTT-3.3.4-7: more unacknowledged QoS 1/2 PUBLISHes than our
-                    // Receive Maximum.
-                    return Err(Violation::Reason(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
-                }
-            }
-        }
-        match p.qos {
-            QoS::AtLeastOnce => {
-                self.unacked_qos1.fetch_add(1, Ordering::Relaxed);
-            }
-            QoS::ExactlyOnce => {
-                self.pending_qos2.insert(p.packet_id.unwrap_or(0));
-            }
-            QoS::AtMostOnce => {}
-        }
-        self.forward(Packet::Publish(p)).await
-    }
-
-    /// MQTT-3.3.2-12..: replace a Topic Alias by its topic, or remember a new mapping.
-    fn resolve_alias(&mut self, p: &mut Publish) -> Result<(), Violation> {
-        let Some(alias) = p.properties.topic_alias.take() else {
-            return if p.topic.is_empty() {
-                Err(Violation::Reason(ReasonCode::PROTOCOL_ERROR))
-            } else {
-                Ok(())
-            };
-        };
-        if alias == 0 || alias > self.settings.topic_alias_maximum {
-            return Err(Violation::Reason(ReasonCode::TOPIC_ALIAS_INVALID));
-        }
-        if p.topic.is_empty() {
-            match self.aliases.get(&alias) {
-                Some(t) => p.topic = t.clone(),
-                None => return Err(Violation::Reason(ReasonCode::PROTOCOL_ERROR)),
-            }
-        } else {
-            self.aliases.insert(alias, p.topic.clone());
-        }
-        Ok(())
-    }
-}
-
 /// An acknowledgement waiting its turn.
 enum PendingAck {
     Waiting {
@@ -376,83 +251,305 @@ enum PendingAck {
     Ready(Ack),
 }
 
-struct Writer {
+/// Per-connection protocol state.
+struct Conn {
     protocol: Protocol,
-    buf: BytesMut,
+    session: SessionKey,
+    conn_id: u64,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+    /// Inbound topic aliases (5.0): alias -> topic.
+    in_aliases: HashMap<u16, ByteString>,
+    /// QoS 1 PUBLISHes received and not yet acknowledged.
+    unacked_qos1: u32,
+    /// QoS 2 packet ids between PUBLISH and PUBREL.
+    pending_qos2: HashSet<u16>,
     /// Acknowledgements held back behind one that waits for durability.
     acks: VecDeque<PendingAck>,
     /// Outbound topic aliases (5.0): topic -> alias.
-    aliases: HashMap<ByteString, u16>,
-    alias_max: u16,
+    out_aliases: HashMap<ByteString, u16>,
+    out_alias_max: u16,
+    /// The client's Maximum Packet Size.
     max_packet_size: Option<usize>,
-    unacked_qos1: Arc<AtomicU32>,
+    /// Set once DISCONNECT or a close was queued: flush, then end.
+    closing: bool,
 }
 
-impl Writer {
-    async fn run<W: AsyncWrite + Unpin>(
-        mut self,
-        mut wr: W,
-        mut rx: OutboundRx,
-        closed: watch::Sender<bool>,
-    ) {
+/// How the read side ended.
+enum End {
+    /// The client sent DISCONNECT.
+    Graceful(Box<Disconnect>),
+    /// Anything else: the will is due.
+    Abnormal,
+}
+
+impl Conn {
+    /// Runs the connection until it ends; returns the client's DISCONNECT if it sent one.
+    async fn run<R: ReadSide, W: WriteSide>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        rx: &OutboundRx,
+        mut rbuf: BytesMut,
+        keep_alive: Option<Duration>,
+    ) -> Option<Box<Disconnect>> {
+        let mut wbuf = BytesMut::new();
+        let mut wpos = 0usize;
+        let mut items = VecDeque::new();
+        let mut end = None::<End>;
+        let mut last_rx = Instant::now();
+        // One timer for keep alive and the close grace period, re-armed lazily: it fires
+        // at most once per keep-alive period instead of being reset on every packet.
+        let mut armed = keep_alive.is_some();
+        let timer = sleep_until((last_rx + keep_alive.unwrap_or(CLOSE_GRACE)).into());
+        tokio::pin!(timer);
+        let mut closing_armed = false;
+
+        // Bytes that arrived together with CONNECT.
+        if !rbuf.is_empty()
+            && let Err(e) = self.on_bytes_boxed(&mut rbuf, &mut wbuf).await
+        {
+            end = Some(e);
+        }
+
         loop {
-            let first = if let Some(PendingAck::Waiting { wait, .. }) = self.acks.front_mut() {
-                tokio::select! {
-                    outcome = wait => {
-                        self.release_acks(Some(outcome));
-                        None
-                    }
-                    item = rx.recv() => match item {
-                        Some(i) => Some(i),
-                        None => break,
-                    },
-                }
-            } else {
-                match rx.recv().await {
-                    Some(i) => Some(i),
-                    None => break,
-                }
-            };
-            let mut stop = false;
-            if let Some(item) = first {
-                stop = self.add(item);
-                let mut n = 1;
-                while !stop && n < WRITE_BATCH {
-                    let Some(item) = rx.try_recv() else { break };
-                    stop = self.add(item);
-                    n += 1;
-                }
+            if end.is_some() {
+                self.closing = true;
             }
-            if !self.buf.is_empty() {
-                if wr.write_all(&self.buf).await.is_err() {
-                    break;
-                }
-                self.buf.clear();
-                // Give an idle connection's buffer back instead of holding the high-water mark.
-                if self.buf.capacity() > 64 * 1024 {
-                    self.buf = BytesMut::with_capacity(1024);
-                }
-            }
-            if stop {
-                let _ = wr.flush().await;
+            if self.closing && wpos == wbuf.len() {
                 break;
             }
+            if self.closing && !closing_armed {
+                closing_armed = true;
+                armed = true;
+                timer.as_mut().reset((Instant::now() + CLOSE_GRACE).into());
+            }
+            let waiting_ack = matches!(self.acks.front(), Some(PendingAck::Waiting { .. }));
+            tokio::select! {
+                biased;
+                r = wr.write_from(&wbuf[wpos..]), if wpos < wbuf.len() => match r {
+                    Ok(n) if n > 0 => {
+                        wpos += n;
+                        if wpos == wbuf.len() {
+                            wpos = 0;
+                            if wbuf.capacity() > WRITE_BUF_KEEP {
+                                wbuf = BytesMut::new();
+                            } else {
+                                wbuf.clear();
+                            }
+                        }
+                    }
+                    _ => {
+                        end.get_or_insert(End::Abnormal);
+                        break;
+                    }
+                },
+                () = rx.notified(), if !self.closing && wbuf.len() < WRITE_HIGH_WATER => {
+                    rx.drain_into(&mut items);
+                    while let Some(item) = items.pop_front() {
+                        if self.add(item, &mut wbuf) {
+                            self.closing = true;
+                            items.clear();
+                            break;
+                        }
+                    }
+                    if items.capacity() > 64 {
+                        items = VecDeque::new();
+                    }
+                }
+                outcome = head_wait(&mut self.acks), if waiting_ack => {
+                    self.release_acks(outcome, &mut wbuf);
+                }
+                r = rd.read_into(&mut rbuf), if !self.closing => match r {
+                    Ok(0) | Err(_) => {
+                        end.get_or_insert(End::Abnormal);
+                        break;
+                    }
+                    Ok(n) => {
+                        last_rx = Instant::now();
+                        let trickle = n < rbuf.capacity() / 2;
+                        if let Err(e) = self.on_bytes_boxed(&mut rbuf, &mut wbuf).await {
+                            end = Some(e);
+                        }
+                        if rbuf.is_empty() && trickle {
+                            // A client that sends a little now and then (the idle
+                            // majority) holds no receive buffer between packets; a busy
+                            // one keeps its buffer and its read size.
+                            rbuf = BytesMut::new();
+                        }
+                    }
+                },
+                () = &mut timer, if armed => {
+                    if self.closing {
+                        break;
+                    }
+                    let k = keep_alive.unwrap_or(CLOSE_GRACE);
+                    if last_rx.elapsed() >= k {
+                        debug!(conn_id = self.conn_id, "keep alive expired");
+                        self.violation(ReasonCode::KEEP_ALIVE_TIMEOUT, &mut wbuf);
+                        end = Some(End::Abnormal);
+                    } else {
+                        timer.as_mut().reset((last_rx + k).into());
+                    }
+                }
+            }
         }
-        let _ = wr.shutdown().await;
-        let _ = closed.send(true);
+        wr.close().await;
+        match end {
+            Some(End::Graceful(d)) => Some(d),
+            _ => None,
+        }
     }
 
-    /// Encodes one item into the buffer; true when the connection must close after it.
-    fn add(&mut self, item: Outbound) -> bool {
+    /// [`Self::on_bytes`] on the heap. Built in a plain function so the caller's future
+    /// does not reserve room for it (rustc keeps moved-from temporaries in an async
+    /// state machine): that state exists only while bytes are in hand.
+    fn on_bytes_boxed<'a>(
+        &'a mut self,
+        rbuf: &'a mut BytesMut,
+        wbuf: &'a mut BytesMut,
+    ) -> BoxFuture<'a, Result<(), End>> {
+        Box::pin(self.on_bytes(rbuf, wbuf))
+    }
+
+    /// Decodes and handles every whole packet in `rbuf`.
+    async fn on_bytes(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<(), End> {
+        let max = self.settings.max_packet_size;
+        loop {
+            let packet = match outpost_mqtt::decode(rbuf, self.protocol, max) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    info!(conn_id = self.conn_id, error = %e, "malformed packet; closing the connection");
+                    self.violation(e.reason_code(), wbuf);
+                    return Err(End::Abnormal);
+                }
+            };
+            match self.on_packet(packet, wbuf).await {
+                Ok(None) => {}
+                Ok(Some(d)) => return Err(End::Graceful(Box::new(d))),
+                Err(reason) => {
+                    self.violation(reason, wbuf);
+                    return Err(End::Abnormal);
+                }
+            }
+        }
+    }
+
+    /// Queues a DISCONNECT with `reason` (5.0 only; 3.x just closes).
+    fn violation(&mut self, reason: ReasonCode, wbuf: &mut BytesMut) {
+        if self.protocol.is_v5() {
+            self.encode(
+                &Packet::Disconnect(Disconnect {
+                    reason,
+                    properties: Properties::default(),
+                }),
+                wbuf,
+            );
+        }
+        self.closing = true;
+    }
+
+    async fn forward(&mut self, packet: Packet) -> Result<(), ReasonCode> {
+        self.core
+            .send(CoreEvent::Packet {
+                session: self.session,
+                conn_id: self.conn_id,
+                packet,
+            })
+            .await
+            .map_err(|_| ReasonCode::SERVER_SHUTTING_DOWN)
+    }
+
+    async fn on_packet(
+        &mut self,
+        packet: Packet,
+        wbuf: &mut BytesMut,
+    ) -> Result<Option<Disconnect>, ReasonCode> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p).await?,
+            Packet::PingReq => self.encode(&Packet::PingResp, wbuf),
+            Packet::PubRel(r) => {
+                self.pending_qos2.remove(&r.packet_id);
+                self.forward(Packet::PubRel(r)).await?;
+            }
+            p @ (Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubComp(_)
+            | Packet::Subscribe(_)
+            | Packet::Unsubscribe(_)) => self.forward(p).await?,
+            Packet::Disconnect(d) => return Ok(Some(d)),
+            // MQTT-3.1.0-2: a second CONNECT is a protocol violation; so are packets only
+            // a server sends, and AUTH, since no enhanced authentication is offered.
+            _ => return Err(ReasonCode::PROTOCOL_ERROR),
+        }
+        Ok(None)
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), ReasonCode> {
+        if self.protocol.is_v5() {
+            self.resolve_alias(&mut p)?;
+            if !p.properties.subscription_identifiers.is_empty() {
+                // MQTT-3.3.4-6: only the server sends subscription identifiers.
+                return Err(ReasonCode::PROTOCOL_ERROR);
+            }
+            if p.qos != QoS::AtMostOnce {
+                let id = p.packet_id.unwrap_or(0);
+                let new_qos2 = p.qos == QoS::ExactlyOnce && !self.pending_qos2.contains(&id);
+                let inflight = self.unacked_qos1 as usize
+                    + self.pending_qos2.len()
+                    + usize::from(p.qos == QoS::AtLeastOnce || new_qos2);
+                if inflight > usize::from(self.settings.receive_maximum) {
+                    // MQTT-3.3.4-9: more unacknowledged QoS 1/2 PUBLISHes than our
+                    // Receive Maximum.
+                    return Err(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
+                }
+            }
+        }
+        match p.qos {
+            QoS::AtLeastOnce => self.unacked_qos1 += 1,
+            QoS::ExactlyOnce => {
+                self.pending_qos2.insert(p.packet_id.unwrap_or(0));
+            }
+            QoS::AtMostOnce => {}
+        }
+        self.forward(Packet::Publish(p)).await
+    }
+
+    /// MQTT-3.3.2-12 and following: replace a Topic Alias by its topic, or remember a new
+    /// mapping.
+    fn resolve_alias(&mut self, p: &mut Publish) -> Result<(), ReasonCode> {
+        let Some(alias) = p.properties.topic_alias.take() else {
+            return if p.topic.is_empty() {
+                Err(ReasonCode::PROTOCOL_ERROR)
+            } else {
+                Ok(())
+            };
+        };
+        if alias == 0 || alias > self.settings.topic_alias_maximum {
+            return Err(ReasonCode::TOPIC_ALIAS_INVALID);
+        }
+        if p.topic.is_empty() {
+            match self.in_aliases.get(&alias) {
+                Some(t) => p.topic = t.clone(),
+                None => return Err(ReasonCode::PROTOCOL_ERROR),
+            }
+        } else {
+            self.in_aliases.insert(alias, p.topic.clone());
+        }
+        Ok(())
+    }
+
+    /// Encodes one item from the core; true when the connection must close after it.
+    fn add(&mut self, item: Outbound, wbuf: &mut BytesMut) -> bool {
         match item {
             Outbound::Ack(a)
                 if matches!(a.kind, AckKind::PubAck | AckKind::PubRec) && !self.acks.is_empty() =>
             {
                 self.acks.push_back(PendingAck::Ready(a));
             }
-            Outbound::Ack(a) => self.encode_ack(&a),
-            Outbound::PingResp => self.encode(&Packet::PingResp),
-            Outbound::Control(p) => self.encode(&p),
+            Outbound::Ack(a) => self.encode_ack(&a, wbuf),
+            Outbound::Control(p) => self.encode(&p, wbuf),
             Outbound::AckAfter { wait, ack } => {
                 self.acks.push_back(PendingAck::Waiting { wait, ack });
             }
@@ -460,14 +557,9 @@ impl Writer {
                 delivery,
                 packet_id,
                 dup,
-            } => self.encode_publish(delivery, packet_id, dup),
+            } => self.encode_publish(delivery, packet_id, dup, wbuf),
             Outbound::Disconnect(reason) => {
-                if self.protocol.is_v5() {
-                    self.encode(&Packet::Disconnect(Disconnect {
-                        reason,
-                        properties: Properties::default(),
-                    }));
-                }
+                self.violation(reason, wbuf);
                 return true;
             }
             Outbound::Close => return true,
@@ -476,34 +568,39 @@ impl Writer {
     }
 
     /// The head acknowledgement resolved: send it and every ready one behind it.
-    fn release_acks(&mut self, outcome: Option<DurableResult>) {
-        if let (Some(outcome), Some(PendingAck::Waiting { ack, .. })) =
-            (outcome, self.acks.pop_front())
+    fn release_acks(&mut self, outcome: DurableResult, wbuf: &mut BytesMut) {
+        if let Some(PendingAck::Waiting { ack, .. }) = self.acks.pop_front()
             && let Some(a) = ack(outcome)
         {
-            self.encode_ack(&a);
+            self.encode_ack(&a, wbuf);
         }
         while let Some(PendingAck::Ready(_)) = self.acks.front() {
             if let Some(PendingAck::Ready(a)) = self.acks.pop_front() {
-                self.encode_ack(&a);
+                self.encode_ack(&a, wbuf);
             }
         }
     }
 
-    fn encode_ack(&mut self, a: &Ack) {
+    fn encode_ack(&mut self, a: &Ack, wbuf: &mut BytesMut) {
         if a.kind == AckKind::PubAck {
-            self.unacked_qos1.fetch_sub(1, Ordering::Relaxed);
+            self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
         }
-        self.encode(&a.to_packet());
+        self.encode(&a.to_packet(), wbuf);
     }
 
-    fn encode(&mut self, p: &Packet) {
-        if let Err(e) = outpost_mqtt::encode(p, self.protocol, &mut self.buf) {
+    fn encode(&self, p: &Packet, wbuf: &mut BytesMut) {
+        if let Err(e) = outpost_mqtt::encode(p, self.protocol, wbuf) {
             debug!(error = %e, "cannot encode a control packet; skipped");
         }
     }
 
-    fn encode_publish(&mut self, d: super::session::Delivery, packet_id: Option<u16>, dup: bool) {
+    fn encode_publish(
+        &mut self,
+        d: Delivery,
+        packet_id: Option<u16>,
+        dup: bool,
+        wbuf: &mut BytesMut,
+    ) {
         let v5 = self.protocol.is_v5();
         let mut properties = if v5 {
             d.msg.properties.clone()
@@ -511,17 +608,18 @@ impl Writer {
             Properties::default()
         };
         let mut topic = d.msg.topic.clone();
+        let mut new_alias = None;
         if v5 {
             properties.subscription_identifiers = d.sub_ids;
             properties.message_expiry_interval = d.msg.remaining_expiry(Instant::now());
-            if self.alias_max > 0 {
-                if let Some(&a) = self.aliases.get(&topic) {
+            if self.out_alias_max > 0 {
+                if let Some(&a) = self.out_aliases.get(&topic) {
                     properties.topic_alias = Some(a);
                     topic = ByteString::new();
-                } else if self.aliases.len() < usize::from(self.alias_max) {
-                    let a = self.aliases.len() as u16 + 1;
-                    self.aliases.insert(topic.clone(), a);
+                } else if self.out_aliases.len() < usize::from(self.out_alias_max) {
+                    let a = self.out_aliases.len() as u16 + 1;
                     properties.topic_alias = Some(a);
+                    new_alias = Some(a);
                 }
             }
         }
@@ -534,20 +632,28 @@ impl Writer {
             properties,
             payload: d.msg.payload.clone(),
         };
-        let start = self.buf.len();
-        if let Err(e) = outpost_mqtt::codec::encode_publish(&publish, self.protocol, &mut self.buf)
-        {
+        let start = wbuf.len();
+        if let Err(e) = outpost_mqtt::codec::encode_publish(&publish, self.protocol, wbuf) {
             debug!(error = %e, "cannot encode a PUBLISH; skipped");
-            self.buf.truncate(start);
+            wbuf.truncate(start);
             return;
         }
-        if self
-            .max_packet_size
-            .is_some_and(|m| self.buf.len() - start > m)
-        {
+        if self.max_packet_size.is_some_and(|m| wbuf.len() - start > m) {
             // MQTT-3.1.2-25: never send more than the client's Maximum Packet Size.
-            self.buf.truncate(start);
+            wbuf.truncate(start);
+            return;
         }
+        if let Some(a) = new_alias {
+            self.out_aliases.insert(d.msg.topic.clone(), a);
+        }
+    }
+}
+
+/// Waits for the head acknowledgement's durability outcome.
+async fn head_wait(acks: &mut VecDeque<PendingAck>) -> DurableResult {
+    match acks.front_mut() {
+        Some(PendingAck::Waiting { wait, .. }) => wait.await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -570,3 +676,4 @@ fn kind(p: &Packet) -> &'static str {
         Packet::Auth(_) => "AUTH",
     }
 }
+

@@ -19,6 +19,7 @@ mod session;
 mod settings;
 mod sys;
 mod tls;
+mod transport;
 mod ws;
 
 use std::sync::Arc;

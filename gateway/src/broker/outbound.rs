@@ -1,20 +1,25 @@
-//! What the broker core asks a connection's writer task to send.
+//! What the broker core asks a connection to send.
 //!
-//! The core never waits on a client: it pushes onto an unbounded queue and the writer
-//! encodes and writes at the client's pace. QoS 1/2 traffic is bounded by the inflight
-//! window; QoS 0 traffic is bounded by counting the bytes queued per connection and
-//! dropping (and counting) QoS 0 messages for a client that does not keep up.
+//! The core never waits on a client: it appends to the connection's queue and wakes its
+//! task, which encodes and writes at the client's pace. QoS 1/2 traffic is bounded by the
+//! inflight window; QoS 0 traffic is bounded by counting the bytes queued per connection
+//! and dropping (and counting) QoS 0 messages for a client that does not keep up.
+//!
+//! The queue is a `VecDeque` behind a mutex rather than a channel because an idle
+//! connection must cost almost nothing: an empty `VecDeque` owns no memory, while a
+//! channel allocates a block of slots up front.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use outpost_mqtt::{Packet, ReasonCode};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use super::session::Delivery;
 
-/// Bytes of QoS 0 payload that may wait for one slow client before new QoS 0 messages
+/// Bytes of QoS 0 messages that may wait for one slow client before new QoS 0 messages
 /// for it are dropped.
 pub const QOS0_BACKLOG_LIMIT: usize = 8 << 20;
 
@@ -79,13 +84,11 @@ impl Ack {
     }
 }
 
-/// One item for a connection writer.
+/// One item for a connection.
 pub enum Outbound {
     /// An acknowledgement of the PUBLISH exchanges, sent in queue order.
     Ack(Ack),
-    /// PINGRESP.
-    PingResp,
-    /// A rarer control packet (CONNACK, SUBACK, UNSUBACK), boxed to keep queue slots small.
+    /// A rarer control packet (CONNACK, SUBACK, UNSUBACK), boxed to keep items small.
     Control(Box<Packet>),
     /// An acknowledgement (PUBACK or PUBREC) that may only go out once `wait` resolves;
     /// acknowledgements behind it wait too, so they leave in the order PUBLISHes came in
@@ -94,7 +97,7 @@ pub enum Outbound {
     AckAfter {
         /// Completes when every durable sink has committed the message.
         wait: BoxFuture<'static, DurableResult>,
-        /// Builds the packet to send from the outcome; `None` sends nothing.
+        /// Builds the acknowledgement from the outcome; `None` sends nothing.
         ack: Box<dyn FnOnce(DurableResult) -> Option<Ack> + Send>,
     },
     /// An application message for the client.
@@ -112,45 +115,51 @@ pub enum Outbound {
     Close,
 }
 
-/// The sending side of a connection's outbound queue with a QoS 0 byte budget.
-#[derive(Clone)]
-pub struct OutboundTx {
-    tx: mpsc::UnboundedSender<Outbound>,
-    backlog: Arc<AtomicUsize>,
+/// State shared by the core (producer) and one connection task (consumer).
+struct Shared {
+    queue: Mutex<VecDeque<Outbound>>,
+    notify: Notify,
+    backlog: AtomicUsize,
+    closed: AtomicBool,
 }
 
-/// The writer's side.
-pub struct OutboundRx {
-    rx: mpsc::UnboundedReceiver<Outbound>,
-    backlog: Arc<AtomicUsize>,
-}
+/// The core's side of a connection's queue.
+#[derive(Clone)]
+pub struct OutboundTx(Arc<Shared>);
+
+/// The connection task's side.
+pub struct OutboundRx(Arc<Shared>);
 
 /// A new outbound queue.
 pub fn channel() -> (OutboundTx, OutboundRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let backlog = Arc::new(AtomicUsize::new(0));
-    (
-        OutboundTx {
-            tx,
-            backlog: backlog.clone(),
-        },
-        OutboundRx { rx, backlog },
-    )
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(VecDeque::new()),
+        notify: Notify::new(),
+        backlog: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+    });
+    (OutboundTx(shared.clone()), OutboundRx(shared))
 }
 
 impl OutboundTx {
     /// Queues an item; false if the connection is gone.
     pub fn send(&self, item: Outbound) -> bool {
-        if let Some(size) = qos0_size(&item) {
-            self.backlog.fetch_add(size, Ordering::Relaxed);
+        if self.0.closed.load(Ordering::Relaxed) {
+            return false;
         }
-        self.tx.send(item).is_ok()
+        if let Some(size) = qos0_size(&item) {
+            self.0.backlog.fetch_add(size, Ordering::Relaxed);
+        }
+        lock(&self.0.queue).push_back(item);
+        // Every push notifies: a stored permit coalesces, and a wake-up can never be lost.
+        self.0.notify.notify_one();
+        true
     }
 
     /// Queues a QoS 0 delivery unless the client is too far behind; false if dropped.
     pub fn send_qos0(&self, delivery: Delivery) -> bool {
         let size = delivery.msg.payload.len() + delivery.msg.topic.len();
-        if self.backlog.load(Ordering::Relaxed) + size > QOS0_BACKLOG_LIMIT {
+        if self.0.backlog.load(Ordering::Relaxed) + size > QOS0_BACKLOG_LIMIT {
             return false;
         }
         self.send(Outbound::Publish {
@@ -162,21 +171,41 @@ impl OutboundTx {
 }
 
 impl OutboundRx {
-    /// Next item, or `None` when every sender is gone.
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        self.rx.recv().await.inspect(|i| self.account(i))
+    /// Waits until something may have been queued.
+    pub async fn notified(&self) {
+        self.0.notify.notified().await;
     }
 
-    /// Next item if one is ready now.
-    pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.rx.try_recv().ok().inspect(|i| self.account(i))
-    }
-
-    fn account(&self, item: &Outbound) {
-        if let Some(size) = qos0_size(item) {
-            self.backlog.fetch_sub(size, Ordering::Relaxed);
+    /// Moves everything queued into `out` (which the caller keeps between calls).
+    pub fn drain_into(&self, out: &mut VecDeque<Outbound>) {
+        let mut q = lock(&self.0.queue);
+        let freed: usize = q.iter().filter_map(qos0_size).sum();
+        if out.is_empty() {
+            std::mem::swap(&mut *q, out);
+        } else {
+            out.extend(q.drain(..));
+        }
+        // Give back what a burst grew, so an idle connection holds no queue memory.
+        if q.capacity() > 64 {
+            *q = VecDeque::new();
+        }
+        drop(q);
+        if freed > 0 {
+            self.0.backlog.fetch_sub(freed, Ordering::Relaxed);
         }
     }
+
+    /// Marks the connection gone: further items are refused and queued ones dropped.
+    pub fn close(&self) {
+        self.0.closed.store(true, Ordering::Relaxed);
+        lock(&self.0.queue).clear();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the queue inconsistent (push/drain
+    // are single operations), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The bytes a QoS 0 delivery counts against the backlog budget; `None` for anything else.

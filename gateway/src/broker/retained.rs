@@ -21,7 +21,12 @@ impl RetainedStore {
         if msg.payload.is_empty() {
             self.by_topic.remove(&msg.topic);
         } else {
-            self.by_topic.insert(msg.topic.clone(), msg.clone());
+            // Retained messages live long: copy them out of the receive buffer they were
+            // decoded from, so they do not pin a whole read chunk each.
+            let mut owned = (**msg).clone();
+            owned.topic = ByteString::from(&*msg.topic);
+            owned.payload = bytes::Bytes::copy_from_slice(&msg.payload);
+            self.by_topic.insert(owned.topic.clone(), Arc::new(owned));
         }
     }
 

@@ -83,7 +83,7 @@ pub struct Session {
     /// Largest packet the client accepts (5.0 Maximum Packet Size).
     pub max_packet_size: Option<u32>,
     /// Will message of the current connection.
-    pub will: Option<Will>,
+    pub will: Option<Box<Will>>,
     /// Bumped on every connect so timers of an earlier disconnect are recognised as stale.
     pub generation: u64,
     /// When the client last disconnected, for statistics.

@@ -83,7 +83,7 @@ impl Core {
         s.protocol = connect.protocol;
         s.expiry = expiry;
         s.generation += 1;
-        s.will = connect.will.clone();
+        s.will = connect.will.clone().map(|w| Box::new(detach_will(w)));
         s.disconnected_at = None;
         s.send_quota = connect
             .properties
@@ -230,7 +230,8 @@ impl Core {
         }
     }
 
-    pub(super) fn publish_will(&mut self, key: SessionKey, will: outpost_mqtt::Will) {
+    pub(super) fn publish_will(&mut self, key: SessionKey, will: Box<outpost_mqtt::Will>) {
+        let will = *will;
         self.stats.wills += 1;
         let msg = Message::new(
             will.topic,
@@ -269,4 +270,12 @@ fn rand_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// Copies the will's topic and payload out of the CONNECT's receive buffer, so a
+/// long-lived session does not keep that whole buffer alive.
+fn detach_will(mut w: outpost_mqtt::Will) -> outpost_mqtt::Will {
+    w.topic = bytestring::ByteString::from(&*w.topic);
+    w.payload = bytes::Bytes::copy_from_slice(&w.payload);
+    w
 }
