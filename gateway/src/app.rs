@@ -22,6 +22,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map(|l| format!("{}://{}", l.transport(), l.local_addr))
         .collect();
     broker.serve(listeners);
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    crate::sensors::spawn(
+        config.sensors(),
+        gateway_id.clone(),
+        broker.handle(),
+        shutdown_rx.clone(),
+        &mut tasks,
+    )
+    .await;
     info!(gateway_id = %gateway_id, state_dir = %state_dir.display(), "outpost {} running", env!("CARGO_PKG_VERSION"));
     service::notify_ready(&format!("serving MQTT on {}", addrs.join(", ")));
     service::spawn_watchdog();
@@ -29,6 +40,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     wait_for_signal().await;
     info!("shutting down");
     service::notify_stopping();
+    let _ = shutdown_tx.send(true);
+    // Give the sensor layer a moment to publish its final status, then stop the broker.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     broker.handle().shutdown().await;
     // Let writers flush the DISCONNECTs before the runtime goes away.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -3,9 +3,11 @@
 //! - [`config`]: the one TOML file.
 //! - [`broker`]: listeners, connections, sessions, routing, retained, wills, `$SYS`.
 //! - [`app`]: starts everything from a config and runs until a signal.
+//! - [`sensors`]: runs the Modbus/serial layer and publishes its readings in-process.
 //! - [`service`]: systemd readiness, watchdog and journal logging.
 
 pub mod app;
 pub mod broker;
 pub mod config;
+pub mod sensors;
 pub mod service;

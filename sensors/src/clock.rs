@@ -43,7 +43,9 @@ pub struct Clock {
 impl Clock {
     /// Starts a clock; in `Auto` mode a task rechecks adjtimex every few seconds until synchronised.
     pub fn start(mode: ClockMode, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        let synced = Arc::new(AtomicBool::new(mode == ClockMode::Trusted || kernel_synced()));
+        let synced = Arc::new(AtomicBool::new(
+            mode == ClockMode::Trusted || kernel_synced(),
+        ));
         if !synced.load(Ordering::Relaxed) {
             let flag = Arc::clone(&synced);
             tokio::spawn(async move {
@@ -88,9 +90,18 @@ mod tests {
 
     #[test]
     fn decision_follows_timedatectl() {
-        assert!(is_synchronised(KernelClock { state: 0, status: 0x2001 }));
-        assert!(!is_synchronised(KernelClock { state: 0, status: STA_UNSYNC }));
-        assert!(!is_synchronised(KernelClock { state: TIME_ERROR, status: 0 }));
+        assert!(is_synchronised(KernelClock {
+            state: 0,
+            status: 0x2001
+        }));
+        assert!(!is_synchronised(KernelClock {
+            state: 0,
+            status: STA_UNSYNC
+        }));
+        assert!(!is_synchronised(KernelClock {
+            state: TIME_ERROR,
+            status: 0
+        }));
         assert!(read_kernel_clock().is_some());
     }
 

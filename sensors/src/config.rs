@@ -14,11 +14,19 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+        let d = humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))?;
+        // Bounded so that deadline arithmetic (Instant + Duration) can never overflow.
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {s:?} is longer than 30 days"
+            )));
+        }
+        Ok(Dur(d))
     }
 }
+
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Types whose local consistency is checked while deserializing, so toml reports the line.
 pub trait Check {
@@ -124,7 +132,9 @@ pub struct RtuTransport {
 impl RtuTransport {
     /// Bits on the wire per character (start + data + parity + stop).
     pub fn bits_per_char(&self) -> u32 {
-        1 + u32::from(self.data_bits) + u32::from(self.parity != Parity::None) + u32::from(self.stop_bits)
+        1 + u32::from(self.data_bits)
+            + u32::from(self.parity != Parity::None)
+            + u32::from(self.stop_bits)
     }
     /// The silent interval (t3.5) that delimits RTU frames.
     pub fn inter_frame_delay(&self) -> Duration {
@@ -335,7 +345,11 @@ pub struct ModbusPoint {
 impl ModbusPoint {
     /// The resolved value type.
     pub fn data_type(&self) -> DataType {
-        self.ty.unwrap_or(if self.kind.is_bit() { DataType::Bool } else { DataType::U16 })
+        self.ty.unwrap_or(if self.kind.is_bit() {
+            DataType::Bool
+        } else {
+            DataType::U16
+        })
     }
     /// The resolved byte order.
     pub fn order(&self) -> Order {
@@ -362,42 +376,96 @@ impl ModbusPoint {
     }
     /// Registers or bits read for this point.
     pub fn count(&self) -> u16 {
-        if self.kind.is_bit() { 1 } else { self.codec().count() }
+        if self.kind.is_bit() {
+            1
+        } else {
+            self.codec().count()
+        }
     }
 
     fn check_at(&self, p: &str, base: Option<u8>) -> Result<(), ConfigError> {
         check_name(&self.name, &format!("{p}.name"))?;
         if self.name == "status" {
-            return Err(ConfigError::new(format!("{p}.name"), "\"status\" is reserved for the device status topic"));
+            return Err(ConfigError::new(
+                format!("{p}.name"),
+                "\"status\" is reserved for the device status topic",
+            ));
         }
         let ty = self.data_type();
         if self.kind.is_bit() && ty != DataType::Bool {
-            return Err(ConfigError::new(format!("{p}.type"), format!("{:?} points hold single bits; type must be bool", self.kind).to_lowercase()));
+            return Err(ConfigError::new(
+                format!("{p}.type"),
+                format!("{:?} points hold single bits; type must be bool", self.kind)
+                    .to_lowercase(),
+            ));
         }
         match (ty, self.length) {
-            (DataType::String, None) => return Err(ConfigError::new(format!("{p}.length"), "a string point needs `length` (registers)")),
+            (DataType::String, None) => {
+                return Err(ConfigError::new(
+                    format!("{p}.length"),
+                    "a string point needs `length` (registers)",
+                ));
+            }
             (DataType::String, Some(n)) if n == 0 || n > 125 => {
-                return Err(ConfigError::new(format!("{p}.length"), format!("{n} registers: a string must be 1..=125 registers (one read is at most 125)")));
+                return Err(ConfigError::new(
+                    format!("{p}.length"),
+                    format!(
+                        "{n} registers: a string must be 1..=125 registers (one read is at most 125)"
+                    ),
+                ));
             }
             (DataType::String, _) => {}
-            (_, Some(_)) => return Err(ConfigError::new(format!("{p}.length"), "`length` only applies to type = \"string\"")),
+            (_, Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("{p}.length"),
+                    "`length` only applies to type = \"string\"",
+                ));
+            }
             _ => {}
         }
         match (ty, self.bit) {
-            (DataType::Bit, None) => return Err(ConfigError::new(format!("{p}.bit"), "a bit point needs `bit` (0..=15)")),
-            (DataType::Bit, Some(b)) if b > 15 => return Err(ConfigError::new(format!("{p}.bit"), format!("bit {b} does not exist in a 16-bit register"))),
+            (DataType::Bit, None) => {
+                return Err(ConfigError::new(
+                    format!("{p}.bit"),
+                    "a bit point needs `bit` (0..=15)",
+                ));
+            }
+            (DataType::Bit, Some(b)) if b > 15 => {
+                return Err(ConfigError::new(
+                    format!("{p}.bit"),
+                    format!("bit {b} does not exist in a 16-bit register"),
+                ));
+            }
             (DataType::Bit, _) => {}
-            (_, Some(_)) => return Err(ConfigError::new(format!("{p}.bit"), "`bit` only applies to type = \"bit\"")),
+            (_, Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("{p}.bit"),
+                    "`bit` only applies to type = \"bit\"",
+                ));
+            }
             _ => {}
         }
-        if matches!(self.word_order, Some(WordOrder::Abcd | WordOrder::Cdab | WordOrder::Badc | WordOrder::Dcba)) && self.byte_order.is_some() {
-            return Err(ConfigError::new(format!("{p}.byte_order"), "a full order (ABCD...) in word_order already fixes the byte order"));
+        if matches!(
+            self.word_order,
+            Some(WordOrder::Abcd | WordOrder::Cdab | WordOrder::Badc | WordOrder::Dcba)
+        ) && self.byte_order.is_some()
+        {
+            return Err(ConfigError::new(
+                format!("{p}.byte_order"),
+                "a full order (ABCD...) in word_order already fixes the byte order",
+            ));
         }
         if !ty.is_numeric() && (self.scale != 1.0 || self.offset != 0.0) {
-            return Err(ConfigError::new(format!("{p}.scale"), "scale/offset apply to numeric types only"));
+            return Err(ConfigError::new(
+                format!("{p}.scale"),
+                "scale/offset apply to numeric types only",
+            ));
         }
         if !self.scale.is_finite() || self.scale == 0.0 {
-            return Err(ConfigError::new(format!("{p}.scale"), "must be a finite, non-zero number"));
+            return Err(ConfigError::new(
+                format!("{p}.scale"),
+                "must be a finite, non-zero number",
+            ));
         }
         if !self.offset.is_finite() {
             return Err(ConfigError::new(format!("{p}.offset"), "must be finite"));
@@ -406,30 +474,51 @@ impl ModbusPoint {
         if let (Some(lo), Some(hi)) = (self.min, self.max)
             && lo > hi
         {
-            return Err(ConfigError::new(format!("{p}.min"), "min is greater than max"));
+            return Err(ConfigError::new(
+                format!("{p}.min"),
+                "min is greater than max",
+            ));
         }
         if let Some(e) = self.every
             && e.0.is_zero()
         {
-            return Err(ConfigError::new(format!("{p}.every"), "poll interval must be above zero"));
+            return Err(ConfigError::new(
+                format!("{p}.every"),
+                "poll interval must be above zero",
+            ));
         }
         // Addresses: the last item must fit in 0..=65535 after removing the base.
         let count = u32::from(self.count());
         // Without the device (while deserializing the point alone) assume the most lenient base, 1.
         let base = base.map_or(1.min(self.address), u32::from);
         if self.address < base {
-            return Err(ConfigError::new(format!("{p}.address"), format!("address {} is below address_base {base}", self.address)));
+            return Err(ConfigError::new(
+                format!("{p}.address"),
+                format!("address {} is below address_base {base}", self.address),
+            ));
         }
         let last = self.address - base + count - 1;
         if last > 65_535 {
-            return Err(ConfigError::new(format!("{p}.address"), format!("address {} plus {count} item(s) overflows the 65536-address space", self.address)));
+            return Err(ConfigError::new(
+                format!("{p}.address"),
+                format!(
+                    "address {} plus {count} item(s) overflows the 65536-address space",
+                    self.address
+                ),
+            ));
         }
         if self.writable {
             if matches!(self.kind, Area::Discrete | Area::Input) {
-                return Err(ConfigError::new(format!("{p}.writable"), format!("{:?} points are read-only", self.kind).to_lowercase()));
+                return Err(ConfigError::new(
+                    format!("{p}.writable"),
+                    format!("{:?} points are read-only", self.kind).to_lowercase(),
+                ));
             }
             if ty == DataType::Bit {
-                return Err(ConfigError::new(format!("{p}.writable"), "bit-of-register points are read-only; map the whole register to write it"));
+                return Err(ConfigError::new(
+                    format!("{p}.writable"),
+                    "bit-of-register points are read-only; map the whole register to write it",
+                ));
             }
         }
         if let Some(fc) = self.write_function {
@@ -440,7 +529,12 @@ impl ModbusPoint {
                 _ => false,
             };
             if !ok || !self.writable {
-                return Err(ConfigError::new(format!("{p}.write_function"), format!("function {fc} cannot write this point (coils: 5 or 15; one register: 6 or 16; several: 16; the point must be writable)")));
+                return Err(ConfigError::new(
+                    format!("{p}.write_function"),
+                    format!(
+                        "function {fc} cannot write this point (coils: 5 or 15; one register: 6 or 16; several: 16; the point must be writable)"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -451,7 +545,8 @@ impl ModbusPoint {
 fn checked_points<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ModbusPoint>, D::Error> {
     let points = Vec::<ModbusPoint>::deserialize(d)?;
     for (i, p) in points.iter().enumerate() {
-        p.check_at(&format!("points[{i}]"), None).map_err(serde::de::Error::custom)?;
+        p.check_at(&format!("points[{i}]"), None)
+            .map_err(serde::de::Error::custom)?;
     }
     Ok(points)
 }
@@ -465,7 +560,9 @@ impl Check for ModbusDevice {
 impl ModbusDevice {
     /// The resolved poll interval of a point.
     pub fn every_of(&self, p: &ModbusPoint) -> Duration {
-        p.every.or(self.every).map_or(Duration::from_secs(1), |d| d.0)
+        p.every
+            .or(self.every)
+            .map_or(Duration::from_secs(1), |d| d.0)
     }
     /// Response timeout.
     pub fn timeout(&self) -> Duration {
@@ -485,17 +582,29 @@ impl ModbusDevice {
     }
     /// Resolved heartbeat of a point (None = disabled).
     pub fn heartbeat_of(&self, p: &ModbusPoint) -> Option<Duration> {
-        let d = p.heartbeat.or(self.heartbeat).map_or(Duration::from_secs(60), |d| d.0);
+        let d = p
+            .heartbeat
+            .or(self.heartbeat)
+            .map_or(Duration::from_secs(60), |d| d.0);
         (!d.is_zero()).then_some(d)
     }
 
     fn check_at(&self, prefix: &str) -> Result<(), ConfigError> {
-        let k = |key: &str| if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") };
+        let k = |key: &str| {
+            if prefix.is_empty() {
+                key.to_string()
+            } else {
+                format!("{prefix}.{key}")
+            }
+        };
         check_name(&self.name, &k("name"))?;
         match &self.transport {
             Transport::Tcp(t) => {
                 if t.host.trim().is_empty() {
-                    return Err(ConfigError::new(k("transport.tcp.host"), "must not be empty"));
+                    return Err(ConfigError::new(
+                        k("transport.tcp.host"),
+                        "must not be empty",
+                    ));
                 }
             }
             Transport::Rtu(r) => check_serial(r, &k("transport.rtu"))?,
@@ -504,13 +613,22 @@ impl ModbusDevice {
             return Err(ConfigError::new(k("address_base"), "must be 0 or 1"));
         }
         if matches!(self.transport, Transport::Rtu(_)) && !(1..=247).contains(&self.unit) {
-            return Err(ConfigError::new(k("unit"), "an RTU unit id must be 1..=247 (0 is broadcast)"));
+            return Err(ConfigError::new(
+                k("unit"),
+                "an RTU unit id must be 1..=247 (0 is broadcast)",
+            ));
         }
         if self.max_registers == 0 || self.max_registers > 125 {
-            return Err(ConfigError::new(k("max_registers"), "must be 1..=125 (the Modbus limit for one read)"));
+            return Err(ConfigError::new(
+                k("max_registers"),
+                "must be 1..=125 (the Modbus limit for one read)",
+            ));
         }
         if self.max_bits == 0 || self.max_bits > 2000 {
-            return Err(ConfigError::new(k("max_bits"), "must be 1..=2000 (the Modbus limit for one read)"));
+            return Err(ConfigError::new(
+                k("max_bits"),
+                "must be 1..=2000 (the Modbus limit for one read)",
+            ));
         }
         if self.timeout().is_zero() {
             return Err(ConfigError::new(k("timeout"), "must be above zero"));
@@ -519,12 +637,18 @@ impl ModbusDevice {
             return Err(ConfigError::new(k("retries"), "at most 10"));
         }
         if self.quarantine_after == 0 {
-            return Err(ConfigError::new(k("quarantine_after"), "must be at least 1"));
+            return Err(ConfigError::new(
+                k("quarantine_after"),
+                "must be at least 1",
+            ));
         }
         if let Some(e) = self.every
             && e.0.is_zero()
         {
-            return Err(ConfigError::new(k("every"), "poll interval must be above zero"));
+            return Err(ConfigError::new(
+                k("every"),
+                "poll interval must be above zero",
+            ));
         }
         if self.qos > 2 {
             return Err(ConfigError::new(k("qos"), "must be 0, 1 or 2"));
@@ -534,10 +658,20 @@ impl ModbusDevice {
             let pp = k(&format!("points[{i}]"));
             p.check_at(&pp, Some(self.address_base))?;
             if p.count() > self.max_registers && !p.kind.is_bit() {
-                return Err(ConfigError::new(format!("{pp}.length"), format!("{} registers exceed max_registers = {}", p.count(), self.max_registers)));
+                return Err(ConfigError::new(
+                    format!("{pp}.length"),
+                    format!(
+                        "{} registers exceed max_registers = {}",
+                        p.count(),
+                        self.max_registers
+                    ),
+                ));
             }
             if let Some(prev) = seen.insert(p.name.as_str(), i) {
-                return Err(ConfigError::new(format!("{pp}.name"), format!("duplicate point name {:?} (also points[{prev}])", p.name)));
+                return Err(ConfigError::new(
+                    format!("{pp}.name"),
+                    format!("duplicate point name {:?} (also points[{prev}])", p.name),
+                ));
             }
         }
         Ok(())
@@ -697,25 +831,44 @@ impl SerialSensor {
     }
     /// Resolved heartbeat (None = disabled).
     pub fn heartbeat_of(&self, p: Option<&SerialPoint>) -> Option<Duration> {
-        let d = p.and_then(|p| p.heartbeat).or(self.heartbeat).map_or(Duration::from_secs(60), |d| d.0);
+        let d = p
+            .and_then(|p| p.heartbeat)
+            .or(self.heartbeat)
+            .map_or(Duration::from_secs(60), |d| d.0);
         (!d.is_zero()).then_some(d)
     }
 
     fn check_at(&self, prefix: &str) -> Result<(), ConfigError> {
-        let k = |key: &str| if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") };
+        let k = |key: &str| {
+            if prefix.is_empty() {
+                key.to_string()
+            } else {
+                format!("{prefix}.{key}")
+            }
+        };
         check_name(&self.name, &k("name"))?;
         check_serial(&self.line(), prefix)?;
         match (self.framing, self.frame_length) {
-            (Framing::Fixed, None) => return Err(ConfigError::new(k("frame_length"), "fixed framing needs frame_length")),
+            (Framing::Fixed, None) => {
+                return Err(ConfigError::new(
+                    k("frame_length"),
+                    "fixed framing needs frame_length",
+                ));
+            }
             (_, Some(0)) => return Err(ConfigError::new(k("frame_length"), "must be above zero")),
-            (_, Some(n)) if n > 65_536 => return Err(ConfigError::new(k("frame_length"), "at most 65536")),
+            (_, Some(n)) if n > 65_536 => {
+                return Err(ConfigError::new(k("frame_length"), "at most 65536"));
+            }
             _ => {}
         }
         if self.format == Format::Csv && self.columns.is_empty() {
             return Err(ConfigError::new(k("columns"), "csv needs the column names"));
         }
         if self.format != Format::Csv && (!self.columns.is_empty() || self.separator.is_some()) {
-            return Err(ConfigError::new(k("columns"), "columns/separator apply to csv only"));
+            return Err(ConfigError::new(
+                k("columns"),
+                "columns/separator apply to csv only",
+            ));
         }
         if self.qos > 2 {
             return Err(ConfigError::new(k("qos"), "must be 0, 1 or 2"));
@@ -725,14 +878,23 @@ impl SerialSensor {
             let pp = k(&format!("points[{i}]"));
             check_name(p.topic_name(), &format!("{pp}.name"))?;
             if p.topic_name() == "status" {
-                return Err(ConfigError::new(format!("{pp}.name"), "\"status\" is reserved for the device status topic"));
+                return Err(ConfigError::new(
+                    format!("{pp}.name"),
+                    "\"status\" is reserved for the device status topic",
+                ));
             }
             if !p.scale.is_finite() || p.scale == 0.0 || !p.offset.is_finite() {
-                return Err(ConfigError::new(format!("{pp}.scale"), "scale must be finite and non-zero, offset finite"));
+                return Err(ConfigError::new(
+                    format!("{pp}.scale"),
+                    "scale must be finite and non-zero, offset finite",
+                ));
             }
             check_report(&pp, p.deadband, p.deadband_percent, p.qos)?;
             if let Some(prev) = seen.insert(p.topic_name(), i) {
-                return Err(ConfigError::new(format!("{pp}.name"), format!("duplicate point name (also points[{prev}])")));
+                return Err(ConfigError::new(
+                    format!("{pp}.name"),
+                    format!("duplicate point name (also points[{prev}])"),
+                ));
             }
         }
         Ok(())
@@ -761,7 +923,10 @@ impl SensorsConfig {
         if let Some(p) = &self.topic_prefix {
             for (i, level) in p.split('/').enumerate() {
                 if level.is_empty() || level.contains(['+', '#', '\0']) {
-                    return Err(ConfigError::new("sensors.topic_prefix", format!("level {i} ({level:?}) is not a valid topic level")));
+                    return Err(ConfigError::new(
+                        "sensors.topic_prefix",
+                        format!("level {i} ({level:?}) is not a valid topic level"),
+                    ));
                 }
             }
         }
@@ -771,12 +936,21 @@ impl SensorsConfig {
             let path = format!("sensors.modbus[{i}]");
             d.check_at(&path)?;
             if let Some(prev) = names.insert(d.name.as_str(), path.clone()) {
-                return Err(ConfigError::new(format!("{path}.name"), format!("duplicate device name {:?} (also {prev})", d.name)));
+                return Err(ConfigError::new(
+                    format!("{path}.name"),
+                    format!("duplicate device name {:?} (also {prev})", d.name),
+                ));
             }
             if let Transport::Rtu(r) = &d.transport {
                 match lines.get(r.port.as_str()) {
                     Some((prev, first)) if !same_line_settings(first, r) => {
-                        return Err(ConfigError::new(format!("{path}.transport.rtu"), format!("port {} is shared with {prev} but its serial settings differ", r.port)));
+                        return Err(ConfigError::new(
+                            format!("{path}.transport.rtu"),
+                            format!(
+                                "port {} is shared with {prev} but its serial settings differ",
+                                r.port
+                            ),
+                        ));
                     }
                     Some(_) => {}
                     None => {
@@ -789,10 +963,16 @@ impl SensorsConfig {
             let path = format!("sensors.serial[{i}]");
             s.check_at(&path)?;
             if let Some(prev) = names.insert(s.name.as_str(), path.clone()) {
-                return Err(ConfigError::new(format!("{path}.name"), format!("duplicate device name {:?} (also {prev})", s.name)));
+                return Err(ConfigError::new(
+                    format!("{path}.name"),
+                    format!("duplicate device name {:?} (also {prev})", s.name),
+                ));
             }
             if let Some((prev, _)) = lines.get(s.port.as_str()) {
-                return Err(ConfigError::new(format!("{path}.port"), format!("port {} is already used by {prev}", s.port)));
+                return Err(ConfigError::new(
+                    format!("{path}.port"),
+                    format!("port {} is already used by {prev}", s.port),
+                ));
             }
         }
         Ok(())
@@ -800,11 +980,21 @@ impl SensorsConfig {
 }
 
 fn same_line_settings(a: &RtuTransport, b: &RtuTransport) -> bool {
-    a.baud == b.baud && a.data_bits == b.data_bits && a.parity == b.parity && a.stop_bits == b.stop_bits && a.inter_frame == b.inter_frame
+    a.baud == b.baud
+        && a.data_bits == b.data_bits
+        && a.parity == b.parity
+        && a.stop_bits == b.stop_bits
+        && a.inter_frame == b.inter_frame
 }
 
 fn check_serial(r: &RtuTransport, prefix: &str) -> Result<(), ConfigError> {
-    let k = |key: &str| if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") };
+    let k = |key: &str| {
+        if prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{prefix}.{key}")
+        }
+    };
     if r.port.trim().is_empty() {
         return Err(ConfigError::new(k("port"), "must not be empty"));
     }
@@ -820,19 +1010,33 @@ fn check_serial(r: &RtuTransport, prefix: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn check_report(p: &str, deadband: Option<f64>, pct: Option<f64>, qos: Option<u8>) -> Result<(), ConfigError> {
+fn check_report(
+    p: &str,
+    deadband: Option<f64>,
+    pct: Option<f64>,
+    qos: Option<u8>,
+) -> Result<(), ConfigError> {
     if let Some(d) = deadband
         && !(d.is_finite() && d >= 0.0)
     {
-        return Err(ConfigError::new(format!("{p}.deadband"), "must be a non-negative number"));
+        return Err(ConfigError::new(
+            format!("{p}.deadband"),
+            "must be a non-negative number",
+        ));
     }
     if let Some(d) = pct
         && !(d.is_finite() && d >= 0.0)
     {
-        return Err(ConfigError::new(format!("{p}.deadband_percent"), "must be a non-negative number"));
+        return Err(ConfigError::new(
+            format!("{p}.deadband_percent"),
+            "must be a non-negative number",
+        ));
     }
     if deadband.is_some() && pct.is_some() {
-        return Err(ConfigError::new(format!("{p}.deadband_percent"), "use either deadband or deadband_percent"));
+        return Err(ConfigError::new(
+            format!("{p}.deadband_percent"),
+            "use either deadband or deadband_percent",
+        ));
     }
     if let Some(q) = qos
         && q > 2
@@ -845,7 +1049,10 @@ fn check_report(p: &str, deadband: Option<f64>, pct: Option<f64>, qos: Option<u8
 /// Names become topic levels: no separators, wildcards or NUL, not empty.
 fn check_name(name: &str, path: &str) -> Result<(), ConfigError> {
     if name.is_empty() || name.contains(['/', '+', '#', '\0']) || name.starts_with('$') {
-        return Err(ConfigError::new(path, format!("{name:?} is not a valid topic level (no /, +, #, leading $ or empty)")));
+        return Err(ConfigError::new(
+            path,
+            format!("{name:?} is not a valid topic level (no /, +, #, leading $ or empty)"),
+        ));
     }
     Ok(())
 }
@@ -894,7 +1101,9 @@ mod tests {
     }
 
     fn parse(src: &str) -> Result<SensorsConfig, String> {
-        toml::from_str::<Root>(src).map(|r| r.sensors).map_err(|e| e.to_string())
+        toml::from_str::<Root>(src)
+            .map(|r| r.sensors)
+            .map_err(|e| e.to_string())
     }
 
     const GOOD: &str = r#"
@@ -930,7 +1139,13 @@ format = "nmea"
         assert_eq!(d.points[0].every, Some(Dur(Duration::from_secs(5))));
         assert_eq!(d.points[1].order(), Order::Cdab);
         assert_eq!(c.modbus[1].points[0].order(), Order::Dcba);
-        assert_eq!(c.modbus[1].transport, Transport::Tcp(TcpTransport { host: "127.0.0.1".into(), port: 502 }));
+        assert_eq!(
+            c.modbus[1].transport,
+            Transport::Tcp(TcpTransport {
+                host: "127.0.0.1".into(),
+                port: 502
+            })
+        );
         match &d.transport {
             Transport::Rtu(r) => {
                 assert_eq!(r.parity, Parity::Even);
@@ -940,43 +1155,99 @@ format = "nmea"
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(crate::command_filters(&c, "gw-01"), vec!["plant/gw-01/sensors/+/+/set".to_string()]);
+        assert_eq!(
+            crate::command_filters(&c, "gw-01"),
+            vec!["plant/gw-01/sensors/+/+/set".to_string()]
+        );
+    }
+
+    /// The sensors part of the sample config handed to the end-to-end test.
+    #[test]
+    fn end_to_end_sample_parses() {
+        let src = r#"
+[sensors]
+clock = "trusted"
+stats_interval = "1s"
+[[sensors.modbus]]
+name = "boiler"
+transport = { tcp = { host = "127.0.0.1", port = 15020 } }
+unit = 1
+every = "200ms"
+points = [
+  { name = "temperature", kind = "input", address = 0, type = "f32", word_order = "big", scale = 0.1, unit = "°C", deadband = 0.2, retain = true },
+  { name = "setpoint", kind = "holding", address = 10, type = "u16", scale = 0.1, writable = true, max = 90.0 },
+]
+"#;
+        let c = parse(src).unwrap();
+        c.validate().unwrap();
+        assert!(c.modbus[0].points[0].retain == Some(true));
     }
 
     fn err_of(src: &str) -> String {
         match parse(src) {
             Err(e) => e,
-            Ok(c) => c.validate().map(|()| "valid".to_string()).unwrap_or_else(|e| e.to_string()),
+            Ok(c) => c
+                .validate()
+                .map(|()| "valid".to_string())
+                .unwrap_or_else(|e| e.to_string()),
         }
     }
 
     fn device(points: &str) -> String {
-        format!("[sensors]\n[[sensors.modbus]]\nname = \"d\"\ntransport = {{ tcp = {{ host = \"h\" }} }}\npoints = [\n{points}\n]\n")
+        format!(
+            "[sensors]\n[[sensors.modbus]]\nname = \"d\"\ntransport = {{ tcp = {{ host = \"h\" }} }}\npoints = [\n{points}\n]\n"
+        )
     }
 
     #[test]
     fn impossible_points_are_refused_with_line_and_key() {
-        let e = err_of(&device(r#"{ name = "x", kind = "holding", address = 65534, type = "f64" }"#));
-        assert!(e.contains("points[0].address") && e.contains("overflows"), "{e}");
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "holding", address = 65534, type = "f64" }"#,
+        ));
+        assert!(
+            e.contains("points[0].address") && e.contains("overflows"),
+            "{e}"
+        );
         assert!(e.contains("line 5"), "toml should report the line: {e}");
-        let e = err_of(&device(r#"{ name = "x", kind = "holding", address = 0, type = "string", length = 126 }"#));
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "holding", address = 0, type = "string", length = 126 }"#,
+        ));
         assert!(e.contains("points[0].length") && e.contains("125"), "{e}");
-        let e = err_of(&device(r#"{ name = "x", kind = "holding", address = 0, type = "u128" }"#));
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "holding", address = 0, type = "u128" }"#,
+        ));
         assert!(e.contains("unknown variant") && e.contains("u128"), "{e}");
-        let e = err_of(&device(r#"{ name = "x", kind = "coil", address = 0, type = "u16" }"#));
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "coil", address = 0, type = "u16" }"#,
+        ));
         assert!(e.contains("type must be bool"), "{e}");
-        let e = err_of(&device(r#"{ name = "x", kind = "holding", address = 0, type = "bit" }"#));
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "holding", address = 0, type = "bit" }"#,
+        ));
         assert!(e.contains("points[0].bit"), "{e}");
-        let e = err_of(&device(r#"{ name = "x", kind = "input", address = 0, writable = true }"#));
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "input", address = 0, writable = true }"#,
+        ));
         assert!(e.contains("read-only"), "{e}");
-        let e = err_of(&device(r#"{ name = "x", kind = "holding", address = 0, type = "u32", writable = true, write_function = 6 }"#));
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "holding", address = 0, type = "u32", writable = true, write_function = 6 }"#,
+        ));
         assert!(e.contains("write_function"), "{e}");
-        let e = err_of(&device(r#"{ name = "a/b", kind = "holding", address = 0 }"#));
+        let e = err_of(&device(
+            r#"{ name = "a/b", kind = "holding", address = 0 }"#,
+        ));
         assert!(e.contains("topic level"), "{e}");
-        let e = err_of(&device(r#"{ name = "x", kind = "holding", address = 0, colour = "red" }"#));
+        let e = err_of(&device(
+            r#"{ name = "x", kind = "holding", address = 0, colour = "red" }"#,
+        ));
         assert!(e.contains("unknown field"), "{e}");
-        let e = err_of(&device("{ name = \"x\", kind = \"holding\", address = 0 },\n{ name = \"x\", kind = \"holding\", address = 1 }"));
-        assert!(e.contains("points[1].name") && e.contains("duplicate"), "{e}");
+        let e = err_of(&device(
+            "{ name = \"x\", kind = \"holding\", address = 0 },\n{ name = \"x\", kind = \"holding\", address = 1 }",
+        ));
+        assert!(
+            e.contains("points[1].name") && e.contains("duplicate"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1008,11 +1279,21 @@ transport = { rtu = { port = "/dev/ttyUSB0", baud = 19200 } }
 
     #[test]
     fn serial_sensor_checks() {
-        let e = err_of("[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"csv\"\n");
+        let e = err_of(
+            "[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"csv\"\n",
+        );
         assert!(e.contains("columns"), "{e}");
-        let e = err_of("[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"kv\"\nframing = \"fixed\"\n");
+        let e = err_of(
+            "[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"kv\"\nframing = \"fixed\"\n",
+        );
         assert!(e.contains("frame_length"), "{e}");
-        let e = err_of("[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"kv\"\nreopen_backoff = \"soon\"\n");
+        let e = err_of(
+            "[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"kv\"\nreopen_backoff = \"soon\"\n",
+        );
         assert!(e.contains("invalid duration"), "{e}");
+        let e = err_of(
+            "[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"kv\"\nreopen_backoff = \"100years\"\n",
+        );
+        assert!(e.contains("longer than 30 days"), "{e}");
     }
 }

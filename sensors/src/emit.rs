@@ -24,11 +24,19 @@ impl Emitter {
 
     /// Sends one message; fails only when the gateway is gone.
     pub async fn send(&self, msg: SensorMessage) -> Result<(), SensorsError> {
-        self.out.send(msg).await.map_err(|_| SensorsError::OutputClosed)
+        self.out
+            .send(msg)
+            .await
+            .map_err(|_| SensorsError::OutputClosed)
     }
 
     /// Publishes a retained device status.
-    pub async fn status(&self, topic: &str, status: DeviceStatus, error: Option<&str>) -> Result<(), SensorsError> {
+    pub async fn status(
+        &self,
+        topic: &str,
+        status: DeviceStatus,
+        error: Option<&str>,
+    ) -> Result<(), SensorsError> {
         self.send(SensorMessage {
             topic: topic.to_string(),
             payload: status_payload(status, error, &self.clock),
@@ -59,7 +67,15 @@ pub struct PointOutput {
 
 impl PointOutput {
     /// Builds the output of one point.
-    pub fn new(topic: String, unit: Option<String>, qos: u8, retain: bool, min: Option<f64>, max: Option<f64>, policy: Policy) -> Self {
+    pub fn new(
+        topic: String,
+        unit: Option<String>,
+        qos: u8,
+        retain: bool,
+        min: Option<f64>,
+        max: Option<f64>,
+        policy: Policy,
+    ) -> Self {
         PointOutput {
             topic,
             unit,
@@ -82,7 +98,12 @@ impl PointOutput {
     }
 
     /// Records a reading (or a failure) and returns the message to publish, if any.
-    pub fn observe(&mut self, reading: Result<Value, String>, now: Instant, clock: &Clock) -> Option<SensorMessage> {
+    pub fn observe(
+        &mut self,
+        reading: Result<Value, String>,
+        now: Instant,
+        clock: &Clock,
+    ) -> Option<SensorMessage> {
         let (value, quality) = match reading.and_then(|v| self.check_range(&v).map(|()| v)) {
             Ok(v) => (Some(v), Quality::Good),
             Err(reason) => (None, Quality::Bad(reason)),
@@ -104,7 +125,13 @@ impl PointOutput {
         self.reporter.last_quality()
     }
 
-    fn offer(&mut self, value: Option<Value>, quality: Quality, now: Instant, clock: &Clock) -> Option<SensorMessage> {
+    fn offer(
+        &mut self,
+        value: Option<Value>,
+        quality: Quality,
+        now: Instant,
+        clock: &Clock,
+    ) -> Option<SensorMessage> {
         if !self.reporter.offer(value.as_ref(), &quality, now) {
             return None;
         }

@@ -5,6 +5,8 @@
 //! Counters are published through the same channel under `$SYS/broker/sensors/...` every
 //! `stats_interval`, and are readable directly through [`Stats`] when using [`run_with_stats`].
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod config;
 pub mod emit;
@@ -32,7 +34,11 @@ use tokio::task::JoinSet;
 
 /// The topic filter(s) the gateway subscribes to so that writes reach [`run`].
 pub fn command_filters(config: &SensorsConfig, gateway_id: &str) -> Vec<String> {
-    if config.modbus.iter().any(|d| d.points.iter().any(|p| p.writable)) {
+    if config
+        .modbus
+        .iter()
+        .any(|d| d.points.iter().any(|p| p.writable))
+    {
         vec![Topics::new(config.prefix(), gateway_id).command_filter()]
     } else {
         Vec::new()
@@ -47,7 +53,15 @@ pub async fn run(
     commands: mpsc::Receiver<Command>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SensorsError> {
-    run_with_stats(config, gateway_id, out, commands, shutdown, Arc::new(Stats::default())).await
+    run_with_stats(
+        config,
+        gateway_id,
+        out,
+        commands,
+        shutdown,
+        Arc::new(Stats::default()),
+    )
+    .await
 }
 
 /// [`run`] with a caller-provided [`Stats`] handle.
@@ -71,7 +85,8 @@ pub async fn run_with_stats(
     }
     for s in &config.serial {
         let line_stats = stats.line(stats::line_name(&s.port), s.baud);
-        let task = serial::SerialTask::new(s.0.clone(), topics.clone(), emitter.clone(), line_stats);
+        let task =
+            serial::SerialTask::new(s.0.clone(), topics.clone(), emitter.clone(), line_stats);
         tasks.spawn(task.run(shutdown.clone()));
     }
     if let Some(every) = config.stats_every() {
@@ -92,7 +107,11 @@ pub async fn run_with_stats(
             }
         });
     }
-    tracing::info!(modbus = config.modbus.len(), serial = config.serial.len(), "sensor layer started");
+    tracing::info!(
+        modbus = config.modbus.len(),
+        serial = config.serial.len(),
+        "sensor layer started"
+    );
 
     let mut commands_open = true;
     let mut result = Ok(());
@@ -120,13 +139,22 @@ pub async fn run_with_stats(
     }
     // Tasks watch the same shutdown signal; give them a moment, then stop the rest.
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(2), drain).await.is_err() || result.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), drain)
+        .await
+        .is_err()
+        || result.is_err()
+    {
         tasks.abort_all();
     }
     result
 }
 
-async fn handle_command(cmd: &Command, topics: &Topics, routes: &std::collections::HashMap<String, modbus::WriteRoute>, emitter: &Emitter) -> Result<(), SensorsError> {
+async fn handle_command(
+    cmd: &Command,
+    topics: &Topics,
+    routes: &std::collections::HashMap<String, modbus::WriteRoute>,
+    emitter: &Emitter,
+) -> Result<(), SensorsError> {
     let Some((device, point)) = topics.parse_command(&cmd.topic) else {
         tracing::debug!(topic = %cmd.topic, "ignoring command on an unknown topic");
         return Ok(());

@@ -99,7 +99,10 @@ mod tests {
     }
 
     fn shape(reads: &[Read]) -> Vec<(Area, u16, u16, Vec<usize>)> {
-        reads.iter().map(|r| (r.area, r.start, r.count, r.points.clone())).collect()
+        reads
+            .iter()
+            .map(|r| (r.area, r.start, r.count, r.points.clone()))
+            .collect()
     }
 
     #[test]
@@ -109,19 +112,29 @@ mod tests {
             sp(1, Area::Holding, 2, 1),
             sp(2, Area::Holding, 3, 4),
         ];
-        assert_eq!(shape(&plan(&spans, Limits::default())), vec![(Area::Holding, 0, 7, vec![0, 1, 2])]);
+        assert_eq!(
+            shape(&plan(&spans, Limits::default())),
+            vec![(Area::Holding, 0, 7, vec![0, 1, 2])]
+        );
     }
 
     #[test]
     fn gap_limit_splits() {
-        let spans = [sp(0, Area::Input, 0, 1), sp(1, Area::Input, 5, 1), sp(2, Area::Input, 20, 2)];
+        let spans = [
+            sp(0, Area::Input, 0, 1),
+            sp(1, Area::Input, 5, 1),
+            sp(2, Area::Input, 20, 2),
+        ];
         let l = Limits {
             max_gap: 4,
             ..Limits::default()
         };
         assert_eq!(
             shape(&plan(&spans, l)),
-            vec![(Area::Input, 0, 6, vec![0, 1]), (Area::Input, 20, 2, vec![2])]
+            vec![
+                (Area::Input, 0, 6, vec![0, 1]),
+                (Area::Input, 20, 2, vec![2])
+            ]
         );
         let l = Limits {
             max_gap: 3,
@@ -133,7 +146,9 @@ mod tests {
     #[test]
     fn register_limit_splits_at_125() {
         // 70 two-register points back to back: 140 registers need two reads (124 + 16).
-        let spans: Vec<Span> = (0..70).map(|i| sp(i, Area::Holding, (i * 2) as u16, 2)).collect();
+        let spans: Vec<Span> = (0..70)
+            .map(|i| sp(i, Area::Holding, (i * 2) as u16, 2))
+            .collect();
         let reads = plan(&spans, Limits::default());
         assert_eq!(reads.len(), 2);
         assert_eq!((reads[0].start, reads[0].count), (0, 124));
@@ -166,13 +181,26 @@ mod tests {
     #[test]
     fn overlapping_points_share_registers() {
         // A u32 and its low word as u16, plus a bit of the high word.
-        let spans = [sp(0, Area::Holding, 0, 2), sp(1, Area::Holding, 1, 1), sp(2, Area::Holding, 0, 1)];
-        assert_eq!(shape(&plan(&spans, Limits::default())), vec![(Area::Holding, 0, 2, vec![2, 0, 1])]);
+        let spans = [
+            sp(0, Area::Holding, 0, 2),
+            sp(1, Area::Holding, 1, 1),
+            sp(2, Area::Holding, 0, 1),
+        ];
+        assert_eq!(
+            shape(&plan(&spans, Limits::default())),
+            vec![(Area::Holding, 0, 2, vec![2, 0, 1])]
+        );
     }
 
     #[test]
     fn top_of_address_space() {
-        let spans = [sp(0, Area::Holding, 65534, 2), sp(1, Area::Holding, 65530, 1)];
-        assert_eq!(shape(&plan(&spans, Limits::default())), vec![(Area::Holding, 65530, 6, vec![1, 0])]);
+        let spans = [
+            sp(0, Area::Holding, 65534, 2),
+            sp(1, Area::Holding, 65530, 1),
+        ];
+        assert_eq!(
+            shape(&plan(&spans, Limits::default())),
+            vec![(Area::Holding, 65530, 6, vec![1, 0])]
+        );
     }
 }

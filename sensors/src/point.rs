@@ -246,7 +246,11 @@ impl Codec {
     fn be_bytes(&self, regs: &[u16]) -> Vec<u8> {
         let mut out = Vec::with_capacity(regs.len() * 2);
         let mut push = |r: u16| {
-            let r = if self.order.bytes_swapped() { r.swap_bytes() } else { r };
+            let r = if self.order.bytes_swapped() {
+                r.swap_bytes()
+            } else {
+                r
+            };
             out.extend_from_slice(&r.to_be_bytes());
         };
         if self.order.words_reversed() {
@@ -273,7 +277,11 @@ impl Codec {
             DataType::String => {
                 let mut bytes = Vec::with_capacity(need * 2);
                 for r in regs {
-                    let r = if self.order.bytes_swapped() { r.swap_bytes() } else { *r };
+                    let r = if self.order.bytes_swapped() {
+                        r.swap_bytes()
+                    } else {
+                        *r
+                    };
                     bytes.extend_from_slice(&r.to_be_bytes());
                 }
                 let end = bytes
@@ -343,7 +351,11 @@ impl Codec {
                     .chunks(2)
                     .map(|c| {
                         let r = u16::from_be_bytes([c[0], c[1]]);
-                        if self.order.bytes_swapped() { r.swap_bytes() } else { r }
+                        if self.order.bytes_swapped() {
+                            r.swap_bytes()
+                        } else {
+                            r
+                        }
                     })
                     .collect());
             }
@@ -396,7 +408,11 @@ impl Codec {
             .chunks(2)
             .map(|c| {
                 let r = u16::from_be_bytes([c[0], c[1]]);
-                if self.order.bytes_swapped() { r.swap_bytes() } else { r }
+                if self.order.bytes_swapped() {
+                    r.swap_bytes()
+                } else {
+                    r
+                }
             })
             .collect();
         if self.order.words_reversed() {
@@ -441,9 +457,15 @@ mod tests {
 
     #[test]
     fn sixteen_bit_types() {
-        assert_eq!(dec(DataType::U16, Order::Abcd, &[0xFFFE]), Value::Int(65534));
+        assert_eq!(
+            dec(DataType::U16, Order::Abcd, &[0xFFFE]),
+            Value::Int(65534)
+        );
         assert_eq!(dec(DataType::I16, Order::Abcd, &[0xFFFE]), Value::Int(-2));
-        assert_eq!(dec(DataType::U16, Order::Badc, &[0x3412]), Value::Int(0x1234));
+        assert_eq!(
+            dec(DataType::U16, Order::Badc, &[0x3412]),
+            Value::Int(0x1234)
+        );
         assert_eq!(dec(DataType::I16, Order::Dcba, &[0xFEFF]), Value::Int(-2));
         assert_eq!(dec(DataType::Bool, Order::Abcd, &[7]), Value::Bool(true));
         assert_eq!(dec(DataType::Bool, Order::Abcd, &[0]), Value::Bool(false));
@@ -459,11 +481,22 @@ mod tests {
             (Order::Dcba, [0x7856, 0x3412]),
         ];
         for (order, regs) in cases {
-            assert_eq!(dec(DataType::U32, order, &regs), Value::Int(0x1234_5678), "{order:?}");
-            assert_eq!(dec(DataType::I32, order, &regs), Value::Int(0x1234_5678), "{order:?}");
+            assert_eq!(
+                dec(DataType::U32, order, &regs),
+                Value::Int(0x1234_5678),
+                "{order:?}"
+            );
+            assert_eq!(
+                dec(DataType::I32, order, &regs),
+                Value::Int(0x1234_5678),
+                "{order:?}"
+            );
         }
         // -2 as i32 in CDAB.
-        assert_eq!(dec(DataType::I32, Order::Cdab, &[0xFFFE, 0xFFFF]), Value::Int(-2));
+        assert_eq!(
+            dec(DataType::I32, Order::Cdab, &[0xFFFE, 0xFFFF]),
+            Value::Int(-2)
+        );
         // 1.5f32 = 0x3FC00000.
         let f = [
             (Order::Abcd, [0x3FC0, 0x0000]),
@@ -472,7 +505,11 @@ mod tests {
             (Order::Dcba, [0x0000, 0xC03F]),
         ];
         for (order, regs) in f {
-            assert_eq!(dec(DataType::F32, order, &regs), Value::Float(1.5), "{order:?}");
+            assert_eq!(
+                dec(DataType::F32, order, &regs),
+                Value::Float(1.5),
+                "{order:?}"
+            );
         }
     }
 
@@ -487,25 +524,57 @@ mod tests {
         ];
         for (name, regs) in cases {
             let order = Order::parse(name).unwrap();
-            assert_eq!(dec(DataType::U64, order, &regs), Value::Int(0x0102_0304_0506_0708), "{name}");
-            assert_eq!(dec(DataType::I64, order, &regs), Value::Int(0x0102_0304_0506_0708), "{name}");
+            assert_eq!(
+                dec(DataType::U64, order, &regs),
+                Value::Int(0x0102_0304_0506_0708),
+                "{name}"
+            );
+            assert_eq!(
+                dec(DataType::I64, order, &regs),
+                Value::Int(0x0102_0304_0506_0708),
+                "{name}"
+            );
         }
-        assert_eq!(dec(DataType::U64, Order::Abcd, &[0xFFFF; 4]), Value::UInt(u64::MAX));
-        assert_eq!(dec(DataType::I64, Order::Abcd, &[0xFFFF; 4]), Value::Int(-1));
+        assert_eq!(
+            dec(DataType::U64, Order::Abcd, &[0xFFFF; 4]),
+            Value::UInt(u64::MAX)
+        );
+        assert_eq!(
+            dec(DataType::I64, Order::Abcd, &[0xFFFF; 4]),
+            Value::Int(-1)
+        );
         // -2.5f64 = 0xC004000000000000.
-        assert_eq!(dec(DataType::F64, Order::Abcd, &[0xC004, 0, 0, 0]), Value::Float(-2.5));
-        assert_eq!(dec(DataType::F64, Order::Cdab, &[0, 0, 0, 0xC004]), Value::Float(-2.5));
-        assert_eq!(dec(DataType::F64, Order::Badc, &[0x04C0, 0, 0, 0]), Value::Float(-2.5));
-        assert_eq!(dec(DataType::F64, Order::Dcba, &[0, 0, 0, 0x04C0]), Value::Float(-2.5));
+        assert_eq!(
+            dec(DataType::F64, Order::Abcd, &[0xC004, 0, 0, 0]),
+            Value::Float(-2.5)
+        );
+        assert_eq!(
+            dec(DataType::F64, Order::Cdab, &[0, 0, 0, 0xC004]),
+            Value::Float(-2.5)
+        );
+        assert_eq!(
+            dec(DataType::F64, Order::Badc, &[0x04C0, 0, 0, 0]),
+            Value::Float(-2.5)
+        );
+        assert_eq!(
+            dec(DataType::F64, Order::Dcba, &[0, 0, 0, 0x04C0]),
+            Value::Float(-2.5)
+        );
     }
 
     #[test]
     fn strings_and_bits() {
         let mut c = Codec::plain(DataType::String, Order::Abcd);
         c.length = 3;
-        assert_eq!(c.decode_registers(&[0x4142, 0x4300, 0]).unwrap(), Value::Text("ABC".into()));
+        assert_eq!(
+            c.decode_registers(&[0x4142, 0x4300, 0]).unwrap(),
+            Value::Text("ABC".into())
+        );
         c.order = Order::Badc;
-        assert_eq!(c.decode_registers(&[0x4241, 0x0043, 0x2020]).unwrap(), Value::Text("ABC".into()));
+        assert_eq!(
+            c.decode_registers(&[0x4241, 0x0043, 0x2020]).unwrap(),
+            Value::Text("ABC".into())
+        );
         let mut b = Codec::plain(DataType::Bit, Order::Abcd);
         b.bit = 15;
         assert_eq!(b.decode_registers(&[0x8000]).unwrap(), Value::Bool(true));
@@ -521,9 +590,18 @@ mod tests {
         let v = c.decode_registers(&[650]).unwrap().as_f64().unwrap();
         assert!((v - 25.0).abs() < 1e-9);
         let nan = Codec::plain(DataType::F32, Order::Abcd);
-        assert_eq!(nan.decode_registers(&[0x7FC0, 0]), Err(DecodeError::NotANumber));
-        assert_eq!(nan.decode_registers(&[0x7F80, 0]), Err(DecodeError::NotANumber));
-        assert!(matches!(nan.decode_registers(&[1]), Err(DecodeError::Short { need: 2, got: 1 })));
+        assert_eq!(
+            nan.decode_registers(&[0x7FC0, 0]),
+            Err(DecodeError::NotANumber)
+        );
+        assert_eq!(
+            nan.decode_registers(&[0x7F80, 0]),
+            Err(DecodeError::NotANumber)
+        );
+        assert!(matches!(
+            nan.decode_registers(&[1]),
+            Err(DecodeError::Short { need: 2, got: 1 })
+        ));
     }
 
     #[test]
@@ -560,7 +638,10 @@ mod tests {
             length: 2,
             ..Codec::plain(DataType::String, Order::Abcd)
         };
-        assert_eq!(s.encode_registers(&Value::Text("hi".into())).unwrap(), vec![0x6869, 0]);
+        assert_eq!(
+            s.encode_registers(&Value::Text("hi".into())).unwrap(),
+            vec![0x6869, 0]
+        );
         assert!(s.encode_registers(&Value::Text("hello".into())).is_err());
     }
 }

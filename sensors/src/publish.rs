@@ -91,7 +91,10 @@ impl DeviceStatus {
 fn stamp(obj: &mut Map<String, Json>, clock: &Clock) {
     match clock.now() {
         Some(t) => {
-            obj.insert("ts".into(), Json::String(humantime::format_rfc3339_millis(t).to_string()));
+            obj.insert(
+                "ts".into(),
+                Json::String(humantime::format_rfc3339_millis(t).to_string()),
+            );
         }
         None => {
             // A Pi without RTC boots in 1970 or at the last shutdown time: say so instead of guessing.
@@ -106,14 +109,22 @@ fn stamp(obj: &mut Map<String, Json>, clock: &Clock) {
 
 /// Milliseconds since boot (CLOCK_BOOTTIME), a monotonic reference while the wall clock is unknown.
 pub fn uptime_ms() -> Option<u64> {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, exclusively borrowed timespec.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     (rc == 0).then(|| ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000)
 }
 
 /// JSON payload of a reading.
-pub fn reading_payload(value: Option<&Value>, unit: Option<&str>, quality: &Quality, clock: &Clock) -> Bytes {
+pub fn reading_payload(
+    value: Option<&Value>,
+    unit: Option<&str>,
+    quality: &Quality,
+    clock: &Clock,
+) -> Bytes {
     let mut obj = Map::new();
     obj.insert("value".into(), value.map_or(Json::Null, Value::to_json));
     if let Some(u) = unit {
@@ -139,13 +150,20 @@ pub fn reading_payload(value: Option<&Value>, unit: Option<&str>, quality: &Qual
 pub fn status_payload(status: DeviceStatus, error: Option<&str>, clock: &Clock) -> Bytes {
     let mut obj = Map::new();
     obj.insert("status".into(), status.as_str().into());
-    obj.insert("error".into(), error.map_or(Json::Null, |e| Json::String(e.into())));
+    obj.insert(
+        "error".into(),
+        error.map_or(Json::Null, |e| Json::String(e.into())),
+    );
     stamp(&mut obj, clock);
     Bytes::from(Json::Object(obj).to_string())
 }
 
 /// JSON payload of a write result.
-pub fn write_result_payload(result: Result<&Value, &str>, id: Option<&Json>, clock: &Clock) -> Bytes {
+pub fn write_result_payload(
+    result: Result<&Value, &str>,
+    id: Option<&Json>,
+    clock: &Clock,
+) -> Bytes {
     let mut obj = match result {
         Ok(v) => json!({"ok": true, "value": v.to_json()}),
         Err(e) => json!({"ok": false, "error": e}),
@@ -172,7 +190,9 @@ pub fn parse_command_payload(payload: &[u8]) -> Result<(Value, Option<Json>), St
     };
     let (v, id) = match json {
         Json::Object(mut m) => {
-            let v = m.remove("value").ok_or("object payload needs a \"value\" key")?;
+            let v = m
+                .remove("value")
+                .ok_or("object payload needs a \"value\" key")?;
             (v, m.remove("id"))
         }
         other => (other, None),
@@ -198,11 +218,20 @@ mod tests {
     #[test]
     fn topics() {
         let t = Topics::new("outpost", "gw-01");
-        assert_eq!(t.reading("boiler", "temp"), "outpost/gw-01/sensors/boiler/temp");
+        assert_eq!(
+            t.reading("boiler", "temp"),
+            "outpost/gw-01/sensors/boiler/temp"
+        );
         assert_eq!(t.status("boiler"), "outpost/gw-01/sensors/boiler/status");
         assert_eq!(t.command_filter(), "outpost/gw-01/sensors/+/+/set");
-        assert_eq!(t.parse_command("outpost/gw-01/sensors/boiler/sp/set"), Some(("boiler", "sp")));
-        assert_eq!(t.parse_command("outpost/gw-01/sensors/boiler/sp/set/result"), None);
+        assert_eq!(
+            t.parse_command("outpost/gw-01/sensors/boiler/sp/set"),
+            Some(("boiler", "sp"))
+        );
+        assert_eq!(
+            t.parse_command("outpost/gw-01/sensors/boiler/sp/set/result"),
+            None
+        );
         assert_eq!(t.parse_command("outpost/gw-02/sensors/boiler/sp/set"), None);
         assert_eq!(t.parse_command("outpost/gw-01/sensors//sp/set"), None);
     }
@@ -210,7 +239,12 @@ mod tests {
     #[test]
     fn payloads() {
         let synced = Clock::fixed(true);
-        let p = reading_payload(Some(&Value::Float(21.5)), Some("°C"), &Quality::Good, &synced);
+        let p = reading_payload(
+            Some(&Value::Float(21.5)),
+            Some("°C"),
+            &Quality::Good,
+            &synced,
+        );
         let j: Json = serde_json::from_slice(&p).unwrap();
         assert_eq!(j["value"], 21.5);
         assert_eq!(j["unit"], "°C");
@@ -228,13 +262,19 @@ mod tests {
 
     #[test]
     fn command_payloads() {
-        assert_eq!(parse_command_payload(b"21.5").unwrap().0, Value::Float(21.5));
+        assert_eq!(
+            parse_command_payload(b"21.5").unwrap().0,
+            Value::Float(21.5)
+        );
         assert_eq!(parse_command_payload(b"true").unwrap().0, Value::Bool(true));
         assert_eq!(parse_command_payload(b" 7 ").unwrap().0, Value::Int(7));
         let (v, id) = parse_command_payload(br#"{"value": 3, "id": "abc"}"#).unwrap();
         assert_eq!(v, Value::Int(3));
         assert_eq!(id, Some(Json::String("abc".into())));
-        assert_eq!(parse_command_payload(b"on").unwrap().0, Value::Text("on".into()));
+        assert_eq!(
+            parse_command_payload(b"on").unwrap().0,
+            Value::Text("on".into())
+        );
         assert!(parse_command_payload(b"{}").is_err());
         assert!(parse_command_payload(b"[1]").is_err());
         assert!(parse_command_payload(&[0xff]).is_err());

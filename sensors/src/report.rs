@@ -39,7 +39,12 @@ pub struct Policy {
 
 impl Policy {
     /// Builds a policy from config options.
-    pub fn new(mode: ReportMode, deadband: Option<f64>, percent: Option<f64>, heartbeat: Option<Duration>) -> Self {
+    pub fn new(
+        mode: ReportMode,
+        deadband: Option<f64>,
+        percent: Option<f64>,
+        heartbeat: Option<Duration>,
+    ) -> Self {
         let deadband = match (deadband, percent) {
             (Some(d), _) => Deadband::Absolute(d),
             (None, Some(p)) => Deadband::Percent(p),
@@ -81,8 +86,13 @@ impl Reporter {
         let publish = match (&self.last, self.policy.mode) {
             (None, _) | (_, ReportMode::Every) => true,
             (Some((last_v, last_q, at)), ReportMode::Change) => {
-                let silent_too_long = self.policy.heartbeat.is_some_and(|h| now.duration_since(*at) >= h);
-                silent_too_long || last_q != quality || (quality == &Quality::Good && self.moved(last_v.as_ref(), value))
+                let silent_too_long = self
+                    .policy
+                    .heartbeat
+                    .is_some_and(|h| now.duration_since(*at) >= h);
+                silent_too_long
+                    || last_q != quality
+                    || (quality == &Quality::Good && self.moved(last_v.as_ref(), value))
             }
         };
         if publish {
@@ -153,7 +163,11 @@ mod tests {
         assert!(r.offer(Some(&f(5.0)), &Quality::Good, t0));
         assert!(!r.offer(Some(&f(5.0)), &Quality::Good, t0 + Duration::from_secs(29)));
         assert!(r.offer(Some(&f(5.0)), &Quality::Good, t0 + hb));
-        assert!(!r.offer(Some(&f(5.0)), &Quality::Good, t0 + hb + Duration::from_secs(1)));
+        assert!(!r.offer(
+            Some(&f(5.0)),
+            &Quality::Good,
+            t0 + hb + Duration::from_secs(1)
+        ));
     }
 
     #[test]
@@ -164,7 +178,11 @@ mod tests {
         let timeout = Quality::Bad("timeout".into());
         assert!(r.offer(None, &timeout, t0));
         assert!(!r.offer(None, &timeout, t0));
-        assert!(r.offer(None, &Quality::Bad("exception: IllegalDataAddress".into()), t0));
+        assert!(r.offer(
+            None,
+            &Quality::Bad("exception: IllegalDataAddress".into()),
+            t0
+        ));
         assert!(r.offer(Some(&f(1.0)), &Quality::Good, t0));
     }
 

@@ -64,7 +64,10 @@ impl LineStats {
 
     /// Adds a duration to a nanosecond counter.
     pub fn add_time(counter: &AtomicU64, d: Duration) {
-        counter.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        counter.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Fraction of wall time spent in transactions since start.
@@ -126,7 +129,10 @@ impl Stats {
 
     /// Sum of one counter over all lines.
     pub fn total(&self, pick: impl Fn(&LineStats) -> &AtomicU64) -> u64 {
-        self.lines().iter().map(|l| pick(l).load(Ordering::Relaxed)).sum()
+        self.lines()
+            .iter()
+            .map(|l| pick(l).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// `$SYS/broker/sensors/...` messages: totals as plain numbers, one JSON document per line.
@@ -138,14 +144,32 @@ impl Stats {
             retain: true,
         };
         let mut out = vec![
-            msg("$SYS/broker/sensors/requests".into(), self.total(|l| &l.requests).to_string()),
-            msg("$SYS/broker/sensors/errors/timeout".into(), self.total(|l| &l.timeouts).to_string()),
-            msg("$SYS/broker/sensors/errors/exception".into(), self.total(|l| &l.exceptions).to_string()),
-            msg("$SYS/broker/sensors/errors/transport".into(), self.total(|l| &l.transport_errors).to_string()),
-            msg("$SYS/broker/sensors/errors/value".into(), self.total(|l| &l.value_errors).to_string()),
+            msg(
+                "$SYS/broker/sensors/requests".into(),
+                self.total(|l| &l.requests).to_string(),
+            ),
+            msg(
+                "$SYS/broker/sensors/errors/timeout".into(),
+                self.total(|l| &l.timeouts).to_string(),
+            ),
+            msg(
+                "$SYS/broker/sensors/errors/exception".into(),
+                self.total(|l| &l.exceptions).to_string(),
+            ),
+            msg(
+                "$SYS/broker/sensors/errors/transport".into(),
+                self.total(|l| &l.transport_errors).to_string(),
+            ),
+            msg(
+                "$SYS/broker/sensors/errors/value".into(),
+                self.total(|l| &l.value_errors).to_string(),
+            ),
         ];
         for l in self.lines() {
-            out.push(msg(format!("$SYS/broker/sensors/lines/{}", l.name), l.to_json().to_string()));
+            out.push(msg(
+                format!("$SYS/broker/sensors/lines/{}", l.name),
+                l.to_json().to_string(),
+            ));
         }
         out
     }
@@ -155,7 +179,13 @@ impl Stats {
 pub fn line_name(raw: &str) -> String {
     raw.trim_start_matches('/')
         .chars()
-        .map(|c| if matches!(c, '/' | '+' | '#' | '\0') { '-' } else { c })
+        .map(|c| {
+            if matches!(c, '/' | '+' | '#' | '\0') {
+                '-'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -173,10 +203,19 @@ mod tests {
         LineStats::bump(&b.timeouts);
         assert_eq!(s.total(|l| &l.requests), 2);
         let msgs = s.messages();
-        let req = msgs.iter().find(|m| m.topic == "$SYS/broker/sensors/requests").unwrap();
+        let req = msgs
+            .iter()
+            .find(|m| m.topic == "$SYS/broker/sensors/requests")
+            .unwrap();
         assert_eq!(&req.payload[..], b"2");
-        assert!(msgs.iter().any(|m| m.topic == "$SYS/broker/sensors/lines/dev-ttyUSB0"));
-        let t = msgs.iter().find(|m| m.topic == "$SYS/broker/sensors/errors/timeout").unwrap();
+        assert!(
+            msgs.iter()
+                .any(|m| m.topic == "$SYS/broker/sensors/lines/dev-ttyUSB0")
+        );
+        let t = msgs
+            .iter()
+            .find(|m| m.topic == "$SYS/broker/sensors/errors/timeout")
+            .unwrap();
         assert_eq!(&t.payload[..], b"1");
     }
 }

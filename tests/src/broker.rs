@@ -97,7 +97,11 @@ fn build_outpost() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let bin = profile_dir.join("outpost");
-    assert!(bin.exists(), "built outpost but {} is missing", bin.display());
+    assert!(
+        bin.exists(),
+        "built outpost but {} is missing",
+        bin.display()
+    );
     bin
 }
 
@@ -128,7 +132,9 @@ pub fn parse_listening_port(line: &str) -> Option<u16> {
     if !line.contains("listening") || !line.contains("transport=tcp") {
         return None;
     }
-    let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr="))?;
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))?;
     let addr = addr.trim_matches('"');
     addr.strip_prefix("127.0.0.1:")?.parse().ok()
 }
@@ -190,11 +196,17 @@ impl Broker {
     pub fn mosquitto(broker_lines: &str) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("mosquitto.conf");
-        let mut conf = String::from("allow_anonymous true\npersistence false\nlog_type all\n\
+        let mut conf = String::from(
+            "allow_anonymous true\npersistence false\nlog_type all\n\
              # One copy per matching subscription: the default (false) delivers overlapping\n\
              # 3.1.1 subscriptions once at the first match's QoS, against MQTT-3.3.5-1.\n\
-             allow_duplicate_messages true\n");
-        for line in broker_lines.lines().map(str::trim).filter(|l| !l.is_empty()) {
+             allow_duplicate_messages true\n",
+        );
+        for line in broker_lines
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
             conf.push_str(&mosquitto_equivalent(line));
             conf.push('\n');
         }
@@ -238,15 +250,24 @@ impl Broker {
         std::thread::spawn(move || drain_log(stderr, log, Some(tx)));
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(port) => self.port = port,
-            Err(_) => {
-                let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            Err(e) => {
+                // Disconnected: stderr closed, so outpost exited (e.g. a refused config);
+                // give it a moment to be reaped so the status is reported.
+                if e == std_mpsc::RecvTimeoutError::Disconnected {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let status = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
                 self.kill9();
-                panic!(
-                    "outpost did not log `listening transport=tcp addr=127.0.0.1:PORT` within {:?} \
-                     (exit status {status:?}); stderr:\n{}",
-                    START_TIMEOUT,
-                    self.log()
-                );
+                let what = match status {
+                    Some(s) => format!("outpost exited ({s}) before listening"),
+                    None => format!(
+                        "outpost did not log `listening transport=tcp addr=127.0.0.1:PORT` within {START_TIMEOUT:?}"
+                    ),
+                };
+                panic!("{what}; stderr:\n{}", self.log());
             }
         }
     }
@@ -278,7 +299,10 @@ impl Broker {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
                 self.kill9();
-                panic!("mosquitto did not listen on {port}; stderr:\n{}", self.log());
+                panic!(
+                    "mosquitto did not listen on {port}; stderr:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -316,8 +340,12 @@ impl Broker {
     /// SIGTERM, then wait up to 10 s (SIGKILL after that); returns the exit status.
     pub fn stop_gracefully(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -334,7 +362,10 @@ impl Broker {
     /// Start again with the same config and state directory (the port may change).
     pub fn restart(&mut self) {
         self.kill9();
-        self.log.lock().map(|mut l| l.push_str("---- restart ----\n")).ok();
+        self.log
+            .lock()
+            .map(|mut l| l.push_str("---- restart ----\n"))
+            .ok();
         self.spawn();
     }
 }
@@ -377,6 +408,7 @@ fn mosquitto_equivalent(line: &str) -> String {
         // Mosquitto announces max_inflight_messages as its Receive Maximum.
         "receive_maximum" => format!("max_inflight_messages {value}"),
         "max_inflight" => format!("max_inflight_messages {value}"),
+        "sys_interval" => format!("sys_interval {}", value.trim_end_matches('s')),
         // No Mosquitto equivalent: the CONNECT timeout is outpost's own.
         "connect_timeout" => String::new(),
         other => panic!("no mosquitto equivalent for outpost key `{other}`"),
@@ -393,6 +425,9 @@ mod tests {
         assert_eq!(parse_listening_port(l), Some(41234));
         let colored = "\u{1b}[32m INFO\u{1b}[0m listening \u{1b}[3mtransport\u{1b}[0m\u{1b}[2m=\u{1b}[0mtcp \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:5000";
         assert_eq!(parse_listening_port(colored), Some(5000));
-        assert_eq!(parse_listening_port("listening transport=ws addr=127.0.0.1:1"), None);
+        assert_eq!(
+            parse_listening_port("listening transport=ws addr=127.0.0.1:1"),
+            None
+        );
     }
 }

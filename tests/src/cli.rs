@@ -36,9 +36,18 @@ fn require(tool: &str) {
 pub async fn mosquitto_pub(port: u16, topic: &str, payload: &str, qos: u8, retain: bool, v5: bool) {
     require("mosquitto_pub");
     let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-m", payload])
-        .args(["-q", &qos.to_string()])
-        .kill_on_drop(true);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        topic,
+        "-m",
+        payload,
+    ])
+    .args(["-q", &qos.to_string()])
+    .kill_on_drop(true);
     if retain {
         cmd.arg("-r");
     }
@@ -68,18 +77,33 @@ const MARK: &str = "MSG| ";
 impl MosquittoSub {
     /// Subscribe to `filter` at `qos`, exit after `count` messages or `wait_secs` seconds.
     /// Returns once the broker has acknowledged the subscription.
-    pub async fn start(port: u16, filter: &str, qos: u8, count: usize, wait_secs: u32, v5: bool) -> MosquittoSub {
+    pub async fn start(
+        port: u16,
+        filter: &str,
+        qos: u8,
+        count: usize,
+        wait_secs: u32,
+        v5: bool,
+    ) -> MosquittoSub {
         require("mosquitto_sub");
         // stdbuf: mosquitto_sub block-buffers stdout into a pipe, hiding the SUBACK line.
         let mut cmd = Command::new("stdbuf");
         cmd.args(["-oL", "mosquitto_sub"]);
-        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-d"])
-            .args(["-q", &qos.to_string(), "-C", &count.to_string()])
-            .args(["-W", &wait_secs.to_string()])
-            .args(["-F", &format!("{MARK}%q %r %t %p")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            filter,
+            "-d",
+        ])
+        .args(["-q", &qos.to_string(), "-C", &count.to_string()])
+        .args(["-W", &wait_secs.to_string()])
+        .args(["-F", &format!("{MARK}%q %r %t %p")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
         if v5 {
             cmd.args(["-V", "mqttv5"]);
         }
@@ -110,7 +134,12 @@ impl MosquittoSub {
                     let retain = parts.next() == Some("1");
                     let topic = parts.next().unwrap_or_default().to_string();
                     let payload = parts.next().unwrap_or_default().to_string();
-                    out.push(CliMessage { topic, qos, retain, payload });
+                    out.push(CliMessage {
+                        topic,
+                        qos,
+                        retain,
+                        payload,
+                    });
                 }
             }
         })

@@ -127,6 +127,26 @@ macro_rules! rumqttc_client {
                 }
             }
 
+            /// Exactly the next `n` PUBLISHes; panics if fewer arrive within `wait` in total.
+            pub async fn expect_publishes(&mut self, n: usize, wait: Duration) -> Vec<$publish> {
+                let deadline = Instant::now() + wait;
+                let mut out = Vec::with_capacity(n);
+                while out.len() < n {
+                    match self
+                        .next_publish(deadline.saturating_duration_since(Instant::now()))
+                        .await
+                    {
+                        Some(p) => out.push(p),
+                        None => panic!(
+                            "only {} of {n} PUBLISHes within {wait:?} (connection error: {:?}): {out:?}",
+                            out.len(),
+                            self.closed
+                        ),
+                    }
+                }
+                out
+            }
+
             /// Every PUBLISH received during `wait`.
             pub async fn publishes_during(&mut self, wait: Duration) -> Vec<$publish> {
                 let deadline = Instant::now() + wait;

@@ -228,7 +228,8 @@ impl RawClient {
 
     /// Send PUBACK for `packet_id`.
     pub async fn puback(&mut self, packet_id: u16) {
-        self.send(&Packet::PubAck(PubResponse::new(packet_id))).await;
+        self.send(&Packet::PubAck(PubResponse::new(packet_id)))
+            .await;
     }
 
     /// Send a normal DISCONNECT.
@@ -240,7 +241,7 @@ impl RawClient {
         .await;
     }
 
-    /// Half-close and drop the socket with no DISCONNECT (an abnormal disconnect).
+    /// Close the socket without sending DISCONNECT (an abnormal disconnect for MQTT).
     pub fn drop_abruptly(self) {
         drop(self);
     }
@@ -326,7 +327,13 @@ pub mod bytes_of {
     }
 
     /// A PUBLISH with arbitrary topic bytes, flags and body; `v5` adds an empty property block.
-    pub fn publish(flags: u8, topic: &[u8], packet_id: Option<u16>, v5: bool, payload: &[u8]) -> Vec<u8> {
+    pub fn publish(
+        flags: u8,
+        topic: &[u8],
+        packet_id: Option<u16>,
+        v5: bool,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut body = string(topic);
         if let Some(id) = packet_id {
             body.extend_from_slice(&id.to_be_bytes());

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Packet, Protocol, ReasonCode};
 use outpost_tests::raw::{bytes_of, connect_packet};
-use outpost_tests::{Broker, QUIET, RawClient, V4Client, V5Client, WAIT, mosquitto_mode, outpost_only};
+use outpost_tests::{
+    Broker, QUIET, RawClient, V4Client, V5Client, WAIT, mosquitto_mode, outpost_only,
+};
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,7 +18,10 @@ async fn v4_clean_session_connack_accepted_without_session_mqtt_3_2_2_1() {
     })
     .await;
     assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
-    assert!(!ack.session_present, "clean session must not report a session");
+    assert!(
+        !ack.session_present,
+        "clean session must not report a session"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,7 +39,8 @@ async fn v5_clean_start_connack_success_without_session_mqtt_3_2_2_2() {
 async fn v4_connack_bytes_are_exact_mqtt_3_2() {
     let broker = Broker::start("");
     let mut raw = RawClient::tcp(broker.port(), Protocol::V3_1_1).await;
-    raw.send_bytes(&bytes_of::connect(b"MQTT", 4, "c-bytes")).await;
+    raw.send_bytes(&bytes_of::connect(b"MQTT", 4, "c-bytes"))
+        .await;
     // CONNACK: type 2, remaining length 2, session present 0, return code 0.
     assert_eq!(raw.read_bytes(4, WAIT).await, vec![0x20, 0x02, 0x00, 0x00]);
 }
@@ -43,7 +49,8 @@ async fn v4_connack_bytes_are_exact_mqtt_3_2() {
 async fn v31_mqisdp_client_is_accepted() {
     let broker = Broker::start("");
     let mut raw = RawClient::tcp(broker.port(), Protocol::V3_1).await;
-    raw.send_bytes(&bytes_of::connect(b"MQIsdp", 3, "c-v31")).await;
+    raw.send_bytes(&bytes_of::connect(b"MQIsdp", 3, "c-v31"))
+        .await;
     assert_eq!(raw.read_bytes(4, WAIT).await, vec![0x20, 0x02, 0x00, 0x00]);
 }
 
@@ -60,7 +67,10 @@ async fn v4_empty_client_id_with_clean_session_0_refused_rc2_mqtt_3_1_3_8() {
         vec![0x20, 0x02, 0x00, 0x02],
         "expected CONNACK return code 2 (identifier rejected)"
     );
-    assert!(raw.closed_within(WAIT).await, "connection must be closed after rc 2");
+    assert!(
+        raw.closed_within(WAIT).await,
+        "connection must be closed after rc 2"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,8 +84,10 @@ async fn v4_empty_client_id_with_clean_session_1_is_accepted_mqtt_3_1_3_6() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_empty_client_id_gets_assigned_client_identifier_mqtt_3_2_2_16() {
     let broker = Broker::start("");
-    let (_a, ack_a) = RawClient::connect(broker.port(), connect_packet(Protocol::V5, "", true)).await;
-    let (_b, ack_b) = RawClient::connect(broker.port(), connect_packet(Protocol::V5, "", true)).await;
+    let (_a, ack_a) =
+        RawClient::connect(broker.port(), connect_packet(Protocol::V5, "", true)).await;
+    let (_b, ack_b) =
+        RawClient::connect(broker.port(), connect_packet(Protocol::V5, "", true)).await;
     assert_eq!(ack_a.reason, ReasonCode::SUCCESS);
     let id_a = ack_a
         .properties
@@ -86,17 +98,22 @@ async fn v5_empty_client_id_gets_assigned_client_identifier_mqtt_3_2_2_16() {
         .assigned_client_identifier
         .expect("CONNACK must carry an Assigned Client Identifier");
     assert!(!id_a.is_empty());
-    assert_ne!(id_a, id_b, "assigned identifiers must be unique (MQTT-3.1.3-6)");
+    assert_ne!(
+        id_a, id_b,
+        "assigned identifiers must be unique (MQTT-3.1.3-6)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_protocol_level_refused_and_closed_mqtt_3_1_2_2() {
     let broker = Broker::start("");
     let mut raw = RawClient::tcp(broker.port(), Protocol::V3_1_1).await;
-    raw.send_bytes(&bytes_of::connect(b"MQTT", 6, "c-level6")).await;
+    raw.send_bytes(&bytes_of::connect(b"MQTT", 6, "c-level6"))
+        .await;
     let reply = raw.read_bytes(4, WAIT).await;
     // 3.1.1 form: return code 0x01; 5.0 form: reason 0x84 followed by properties.
-    let ok = reply == [0x20, 0x02, 0x00, 0x01] || (reply.len() == 4 && reply[0] == 0x20 && reply[3] == 0x84);
+    let ok = reply == [0x20, 0x02, 0x00, 0x01]
+        || (reply.len() == 4 && reply[0] == 0x20 && reply[3] == 0x84);
     assert!(ok, "expected CONNACK 0x01 (or 5.0 0x84), got {reply:02x?}");
     assert!(raw.closed_within(WAIT).await, "connection must be closed");
 }
@@ -117,28 +134,50 @@ async fn first_packet_not_connect_closes_connection_mqtt_3_1_0_1() {
         }
     })
     .await;
-    assert!(closed.is_ok(), "connection still open after a PINGREQ before CONNECT");
-    assert!(got.is_empty(), "nothing may be answered before CONNECT, got {got:02x?}");
+    assert!(
+        closed.is_ok(),
+        "connection still open after a PINGREQ before CONNECT"
+    );
+    assert!(
+        got.is_empty(),
+        "nothing may be answered before CONNECT, got {got:02x?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_before_connect_is_not_routed_mqtt_3_1_0_1() {
     let broker = Broker::start("");
     let (mut sub, _) = V4Client::connect(broker.port(), "c-prec-sub", |_| {}).await;
-    sub.client.subscribe("c/prec", rumqttc::QoS::AtMostOnce).await.unwrap();
+    sub.client
+        .subscribe("c/prec", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
     sub.expect_suback().await;
     let mut raw = RawClient::tcp(broker.port(), Protocol::V3_1_1).await;
-    raw.send_bytes(&bytes_of::publish(0, b"c/prec", None, false, b"sneaky")).await;
+    raw.send_bytes(&bytes_of::publish(0, b"c/prec", None, false, b"sneaky"))
+        .await;
     assert!(raw.closed_within(WAIT).await, "connection must be closed");
-    assert!(sub.next_publish(QUIET).await.is_none(), "a PUBLISH before CONNECT was routed");
+    assert!(
+        sub.next_publish(QUIET).await.is_none(),
+        "a PUBLISH before CONNECT was routed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v4_second_connect_is_a_protocol_violation_mqtt_3_1_0_2() {
     let broker = Broker::start("");
-    let (mut raw, ack) = RawClient::connect(broker.port(), connect_packet(Protocol::V3_1_1, "c-twice4", true)).await;
+    let (mut raw, ack) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V3_1_1, "c-twice4", true),
+    )
+    .await;
     assert_eq!(ack.reason, ReasonCode::SUCCESS);
-    raw.send(&Packet::Connect(Box::new(connect_packet(Protocol::V3_1_1, "c-twice4", true)))).await;
+    raw.send(&Packet::Connect(Box::new(connect_packet(
+        Protocol::V3_1_1,
+        "c-twice4",
+        true,
+    ))))
+    .await;
     let got = raw.expect_closed(WAIT).await;
     assert!(
         !got.iter().any(|p| matches!(p, Packet::ConnAck(_))),
@@ -149,8 +188,17 @@ async fn v4_second_connect_is_a_protocol_violation_mqtt_3_1_0_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_second_connect_is_a_protocol_error_mqtt_3_1_0_2() {
     let broker = Broker::start("");
-    let (mut raw, _) = RawClient::connect(broker.port(), connect_packet(Protocol::V5, "c-twice5", true)).await;
-    raw.send(&Packet::Connect(Box::new(connect_packet(Protocol::V5, "c-twice5", true)))).await;
+    let (mut raw, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V5, "c-twice5", true),
+    )
+    .await;
+    raw.send(&Packet::Connect(Box::new(connect_packet(
+        Protocol::V5,
+        "c-twice5",
+        true,
+    ))))
+    .await;
     let got = raw.expect_closed(WAIT).await;
     for p in &got {
         match p {
@@ -166,9 +214,15 @@ async fn no_connect_within_connect_timeout_closes_connection() {
     let broker = Broker::start("connect_timeout = \"1s\"");
     let started = Instant::now();
     let mut raw = RawClient::tcp(broker.port(), Protocol::V3_1_1).await;
-    assert!(raw.closed_within(Duration::from_secs(4)).await, "idle connection without CONNECT not closed");
+    assert!(
+        raw.closed_within(Duration::from_secs(4)).await,
+        "idle connection without CONNECT not closed"
+    );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(800), "closed too early ({took:?}) for a 1 s connect timeout");
+    assert!(
+        took >= Duration::from_millis(800),
+        "closed too early ({took:?}) for a 1 s connect timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,9 +235,17 @@ async fn v4_takeover_closes_the_first_connection_mqtt_3_1_4_2() {
         "the first connection must be closed when the client id reconnects"
     );
     // The new connection is fully functional.
-    second.client.subscribe("c/take4", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    second
+        .client
+        .subscribe("c/take4", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
     second.expect_suback().await;
-    second.client.publish("c/take4", rumqttc::QoS::AtLeastOnce, false, "x").await.unwrap();
+    second
+        .client
+        .publish("c/take4", rumqttc::QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
     let p = second.expect_publish(WAIT).await;
     assert_eq!(&p.payload[..], b"x");
     assert!(second.closed.is_none());
@@ -192,13 +254,19 @@ async fn v4_takeover_closes_the_first_connection_mqtt_3_1_4_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_takeover_sends_disconnect_0x8e_to_the_first_connection_mqtt_3_1_4_3() {
     let broker = Broker::start("");
-    let (mut first, _) = RawClient::connect(broker.port(), connect_packet(Protocol::V5, "c-take5", true)).await;
-    let (mut second, ack) = RawClient::connect(broker.port(), connect_packet(Protocol::V5, "c-take5", true)).await;
+    let (mut first, _) =
+        RawClient::connect(broker.port(), connect_packet(Protocol::V5, "c-take5", true)).await;
+    let (mut second, ack) =
+        RawClient::connect(broker.port(), connect_packet(Protocol::V5, "c-take5", true)).await;
     assert_eq!(ack.reason, ReasonCode::SUCCESS);
     let reason = first.expect_closed_with_disconnect(WAIT).await;
     // Mosquitto 2.0.11 only closes the socket; outpost must say why.
     if !mosquitto_mode() {
-        assert_eq!(reason, Some(ReasonCode::SESSION_TAKEN_OVER), "first connection must get DISCONNECT 0x8E");
+        assert_eq!(
+            reason,
+            Some(ReasonCode::SESSION_TAKEN_OVER),
+            "first connection must get DISCONNECT 0x8E"
+        );
     }
     second.send(&Packet::PingReq).await;
     assert_eq!(second.expect_packet_raw(WAIT).await, Packet::PingResp);
@@ -207,7 +275,22 @@ async fn v5_takeover_sends_disconnect_0x8e_to_the_first_connection_mqtt_3_1_4_3(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pingreq_gets_pingresp_mqtt_3_12_4_1() {
     let broker = Broker::start("");
-    let (mut raw, _) = RawClient::connect(broker.port(), connect_packet(Protocol::V3_1_1, "c-ping", true)).await;
+    let (mut raw, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V3_1_1, "c-ping", true),
+    )
+    .await;
+    raw.send(&Packet::PingReq).await;
+    assert_eq!(raw.expect_packet_raw(WAIT).await, Packet::PingResp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_zero_disables_the_timeout_mqtt_3_1_2_10() {
+    let broker = Broker::start("");
+    let mut c = connect_packet(Protocol::V3_1_1, "c-ka0", true);
+    c.keep_alive = 0;
+    let (mut raw, _) = RawClient::connect(broker.port(), c).await;
+    raw.expect_silence(Duration::from_millis(2500)).await;
     raw.send(&Packet::PingReq).await;
     assert_eq!(raw.expect_packet_raw(WAIT).await, Packet::PingResp);
 }

@@ -51,11 +51,19 @@ async fn v4_will_not_published_on_normal_disconnect_mqtt_3_14_4_3() {
     let broker = Broker::start("");
     let mut w = watcher(broker.port(), "w-norm4-watch", "w/norm4").await;
     let (c, _) = V4Client::connect(broker.port(), "w-norm4", |o| {
-        o.set_last_will(rumqttc::LastWill::new("w/norm4", "must not", Q4::AtLeastOnce, false));
+        o.set_last_will(rumqttc::LastWill::new(
+            "w/norm4",
+            "must not",
+            Q4::AtLeastOnce,
+            false,
+        ));
     })
     .await;
     c.disconnect().await;
-    assert!(w.next_publish(Duration::from_secs(1)).await.is_none(), "will published after DISCONNECT");
+    assert!(
+        w.next_publish(Duration::from_secs(1)).await.is_none(),
+        "will published after DISCONNECT"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,8 +74,14 @@ async fn v5_will_not_published_on_disconnect_0x00_mqtt_3_1_2_8() {
     c.will = Some(will("w/norm5", "must not", QoS::AtLeastOnce, false));
     let (mut raw, _) = RawClient::connect(broker.port(), c).await;
     raw.disconnect().await;
-    assert!(raw.closed_within(WAIT).await, "server must close after DISCONNECT");
-    assert!(w.next_publish(Duration::from_secs(1)).await.is_none(), "will published after DISCONNECT 0x00");
+    assert!(
+        raw.closed_within(WAIT).await,
+        "server must close after DISCONNECT"
+    );
+    assert!(
+        w.next_publish(Duration::from_secs(1)).await.is_none(),
+        "will published after DISCONNECT 0x00"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,10 +108,16 @@ async fn retained_will_is_stored_as_retained_mqtt_3_1_2_17() {
     raw.drop_abruptly();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut late, _) = V4Client::connect(broker.port(), "w-ret-late", |_| {}).await;
-    late.client.subscribe("w/ret", Q4::AtLeastOnce).await.unwrap();
+    late.client
+        .subscribe("w/ret", Q4::AtLeastOnce)
+        .await
+        .unwrap();
     let p = late.expect_publish(WAIT).await;
     assert_eq!(&p.payload[..], b"offline");
-    assert!(p.retain, "a will with RETAIN=1 becomes the retained message");
+    assert!(
+        p.retain,
+        "a will with RETAIN=1 becomes the retained message"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +139,10 @@ async fn v5_will_delay_interval_delays_the_will_mqtt_3_1_3_9() {
     let p = w.expect_publish(Duration::from_secs(4)).await;
     assert_eq!(&p.payload[..], b"late");
     let after = dropped.elapsed();
-    assert!(after >= Duration::from_millis(1800), "will came after {after:?}, delay was 2 s");
+    assert!(
+        after >= Duration::from_millis(1800),
+        "will came after {after:?}, delay was 2 s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,10 +178,20 @@ async fn keep_alive_expiry_after_one_and_a_half_times_publishes_will_mqtt_3_1_2_
     let silent_since = Instant::now();
     // 1.5 x 1 s, plus scheduling slack. Mosquitto 2.0.11 checks keep alives coarsely
     // (about 4 s here), so validation mode allows it more.
-    let bound = if mosquitto_mode() { Duration::from_secs(6) } else { Duration::from_secs(4) };
-    assert!(raw.closed_within(bound).await, "silent client not disconnected within {bound:?}");
+    let bound = if mosquitto_mode() {
+        Duration::from_secs(6)
+    } else {
+        Duration::from_secs(4)
+    };
+    assert!(
+        raw.closed_within(bound).await,
+        "silent client not disconnected within {bound:?}"
+    );
     let took = silent_since.elapsed();
-    assert!(took >= Duration::from_millis(900), "disconnected after {took:?}, before the keep alive elapsed");
+    assert!(
+        took >= Duration::from_millis(900),
+        "disconnected after {took:?}, before the keep alive elapsed"
+    );
     assert_eq!(&w.expect_publish(WAIT).await.payload[..], b"timed out");
 }
 
@@ -174,4 +207,33 @@ async fn keep_alive_is_satisfied_by_pingreq_mqtt_3_1_2_23() {
         assert_eq!(raw.expect_packet_raw(WAIT).await, Packet::PingResp);
     }
     raw.expect_silence(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_will_properties_are_forwarded_mqtt_3_1_3_10() {
+    let broker = Broker::start("");
+    let (mut w, _) = V5Client::connect(broker.port(), "w-props-watch", |_| {}).await;
+    w.client
+        .subscribe("w/props", rumqttc::v5::mqttbytes::QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    w.expect_suback().await;
+    let mut c = connect_packet(Protocol::V5, "w-props", true);
+    let mut wl = will("w/props", "bye", QoS::ExactlyOnce, false);
+    wl.properties.content_type = Some("text/plain".into());
+    wl.properties.user_properties = vec![("why".into(), "crash".into())];
+    wl.properties.payload_format_indicator = Some(1);
+    c.will = Some(wl);
+    let (raw, _) = RawClient::connect(broker.port(), c).await;
+    raw.drop_abruptly();
+    let p = w.expect_publish(WAIT).await;
+    assert_eq!(&p.payload[..], b"bye");
+    assert_eq!(p.qos, rumqttc::v5::mqttbytes::QoS::ExactlyOnce);
+    let props = p.properties.expect("will properties forwarded");
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        props.user_properties,
+        vec![("why".to_string(), "crash".to_string())]
+    );
+    assert_eq!(props.payload_format_indicator, Some(1));
 }

@@ -116,6 +116,8 @@ async fn serve<R: ReadSide, W: WriteSide>(
         .await
         .map(|d| *d);
     rx.close();
+    // Tell the core before the client can see the socket close, so a client that
+    // reconnects at once finds its will published and its session ended or kept.
     if let Some((session, conn_id)) = accepted {
         let _ = Box::pin(core.send(CoreEvent::Closed {
             session,
@@ -124,6 +126,7 @@ async fn serve<R: ReadSide, W: WriteSide>(
         }))
         .await;
     }
+    wr.close().await;
 }
 
 /// [`handshake`] on the heap, so the long-lived connection future does not keep room
@@ -305,6 +308,16 @@ impl Conn {
         tokio::pin!(timer);
         let mut closing_armed = false;
 
+        // What the core queued while the connection was set up (CONNACK, resent
+        // messages); a refused connection has its CONNACK and nothing else to send.
+        rx.drain_into(&mut items);
+        while let Some(item) = items.pop_front() {
+            if self.add(item, &mut wbuf) {
+                self.closing = true;
+                items.clear();
+            }
+        }
+
         // Bytes that arrived together with CONNECT.
         if !rbuf.is_empty()
             && let Err(e) = self.on_bytes_boxed(&mut rbuf, &mut wbuf).await
@@ -394,7 +407,6 @@ impl Conn {
                 }
             }
         }
-        wr.close().await;
         match end {
             Some(End::Graceful(d)) => Some(d),
             _ => None,
@@ -676,4 +688,3 @@ fn kind(p: &Packet) -> &'static str {
         Packet::Auth(_) => "AUTH",
     }
 }
-

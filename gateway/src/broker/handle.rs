@@ -62,6 +62,24 @@ impl BrokerHandle {
         retain: bool,
         properties: Properties,
     ) -> Result<(), PublishError> {
+        self.publish_accepted(topic, payload, qos, retain, properties)
+            .await?
+            .durable()
+            .await
+    }
+
+    /// Publishes a message and resolves as soon as the broker has routed it, returning
+    /// a receipt that resolves once it is durable. Publishers with many messages in
+    /// flight (the sensors) use this to keep accept order without waiting for each
+    /// commit in turn.
+    pub async fn publish_accepted(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: Properties,
+    ) -> Result<Receipt, PublishError> {
         outpost_mqtt::topic::validate_topic_name(topic).map_err(|e| {
             PublishError::InvalidTopic {
                 topic: topic.to_owned(),
@@ -72,10 +90,7 @@ impl BrokerHandle {
         let (done, receipts) = oneshot::channel();
         self.send(CoreEvent::LocalPublish { msg, done }).await?;
         let receipts = receipts.await.map_err(|_| PublishError::Stopped)?;
-        for r in receipts {
-            r.await.map_err(|_| PublishError::Stopped)??;
-        }
-        Ok(())
+        Ok(Receipt { receipts })
     }
 
     /// Subscribes in-process; messages arrive on the returned subscription until it is
@@ -123,6 +138,28 @@ impl BrokerHandle {
         if self.send(CoreEvent::Shutdown(done)).await.is_ok() {
             let _ = wait.await;
         }
+    }
+}
+
+/// Proof that the broker accepted a message; await [`Receipt::durable`] for the
+/// durable sinks' commits.
+#[must_use = "await durable() to know the message is committed"]
+pub struct Receipt {
+    receipts: Vec<oneshot::Receiver<Result<(), Rejected>>>,
+}
+
+impl Receipt {
+    /// True when no durable sink took the message (nothing to wait for).
+    pub fn is_final(&self) -> bool {
+        self.receipts.is_empty()
+    }
+
+    /// Resolves once every durable sink that took the message has committed it.
+    pub async fn durable(self) -> Result<(), PublishError> {
+        for r in self.receipts {
+            r.await.map_err(|_| PublishError::Stopped)??;
+        }
+        Ok(())
     }
 }
 

@@ -25,7 +25,7 @@ mod ws;
 use std::sync::Arc;
 
 pub use auth::hash_password;
-pub use handle::{BrokerHandle, LocalSubscription, PublishError};
+pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, bind_listeners};
 pub use message::Message;
 pub use settings::Settings;

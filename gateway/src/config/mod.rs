@@ -35,6 +35,9 @@ pub struct Config {
     /// The local MQTT broker.
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// Modbus and serial sensors (`[sensors]`, `[[sensors.modbus]]`, `[[sensors.serial]]`).
+    #[serde(default)]
+    pub sensors: outpost_sensors::SensorsConfig,
 }
 
 fn default_prefix() -> String {
@@ -243,6 +246,16 @@ impl Config {
         Config::parse("", Path::new("<embedded default>")).expect("embedded default is valid")
     }
 
+    /// The sensors section with the gateway's topic prefix applied where the section
+    /// does not set its own.
+    pub fn sensors(&self) -> outpost_sensors::SensorsConfig {
+        let mut s = self.sensors.clone();
+        if s.topic_prefix.is_none() {
+            s.topic_prefix = Some(self.topic_prefix.clone());
+        }
+        s
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -310,6 +323,11 @@ impl Config {
                 ));
             }
         }
+        self.sensors.validate().map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: e.path.clone(),
+            message: e.message.clone(),
+        })?;
         if let Some(id) = &self.gateway_id
             && (id.is_empty() || id.contains(['/', '+', '#']))
         {

@@ -80,7 +80,11 @@ impl Health {
             DeviceStatus::Quarantined
         } else {
             let factor = 1u32.checked_shl(self.failures - 1).unwrap_or(u32::MAX);
-            let delay = self.policy.backoff.saturating_mul(factor).min(self.policy.max_backoff);
+            let delay = self
+                .policy
+                .backoff
+                .saturating_mul(factor)
+                .min(self.policy.max_backoff);
             self.next_allowed = Some(now + delay);
             DeviceStatus::Offline
         };
@@ -120,7 +124,14 @@ mod tests {
         assert_eq!(delays, vec![s(1), s(2), s(4), s(5), s(60), s(60)]);
         assert_eq!(
             statuses,
-            vec![Some(DeviceStatus::Offline), None, None, None, Some(DeviceStatus::Quarantined), None]
+            vec![
+                Some(DeviceStatus::Offline),
+                None,
+                None,
+                None,
+                Some(DeviceStatus::Quarantined),
+                None
+            ]
         );
         assert!(!h.ready(t0 + s(59)));
         assert!(h.ready(t0 + s(60)));
@@ -136,7 +147,10 @@ mod tests {
         // A new error text is news even when the status is the same.
         assert!(h.on_failure("connection refused", t0).is_some());
         let back = h.on_success().unwrap();
-        assert_eq!(back, (DeviceStatus::Online, Some("connection refused".into())));
+        assert_eq!(
+            back,
+            (DeviceStatus::Online, Some("connection refused".into()))
+        );
         assert_eq!(h.failures(), 0);
         assert!(h.ready(t0));
     }

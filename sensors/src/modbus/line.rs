@@ -67,26 +67,11 @@ pub struct LineDevice {
     pub status_topic: String,
     /// Write-result topics per point.
     pub result_topics: Vec<String>,
-    served: u64,
+    /// Scheduler round in which the device was last served (fairness).
+    pub served: u64,
 }
 
 impl LineDevice {
-    /// Builds a device.
-    pub fn new(name: String, unit: u8, timeout: Duration, retries: u32, points: Vec<LinePoint>, reads: Vec<Scheduled>, health: Health, status_topic: String, result_topics: Vec<String>) -> Self {
-        LineDevice {
-            name,
-            unit,
-            timeout,
-            retries,
-            points,
-            reads,
-            health,
-            status_topic,
-            result_topics,
-            served: 0,
-        }
-    }
-
     fn earliest_due(&self) -> Option<Instant> {
         let due = self.reads.iter().map(|r| r.next_due).min()?;
         Some(self.health.next_allowed().map_or(due, |t| t.max(due)))
@@ -126,7 +111,10 @@ pub struct Line {
 
 impl std::fmt::Debug for Line {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Line").field("endpoint", &self.endpoint).field("devices", &self.devices.len()).finish()
+        f.debug_struct("Line")
+            .field("endpoint", &self.endpoint)
+            .field("devices", &self.devices.len())
+            .finish()
     }
 }
 
@@ -142,7 +130,12 @@ impl std::fmt::Debug for Outcome {
 
 impl Line {
     /// Builds a line scheduler.
-    pub fn new(endpoint: Endpoint, devices: Vec<LineDevice>, stats: Arc<LineStats>, emitter: Emitter) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        devices: Vec<LineDevice>,
+        stats: Arc<LineStats>,
+        emitter: Emitter,
+    ) -> Self {
         let inter_frame = match &endpoint {
             Endpoint::Rtu(s) => s.inter_frame_delay(),
             Endpoint::Tcp { .. } => Duration::ZERO,
@@ -160,7 +153,11 @@ impl Line {
     }
 
     /// Runs until shutdown or until the gateway channel closes.
-    pub async fn run(mut self, mut writes: mpsc::Receiver<WriteJob>, mut shutdown: watch::Receiver<bool>) -> Result<(), SensorsError> {
+    pub async fn run(
+        mut self,
+        mut writes: mpsc::Receiver<WriteJob>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), SensorsError> {
         let mut writes_open = true;
         loop {
             if *shutdown.borrow() {
@@ -178,7 +175,12 @@ impl Line {
                 if let Some((d, r)) = self.pick(now) {
                     return self.poll(d, r).await;
                 }
-                let wake = self.devices.iter().filter_map(LineDevice::earliest_due).min().unwrap_or(now + Duration::from_secs(3600));
+                let wake = self
+                    .devices
+                    .iter()
+                    .filter_map(LineDevice::earliest_due)
+                    .min()
+                    .unwrap_or(now + Duration::from_secs(3600));
                 tokio::select! {
                     () = tokio::time::sleep_until(wake.into()) => Ok(()),
                     job = writes.recv(), if writes_open => match job {
@@ -205,7 +207,12 @@ impl Line {
             .enumerate()
             .filter(|(_, d)| d.health.ready(now))
             .filter_map(|(i, d)| {
-                let (ri, r) = d.reads.iter().enumerate().filter(|(_, r)| r.next_due <= now).min_by_key(|(_, r)| r.next_due)?;
+                let (ri, r) = d
+                    .reads
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.next_due <= now)
+                    .min_by_key(|(_, r)| r.next_due)?;
                 Some((d.served, r.next_due, i, ri))
             })
             .min()
@@ -216,6 +223,12 @@ impl Line {
         let (unit, timeout, retries) = {
             let d = &self.devices[dev];
             (d.unit, d.timeout, d.retries)
+        };
+        // At low baud rates a long frame takes a noticeable time on the wire: the response timeout
+        // starts after that, so a slow line is not mistaken for a dead device.
+        let timeout = match &self.endpoint {
+            Endpoint::Rtu(s) => timeout + s.wire_time(frame_bytes(&req)),
+            Endpoint::Tcp { .. } => timeout,
         };
         let mut last = String::from("no attempt");
         for _ in 0..=retries {
@@ -232,7 +245,9 @@ impl Line {
                     }
                 }
             }
-            let Some(conn) = self.conn.as_mut() else { continue };
+            let Some(conn) = self.conn.as_mut() else {
+                continue;
+            };
             conn.set_slave(Slave(unit));
             LineStats::bump(&self.stats.requests);
             let res = tokio::time::timeout(timeout, conn.call(req.clone())).await;
@@ -251,7 +266,9 @@ impl Line {
                     LineStats::bump(&self.stats.transport_errors);
                     last = match e {
                         tokio_modbus::Error::Transport(io) => format!("transport error: {io}"),
-                        tokio_modbus::Error::Protocol(_) => "unexpected response (wrong unit or function)".to_string(),
+                        tokio_modbus::Error::Protocol(_) => {
+                            "unexpected response (wrong unit or function)".to_string()
+                        }
                     };
                     // After a decode error the framed stream may be desynchronised: start afresh.
                     self.conn = None;
@@ -306,7 +323,11 @@ impl Line {
                     let reason = format!("exception: {code}");
                     let d = &mut self.devices[dev];
                     for &p in &read.points {
-                        msgs.extend(d.points[p].out.observe(Err(reason.clone()), now, &self.emitter.clock));
+                        msgs.extend(d.points[p].out.observe(
+                            Err(reason.clone()),
+                            now,
+                            &self.emitter.clock,
+                        ));
                     }
                 }
                 change
@@ -333,7 +354,11 @@ impl Line {
         let s = d.reads.swap_remove(ri);
         for &p in &s.read.points {
             let pt = &d.points[p];
-            let count = if pt.area.is_bit() { 1 } else { pt.codec.count() };
+            let count = if pt.area.is_bit() {
+                1
+            } else {
+                pt.codec.count()
+            };
             d.reads.push(Scheduled {
                 read: Read {
                     area: pt.area,
@@ -347,7 +372,14 @@ impl Line {
         }
     }
 
-    fn decode(&mut self, dev: usize, read: &Read, resp: Response, now: Instant, msgs: &mut Vec<SensorMessage>) {
+    fn decode(
+        &mut self,
+        dev: usize,
+        read: &Read,
+        resp: Response,
+        now: Instant,
+        msgs: &mut Vec<SensorMessage>,
+    ) {
         let clock = self.emitter.clock.clone();
         let d = &mut self.devices[dev];
         let (words, bits): (Option<Vec<u16>>, Option<Vec<bool>>) = match resp {
@@ -366,7 +398,9 @@ impl Line {
             let pt = &mut d.points[p];
             let off = usize::from(pt.start - read.start);
             let value = if let Some(b) = &bits {
-                b.get(off).map(|v| Value::Bool(*v)).ok_or_else(|| "short response".to_string())
+                b.get(off)
+                    .map(|v| Value::Bool(*v))
+                    .ok_or_else(|| "short response".to_string())
             } else {
                 let w = words.as_deref().unwrap_or(&[]);
                 let slice = w.get(off..).unwrap_or(&[]);
@@ -380,11 +414,17 @@ impl Line {
         }
     }
 
-    async fn publish_status(&mut self, dev: usize, change: Option<StatusChange>) -> Result<(), SensorsError> {
+    async fn publish_status(
+        &mut self,
+        dev: usize,
+        change: Option<StatusChange>,
+    ) -> Result<(), SensorsError> {
         if let Some((status, err)) = change {
             let d = &self.devices[dev];
             tracing::info!(device = %d.name, status = status.as_str(), error = ?err, "device status");
-            self.emitter.status(&d.status_topic, status, err.as_deref()).await?;
+            self.emitter
+                .status(&d.status_topic, status, err.as_deref())
+                .await?;
         }
         Ok(())
     }
@@ -401,13 +441,27 @@ impl Line {
                 }
             }
         }
-        let payload = write_result_payload(result.as_ref().map(|()| &job.value).map_err(String::as_str), job.id.as_ref(), &self.emitter.clock);
-        self.emitter.send(SensorMessage { topic, payload, qos: 1, retain: false }).await
+        let payload = write_result_payload(
+            result.as_ref().map(|()| &job.value).map_err(String::as_str),
+            job.id.as_ref(),
+            &self.emitter.clock,
+        );
+        self.emitter
+            .send(SensorMessage {
+                topic,
+                payload,
+                qos: 1,
+                retain: false,
+            })
+            .await
     }
 
     async fn execute_write(&mut self, job: &WriteJob) -> Result<(), String> {
         let req = {
-            let pt = self.devices[job.device].points.get(job.point).ok_or("no such point")?;
+            let pt = self.devices[job.device]
+                .points
+                .get(job.point)
+                .ok_or("no such point")?;
             if !pt.writable {
                 return Err("point is not writable".into());
             }
@@ -416,17 +470,39 @@ impl Line {
         match self.transact(job.device, req).await {
             Outcome::Data(_) => {
                 let change = self.devices[job.device].health.on_success();
-                self.publish_status(job.device, change).await.map_err(|e| e.to_string())?;
+                self.publish_status(job.device, change)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok(())
             }
             Outcome::Exception(code) => Err(format!("exception: {code}")),
             Outcome::Failed(reason) => {
-                let change = self.devices[job.device].health.on_failure(&reason, Instant::now());
-                self.publish_status(job.device, change).await.map_err(|e| e.to_string())?;
+                let change = self.devices[job.device]
+                    .health
+                    .on_failure(&reason, Instant::now());
+                self.publish_status(job.device, change)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Err(reason)
             }
         }
     }
+}
+
+/// RTU bytes of a request plus its normal response (address, PDU, CRC).
+pub fn frame_bytes(req: &Request<'_>) -> u64 {
+    let (request, response) = match req {
+        Request::ReadCoils(_, n) | Request::ReadDiscreteInputs(_, n) => {
+            (8, 5 + u64::from(n.div_ceil(8)))
+        }
+        Request::ReadHoldingRegisters(_, n) | Request::ReadInputRegisters(_, n) => {
+            (8, 5 + 2 * u64::from(*n))
+        }
+        Request::WriteMultipleCoils(_, v) => (9 + (v.len() as u64).div_ceil(8), 8),
+        Request::WriteMultipleRegisters(_, v) => (9 + 2 * v.len() as u64, 8),
+        _ => (8, 8),
+    };
+    request + response
 }
 
 /// Builds the write request for a point: FC 5/15 for coils, 6/16 for registers.
@@ -455,5 +531,36 @@ pub fn build_write(pt: &LinePoint, value: &Value) -> Result<Request<'static>, St
             })
         }
         Area::Discrete | Area::Input => Err("read-only area".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Parity, RtuTransport};
+
+    #[test]
+    fn wire_time_of_a_full_read_at_9600_baud() {
+        // 125 registers: 8-byte request + 255-byte response = 263 characters of 11 bits.
+        let bytes = frame_bytes(&Request::ReadHoldingRegisters(0, 125));
+        assert_eq!(bytes, 263);
+        let line = RtuTransport {
+            port: "x".into(),
+            baud: 9600,
+            data_bits: 8,
+            parity: Parity::Even,
+            stop_bits: 1,
+            inter_frame: None,
+        };
+        let t = line.wire_time(bytes);
+        assert!(
+            t > Duration::from_millis(300) && t < Duration::from_millis(302),
+            "{t:?}"
+        );
+        assert_eq!(frame_bytes(&Request::ReadCoils(0, 9)), 8 + 7);
+        assert_eq!(
+            frame_bytes(&Request::WriteMultipleRegisters(0, vec![1, 2].into())),
+            13 + 8
+        );
     }
 }

@@ -43,10 +43,20 @@ pub fn build(config: &SensorsConfig, topics: &Topics, emitter: &Emitter, stats: 
     let mut groups: BTreeMap<String, (Endpoint, Vec<&ModbusDevice>)> = BTreeMap::new();
     for d in &config.modbus {
         let (key, ep) = match &d.transport {
-            Transport::Tcp(t) => (format!("{}:{}", t.host, t.port), Endpoint::Tcp { host: t.host.clone(), port: t.port }),
+            Transport::Tcp(t) => (
+                format!("{}:{}", t.host, t.port),
+                Endpoint::Tcp {
+                    host: t.host.clone(),
+                    port: t.port,
+                },
+            ),
             Transport::Rtu(r) => (r.port.clone(), Endpoint::Rtu(r.clone())),
         };
-        groups.entry(key).or_insert_with(|| (ep, Vec::new())).1.push(d);
+        groups
+            .entry(key)
+            .or_insert_with(|| (ep, Vec::new()))
+            .1
+            .push(d);
     }
     let mut lines = Vec::new();
     let mut routes = HashMap::new();
@@ -66,7 +76,12 @@ pub fn build(config: &SensorsConfig, topics: &Topics, emitter: &Emitter, stats: 
                 WriteRoute {
                     tx: tx.clone(),
                     device: i,
-                    points: d.points.iter().enumerate().map(|(j, p)| (p.name.clone(), (j, p.writable))).collect(),
+                    points: d
+                        .points
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| (p.name.clone(), (j, p.writable)))
+                        .collect(),
                 },
             );
         }
@@ -81,7 +96,12 @@ fn build_device(d: &ModbusDevice, topics: &Topics, start: Instant) -> LineDevice
         .points
         .iter()
         .map(|p| {
-            let policy = Policy::new(p.report.unwrap_or(d.report), p.deadband, p.deadband_percent, d.heartbeat_of(p));
+            let policy = Policy::new(
+                p.report.unwrap_or(d.report),
+                p.deadband,
+                p.deadband_percent,
+                d.heartbeat_of(p),
+            );
             LinePoint {
                 name: p.name.clone(),
                 area: p.kind,
@@ -90,20 +110,41 @@ fn build_device(d: &ModbusDevice, topics: &Topics, start: Instant) -> LineDevice
                 codec: p.codec(),
                 writable: p.writable,
                 write_function: p.write_function,
-                out: PointOutput::new(topics.reading(&d.name, &p.name), p.unit.clone(), p.qos.unwrap_or(d.qos), p.retain.unwrap_or(d.retain), p.min, p.max, policy),
+                out: PointOutput::new(
+                    topics.reading(&d.name, &p.name),
+                    p.unit.clone(),
+                    p.qos.unwrap_or(d.qos),
+                    p.retain.unwrap_or(d.retain),
+                    p.min,
+                    p.max,
+                    policy,
+                ),
             }
         })
         .collect();
     // Plan per poll interval so a fast point never drags slow ones along.
     let mut by_every: BTreeMap<Duration, Vec<Span>> = BTreeMap::new();
     for (i, (p, lp)) in d.points.iter().zip(&points).enumerate() {
-        by_every.entry(d.every_of(p)).or_default().push(Span { point: i, area: lp.area, start: lp.start, count: p.count() });
+        by_every.entry(d.every_of(p)).or_default().push(Span {
+            point: i,
+            area: lp.area,
+            start: lp.start,
+            count: p.count(),
+        });
     }
-    let limits = Limits { max_gap: d.max_gap, max_registers: d.max_registers, max_bits: d.max_bits };
+    let limits = Limits {
+        max_gap: d.max_gap,
+        max_registers: d.max_registers,
+        max_bits: d.max_bits,
+    };
     let mut reads = Vec::new();
     for (every, spans) in by_every {
         for read in plan(&spans, limits) {
-            reads.push(Scheduled { read, every, next_due: start });
+            reads.push(Scheduled {
+                read,
+                every,
+                next_due: start,
+            });
         }
     }
     let health = Health::new(HealthPolicy {
@@ -112,8 +153,23 @@ fn build_device(d: &ModbusDevice, topics: &Topics, start: Instant) -> LineDevice
         quarantine_after: d.quarantine_after,
         quarantine: d.quarantine(),
     });
-    let result_topics = d.points.iter().map(|p| topics.write_result(&d.name, &p.name)).collect();
-    LineDevice::new(d.name.clone(), d.unit, d.timeout(), d.retries, points, reads, health, topics.status(&d.name), result_topics)
+    let result_topics = d
+        .points
+        .iter()
+        .map(|p| topics.write_result(&d.name, &p.name))
+        .collect();
+    LineDevice {
+        name: d.name.clone(),
+        unit: d.unit,
+        timeout: d.timeout(),
+        retries: d.retries,
+        points,
+        reads,
+        health,
+        status_topic: topics.status(&d.name),
+        result_topics,
+        served: 0,
+    }
 }
 
 /// Why a command could not be queued.
@@ -141,11 +197,23 @@ impl std::fmt::Display for RouteError {
 }
 
 /// Queues a write for a device point.
-pub fn route_write(routes: &HashMap<String, WriteRoute>, device: &str, point: &str, value: Value, id: Option<serde_json::Value>) -> Result<(), RouteError> {
+pub fn route_write(
+    routes: &HashMap<String, WriteRoute>,
+    device: &str,
+    point: &str,
+    value: Value,
+    id: Option<serde_json::Value>,
+) -> Result<(), RouteError> {
     let r = routes.get(device).ok_or(RouteError::UnknownDevice)?;
     let &(idx, writable) = r.points.get(point).ok_or(RouteError::UnknownPoint)?;
     if !writable {
         return Err(RouteError::NotWritable);
     }
-    r.tx.try_send(WriteJob { device: r.device, point: idx, value, id }).map_err(|_| RouteError::Busy)
+    r.tx.try_send(WriteJob {
+        device: r.device,
+        point: idx,
+        value,
+        id,
+    })
+    .map_err(|_| RouteError::Busy)
 }

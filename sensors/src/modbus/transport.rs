@@ -55,7 +55,11 @@ pub struct Metered<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
@@ -67,7 +71,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
 }
 
 impl<T: AsyncWrite + DiscardInput + Unpin> AsyncWrite for Metered<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.inner.discard_input();
         let res = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &res {
@@ -85,7 +93,11 @@ impl<T: AsyncWrite + DiscardInput + Unpin> AsyncWrite for Metered<T> {
 
 impl<T> Metered<T> {
     fn account(&mut self, n: u64, tx: bool) {
-        let counter = if tx { &self.stats.bytes_tx } else { &self.stats.bytes_rx };
+        let counter = if tx {
+            &self.stats.bytes_tx
+        } else {
+            &self.stats.bytes_rx
+        };
         counter.fetch_add(n, Ordering::Relaxed);
         if let Some(s) = &self.serial {
             LineStats::add_time(&self.stats.wire_ns, s.wire_time(n));
@@ -121,7 +133,11 @@ pub fn open_serial(s: &RtuTransport) -> io::Result<SerialStream> {
 }
 
 /// Opens a client context for the endpoint within `timeout`.
-pub async fn connect(endpoint: &Endpoint, timeout: Duration, stats: &Arc<LineStats>) -> io::Result<Context> {
+pub async fn connect(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    stats: &Arc<LineStats>,
+) -> io::Result<Context> {
     match endpoint {
         Endpoint::Tcp { host, port } => {
             let stream = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port)))

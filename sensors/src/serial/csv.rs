@@ -9,7 +9,12 @@ pub fn parse(line: &str, columns: &[String], separator: char) -> Parsed {
     if cells.len() != columns.len() {
         return Parsed::Error {
             fields: columns.to_vec(),
-            reason: format!("expected {} columns, got {}: {:?}", columns.len(), cells.len(), truncate(line)),
+            reason: format!(
+                "expected {} columns, got {}: {:?}",
+                columns.len(),
+                cells.len(),
+                truncate(line)
+            ),
         };
     }
     Parsed::Fields(
@@ -18,7 +23,14 @@ pub fn parse(line: &str, columns: &[String], separator: char) -> Parsed {
             .zip(cells)
             .map(|(c, v)| {
                 let v = v.trim().trim_matches('"');
-                (c.clone(), if v.is_empty() { Err("empty value".to_string()) } else { Ok(parse_scalar(v)) })
+                (
+                    c.clone(),
+                    if v.is_empty() {
+                        Err("empty value".to_string())
+                    } else {
+                        Ok(parse_scalar(v))
+                    },
+                )
             })
             .collect(),
     )

@@ -18,12 +18,24 @@ pub fn parse(line: &str) -> Parsed {
     }
 }
 
-fn flatten(prefix: &str, map: &serde_json::Map<String, Json>, out: &mut Vec<(String, Result<Value, String>)>, depth: usize) {
+fn flatten(
+    prefix: &str,
+    map: &serde_json::Map<String, Json>,
+    out: &mut Vec<(String, Result<Value, String>)>,
+    depth: usize,
+) {
     for (k, v) in map {
-        let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         let value = match v {
             Json::Bool(b) => Ok(Value::Bool(*b)),
-            Json::Number(n) => Ok(n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN)))),
+            Json::Number(n) => Ok(n
+                .as_i64()
+                .map(Value::Int)
+                .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN)))),
             Json::String(s) => Ok(Value::Text(s.clone())),
             Json::Null => Err("null".to_string()),
             Json::Object(inner) if depth < 4 => {
@@ -42,7 +54,8 @@ mod tests {
 
     #[test]
     fn objects() {
-        let p = parse(r#"{"t": 21.5, "n": 3, "env": {"hum": 40}, "s": "x", "bad": null, "arr": [1]}"#);
+        let p =
+            parse(r#"{"t": 21.5, "n": 3, "env": {"hum": 40}, "s": "x", "bad": null, "arr": [1]}"#);
         let Parsed::Fields(f) = p else { panic!() };
         assert!(f.contains(&("t".into(), Ok(Value::Float(21.5)))));
         assert!(f.contains(&("n".into(), Ok(Value::Int(3)))));

@@ -9,7 +9,11 @@ pub fn parse(line: &str) -> Parsed {
         .filter_map(|tok| tok.split_once('='))
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| {
-            let v = if v.is_empty() { Err("empty value".to_string()) } else { Ok(parse_scalar(v)) };
+            let v = if v.is_empty() {
+                Err("empty value".to_string())
+            } else {
+                Ok(parse_scalar(v))
+            };
             (k.to_string(), v)
         })
         .collect();

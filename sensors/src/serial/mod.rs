@@ -7,7 +7,7 @@ pub mod kv;
 pub mod nmea;
 pub mod parsed;
 
-use crate::config::{Format, Framing, SerialSensor, SerialPoint};
+use crate::config::{Format, Framing, SerialPoint, SerialSensor};
 use crate::emit::{Emitter, PointOutput};
 use crate::error::SensorsError;
 use crate::modbus::transport::open_serial;
@@ -58,7 +58,9 @@ pub struct SerialTask {
 
 impl std::fmt::Debug for SerialTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialTask").field("name", &self.cfg.name).finish()
+        f.debug_struct("SerialTask")
+            .field("name", &self.cfg.name)
+            .finish()
     }
 }
 
@@ -119,14 +121,21 @@ impl SerialTask {
                 for (name, result) in fields {
                     if !self.fields.contains_key(&name) {
                         // Unconfigured fields are published only when no points are listed, and only if they are valid topic levels.
-                        if !self.cfg.points.is_empty() || name.is_empty() || name.contains(['/', '+', '#', '\0']) || name == "status" {
+                        if !self.cfg.points.is_empty()
+                            || name.is_empty()
+                            || name.contains(['/', '+', '#', '\0'])
+                            || name == "status"
+                        {
                             continue;
                         }
                         let f = self.make_field(None, &name);
                         self.fields.insert(name.clone(), f);
                     }
-                    let Some(f) = self.fields.get_mut(&name) else { continue };
-                    let result = result.and_then(|v| f.codec.apply_scale(v).map_err(|e| e.to_string()));
+                    let Some(f) = self.fields.get_mut(&name) else {
+                        continue;
+                    };
+                    let result =
+                        result.and_then(|v| f.codec.apply_scale(v).map_err(|e| e.to_string()));
                     if result.is_err() {
                         LineStats::bump(&self.stats.value_errors);
                     }
@@ -159,28 +168,46 @@ impl SerialTask {
             .collect()
     }
 
-    async fn set_status(&mut self, status: DeviceStatus, error: Option<String>) -> Result<(), SensorsError> {
+    async fn set_status(
+        &mut self,
+        status: DeviceStatus,
+        error: Option<String>,
+    ) -> Result<(), SensorsError> {
         let next = (status, error);
         if self.status.as_ref() == Some(&next) {
             return Ok(());
         }
         tracing::info!(sensor = %self.cfg.name, status = status.as_str(), error = ?next.1, "serial sensor status");
-        self.emitter.status(&self.topics.status(&self.cfg.name), status, next.1.as_deref()).await?;
+        self.emitter
+            .status(
+                &self.topics.status(&self.cfg.name),
+                status,
+                next.1.as_deref(),
+            )
+            .await?;
         self.status = Some(next);
         Ok(())
     }
 
     /// Runs until shutdown: opens the port, reads frames, reopens with backoff when it goes away.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SensorsError> {
-        let first = self.cfg.reopen_backoff.map_or(Duration::from_secs(1), |d| d.0);
-        let max = self.cfg.max_reopen_backoff.map_or(Duration::from_secs(30), |d| d.0);
+        let first = self
+            .cfg
+            .reopen_backoff
+            .map_or(Duration::from_secs(1), |d| d.0);
+        let max = self
+            .cfg
+            .max_reopen_backoff
+            .map_or(Duration::from_secs(30), |d| d.0);
         let mut backoff = first;
         let limit = match self.cfg.framing {
             Framing::Fixed => self.cfg.frame_length.unwrap_or(1),
             Framing::Lines => self.cfg.frame_length.unwrap_or(1024),
         };
         let mut framer = Framer::new(self.cfg.framing, limit);
-        let tick_every = self.cfg.stale_after.map_or(Duration::from_secs(3600), |d| (d.0 / 2).max(Duration::from_millis(10)));
+        let tick_every = self.cfg.stale_after.map_or(Duration::from_secs(3600), |d| {
+            (d.0 / 2).max(Duration::from_millis(10))
+        });
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -189,7 +216,14 @@ impl SerialTask {
             match open_serial(&line) {
                 Err(e) => {
                     LineStats::bump(&self.stats.transport_errors);
-                    self.set_status(DeviceStatus::Offline, Some(format!("cannot open {}: {e}; retrying in {backoff:?}", self.cfg.port))).await?;
+                    self.set_status(
+                        DeviceStatus::Offline,
+                        Some(format!(
+                            "cannot open {}: {e}; retrying in {backoff:?}",
+                            self.cfg.port
+                        )),
+                    )
+                    .await?;
                 }
                 Ok(mut port) => {
                     backoff = first;
@@ -226,12 +260,19 @@ impl SerialTask {
                         }
                     };
                     LineStats::bump(&self.stats.transport_errors);
-                    self.set_status(DeviceStatus::Offline, Some(format!("{reason}; reopening in {backoff:?}"))).await?;
+                    self.set_status(
+                        DeviceStatus::Offline,
+                        Some(format!("{reason}; reopening in {backoff:?}")),
+                    )
+                    .await?;
                     let now = Instant::now();
                     let clock = self.emitter.clock.clone();
                     let mut msgs = Vec::new();
                     for f in self.fields.values_mut() {
-                        msgs.extend(f.out.observe(Err("device disconnected".into()), now, &clock));
+                        msgs.extend(
+                            f.out
+                                .observe(Err("device disconnected".into()), now, &clock),
+                        );
                     }
                     for m in msgs {
                         self.emitter.send(m).await?;
@@ -242,8 +283,7 @@ impl SerialTask {
                 () = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return Ok(()),
             }
-            backoff = (backoff * 2).min(max);
+            backoff = backoff.saturating_mul(2).min(max);
         }
     }
 }
-

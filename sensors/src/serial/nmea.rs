@@ -3,8 +3,22 @@
 use super::parsed::Parsed;
 use crate::point::Value;
 
-const GGA_FIELDS: &[&str] = &["latitude", "longitude", "fix_quality", "satellites", "hdop", "altitude"];
-const RMC_FIELDS: &[&str] = &["fix_valid", "latitude", "longitude", "speed_knots", "speed_mps", "course"];
+const GGA_FIELDS: &[&str] = &[
+    "latitude",
+    "longitude",
+    "fix_quality",
+    "satellites",
+    "hdop",
+    "altitude",
+];
+const RMC_FIELDS: &[&str] = &[
+    "fix_valid",
+    "latitude",
+    "longitude",
+    "speed_knots",
+    "speed_mps",
+    "course",
+];
 
 /// Parses one sentence.
 pub fn parse(line: &str, allow_missing_checksum: bool) -> Parsed {
@@ -35,7 +49,9 @@ pub fn parse(line: &str, allow_missing_checksum: bool) -> Parsed {
             }
             let actual = data.bytes().fold(0u8, |acc, b| acc ^ b);
             if actual != expected {
-                return affected(format!("bad checksum: expected {expected:02X}, computed {actual:02X}"));
+                return affected(format!(
+                    "bad checksum: expected {expected:02X}, computed {actual:02X}"
+                ));
             }
         }
         None if !allow_missing_checksum => return affected("missing checksum".into()),
@@ -68,7 +84,9 @@ fn num(f: &[&str], i: usize, name: &str) -> (String, Result<Value, String>) {
     let v = if s.is_empty() {
         Err("empty field".to_string())
     } else {
-        s.parse::<f64>().map(Value::Float).map_err(|_| format!("unparsable {s:?}"))
+        s.parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("unparsable {s:?}"))
     };
     (name.to_string(), v)
 }
@@ -90,7 +108,9 @@ fn coord(value: &str, hemi: &str, max_deg: f64) -> Result<Value, String> {
     if value.is_empty() {
         return Err("no fix".into());
     }
-    let raw: f64 = value.parse().map_err(|_| format!("unparsable coordinate {value:?}"))?;
+    let raw: f64 = value
+        .parse()
+        .map_err(|_| format!("unparsable coordinate {value:?}"))?;
     let deg = (raw / 100.0).trunc();
     let min = raw - deg * 100.0;
     if !(0.0..60.0).contains(&min) {
@@ -128,7 +148,9 @@ fn rmc(f: &[&str]) -> Parsed {
         other => Err(format!("bad status {other:?}")),
     };
     let (_, speed) = num(f, 7, "speed_knots");
-    let mps = speed.clone().map(|v| Value::Float(v.as_f64().unwrap_or(0.0) * 1852.0 / 3600.0));
+    let mps = speed
+        .clone()
+        .map(|v| Value::Float(v.as_f64().unwrap_or(0.0) * 1852.0 / 3600.0));
     let mut out = vec![("fix_valid".to_string(), valid)];
     if field(f, 2) == "A" {
         out.push(("latitude".into(), coord(field(f, 3), field(f, 4), 90.0)));
@@ -149,7 +171,11 @@ mod tests {
 
     fn get(p: &Parsed, name: &str) -> Result<Value, String> {
         match p {
-            Parsed::Fields(v) => v.iter().find(|(n, _)| n == name).map(|(_, r)| r.clone()).unwrap_or(Err("absent".into())),
+            Parsed::Fields(v) => v
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, r)| r.clone())
+                .unwrap_or(Err("absent".into())),
             other => panic!("not fields: {other:?}"),
         }
     }
@@ -160,7 +186,10 @@ mod tests {
 
     #[test]
     fn gga_with_valid_checksum() {
-        let p = parse("$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47", false);
+        let p = parse(
+            "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47",
+            false,
+        );
         assert!(close(get(&p, "latitude"), 48.0 + 7.038 / 60.0));
         assert!(close(get(&p, "longitude"), 11.0 + 31.0 / 60.0));
         assert_eq!(get(&p, "fix_quality"), Ok(Value::Int(1)));
@@ -171,7 +200,10 @@ mod tests {
 
     #[test]
     fn rmc_with_valid_checksum() {
-        let p = parse("$GPRMC,123519,A,4807.038,N,01131.000,W,022.4,084.4,230394,003.1,W*78", false);
+        let p = parse(
+            "$GPRMC,123519,A,4807.038,N,01131.000,W,022.4,084.4,230394,003.1,W*78",
+            false,
+        );
         assert_eq!(get(&p, "fix_valid"), Ok(Value::Bool(true)));
         assert!(close(get(&p, "longitude"), -(11.0 + 31.0 / 60.0)));
         assert!(close(get(&p, "speed_knots"), 22.4));
@@ -181,7 +213,10 @@ mod tests {
 
     #[test]
     fn bad_checksum_marks_the_sentence_fields() {
-        let p = parse("$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*48", false);
+        let p = parse(
+            "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*48",
+            false,
+        );
         match p {
             Parsed::Error { fields, reason } => {
                 assert!(reason.starts_with("bad checksum"), "{reason}");
@@ -189,8 +224,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse("$GPGGA,1,2*ZZ", false), Parsed::Error { .. }));
-        assert!(matches!(parse("$GPGGA,123519,4807.038,N", false), Parsed::Error { .. }));
+        assert!(matches!(
+            parse("$GPGGA,1,2*ZZ", false),
+            Parsed::Error { .. }
+        ));
+        assert!(matches!(
+            parse("$GPGGA,123519,4807.038,N", false),
+            Parsed::Error { .. }
+        ));
         assert!(matches!(parse("garbage", false), Parsed::Error { .. }));
     }
 
@@ -206,7 +247,15 @@ mod tests {
 
     #[test]
     fn never_panics_on_junk() {
-        for s in ["$", "$*", "$,,,,*00", "$GPGGA*", "$GPRMC,,,,,,,,,,,,,,,,*", "!\u{1F600}*AA", "$GPGGA,1,99999.9,N,1,E,1,1,1,1*00"] {
+        for s in [
+            "$",
+            "$*",
+            "$,,,,*00",
+            "$GPGGA*",
+            "$GPRMC,,,,,,,,,,,,,,,,*",
+            "!\u{1F600}*AA",
+            "$GPGGA,1,99999.9,N,1,E,1,1,1,1*00",
+        ] {
             let _ = parse(s, true);
             let _ = parse(s, false);
         }

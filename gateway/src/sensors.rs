@@ -1,0 +1,87 @@
+//! Runs the sensor layer inside the gateway: its readings are published through the
+//! broker's in-process API, and `.../set` messages from the broker reach it as commands.
+
+use outpost_mqtt::{Properties, QoS};
+use outpost_sensors::{Command, SensorMessage, SensorsConfig};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{error, warn};
+
+use crate::broker::BrokerHandle;
+
+/// Readings waiting to be published; a full queue slows the pollers, never drops.
+const READINGS_QUEUE: usize = 4096;
+/// Commands waiting for the sensor layer.
+const COMMANDS_QUEUE: usize = 256;
+/// Publishes awaiting their durable commit at once (for bridged sensor topics).
+const MAX_UNCOMMITTED: usize = 1024;
+
+/// Starts the sensor layer if the config has any sensors.
+pub async fn spawn(
+    config: SensorsConfig,
+    gateway_id: String,
+    broker: BrokerHandle,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) {
+    if config.modbus.is_empty() && config.serial.is_empty() {
+        return;
+    }
+    let (out_tx, out_rx) = mpsc::channel(READINGS_QUEUE);
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUE);
+    for filter in outpost_sensors::command_filters(&config, &gateway_id) {
+        match broker.subscribe(&filter, QoS::AtLeastOnce).await {
+            Ok(sub) => {
+                tasks.spawn(forward_commands(sub, cmd_tx.clone()));
+            }
+            Err(e) => error!(%filter, error = %e, "cannot subscribe to sensor commands"),
+        }
+    }
+    drop(cmd_tx);
+    tasks.spawn(publish_readings(out_rx, broker));
+    tasks.spawn(async move {
+        if let Err(e) = outpost_sensors::run(config, gateway_id, out_tx, cmd_rx, shutdown).await {
+            error!(error = %e, "sensor layer stopped");
+        }
+    });
+}
+
+async fn forward_commands(mut sub: crate::broker::LocalSubscription, tx: mpsc::Sender<Command>) {
+    while let Some(msg) = sub.recv().await {
+        let cmd = Command {
+            topic: msg.topic.to_string(),
+            payload: msg.payload.clone(),
+        };
+        if tx.send(cmd).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishes readings in the order the layer produced them; durable commits (when a
+/// bridge takes sensor topics) are awaited concurrently, up to a bound.
+async fn publish_readings(mut rx: mpsc::Receiver<SensorMessage>, broker: BrokerHandle) {
+    let mut commits = JoinSet::new();
+    while let Some(m) = rx.recv().await {
+        let qos = QoS::from_u8(m.qos).unwrap_or(QoS::AtMostOnce);
+        match broker
+            .publish_accepted(&m.topic, m.payload, qos, m.retain, Properties::default())
+            .await
+        {
+            Ok(receipt) if receipt.is_final() => {}
+            Ok(receipt) => {
+                let topic = m.topic;
+                commits.spawn(async move {
+                    if let Err(e) = receipt.durable().await {
+                        warn!(%topic, error = %e, "sensor reading not stored for the uplink");
+                    }
+                });
+                while commits.len() >= MAX_UNCOMMITTED {
+                    commits.join_next().await;
+                }
+            }
+            Err(e) => warn!(topic = %m.topic, error = %e, "sensor reading not published"),
+        }
+        while commits.try_join_next().is_some() {}
+    }
+}
