@@ -55,6 +55,7 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     outpost_gateway::service::init_logging(&config.log.level);
+    outpost_gateway::service::raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -58,3 +58,15 @@ pub fn spawn_watchdog() {
         }
     });
 }
+
+/// Raises the open-file soft limit to the hard limit: every client is a descriptor, and
+/// the common soft default (1024) would refuse a LAN of sensors long before memory does.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+    }
+}

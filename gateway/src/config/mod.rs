@@ -142,7 +142,7 @@ fn default_max_inflight() -> u16 {
     20
 }
 fn default_max_queued_messages() -> usize {
-    1000
+    10_000
 }
 fn default_topic_alias_maximum() -> u16 {
     10
@@ -440,5 +440,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("broker.receive_maximum"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example documents every key; it must stay a valid config.
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/outpost.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.gateway_id(), "gw-01");
+        assert_eq!(c.broker.max_packet_size, ByteSize(1 << 20));
     }
 }
