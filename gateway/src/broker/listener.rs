@@ -39,7 +39,7 @@ impl BoundListener {
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     /// The address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -47,7 +47,7 @@ pub enum ListenError {
         source: std::io::Error,
     },
     /// TLS files are wrong.
-    #[error("listener {addr}: {source}")]
+    #[error("listener {addr}: TLS setup failed")]
     Tls {
         /// The address.
         addr: SocketAddr,

@@ -370,11 +370,22 @@ impl Config {
 
 fn toml_error(text: &str, path: &Path, key: &str, e: &toml::de::Error) -> ConfigError {
     let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+    // Syntax errors (a duplicate key, say) carry no key path; the text under the span
+    // usually is the key, which is what the user needs to find.
+    let key = if key.is_empty() || key == "." {
+        e.span()
+            .and_then(|s| text.get(s))
+            .map(|t| t.lines().next().unwrap_or("").trim().to_owned())
+            .filter(|t| !t.is_empty() && t.len() <= 64 && !t.contains(char::is_whitespace))
+            .unwrap_or_default()
+    } else {
+        key.to_owned()
+    };
     ConfigError::Parse {
         path: path.to_owned(),
         line,
         column,
-        key: if key.is_empty() || key == "." {
+        key: if key.is_empty() {
             String::new()
         } else {
             format!("{key}: ")
@@ -432,6 +443,15 @@ mod tests {
             .to_string();
         assert!(err.contains("test.toml:2:"), "{err}");
         assert!(err.contains("broker.connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_key_names_the_key() {
+        let err = parse("[broker]\nsys_interval = \"1s\"\nsys_interval = \"2s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:"), "{err}");
+        assert!(err.contains("sys_interval"), "{err}");
     }
 
     #[test]

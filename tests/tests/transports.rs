@@ -1,0 +1,352 @@
+//! MQTT over TLS (with and without client certificates) and over WebSocket, on the real
+//! binary. TLS peers are Mosquitto's own clients; certificates come from the openssl CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use outpost_mqtt::{Packet, Protocol, QoS};
+use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
+use outpost_tests::cli::mosquitto_pub;
+use outpost_tests::raw::{connect_packet, sub_opts};
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A throwaway CA with a server certificate for 127.0.0.1 and a client certificate.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            d,
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=outpost-test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        for (name, cn, eku) in [
+            ("server", "127.0.0.1", "serverAuth"),
+            ("client", "sensor-1", "clientAuth"),
+        ] {
+            openssl(
+                d,
+                &[
+                    &["req"][..],
+                    &ec,
+                    &[
+                        "-keyout",
+                        &format!("{name}.key"),
+                        "-out",
+                        &format!("{name}.csr"),
+                        "-subj",
+                        &format!("/CN={cn}"),
+                    ],
+                ]
+                .concat(),
+            );
+            let ext = d.join(format!("{name}.ext"));
+            let san = if name == "server" {
+                "subjectAltName=IP:127.0.0.1\n"
+            } else {
+                ""
+            };
+            std::fs::write(
+                &ext,
+                format!("{san}extendedKeyUsage={eku}\nbasicConstraints=CA:FALSE\n"),
+            )
+            .unwrap();
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl CLI (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs a mosquitto client with a timeout and returns its output.
+fn mosquitto(tool: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("10")
+        .arg(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e} (apt-get install mosquitto-clients)"))
+}
+
+#[test]
+fn tls_listener_serves_mosquitto_clients() {
+    if mosquitto_mode() {
+        return;
+    }
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let broker = Broker::outpost_with_full_config(&format!(
+        "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display()
+    ));
+    let port = tls_port.to_string();
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let sub = std::thread::spawn({
+        let (port, ca) = (port.clone(), ca.to_owned());
+        move || {
+            mosquitto(
+                "mosquitto_sub",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "--cafile",
+                    &ca,
+                    "-t",
+                    "tls/t",
+                    "-C",
+                    "1",
+                    "-W",
+                    "8",
+                    "-q",
+                    "1",
+                ],
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let publ = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca,
+            "-t",
+            "tls/t",
+            "-m",
+            "over-tls",
+            "-q",
+            "1",
+        ],
+    );
+    assert!(
+        publ.status.success(),
+        "publish over TLS failed: {}\n{}",
+        String::from_utf8_lossy(&publ.stderr),
+        broker.log()
+    );
+    let got = sub.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "over-tls",
+        "{}",
+        broker.log()
+    );
+}
+
+#[test]
+fn tls_listener_with_client_ca_requires_a_client_certificate() {
+    if mosquitto_mode() {
+        return;
+    }
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let broker = Broker::outpost_with_full_config(&format!(
+        "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+        pki.path("ca.pem").display()
+    ));
+    let port = tls_port.to_string();
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let without = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca,
+            "-t",
+            "mtls/t",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+    );
+    assert!(
+        !without.status.success(),
+        "a client without a certificate was let in"
+    );
+
+    let cert = pki.path("client.pem");
+    let key = pki.path("client.key");
+    let with = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "-t",
+            "mtls/t",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+    );
+    assert!(
+        with.status.success(),
+        "client certificate refused: {}\n{}",
+        String::from_utf8_lossy(&with.stderr),
+        broker.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_listener_carries_mqtt_in_binary_frames() {
+    if mosquitto_mode() {
+        return;
+    }
+    let ws_port = free_port();
+    let broker = Broker::outpost_with_full_config(&format!(
+        "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{ws_port}\", websocket = \"/mqtt\" }}, {{ bind = \"127.0.0.1:0\" }}]"
+    ));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
+        .await
+        .unwrap();
+    let mut req = format!("ws://127.0.0.1:{ws_port}/mqtt")
+        .into_client_request()
+        .unwrap();
+    // MQTT-6.0.0-3: the client offers the "mqtt" subprotocol and the server must agree.
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("WebSocket handshake");
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("mqtt")
+    );
+
+    let send = |p: Packet| {
+        let mut b = BytesMut::new();
+        outpost_mqtt::encode(&p, Protocol::V3_1_1, &mut b).unwrap();
+        Ws::Binary(b.freeze())
+    };
+    ws.send(send(Packet::Connect(Box::new(connect_packet(
+        Protocol::V3_1_1,
+        "ws-client",
+        true,
+    )))))
+    .await
+    .unwrap();
+    ws.send(send(Packet::Subscribe(outpost_mqtt::Subscribe {
+        packet_id: 1,
+        filters: vec![outpost_mqtt::SubscribeFilter {
+            filter: "ws/t".into(),
+            options: sub_opts(QoS::AtLeastOnce),
+        }],
+        properties: Default::default(),
+    })))
+    .await
+    .unwrap();
+
+    // Frames may split or join packets; decode from one buffer.
+    let mut buf = BytesMut::new();
+    let mut next = async || -> Packet {
+        loop {
+            if let Some(p) = outpost_mqtt::decode(&mut buf, Protocol::V3_1_1, 1 << 20).unwrap() {
+                return p;
+            }
+            match tokio::time::timeout(WAIT, ws.next()).await {
+                Ok(Some(Ok(Ws::Binary(b)))) => buf.extend_from_slice(&b),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("WebSocket ended: {other:?}"),
+            }
+        }
+    };
+    assert!(matches!(next().await, Packet::ConnAck(_)));
+    assert!(matches!(next().await, Packet::SubAck(_)));
+    mosquitto_pub(broker.port(), "ws/t", "hello-ws", 1, false, false).await;
+    match next().await {
+        Packet::Publish(p) => {
+            assert_eq!(&p.topic[..], "ws/t");
+            assert_eq!(&p.payload[..], b"hello-ws");
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
