@@ -21,10 +21,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .iter()
         .map(|l| format!("{}://{}", l.transport(), l.local_addr))
         .collect();
-    broker.serve(listeners);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // Bridges first: a message a bridge rule matches must never be accepted before its
+    // spool is registered.
+    let bridges = crate::bridge::start(
+        &config.bridge,
+        &gateway_id,
+        &state_dir,
+        &broker.handle(),
+        shutdown_rx.clone(),
+        &mut tasks,
+    )
+    .await?;
+    broker.serve(listeners);
     crate::sensors::spawn(
         config.sensors(),
         gateway_id.clone(),
@@ -40,6 +51,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     wait_for_signal().await;
     info!("shutting down");
     service::notify_stopping();
+    // Bridges publish their clean offline status and flush their spools first.
+    for b in &bridges {
+        b.shutdown().await;
+    }
     let _ = shutdown_tx.send(true);
     // Give the sensor layer a moment to publish its final status, then stop the broker.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {

@@ -1,12 +1,14 @@
 //! Outpost gateway: the local MQTT broker and the wiring of the whole `outpost` binary.
 //!
 //! - [`config`]: the one TOML file.
+//! - [`bridge`]: runs the store-and-forward bridges as durable sinks of the broker.
 //! - [`broker`]: listeners, connections, sessions, routing, retained, wills, `$SYS`.
 //! - [`app`]: starts everything from a config and runs until a signal.
 //! - [`sensors`]: runs the Modbus/serial layer and publishes its readings in-process.
 //! - [`service`]: systemd readiness, watchdog and journal logging.
 
 pub mod app;
+pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod sensors;

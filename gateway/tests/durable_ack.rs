@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outpost_gateway::broker::{Broker, DurableSink, Message, Rejected, Settings};
+use outpost_gateway::broker::{Broker, DurableReceipt, DurableSink, Message, Rejected, Settings};
 use outpost_gateway::config::BrokerConfig;
 use outpost_mqtt::{Connect, Packet, Properties, Protocol, Publish, QoS, ReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,7 +22,7 @@ struct HeldSink {
 }
 
 impl DurableSink for HeldSink {
-    fn offer(&self, msg: &Message) -> Option<oneshot::Receiver<Result<(), Rejected>>> {
+    fn offer(&self, msg: &Message) -> Option<DurableReceipt> {
         if !msg.topic.starts_with("spool/") {
             return None;
         }
@@ -31,7 +31,13 @@ impl DurableSink for HeldSink {
             .lock()
             .unwrap()
             .push((msg.topic.to_string(), tx));
-        Some(rx)
+        Some(Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(Rejected {
+                    reason: "sink dropped".into(),
+                })
+            })
+        }))
     }
 }
 

@@ -10,10 +10,10 @@ use bytes::Bytes;
 use outpost_mqtt::{Properties, QoS};
 use tokio::sync::{mpsc, oneshot};
 
-use super::Rejected;
 use super::core::CoreEvent;
 use super::message::Message;
 use super::router::SessionKey;
+use super::{Rejected, SinkId};
 
 /// Deliveries an in-process subscriber may have pending before new ones are dropped.
 const LOCAL_SUBSCRIPTION_CAPACITY: usize = 4096;
@@ -80,13 +80,33 @@ impl BrokerHandle {
         retain: bool,
         properties: Properties,
     ) -> Result<Receipt, PublishError> {
+        self.publish_accepted_skipping(topic, payload, qos, retain, properties, None)
+            .await
+    }
+
+    /// [`Self::publish_accepted`] for a durable sink's own downlink: the message is not
+    /// offered back to `skip`.
+    pub async fn publish_accepted_skipping(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: Properties,
+        skip: Option<super::SinkId>,
+    ) -> Result<Receipt, PublishError> {
         outpost_mqtt::topic::validate_topic_name(topic).map_err(|e| {
             PublishError::InvalidTopic {
                 topic: topic.to_owned(),
                 reason: e.to_string(),
             }
         })?;
-        let msg = Message::new(topic.into(), payload, qos, retain, properties, None);
+        let mut msg = Message::new(topic.into(), payload, qos, retain, properties, None);
+        if let Some(SinkId(i)) = skip
+            && let Some(m) = Arc::get_mut(&mut msg)
+        {
+            m.skip_sink = Some(i);
+        }
         let (done, receipts) = oneshot::channel();
         self.send(CoreEvent::LocalPublish { msg, done }).await?;
         let receipts = receipts.await.map_err(|_| PublishError::Stopped)?;
@@ -124,12 +144,15 @@ impl BrokerHandle {
         })
     }
 
-    /// Registers a durable sink; see [`super::DurableSink`].
+    /// Registers a durable sink; see [`super::DurableSink`]. Register before serving
+    /// clients, so no message that should be spooled is accepted without it.
     pub async fn add_durable_sink(
         &self,
         sink: Arc<dyn super::DurableSink>,
-    ) -> Result<(), PublishError> {
-        self.send(CoreEvent::AddSink(sink)).await
+    ) -> Result<SinkId, PublishError> {
+        let (done, id) = oneshot::channel();
+        self.send(CoreEvent::AddSink(sink, done)).await?;
+        id.await.map_err(|_| PublishError::Stopped)
     }
 
     /// Disconnects every client (5.0 clients get reason 0x8B) and stops the core.
@@ -145,7 +168,7 @@ impl BrokerHandle {
 /// durable sinks' commits.
 #[must_use = "await durable() to know the message is committed"]
 pub struct Receipt {
-    receipts: Vec<oneshot::Receiver<Result<(), Rejected>>>,
+    receipts: Vec<super::DurableReceipt>,
 }
 
 impl Receipt {
@@ -157,7 +180,7 @@ impl Receipt {
     /// Resolves once every durable sink that took the message has committed it.
     pub async fn durable(self) -> Result<(), PublishError> {
         for r in self.receipts {
-            r.await.map_err(|_| PublishError::Stopped)??;
+            r.await?;
         }
         Ok(())
     }

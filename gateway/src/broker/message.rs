@@ -27,6 +27,9 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// Session that published it, for No Local; `None` for in-process publishers.
     pub origin: Option<u64>,
+    /// A durable sink this message must not be offered to: the bridge whose downlink
+    /// published it, so `both` rules do not send a message back where it came from.
+    pub skip_sink: Option<usize>,
 }
 
 impl Message {
@@ -53,6 +56,7 @@ impl Message {
             properties,
             expires_at,
             origin,
+            skip_sink: None,
         })
     }
 

@@ -38,14 +38,22 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// What a durable sink hands back for a message it took: resolves once the message is
+/// committed, or with the reason it was refused.
+pub type DurableReceipt = futures_util::future::BoxFuture<'static, Result<(), Rejected>>;
+
 /// Something that must make a message durable before its publisher is acknowledged
 /// (the bridge spool). `offer` is called on the core task for every accepted message,
 /// so it must be cheap and must not block: return `None` when the sink does not want
 /// the message, so messages it does not match are not slowed at all.
 pub trait DurableSink: Send + Sync + 'static {
     /// Offers a message; `Some` resolves once it is committed or refused.
-    fn offer(&self, msg: &Message) -> Option<tokio::sync::oneshot::Receiver<Result<(), Rejected>>>;
+    fn offer(&self, msg: &Message) -> Option<DurableReceipt>;
 }
+
+/// Identifies a registered durable sink, so a sink's own downlink publishes can skip it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkId(pub(crate) usize);
 
 /// Starts the broker core and returns its handle; listeners are attached with
 /// [`listener::serve`] through [`Broker::serve`].

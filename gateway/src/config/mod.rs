@@ -35,6 +35,9 @@ pub struct Config {
     /// The local MQTT broker.
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// Store-and-forward uplinks to cloud brokers (`[[bridge]]`).
+    #[serde(default)]
+    pub bridge: Vec<outpost_bridge::BridgeConfig>,
     /// Modbus and serial sensors (`[sensors]`, `[[sensors.modbus]]`, `[[sensors.serial]]`).
     #[serde(default)]
     pub sensors: outpost_sensors::SensorsConfig,
@@ -320,6 +323,20 @@ impl Config {
                     format!("broker.users[{i}].password_hash"),
                     "must be a PHC hash string such as \"$argon2id$...\"; \
                      create one with `outpost passwd`",
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, b) in self.bridge.iter().enumerate() {
+            b.validate().map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: format!("bridge[{i}]"),
+                message: e.to_string(),
+            })?;
+            if !names.insert(b.name.clone()) {
+                return Err(invalid(
+                    format!("bridge[{i}].name"),
+                    "two bridges share this name; each needs its own (it names the spool file)",
                 ));
             }
         }

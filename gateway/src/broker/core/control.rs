@@ -8,10 +8,9 @@ use outpost_mqtt::{
     Packet, Properties, PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     UnsubAck, Unsubscribe,
 };
-use tokio::sync::oneshot;
 
 use super::Core;
-use crate::broker::Rejected;
+use crate::broker::DurableReceipt;
 use crate::broker::message::Message;
 use crate::broker::outbound::{Ack, AckKind, DurableResult, Outbound, OutboundTx};
 use crate::broker::router::{SessionKey, SubEntry};
@@ -219,19 +218,10 @@ impl Core {
     }
 }
 
-/// Resolves when every receipt is committed, or with the first refusal. A sink that
-/// vanished (its task ended) counts as a refusal: the message is not known durable.
-async fn all_committed(receipts: Vec<oneshot::Receiver<DurableResult>>) -> DurableResult {
+/// Resolves when every receipt is committed, or with the first refusal.
+async fn all_committed(receipts: Vec<DurableReceipt>) -> DurableResult {
     for r in receipts {
-        match r.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(Rejected {
-                    reason: "durable sink stopped before committing".into(),
-                });
-            }
-        }
+        r.await?;
     }
     Ok(())
 }

@@ -17,15 +17,15 @@ use std::time::Instant;
 use outpost_mqtt::{Connect, Disconnect, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 
-use super::DurableSink;
 use super::handle::BrokerHandle;
 use super::message::Message;
-use super::outbound::{DurableResult, OutboundTx};
+use super::outbound::OutboundTx;
 use super::retained::RetainedStore;
 use super::router::{Match, SessionKey, SubscriptionTree};
 use super::session::Session;
 use super::settings::Settings;
 use super::sys::Stats;
+use super::{DurableReceipt, DurableSink, SinkId};
 
 /// Capacity of the queue from connections into the core; a full queue slows the
 /// readers down instead of growing memory.
@@ -58,7 +58,7 @@ pub(crate) enum CoreEvent {
         /// The message.
         msg: Arc<Message>,
         /// Receipts to await before reporting the publish complete.
-        done: oneshot::Sender<Vec<oneshot::Receiver<DurableResult>>>,
+        done: oneshot::Sender<Vec<DurableReceipt>>,
     },
     /// An in-process subscription.
     LocalSubscribe {
@@ -73,8 +73,8 @@ pub(crate) enum CoreEvent {
     },
     /// An in-process subscription was dropped.
     LocalUnsubscribe(SessionKey),
-    /// Adds a durable sink (the bridge registers after the broker starts).
-    AddSink(Arc<dyn DurableSink>),
+    /// Adds a durable sink (the bridge registers before listeners open).
+    AddSink(Arc<dyn DurableSink>, oneshot::Sender<SinkId>),
     /// Disconnect everyone and stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -184,7 +184,10 @@ impl Core {
                 let _ = done.send(key);
             }
             CoreEvent::LocalUnsubscribe(key) => self.end_session(key),
-            CoreEvent::AddSink(sink) => self.sinks.push(sink),
+            CoreEvent::AddSink(sink, done) => {
+                self.sinks.push(sink);
+                let _ = done.send(SinkId(self.sinks.len() - 1));
+            }
             CoreEvent::Shutdown(_) => unreachable!("handled in run"),
         }
     }

@@ -4,26 +4,32 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use outpost_mqtt::QoS;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::Core;
+use crate::broker::DurableReceipt;
 use crate::broker::message::Message;
-use crate::broker::outbound::{DurableResult, Outbound};
+use crate::broker::outbound::Outbound;
 use crate::broker::router::{Match, SessionKey, SubEntry};
 use crate::broker::session::{Delivery, Inflight, Link, Session, SessionSub};
 
 impl Core {
     /// Accepts a message from any publisher: updates retained state, delivers it to
     /// subscribers, and offers it to the durable sinks. Returns the sinks' receipts.
-    pub(super) fn accept(&mut self, msg: &Arc<Message>) -> Vec<oneshot::Receiver<DurableResult>> {
+    pub(super) fn accept(&mut self, msg: &Arc<Message>) -> Vec<DurableReceipt> {
         self.stats.messages_received += 1;
         self.stats.bytes_received += msg.payload.len() as u64;
         if msg.retain {
             self.retained.update(msg);
         }
         self.route(msg);
-        self.sinks.iter().filter_map(|s| s.offer(msg)).collect()
+        self.sinks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| msg.skip_sink != Some(*i))
+            .filter_map(|(_, s)| s.offer(msg))
+            .collect()
     }
 
     pub(super) fn route(&mut self, msg: &Arc<Message>) {

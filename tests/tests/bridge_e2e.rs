@@ -1,0 +1,376 @@
+//! The store-and-forward bridge inside the real `outpost` binary, with a real Mosquitto
+//! as the cloud (DESIGN.md, Contracts): messages acknowledged by the gateway during a
+//! cloud outage all arrive, in order, QoS 2 once; a `kill -9` of the gateway while its
+//! backlog drains loses nothing and duplicates no QoS 2 message; the gateway's birth and
+//! will reach the cloud.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
+use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
+use outpost_tests::raw::{RawClient, connect_packet, publish};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A real Mosquitto playing the cloud, with persistence so its sessions survive restarts.
+struct Cloud {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Cloud {
+    /// Prepares the cloud's config without starting it.
+    fn new() -> Cloud {
+        let dir = tempfile::tempdir().unwrap();
+        // Mosquitto started as root drops to its own user and must write its database.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let port = free_port();
+        std::fs::write(
+            dir.path().join("mosquitto.conf"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        Cloud {
+            dir,
+            port,
+            child: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (apt-get install mosquitto)");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "cloud mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM: Mosquitto saves its database (sessions, queued messages) on the way out.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A persistent QoS 2 session at the cloud that collects what the bridge forwards.
+struct CloudSubscriber {
+    child: Child,
+    out: PathBuf,
+}
+
+impl CloudSubscriber {
+    /// Subscribes `filter` as client `id` with clean session off, so the cloud queues for
+    /// it while it is away; exits after `count` messages or `secs` seconds.
+    fn start(cloud: &Cloud, id: &str, filter: &str, count: usize, secs: u32) -> CloudSubscriber {
+        let out = cloud.dir.path().join(format!("{id}.out"));
+        let file = std::fs::File::create(&out).unwrap();
+        let child = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &cloud.port.to_string(),
+                "-i",
+                id,
+                "-c",
+                "-q",
+                "2",
+            ])
+            .args([
+                "-t",
+                filter,
+                "-v",
+                "-C",
+                &count.to_string(),
+                "-W",
+                &secs.to_string(),
+            ])
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+        CloudSubscriber { child, out }
+    }
+
+    /// Registers the persistent session and leaves.
+    fn register(cloud: &Cloud, id: &str, filter: &str) {
+        let mut s = CloudSubscriber::start(cloud, id, filter, 1, 1);
+        let _ = s.child.wait();
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn wait(mut self) -> Vec<String> {
+        let _ = self.child.wait();
+        self.lines()
+    }
+}
+
+/// Publishes `n` messages `{topic}` with payloads "0".."n-1" and waits for every
+/// acknowledgement (PUBACK, or PUBREC/PUBREL/PUBCOMP), keeping up to 50 in flight.
+async fn publish_acked(port: u16, client: &str, topic: &str, qos: QoS, n: u16) {
+    let (mut c, _) = RawClient::connect(port, connect_packet(Protocol::V3_1_1, client, true)).await;
+    let mut next = 0u16;
+    let mut done = 0u16;
+    let mut inflight = 0u16;
+    while done < n {
+        while next < n && inflight < 50 {
+            c.send(&Packet::Publish(publish(
+                topic,
+                qos,
+                Some(next + 1),
+                next.to_string().as_bytes(),
+            )))
+            .await;
+            next += 1;
+            inflight += 1;
+        }
+        match c.expect_packet(WAIT).await {
+            Packet::PubAck(_) | Packet::PubComp(_) => {
+                done += 1;
+                inflight -= 1;
+            }
+            Packet::PubRec(r) => c.send(&Packet::PubRel(PubResponse::new(r.packet_id))).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    c.disconnect().await;
+}
+
+fn gateway_config(cloud: &Cloud, extra: &str) -> String {
+    format!(
+        r#"gateway_id = "gw-e2e"
+[broker]
+listeners = [{{ bind = "127.0.0.1:0" }}]
+[[bridge]]
+name = "cloud"
+address = "mqtt://127.0.0.1:{port}"
+topics = [
+  {{ pattern = "q1/#", direction = "out", qos = 1, remote_prefix = "up/" }},
+  {{ pattern = "q2/#", direction = "out", qos = 2, remote_prefix = "up/" }},
+]
+reconnect = {{ min = "100ms", max = "500ms" }}
+{extra}
+"#,
+        port = cloud.port
+    )
+}
+
+/// Payloads per topic, in arrival order.
+fn by_topic(lines: &[String]) -> HashMap<String, Vec<u32>> {
+    let mut m: HashMap<String, Vec<u32>> = HashMap::new();
+    for l in lines {
+        if let Some((t, p)) = l.split_once(' ') {
+            m.entry(t.to_owned())
+                .or_default()
+                .push(p.parse().unwrap_or(u32::MAX));
+        }
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_outage_loses_nothing_keeps_order_and_qos2_arrives_once() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cloud = Cloud::new();
+    cloud.start();
+    CloudSubscriber::register(&cloud, "collector", "up/#");
+    cloud.stop();
+
+    let broker = Broker::outpost_with_full_config(&gateway_config(&cloud, ""));
+    let (n1, n2) = (300u16, 200u16);
+    publish_acked(broker.port(), "pub-q1", "q1/meter", QoS::AtLeastOnce, n1).await;
+    publish_acked(broker.port(), "pub-q2", "q2/valve", QoS::ExactlyOnce, n2).await;
+
+    cloud.start();
+    let got = CloudSubscriber::start(&cloud, "collector", "up/#", usize::from(n1 + n2), 20).wait();
+    let m = by_topic(&got);
+    let expect = |n: u16| (0..u32::from(n)).collect::<Vec<_>>();
+    assert_eq!(
+        m.get("up/q1/meter"),
+        Some(&expect(n1)),
+        "QoS 1: all, in order\n{}",
+        broker.log()
+    );
+    assert_eq!(
+        m.get("up/q2/valve"),
+        Some(&expect(n2)),
+        "QoS 2: all, in order, once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_kill9_while_draining_loses_nothing_and_duplicates_no_qos2() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cloud = Cloud::new();
+    cloud.start();
+    CloudSubscriber::register(&cloud, "collector", "up/#");
+    cloud.stop();
+
+    // A replay rate limit makes the drain slow enough to be interrupted.
+    let mut broker = Broker::outpost_with_full_config(&gateway_config(&cloud, "replay_rate = 200"));
+    let n = 600u16;
+    publish_acked(broker.port(), "pub-q2", "q2/valve", QoS::ExactlyOnce, n).await;
+    publish_acked(broker.port(), "pub-q1", "q1/meter", QoS::AtLeastOnce, n).await;
+
+    cloud.start();
+    let sub = CloudSubscriber::start(&cloud, "collector", "up/#", 100_000, 25);
+    let deadline = Instant::now() + WAIT;
+    while sub.lines().len() < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not start draining\n{}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.kill9();
+    let at_kill = sub.lines().len();
+    assert!(
+        at_kill < usize::from(2 * n),
+        "drain finished before the kill; nothing tested"
+    );
+    broker.restart();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = by_topic(&sub.lines());
+        let q2 = m.get("up/q2/valve").map_or(0, Vec::len);
+        let q1: std::collections::HashSet<_> = m.get("up/q1/meter").into_iter().flatten().collect();
+        if q2 >= usize::from(n) && q1.len() >= usize::from(n) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all arrived after restart: q2 {q2}, q1 {}\n{}",
+            q1.len(),
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let any late duplicate arrive before judging.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = by_topic(&sub.lines());
+    let q2 = &m["up/q2/valve"];
+    let mut sorted = q2.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), q2.len(), "a QoS 2 message arrived twice");
+    assert_eq!(
+        sorted,
+        (0..u32::from(n)).collect::<Vec<_>>(),
+        "QoS 2 messages lost"
+    );
+    let mut q1 = m["up/q1/meter"].clone();
+    q1.sort_unstable();
+    q1.dedup();
+    assert_eq!(
+        q1,
+        (0..u32::from(n)).collect::<Vec<_>>(),
+        "QoS 1 messages lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn birth_on_connect_will_on_kill9_clean_offline_on_shutdown() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cloud = Cloud::new();
+    cloud.start();
+    let status = "outpost/gw-e2e/status";
+    let mut broker = Broker::outpost_with_full_config(&gateway_config(&cloud, ""));
+
+    let retained = |cloud: &Cloud| -> String {
+        let out = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &cloud.port.to_string(),
+                "-t",
+                status,
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let wait_for = |cloud: &Cloud, word: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = retained(cloud);
+            if s.contains(word) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never said {word}: last {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let birth = wait_for(&cloud, "online");
+    assert!(birth.starts_with('{'), "birth is JSON: {birth}");
+
+    broker.kill9();
+    let will = wait_for(&cloud, "offline");
+    assert!(
+        will.contains("unexpected"),
+        "an unexpected death says so: {will}"
+    );
+
+    broker.restart();
+    wait_for(&cloud, "online");
+    broker.stop_gracefully();
+    let bye = wait_for(&cloud, "offline");
+    assert!(bye.contains("clean"), "a clean shutdown says so: {bye}");
+}
