@@ -28,10 +28,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = tmp.path().join("bench.sqlite");
     let stats = Arc::new(BridgeStats::default());
     let (spool, thread) = Spool::open(
-        SpoolOptions { path: path.clone(), max_bytes: u64::MAX / 2, when_full: WhenFull::RejectNew },
+        SpoolOptions {
+            path: path.clone(),
+            max_bytes: u64::MAX / 2,
+            when_full: WhenFull::RejectNew,
+        },
         stats,
     )?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let payload = Bytes::from(vec![0x5au8; 64]);
     let w0 = write_bytes();
     let start = Instant::now();
@@ -62,7 +68,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(spool);
     thread.join();
     let rate = n as f64 / elapsed.as_secs_f64();
-    println!("messages: {n}, window: {window}, elapsed: {:.3}s", elapsed.as_secs_f64());
+    println!(
+        "messages: {n}, window: {window}, elapsed: {:.3}s",
+        elapsed.as_secs_f64()
+    );
     println!("committed durably: {rate:.0} msgs/s");
     if let (Some(a), Some(b)) = (w0, w1) {
         let per = (b - a) as f64 / n as f64;

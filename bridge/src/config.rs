@@ -503,6 +503,34 @@ mod tests {
     }
 
     #[test]
+    fn design_sample_parses_as_an_array_of_tables() {
+        #[derive(Deserialize)]
+        struct Top {
+            bridge: Vec<BridgeConfig>,
+        }
+        let top: Top = toml::from_str(
+            r#"
+            [[bridge]]
+            name = "cloud"
+            address = "mqtts://broker.example.com:8883"
+            topics = [
+              { pattern = "sensors/#", direction = "out", qos = 1, local_prefix = "outpost/gw-01/", remote_prefix = "plant-7/" },
+              { pattern = "cmd/#", direction = "in", qos = 1 },
+            ]
+            [bridge.spool]
+            max_bytes = "512MiB"
+            when_full = "drop-oldest"
+            "#,
+        )
+        .expect("parses");
+        let b = &top.bridge[0];
+        b.validate().expect("valid");
+        assert_eq!(b.spool.when_full, WhenFull::DropOldest);
+        assert_eq!(b.protocol, ProtocolVersion::V5);
+        assert_eq!(b.keep_alive, Duration::from_secs(60));
+    }
+
+    #[test]
     fn unknown_key_is_refused() {
         let err = parse("name='a'\naddress='mqtt://h'\nbogus=1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
@@ -527,9 +555,15 @@ mod tests {
     #[test]
     fn addresses() {
         let a = Address::parse("mqtt://127.0.0.1:1884").unwrap();
-        assert_eq!((a.scheme, a.host.as_str(), a.port), (Scheme::Mqtt, "127.0.0.1", 1884));
+        assert_eq!(
+            (a.scheme, a.host.as_str(), a.port),
+            (Scheme::Mqtt, "127.0.0.1", 1884)
+        );
         let a = Address::parse("wss://[::1]/ws").unwrap();
-        assert_eq!((a.scheme, a.host.as_str(), a.port, a.path.as_str()), (Scheme::Wss, "::1", 443, "/ws"));
+        assert_eq!(
+            (a.scheme, a.host.as_str(), a.port, a.path.as_str()),
+            (Scheme::Wss, "::1", 443, "/ws")
+        );
         assert!(Address::parse("http://x").is_err());
         assert!(Address::parse("mqtt://:1883").is_err());
         assert!(Address::parse("mqtt://h:99999").is_err());

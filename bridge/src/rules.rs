@@ -70,26 +70,37 @@ impl TopicRule {
     /// Check the pattern and prefixes.
     pub fn validate(&self) -> Result<(), String> {
         if self.qos > 2 {
-            return Err(format!("topic {:?}: qos {} (0, 1 or 2)", self.pattern, self.qos));
+            return Err(format!(
+                "topic {:?}: qos {} (0, 1 or 2)",
+                self.pattern, self.qos
+            ));
         }
         for (what, p) in [
             ("local_prefix", &self.local_prefix),
             ("remote_prefix", &self.remote_prefix),
         ] {
             if p.contains(['+', '#', '\0']) {
-                return Err(format!("topic {:?}: {what} {p:?} contains a wildcard", self.pattern));
+                return Err(format!(
+                    "topic {:?}: {what} {p:?} contains a wildcard",
+                    self.pattern
+                ));
             }
         }
         if self.pattern.is_empty() {
             if self.local_prefix.is_empty() || self.remote_prefix.is_empty() {
-                return Err("topic with empty pattern needs both prefixes (full topic names)".into());
+                return Err(
+                    "topic with empty pattern needs both prefixes (full topic names)".into(),
+                );
             }
             return Ok(());
         }
         validate_topic_filter(&self.pattern)
             .map_err(|e| format!("topic {:?}: {e}", self.pattern))?;
         if self.pattern.starts_with("$share/") {
-            return Err(format!("topic {:?}: shared filters cannot be bridged", self.pattern));
+            return Err(format!(
+                "topic {:?}: shared filters cannot be bridged",
+                self.pattern
+            ));
         }
         Ok(())
     }
@@ -223,8 +234,14 @@ mod tests {
         assert_eq!(m.topic, "plant-7/sensors/boiler/temp");
         assert!(rules.map_out("sensors/boiler/temp").is_none());
         assert!(rules.map_out("outpost/gw-01/other").is_none());
-        assert!(rules.map_in("plant-7/sensors/x").is_none(), "out rule must not map in");
-        assert_eq!(rules.local_filters(), vec!["outpost/gw-01/sensors/#".to_string()]);
+        assert!(
+            rules.map_in("plant-7/sensors/x").is_none(),
+            "out rule must not map in"
+        );
+        assert_eq!(
+            rules.local_filters(),
+            vec!["outpost/gw-01/sensors/#".to_string()]
+        );
     }
 
     #[test]
@@ -233,11 +250,18 @@ mod tests {
             rule("cmd/+", Direction::In, "local/", "cloud/"),
             rule("chat/#", Direction::Both, "", "site/"),
         ]);
-        assert_eq!(rules.map_in("cloud/cmd/reboot").unwrap().topic, "local/cmd/reboot");
+        assert_eq!(
+            rules.map_in("cloud/cmd/reboot").unwrap().topic,
+            "local/cmd/reboot"
+        );
         assert!(rules.map_in("cloud/cmd/a/b").is_none());
         assert_eq!(rules.map_out("chat/x").unwrap().topic, "site/chat/x");
         assert_eq!(rules.map_in("site/chat/y").unwrap().topic, "chat/y");
-        let subs: Vec<_> = rules.remote_subscriptions().into_iter().map(|s| s.0).collect();
+        let subs: Vec<_> = rules
+            .remote_subscriptions()
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
         assert_eq!(subs, vec!["cloud/cmd/+", "site/chat/#"]);
     }
 

@@ -49,10 +49,22 @@ impl BridgeStats {
     /// Counter name/value pairs as published under `$SYS/broker/bridge/{name}/`.
     pub fn snapshot(&self, now_ms: i64) -> Vec<(&'static str, String)> {
         let oldest = self.oldest_accepted_ms.load(Relaxed);
-        let age = if oldest == 0 { 0 } else { (now_ms - oldest).max(0) / 1000 };
+        let age = if oldest == 0 {
+            0
+        } else {
+            (now_ms - oldest).max(0) / 1000
+        };
         let g = |c: &AtomicU64| c.load(Relaxed).to_string();
         vec![
-            ("state", if self.connected.load(Relaxed) { "connected" } else { "disconnected" }.to_string()),
+            (
+                "state",
+                if self.connected.load(Relaxed) {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .to_string(),
+            ),
             ("spool/messages", g(&self.spool_messages)),
             ("spool/bytes", g(&self.spool_bytes)),
             ("spool/oldest_age_seconds", age.to_string()),

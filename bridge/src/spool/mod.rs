@@ -5,6 +5,7 @@
 //! oneshot channels, so the async runtime never blocks on disk.
 
 mod props;
+mod reader;
 mod store;
 mod writer;
 
@@ -107,14 +108,8 @@ type Reply<T> = oneshot::Sender<T>;
 
 pub(crate) enum Command {
     Append(NewMessage, Reply<Result<(), Rejected>>),
-    Delete(i64),
+    Delete(Vec<i64>),
     SetStages(Vec<StageUpdate>, Reply<Result<(), SpoolError>>),
-    Fetch {
-        after: i64,
-        limit: usize,
-        reply: Reply<Result<Vec<StoredMessage>, SpoolError>>,
-    },
-    InProgress(Reply<Result<Vec<StoredMessage>, SpoolError>>),
     Flush(Reply<Result<(), SpoolError>>),
 }
 
@@ -133,6 +128,7 @@ pub struct SpoolOptions {
 #[derive(Clone)]
 pub struct Spool {
     tx: mpsc::Sender<Command>,
+    reads: mpsc::Sender<reader::Read>,
     committed: watch::Receiver<i64>,
     path: Arc<PathBuf>,
 }
@@ -155,7 +151,20 @@ impl Spool {
         opts: SpoolOptions,
         stats: Arc<BridgeStats>,
     ) -> Result<(Spool, SpoolThread), SpoolError> {
+        Self::open_with(opts, stats, |_| Ok(()))
+    }
+
+    /// Open with a hook run on the connection first (tests cap the file size with it).
+    fn open_with(
+        opts: SpoolOptions,
+        stats: Arc<BridgeStats>,
+        hook: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
+    ) -> Result<(Spool, SpoolThread), SpoolError> {
         let (conn, quarantined) = store::open(&opts.path)?;
+        hook(&conn).map_err(|source| SpoolError::Sqlite {
+            path: opts.path.clone(),
+            source,
+        })?;
         if quarantined.is_some() {
             BridgeStats::bump(&stats.quarantined);
         }
@@ -166,13 +175,29 @@ impl Spool {
         let (count, bytes) = store::totals(&conn).map_err(sqlite)?;
         let last_id = store::max_id(&conn).map_err(sqlite)?;
         let oldest = store::oldest_ms(&conn).map_err(sqlite)?;
-        stats.spool_messages.store(count, std::sync::atomic::Ordering::Relaxed);
-        stats.spool_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
-        stats.oldest_accepted_ms.store(oldest, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .spool_messages
+            .store(count, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .spool_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .oldest_accepted_ms
+            .store(oldest, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(spool = %opts.path.display(), messages = count, bytes, "spool opened");
+        let reader_conn = reader::open(&opts.path).map_err(sqlite)?;
         let (tx, rx) = mpsc::channel();
+        let (reads, reads_rx) = mpsc::channel();
         let (committed_tx, committed) = watch::channel(last_id);
         let path = Arc::new(opts.path.clone());
+        let reader_path = opts.path.clone();
+        std::thread::Builder::new()
+            .name("bridge-spool-read".into())
+            .spawn(move || reader::run(reader_conn, reader_path, reads_rx))
+            .map_err(|source| SpoolError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let w = writer::Writer::new(conn, opts, stats, bytes, count, committed_tx);
         let thread = std::thread::Builder::new()
             .name("bridge-spool".into())
@@ -184,6 +209,7 @@ impl Spool {
         Ok((
             Spool {
                 tx,
+                reads,
                 committed,
                 path,
             },
@@ -211,7 +237,14 @@ impl Spool {
 
     /// Delete an acknowledged row (committed with the next group).
     pub fn delete(&self, id: i64) {
-        let _ = self.tx.send(Command::Delete(id));
+        self.delete_many(vec![id]);
+    }
+
+    /// Delete acknowledged rows (committed with the next group).
+    pub fn delete_many(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            let _ = self.tx.send(Command::Delete(ids));
+        }
     }
 
     async fn ask<T>(
@@ -228,9 +261,22 @@ impl Spool {
         self.ask(|r| Command::SetStages(updates, r)).await
     }
 
-    /// Up to `limit` rows with id > `after`, in id order.
+    async fn read<T>(
+        &self,
+        make: impl FnOnce(Reply<Result<T, SpoolError>>) -> reader::Read,
+    ) -> Result<T, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.reads
+            .send(make(reply))
+            .map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Up to `limit` committed rows with id > `after`, in id order (fewer once 8 MiB of
+    /// payload are read, so big messages do not balloon memory). Reads the last commit:
+    /// call [`Spool::flush`] first to see writes queued just before.
     pub async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<StoredMessage>, SpoolError> {
-        self.ask(|reply| Command::Fetch {
+        self.read(|reply| reader::Read::Fetch {
             after,
             limit,
             reply,
@@ -238,9 +284,9 @@ impl Spool {
         .await
     }
 
-    /// Rows with a persisted QoS 2 packet id.
+    /// Committed rows with a persisted QoS 2 packet id.
     pub async fn in_progress(&self) -> Result<Vec<StoredMessage>, SpoolError> {
-        self.ask(Command::InProgress).await
+        self.read(reader::Read::InProgress).await
     }
 
     /// Resolves once everything queued before it is committed.

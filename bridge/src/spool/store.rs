@@ -148,5 +148,7 @@ pub fn oldest_ms(conn: &Connection) -> rusqlite::Result<i64> {
 
 /// Highest row id, 0 when empty.
 pub fn max_id(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| r.get(0))
+    conn.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
+        r.get(0)
+    })
 }

@@ -36,7 +36,10 @@ fn close(spool: Spool, thread: SpoolThread) {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -66,7 +69,10 @@ fn commits_in_order_and_survives_reopen() {
         let (spool, thread, stats) = open(dir.path(), 1 << 30, WhenFull::DropOldest);
         assert_eq!(stats.spool_messages.load(Relaxed), 990);
         let topic_bytes = 90 * 4 + 900 * 5;
-        assert_eq!(stats.spool_bytes.load(Relaxed), topic_bytes + 990 * (64 + ROW_OVERHEAD));
+        assert_eq!(
+            stats.spool_bytes.load(Relaxed),
+            topic_bytes + 990 * (64 + ROW_OVERHEAD)
+        );
         let rows = spool.fetch(0, 5).await.unwrap();
         assert_eq!(rows[0].topic, "t/10");
         assert_eq!(rows[0].payload.len(), 64);
@@ -114,7 +120,11 @@ fn drop_oldest_keeps_newest_and_spares_qos2_in_progress() {
         }
         let first = spool.fetch(0, 1).await.unwrap()[0].id;
         spool
-            .set_stages(vec![StageUpdate { id: first, packet_id: 7, stage: Stage::Released }])
+            .set_stages(vec![StageUpdate {
+                id: first,
+                packet_id: 7,
+                stage: Stage::Released,
+            }])
             .await
             .unwrap();
         for i in 4..7 {
@@ -122,7 +132,11 @@ fn drop_oldest_keeps_newest_and_spares_qos2_in_progress() {
         }
         let rows = spool.fetch(0, 100).await.unwrap();
         let topics: Vec<_> = rows.iter().map(|r| r.topic.as_str()).collect();
-        assert_eq!(topics, ["t/0", "t/4", "t/5", "t/6"], "t/0 has a QoS 2 exchange in progress");
+        assert_eq!(
+            topics,
+            ["t/0", "t/4", "t/5", "t/6"],
+            "t/0 has a QoS 2 exchange in progress"
+        );
         assert_eq!(rows[0].packet_id, Some(7));
         assert_eq!(rows[0].stage, Stage::Released);
         assert_eq!(stats.dropped_spool_full.load(Relaxed), 3);
@@ -174,8 +188,75 @@ fn corrupt_file_is_set_aside_not_deleted() {
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("spool.sqlite.corrupt-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("spool.sqlite.corrupt-")
+        })
         .collect();
     assert_eq!(aside.len(), 1, "exactly one quarantined file");
-    assert_eq!(std::fs::read(aside[0].path()).unwrap(), garbage, "kept byte for byte");
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        garbage,
+        "kept byte for byte"
+    );
+}
+
+#[test]
+fn full_disk_refuses_with_a_reason_keeps_committed_rows_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let stats = Arc::new(BridgeStats::default());
+        // SQLITE_FULL from a page cap is the same error path as a full file system.
+        let (spool, thread) = Spool::open_with(
+            SpoolOptions {
+                path: dir.path().join("spool.sqlite"),
+                max_bytes: 1 << 30,
+                when_full: WhenFull::RejectNew,
+            },
+            stats.clone(),
+            |c| c.query_row("PRAGMA max_page_count = 40", [], |_| Ok(())),
+        )
+        .expect("open spool");
+        let mut accepted = 0;
+        let mut refusal = None;
+        for i in 0..2000 {
+            match spool.append(msg(i, 1000)).await.unwrap() {
+                Ok(()) => accepted += 1,
+                Err(e) => {
+                    refusal = Some(e);
+                    break;
+                }
+            }
+        }
+        let refusal = refusal.expect("the capped file fills up");
+        match &refusal.reason {
+            RejectReason::Storage(text) => assert!(text.contains("full"), "{text}"),
+            other => panic!("expected a storage refusal, got {other:?}"),
+        }
+        assert_eq!(
+            refusal.reason_code(),
+            outpost_mqtt::ReasonCode::UNSPECIFIED_ERROR
+        );
+        assert!(
+            accepted > 10,
+            "some messages fit before the disk filled: {accepted}"
+        );
+        assert_eq!(stats.rejected_storage.load(Relaxed), 1);
+        // Everything acknowledged before the failure is still there, in order.
+        let rows = spool.fetch(0, 10_000).await.unwrap();
+        assert_eq!(rows.len(), accepted);
+        assert_eq!(stats.spool_messages.load(Relaxed), accepted as u64);
+        // Once the cloud takes some messages, the spool accepts again.
+        for r in &rows[..accepted / 2] {
+            spool.delete(r.id);
+        }
+        spool.flush().await.unwrap();
+        spool
+            .append(msg(5000, 1000))
+            .await
+            .unwrap()
+            .expect("room again after deletes");
+        close(spool, thread);
+    });
 }

@@ -1,15 +1,14 @@
 //! The spool writer thread: drains every queued command into one transaction (group
-//! commit), then answers the callers. Reads are served after the commit.
+//! commit), then answers the callers.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 
-use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{oneshot, watch};
 
-use super::{Command, SpoolOptions, Stage, StoredMessage, props, store};
+use super::{Command, SpoolOptions, store};
 use crate::config::WhenFull;
 use crate::error::{RejectReason, Rejected, SpoolError};
 use crate::stats::BridgeStats;
@@ -110,7 +109,7 @@ impl Writer {
         };
         match outcome {
             Ok(()) => self.st.after_commit(&self.conn, group),
-            Err(e) => self.st.after_failure(&self.conn, e, group, bytes0, count0),
+            Err(e) => self.st.after_failure(e, group, bytes0, count0),
         }
     }
 }
@@ -131,7 +130,6 @@ impl State {
             source,
         }
     }
-
 
     fn apply(
         &mut self,
@@ -181,7 +179,7 @@ impl State {
                     self.count += 1;
                 })
             }
-            Command::Delete(id) => self.delete(tx, id).map(|_| ()),
+            Command::Delete(ids) => self.delete_all(tx, ids),
             Command::SetStages(updates, reply) => {
                 group.staged.push(reply);
                 tx.prepare_cached("UPDATE messages SET packet_id = ?2, stage = ?3 WHERE id = ?1")
@@ -202,6 +200,30 @@ impl State {
         }
     }
 
+    /// Delete acknowledged rows; consecutive ids (the common case: acks come in order)
+    /// go in one range statement.
+    fn delete_all(&mut self, tx: &Transaction<'_>, mut ids: Vec<i64>) -> rusqlite::Result<()> {
+        ids.sort_unstable();
+        ids.dedup();
+        let mut st =
+            tx.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2 RETURNING size")?;
+        let mut i = 0;
+        while i < ids.len() {
+            let mut j = i;
+            while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+                j += 1;
+            }
+            let mut rows = st.query(params![ids[i], ids[j]])?;
+            while let Some(row) = rows.next()? {
+                let size: i64 = row.get(0)?;
+                self.bytes = self.bytes.saturating_sub(size as u64);
+                self.count = self.count.saturating_sub(1);
+            }
+            i = j + 1;
+        }
+        Ok(())
+    }
+
     fn delete(&mut self, tx: &Transaction<'_>, id: i64) -> rusqlite::Result<bool> {
         let size: Option<i64> = tx
             .prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING size")?
@@ -217,7 +239,12 @@ impl State {
     /// Ensure `size` more bytes fit: under drop-oldest, delete the oldest rows that have no
     /// QoS 2 exchange in progress (dropping those would break exactly-once). False when the
     /// message cannot fit.
-    fn make_room(&mut self, tx: &Transaction<'_>, size: u64, group: &mut Group) -> rusqlite::Result<bool> {
+    fn make_room(
+        &mut self,
+        tx: &Transaction<'_>,
+        size: u64,
+        group: &mut Group,
+    ) -> rusqlite::Result<bool> {
         let max = self.opts.max_bytes;
         if self.bytes + size <= max {
             return Ok(true);
@@ -252,9 +279,13 @@ impl State {
 
     fn after_commit(&mut self, conn: &Connection, group: Group) {
         let stats = &self.stats;
-        stats.spooled.fetch_add(group.appended.len() as u64, Relaxed);
+        stats
+            .spooled
+            .fetch_add(group.appended.len() as u64, Relaxed);
         if group.dropped_oldest > 0 {
-            stats.dropped_spool_full.fetch_add(group.dropped_oldest, Relaxed);
+            stats
+                .dropped_spool_full
+                .fetch_add(group.dropped_oldest, Relaxed);
             tracing::warn!(
                 dropped = group.dropped_oldest,
                 "spool full: dropped the oldest messages (when_full = drop-oldest)"
@@ -270,17 +301,10 @@ impl State {
         if let Some(id) = group.last_id {
             self.committed.send_replace(id);
         }
-        self.serve_reads(conn, group.reads);
+        self.serve_reads(group.reads);
     }
 
-    fn after_failure(
-        &mut self,
-        conn: &Connection,
-        e: rusqlite::Error,
-        group: Group,
-        bytes0: u64,
-        count0: u64,
-    ) {
+    fn after_failure(&mut self, e: rusqlite::Error, group: Group, bytes0: u64, count0: u64) {
         // The transaction rolled back: restore the counters it had moved.
         self.bytes = bytes0;
         self.count = count0;
@@ -303,7 +327,7 @@ impl State {
                 Some(text.clone()),
             ))));
         }
-        self.serve_reads(conn, group.reads);
+        self.serve_reads(group.reads);
     }
 
     fn publish_totals(&self, conn: &Connection) {
@@ -315,65 +339,11 @@ impl State {
         }
     }
 
-    fn serve_reads(&self, conn: &Connection, reads: Vec<Command>) {
+    fn serve_reads(&self, reads: Vec<Command>) {
         for cmd in reads {
-            match cmd {
-                Command::Fetch {
-                    after,
-                    limit,
-                    reply,
-                } => {
-                    let _ = reply.send(fetch(conn, after, limit).map_err(|e| self.sqlite_error(e)));
-                }
-                Command::InProgress(reply) => {
-                    let _ = reply.send(in_progress(conn).map_err(|e| self.sqlite_error(e)));
-                }
-                Command::Flush(reply) => {
-                    let _ = reply.send(Ok(()));
-                }
-                Command::Append(..) | Command::Delete(_) | Command::SetStages(..) => {}
+            if let Command::Flush(reply) = cmd {
+                let _ = reply.send(Ok(()));
             }
         }
     }
-}
-
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
-    let props: Option<Vec<u8>> = r.get(5)?;
-    let properties = match props {
-        Some(raw) => props::decode(&raw).unwrap_or_else(|| {
-            tracing::warn!("spool row with unreadable properties: sending without them");
-            Default::default()
-        }),
-        None => Default::default(),
-    };
-    let qos: i64 = r.get(3)?;
-    let packet_id: Option<i64> = r.get(7)?;
-    Ok(StoredMessage {
-        id: r.get(0)?,
-        topic: r.get(1)?,
-        payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-        qos: qos.clamp(0, 2) as u8,
-        retain: r.get(4)?,
-        properties,
-        accepted_ms: r.get(6)?,
-        packet_id: packet_id.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0),
-        stage: Stage::from_i64(r.get(8)?),
-    })
-}
-
-fn fetch(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<StoredMessage>> {
-    let mut st = conn.prepare_cached(
-        "SELECT id, topic, payload, qos, retain, props, accepted_ms, packet_id, stage
-         FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
-    )?;
-    st.query_map(params![after, limit as i64], row)?
-        .collect()
-}
-
-fn in_progress(conn: &Connection) -> rusqlite::Result<Vec<StoredMessage>> {
-    let mut st = conn.prepare_cached(
-        "SELECT id, topic, payload, qos, retain, props, accepted_ms, packet_id, stage
-         FROM messages WHERE stage > 0 ORDER BY id",
-    )?;
-    st.query_map([], row)?.collect()
 }

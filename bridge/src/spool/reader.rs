@@ -1,0 +1,107 @@
+//! The spool reader thread: its own read-only connection, so fetching the next rows for
+//! the uplink never waits behind a commit's fsync (WAL lets readers run beside the writer).
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use bytes::Bytes;
+use rusqlite::{Connection, OpenFlags, params};
+
+use super::{Reply, Stage, StoredMessage, props};
+use crate::error::SpoolError;
+
+/// Payload bytes one fetch returns at most (at least one row).
+const FETCH_MAX_BYTES: usize = 8 << 20;
+
+pub(crate) enum Read {
+    Fetch {
+        after: i64,
+        limit: usize,
+        reply: Reply<Result<Vec<StoredMessage>, SpoolError>>,
+    },
+    InProgress(Reply<Result<Vec<StoredMessage>, SpoolError>>),
+}
+
+pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+pub(super) fn run(conn: Connection, path: std::path::PathBuf, rx: mpsc::Receiver<Read>) {
+    let err = |source| SpoolError::Sqlite {
+        path: path.clone(),
+        source,
+    };
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            Read::Fetch {
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(fetch(&conn, after, limit).map_err(err));
+            }
+            Read::InProgress(reply) => {
+                let _ = reply.send(in_progress(&conn).map_err(err));
+            }
+        }
+    }
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let props: Option<Vec<u8>> = r.get(5)?;
+    let properties = match props {
+        Some(raw) => props::decode(&raw).unwrap_or_else(|| {
+            tracing::warn!("spool row with unreadable properties: sending without them");
+            Default::default()
+        }),
+        None => Default::default(),
+    };
+    let qos: i64 = r.get(3)?;
+    let packet_id: Option<i64> = r.get(7)?;
+    Ok(StoredMessage {
+        id: r.get(0)?,
+        topic: r.get(1)?,
+        payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+        qos: qos.clamp(0, 2) as u8,
+        retain: r.get(4)?,
+        properties,
+        accepted_ms: r.get(6)?,
+        packet_id: packet_id
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0),
+        stage: Stage::from_i64(r.get(8)?),
+    })
+}
+
+fn fetch(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<StoredMessage>> {
+    let mut st = conn.prepare_cached(
+        "SELECT id, topic, payload, qos, retain, props, accepted_ms, packet_id, stage
+         FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let mut rows = st.query(params![after, limit as i64])?;
+    let mut out = Vec::with_capacity(limit.min(4096));
+    let mut bytes = 0usize;
+    while let Some(r) = rows.next()? {
+        let m = row(r)?;
+        bytes += m.payload.len() + m.topic.len();
+        out.push(m);
+        if bytes >= FETCH_MAX_BYTES {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn in_progress(conn: &Connection) -> rusqlite::Result<Vec<StoredMessage>> {
+    let mut st = conn.prepare_cached(
+        "SELECT id, topic, payload, qos, retain, props, accepted_ms, packet_id, stage
+         FROM messages WHERE stage > 0 ORDER BY id",
+    )?;
+    st.query_map([], row)?.collect()
+}
