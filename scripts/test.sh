@@ -22,4 +22,9 @@ export PATH="$PATH:/usr/sbin"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The end-to-end tests run the real binary; build it once with the workspace's features.
+cargo build --workspace --locked --bins
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+export OUTPOST_BIN="$target_dir/debug/outpost"
 cargo test --workspace --locked "$@"
