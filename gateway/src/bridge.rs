@@ -35,11 +35,12 @@ impl DurableSink for Sink {
             rx.map(|r| match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(Rejected {
+                    code: e.reason_code(),
                     reason: e.to_string(),
                 }),
-                Err(_) => Err(Rejected {
-                    reason: "the bridge spool stopped before committing".into(),
-                }),
+                Err(_) => Err(Rejected::failure(
+                    "the bridge spool stopped before committing",
+                )),
             })
             .boxed(),
         )

@@ -32,11 +32,8 @@ impl DurableSink for HeldSink {
             .unwrap()
             .push((msg.topic.to_string(), tx));
         Some(Box::pin(async move {
-            rx.await.unwrap_or_else(|_| {
-                Err(Rejected {
-                    reason: "sink dropped".into(),
-                })
-            })
+            rx.await
+                .unwrap_or_else(|_| Err(Rejected::failure("sink dropped")))
         }))
     }
 }
@@ -173,6 +170,7 @@ async fn refused_message_gets_quota_exceeded_on_v5_and_no_ack_on_v311() {
     commit
         .send(Err(Rejected {
             reason: "spool full".into(),
+            code: ReasonCode::QUOTA_EXCEEDED,
         }))
         .unwrap();
     assert_eq!(puback_id(v5.recv().await), (7, ReasonCode::QUOTA_EXCEEDED));
@@ -186,6 +184,7 @@ async fn refused_message_gets_quota_exceeded_on_v5_and_no_ack_on_v311() {
     commit
         .send(Err(Rejected {
             reason: "spool full".into(),
+            code: ReasonCode::QUOTA_EXCEEDED,
         }))
         .unwrap();
     // 3.1.1 cannot say no: the refused message is left unacknowledged (the client will

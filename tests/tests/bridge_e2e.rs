@@ -374,3 +374,67 @@ async fn birth_on_connect_will_on_kill9_clean_offline_on_shutdown() {
     let bye = wait_for(&cloud, "offline");
     assert!(bye.contains("clean"), "a clean shutdown says so: {bye}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_with_reject_new_acknowledges_only_what_it_kept() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cloud = Cloud::new();
+    cloud.start();
+    CloudSubscriber::register(&cloud, "collector", "up/#");
+    cloud.stop();
+    let broker = Broker::outpost_with_full_config(&gateway_config(
+        &cloud,
+        r#"spool = { max_bytes = "4KiB", when_full = "reject-new" }"#,
+    ));
+
+    // A 5.0 publisher learns of each refusal (0x97 Quota exceeded) and keeps going.
+    let (mut c, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V5, "pub-full", true),
+    )
+    .await;
+    let mut kept = Vec::new();
+    let mut refused = 0;
+    for i in 0..100u16 {
+        let payload = format!("{i:03}{}", "x".repeat(97));
+        c.send(&Packet::Publish(publish(
+            "q1/big",
+            QoS::AtLeastOnce,
+            Some(i + 1),
+            payload.as_bytes(),
+        )))
+        .await;
+        match c.expect_packet(WAIT).await {
+            Packet::PubAck(a) if a.reason == outpost_mqtt::ReasonCode::SUCCESS => {
+                kept.push(u32::from(i))
+            }
+            Packet::PubAck(a) => {
+                assert_eq!(a.reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED);
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        !kept.is_empty() && refused > 0,
+        "kept {} refused {refused}: the bound was not reached",
+        kept.len()
+    );
+    c.disconnect().await;
+
+    cloud.start();
+    let got = CloudSubscriber::start(&cloud, "collector", "up/#", kept.len() + 1, 5).wait();
+    let arrived: Vec<u32> = got
+        .iter()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(_, p)| p[..3].parse().unwrap())
+        .collect();
+    assert_eq!(
+        arrived,
+        kept,
+        "the cloud must get exactly the acknowledged messages\n{}",
+        broker.log()
+    );
+}

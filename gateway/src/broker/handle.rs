@@ -37,6 +37,13 @@ pub enum PublishError {
     Rejected(#[from] Rejected),
 }
 
+fn invalid(topic: &str, e: outpost_mqtt::topic::TopicError) -> PublishError {
+    PublishError::InvalidTopic {
+        topic: topic.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
 /// A cheap, cloneable handle to the broker core.
 #[derive(Clone)]
 pub struct BrokerHandle {
@@ -95,12 +102,7 @@ impl BrokerHandle {
         properties: Properties,
         skip: Option<super::SinkId>,
     ) -> Result<Receipt, PublishError> {
-        outpost_mqtt::topic::validate_topic_name(topic).map_err(|e| {
-            PublishError::InvalidTopic {
-                topic: topic.to_owned(),
-                reason: e.to_string(),
-            }
-        })?;
+        outpost_mqtt::topic::validate_topic_name(topic).map_err(|e| invalid(topic, e))?;
         let mut msg = Message::new(topic.into(), payload, qos, retain, properties, None);
         if let Some(SinkId(i)) = skip
             && let Some(m) = Arc::get_mut(&mut msg)
@@ -121,12 +123,7 @@ impl BrokerHandle {
         filter: &str,
         qos: QoS,
     ) -> Result<LocalSubscription, PublishError> {
-        outpost_mqtt::topic::validate_topic_filter(filter).map_err(|e| {
-            PublishError::InvalidTopic {
-                topic: filter.to_owned(),
-                reason: e.to_string(),
-            }
-        })?;
+        outpost_mqtt::topic::validate_topic_filter(filter).map_err(|e| invalid(filter, e))?;
         let (tx, rx) = mpsc::channel(LOCAL_SUBSCRIPTION_CAPACITY);
         let (done, key) = oneshot::channel();
         self.send(CoreEvent::LocalSubscribe {

@@ -36,6 +36,19 @@ pub use settings::Settings;
 pub struct Rejected {
     /// Human-readable reason, logged and sent as a 5.0 reason string.
     pub reason: String,
+    /// The 5.0 PUBACK/PUBREC reason code to answer with (0x97 Quota exceeded for a full
+    /// spool, 0x80 for a failure); 3.x publishers get no acknowledgement at all.
+    pub code: outpost_mqtt::ReasonCode,
+}
+
+impl Rejected {
+    /// A refusal for a reason other than a full store.
+    pub fn failure(reason: impl Into<String>) -> Rejected {
+        Rejected {
+            reason: reason.into(),
+            code: outpost_mqtt::ReasonCode::UNSPECIFIED_ERROR,
+        }
+    }
 }
 
 /// What a durable sink hands back for a message it took: resolves once the message is

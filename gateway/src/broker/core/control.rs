@@ -79,7 +79,7 @@ impl Core {
                 Ok(()) => Some(make_ack(ReasonCode::SUCCESS, None)),
                 // 5.0 publishers learn why; 3.x has no way to say no, so the message is
                 // left unacknowledged and the client will send it again.
-                Err(e) if v5 => Some(make_ack(ReasonCode::QUOTA_EXCEEDED, Some(e.reason))),
+                Err(e) if v5 => Some(make_ack(e.code, Some(e.reason))),
                 Err(_) => None,
             }),
         });
