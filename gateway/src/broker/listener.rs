@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::connection;
 use super::handle::BrokerHandle;
@@ -142,36 +142,39 @@ async fn handle_wrapped(
     core: BrokerHandle,
     settings: Arc<Settings>,
 ) {
-    let handshake = settings.connect_timeout;
-    match (tls, websocket) {
-        (None, None) => connection::serve_tcp(stream, peer, core, settings).await,
-        (Some(acceptor), ws) => {
-            let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    info!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            match ws {
-                None => connection::serve_stream(tls, peer, core, settings).await,
-                Some(path) => {
-                    match tokio::time::timeout(handshake, super::ws::accept(tls, &path)).await {
-                        Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings).await,
-                        Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
-                        Err(_) => {}
-                    }
-                }
-            }
+    let Some(acceptor) = tls else {
+        if let Some(path) = websocket {
+            serve_websocket(stream, &path, peer, core, settings).await;
         }
-        (None, Some(path)) => {
-            match tokio::time::timeout(handshake, super::ws::accept(stream, &path)).await {
-                Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings).await,
-                Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
-                Err(_) => {}
-            }
+        return;
+    };
+    let tls = match tokio::time::timeout(settings.connect_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "TLS handshake failed");
+            return;
         }
+        Err(_) => return,
+    };
+    match websocket {
+        None => connection::serve_stream(tls, peer, core, settings).await,
+        Some(path) => serve_websocket(tls, &path, peer, core, settings).await,
+    }
+}
+
+async fn serve_websocket<S>(
+    stream: S,
+    path: &str,
+    peer: SocketAddr,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    match tokio::time::timeout(settings.connect_timeout, super::ws::accept(stream, path)).await {
+        Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings).await,
+        Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
+        Err(_) => debug!(%peer, "WebSocket handshake timed out"),
     }
 }
 

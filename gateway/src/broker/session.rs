@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
 
 use outpost_mqtt::{Protocol, QoS, Will};
 
@@ -86,8 +85,6 @@ pub struct Session {
     pub will: Option<Box<Will>>,
     /// Bumped on every connect so timers of an earlier disconnect are recognised as stale.
     pub generation: u64,
-    /// When the client last disconnected, for statistics.
-    pub disconnected_at: Option<Instant>,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
 }
@@ -109,7 +106,6 @@ impl Session {
             max_packet_size: None,
             will: None,
             generation: 0,
-            disconnected_at: None,
             dropped: 0,
         }
     }

@@ -84,7 +84,6 @@ impl Core {
         s.expiry = expiry;
         s.generation += 1;
         s.will = connect.will.clone().map(|w| Box::new(detach_will(w)));
-        s.disconnected_at = None;
         s.send_quota = connect
             .properties
             .receive_maximum
@@ -177,7 +176,6 @@ impl Core {
             return;
         }
         s.link = None;
-        s.disconnected_at = Some(Instant::now());
         let publish_will = match &disconnect {
             None => true,
             Some(d) => {
