@@ -359,6 +359,7 @@ impl Conn {
                 },
                 () = rx.notified(), if !self.closing && wbuf.len() < WRITE_HIGH_WATER => {
                     rx.drain_into(&mut items);
+                    let batch = items.len();
                     while let Some(item) = items.pop_front() {
                         if self.add(item, &mut wbuf) {
                             self.closing = true;
@@ -366,7 +367,9 @@ impl Conn {
                             break;
                         }
                     }
-                    if items.capacity() > 64 {
+                    // Keep the buffer for a busy stream; give it back after a burst or a
+                    // trickle, so an idle client holds no queue memory.
+                    if items.capacity() > 64 || batch <= 2 {
                         items = VecDeque::new();
                     }
                 }

@@ -73,8 +73,10 @@ impl Core {
         } else {
             let key = self.next_key;
             self.next_key += 1;
-            self.sessions
-                .insert(key, Session::new(client_id.clone(), connect.protocol));
+            self.sessions.insert(
+                key,
+                Box::new(Session::new(client_id.clone(), connect.protocol)),
+            );
             self.by_client_id.insert(client_id.clone(), key);
             key
         };

@@ -91,7 +91,9 @@ pub(crate) struct ConnectRequest {
 
 pub(crate) struct Core {
     settings: Arc<Settings>,
-    sessions: HashMap<SessionKey, Session>,
+    /// Boxed: the table keeps spare capacity, and empty slots should cost a pointer,
+    /// not a whole session, when ten thousand clients are connected.
+    sessions: HashMap<SessionKey, Box<Session>>,
     by_client_id: HashMap<Arc<str>, SessionKey>,
     tree: SubscriptionTree,
     retained: RetainedStore,
@@ -160,7 +162,7 @@ impl Core {
                 conn_id,
                 packet,
             } => {
-                if self.sessions.get(&session).and_then(Session::conn_id) == Some(conn_id) {
+                if self.sessions.get(&session).and_then(|s| s.conn_id()) == Some(conn_id) {
                     self.on_packet(session, packet);
                 }
             }

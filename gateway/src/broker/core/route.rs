@@ -173,7 +173,7 @@ impl Core {
                 filter: inner,
             },
         );
-        self.sessions.insert(key, s);
+        self.sessions.insert(key, Box::new(s));
         key
     }
 }
