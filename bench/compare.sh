@@ -89,11 +89,16 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # --- Broker configurations --------------------------------------------------------------
-# Mosquitto as in its own published benchmarks: no persistence, no logging. The limits are
-# written out so Outpost can be given the same ones:
-#   max_inflight_messages 20     (Mosquitto's default; the broker's outgoing QoS 1/2 window)
-#   max_queued_messages 100000   (the bench's end-to-end window keeps queues far below this)
-#   max_connections -1           (unlimited; the fd limit is raised above)
+# Mosquitto as in its own published benchmarks: no persistence, no logging. Both brokers
+# get the same limits:
+#   inflight 20         QoS 1/2 messages in flight towards one client (Mosquitto's default
+#                       max_inflight_messages; Outpost's max_inflight) and, on 5.0, the
+#                       Receive Maximum announced to publishers
+#   queue 100000        messages queued per client beyond that (the bench's end-to-end
+#                       window keeps real queues far below it)
+#   TCP_NODELAY on      Outpost always sets it; Mosquitto only with set_tcp_nodelay, and
+#                       without it Mosquitto's latency would measure Nagle's algorithm
+#   $SYS every 10 s     both defaults
 cat > "$OUT/mosquitto.conf" <<EOF
 listener $MOSQUITTO_PORT 127.0.0.1
 allow_anonymous true
@@ -101,20 +106,27 @@ persistence false
 log_type none
 log_dest none
 connection_messages false
+set_tcp_nodelay true
 max_inflight_messages $INFLIGHT
 max_queued_messages 100000
 max_connections -1
 EOF
-# Outpost with the same listener; its defaults have no persistence for non-bridged topics
-# and its logs go to stderr, which outpost-bench discards (RUST_LOG=error keeps them quiet).
+mkdir -p "$OUT/outpost-state"
 cat > "$OUT/outpost.toml" <<EOF
+state_dir = "$OUT/outpost-state"
+[log]
+level = "error"
 [broker]
 listeners = [{ bind = "127.0.0.1:$OUTPOST_PORT" }]
+allow_anonymous = true
+max_inflight = $INFLIGHT
+receive_maximum = $INFLIGHT
+max_queued_messages = 100000
 EOF
 
 broker_cmd() {
     case "$1" in
-        outpost) echo "env RUST_LOG=error $OUTPOST --config $OUT/outpost.toml" ;;
+        outpost) echo "$OUTPOST --config $OUT/outpost.toml" ;;
         mosquitto) echo "$MOSQUITTO -c $OUT/mosquitto.conf" ;;
     esac
 }
@@ -134,7 +146,9 @@ broker_port() {
     echo "rustc: $(rustc --version)"
     [[ -n $MOSQUITTO ]] && echo "mosquitto: $($MOSQUITTO -h 2>&1 | head -1)"
     echo "outpost: ${OUTPOST:-not run}"
-    echo "git: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)"
+    dirty=""; [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]] && dirty=" plus uncommitted changes"
+    echo "git: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)$dirty"
+    [[ -n ${OUTPOST:-} ]] && echo "outpost binary: $(stat -c %s "$OUTPOST") bytes"
     echo "protocol: MQTT $PROTOCOL; repeats: $REPEATS; quick: $QUICK"
     [[ -n $MOSQUITTO ]] && echo "mosquitto shared libraries: $(ldd "$MOSQUITTO" | awk '/=>/ {print $1}' | tr '\n' ' ')"
 } > "$OUT/machine.txt"

@@ -49,9 +49,32 @@ pub async fn connect(
     keep_alive: u16,
     limit: Duration,
 ) -> Result<Connection> {
-    timeout(limit, connect_inner(addr, protocol, client_id, keep_alive))
-        .await
-        .map_err(|_| anyhow!("CONNECT to {addr} as {client_id} timed out after {limit:?}"))?
+    connect_with(
+        addr,
+        protocol,
+        client_id,
+        keep_alive,
+        Properties::default(),
+        limit,
+    )
+    .await
+}
+
+/// [`connect`] with CONNECT properties (5.0 only; 3.x ignores them).
+pub async fn connect_with(
+    addr: SocketAddr,
+    protocol: Protocol,
+    client_id: &str,
+    keep_alive: u16,
+    properties: Properties,
+    limit: Duration,
+) -> Result<Connection> {
+    timeout(
+        limit,
+        connect_inner(addr, protocol, client_id, keep_alive, properties),
+    )
+    .await
+    .map_err(|_| anyhow!("CONNECT to {addr} as {client_id} timed out after {limit:?}"))?
 }
 
 async fn connect_inner(
@@ -59,6 +82,7 @@ async fn connect_inner(
     protocol: Protocol,
     client_id: &str,
     keep_alive: u16,
+    properties: Properties,
 ) -> Result<Connection> {
     let stream = TcpStream::connect(addr)
         .await
@@ -78,7 +102,7 @@ async fn connect_inner(
         protocol,
         clean_start: true,
         keep_alive,
-        properties: Properties::default(),
+        properties,
         client_id: client_id.to_owned(),
         will: None,
         username: None,
@@ -140,7 +164,10 @@ impl Connection {
         match ack {
             Packet::SubAck(a) => match a.reason_codes.first() {
                 Some(rc) if rc.0 == qos as u8 => Ok(()),
-                other => bail!("SUBACK for {filter} granted {other:?}, wanted QoS {}", qos as u8),
+                other => bail!(
+                    "SUBACK for {filter} granted {other:?}, wanted QoS {}",
+                    qos as u8
+                ),
             },
             other => bail!("expected SUBACK, got {other:?}"),
         }

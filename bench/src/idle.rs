@@ -167,7 +167,11 @@ pub fn describe(r: &IdleReport) -> String {
         r.label,
         r.clients,
         r.protocol,
-        if r.subscribed { ", one subscription each" } else { "" },
+        if r.subscribed {
+            ", one subscription each"
+        } else {
+            ""
+        },
         r.connect_s,
         r.rss_before_kib,
         r.rss_during_kib,

@@ -176,11 +176,16 @@ fn main() -> Result<()> {
             let want = args.clients as u64 + 512;
             let got = procfs::raise_nofile(want)?;
             if got < want {
-                bail!("open-file limit is {got}, {want} needed for {} clients: raise the hard limit (ulimit -Hn)", args.clients);
+                bail!(
+                    "open-file limit is {got}, {want} needed for {} clients: raise the hard limit (ulimit -Hn)",
+                    args.clients
+                );
             }
             common.runtime()?.block_on(async {
                 let Some(mut broker) = common.broker().await? else {
-                    bail!("idle mode needs a broker to measure: a command after -- or --broker-pid");
+                    bail!(
+                        "idle mode needs a broker to measure: a command after -- or --broker-pid"
+                    );
                 };
                 let report = idle::run(
                     &args,

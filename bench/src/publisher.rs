@@ -130,7 +130,18 @@ pub async fn run(
         waker.clone(),
     ));
     let mut result = PublisherResult::default();
-    if let Err(e) = write_loop(wr, &spec, protocol, inflight_cap, &flow, &waker, &state, &mut result).await {
+    if let Err(e) = write_loop(
+        wr,
+        &spec,
+        protocol,
+        inflight_cap,
+        &flow,
+        &waker,
+        &state,
+        &mut result,
+    )
+    .await
+    {
         result.error = Some(format!("{e:#}"));
     }
     reader.abort();
@@ -288,7 +299,9 @@ async fn write_loop(
                         _ = tokio::time::sleep(wait) => true,
                         _ = waker.notified() => false,
                     };
-                    if timed_out && matches!(stall, Stall::Window) {
+                    // Only QoS 0 may lose messages; at 1 and 2 a stall means a slow broker,
+                    // and the window must keep holding publishers back.
+                    if timed_out && !qos_acked && matches!(stall, Stall::Window) {
                         flow.write_off_outstanding();
                     }
                 }

@@ -69,7 +69,9 @@ pub fn describe_load(r: &LoadReport) -> String {
         r.qos,
         r.payload,
         r.protocol,
-        r.rate.map(|x| format!(" at {x:.0} msg/s")).unwrap_or_default(),
+        r.rate
+            .map(|x| format!(" at {x:.0} msg/s"))
+            .unwrap_or_default(),
         r.published,
         r.publish_rate,
         r.delivered,

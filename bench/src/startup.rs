@@ -67,10 +67,7 @@ pub async fn run(
         // The port must be free again before the next start.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let binary = args
-        .binary
-        .clone()
-        .or_else(|| resolve_program(&cmd[0]));
+    let binary = args.binary.clone().or_else(|| resolve_program(&cmd[0]));
     let binary_bytes = binary
         .as_ref()
         .and_then(|p| std::fs::metadata(p).ok())
@@ -107,7 +104,7 @@ pub fn median(xs: &[f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
-    if v.len() % 2 == 1 {
+    if !v.len().is_multiple_of(2) {
         v[m]
     } else {
         (v[m - 1] + v[m]) / 2.0

@@ -33,6 +33,11 @@ pub struct SubscriberResult {
     pub foreign: u64,
     /// PUBLISH packets at a QoS other than the one subscribed.
     pub wrong_qos: u64,
+    /// QoS 2 deliveries this subscriber answered with PUBREC that the broker has not yet
+    /// released with PUBREL when the run ended: non-zero means a stalled broker.
+    pub awaiting_pubrel: usize,
+    /// PUBLISH packets received, duplicates included.
+    pub publishes: u64,
     /// The error that ended the subscriber early, if any.
     pub error: Option<String>,
 }
@@ -62,8 +67,11 @@ pub async fn run(
         last_new_ns: 0,
         foreign: 0,
         wrong_qos: 0,
+        awaiting_pubrel: 0,
+        publishes: 0,
         error: None,
     };
+    let mut awaiting = vec![false; 65536];
     let mut acks = BytesMut::with_capacity(4096);
     loop {
         if rbuf.capacity() - rbuf.len() < 16 * 1024 {
@@ -88,9 +96,14 @@ pub async fn run(
         }
         let now = flow.now_ns();
         let mut new = 0u64;
+        let mut packets = 0u64;
+        let awaiting_before = res.awaiting_pubrel;
         loop {
             let packet = match codec::decode(&mut rbuf, protocol, MAX_PACKET) {
-                Ok(Some(p)) => p,
+                Ok(Some(p)) => {
+                    packets += 1;
+                    p
+                }
                 Ok(None) => break,
                 Err(e) => {
                     res.error = Some(format!("decoding from broker: {e}"));
@@ -99,6 +112,7 @@ pub async fn run(
             };
             let reply = match packet {
                 Packet::Publish(p) => {
+                    res.publishes += 1;
                     if p.qos != qos {
                         res.wrong_qos += 1;
                     }
@@ -116,11 +130,21 @@ pub async fn run(
                     }
                     match (p.qos, p.packet_id) {
                         (QoS::AtLeastOnce, Some(id)) => Some(Packet::PubAck(PubResponse::new(id))),
-                        (QoS::ExactlyOnce, Some(id)) => Some(Packet::PubRec(PubResponse::new(id))),
+                        (QoS::ExactlyOnce, Some(id)) => {
+                            if !std::mem::replace(&mut awaiting[id as usize], true) {
+                                res.awaiting_pubrel += 1;
+                            }
+                            Some(Packet::PubRec(PubResponse::new(id)))
+                        }
                         _ => None,
                     }
                 }
-                Packet::PubRel(r) => Some(Packet::PubComp(PubResponse::new(r.packet_id))),
+                Packet::PubRel(r) => {
+                    if std::mem::take(&mut awaiting[r.packet_id as usize]) {
+                        res.awaiting_pubrel -= 1;
+                    }
+                    Some(Packet::PubComp(PubResponse::new(r.packet_id)))
+                }
                 Packet::Disconnect(d) => {
                     res.error = Some(format!("broker sent DISCONNECT {:?}", d.reason));
                     None
@@ -133,12 +157,17 @@ pub async fn run(
                 res.error = Some(format!("encoding acknowledgement: {e}"));
             }
         }
+        flow.add_activity(packets);
+        if res.awaiting_pubrel != awaiting_before {
+            flow.add_awaiting_pubrel(res.awaiting_pubrel as i64 - awaiting_before as i64);
+        }
         if new > 0 {
             res.last_new_ns = now;
             flow.add_delivered(new);
         }
         if !acks.is_empty() && tx.send(acks.split().freeze()).is_err() {
-            res.error.get_or_insert_with(|| "acknowledgement writer stopped".into());
+            res.error
+                .get_or_insert_with(|| "acknowledgement writer stopped".into());
         }
         if res.error.is_some() {
             break;
@@ -151,7 +180,11 @@ pub async fn run(
 
 /// Writes acknowledgements in order, coalescing whatever is queued into one write, and
 /// says DISCONNECT when the reader is done.
-async fn write_acks(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>, protocol: Protocol) {
+async fn write_acks(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    protocol: Protocol,
+) {
     let mut out = BytesMut::with_capacity(16 * 1024);
     while let Some(first) = rx.recv().await {
         out.extend_from_slice(&first);

@@ -58,13 +58,38 @@ fn metrics_for(run: &Value) -> Vec<Metric> {
     let qos = num(run, &["qos"]).unwrap_or(0.0);
     match kind {
         "load" if fixed_rate => vec![
-            Metric { name: "p50 latency (µs)", pick: |v| num(v, &["latency_us", "p50"]), worst: false, goal: Goal::Info },
-            Metric { name: "p99 latency (µs)", pick: |v| num(v, &["latency_us", "p99"]), worst: false, goal: Goal::Lower },
-            Metric { name: "broker CPU (s)", pick: |v| num(v, &["broker_stats", "cpu_s"]), worst: false, goal: Goal::Info },
+            Metric {
+                name: "p50 latency (µs)",
+                pick: |v| num(v, &["latency_us", "p50"]),
+                worst: false,
+                goal: Goal::Info,
+            },
+            Metric {
+                name: "p99 latency (µs)",
+                pick: |v| num(v, &["latency_us", "p99"]),
+                worst: false,
+                goal: Goal::Lower,
+            },
+            Metric {
+                name: "broker CPU (s)",
+                pick: |v| num(v, &["broker_stats", "cpu_s"]),
+                worst: false,
+                goal: Goal::Info,
+            },
         ],
         "load" => vec![
-            Metric { name: "delivered / broker CPU-s", pick: |v| num(v, &["delivered_per_cpu_s"]), worst: false, goal: Goal::HigherBy(1.5) },
-            Metric { name: "delivered msg/s", pick: |v| num(v, &["delivered_rate"]), worst: false, goal: Goal::Info },
+            Metric {
+                name: "delivered / broker CPU-s",
+                pick: |v| num(v, &["delivered_per_cpu_s"]),
+                worst: false,
+                goal: Goal::HigherBy(1.5),
+            },
+            Metric {
+                name: "delivered msg/s",
+                pick: |v| num(v, &["delivered_rate"]),
+                worst: false,
+                goal: Goal::Info,
+            },
             Metric {
                 name: "lost (worst run)",
                 pick: |v| num(v, &["lost"]),
@@ -73,13 +98,38 @@ fn metrics_for(run: &Value) -> Vec<Metric> {
             },
         ],
         "idle" => vec![
-            Metric { name: "bytes per idle client", pick: |v| num(v, &["bytes_per_client"]), worst: false, goal: Goal::AtMost(1024.0) },
-            Metric { name: "broker RSS with clients (KiB)", pick: |v| num(v, &["rss_during_kib"]), worst: false, goal: Goal::Lower },
+            Metric {
+                name: "bytes per idle client",
+                pick: |v| num(v, &["bytes_per_client"]),
+                worst: false,
+                goal: Goal::AtMost(1024.0),
+            },
+            Metric {
+                name: "broker RSS with clients (KiB)",
+                pick: |v| num(v, &["rss_during_kib"]),
+                worst: false,
+                goal: Goal::Lower,
+            },
         ],
         "startup" => vec![
-            Metric { name: "exec to CONNACK (ms)", pick: |v| num(v, &["median_ms"]), worst: false, goal: Goal::Lower },
-            Metric { name: "binary size (KiB)", pick: |v| num(v, &["binary_bytes"]).map(|b| b / 1024.0), worst: false, goal: Goal::Info },
-            Metric { name: "RSS when ready (KiB)", pick: |v| num(v, &["rss_ready_kib"]), worst: false, goal: Goal::Lower },
+            Metric {
+                name: "exec to CONNACK (ms)",
+                pick: |v| num(v, &["median_ms"]),
+                worst: false,
+                goal: Goal::Lower,
+            },
+            Metric {
+                name: "binary size (KiB)",
+                pick: |v| num(v, &["binary_bytes"]).map(|b| b / 1024.0),
+                worst: false,
+                goal: Goal::Info,
+            },
+            Metric {
+                name: "RSS when ready (KiB)",
+                pick: |v| num(v, &["rss_ready_kib"]),
+                worst: false,
+                goal: Goal::Lower,
+            },
         ],
         _ => vec![],
     }
@@ -89,7 +139,8 @@ fn metrics_for(run: &Value) -> Vec<Metric> {
 pub fn run(args: &TableArgs) -> Result<()> {
     let mut runs = Vec::new();
     for f in &args.files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -109,8 +160,16 @@ pub fn render(runs: &[Value], candidate: &str, baseline: &str) -> String {
     let mut order: Vec<String> = Vec::new();
     let mut groups: BTreeMap<(String, String), Vec<&Value>> = BTreeMap::new();
     for r in runs {
-        let label = r.get("label").and_then(Value::as_str).unwrap_or("?").to_owned();
-        let broker = r.get("broker").and_then(Value::as_str).unwrap_or("?").to_owned();
+        let label = r
+            .get("label")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned();
+        let broker = r
+            .get("broker")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned();
         if !order.contains(&label) {
             order.push(label.clone());
         }
@@ -161,8 +220,9 @@ fn fmt(v: Option<f64>) -> String {
     match v {
         None => "—".into(),
         Some(x) if x.abs() >= 1000.0 => group_thousands(x.round() as i64),
-        Some(x) if x.fract() == 0.0 => format!("{x:.0}"),
-        Some(x) => format!("{x:.1}"),
+        Some(x) if x.fract() == 0.0 || x.abs() >= 100.0 => format!("{x:.0}"),
+        Some(x) if x.abs() >= 1.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.3}"),
     }
 }
 
@@ -170,7 +230,7 @@ fn group_thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -215,16 +275,32 @@ mod tests {
             json!({"kind":"load","label":"1→1 QoS1","broker":"mosquitto","qos":1,"rate":null,"delivered_per_cpu_s":100.0,"delivered_rate":20.0,"lost":0}),
         ];
         let t = render(&runs, "outpost", "mosquitto");
-        assert!(t.contains("| 1→1 QoS1 | delivered / broker CPU-s | 200 | 100 | 2.00× | ≥1.5× (met) | 3/1 |"), "{t}");
-        assert!(t.contains("| 1→1 QoS1 | delivered msg/s | 10 | 20 | 0.50× |"), "{t}");
-        assert!(t.contains("| 1→1 QoS1 | lost (worst run) | 2 | 0 | — | 0 (missed) | 3/1 |"), "{t}");
+        assert!(
+            t.contains(
+                "| 1→1 QoS1 | delivered / broker CPU-s | 200 | 100 | 2.00× | ≥1.5× (met) | 3/1 |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 1→1 QoS1 | delivered msg/s | 10 | 20 | 0.50× |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 1→1 QoS1 | lost (worst run) | 2 | 0 | — | 0 (missed) | 3/1 |"),
+            "{t}"
+        );
     }
 
     #[test]
     fn missing_broker_shows_dash() {
-        let runs = vec![json!({"kind":"idle","label":"idle 1000","broker":"mosquitto","bytes_per_client":5000.0,"rss_during_kib":9000})];
+        let runs = vec![
+            json!({"kind":"idle","label":"idle 1000","broker":"mosquitto","bytes_per_client":5000.0,"rss_during_kib":9000}),
+        ];
         let t = render(&runs, "outpost", "mosquitto");
-        assert!(t.contains("| idle 1000 | bytes per idle client | — | 5,000 | — | ≤1024 | 0/1 |"), "{t}");
+        assert!(
+            t.contains("| idle 1000 | bytes per idle client | — | 5,000 | — | ≤1024 | 0/1 |"),
+            "{t}"
+        );
     }
 
     #[test]
