@@ -9,6 +9,9 @@ use crate::service;
 
 /// Runs the gateway until a termination signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything listens: a SIGTERM during start-up must still mean a clean stop,
+    // not the default action (death without the bridges' clean offline status).
+    let signals = Signals::install().context("installing signal handlers")?;
     let state_dir = config.state_dir();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
@@ -48,7 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     service::notify_ready(&format!("serving MQTT on {}", addrs.join(", ")));
     service::spawn_watchdog();
 
-    wait_for_signal().await;
+    signals.wait().await;
     info!("shutting down");
     service::notify_stopping();
     // Bridges publish their clean offline status and flush their spools first.
@@ -67,17 +70,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGINT and SIGTERM, registered up front.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
