@@ -27,4 +27,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked --bins
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 export OUTPOST_BIN="$target_dir/debug/outpost"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"
