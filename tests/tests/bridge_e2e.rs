@@ -45,6 +45,16 @@ impl Cloud {
         }
     }
 
+    /// A cloud that has a persistent `collector` session on `up/#` and is now down: what
+    /// the bridge forwards once it is back waits there for the collector.
+    fn down_with_collector() -> Cloud {
+        let mut cloud = Cloud::new();
+        cloud.start();
+        CloudSubscriber::register(&cloud, "collector", "up/#");
+        cloud.stop();
+        cloud
+    }
+
     fn start(&mut self) {
         let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
@@ -215,10 +225,7 @@ async fn cloud_outage_loses_nothing_keeps_order_and_qos2_arrives_once() {
     if mosquitto_mode() {
         return;
     }
-    let mut cloud = Cloud::new();
-    cloud.start();
-    CloudSubscriber::register(&cloud, "collector", "up/#");
-    cloud.stop();
+    let mut cloud = Cloud::down_with_collector();
 
     let broker = Broker::outpost_with_full_config(&gateway_config(&cloud, ""));
     let (n1, n2) = (300u16, 200u16);
@@ -247,10 +254,7 @@ async fn gateway_kill9_while_draining_loses_nothing_and_duplicates_no_qos2() {
     if mosquitto_mode() {
         return;
     }
-    let mut cloud = Cloud::new();
-    cloud.start();
-    CloudSubscriber::register(&cloud, "collector", "up/#");
-    cloud.stop();
+    let mut cloud = Cloud::down_with_collector();
 
     // A replay rate limit makes the drain slow enough to be interrupted.
     let mut broker = Broker::outpost_with_full_config(&gateway_config(&cloud, "replay_rate = 200"));
@@ -380,10 +384,7 @@ async fn full_spool_with_reject_new_acknowledges_only_what_it_kept() {
     if mosquitto_mode() {
         return;
     }
-    let mut cloud = Cloud::new();
-    cloud.start();
-    CloudSubscriber::register(&cloud, "collector", "up/#");
-    cloud.stop();
+    let mut cloud = Cloud::down_with_collector();
     let broker = Broker::outpost_with_full_config(&gateway_config(
         &cloud,
         r#"spool = { max_bytes = "4KiB", when_full = "reject-new" }"#,
