@@ -6,6 +6,7 @@
 //! sensors and the bridge publish and subscribe without a socket, and [`DurableSink`]
 //! lets the bridge hold a publisher's acknowledgement until its spool has committed.
 
+mod acl;
 mod auth;
 mod connection;
 mod core;

@@ -83,6 +83,8 @@ pub struct Session {
     pub max_packet_size: Option<u32>,
     /// Will message of the current connection.
     pub will: Option<Box<Will>>,
+    /// Topic rules of the current connection; `None` allows everything.
+    pub acl: Option<Box<super::acl::ClientAcl>>,
     /// Bumped on every connect so timers of an earlier disconnect are recognised as stale.
     pub generation: u64,
     /// Messages dropped because the queue was full.
@@ -105,6 +107,7 @@ impl Session {
             send_quota: 20,
             max_packet_size: None,
             will: None,
+            acl: None,
             generation: 0,
             dropped: 0,
         }

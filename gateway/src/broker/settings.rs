@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::config::{BrokerConfig, UserConfig};
+use crate::config::{AclRule, BrokerConfig, UserConfig};
 
 /// Resolved broker settings shared by the core and every connection.
 #[derive(Debug, Clone)]
@@ -11,6 +11,8 @@ pub struct Settings {
     pub allow_anonymous: bool,
     /// Users and their password hashes.
     pub users: Vec<UserConfig>,
+    /// Topic access rules; empty allows everything.
+    pub acl: Vec<AclRule>,
     /// CONNECT deadline after accept.
     pub connect_timeout: Duration,
     /// Cap on 5.0 keep alive (Server Keep Alive).
@@ -39,6 +41,7 @@ impl Settings {
         Settings {
             allow_anonymous: c.anonymous_allowed(),
             users: c.users.clone(),
+            acl: c.acl.clone(),
             connect_timeout: c.connect_timeout,
             max_keepalive: c.max_keepalive,
             max_packet_size: usize::try_from(c.max_packet_size.0).unwrap_or(usize::MAX),

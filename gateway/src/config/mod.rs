@@ -82,6 +82,10 @@ pub struct BrokerConfig {
     /// Users allowed to connect, with PHC-format password hashes (see `outpost passwd`).
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// Topic access rules. None: every client may publish and subscribe to anything.
+    /// Any: a client may only do what a rule that applies to it allows.
+    #[serde(default)]
+    pub acl: Vec<AclRule>,
     /// A client must send CONNECT within this time after the TCP connection opens.
     #[serde(
         default = "default_connect_timeout",
@@ -194,6 +198,31 @@ pub struct TlsConfig {
     /// PEM CA bundle for client certificates; with it, clients must present one.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+}
+
+/// One `[[broker.acl]]` entry, in Mosquitto's `pattern` spirit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// The user name this rule is for; without it the rule applies to every client.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A topic filter; `%u` is replaced by the client's user name and `%c` by its client id.
+    pub topic: String,
+    /// What the rule allows.
+    pub access: AclAccess,
+}
+
+/// What an ACL rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAccess {
+    /// Receive messages on matching topics.
+    Read,
+    /// Publish on matching topics (wills included).
+    Write,
+    /// Both.
+    Readwrite,
 }
 
 /// One `[[broker.users]]` entry.
@@ -316,6 +345,15 @@ impl Config {
                 "broker.max_packet_size".into(),
                 "must be between 64 bytes and 256MiB (the MQTT limit)",
             ));
+        }
+        for (i, rule) in b.acl.iter().enumerate() {
+            let probe = rule.topic.replace("%u", "u").replace("%c", "c");
+            if outpost_mqtt::topic::validate_topic_filter(&probe).is_err() {
+                return Err(invalid(
+                    format!("broker.acl[{i}].topic"),
+                    "is not a valid topic filter ('+' and '#' must fill whole levels)",
+                ));
+            }
         }
         for (i, u) in b.users.iter().enumerate() {
             if !u.password_hash.starts_with('$') {
@@ -469,6 +507,21 @@ mod tests {
             .to_string();
         assert!(err.starts_with("test.toml:3:"), "{err}");
         assert!(err.contains("sys_interval"), "{err}");
+    }
+
+    #[test]
+    fn acl_rules_need_valid_filters() {
+        let err = parse("[broker]\nacl = [{ topic = \"a/#/b\", access = \"read\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.acl[0].topic"), "{err}");
+        let err = parse("[broker]\nacl = [{ topic = \"a\", access = \"sometimes\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml:2:") && err.contains("sometimes"),
+            "{err}"
+        );
     }
 
     #[test]

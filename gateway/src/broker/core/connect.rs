@@ -8,6 +8,7 @@ use tracing::{debug, info};
 
 use super::timers::Timer;
 use super::{ConnectRequest, Core};
+use crate::broker::acl::ClientAcl;
 use crate::broker::message::Message;
 use crate::broker::outbound::{Ack, AckKind, Outbound};
 use crate::broker::router::SessionKey;
@@ -85,7 +86,15 @@ impl Core {
         s.protocol = connect.protocol;
         s.expiry = expiry;
         s.generation += 1;
-        s.will = connect.will.clone().map(|w| Box::new(detach_will(w)));
+        s.acl = ClientAcl::resolve(&self.settings.acl, connect.username.as_deref(), &client_id)
+            .map(Box::new);
+        // A will on a topic the client may not publish to is dropped at connect, as
+        // Mosquitto does; it could never be delivered.
+        s.will = connect
+            .will
+            .clone()
+            .filter(|w| s.acl.as_ref().is_none_or(|a| a.can_write(&w.topic)))
+            .map(|w| Box::new(detach_will(w)));
         s.send_quota = connect
             .properties
             .receive_maximum

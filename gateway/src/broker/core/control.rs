@@ -53,6 +53,27 @@ impl Core {
             return;
         }
         let qos = p.qos;
+        if s.acl.as_ref().is_some_and(|a| !a.can_write(&p.topic)) {
+            // Not allowed: 5.0 is told (0x87); 3.x cannot be, so, as Mosquitto does, the
+            // message is acknowledged and dropped.
+            if qos != QoS::AtMostOnce {
+                let kind = if qos == QoS::AtLeastOnce {
+                    AckKind::PubAck
+                } else {
+                    AckKind::PubRec
+                };
+                let mut ack = Ack::new(kind, packet_id);
+                if v5 {
+                    ack.reason = ReasonCode::NOT_AUTHORIZED;
+                    if qos == QoS::ExactlyOnce {
+                        // A failing PUBREC ends the exchange; no PUBREL will come.
+                        s.incoming_qos2.remove(&packet_id);
+                    }
+                }
+                tx.send(Outbound::Ack(ack));
+            }
+            return;
+        }
         let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
         let receipts = self.accept(&msg);
         if qos == QoS::AtMostOnce {

@@ -71,7 +71,7 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        if d.msg.is_expired(now) {
+        if d.msg.is_expired(now) || s.acl.as_ref().is_some_and(|a| !a.can_read(&d.msg.topic)) {
             return;
         }
         if let Some(max) = s.max_packet_size
