@@ -124,7 +124,8 @@ impl Core {
             return;
         };
         if r.reason.is_error() {
-            // 5.0: a failing PUBREC ends the exchange (MQTT-4.3.3-?); free the slot.
+            // 5.0: PUBREL only follows a PUBREC below 0x80 (MQTT-4.3.3-4); a failing one
+            // ends the exchange, so free the slot.
             if s.take_inflight(r.packet_id).is_some() {
                 self.pump(key, Instant::now());
             }
