@@ -48,22 +48,6 @@ pub struct LocalPublish {
     pub retain: bool,
 }
 
-/// Entry point namespace: `Bridge::start` is [`start`].
-pub struct Bridge;
-
-impl Bridge {
-    /// Same as [`start`].
-    pub async fn start(
-        config: BridgeConfig,
-        gateway_id: &str,
-        state_dir: &Path,
-        local: mpsc::Sender<LocalPublish>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<BridgeHandle, BridgeError> {
-        start(config, gateway_id, state_dir, local, shutdown).await
-    }
-}
-
 /// Room for unspooled QoS 0 messages waiting for the socket.
 const LIVE_QOS0_QUEUE: usize = 1024;
 
