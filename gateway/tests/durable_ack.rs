@@ -191,3 +191,63 @@ async fn refused_message_gets_quota_exceeded_on_v5_and_no_ack_on_v311() {
     // resend it), and the next one is acknowledged.
     assert_eq!(puback_id(v3.recv().await).0, 9);
 }
+
+/// The in-process API used by the sensors and the bridge: `publish` resolves only once
+/// every durable sink that took the message has committed it, and a local subscriber
+/// receives it like any other.
+#[tokio::test]
+async fn in_process_publish_completes_after_commit_and_reaches_local_subscribers() {
+    let sink = Arc::new(HeldSink::default());
+    let cfg: BrokerConfig = toml::from_str("sys_interval = \"0s\"").unwrap();
+    let broker = Broker::start(
+        Settings::from_config(&cfg),
+        vec![sink.clone() as Arc<dyn DurableSink>],
+    );
+    let handle = broker.handle();
+    let mut sub = handle.subscribe("spool/#", QoS::AtLeastOnce).await.unwrap();
+
+    let publishing = tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            handle
+                .publish(
+                    "spool/reading",
+                    Bytes::from_static(b"21.5"),
+                    QoS::AtLeastOnce,
+                    false,
+                    Properties::default(),
+                )
+                .await
+        }
+    });
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got.payload[..], b"21.5");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !publishing.is_finished(),
+        "publish completed before the sink committed"
+    );
+    let (_, commit) = sink.pending.lock().unwrap().remove(0);
+    commit.send(Ok(())).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), publishing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // Invalid topics are refused before they reach the core.
+    let err = handle
+        .publish(
+            "bad/+/topic",
+            Bytes::new(),
+            QoS::AtMostOnce,
+            false,
+            Properties::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("bad/+/topic"), "{err}");
+}
