@@ -8,6 +8,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use outpost_mqtt::{Properties, QoS};
+use tokio::sync::mpsc::{
+    OwnedPermit,
+    error::{SendError, TrySendError},
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::core::CoreEvent;
@@ -57,6 +61,22 @@ impl BrokerHandle {
 
     pub(crate) async fn send(&self, ev: CoreEvent) -> Result<(), PublishError> {
         self.tx.send(ev).await.map_err(|_| PublishError::Stopped)
+    }
+
+    /// Queues an event without waiting; `Full` hands it back so the caller can wait
+    /// for room with [`Self::reserve_owned`] (the connection futures poll, not await).
+    // The event comes back by value so the caller boxes it only on the rare full path.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn try_send(&self, ev: CoreEvent) -> Result<(), TrySendError<CoreEvent>> {
+        self.tx.try_send(ev)
+    }
+
+    /// Waits for room in the core's queue, holding it until the permit is used.
+    pub(crate) fn reserve_owned(
+        &self,
+    ) -> impl std::future::Future<Output = Result<OwnedPermit<CoreEvent>, SendError<()>>> + Send + 'static
+    {
+        self.tx.clone().reserve_owned()
     }
 
     /// Publishes a message and resolves once the broker has accepted it (and, for

@@ -10,6 +10,7 @@ mod acl;
 mod auth;
 mod connection;
 mod core;
+mod deadlines;
 pub mod handle;
 mod listener;
 pub mod message;

@@ -12,10 +12,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::future::BoxFuture;
 use outpost_mqtt::{Packet, ReasonCode};
-use tokio::sync::Notify;
 
 use super::session::Delivery;
 
@@ -117,10 +117,18 @@ pub enum Outbound {
 
 /// State shared by the core (producer) and one connection task (consumer).
 struct Shared {
-    queue: Mutex<VecDeque<Outbound>>,
-    notify: Notify,
+    queue: Mutex<Queue>,
     backlog: AtomicUsize,
     closed: AtomicBool,
+}
+
+/// The items and the waker of the connection task when it found the queue empty: a
+/// plain waker slot under the queue's own lock costs less than a `Notify` and cannot
+/// miss a push, since both sides take the same lock.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    waker: Option<Waker>,
 }
 
 /// The core's side of a connection's queue.
@@ -133,8 +141,7 @@ pub struct OutboundRx(Arc<Shared>);
 /// A new outbound queue.
 pub fn channel() -> (OutboundTx, OutboundRx) {
     let shared = Arc::new(Shared {
-        queue: Mutex::new(VecDeque::new()),
-        notify: Notify::new(),
+        queue: Mutex::new(Queue::default()),
         backlog: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
     });
@@ -150,9 +157,15 @@ impl OutboundTx {
         if let Some(size) = qos0_size(&item) {
             self.0.backlog.fetch_add(size, Ordering::Relaxed);
         }
-        lock(&self.0.queue).push_back(item);
-        // Every push notifies: a stored permit coalesces, and a wake-up can never be lost.
-        self.0.notify.notify_one();
+        let waker = {
+            let mut q = lock(&self.0.queue);
+            q.items.push_back(item);
+            q.waker.take()
+        };
+        // Woken outside the lock: the task may run at once on another thread.
+        if let Some(w) = waker {
+            w.wake();
+        }
         true
     }
 
@@ -171,34 +184,53 @@ impl OutboundTx {
 }
 
 impl OutboundRx {
-    /// Waits until something may have been queued.
-    pub async fn notified(&self) {
-        self.0.notify.notified().await;
-    }
-
-    /// Moves everything queued into `out` (which the caller keeps between calls).
-    pub fn drain_into(&self, out: &mut VecDeque<Outbound>) {
+    /// Takes everything queued, or registers the task to be woken by the next push.
+    /// Hand the emptied buffer back with [`Self::recycle`].
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<VecDeque<Outbound>> {
         let mut q = lock(&self.0.queue);
-        let freed: usize = q.iter().filter_map(qos0_size).sum();
-        if out.is_empty() {
-            std::mem::swap(&mut *q, out);
-        } else {
-            out.extend(q.drain(..));
+        if q.items.is_empty() {
+            if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                q.waker = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
         }
-        // Give back what a burst grew, so an idle connection holds no queue memory.
-        if q.capacity() > 64 {
-            *q = VecDeque::new();
-        }
+        let items = std::mem::take(&mut q.items);
         drop(q);
+        let freed: usize = items.iter().filter_map(qos0_size).sum();
         if freed > 0 {
             self.0.backlog.fetch_sub(freed, Ordering::Relaxed);
+        }
+        Poll::Ready(items)
+    }
+
+    /// Takes everything queued without registering for a wake-up.
+    pub fn take_now(&self) -> VecDeque<Outbound> {
+        let items = std::mem::take(&mut lock(&self.0.queue).items);
+        let freed: usize = items.iter().filter_map(qos0_size).sum();
+        if freed > 0 {
+            self.0.backlog.fetch_sub(freed, Ordering::Relaxed);
+        }
+        items
+    }
+
+    /// Returns a drained buffer so a busy stream reuses its allocation; after a burst or
+    /// a trickle it is dropped instead, so an idle client holds no queue memory.
+    pub fn recycle(&self, items: VecDeque<Outbound>, batch: usize) {
+        if items.capacity() > 64 || batch <= 2 {
+            return;
+        }
+        let mut q = lock(&self.0.queue);
+        if q.items.is_empty() && q.items.capacity() == 0 {
+            q.items = items;
         }
     }
 
     /// Marks the connection gone: further items are refused and queued ones dropped.
     pub fn close(&self) {
         self.0.closed.store(true, Ordering::Relaxed);
-        lock(&self.0.queue).clear();
+        let mut q = lock(&self.0.queue);
+        q.items.clear();
+        q.waker = None;
     }
 }
 

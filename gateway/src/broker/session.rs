@@ -5,7 +5,7 @@
 //! clean session off, 5.0 session expiry above zero), which is why this state lives in
 //! the broker core and not in the connection task.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use outpost_mqtt::{Protocol, QoS, Will};
@@ -65,8 +65,10 @@ pub struct Session {
     pub protocol: Protocol,
     /// Present while connected.
     pub link: Option<Link>,
-    /// Subscriptions by their full filter as the client wrote it.
-    pub subs: HashMap<String, SessionSub>,
+    /// Subscriptions by their full filter as the client wrote it. B-tree collections
+    /// here because an empty one owns nothing and takes half the room of a hash table
+    /// inside every session, and per-client counts are small.
+    pub subs: BTreeMap<String, SessionSub>,
     /// Session expiry interval in seconds; `u32::MAX` never expires.
     pub expiry: u32,
     /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.
@@ -74,7 +76,7 @@ pub struct Session {
     /// Messages waiting for a free inflight slot or for the client to reconnect.
     pub queue: VecDeque<Delivery>,
     /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL is awaited.
-    pub incoming_qos2: HashSet<u16>,
+    pub incoming_qos2: BTreeSet<u16>,
     /// Next packet id to try for outgoing messages.
     pub next_packet_id: u16,
     /// How many QoS 1/2 messages may be in flight towards the client.
@@ -98,11 +100,11 @@ impl Session {
             client_id,
             protocol,
             link: None,
-            subs: HashMap::new(),
+            subs: BTreeMap::new(),
             expiry: 0,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: BTreeSet::new(),
             next_packet_id: 1,
             send_quota: 20,
             max_packet_size: None,

@@ -1,6 +1,9 @@
 //! Broker settings resolved from the config file, in the units the hot path wants.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::deadlines::Deadlines;
 
 use crate::config::{AclRule, BrokerConfig, UserConfig};
 
@@ -33,6 +36,8 @@ pub struct Settings {
     pub max_session_expiry: Option<u32>,
     /// `$SYS` publish interval; zero disables.
     pub sys_interval: Duration,
+    /// Keep-alive and close deadlines of this broker's connections.
+    pub deadlines: Arc<Deadlines>,
 }
 
 impl Settings {
@@ -54,6 +59,7 @@ impl Settings {
                 .max_session_expiry
                 .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
             sys_interval: c.sys_interval,
+            deadlines: Deadlines::new(),
         }
     }
 }

@@ -1,17 +1,22 @@
-//! The two halves of a client connection, whatever carries it.
+//! The byte pipe under a client connection, whatever carries it, as poll functions.
 //!
-//! Plain TCP reads through readiness (`readable` then `try_read_buf`), so a connection
-//! only holds a receive buffer while bytes are actually in hand: ten thousand idle
-//! clients then cost no buffers at all. TLS and WebSocket streams go through the generic
-//! `AsyncRead` path and keep theirs.
+//! The connection is a hand-written future that polls its socket directly, so the
+//! transport exposes `poll_*` methods instead of async ones: an async method would have
+//! to keep its own state machine inside every connection's task, idle or not.
+//!
+//! Plain TCP reads through readiness (`poll_read_ready` then `try_read_buf`), so a
+//! connection only holds a receive buffer while bytes are actually in hand: ten thousand
+//! idle clients then cost no buffers at all. TLS and WebSocket streams go through the
+//! generic `AsyncRead` path and keep theirs.
 
-use std::future::Future;
+use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// First receive buffer of a connection: enough for any usual CONNECT, small enough
 /// that ten thousand clients connecting at once do not leave a fragmented heap behind.
@@ -19,25 +24,21 @@ const FIRST_READ: usize = 512;
 /// Receive buffer growth step once a client sends more than a trickle.
 const READ_CHUNK: usize = 8192;
 
-/// The receiving half.
-pub trait ReadSide: Send + 'static {
-    /// Waits for data and appends it to `buf` (reserving space only then); `Ok(0)` is
-    /// the end of the stream.
-    fn read_into<'a>(
-        &'a mut self,
-        buf: &'a mut BytesMut,
-    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
-}
-
-/// The sending half.
-pub trait WriteSide: Send + 'static {
+/// A client's byte stream.
+pub trait Transport: Send + Unpin + 'static {
+    /// Appends received bytes to `buf` (reserving space only when data is ready);
+    /// `Ok(0)` is the end of the stream.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>>;
     /// Writes some of `data`, returning how much.
-    fn write_from<'a>(
-        &'a mut self,
-        data: &'a [u8],
-    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+    fn poll_write_from(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>>;
+    /// Pushes out what the transport buffers itself (TLS records, WebSocket frames).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Flushes and closes the sending direction.
-    fn close(&mut self) -> impl Future<Output = ()> + Send + '_;
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 fn reserve(buf: &mut BytesMut) {
@@ -48,63 +49,98 @@ fn reserve(buf: &mut BytesMut) {
     }
 }
 
-impl ReadSide for OwnedReadHalf {
-    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        loop {
-            self.readable().await?;
+impl Transport for TcpStream {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        // Bounded: each WouldBlock clears the readiness the next poll reports, so the
+        // second round either reads or registers the waker and returns Pending.
+        for _ in 0..4 {
+            ready!(self.poll_read_ready(cx))?;
             reserve(buf);
             match self.try_read_buf(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was stale (a new socket starts out ready): do not keep
+                    // a buffer reserved for bytes that have not come.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn poll_write_from(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write(cx, data)
+    }
+
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
     }
 }
 
-impl WriteSide for OwnedWriteHalf {
-    async fn write_from(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.write(data).await
-    }
+/// Any other byte stream (TLS, WebSocket), boxed: their state is large and only these
+/// connections should pay for it.
+pub struct StreamIo<S>(Pin<Box<S>>);
 
-    async fn close(&mut self) {
-        let _ = self.shutdown().await;
+impl<S> StreamIo<S> {
+    /// Wraps a stream.
+    pub fn new(s: S) -> StreamIo<S> {
+        StreamIo(Box::pin(s))
     }
 }
 
-/// The read half of any byte stream (TLS, WebSocket).
-pub struct StreamRead<S>(tokio::io::ReadHalf<S>);
-
-/// The write half of any byte stream (TLS, WebSocket).
-pub struct StreamWrite<S>(tokio::io::WriteHalf<S>);
-
-impl<S: AsyncRead + Send + 'static> ReadSide for StreamRead<S> {
-    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Transport for StreamIo<S> {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
         reserve(buf);
-        self.0.read_buf(buf).await
+        tokio_util::io::poll_read_buf(self.0.as_mut(), cx, buf)
+    }
+
+    fn poll_write_from(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        self.0.as_mut().poll_write(cx, data)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.as_mut().poll_flush(cx)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.as_mut().poll_shutdown(cx)
     }
 }
 
-impl<S: AsyncWrite + Send + 'static> WriteSide for StreamWrite<S> {
-    async fn write_from(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.0.write(data).await?;
-        // TLS and WebSocket buffer internally; push each batch out.
-        self.0.flush().await?;
-        Ok(n)
-    }
-
-    async fn close(&mut self) {
-        let _ = self.0.shutdown().await;
-    }
+/// Reads once into `buf` (the handshake's async form of [`Transport::poll_read_into`]).
+pub async fn read_into<T: Transport>(io: &mut T, buf: &mut BytesMut) -> io::Result<usize> {
+    poll_fn(|cx| io.poll_read_into(cx, buf)).await
 }
 
-/// Splits a TCP stream for the readiness-based path.
-pub fn tcp(stream: TcpStream) -> (OwnedReadHalf, OwnedWriteHalf) {
-    stream.into_split()
+/// Writes all of `data` and flushes it.
+pub async fn write_all<T: Transport>(io: &mut T, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = poll_fn(|cx| io.poll_write_from(cx, data)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    poll_fn(|cx| io.poll_flush(cx)).await
 }
 
-/// Splits any other stream.
-pub fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (StreamRead<S>, StreamWrite<S>) {
-    let (r, w) = tokio::io::split(s);
-    (StreamRead(r), StreamWrite(w))
+/// Flushes and closes the sending direction, ignoring errors (the peer may be gone).
+pub async fn close<T: Transport>(io: &mut T) {
+    let _ = poll_fn(|cx| io.poll_close(cx)).await;
 }

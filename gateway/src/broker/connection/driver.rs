@@ -1,0 +1,379 @@
+//! The connected phase of a client connection, as a hand-written poll loop.
+//!
+//! An `async fn` with a `select!` over the socket, the core's queue, the durable acks and
+//! the keep-alive timer compiles to a state machine that keeps room for every branch's
+//! future at once, in every connection's task, idle or not (about 1.5 KiB each). This
+//! driver instead polls each source in turn from one small struct: the socket through
+//! its readiness, the queue through a waker slot, the timer through the broker's shared
+//! `Deadlines`.
+//! What only a connection with work in hand needs (buffers, a stalled core event, the
+//! client's DISCONNECT) lives in a [`Busy`] box that exists only while there is such
+//! work: between packets an idle client's task is the socket, its identity and its
+//! deadline, which keeps the task within two of tokio's 128-byte lines.
+
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::future::BoxFuture;
+use outpost_mqtt::{Disconnect, ReasonCode};
+use tokio::sync::mpsc::OwnedPermit;
+use tokio::sync::mpsc::error::SendError;
+use tracing::debug;
+
+use super::super::core::CoreEvent;
+use super::super::outbound::OutboundRx;
+use super::super::transport::Transport;
+use super::state::{Conn, Decoded, End};
+
+/// Stop taking items from the core while this much is waiting to be written.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// A write buffer above this size is released once it drains.
+const WRITE_BUF_KEEP: usize = 16 * 1024;
+/// A drained write buffer that held less than this was a trickle: release it, so an
+/// idle subscriber holds no buffer between messages.
+const WRITE_TRICKLE: usize = 4 * 1024;
+/// How long a closing connection may take to flush its last packets (ms).
+const CLOSE_GRACE_MS: u64 = 5_000;
+/// Rounds of work per poll before yielding, so one busy client cannot hold a worker.
+const ROUNDS_PER_POLL: usize = 32;
+
+/// An event for the core that waits for room in its queue.
+struct Stall {
+    event: Box<CoreEvent>,
+    permit: BoxFuture<'static, Result<OwnedPermit<CoreEvent>, SendError<()>>>,
+}
+
+/// The part of a connection that exists only while it has work in hand.
+#[derive(Default)]
+struct Busy {
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    wpos: usize,
+    /// `rbuf` may hold whole packets not yet handled (decoding stopped at a stall).
+    decode_pending: bool,
+    stall: Option<Box<Stall>>,
+    /// The client's DISCONNECT, when it ended that way.
+    disconnect: Option<Box<Disconnect>>,
+}
+
+impl Busy {
+    /// Nothing in hand and no memory held: the box can go.
+    fn is_idle(&self) -> bool {
+        self.rbuf.capacity() == 0
+            && self.wbuf.capacity() == 0
+            && !self.decode_pending
+            && self.stall.is_none()
+            && self.disconnect.is_none()
+    }
+}
+
+/// The busy part, made when first needed.
+fn busy(slot: &mut Option<Box<Busy>>) -> &mut Busy {
+    slot.get_or_insert_with(Default::default)
+}
+
+/// Everything a connected client's task holds.
+pub(super) struct Driver<T> {
+    pub(super) io: T,
+    pub(super) conn: Conn,
+    pub(super) rx: OutboundRx,
+    busy: Option<Box<Busy>>,
+    /// This connection's key in the deadlines.
+    timer_id: u64,
+    /// Armed deadline (ms on the `Deadlines` clock; 0 when none): keep alive, then the
+    /// close grace period. Re-armed lazily, so it fires at most once per keep-alive
+    /// period instead of moving on every packet.
+    deadline: u64,
+    /// When the last bytes arrived (ms on the `Deadlines` clock).
+    last_rx: u64,
+    /// Keep alive in milliseconds; 0 when the client has none.
+    keep_alive_ms: u32,
+    /// Bytes handed to the transport since its last flush.
+    unflushed: bool,
+    closing_armed: bool,
+    /// The connection is over: flush what is queued, then stop.
+    ended: bool,
+}
+
+impl<T> Drop for Driver<T> {
+    fn drop(&mut self) {
+        self.conn.deadlines().disarm(self.timer_id, self.deadline);
+    }
+}
+
+enum Round {
+    Progress,
+    Idle,
+    Finished,
+}
+
+impl<T: Transport> Driver<T> {
+    /// A driver for a connection whose CONNECT the core has answered; `rbuf` holds any
+    /// bytes that arrived after the CONNECT.
+    pub(super) fn new(
+        io: T,
+        conn: Conn,
+        rx: OutboundRx,
+        rbuf: BytesMut,
+        keep_alive: Option<Duration>,
+    ) -> Driver<T> {
+        let deadlines = conn.deadlines();
+        let last_rx = deadlines.now_ms();
+        let timer_id = deadlines.id();
+        let mut driver = Driver {
+            io,
+            conn,
+            rx,
+            busy: None,
+            timer_id,
+            deadline: 0,
+            last_rx,
+            keep_alive_ms: keep_alive
+                .map_or(0, |k| u32::try_from(k.as_millis()).unwrap_or(u32::MAX)),
+            unflushed: false,
+            closing_armed: false,
+            ended: false,
+        };
+        if !rbuf.is_empty() {
+            let b = busy(&mut driver.busy);
+            b.rbuf = rbuf;
+            b.decode_pending = true;
+        }
+        // What the core queued while the connection was set up (CONNACK, resent
+        // messages); a refused connection has its CONNACK and a close, nothing else.
+        let mut items = driver.rx.take_now();
+        if !items.is_empty() {
+            let b = busy(&mut driver.busy);
+            while let Some(item) = items.pop_front() {
+                if driver.conn.add(item, &mut b.wbuf) {
+                    driver.conn.closing = true;
+                    break;
+                }
+            }
+        }
+        driver
+    }
+
+    /// Runs the connection; ready when it has ended, with the client's DISCONNECT if it
+    /// sent one.
+    pub(super) fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Option<Box<Disconnect>>> {
+        for _ in 0..ROUNDS_PER_POLL {
+            match self.round(cx) {
+                Round::Progress => {}
+                Round::Idle => {
+                    if self.busy.as_ref().is_some_and(|b| b.is_idle()) {
+                        self.busy = None;
+                    }
+                    return Poll::Pending;
+                }
+                Round::Finished => {
+                    return Poll::Ready(self.busy.as_mut().and_then(|b| b.disconnect.take()));
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn wbuf_len(&self) -> usize {
+        self.busy.as_ref().map_or(0, |b| b.wbuf.len())
+    }
+
+    /// Polls every source once. Each source that returns `Pending` has registered the
+    /// waker; a source skipped for a condition (closing, a full write buffer, a stall)
+    /// is unblocked only by progress of one that was polled.
+    fn round(&mut self, cx: &mut Context<'_>) -> Round {
+        let mut progress = false;
+        if self.ended {
+            self.conn.closing = true;
+        }
+
+        match self.poll_write(cx) {
+            Poll::Ready(Ok(true)) => progress = true,
+            Poll::Ready(Ok(false)) | Poll::Pending => {}
+            Poll::Ready(Err(())) => return Round::Finished,
+        }
+        if self.conn.closing {
+            if self.wbuf_len() == 0 && !self.unflushed {
+                return Round::Finished;
+            }
+            if !self.closing_armed {
+                self.closing_armed = true;
+                let d = self.conn.deadlines();
+                let at = d.now_ms() + CLOSE_GRACE_MS;
+                self.deadline = d.arm(self.timer_id, self.deadline, at, cx.waker());
+            }
+        }
+
+        if !self.conn.closing
+            && self.wbuf_len() < WRITE_HIGH_WATER
+            && let Poll::Ready(mut items) = self.rx.poll_take(cx)
+        {
+            progress = true;
+            let batch = items.len();
+            let b = busy(&mut self.busy);
+            while let Some(item) = items.pop_front() {
+                if self.conn.add(item, &mut b.wbuf) {
+                    self.conn.closing = true;
+                    items.clear();
+                    break;
+                }
+            }
+            self.rx.recycle(items, batch);
+        }
+
+        if let Some(outcome) = self.conn.poll_head_ack(cx) {
+            progress = true;
+            self.conn
+                .release_acks(outcome, &mut busy(&mut self.busy).wbuf);
+        }
+
+        if let Some(b) = self.busy.as_mut()
+            && let Some(stall) = b.stall.as_mut()
+            && let Poll::Ready(permit) = stall.permit.as_mut().poll(cx)
+        {
+            progress = true;
+            let event = b.stall.take().map(|s| s.event);
+            match (permit, event) {
+                (Ok(permit), Some(event)) => {
+                    permit.send(*event);
+                }
+                _ => {
+                    self.conn
+                        .violation(ReasonCode::SERVER_SHUTTING_DOWN, &mut b.wbuf);
+                    self.ended = true;
+                }
+            }
+        }
+
+        let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
+        if !self.conn.closing && !stalled {
+            if self.busy.as_ref().is_some_and(|b| b.decode_pending) {
+                progress = true;
+                self.decode();
+            }
+            let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
+            if !self.conn.closing && !stalled {
+                // Read into the busy part's buffer if there is one, else into a fresh
+                // one that allocates only if bytes actually came.
+                let mut fresh = BytesMut::new();
+                let rbuf = match self.busy.as_mut() {
+                    Some(b) => &mut b.rbuf,
+                    None => &mut fresh,
+                };
+                match self.io.poll_read_into(cx, rbuf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Round::Finished,
+                    Poll::Ready(Ok(n)) => {
+                        progress = true;
+                        let trickle = n < rbuf.capacity() / 2;
+                        if fresh.capacity() > 0 {
+                            busy(&mut self.busy).rbuf = fresh;
+                        }
+                        self.last_rx = self.conn.deadlines().now_ms();
+                        self.decode();
+                        let b = busy(&mut self.busy);
+                        if b.rbuf.is_empty() && trickle {
+                            // A client that sends a little now and then (the idle
+                            // majority) holds no receive buffer between packets; a busy
+                            // one keeps its buffer and its read size.
+                            b.rbuf = BytesMut::new();
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+            }
+        }
+
+        if self.deadline == 0 && self.keep_alive_ms > 0 && !self.conn.closing {
+            let d = self.conn.deadlines();
+            let at = self.last_rx + u64::from(self.keep_alive_ms);
+            self.deadline = d.arm(self.timer_id, 0, at, cx.waker());
+        }
+        if self.deadline != 0 {
+            let d = self.conn.deadlines();
+            let now = d.now_ms();
+            if now >= self.deadline {
+                progress = true;
+                if self.conn.closing {
+                    return Round::Finished;
+                }
+                let k = u64::from(self.keep_alive_ms);
+                if now - self.last_rx < k {
+                    self.deadline =
+                        d.arm(self.timer_id, self.deadline, self.last_rx + k, cx.waker());
+                } else {
+                    debug!(conn_id = self.conn.conn_id, "keep alive expired");
+                    d.disarm(self.timer_id, self.deadline);
+                    self.deadline = 0;
+                    self.conn.violation(
+                        ReasonCode::KEEP_ALIVE_TIMEOUT,
+                        &mut busy(&mut self.busy).wbuf,
+                    );
+                    self.ended = true;
+                }
+            }
+        }
+
+        if progress {
+            Round::Progress
+        } else {
+            Round::Idle
+        }
+    }
+
+    /// Writes what is buffered and flushes it; `Ok(true)` when bytes moved.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ()>> {
+        let mut moved = false;
+        if let Some(b) = self.busy.as_mut()
+            && b.wpos < b.wbuf.len()
+        {
+            match self.io.poll_write_from(cx, &b.wbuf[b.wpos..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    moved = true;
+                    self.unflushed = true;
+                    b.wpos += n;
+                    if b.wpos == b.wbuf.len() {
+                        b.wpos = 0;
+                        if b.wbuf.len() < WRITE_TRICKLE || b.wbuf.capacity() > WRITE_BUF_KEEP {
+                            b.wbuf = BytesMut::new();
+                        } else {
+                            b.wbuf.clear();
+                        }
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(Err(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.unflushed && self.wbuf_len() == 0 {
+            match self.io.poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Ready(Ok(moved))
+    }
+
+    /// Handles the whole packets in the receive buffer, up to a stall.
+    fn decode(&mut self) {
+        let b = busy(&mut self.busy);
+        b.decode_pending = false;
+        match self.conn.on_bytes(&mut b.rbuf, &mut b.wbuf) {
+            Ok(Decoded::Done) => {}
+            Ok(Decoded::Stalled(event)) => {
+                b.decode_pending = true;
+                b.stall = Some(Box::new(Stall {
+                    event,
+                    permit: Box::pin(self.conn.core.reserve_owned()),
+                }));
+            }
+            Err(End::Graceful(d)) => {
+                b.disconnect = Some(d);
+                self.ended = true;
+            }
+            Err(End::Abnormal) => self.ended = true,
+        }
+    }
+}

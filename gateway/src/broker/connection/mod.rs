@@ -1,0 +1,279 @@
+//! One network connection: decode what the client sends, encode what the core sends.
+//!
+//! A connection goes through three phases, each its own piece: the handshake (read and
+//! authenticate CONNECT, on the heap while it lasts), the connected phase ([`driver`],
+//! a small hand-written future so an idle client costs little), and the close (tell the
+//! core, shut the socket). [`state`] holds the protocol rules that need no shared state
+//! (CONNECT first, inbound topic aliases, Receive Maximum, ack order behind durable
+//! commits); everything else goes to the core. Any violation ends this connection only.
+
+mod driver;
+mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::future::BoxFuture;
+use outpost_mqtt::{ConnAck, Connect, DecodeError, Packet, Properties, Protocol, ReasonCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use super::auth;
+use super::core::{ConnectRequest, CoreEvent};
+use super::handle::BrokerHandle;
+use super::outbound;
+use super::settings::Settings;
+use super::transport::{self, StreamIo, Transport};
+use driver::Driver;
+use state::Conn;
+
+/// Serves a plain TCP connection; spawn the returned future as the connection's task.
+pub fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) -> Connection<TcpStream> {
+    Connection::new(stream, peer, core, settings)
+}
+
+/// Serves a connection over any byte stream (TLS, WebSocket).
+pub async fn serve_stream<S>(
+    stream: S,
+    peer: SocketAddr,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    Connection::new(StreamIo::new(stream), peer, core, settings).await;
+}
+
+/// A connection's task, one phase at a time. Written by hand rather than as nested
+/// `async fn`s: those would keep room for every phase and copies of their arguments in
+/// every task, while this is as large as its largest phase, the driver.
+pub struct Connection<T> {
+    phase: Phase<T>,
+}
+
+// The running phase is inline on purpose: it is where a connection spends its life,
+// and boxing it would add an allocation per client.
+#[allow(clippy::large_enum_variant)]
+enum Phase<T> {
+    /// Handshake and session set-up, on the heap while they last.
+    Opening(BoxFuture<'static, Option<Driver<T>>>),
+    Running(Driver<T>),
+    Closing(BoxFuture<'static, ()>),
+    Done,
+}
+
+impl<T: Transport> Connection<T> {
+    fn new(io: T, peer: SocketAddr, core: BrokerHandle, settings: Arc<Settings>) -> Self {
+        let opening = Box::pin(async move {
+            let mut io = io;
+            let mut rbuf = BytesMut::new();
+            let connect = handshake(&mut io, &mut rbuf, peer, &settings).await?;
+            open(io, rbuf, connect, core, settings).await
+        });
+        Connection {
+            phase: Phase::Opening(opening),
+        }
+    }
+}
+
+impl<T: Transport> Future for Connection<T> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.phase {
+                Phase::Opening(f) => match ready!(f.as_mut().poll(cx)) {
+                    Some(driver) => this.phase = Phase::Running(driver),
+                    None => this.phase = Phase::Done,
+                },
+                Phase::Running(driver) => {
+                    let disconnect = ready!(driver.poll_run(cx));
+                    if let Phase::Running(driver) = std::mem::replace(&mut this.phase, Phase::Done)
+                    {
+                        this.phase = Phase::Closing(close(driver, disconnect));
+                    }
+                }
+                Phase::Closing(f) => {
+                    ready!(f.as_mut().poll(cx));
+                    this.phase = Phase::Done;
+                }
+                Phase::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// Hands the CONNECT to the core and builds the connected phase; `None` if the core
+/// is gone. A refused client gets a driver that only flushes its CONNACK.
+async fn open<T: Transport>(
+    io: T,
+    rbuf: BytesMut,
+    connect: Box<Connect>,
+    core: BrokerHandle,
+    settings: Arc<Settings>,
+) -> Option<Driver<T>> {
+    let keep_alive = effective_keep_alive(&connect, &settings);
+    let (tx, rx) = outbound::channel();
+    let mut conn = Conn::new(&connect, core.clone(), settings);
+    let (reply, accepted) = tokio::sync::oneshot::channel();
+    let request = ConnectRequest { connect, tx, reply };
+    core.send(CoreEvent::Connect(request)).await.ok()?;
+    match accepted.await.ok().flatten() {
+        Some((session, conn_id)) => {
+            conn.accepted = true;
+            conn.session = session;
+            conn.conn_id = conn_id;
+        }
+        // Refused: the core queued the CONNACK and a Close; flush them.
+        None => conn.closing = true,
+    }
+    Some(Driver::new(io, conn, rx, rbuf, keep_alive))
+}
+
+/// Tells the core the connection ended, then closes the socket. The core hears first,
+/// so a client that reconnects at once finds its will published and its session ended
+/// or kept.
+fn close<T: Transport>(
+    mut driver: Driver<T>,
+    disconnect: Option<Box<outpost_mqtt::Disconnect>>,
+) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        driver.rx.close();
+        let conn = &driver.conn;
+        if conn.accepted {
+            let _ = conn
+                .core
+                .send(CoreEvent::Closed {
+                    session: conn.session,
+                    conn_id: conn.conn_id,
+                    disconnect: disconnect.map(|d| *d),
+                })
+                .await;
+        }
+        transport::close(&mut driver.io).await;
+    })
+}
+
+/// Reads the CONNECT and authenticates it; `None` if the connection is to end.
+async fn handshake<T: Transport>(
+    io: &mut T,
+    rbuf: &mut BytesMut,
+    peer: SocketAddr,
+    settings: &Settings,
+) -> Option<Box<Connect>> {
+    let max = settings.max_packet_size;
+    // MQTT-3.1.0-1: the first packet must be CONNECT, within the configured time.
+    let first = tokio::time::timeout(settings.connect_timeout, async {
+        loop {
+            if let Some(p) = outpost_mqtt::decode(rbuf, Protocol::V5, max)? {
+                return Ok(Some(p));
+            }
+            if transport::read_into(io, rbuf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    })
+    .await;
+    let connect = match first {
+        Err(_) => {
+            debug!(%peer, "no CONNECT within the connect timeout; closing");
+            return None;
+        }
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(other))) => {
+            debug!(%peer, packet = kind(&other), "first packet is not CONNECT; closing");
+            return None;
+        }
+        Ok(Ok(None)) => return None,
+        Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol { level, .. }))) => {
+            // MQTT-3.1.2-2: answer an unknown protocol level with return code 1 (3.1.1
+            // format, which every version's client can parse), then close.
+            info!(%peer, level, "unsupported protocol level; refusing");
+            refuse(
+                io,
+                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                Protocol::V3_1_1,
+            )
+            .await;
+            return None;
+        }
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "bad CONNECT; closing");
+            return None;
+        }
+    };
+    if let Err(reason) = auth::check(&connect, settings).await {
+        info!(%peer, client_id = %connect.client_id, ?reason, "connection refused");
+        refuse(io, reason, connect.protocol).await;
+        return None;
+    }
+    Some(connect)
+}
+
+async fn refuse<T: Transport>(io: &mut T, reason: ReasonCode, protocol: Protocol) {
+    let p = Packet::ConnAck(ConnAck {
+        session_present: false,
+        reason,
+        properties: Properties::default(),
+    });
+    let mut b = BytesMut::new();
+    if outpost_mqtt::encode(&p, protocol, &mut b).is_ok() {
+        let _ = transport::write_all(io, &b).await;
+    }
+    transport::close(io).await;
+}
+
+/// Keep alive the server enforces: the client's value, capped for 5.0 clients by
+/// `max_keepalive` (announced as Server Keep Alive). 3.x clients cannot be told a
+/// different value, so theirs is honoured as is.
+fn effective_keep_alive(c: &Connect, s: &Settings) -> Option<Duration> {
+    let capped =
+        c.keep_alive > s.max_keepalive || (c.keep_alive == 0 && s.max_keepalive < u16::MAX);
+    let secs = if c.protocol.is_v5() && capped {
+        s.max_keepalive
+    } else {
+        c.keep_alive
+    };
+    // MQTT-3.1.2-24: one and a half times the keep alive without a packet ends it.
+    (secs > 0).then(|| Duration::from_millis(u64::from(secs) * 1500))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+}
+
+fn kind(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
+}

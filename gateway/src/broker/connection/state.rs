@@ -1,0 +1,393 @@
+//! A connection's protocol state: what it checks on each packet from the client and
+//! how it encodes what the core sends back. No I/O here; the driver moves the bytes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use futures_util::future::BoxFuture;
+use outpost_mqtt::{Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode};
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::{debug, info};
+
+use super::super::core::CoreEvent;
+use super::super::deadlines::Deadlines;
+use super::super::handle::BrokerHandle;
+use super::super::outbound::{Ack, AckKind, DurableResult, Outbound};
+use super::super::router::SessionKey;
+use super::super::session::Delivery;
+use super::super::settings::Settings;
+
+/// An acknowledgement waiting its turn.
+enum PendingAck {
+    Waiting {
+        wait: BoxFuture<'static, DurableResult>,
+        ack: Box<dyn FnOnce(DurableResult) -> Option<Ack> + Send>,
+    },
+    Ready(Ack),
+}
+
+/// Tables most connections never need (topic aliases, QoS 2 from the client),
+/// allocated on first use so an idle client's task stays small.
+#[derive(Default)]
+struct Tables {
+    /// Inbound topic aliases (5.0): alias -> topic.
+    inbound: HashMap<u16, ByteString>,
+    /// Outbound topic aliases (5.0): topic -> alias.
+    outbound: HashMap<ByteString, u16>,
+    /// QoS 2 packet ids between PUBLISH and PUBREL.
+    pending_qos2: HashSet<u16>,
+    /// Acknowledgements held back behind one that waits for durability (only with a
+    /// bridge), so PUBACK/PUBREC leave in the order the PUBLISHes came.
+    acks: VecDeque<PendingAck>,
+}
+
+/// How the read side ended.
+pub(super) enum End {
+    /// The client sent DISCONNECT.
+    Graceful(Box<Disconnect>),
+    /// Anything else: the will is due.
+    Abnormal,
+}
+
+/// Where handling the buffered bytes stopped.
+pub(super) enum Decoded {
+    /// Every whole packet was handled.
+    Done,
+    /// The core's queue is full: this event waits for room, and decoding resumes after.
+    Stalled(Box<CoreEvent>),
+}
+
+/// Per-connection protocol state.
+pub(super) struct Conn {
+    pub(super) protocol: Protocol,
+    /// Whether the core accepted the CONNECT (and so must hear about the close).
+    pub(super) accepted: bool,
+    pub(super) session: SessionKey,
+    pub(super) conn_id: u64,
+    pub(super) core: BrokerHandle,
+    settings: Arc<Settings>,
+    /// QoS 1 PUBLISHes received and not yet acknowledged.
+    unacked_qos1: u32,
+    tables: Option<Box<Tables>>,
+    out_alias_max: u16,
+    /// The client's Maximum Packet Size; 0 when it set none (0 is not a valid value).
+    max_packet_size: u32,
+    /// Set once DISCONNECT or a close was queued: flush, then end.
+    pub(super) closing: bool,
+}
+
+impl Conn {
+    /// State for a client that sent `connect`; not yet accepted by the core.
+    pub(super) fn new(
+        connect: &outpost_mqtt::Connect,
+        core: BrokerHandle,
+        settings: Arc<Settings>,
+    ) -> Conn {
+        Conn {
+            protocol: connect.protocol,
+            accepted: false,
+            session: 0,
+            conn_id: 0,
+            core,
+            settings,
+            unacked_qos1: 0,
+            tables: None,
+            out_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
+            max_packet_size: connect.properties.maximum_packet_size.unwrap_or(0),
+            closing: false,
+        }
+    }
+
+    /// The broker's connection deadlines (keep alive, close grace).
+    pub(super) fn deadlines(&self) -> &Arc<Deadlines> {
+        &self.settings.deadlines
+    }
+
+    /// Decodes and handles every whole packet in `rbuf`, unless the core's queue fills.
+    pub(super) fn on_bytes(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+    ) -> Result<Decoded, End> {
+        let max = self.settings.max_packet_size;
+        loop {
+            let packet = match outpost_mqtt::decode(rbuf, self.protocol, max) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(Decoded::Done),
+                Err(e) => {
+                    info!(conn_id = self.conn_id, error = %e, "malformed packet; closing the connection");
+                    self.violation(e.reason_code(), wbuf);
+                    return Err(End::Abnormal);
+                }
+            };
+            match self.on_packet(packet, wbuf) {
+                Ok(Step::Next) => {}
+                Ok(Step::Stalled(ev)) => return Ok(Decoded::Stalled(ev)),
+                Ok(Step::Disconnect(d)) => return Err(End::Graceful(d)),
+                Err(reason) => {
+                    self.violation(reason, wbuf);
+                    return Err(End::Abnormal);
+                }
+            }
+        }
+    }
+
+    /// Queues a DISCONNECT with `reason` (5.0 only; 3.x just closes).
+    pub(super) fn violation(&mut self, reason: ReasonCode, wbuf: &mut BytesMut) {
+        if self.protocol.is_v5() {
+            self.encode(
+                &Packet::Disconnect(Disconnect {
+                    reason,
+                    properties: Properties::default(),
+                }),
+                wbuf,
+            );
+        }
+        self.closing = true;
+    }
+
+    fn forward(&mut self, packet: Packet) -> Result<Step, ReasonCode> {
+        let ev = CoreEvent::Packet {
+            session: self.session,
+            conn_id: self.conn_id,
+            packet,
+        };
+        match self.core.try_send(ev) {
+            Ok(()) => Ok(Step::Next),
+            Err(TrySendError::Full(ev)) => Ok(Step::Stalled(Box::new(ev))),
+            Err(TrySendError::Closed(_)) => Err(ReasonCode::SERVER_SHUTTING_DOWN),
+        }
+    }
+
+    fn on_packet(&mut self, packet: Packet, wbuf: &mut BytesMut) -> Result<Step, ReasonCode> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PingReq => {
+                self.encode(&Packet::PingResp, wbuf);
+                Ok(Step::Next)
+            }
+            Packet::PubRel(r) => {
+                if let Some(t) = self.tables.as_mut() {
+                    t.pending_qos2.remove(&r.packet_id);
+                }
+                self.forward(Packet::PubRel(r))
+            }
+            p @ (Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubComp(_)
+            | Packet::Subscribe(_)
+            | Packet::Unsubscribe(_)) => self.forward(p),
+            Packet::Disconnect(d) => Ok(Step::Disconnect(Box::new(d))),
+            // MQTT-3.1.0-2: a second CONNECT is a protocol violation; so are packets only
+            // a server sends, and AUTH, since no enhanced authentication is offered.
+            _ => Err(ReasonCode::PROTOCOL_ERROR),
+        }
+    }
+
+    fn on_publish(&mut self, mut p: Publish) -> Result<Step, ReasonCode> {
+        if self.protocol.is_v5() {
+            self.resolve_alias(&mut p)?;
+            if !p.properties.subscription_identifiers.is_empty() {
+                // MQTT-3.3.4-6: only the server sends subscription identifiers.
+                return Err(ReasonCode::PROTOCOL_ERROR);
+            }
+            if p.qos != QoS::AtMostOnce {
+                let id = p.packet_id.unwrap_or(0);
+                let pending = self.tables.as_ref().map(|t| &t.pending_qos2);
+                let new_qos2 =
+                    p.qos == QoS::ExactlyOnce && !pending.is_some_and(|s| s.contains(&id));
+                let inflight = self.unacked_qos1 as usize
+                    + pending.map_or(0, HashSet::len)
+                    + usize::from(p.qos == QoS::AtLeastOnce || new_qos2);
+                if inflight > usize::from(self.settings.receive_maximum) {
+                    // MQTT-3.3.4-9: more unacknowledged QoS 1/2 PUBLISHes than our
+                    // Receive Maximum.
+                    return Err(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
+                }
+            }
+        }
+        match p.qos {
+            QoS::AtLeastOnce => self.unacked_qos1 += 1,
+            QoS::ExactlyOnce => {
+                let t = self.tables.get_or_insert_with(Default::default);
+                t.pending_qos2.insert(p.packet_id.unwrap_or(0));
+            }
+            QoS::AtMostOnce => {}
+        }
+        self.forward(Packet::Publish(p))
+    }
+
+    /// MQTT-3.3.2-12 and following: replace a Topic Alias by its topic, or remember a new
+    /// mapping.
+    fn resolve_alias(&mut self, p: &mut Publish) -> Result<(), ReasonCode> {
+        let Some(alias) = p.properties.topic_alias.take() else {
+            return if p.topic.is_empty() {
+                Err(ReasonCode::PROTOCOL_ERROR)
+            } else {
+                Ok(())
+            };
+        };
+        if alias == 0 || alias > self.settings.topic_alias_maximum {
+            return Err(ReasonCode::TOPIC_ALIAS_INVALID);
+        }
+        let aliases = self.tables.get_or_insert_with(Default::default);
+        if p.topic.is_empty() {
+            match aliases.inbound.get(&alias) {
+                Some(t) => p.topic = t.clone(),
+                None => return Err(ReasonCode::PROTOCOL_ERROR),
+            }
+        } else {
+            aliases.inbound.insert(alias, p.topic.clone());
+        }
+        Ok(())
+    }
+
+    /// Encodes one item from the core; true when the connection must close after it.
+    pub(super) fn add(&mut self, item: Outbound, wbuf: &mut BytesMut) -> bool {
+        match item {
+            Outbound::Ack(a)
+                if matches!(a.kind, AckKind::PubAck | AckKind::PubRec)
+                    && self.tables.as_ref().is_some_and(|t| !t.acks.is_empty()) =>
+            {
+                if let Some(t) = self.tables.as_mut() {
+                    t.acks.push_back(PendingAck::Ready(a));
+                }
+            }
+            Outbound::Ack(a) => self.encode_ack(&a, wbuf),
+            Outbound::Control(p) => self.encode(&p, wbuf),
+            Outbound::AckAfter { wait, ack } => {
+                let t = self.tables.get_or_insert_with(Default::default);
+                t.acks.push_back(PendingAck::Waiting { wait, ack });
+            }
+            Outbound::Publish {
+                delivery,
+                packet_id,
+                dup,
+            } => self.encode_publish(delivery, packet_id, dup, wbuf),
+            Outbound::Disconnect(reason) => {
+                self.violation(reason, wbuf);
+                return true;
+            }
+            Outbound::Close => return true,
+        }
+        false
+    }
+
+    /// Polls the acknowledgement at the head of the line, if it waits for durability;
+    /// its outcome once resolved (then call [`Self::release_acks`]).
+    pub(super) fn poll_head_ack(&mut self, cx: &mut Context<'_>) -> Option<DurableResult> {
+        match self.tables.as_mut()?.acks.front_mut() {
+            Some(PendingAck::Waiting { wait, .. }) => match wait.as_mut().poll(cx) {
+                Poll::Ready(outcome) => Some(outcome),
+                Poll::Pending => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Encodes the resolved head acknowledgement and every ready one behind it.
+    pub(super) fn release_acks(&mut self, outcome: DurableResult, wbuf: &mut BytesMut) {
+        let Some(mut t) = self.tables.take() else {
+            return;
+        };
+        if let Some(PendingAck::Waiting { ack, .. }) = t.acks.pop_front()
+            && let Some(a) = ack(outcome)
+        {
+            self.encode_ack(&a, wbuf);
+        }
+        while let Some(PendingAck::Ready(_)) = t.acks.front() {
+            if let Some(PendingAck::Ready(a)) = t.acks.pop_front() {
+                self.encode_ack(&a, wbuf);
+            }
+        }
+        if t.acks.is_empty() && t.acks.capacity() > 0 {
+            // Release the queue after a burst of durable publishes.
+            t.acks = VecDeque::new();
+        }
+        self.tables = Some(t);
+    }
+
+    fn encode_ack(&mut self, a: &Ack, wbuf: &mut BytesMut) {
+        if a.kind == AckKind::PubAck {
+            self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
+        }
+        self.encode(&a.to_packet(), wbuf);
+    }
+
+    fn encode(&self, p: &Packet, wbuf: &mut BytesMut) {
+        if let Err(e) = outpost_mqtt::encode(p, self.protocol, wbuf) {
+            debug!(error = %e, "cannot encode a control packet; skipped");
+        }
+    }
+
+    fn encode_publish(
+        &mut self,
+        d: Delivery,
+        packet_id: Option<u16>,
+        dup: bool,
+        wbuf: &mut BytesMut,
+    ) {
+        let v5 = self.protocol.is_v5();
+        let mut properties = if v5 {
+            d.msg.properties.clone()
+        } else {
+            Properties::default()
+        };
+        let mut topic = d.msg.topic.clone();
+        let mut new_alias = None;
+        if v5 {
+            properties.subscription_identifiers = d.sub_ids;
+            properties.message_expiry_interval = d.msg.remaining_expiry(Instant::now());
+            if self.out_alias_max > 0 {
+                let aliases = self.tables.get_or_insert_with(Default::default);
+                if let Some(&a) = aliases.outbound.get(&topic) {
+                    properties.topic_alias = Some(a);
+                    topic = ByteString::new();
+                } else if aliases.outbound.len() < usize::from(self.out_alias_max) {
+                    let a = aliases.outbound.len() as u16 + 1;
+                    properties.topic_alias = Some(a);
+                    new_alias = Some(a);
+                }
+            }
+        }
+        let publish = Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id,
+            properties,
+            payload: d.msg.payload.clone(),
+        };
+        let start = wbuf.len();
+        if let Err(e) = outpost_mqtt::codec::encode_publish(&publish, self.protocol, wbuf) {
+            debug!(error = %e, "cannot encode a PUBLISH; skipped");
+            wbuf.truncate(start);
+            return;
+        }
+        if self.max_packet_size > 0 && wbuf.len() - start > self.max_packet_size as usize {
+            // MQTT-3.1.2-25: never send more than the client's Maximum Packet Size.
+            wbuf.truncate(start);
+            return;
+        }
+        if let Some(a) = new_alias
+            && let Some(aliases) = self.tables.as_mut()
+        {
+            aliases.outbound.insert(d.msg.topic.clone(), a);
+        }
+    }
+}
+
+/// What one packet from the client led to.
+enum Step {
+    /// Handled; decode the next.
+    Next,
+    /// Waiting for room in the core's queue.
+    Stalled(Box<CoreEvent>),
+    /// The client sent DISCONNECT.
+    Disconnect(Box<Disconnect>),
+}

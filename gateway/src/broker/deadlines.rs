@@ -1,0 +1,191 @@
+//! Keep-alive and close-grace deadlines of every connection, in one ordered map that
+//! one task sweeps.
+//!
+//! A `tokio::time::Sleep` per connection is a 112-byte allocation per client plus its
+//! pointer in the task; with ten thousand idle clients that is a tenth of the memory
+//! budget spent on timers that almost never fire. Here a connection keeps only its
+//! deadline (a number) and its entry in a B-tree; the sweeper wakes the connection when
+//! the deadline passes and the connection decides (keep-alive expired, or re-arm from
+//! the last packet it saw).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// Longest the sweeper sleeps with nothing due, so a forgotten wake-up costs at most
+/// this much lateness.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+/// The deadlines of one broker's connections.
+pub struct Deadlines {
+    epoch: Instant,
+    next_id: AtomicU64,
+    inner: Mutex<Inner>,
+    /// Wakes the sweeper when a deadline earlier than its next wake-up is armed.
+    earlier: Notify,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (deadline in ms since `epoch`, connection id) -> that connection's task.
+    map: BTreeMap<(u64, u64), Waker>,
+    /// When the sweeper will next look (ms since `epoch`); 0 when it is not running.
+    sweeper_at: u64,
+}
+
+impl std::fmt::Debug for Deadlines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deadlines").finish_non_exhaustive()
+    }
+}
+
+impl Deadlines {
+    /// An empty set; the sweeper task starts with the first deadline.
+    pub fn new() -> Arc<Deadlines> {
+        Arc::new(Deadlines {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(1),
+            inner: Mutex::new(Inner::default()),
+            earlier: Notify::new(),
+        })
+    }
+
+    /// The clock deadlines are kept in: milliseconds since this set was made, never 0.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// A new connection id for [`Self::arm`].
+    pub fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Wakes `waker` once `at` (ms, [`Self::now_ms`] clock) has passed, replacing the
+    /// connection's previous deadline `prev` (0 for none). Returns `at`.
+    pub fn arm(self: &Arc<Self>, id: u64, prev: u64, at: u64, waker: &Waker) -> u64 {
+        let at = at.max(1);
+        let (start, notify) = {
+            let mut inner = lock(&self.inner);
+            if prev != 0 {
+                inner.map.remove(&(prev, id));
+            }
+            inner.map.insert((at, id), waker.clone());
+            if inner.sweeper_at == 0 {
+                inner.sweeper_at = at;
+                (true, false)
+            } else {
+                (false, at < inner.sweeper_at)
+            }
+        };
+        if start {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        } else if notify {
+            self.earlier.notify_one();
+        }
+        at
+    }
+
+    /// Forgets the connection's deadline `at` (0 for none).
+    pub fn disarm(&self, id: u64, at: u64) {
+        if at != 0 {
+            lock(&self.inner).map.remove(&(at, id));
+        }
+    }
+
+    /// Takes every due entry; returns their wakers and when the next one is due.
+    fn take_due(&self) -> (Vec<Waker>, Option<u64>) {
+        let now = self.now_ms();
+        let mut inner = lock(&self.inner);
+        let later = inner.map.split_off(&(now + 1, 0));
+        let due = std::mem::replace(&mut inner.map, later);
+        let next = inner.map.keys().next().map(|&(at, _)| at);
+        let max_idle = u64::try_from(MAX_IDLE.as_millis()).unwrap_or(u64::MAX);
+        inner.sweeper_at = next.unwrap_or(now + max_idle).min(now + max_idle);
+        (due.into_values().collect(), next)
+    }
+}
+
+/// The sweeper: wakes connections whose deadline passed; ends with the broker.
+async fn sweep(deadlines: Weak<Deadlines>) {
+    loop {
+        let Some(d) = deadlines.upgrade() else {
+            return;
+        };
+        let (due, next) = d.take_due();
+        // Woken outside the lock: a woken connection may re-arm at once.
+        for w in due {
+            w.wake();
+        }
+        let wait = next.map_or(MAX_IDLE, |at| {
+            Duration::from_millis(at.saturating_sub(d.now_ms())).min(MAX_IDLE)
+        });
+        // Holding `d` while asleep is fine: once the broker lets go, this is the last
+        // reference, dropped after the wake-up, and the next upgrade fails.
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = d.earlier.notified() => {}
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves the map consistent, so a poisoned lock is usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::task::Wake;
+
+    use super::*;
+
+    struct Flag(AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn wakes_when_due_and_not_after_disarm() {
+        let d = Deadlines::new();
+        let (a, b) = (
+            Arc::new(Flag(AtomicBool::new(false))),
+            Arc::new(Flag(AtomicBool::new(false))),
+        );
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        let (ia, ib) = (d.id(), d.id());
+        d.arm(ia, 0, d.now_ms() + 50, &wa);
+        let at_b = d.arm(ib, 0, d.now_ms() + 50, &wb);
+        d.disarm(ib, at_b);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            a.0.load(Ordering::SeqCst),
+            "the armed deadline must wake its task"
+        );
+        assert!(
+            !b.0.load(Ordering::SeqCst),
+            "a disarmed deadline must not wake"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_earlier_deadline_wakes_the_sleeping_sweeper() {
+        let d = Deadlines::new();
+        let late = Waker::from(Arc::new(Flag(AtomicBool::new(false))));
+        d.arm(d.id(), 0, d.now_ms() + 30_000, &late);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let soon = Arc::new(Flag(AtomicBool::new(false)));
+        d.arm(d.id(), 0, d.now_ms() + 20, &Waker::from(soon.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            soon.0.load(Ordering::SeqCst),
+            "the sweeper slept through an earlier deadline"
+        );
+    }
+}
