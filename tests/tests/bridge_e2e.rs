@@ -439,3 +439,60 @@ async fn full_spool_with_reject_new_acknowledges_only_what_it_kept() {
         broker.log()
     );
 }
+
+/// MQTT-4.3.3-4 and section 4.9: a PUBREC with a failure code ends the QoS 2 exchange,
+/// so a later PUBLISH with the same packet id is a new message (MQTT-4.3.3-9 applies
+/// only before PUBREL). With a full `reject-new` spool it must be offered to the spool
+/// again and refused again, never taken for a duplicate and answered with success while
+/// nothing was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_qos2_packet_id_is_not_mistaken_for_a_duplicate() {
+    if mosquitto_mode() {
+        return;
+    }
+    // The cloud never starts: the spool only fills.
+    let cloud = Cloud::new();
+    let broker = Broker::outpost_with_full_config(&gateway_config(
+        &cloud,
+        r#"spool = { max_bytes = "4KiB", when_full = "reject-new" }"#,
+    ));
+    let (mut c, _) =
+        RawClient::connect(broker.port(), connect_packet(Protocol::V5, "pub-q2", true)).await;
+    let payload = "x".repeat(100);
+    let mut full = false;
+    for i in 0..200u16 {
+        c.send(&Packet::Publish(publish(
+            "q1/big",
+            QoS::AtLeastOnce,
+            Some(i + 1),
+            payload.as_bytes(),
+        )))
+        .await;
+        match c.expect_packet(WAIT).await {
+            Packet::PubAck(a) if a.reason == outpost_mqtt::ReasonCode::QUOTA_EXCEEDED => {
+                full = true;
+                break;
+            }
+            Packet::PubAck(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(full, "the 4 KiB spool never filled");
+    for attempt in 1..=2 {
+        c.send(&Packet::Publish(publish(
+            "q1/big",
+            QoS::ExactlyOnce,
+            Some(7),
+            payload.as_bytes(),
+        )))
+        .await;
+        match c.expect_packet(WAIT).await {
+            Packet::PubRec(r) => assert_eq!(
+                r.reason,
+                outpost_mqtt::ReasonCode::QUOTA_EXCEEDED,
+                "attempt {attempt}: a full spool must refuse, not acknowledge"
+            ),
+            other => panic!("attempt {attempt}: unexpected {other:?}"),
+        }
+    }
+}

@@ -57,6 +57,23 @@ pub struct SessionSub {
     pub filter: String,
 }
 
+/// A session's messages in flight and waiting, in both directions.
+#[derive(Default)]
+pub struct Flows {
+    /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.
+    pub inflight: VecDeque<Inflight>,
+    /// Messages waiting for a free inflight slot or for the client to reconnect.
+    pub queue: VecDeque<Delivery>,
+    /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL is awaited.
+    pub incoming_qos2: BTreeSet<u16>,
+}
+
+impl Flows {
+    fn is_empty(&self) -> bool {
+        self.inflight.is_empty() && self.queue.is_empty() && self.incoming_qos2.is_empty()
+    }
+}
+
 /// The broker's view of one client.
 pub struct Session {
     /// Client identifier.
@@ -71,12 +88,9 @@ pub struct Session {
     pub subs: BTreeMap<String, SessionSub>,
     /// Session expiry interval in seconds; `u32::MAX` never expires.
     pub expiry: u32,
-    /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.
-    pub inflight: VecDeque<Inflight>,
-    /// Messages waiting for a free inflight slot or for the client to reconnect.
-    pub queue: VecDeque<Delivery>,
-    /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL is awaited.
-    pub incoming_qos2: BTreeSet<u16>,
+    /// Messages in flight and queued, both directions; allocated when the first one
+    /// comes and released when all are done, so an idle client carries none of it.
+    flows: Option<Box<Flows>>,
     /// Next packet id to try for outgoing messages.
     pub next_packet_id: u16,
     /// How many QoS 1/2 messages may be in flight towards the client.
@@ -102,9 +116,7 @@ impl Session {
             link: None,
             subs: BTreeMap::new(),
             expiry: 0,
-            inflight: VecDeque::new(),
-            queue: VecDeque::new(),
-            incoming_qos2: BTreeSet::new(),
+            flows: None,
             next_packet_id: 1,
             send_quota: 20,
             max_packet_size: None,
@@ -123,6 +135,26 @@ impl Session {
         }
     }
 
+    /// The message flows, made on first use.
+    pub fn flows(&mut self) -> &mut Flows {
+        self.flows.get_or_insert_with(Default::default)
+    }
+
+    /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.
+    pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
+        self.flows.iter().flat_map(|f| f.inflight.iter())
+    }
+
+    /// How many outgoing messages await acknowledgement.
+    pub fn inflight_len(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.inflight.len())
+    }
+
+    /// Whether messages wait for an inflight slot or for the client to reconnect.
+    pub fn has_queued(&self) -> bool {
+        self.flows.as_ref().is_some_and(|f| !f.queue.is_empty())
+    }
+
     /// Allocates a packet identifier not used by any message in flight.
     pub fn alloc_packet_id(&mut self) -> u16 {
         // The window is small (<= 65535 and usually ~20), so a linear probe is cheap and
@@ -130,7 +162,7 @@ impl Session {
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.wrapping_add(1).max(1);
-            if !self.inflight.iter().any(|f| f.packet_id == id) {
+            if !self.inflight().any(|f| f.packet_id == id) {
                 return id;
             }
         }
@@ -138,10 +170,42 @@ impl Session {
 
     /// Removes the inflight entry with `packet_id`, if any.
     pub fn take_inflight(&mut self, packet_id: u16) -> Option<Inflight> {
-        let pos = self
+        let flows = self.flows.as_mut()?;
+        let pos = flows
             .inflight
             .iter()
             .position(|f| f.packet_id == packet_id)?;
-        self.inflight.remove(pos)
+        let taken = flows.inflight.remove(pos);
+        self.release_flows_if_empty();
+        taken
+    }
+
+    /// Ends an inbound QoS 2 exchange; false if `packet_id` was not awaiting PUBREL.
+    pub fn end_incoming_qos2(&mut self, packet_id: u16) -> bool {
+        let removed = self
+            .flows
+            .as_mut()
+            .is_some_and(|f| f.incoming_qos2.remove(&packet_id));
+        self.release_flows_if_empty();
+        removed
+    }
+
+    /// The next queued message, if any.
+    pub fn pop_queued(&mut self) -> Option<Delivery> {
+        let d = self.flows.as_mut()?.queue.pop_front();
+        self.release_flows_if_empty();
+        d
+    }
+
+    /// How many messages wait in the queue.
+    pub fn queued_len(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.queue.len())
+    }
+
+    /// Drops the flows once nothing is in them.
+    pub fn release_flows_if_empty(&mut self) {
+        if self.flows.as_ref().is_some_and(|f| f.is_empty()) {
+            self.flows = None;
+        }
     }
 }

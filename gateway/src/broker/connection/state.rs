@@ -78,6 +78,8 @@ pub(super) struct Conn {
     max_packet_size: u32,
     /// Set once DISCONNECT or a close was queued: flush, then end.
     pub(super) closing: bool,
+    /// 5.0 CONNECT had Session Expiry 0: a DISCONNECT may not raise it (3.14.2.2.2).
+    connect_expiry_zero: bool,
 }
 
 impl Conn {
@@ -96,6 +98,8 @@ impl Conn {
             settings,
             unacked_qos1: 0,
             tables: None,
+            connect_expiry_zero: connect.protocol.is_v5()
+                && connect.properties.session_expiry_interval.unwrap_or(0) == 0,
             out_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
             max_packet_size: connect.properties.maximum_packet_size.unwrap_or(0),
             closing: false,
@@ -181,7 +185,16 @@ impl Conn {
             | Packet::PubComp(_)
             | Packet::Subscribe(_)
             | Packet::Unsubscribe(_)) => self.forward(p),
-            Packet::Disconnect(d) => Ok(Step::Disconnect(Box::new(d))),
+            Packet::Disconnect(d) => {
+                if self.connect_expiry_zero
+                    && d.properties.session_expiry_interval.is_some_and(|e| e != 0)
+                {
+                    // Not a valid DISCONNECT: answer 0x82 and treat the close as
+                    // abnormal, so the will is published.
+                    return Err(ReasonCode::PROTOCOL_ERROR);
+                }
+                Ok(Step::Disconnect(Box::new(d)))
+            }
             // MQTT-3.1.0-2: a second CONNECT is a protocol violation; so are packets only
             // a server sends, and AUTH, since no enhanced authentication is offered.
             _ => Err(ReasonCode::PROTOCOL_ERROR),
@@ -314,6 +327,13 @@ impl Conn {
     fn encode_ack(&mut self, a: &Ack, wbuf: &mut BytesMut) {
         if a.kind == AckKind::PubAck {
             self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
+        }
+        if a.kind == AckKind::PubRec
+            && a.reason.is_error()
+            && let Some(t) = self.tables.as_mut()
+        {
+            // A failing PUBREC ends the exchange: no PUBREL follows (section 4.9).
+            t.pending_qos2.remove(&a.packet_id);
         }
         self.encode(&a.to_packet(), wbuf);
     }

@@ -62,8 +62,16 @@ impl Core {
 
         let mut session_present = false;
         if let Some(&key) = self.by_client_id.get(&client_id) {
-            self.take_over(key, connect.clean_start);
-            if connect.clean_start {
+            // A session with expiry 0 (3.1.1 clean session) ends with its connection, so
+            // a takeover never resumes it (MQTT-3.1.2-6, MQTT-3.2.2-3).
+            let ends =
+                connect.clean_start || self.sessions.get(&key).is_some_and(|s| s.expiry == 0);
+            self.take_over(key, ends);
+            if ends {
+                // A delayed will still pending is due when its session ends (MQTT-3.1.3-9).
+                if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+                    self.publish_will(key, w);
+                }
                 self.end_session(key);
             } else {
                 session_present = true;
@@ -136,7 +144,7 @@ impl Core {
 
         // MQTT-4.4.0-1: resend unacknowledged PUBLISH (DUP) and PUBREL in original order.
         let s = self.sessions.get_mut(&key).expect("session exists");
-        for f in &s.inflight {
+        for f in s.inflight() {
             if f.released {
                 tx.send(Outbound::Ack(Ack::new(AckKind::PubRel, f.packet_id)));
             } else {
@@ -240,7 +248,9 @@ impl Core {
     }
 
     pub(super) fn publish_will(&mut self, key: SessionKey, will: Box<outpost_mqtt::Will>) {
-        let will = *will;
+        let mut will = *will;
+        // Will Delay Interval is a will property only; PUBLISH may not carry it.
+        will.properties.will_delay_interval = None;
         self.stats.wills += 1;
         let msg = Message::new(
             will.topic,

@@ -46,7 +46,7 @@ impl Core {
         };
         let v5 = s.protocol.is_v5();
         let packet_id = p.packet_id.unwrap_or(0);
-        if p.qos == QoS::ExactlyOnce && !s.incoming_qos2.insert(packet_id) {
+        if p.qos == QoS::ExactlyOnce && !s.flows().incoming_qos2.insert(packet_id) {
             // MQTT-4.3.3-9 (3.1.1: 4.3.3-2): a re-sent PUBLISH before PUBREL is the same
             // message; acknowledge it again without delivering a second copy.
             tx.send(Outbound::Ack(Ack::new(AckKind::PubRec, packet_id)));
@@ -67,7 +67,7 @@ impl Core {
                     ack.reason = ReasonCode::NOT_AUTHORIZED;
                     if qos == QoS::ExactlyOnce {
                         // A failing PUBREC ends the exchange; no PUBREL will come.
-                        s.incoming_qos2.remove(&packet_id);
+                        s.end_incoming_qos2(packet_id);
                     }
                 }
                 tx.send(Outbound::Ack(ack));
@@ -94,8 +94,25 @@ impl Core {
             tx.send(Outbound::Ack(Ack::new(kind, packet_id)));
             return;
         }
+        let inbox = (qos == QoS::ExactlyOnce).then(|| self.inbox.clone());
+        let wait = async move {
+            let outcome = all_committed(receipts).await;
+            // Tell the core before the refusal reaches the client, so a resend with
+            // the same packet id is taken as a new message, not as a duplicate.
+            if outcome.is_err()
+                && let Some(core) = inbox.and_then(|w| w.upgrade())
+            {
+                let _ = core
+                    .send(super::CoreEvent::Qos2Refused {
+                        session: key,
+                        packet_id,
+                    })
+                    .await;
+            }
+            outcome
+        };
         tx.send(Outbound::AckAfter {
-            wait: all_committed(receipts).boxed(),
+            wait: wait.boxed(),
             ack: Box::new(move |outcome: DurableResult| match outcome {
                 Ok(()) => Some(make_ack(ReasonCode::SUCCESS, None)),
                 // 5.0 publishers learn why; 3.x has no way to say no, so the message is
@@ -132,11 +149,18 @@ impl Core {
             return;
         }
         let mut rel = Ack::new(AckKind::PubRel, r.packet_id);
-        match s.inflight.iter_mut().find(|f| f.packet_id == r.packet_id) {
+        let v5 = s.protocol.is_v5();
+        let found = s
+            .flows()
+            .inflight
+            .iter_mut()
+            .find(|f| f.packet_id == r.packet_id);
+        match found {
             Some(f) => f.released = true,
-            None if s.protocol.is_v5() => rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+            None if v5 => rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
             None => {}
         }
+        s.release_flows_if_empty();
         tx.send(Outbound::Ack(rel));
     }
 
@@ -148,7 +172,7 @@ impl Core {
             return;
         };
         let mut comp = Ack::new(AckKind::PubComp, packet_id);
-        if !s.incoming_qos2.remove(&packet_id) && s.protocol.is_v5() {
+        if !s.end_incoming_qos2(packet_id) && s.protocol.is_v5() {
             comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
         }
         tx.send(Outbound::Ack(comp));

@@ -73,6 +73,15 @@ pub(crate) enum CoreEvent {
     },
     /// An in-process subscription was dropped.
     LocalUnsubscribe(SessionKey),
+    /// A durable sink refused a client's QoS 2 PUBLISH: that exchange is over (the
+    /// client got a failing PUBREC, or, on 3.x, nothing), so its packet id must not
+    /// make a resend look like a duplicate.
+    Qos2Refused {
+        /// Session of the publisher.
+        session: SessionKey,
+        /// The refused PUBLISH's packet id.
+        packet_id: u16,
+    },
     /// Adds a durable sink (the bridge registers before listeners open).
     AddSink(Arc<dyn DurableSink>, oneshot::Sender<SinkId>),
     /// Disconnect everyone and stop.
@@ -98,6 +107,9 @@ pub(crate) struct Core {
     tree: SubscriptionTree,
     retained: RetainedStore,
     sinks: Vec<Arc<dyn DurableSink>>,
+    /// The core's own inbox, for acknowledgements that report back (weak, so the core
+    /// still stops when every handle is gone).
+    inbox: mpsc::WeakSender<CoreEvent>,
     next_key: SessionKey,
     next_conn_id: u64,
     timers: timers::Timers,
@@ -117,6 +129,7 @@ pub(crate) fn spawn(settings: Arc<Settings>, sinks: Vec<Arc<dyn DurableSink>>) -
         tree: SubscriptionTree::default(),
         retained: RetainedStore::default(),
         sinks,
+        inbox: tx.downgrade(),
         next_key: 1,
         next_conn_id: 1,
         timers: timers::Timers::default(),
@@ -186,6 +199,11 @@ impl Core {
                 let _ = done.send(key);
             }
             CoreEvent::LocalUnsubscribe(key) => self.end_session(key),
+            CoreEvent::Qos2Refused { session, packet_id } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.end_incoming_qos2(packet_id);
+                }
+            }
             CoreEvent::AddSink(sink, done) => {
                 self.sinks.push(sink);
                 let _ = done.send(SinkId(self.sinks.len() - 1));

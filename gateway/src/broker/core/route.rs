@@ -97,7 +97,7 @@ impl Core {
                     } else {
                         self.stats.dropped_slow_client += 1;
                     }
-                } else if s.queue.is_empty() && s.inflight.len() < usize::from(s.send_quota) {
+                } else if !s.has_queued() && s.inflight_len() < usize::from(s.send_quota) {
                     let tx = tx.clone();
                     send_inflight(s, &tx, d);
                     self.stats.messages_sent += 1;
@@ -122,8 +122,8 @@ impl Core {
             return;
         };
         let tx = tx.clone();
-        while s.inflight.len() < usize::from(s.send_quota) {
-            let Some(d) = s.queue.pop_front() else {
+        while s.inflight_len() < usize::from(s.send_quota) {
+            let Some(d) = s.pop_queued() else {
                 break;
             };
             if d.msg.is_expired(now) {
@@ -180,7 +180,7 @@ impl Core {
 
 fn send_inflight(s: &mut Session, tx: &crate::broker::outbound::OutboundTx, d: Delivery) {
     let packet_id = s.alloc_packet_id();
-    s.inflight.push_back(Inflight {
+    s.flows().inflight.push_back(Inflight {
         packet_id,
         delivery: d.clone(),
         released: false,
@@ -193,14 +193,14 @@ fn send_inflight(s: &mut Session, tx: &crate::broker::outbound::OutboundTx, d: D
 }
 
 fn enqueue(s: &mut Session, d: Delivery, max: usize, dropped: &mut u64) {
-    if s.queue.len() >= max {
+    if s.queued_len() >= max {
         s.dropped += 1;
         *dropped += 1;
         if s.dropped.is_power_of_two() {
             warn!(client_id = %s.client_id, dropped = s.dropped, "session queue full; dropping new messages");
         }
     } else {
-        s.queue.push_back(d);
+        s.flows().queue.push_back(d);
     }
 }
 
