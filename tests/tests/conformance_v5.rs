@@ -976,3 +976,19 @@ async fn assigned_client_identifier_can_resume_its_session_mqtt_3_1_3_7() {
     let p = c.expect_publish(WAIT).await;
     assert_eq!(&p.payload[..], b"kept");
 }
+
+/// Section 3.3.2.3.3: the spec gives no meaning to a Message Expiry Interval of 0, and a
+/// message the broker acknowledged must not vanish. As Mosquitto does, 0 is taken as "no
+/// expiry": the online subscriber receives the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_expiry_zero_is_delivered_not_dropped() {
+    let broker = Broker::start("");
+    let port = broker.port();
+    let mut sub = subscriber(port, "exp0-sub", "exp0/t", QoS::AtLeastOnce).await;
+    let (mut pubc, _) = connect_ok(port, connect5("exp0-pub", true, None)).await;
+    let mut p = publish("exp0/t", QoS::AtLeastOnce, Some(1), b"zero");
+    p.properties.message_expiry_interval = Some(0);
+    assert_eq!(publish_qos1(&mut pubc, p).await, ReasonCode::SUCCESS);
+    let got = sub.expect_publish(WAIT).await;
+    assert_eq!(&got.payload[..], b"zero");
+}

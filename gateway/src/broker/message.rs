@@ -42,9 +42,12 @@ impl Message {
         mut properties: Properties,
         origin: Option<u64>,
     ) -> Arc<Message> {
+        // An interval of 0 has no meaning in the spec; as Mosquitto does, it is no
+        // expiry rather than a message dropped as soon as it is acknowledged.
         let expires_at = properties
             .message_expiry_interval
             .take()
+            .filter(|&s| s > 0)
             .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
         properties.topic_alias = None;
         properties.subscription_identifiers.clear();
