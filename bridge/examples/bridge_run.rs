@@ -3,7 +3,9 @@
 //!
 //! `bridge_run CONFIG.toml STATE_DIR GATEWAY_ID N [FIRST]`: messages FIRST..FIRST+N go to
 //! `sensors/q2` (every third) or `sensors/q1` with their number as payload. Prints
-//! `spooled N` once every offer is committed and `drained` when the spool is empty.
+//! `spooled N` once every offer is committed and `drained` when the spool is empty, and
+//! `local TOPIC PAYLOAD` for every downlink message delivered locally. With
+//! `BRIDGE_RUN_STAY=1` it keeps running after `drained` until killed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -25,8 +27,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state = PathBuf::from(&args[2]);
     let n: usize = args[4].parse()?;
     let first: usize = args.get(5).map_or(Ok(0), |s| s.parse())?;
-    let (local_tx, mut local_rx) = mpsc::channel(1024);
-    tokio::spawn(async move { while local_rx.recv().await.is_some() {} });
+    let (local_tx, mut local_rx) = mpsc::channel::<outpost_bridge::LocalPublish>(1024);
+    tokio::spawn(async move {
+        while let Some(m) = local_rx.recv().await {
+            if !m.topic.starts_with("$SYS/") {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(
+                    out,
+                    "local {} {}",
+                    m.topic,
+                    String::from_utf8_lossy(&m.payload)
+                );
+                let _ = out.flush();
+            }
+        }
+    });
+    let stay = std::env::var_os("BRIDGE_RUN_STAY").is_some_and(|v| v == "1");
     let (_stop_tx, stop_rx) = watch::channel(false);
     let bridge = start(config, &args[3], &state, local_tx, stop_rx).await?;
     let mut acks = Vec::with_capacity(n);
@@ -56,6 +72,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if left == 0 && bridge.is_connected() {
             println!("drained");
             std::io::stdout().flush()?;
+            if stay {
+                std::future::pending::<()>().await;
+            }
             bridge.shutdown().await;
             return Ok(());
         }

@@ -163,6 +163,11 @@ pub struct SpoolConfig {
     /// Spool QoS 0 messages too (default false: QoS 0 goes up only while the link is up).
     #[serde(default)]
     pub qos0: bool,
+    /// A message that was the oldest one in flight when the cloud dropped an established
+    /// link this many consecutive times is moved to the dead-letter table (default 3;
+    /// 0 never sets a message aside).
+    #[serde(default = "default_dead_letter_after")]
+    pub dead_letter_after: u32,
 }
 
 impl Default for SpoolConfig {
@@ -172,6 +177,7 @@ impl Default for SpoolConfig {
             max_bytes: default_max_bytes(),
             when_full: WhenFull::default(),
             qos0: false,
+            dead_letter_after: default_dead_letter_after(),
         }
     }
 }
@@ -239,6 +245,9 @@ fn default_max_qos() -> u8 {
 }
 fn default_max_inflight() -> u16 {
     256
+}
+fn default_dead_letter_after() -> u32 {
+    3
 }
 fn default_max_bytes() -> u64 {
     512 * 1024 * 1024
@@ -375,6 +384,10 @@ impl BridgeConfig {
         if self.spool.max_bytes < 4096 {
             return invalid("spool.max_bytes below 4KiB".into());
         }
+        if self.spool.dead_letter_after == 1 {
+            // One loss proves nothing: any outage with a message in flight would set it aside.
+            return invalid("spool.dead_letter_after must be 0 (never) or at least 2".into());
+        }
         if self.stats_interval.is_zero() {
             return invalid("stats_interval must be > 0".into());
         }
@@ -485,6 +498,7 @@ mod tests {
             max_bytes = "512MiB"
             when_full = "reject-new"
             qos0 = true
+            dead_letter_after = 5
             [reconnect]
             min = "500ms"
             max = 30
@@ -495,6 +509,7 @@ mod tests {
         assert_eq!(c.keep_alive, Duration::from_secs(30));
         assert_eq!(c.spool.max_bytes, 512 << 20);
         assert_eq!(c.spool.when_full, WhenFull::RejectNew);
+        assert_eq!(c.spool.dead_letter_after, 5);
         assert_eq!(c.reconnect.min, Duration::from_millis(500));
         assert_eq!(c.reconnect.max, Duration::from_secs(30));
         assert_eq!(c.topics.len(), 2);
@@ -526,6 +541,7 @@ mod tests {
         let b = &top.bridge[0];
         b.validate().expect("valid");
         assert_eq!(b.spool.when_full, WhenFull::DropOldest);
+        assert_eq!(b.spool.dead_letter_after, 3);
         assert_eq!(b.protocol, ProtocolVersion::V5);
         assert_eq!(b.keep_alive, Duration::from_secs(60));
     }
@@ -579,5 +595,9 @@ mod tests {
         assert!(tls_on_plain.validate().is_err());
         let bad_name = parse(&base.replace("name='a'", "name='a/b'")).unwrap();
         assert!(bad_name.validate().is_err());
+        let hair_trigger = parse(&format!("{base}[spool]\ndead_letter_after=1\n")).unwrap();
+        assert!(hair_trigger.validate().is_err());
+        let never = parse(&format!("{base}[spool]\ndead_letter_after=0\n")).unwrap();
+        never.validate().unwrap();
     }
 }

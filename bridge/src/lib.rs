@@ -227,6 +227,12 @@ impl BridgeHandle {
         &self.inner.stats
     }
 
+    /// Messages the bridge set aside as poison (the spool's `dead_letters` table), oldest
+    /// first. They stay there until an operator deletes them.
+    pub async fn dead_letters(&self) -> Result<Vec<spool::DeadLetter>, SpoolError> {
+        self.inner.spool.dead_letters().await
+    }
+
     /// True while the cloud link is up.
     pub fn is_connected(&self) -> bool {
         self.inner.stats.connected.load(Relaxed)

@@ -28,6 +28,11 @@ pub struct BridgeStats {
     pub dropped_qos0: AtomicU64,
     /// Messages the cloud refused with an error reason code in PUBACK/PUBREC.
     pub dropped_refused: AtomicU64,
+    /// Poison messages: the cloud dropped the link every time they were in flight; moved to
+    /// the spool's dead-letter table.
+    pub dropped_poison: AtomicU64,
+    /// Rows in the spool's dead-letter table (kept until an operator removes them).
+    pub dead_letters: AtomicU64,
     /// Offers refused because the spool is full (`reject-new`).
     pub rejected_full: AtomicU64,
     /// Offers refused because SQLite could not commit.
@@ -75,6 +80,8 @@ impl BridgeStats {
             ("dropped/expired", g(&self.dropped_expired)),
             ("dropped/qos0", g(&self.dropped_qos0)),
             ("dropped/refused", g(&self.dropped_refused)),
+            ("dropped/poison", g(&self.dropped_poison)),
+            ("spool/dead_letters", g(&self.dead_letters)),
             ("rejected/spool_full", g(&self.rejected_full)),
             ("rejected/storage", g(&self.rejected_storage)),
             ("reconnects", g(&self.reconnects)),

@@ -753,3 +753,392 @@ async fn qos0_is_spooled_only_when_configured() {
     spooling.bridge.shutdown().await;
     live_only.bridge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_offered_after_the_spool_drained_empty_still_go_up() {
+    let cloud = Cloud::start("");
+    let sub = Subscriber::connect(cloud.port, "refill-counter", "plant-7/#").await;
+    let run = run_bridge(bridge_config(
+        "refill",
+        &format!("mqtt://127.0.0.1:{}", cloud.port),
+        OUT_RULE,
+    ))
+    .await;
+    wait_until("connected", Duration::from_secs(10), || {
+        run.bridge.is_connected()
+    })
+    .await;
+    offer_all(&run.bridge, 5, |_| QoS::AtLeastOnce).await;
+    sub.wait_for(5, Duration::from_secs(10)).await;
+    wait_until("spool drained", Duration::from_secs(10), || {
+        spooled(&run.bridge) == 0
+    })
+    .await;
+    // The table is empty now: SQLite would hand out row id 1 again, behind the uplink's cursor.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    offer_all(&run.bridge, 5, |_| QoS::AtLeastOnce).await;
+    let seen = sub.wait_for(10, Duration::from_secs(10)).await;
+    assert_eq!(
+        seen.len(),
+        10,
+        "second batch after an empty spool: {seen:?}"
+    );
+    run.bridge.shutdown().await;
+}
+
+fn load(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Offer `payloads` in order on `topic` at QoS 1 and wait for every commit.
+async fn offer_payloads(b: &BridgeHandle, topic: &str, payloads: &[String]) {
+    offer_payloads_at(b, topic, payloads, QoS::AtLeastOnce).await;
+}
+
+async fn offer_payloads_at(b: &BridgeHandle, topic: &str, payloads: &[String], qos: QoS) {
+    let mut acks = Vec::new();
+    for p in payloads {
+        acks.push(
+            b.offer(topic, &Bytes::from(p.clone()), qos, false, None)
+                .expect("an out rule matches"),
+        );
+    }
+    for a in acks {
+        a.await.expect("spool writer answers").expect("committed");
+    }
+}
+
+const CLOUD_MAX_PACKET: usize = 2048;
+
+/// Ten normal messages, one the cloud cannot take (larger than its max_packet_size), ten more.
+fn with_poison_in_the_middle() -> (Vec<String>, String) {
+    let poison = format!("POISON-{}", "x".repeat(2 * CLOUD_MAX_PACKET));
+    let mut all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    all.push(poison.clone());
+    all.extend((10..20).map(|i| i.to_string()));
+    (all, poison)
+}
+
+/// A 3.1.1 link (the cloud cannot announce its Maximum Packet Size) with a message the
+/// cloud disconnects us for, between normal ones. Returns what arrived.
+async fn poison_case(name: &str, qos: QoS) -> Vec<usize> {
+    let mut cloud = Cloud::start(&format!("max_packet_size {CLOUD_MAX_PACKET}"));
+    let client = format!("{name}-counter");
+    Subscriber::connect(cloud.port, &client, "plant-7/#")
+        .await
+        .disconnect()
+        .await;
+    cloud.stop();
+    let run = run_bridge(bridge_config(
+        name,
+        &format!("mqtt://127.0.0.1:{}", cloud.port),
+        &format!("protocol = \"3.1.1\"\n{OUT_RULE}"),
+    ))
+    .await;
+    let (all, poison) = with_poison_in_the_middle();
+    let topic = format!("outpost/gw-1/sensors/q{}", qos as u8);
+    offer_payloads_at(&run.bridge, &topic, &all, qos).await;
+    assert_eq!(spooled(&run.bridge), 21);
+
+    cloud.restart();
+    let sub = Subscriber::connect(cloud.port, &client, "plant-7/#").await;
+    wait_until("spool drained", Duration::from_secs(30), || {
+        spooled(&run.bridge) == 0
+    })
+    .await;
+    let seen = sub.wait_for(20, Duration::from_secs(5)).await;
+    let stats = run.bridge.stats();
+    assert_eq!(load(&stats.dropped_poison), 1, "{}", cloud.log());
+    assert_eq!(load(&stats.dead_letters), 1);
+    assert_eq!(load(&stats.forwarded), 20, "nothing else lost");
+    assert!(
+        load(&stats.reconnects) >= 3,
+        "the cloud dropped the link at least three times before the message was set aside"
+    );
+    for other in [
+        &stats.dropped_spool_full,
+        &stats.dropped_too_large,
+        &stats.dropped_refused,
+        &stats.dropped_expired,
+    ] {
+        assert_eq!(load(other), 0);
+    }
+    let dead = run.bridge.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].topic, format!("plant-7/sensors/q{}", qos as u8));
+    assert_eq!(
+        &dead[0].payload[..],
+        poison.as_bytes(),
+        "kept byte for byte"
+    );
+    assert_eq!((dead[0].reason.as_str(), dead[0].strikes), ("poison", 3));
+    let snapshot = stats.snapshot(0);
+    assert!(snapshot.contains(&("dropped/poison", "1".to_string())));
+    assert!(snapshot.contains(&("spool/dead_letters", "1".to_string())));
+    assert!(run.bridge.is_connected(), "the link stays up afterwards");
+    run.bridge.shutdown().await;
+    numbers(&seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_qos2_message_is_dead_lettered_and_the_rest_arrive_exactly_once_in_order() {
+    let arrived = poison_case("poison2", QoS::ExactlyOnce).await;
+    assert_eq!(arrived, (0..20).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_qos1_message_is_dead_lettered_and_the_rest_arrive_in_order() {
+    let arrived = poison_case("poison1", QoS::AtLeastOnce).await;
+    // Mosquitto drops us without sending the PUBACKs of what it took before the poison, so
+    // those are sent again (QoS 1 is at least once); first arrivals are complete and in order.
+    let mut first = Vec::new();
+    for n in &arrived {
+        if !first.contains(n) {
+            first.push(*n);
+        }
+    }
+    assert_eq!(first, (0..20).collect::<Vec<_>>(), "{arrived:?}");
+    assert!(
+        arrived.iter().filter(|n| **n >= 10).count() == 10,
+        "nothing behind the poison is sent twice: {arrived:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_is_down_never_dead_letters_anything() {
+    let mut cloud = Cloud::start("");
+    let run = run_bridge(bridge_config(
+        "down",
+        &format!("mqtt://127.0.0.1:{}", cloud.port),
+        OUT_RULE,
+    ))
+    .await;
+    wait_until("connected", Duration::from_secs(10), || {
+        run.bridge.is_connected()
+    })
+    .await;
+    cloud.stop();
+    offer_all(&run.bridge, 10, |_| QoS::AtLeastOnce).await;
+    wait_until("several refused attempts", Duration::from_secs(15), || {
+        load(&run.bridge.stats().connect_failures) >= 5
+    })
+    .await;
+    assert_eq!(spooled(&run.bridge), 10, "all kept");
+    assert_eq!(load(&run.bridge.stats().dropped_poison), 0);
+    assert!(run.bridge.dead_letters().await.unwrap().is_empty());
+    run.bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_above_a_5_0_clouds_maximum_packet_size_is_counted_too_large_without_reconnects() {
+    let cloud = Cloud::start(&format!("max_packet_size {CLOUD_MAX_PACKET}"));
+    let sub = Subscriber::connect(cloud.port, "toolarge-counter", "plant-7/#").await;
+    let run = run_bridge(bridge_config(
+        "toolarge",
+        &format!("mqtt://127.0.0.1:{}", cloud.port),
+        OUT_RULE,
+    ))
+    .await;
+    let (all, _) = with_poison_in_the_middle();
+    offer_payloads(&run.bridge, "outpost/gw-1/sensors/q1", &all).await;
+    let seen = sub.wait_for(20, Duration::from_secs(15)).await;
+    assert_eq!(numbers(&seen), (0..20).collect::<Vec<_>>());
+    wait_until("spool drained", Duration::from_secs(10), || {
+        spooled(&run.bridge) == 0
+    })
+    .await;
+    let stats = run.bridge.stats();
+    assert_eq!(load(&stats.dropped_too_large), 1);
+    assert_eq!(load(&stats.forwarded), 20);
+    assert_eq!(
+        load(&stats.reconnects),
+        0,
+        "known before sending: never sent"
+    );
+    assert_eq!(load(&stats.dropped_poison), 0);
+    run.bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puback_and_pubrec_error_codes_are_counted_refused_and_the_rest_goes_on() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let acl = cloud_dir.path().join("acl");
+    // Anonymous clients may write plant-7/ok/# only (and the status topic).
+    std::fs::write(
+        &acl,
+        "topic readwrite outpost/#\ntopic read plant-7/#\ntopic write plant-7/ok/#\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(cloud_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Mosquitto 2.0 disconnects a client after a refusal when max_queued_messages is 0.
+    let cloud = Cloud::start(&format!(
+        "acl_file {}\nmax_queued_messages 1000",
+        acl.display()
+    ));
+    let sub = Subscriber::connect(cloud.port, "refused-counter", "plant-7/#").await;
+    let rule = r##"topics = [{ pattern = "#", direction = "out", qos = 2, local_prefix = "outpost/gw-1/", remote_prefix = "plant-7/" }]"##;
+    let run = run_bridge(bridge_config(
+        "refused",
+        &format!("mqtt://127.0.0.1:{}", cloud.port),
+        rule,
+    ))
+    .await;
+    let mut acks = Vec::new();
+    for i in 0..12usize {
+        // Every third is denied, alternating QoS 1 (PUBACK 0x87) and QoS 2 (PUBREC 0x87).
+        let (topic, qos) = match i % 3 {
+            0 if i % 2 == 0 => ("outpost/gw-1/denied/x", QoS::AtLeastOnce),
+            0 => ("outpost/gw-1/denied/x", QoS::ExactlyOnce),
+            1 => ("outpost/gw-1/ok/q1", QoS::AtLeastOnce),
+            _ => ("outpost/gw-1/ok/q2", QoS::ExactlyOnce),
+        };
+        acks.push(
+            run.bridge
+                .offer(topic, &Bytes::from(i.to_string()), qos, false, None)
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+    let allowed: Vec<usize> = (0..12).filter(|i| i % 3 != 0).collect();
+    let seen = sub.wait_for(allowed.len(), Duration::from_secs(15)).await;
+    let mut got = numbers(&seen);
+    got.sort_unstable();
+    assert_eq!(got, allowed, "{}", cloud.log());
+    wait_until("spool drained", Duration::from_secs(10), || {
+        spooled(&run.bridge) == 0
+    })
+    .await;
+    let stats = run.bridge.stats();
+    assert_eq!(load(&stats.dropped_refused), 4, "{}", cloud.log());
+    assert_eq!(load(&stats.forwarded), allowed.len() as u64);
+    assert_eq!(load(&stats.reconnects), 0);
+    run.bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_never_counts_a_message_both_dropped_and_forwarded() {
+    let mut cloud = Cloud::start("");
+    Subscriber::connect(cloud.port, "fence-counter", "plant-7/#")
+        .await
+        .disconnect()
+        .await;
+    cloud.stop();
+    // A slow replay keeps the backlog in the uplink's queue while new messages push the
+    // spool past its bound, so drop-oldest hits rows the uplink already read.
+    let extra = format!(
+        "replay_rate = 4\n{OUT_RULE}\n[spool]\nmax_bytes = \"4KiB\"\nwhen_full = \"drop-oldest\"\n"
+    );
+    let run = run_bridge(bridge_config(
+        "fence",
+        &format!("mqtt://127.0.0.1:{}", cloud.port),
+        &extra,
+    ))
+    .await;
+    // 500 + 18 (topic) + 32 bytes each: seven fit in 4 KiB.
+    let payload = |i: usize| format!("{i:0>500}");
+    let backlog: Vec<String> = (0..7).map(payload).collect();
+    offer_payloads(&run.bridge, "outpost/gw-1/sensors/q1", &backlog).await;
+    cloud.restart();
+    let sub = Subscriber::connect(cloud.port, "fence-counter", "plant-7/#").await;
+    wait_until("connected", Duration::from_secs(10), || {
+        run.bridge.is_connected()
+    })
+    .await;
+    let fresh: Vec<String> = (7..12).map(payload).collect();
+    offer_payloads(&run.bridge, "outpost/gw-1/sensors/q1", &fresh).await;
+    wait_until("spool drained", Duration::from_secs(20), || {
+        spooled(&run.bridge) == 0
+    })
+    .await;
+    let seen = sub.wait_for(12, Duration::from_secs(1)).await;
+    let arrived = numbers(&seen);
+    let stats = run.bridge.stats();
+    let (forwarded, dropped) = (load(&stats.forwarded), load(&stats.dropped_spool_full));
+    // One per new message, less any room an acknowledgement freed first; at most two rows
+    // go up before the new ones arrive, so rows the uplink had already read are dropped.
+    assert!((3..=5).contains(&dropped), "dropped {dropped}");
+    assert!(
+        arrived.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicate: {arrived:?}"
+    );
+    assert_eq!(
+        forwarded as usize,
+        arrived.len(),
+        "forwarded counts what arrived"
+    );
+    assert_eq!(
+        arrived.len() + dropped as usize,
+        12,
+        "each message counted once, dropped or forwarded: arrived {arrived:?}"
+    );
+    assert!(
+        (7..12).all(|i| arrived.contains(&i)),
+        "the newest are kept: {arrived:?}"
+    );
+    run.bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_disconnects_us_for_our_status_message_never_dead_letters_data() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let acl = cloud_dir.path().join("acl");
+    // The status topic is forbidden; Mosquitto (max_queued_messages 0) then acknowledges
+    // the birth with 0x87 and disconnects us, every session, like clouds that disconnect
+    // clients publishing outside their policy.
+    std::fs::write(&acl, "topic readwrite plant-7/#\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(cloud_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cloud = Cloud::start(&format!("acl_file {}", acl.display()));
+    let run = run_bridge(bridge_config(
+        "badstatus",
+        &format!("mqtt://127.0.0.1:{}", cloud.port),
+        OUT_RULE,
+    ))
+    .await;
+    offer_all(&run.bridge, 5, |_| QoS::AtLeastOnce).await;
+    wait_until("many dropped sessions", Duration::from_secs(20), || {
+        load(&run.bridge.stats().reconnects) >= 6
+    })
+    .await;
+    let stats = run.bridge.stats();
+    assert_eq!(load(&stats.dropped_poison), 0, "{}", cloud.log());
+    assert!(run.bridge.dead_letters().await.unwrap().is_empty());
+    assert_eq!(
+        load(&stats.forwarded) + spooled(&run.bridge),
+        5,
+        "every message forwarded or still spooled"
+    );
+    run.bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_acks_our_status_then_disconnects_never_dead_letters_data() {
+    let cloud = Cloud::start("");
+    // Every session: the birth is acknowledged, then the link is closed.
+    let proxy = CloseAfterFirstPuback::start(cloud.port).await;
+    let run = run_bridge(bridge_config(
+        "ackclose",
+        &format!("mqtt://127.0.0.1:{}", proxy.port),
+        OUT_RULE,
+    ))
+    .await;
+    offer_all(&run.bridge, 5, |_| QoS::AtLeastOnce).await;
+    wait_until("many dropped sessions", Duration::from_secs(20), || {
+        load(&run.bridge.stats().reconnects) >= 6
+    })
+    .await;
+    let stats = run.bridge.stats();
+    assert_eq!(
+        load(&stats.dropped_poison),
+        0,
+        "a message was blamed for the cloud's dislike of our status"
+    );
+    assert!(run.bridge.dead_letters().await.unwrap().is_empty());
+    assert_eq!(spooled(&run.bridge), 5, "nothing acknowledged, all kept");
+    run.bridge.shutdown().await;
+}

@@ -1,5 +1,5 @@
 //! `kill -9` of a process running the bridge while it drains, then a restart: nothing
-//! acknowledged is lost and no QoS 2 message arrives twice. Also checks the will.
+//! acknowledged is lost and no QoS 2 message arrives twice, up or down. Also checks the will.
 
 mod common;
 
@@ -12,37 +12,53 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn example_binary() -> PathBuf {
-    // `cargo test` builds examples; a filtered run (`--test crash`) may not, so build it.
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_example).clone()
+}
+
+/// `cargo test` builds examples, but a filtered run (`--test crash`) may find a missing or
+/// stale one: build it once per test process (a no-op when it is fresh).
+fn build_example() -> PathBuf {
     let mut dir = std::env::current_exe().unwrap();
     dir.pop();
     if dir.ends_with("deps") {
         dir.pop();
     }
     let bin = dir.join("examples").join("bridge_run");
-    if !bin.exists() {
-        let target = dir.parent().expect("target dir").to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "outpost-bridge", "--example", "bridge_run"]);
-        if dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .env("CARGO_TARGET_DIR", target)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the bridge_run example failed");
+    let target = dir.parent().expect("target dir").to_path_buf();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-p", "outpost-bridge", "--example", "bridge_run"]);
+    if dir.file_name().is_some_and(|p| p == "release") {
+        cmd.arg("--release");
     }
+    let status = cmd
+        .env("CARGO_TARGET_DIR", target)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the bridge_run example failed");
     bin
 }
 
 struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Every line read so far.
+    history: std::sync::Mutex<Vec<String>>,
 }
 
 impl Proc {
     fn spawn(config: &Path, state: &Path, n: usize, first: usize) -> Proc {
+        Self::spawn_with(config, state, n, first, false)
+    }
+
+    /// Keeps running after `drained` until killed.
+    fn spawn_staying(config: &Path, state: &Path) -> Proc {
+        Self::spawn_with(config, state, 0, 0, true)
+    }
+
+    fn spawn_with(config: &Path, state: &Path, n: usize, first: usize, stay: bool) -> Proc {
         let mut child = Command::new(example_binary())
+            .env("BRIDGE_RUN_STAY", if stay { "1" } else { "0" })
             .arg(config)
             .arg(state)
             .arg("gw-crash")
@@ -59,19 +75,46 @@ impl Proc {
                 let _ = tx.send(line);
             }
         });
-        Proc { child, lines }
+        Proc {
+            child,
+            lines,
+            history: Default::default(),
+        }
     }
 
-    fn expect_line(&self, prefix: &str, timeout: Duration) {
+    /// Wait (bounded) for a new line starting with `prefix`; every line read is kept.
+    fn wait_line(&self, prefix: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return,
-                Ok(_) => {}
-                Err(_) => panic!("bridge_run never printed {prefix:?}"),
+                Ok(l) => {
+                    let hit = l.starts_with(prefix);
+                    self.history.lock().unwrap().push(l);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
             }
         }
+    }
+
+    fn expect_line(&self, prefix: &str, timeout: Duration) {
+        assert!(
+            self.wait_line(prefix, timeout),
+            "bridge_run never printed {prefix:?}"
+        );
+    }
+
+    /// Lines read so far that start with `prefix`.
+    fn printed(&self, prefix: &str) -> usize {
+        self.history
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
     }
 
     fn kill9(mut self) {
@@ -170,4 +213,125 @@ max = "400ms"
         "killed after {at_kill} arrivals with {left} rows spooled ({qos2_in_flight} QoS 2 mid-exchange); \
          QoS 1 duplicates after restart: {qos1_dups}"
     );
+}
+
+/// Unreleased downlink QoS 2 ids the bridge has committed (empty if there is no table).
+fn incoming_ids(spool: &Path, bridge: &str) -> Vec<i64> {
+    let Ok(conn) = rusqlite::Connection::open(spool) else {
+        return Vec::new();
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(2));
+    let Ok(mut st) = conn.prepare("SELECT packet_id FROM incoming_qos2 WHERE bridge = ?1") else {
+        return Vec::new();
+    };
+    st.query_map([bridge], |r| r.get(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_before_pubrec_got_out_does_not_deliver_a_downlink_qos2_message_twice() {
+    let cloud = Cloud::start("");
+    // The bridge reaches the cloud through a proxy that can swallow what the bridge sends:
+    // the cloud then never sees our PUBREC and, after our restart, resends the PUBLISH.
+    let proxy = Blackhole::start(cloud.port).await;
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "down2"
+address = "mqtt://127.0.0.1:{}"
+keep_alive = "5s"
+topics = [{{ pattern = "cmd/#", direction = "in", qos = 2, remote_prefix = "cloud/gw/" }}]
+[reconnect]
+min = "100ms"
+max = "400ms"
+"#,
+            proxy.port
+        ),
+    )
+    .unwrap();
+    let spool = state.path().join("bridge-down2.sqlite");
+    let first = Proc::spawn_staying(&config, state.path());
+    first.expect_line("drained", Duration::from_secs(30));
+    // A command that comes through proves the downlink subscription is in place.
+    let mut live = false;
+    for i in 0..20 {
+        let warm = format!("warm-{i}");
+        cloud_publish(
+            cloud.port,
+            "cloud/gw/cmd/warm",
+            &warm,
+            rumqttc::QoS::AtLeastOnce,
+            false,
+        )
+        .await;
+        if first.wait_line(
+            &format!("local cmd/warm {warm}"),
+            Duration::from_millis(500),
+        ) {
+            live = true;
+            break;
+        }
+    }
+    assert!(live, "the downlink subscription never became live");
+
+    proxy.set_swallow_up(true);
+    cloud_publish(
+        cloud.port,
+        "cloud/gw/cmd/valve",
+        "open-once",
+        rumqttc::QoS::ExactlyOnce,
+        false,
+    )
+    .await;
+    first.expect_line("local cmd/valve open-once", Duration::from_secs(10));
+    // Its packet id is committed before the (swallowed) PUBREC is written.
+    wait_for(
+        "the received QoS 2 id to be committed",
+        Duration::from_secs(10),
+        || incoming_ids(&spool, "down2").len() == 1,
+    )
+    .await;
+    first.kill9();
+    proxy.set_swallow_up(false);
+
+    let second = Proc::spawn_staying(&config, state.path());
+    second.expect_line("drained", Duration::from_secs(30));
+    // The cloud resends the PUBLISH (DUP); PUBREC, PUBREL and PUBCOMP follow and the id is
+    // released: proof that the resend happened and was answered.
+    wait_for(
+        "the resent QoS 2 exchange to complete",
+        Duration::from_secs(10),
+        || incoming_ids(&spool, "down2").is_empty(),
+    )
+    .await;
+    second.wait_line("local cmd/valve", Duration::from_millis(500));
+    assert_eq!(
+        second.printed("local cmd/valve open-once"),
+        0,
+        "the resent QoS 2 command was delivered locally a second time"
+    );
+    // The link goes on: the next QoS 2 command is delivered, once.
+    cloud_publish(
+        cloud.port,
+        "cloud/gw/cmd/valve",
+        "close",
+        rumqttc::QoS::ExactlyOnce,
+        false,
+    )
+    .await;
+    second.expect_line("local cmd/valve close", Duration::from_secs(10));
+    second.wait_line("local cmd/valve", Duration::from_millis(300));
+    assert_eq!(second.printed("local cmd/valve close"), 1);
+    assert_eq!(second.printed("local cmd/valve open-once"), 0);
 }

@@ -3,7 +3,12 @@
 //!
 //! Callers never touch SQLite: they send commands over a channel and get answers on
 //! oneshot channels, so the async runtime never blocks on disk.
+//!
+//! Besides the messages, the file keeps the strikes of a suspected poison message, the
+//! dead-letter table it ends up in, and the QoS 2 packet ids received from the cloud and
+//! not yet released (downlink deduplication across restarts).
 
+mod fence;
 mod props;
 mod reader;
 mod store;
@@ -21,6 +26,7 @@ use crate::config::WhenFull;
 use crate::error::{RejectReason, Rejected, SpoolError};
 use crate::stats::BridgeStats;
 
+pub(crate) use fence::Fence;
 pub use props::{decode as decode_properties, encode as encode_properties};
 pub use store::ROW_OVERHEAD;
 
@@ -104,12 +110,87 @@ pub struct StageUpdate {
     pub stage: Stage,
 }
 
+/// A change to the persisted set of QoS 2 packet ids received from the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncomingOp {
+    /// A new QoS 2 PUBLISH was delivered locally: remember its id until PUBREL.
+    Add(u16),
+    /// PUBREL arrived: forget the id.
+    Remove(u16),
+}
+
+/// What one link loss did to the strikes of the row blamed for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StrikeOutcome {
+    /// No row was blamed: earlier strikes are forgotten (losses must be consecutive).
+    Cleared,
+    /// The blamed row is no longer spooled (acknowledged or dropped meanwhile).
+    Gone,
+    /// The row was the oldest in flight at `strikes` consecutive link losses.
+    Counted {
+        /// Row id.
+        row: i64,
+        /// Consecutive strikes so far.
+        strikes: u32,
+    },
+    /// The row reached the limit and was moved to the dead-letter table.
+    DeadLettered {
+        /// Row id it had in the spool.
+        row: i64,
+        /// Remote topic.
+        topic: String,
+        /// Accounted bytes.
+        size: u64,
+        /// Strikes it collected.
+        strikes: u32,
+    },
+}
+
+/// A message kept aside in the dead-letter table (never sent, never deleted by the bridge).
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Row id it had in the spool.
+    pub row_id: i64,
+    /// Remote topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS as accepted.
+    pub qos: u8,
+    /// Accept time, unix milliseconds.
+    pub accepted_ms: i64,
+    /// When it was set aside, unix milliseconds.
+    pub dead_ms: i64,
+    /// Why (`poison`).
+    pub reason: String,
+    /// Consecutive link losses it was blamed for.
+    pub strikes: u32,
+}
+
 type Reply<T> = oneshot::Sender<T>;
 
 pub(crate) enum Command {
     Append(NewMessage, Reply<Result<(), Rejected>>),
     Delete(Vec<i64>),
     SetStages(Vec<StageUpdate>, Reply<Result<(), SpoolError>>),
+    Strike {
+        row: Option<i64>,
+        through: i64,
+        limit: u32,
+        now_ms: i64,
+        reply: Reply<Result<StrikeOutcome, SpoolError>>,
+    },
+    Incoming {
+        bridge: String,
+        ops: Vec<IncomingOp>,
+        reply: Reply<Result<(), SpoolError>>,
+    },
+    ClearIncoming {
+        bridge: String,
+        reply: Reply<Result<(), SpoolError>>,
+    },
+    /// The uplink session ended; its deletes were queued before this.
+    Untake,
     Flush(Reply<Result<(), SpoolError>>),
 }
 
@@ -130,6 +211,8 @@ pub struct Spool {
     tx: mpsc::Sender<Command>,
     reads: mpsc::Sender<reader::Read>,
     committed: watch::Receiver<i64>,
+    fence: Arc<Fence>,
+    careful_at_open: i64,
     path: Arc<PathBuf>,
 }
 
@@ -174,7 +257,20 @@ impl Spool {
         };
         let (count, bytes) = store::totals(&conn).map_err(sqlite)?;
         let last_id = store::max_id(&conn).map_err(sqlite)?;
+        let next_id = store::max_id_anywhere(&conn).map_err(sqlite)? + 1;
         let oldest = store::oldest_ms(&conn).map_err(sqlite)?;
+        if store::prune_strikes(&conn).map_err(sqlite)? {
+            tracing::info!(spool = %opts.path.display(), "a spooled message has link-loss strikes from an earlier run");
+        }
+        let careful_at_open = store::careful_through(&conn).map_err(sqlite)?;
+        let dead = store::dead_letter_count(&conn).map_err(sqlite)?;
+        stats
+            .dead_letters
+            .store(dead, std::sync::atomic::Ordering::Relaxed);
+        if dead > 0 {
+            tracing::warn!(spool = %opts.path.display(), dead_letters = dead,
+                "spool holds dead-lettered messages (table dead_letters) awaiting an operator");
+        }
         stats
             .spool_messages
             .store(count, std::sync::atomic::Ordering::Relaxed);
@@ -198,7 +294,19 @@ impl Spool {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let w = writer::Writer::new(conn, opts, stats, bytes, count, committed_tx);
+        let fence = Arc::new(Fence::default());
+        let w = writer::Writer::new(
+            conn,
+            opts,
+            stats,
+            writer::Totals {
+                bytes,
+                count,
+                next_id,
+            },
+            fence.clone(),
+            committed_tx,
+        );
         let thread = std::thread::Builder::new()
             .name("bridge-spool".into())
             .spawn(move || w.run(rx))
@@ -211,6 +319,8 @@ impl Spool {
                 tx,
                 reads,
                 committed,
+                fence,
+                careful_at_open,
                 path,
             },
             SpoolThread(thread),
@@ -287,6 +397,75 @@ impl Spool {
     /// Committed rows with a persisted QoS 2 packet id.
     pub async fn in_progress(&self) -> Result<Vec<StoredMessage>, SpoolError> {
         self.read(reader::Read::InProgress).await
+    }
+
+    /// Count a link loss against `row`, the oldest row whose PUBLISH was unacknowledged when
+    /// the cloud dropped a link that had come up (`None`: nothing was in flight, which
+    /// clears the strikes); `through` is the newest row that was out. At `limit`
+    /// consecutive strikes the row moves to the dead-letter table.
+    pub async fn strike(
+        &self,
+        row: Option<i64>,
+        through: i64,
+        limit: u32,
+    ) -> Result<StrikeOutcome, SpoolError> {
+        let now_ms = crate::uplink::now_ms();
+        self.ask(|reply| Command::Strike {
+            row,
+            through,
+            limit,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Persist changes to the set of unreleased QoS 2 ids received by `bridge`; resolves
+    /// after the commit (send PUBREC/PUBCOMP only then).
+    pub async fn apply_incoming(
+        &self,
+        bridge: &str,
+        ops: Vec<IncomingOp>,
+    ) -> Result<(), SpoolError> {
+        let bridge = bridge.to_string();
+        self.ask(|reply| Command::Incoming { bridge, ops, reply })
+            .await
+    }
+
+    /// Forget every unreleased QoS 2 id of `bridge` (the cloud has no session for us).
+    pub async fn clear_incoming(&self, bridge: &str) -> Result<(), SpoolError> {
+        let bridge = bridge.to_string();
+        self.ask(|reply| Command::ClearIncoming { bridge, reply })
+            .await
+    }
+
+    /// Committed unreleased QoS 2 ids received by `bridge`.
+    pub async fn incoming(&self, bridge: &str) -> Result<Vec<u16>, SpoolError> {
+        let bridge = bridge.to_string();
+        self.read(|reply| reader::Read::Incoming { bridge, reply })
+            .await
+    }
+
+    /// Committed rows of the dead-letter table, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SpoolError> {
+        self.read(reader::Read::DeadLetters).await
+    }
+
+    /// Newest row that was out at the pending strikes when the spool was opened (0: none):
+    /// the uplink resumes resending one message at a time up to there after a restart.
+    pub fn careful_through_at_open(&self) -> i64 {
+        self.careful_at_open
+    }
+
+    /// The drop-oldest fence shared with the writer.
+    pub(crate) fn fence(&self) -> &Arc<Fence> {
+        &self.fence
+    }
+
+    /// The uplink session is over: once the deletes queued before this are applied,
+    /// drop-oldest may take any row again.
+    pub(crate) fn untake_all(&self) {
+        let _ = self.tx.send(Command::Untake);
     }
 
     /// Resolves once everything queued before it is committed.

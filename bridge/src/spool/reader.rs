@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, params};
 
-use super::{Reply, Stage, StoredMessage, props};
+use super::{DeadLetter, Reply, Stage, StoredMessage, props};
 use crate::error::SpoolError;
 
 /// Payload bytes one fetch returns at most (at least one row).
@@ -20,6 +20,11 @@ pub(crate) enum Read {
         reply: Reply<Result<Vec<StoredMessage>, SpoolError>>,
     },
     InProgress(Reply<Result<Vec<StoredMessage>, SpoolError>>),
+    Incoming {
+        bridge: String,
+        reply: Reply<Result<Vec<u16>, SpoolError>>,
+    },
+    DeadLetters(Reply<Result<Vec<DeadLetter>, SpoolError>>),
 }
 
 pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
@@ -48,6 +53,12 @@ pub(super) fn run(conn: Connection, path: std::path::PathBuf, rx: mpsc::Receiver
             }
             Read::InProgress(reply) => {
                 let _ = reply.send(in_progress(&conn).map_err(err));
+            }
+            Read::Incoming { bridge, reply } => {
+                let _ = reply.send(incoming(&conn, &bridge).map_err(err));
+            }
+            Read::DeadLetters(reply) => {
+                let _ = reply.send(dead_letters(&conn).map_err(err));
             }
         }
     }
@@ -104,4 +115,38 @@ fn in_progress(conn: &Connection) -> rusqlite::Result<Vec<StoredMessage>> {
          FROM messages WHERE stage > 0 ORDER BY id",
     )?;
     st.query_map([], row)?.collect()
+}
+
+fn incoming(conn: &Connection, bridge: &str) -> rusqlite::Result<Vec<u16>> {
+    let mut st = conn.prepare_cached(
+        "SELECT packet_id FROM incoming_qos2 WHERE bridge = ?1 ORDER BY packet_id",
+    )?;
+    let ids = st
+        .query_map([bridge], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    // Only ids the bridge itself wrote are in there; anything else is skipped, not trusted.
+    Ok(ids
+        .into_iter()
+        .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0))
+        .collect())
+}
+
+fn dead_letters(conn: &Connection) -> rusqlite::Result<Vec<DeadLetter>> {
+    let mut st = conn.prepare_cached(
+        "SELECT row_id, topic, payload, qos, accepted_ms, dead_ms, reason, strikes
+         FROM dead_letters ORDER BY id",
+    )?;
+    st.query_map([], |r| {
+        Ok(DeadLetter {
+            row_id: r.get(0)?,
+            topic: r.get(1)?,
+            payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+            qos: r.get::<_, i64>(3)?.clamp(0, 2) as u8,
+            accepted_ms: r.get(4)?,
+            dead_ms: r.get(5)?,
+            reason: r.get(6)?,
+            strikes: r.get::<_, i64>(7)?.clamp(0, i64::from(u32::MAX)) as u32,
+        })
+    })?
+    .collect()
 }

@@ -26,6 +26,33 @@ CREATE TABLE IF NOT EXISTS messages (
     stage       INTEGER NOT NULL DEFAULT 0  -- 0 new, 1 PUBLISH sent, 2 PUBREL sent
 );
 CREATE INDEX IF NOT EXISTS messages_in_progress ON messages(stage) WHERE stage > 0;
+-- Link losses blamed on a row (at most one row: only consecutive losses count).
+CREATE TABLE IF NOT EXISTS strikes (
+    row_id  INTEGER PRIMARY KEY,       -- messages.id oldest in flight when the cloud dropped us
+    count   INTEGER NOT NULL,
+    through INTEGER NOT NULL           -- newest row id that was out at those losses
+);
+-- Poison messages moved out of the send path; kept until an operator deletes them.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY,
+    row_id      INTEGER NOT NULL,      -- messages.id it had
+    topic       TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    qos         INTEGER NOT NULL,
+    retain      INTEGER NOT NULL,
+    props       BLOB,
+    accepted_ms INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    dead_ms     INTEGER NOT NULL,      -- when it was set aside
+    reason      TEXT    NOT NULL,
+    strikes     INTEGER NOT NULL
+);
+-- QoS 2 PUBLISH packet ids received from the cloud whose PUBREL has not arrived yet.
+CREATE TABLE IF NOT EXISTS incoming_qos2 (
+    bridge    TEXT    NOT NULL,
+    packet_id INTEGER NOT NULL,
+    PRIMARY KEY (bridge, packet_id)
+) WITHOUT ROWID;
 ";
 
 fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
@@ -150,5 +177,43 @@ pub fn oldest_ms(conn: &Connection) -> rusqlite::Result<i64> {
 pub fn max_id(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
         r.get(0)
+    })
+}
+
+/// Highest row id ever seen in any table that refers to message rows, so new ids never
+/// collide with a strike or dead letter of an earlier row.
+pub fn max_id_anywhere(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT max(
+            (SELECT coalesce(max(id), 0) FROM messages),
+            (SELECT coalesce(max(row_id), 0) FROM dead_letters),
+            (SELECT coalesce(max(row_id), 0) FROM strikes))",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Forget strikes whose row is gone (acknowledged or dropped before a crash); true when a
+/// strike remains.
+pub fn prune_strikes(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.execute(
+        "DELETE FROM strikes WHERE row_id NOT IN (SELECT id FROM messages)",
+        [],
+    )?;
+    conn.query_row("SELECT count(*) > 0 FROM strikes", [], |r| r.get(0))
+}
+
+/// Newest row id that was out when the cloud dropped the link with a row to blame, 0 when
+/// no strike is pending: the uplink resends up to there one message at a time.
+pub fn careful_through(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT coalesce(max(through), 0) FROM strikes", [], |r| {
+        r.get(0)
+    })
+}
+
+/// Rows in the dead-letter table.
+pub fn dead_letter_count(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT count(*) FROM dead_letters", [], |r| {
+        r.get::<_, i64>(0).map(|n| n as u64)
     })
 }

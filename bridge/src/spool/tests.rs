@@ -260,3 +260,225 @@ fn full_disk_refuses_with_a_reason_keeps_committed_rows_and_recovers() {
         close(spool, thread);
     });
 }
+
+async fn append_all(spool: &Spool, range: std::ops::Range<usize>, len: usize) -> Vec<i64> {
+    for i in range.clone() {
+        spool.append(msg(i, len)).await.unwrap().unwrap();
+    }
+    let rows = spool.fetch(0, 100_000).await.unwrap();
+    let wanted: Vec<String> = range.map(|i| format!("t/{i}")).collect();
+    rows.iter()
+        .filter(|r| wanted.contains(&r.topic))
+        .map(|r| r.id)
+        .collect()
+}
+
+fn topics(rows: &[StoredMessage]) -> Vec<&str> {
+    rows.iter().map(|r| r.topic.as_str()).collect()
+}
+
+#[test]
+fn row_ids_are_never_reused_after_the_spool_drained_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (spool, thread, _) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        let first = append_all(&spool, 0..3, 8).await;
+        spool.delete_many(first.clone());
+        spool.flush().await.unwrap();
+        assert!(spool.fetch(0, 10).await.unwrap().is_empty());
+        let next = append_all(&spool, 3..4, 8).await;
+        assert!(
+            next[0] > first[2],
+            "an uplink that read up to {} must still see the new row ({})",
+            first[2],
+            next[0]
+        );
+        assert!(*spool.committed().borrow() >= next[0]);
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn strikes_count_consecutive_losses_survive_reopen_and_set_the_row_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = rt().block_on(async {
+        let (spool, thread, _) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        let ids = append_all(&spool, 0..3, 100).await;
+        assert_eq!(
+            spool.strike(Some(ids[1]), 9, 3).await.unwrap(),
+            StrikeOutcome::Counted {
+                row: ids[1],
+                strikes: 1
+            }
+        );
+        close(spool, thread);
+        ids
+    });
+    rt().block_on(async {
+        // A restart (crash loop) in between still counts.
+        let (spool, thread, stats) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        assert_eq!(
+            spool.strike(Some(ids[1]), 9, 3).await.unwrap(),
+            StrikeOutcome::Counted {
+                row: ids[1],
+                strikes: 2
+            }
+        );
+        // A loss blamed on another row breaks the chain.
+        assert_eq!(
+            spool.strike(Some(ids[0]), 9, 3).await.unwrap(),
+            StrikeOutcome::Counted {
+                row: ids[0],
+                strikes: 1
+            }
+        );
+        // So does a loss with nothing in flight.
+        assert_eq!(
+            spool.strike(Some(ids[1]), 9, 3).await.unwrap(),
+            StrikeOutcome::Counted {
+                row: ids[1],
+                strikes: 1
+            }
+        );
+        assert_eq!(
+            spool.strike(None, 9, 3).await.unwrap(),
+            StrikeOutcome::Cleared
+        );
+        for n in 1..3 {
+            assert_eq!(
+                spool.strike(Some(ids[1]), 9, 3).await.unwrap(),
+                StrikeOutcome::Counted {
+                    row: ids[1],
+                    strikes: n
+                }
+            );
+        }
+        let bytes_before = stats.spool_bytes.load(Relaxed);
+        let size = msg(1, 100).accounted_size();
+        assert_eq!(
+            spool.strike(Some(ids[1]), 9, 3).await.unwrap(),
+            StrikeOutcome::DeadLettered {
+                row: ids[1],
+                topic: "t/1".into(),
+                size,
+                strikes: 3
+            }
+        );
+        assert_eq!(topics(&spool.fetch(0, 10).await.unwrap()), ["t/0", "t/2"]);
+        assert_eq!(stats.spool_messages.load(Relaxed), 2);
+        assert_eq!(stats.spool_bytes.load(Relaxed), bytes_before - size);
+        assert_eq!(stats.dropped_poison.load(Relaxed), 1);
+        assert_eq!(stats.dead_letters.load(Relaxed), 1);
+        let dead = spool.dead_letters().await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (
+                dead[0].row_id,
+                dead[0].topic.as_str(),
+                dead[0].reason.as_str()
+            ),
+            (ids[1], "t/1", "poison")
+        );
+        assert_eq!((dead[0].payload.len(), dead[0].strikes), (100, 3));
+        // A row acknowledged meanwhile is not blamed.
+        spool.delete(ids[0]);
+        assert_eq!(
+            spool.strike(Some(ids[0]), 9, 3).await.unwrap(),
+            StrikeOutcome::Gone
+        );
+        close(spool, thread);
+    });
+    rt().block_on(async {
+        let (spool, thread, stats) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        assert_eq!(
+            stats.dead_letters.load(Relaxed),
+            1,
+            "dead letters are kept and reported after a restart"
+        );
+        // New rows never take the id of a dead letter.
+        let next = append_all(&spool, 9..10, 8).await;
+        assert!(next[0] > ids[2]);
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn unreleased_incoming_qos2_ids_survive_reopen_per_bridge() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (spool, thread, _) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        spool
+            .apply_incoming(
+                "a",
+                vec![IncomingOp::Add(5), IncomingOp::Add(7), IncomingOp::Add(9)],
+            )
+            .await
+            .unwrap();
+        spool
+            .apply_incoming("b", vec![IncomingOp::Add(5)])
+            .await
+            .unwrap();
+        spool
+            .apply_incoming("a", vec![IncomingOp::Remove(7), IncomingOp::Add(9)])
+            .await
+            .unwrap();
+        close(spool, thread);
+    });
+    rt().block_on(async {
+        let (spool, thread, _) = open(dir.path(), 1 << 20, WhenFull::DropOldest);
+        assert_eq!(spool.incoming("a").await.unwrap(), [5, 9]);
+        assert_eq!(spool.incoming("b").await.unwrap(), [5]);
+        spool.clear_incoming("a").await.unwrap();
+        assert!(spool.incoming("a").await.unwrap().is_empty());
+        assert_eq!(spool.incoming("b").await.unwrap(), [5]);
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn drop_oldest_spares_rows_taken_for_sending_and_fences_off_the_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let one = msg(0, 1000).accounted_size();
+        let (spool, thread, stats) = open(dir.path(), one * 4, WhenFull::DropOldest);
+        let ids = append_all(&spool, 0..4, 1000).await;
+        // The uplink has t/0 and t/1 in its window.
+        {
+            let mut marks = spool.fence().lock();
+            marks.take(ids[0]);
+            marks.take(ids[1]);
+        }
+        let new = append_all(&spool, 4..6, 1000).await;
+        assert_eq!(
+            topics(&spool.fetch(0, 100).await.unwrap()),
+            ["t/0", "t/1", "t/4", "t/5"],
+            "rows in flight are spared, the oldest others dropped"
+        );
+        assert_eq!(stats.dropped_spool_full.load(Relaxed), 2);
+        {
+            let marks = spool.fence().lock();
+            // The uplink read t/2 and t/3 before they were dropped: it must skip them.
+            assert!(marks.claimed(ids[2], Stage::New) && marks.claimed(ids[3], Stage::New));
+            assert!(!marks.claimed(ids[1], Stage::New) && !marks.claimed(new[0], Stage::New));
+        }
+        // Everything left is in flight: the bound holds, the new message is refused.
+        {
+            let mut marks = spool.fence().lock();
+            marks.take(new[0]);
+            marks.take(new[1]);
+        }
+        let refused = spool.append(msg(6, 1000)).await.unwrap();
+        assert_eq!(refused.unwrap_err().reason, RejectReason::SpoolFull);
+        assert_eq!(stats.rejected_full.load(Relaxed), 1);
+        assert!(stats.spool_bytes.load(Relaxed) <= one * 4);
+        // The session ends: its rows may be dropped again, oldest first.
+        spool.untake_all();
+        append_all(&spool, 7..8, 1000).await;
+        assert_eq!(
+            topics(&spool.fetch(0, 100).await.unwrap()),
+            ["t/1", "t/4", "t/5", "t/7"]
+        );
+        assert_eq!(stats.dropped_spool_full.load(Relaxed), 3);
+        close(spool, thread);
+    });
+}

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use crate::LocalPublish;
 use crate::config::{Address, BridgeConfig};
 use crate::rules::Rules;
-use crate::spool::{NewMessage, Spool};
+use crate::spool::{NewMessage, Spool, StrikeOutcome};
 use crate::stats::BridgeStats;
 use crate::status::{OfflineReason, Status};
 
@@ -66,6 +66,39 @@ impl Ctx {
         };
         if self.local.try_send(msg).is_err() {
             tracing::debug!(bridge = %self.name, "local queue full: link state not mirrored");
+        }
+    }
+}
+
+impl Ctx {
+    /// The cloud dropped a link that had come up: blame the oldest row in flight (or
+    /// nobody), and set it aside once it was to blame for `dead_letter_after` consecutive
+    /// losses. A cloud that is down never gets here (no CONNACK, no session), so an
+    /// outage alone cannot set a message aside.
+    async fn count_strike(&self, suspect: Option<i64>, careful_through: i64) {
+        let limit = self.config.spool.dead_letter_after;
+        if limit == 0 {
+            return;
+        }
+        match self.spool.strike(suspect, careful_through, limit).await {
+            Ok(StrikeOutcome::Counted { row, strikes }) => {
+                tracing::info!(bridge = %self.name, row, strikes, limit,
+                    "the cloud dropped the link while this spooled message was the oldest in flight");
+            }
+            Ok(StrikeOutcome::DeadLettered {
+                row,
+                topic,
+                size,
+                strikes,
+            }) => {
+                tracing::warn!(bridge = %self.name, row, %topic, size, strikes,
+                    "poison message: the cloud dropped the link each time it was sent; moved to \
+                     the spool's dead_letters table, carrying on with the next messages");
+            }
+            Ok(StrikeOutcome::Cleared | StrikeOutcome::Gone) => {}
+            Err(e) => {
+                tracing::warn!(bridge = %self.name, error = %e, "spool: link-loss strike not recorded");
+            }
         }
     }
 }
@@ -195,6 +228,7 @@ pub(crate) async fn run(
     let mut backoff = Backoff::new(cfg.min, cfg.max);
     let mut connected_before = false;
     let mut stopping = false;
+    let mut careful_through = ctx.spool.careful_through_at_open();
     ctx.mirror_link_state(false);
     loop {
         if stopping || *shutdown.borrow() {
@@ -222,7 +256,7 @@ pub(crate) async fn run(
                 }
                 ctx.mirror_link_state(true);
                 let began = Instant::now();
-                let end = Session::new(&ctx, io, rbuf, limits)
+                let end = Session::new(&ctx, io, rbuf, limits, careful_through)
                     .run(&mut shutdown, &mut live0)
                     .await;
                 ctx.mirror_link_state(false);
@@ -230,6 +264,23 @@ pub(crate) async fn run(
                     SessionEnd::Shutdown => break,
                     SessionEnd::Lost(why) => {
                         tracing::warn!(bridge = %ctx.name, "link lost: {why}");
+                    }
+                    SessionEnd::Dropped {
+                        why,
+                        suspect,
+                        out_through,
+                    } => {
+                        tracing::warn!(bridge = %ctx.name, "link lost: {why}");
+                        if let Some(through) = out_through
+                            && ctx.config.spool.dead_letter_after > 0
+                            && through > careful_through
+                        {
+                            careful_through = through;
+                            tracing::info!(bridge = %ctx.name, through,
+                                "the cloud dropped the link with messages out: they are resent one \
+                                 at a time until acknowledged, to tell a poison message apart");
+                        }
+                        ctx.count_strike(suspect, careful_through).await;
                     }
                 }
                 if began.elapsed() >= HEALTHY_SESSION {

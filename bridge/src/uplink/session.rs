@@ -22,7 +22,7 @@ use super::transport::Io;
 use crate::LocalPublish;
 use crate::error::SpoolError;
 use crate::rules::RetainMode;
-use crate::spool::{NewMessage, Stage, StageUpdate, StoredMessage};
+use crate::spool::{IncomingOp, NewMessage, Stage, StageUpdate, StoredMessage};
 use crate::stats::BridgeStats;
 use crate::status::OfflineReason;
 
@@ -40,6 +40,8 @@ const ACK_FLUSH_EVERY: Duration = Duration::from_millis(50);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for the cloud to acknowledge the clean offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to read what the cloud sent before it dropped the link.
+const SALVAGE_TIME: Duration = Duration::from_millis(200);
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -48,12 +50,52 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) enum SessionEnd {
     /// Shutdown was requested and the goodbye was sent.
     Shutdown,
-    /// The link failed; reconnect.
+    /// The link failed in a way no message can cause (keep alive, spool, protocol errors);
+    /// reconnect.
     Lost(String),
+    /// The cloud closed or reset an established link, or sent DISCONNECT; reconnect.
+    Dropped {
+        /// What happened.
+        why: String,
+        /// The row to blame (see `Session::suspect`).
+        suspect: Option<i64>,
+        /// When rows were out unacknowledged: the newest row sent in this session.
+        out_through: Option<i64>,
+    },
 }
 
 fn lost(why: impl Into<String>) -> SessionEnd {
     SessionEnd::Lost(why.into())
+}
+
+/// False for DISCONNECT reasons that say the link itself is unwelcome (server busy or
+/// going away, session taken over, keep alive, rate limits): such a loss never counts
+/// against the message in flight. Unknown and message-level reasons may be about it.
+fn may_be_about_a_message(reason: ReasonCode) -> bool {
+    !matches!(
+        reason,
+        ReasonCode::NORMAL_DISCONNECTION
+            | ReasonCode::SERVER_UNAVAILABLE
+            | ReasonCode::SERVER_BUSY
+            | ReasonCode::BANNED
+            | ReasonCode::SERVER_SHUTTING_DOWN
+            | ReasonCode::KEEP_ALIVE_TIMEOUT
+            | ReasonCode::SESSION_TAKEN_OVER
+            | ReasonCode::MESSAGE_RATE_TOO_HIGH
+            | ReasonCode::ADMINISTRATIVE_ACTION
+            | ReasonCode::USE_ANOTHER_SERVER
+            | ReasonCode::SERVER_MOVED
+            | ReasonCode::CONNECTION_RATE_EXCEEDED
+            | ReasonCode::MAXIMUM_CONNECT_TIME
+    )
+}
+
+fn dropped(why: impl Into<String>) -> SessionEnd {
+    SessionEnd::Dropped {
+        why: why.into(),
+        suspect: None,
+        out_through: None,
+    }
 }
 
 /// Limits the cloud announced in CONNACK, combined with configuration.
@@ -99,7 +141,23 @@ pub(crate) struct Session<'a> {
     rel_pending: Vec<(u16, i64)>,
     /// Rows acknowledged (or dropped) since the last hand-off to the spool writer.
     acked: Vec<i64>,
+    /// QoS 2 ids received from the cloud and not released yet; mirrored in the spool so a
+    /// resent PUBLISH (DUP) after our restart is not delivered twice.
     incoming_qos2: HashSet<u16>,
+    /// Downlink QoS 2 answers (PUBREC, PUBCOMP) in order, with the id-set change that must
+    /// be durable before each goes out.
+    down_pending: Vec<(Option<IncomingOp>, Packet)>,
+    down_gate: Option<BoxFuture<Result<(), SpoolError>>>,
+    down_gated: Vec<Packet>,
+    /// Rows up to here were out when the cloud last dropped the link: they go up one at a
+    /// time, so that if the cloud drops it again the row to blame is the only one out.
+    careful_through: i64,
+    newest_sent: i64,
+    /// Careful mode: the cloud answered a PINGREQ sent while nothing was out, so it is done
+    /// with everything before and still willing; the next row may go.
+    careful_ready: bool,
+    /// The outstanding PINGREQ is such a barrier.
+    barrier_out: bool,
     started_ms: i64,
     replay_next: Instant,
     replay_wake: Option<Instant>,
@@ -129,7 +187,13 @@ fn qos_of(v: u8) -> QoS {
 }
 
 impl<'a> Session<'a> {
-    pub(crate) fn new(ctx: &'a Ctx, io: Box<dyn Io>, rbuf: BytesMut, limits: Limits) -> Self {
+    pub(crate) fn new(
+        ctx: &'a Ctx,
+        io: Box<dyn Io>,
+        rbuf: BytesMut,
+        limits: Limits,
+        careful_through: i64,
+    ) -> Self {
         let now = Instant::now();
         Session {
             ctx,
@@ -150,6 +214,13 @@ impl<'a> Session<'a> {
             rel_pending: Vec::new(),
             acked: Vec::new(),
             incoming_qos2: HashSet::new(),
+            down_pending: Vec::new(),
+            down_gate: None,
+            down_gated: Vec::new(),
+            careful_through,
+            newest_sent: 0,
+            careful_ready: false,
+            barrier_out: false,
             started_ms: now_ms(),
             replay_next: now,
             replay_wake: None,
@@ -169,10 +240,91 @@ impl<'a> Session<'a> {
     ) -> SessionEnd {
         let end = match self.drive(shutdown, live0).await {
             Ok(()) => SessionEnd::Shutdown,
+            Err(SessionEnd::Dropped { why, .. }) => {
+                self.salvage_acks().await;
+                SessionEnd::Dropped {
+                    why,
+                    suspect: self.suspect(),
+                    out_through: self.rows_out().then_some(self.newest_sent),
+                }
+            }
             Err(end) => end,
         };
         self.send_acked();
+        // Queued after the deletes: acknowledged rows stay spared from drop-oldest until
+        // their delete is applied, so none is counted both forwarded and dropped.
+        self.ctx.spool.untake_all();
         end
+    }
+
+    /// After the cloud dropped the link, read what it sent before closing: a write that
+    /// failed on the reset may have kept us from reading acknowledgements of rows it had
+    /// accepted, and those rows must be neither blamed nor resent.
+    async fn salvage_acks(&mut self) {
+        let deadline = tokio::time::Instant::now() + SALVAGE_TIME;
+        loop {
+            while let Ok(Some(packet)) = decode(&mut self.rbuf, self.protocol, MAX_INCOMING_PACKET)
+            {
+                // Only final acknowledgements: anything else would need an answer we can no
+                // longer send, and the cloud repeats it on the next session.
+                let _ = match packet {
+                    Packet::PubAck(r) => self.on_puback(r),
+                    Packet::PubComp(r) => self.on_pubcomp(r),
+                    _ => Ok(()),
+                };
+            }
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// The row to blame for the cloud dropping the link: the oldest one whose PUBLISH went
+    /// out unacknowledged. Only that one, on purpose: the cloud handles packets in order, so
+    /// rows before it were accepted, and rows behind it were most likely never read; blaming
+    /// the whole window would set innocent messages aside, while one suspect per loss keeps
+    /// "the same row at N consecutive losses" meaningful.
+    ///
+    /// Nobody is blamed while a status message (sent first in every session) is still
+    /// unacknowledged: a cloud that refuses our status topic by disconnecting must not
+    /// cost us the messages behind it. And since a cloud may drop us without sending the
+    /// acknowledgements of what it accepted (Mosquitto does), the oldest row of a full
+    /// window can be innocent: that is why the rows that were out are then resent one at
+    /// a time behind a ping barrier ([`Session::must_wait`]), which makes the next blame
+    /// exact. An innocent row blamed once is acknowledged then, and the count starts over.
+    fn suspect(&self) -> Option<i64> {
+        if self
+            .inflight
+            .values()
+            .any(|f| matches!(f, Inflight::Control))
+        {
+            return None;
+        }
+        let unsent: HashSet<i64> = self
+            .gated
+            .iter()
+            .filter_map(|o| match o {
+                Out::Publish { row, .. } => Some(*row),
+                Out::PubRel(_) => None,
+            })
+            .collect();
+        self.inflight
+            .values()
+            .filter_map(|f| match f {
+                // PUBREC came back: its PUBLISH was accepted.
+                Inflight::Row { id, stage } if *stage != Stage::Released => Some(*id),
+                _ => None,
+            })
+            .filter(|id| !unsent.contains(id))
+            .min()
+    }
+
+    /// True when a row's PUBLISH is out and not acknowledged.
+    fn rows_out(&self) -> bool {
+        self.inflight
+            .values()
+            .any(|f| matches!(f, Inflight::Row { stage, .. } if *stage != Stage::Released))
     }
 
     async fn drive(
@@ -203,6 +355,22 @@ impl<'a> Session<'a> {
                 self.ids.reserve(pid);
             }
         }
+        // The cloud resends unreleased QoS 2 PUBLISHes only within its session.
+        if self.limits.session_present {
+            let received = self
+                .ctx
+                .spool
+                .incoming(&self.ctx.name)
+                .await
+                .map_err(|e| lost(format!("spool: {e}")))?;
+            self.incoming_qos2.extend(received);
+        } else {
+            self.ctx
+                .spool
+                .clear_incoming(&self.ctx.name)
+                .await
+                .map_err(|e| lost(format!("spool: {e}")))?;
+        }
         self.subscribe()?;
         if self.ctx.config.status.enabled {
             let payload = self.ctx.status.birth();
@@ -212,6 +380,7 @@ impl<'a> Session<'a> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.fill()?;
+            self.pump_downlink()?;
             self.flush().await?;
             if self.fetch.is_none() && !self.exhausted && self.queue.len() < FETCH_LIMIT / 2 {
                 let spool = self.ctx.spool.clone();
@@ -224,9 +393,9 @@ impl<'a> Session<'a> {
             tokio::select! {
                 r = self.io.read_buf(&mut self.rbuf) => {
                     match r {
-                        Ok(0) => return Err(lost("connection closed by the cloud")),
+                        Ok(0) => return Err(dropped("connection closed by the cloud")),
                         Ok(_) => self.on_bytes().await?,
-                        Err(e) => return Err(lost(format!("read: {e}"))),
+                        Err(e) => return Err(dropped(format!("read: {e}"))),
                     }
                 }
                 rows = opt(&mut self.fetch) => {
@@ -239,6 +408,13 @@ impl<'a> Session<'a> {
                         self.cursor = last.id;
                     }
                     self.queue.extend(rows);
+                }
+                done = opt(&mut self.down_gate) => {
+                    self.down_gate = None;
+                    done.map_err(|e| lost(format!("spool: {e}")))?;
+                    for answer in std::mem::take(&mut self.down_gated) {
+                        self.encode(&answer)?;
+                    }
                 }
                 done = opt(&mut self.gate) => {
                     self.gate = None;
@@ -282,7 +458,7 @@ impl<'a> Session<'a> {
         };
         match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(lost(format!("write: {e}"))),
+            Ok(Err(e)) => return Err(dropped(format!("write: {e}"))),
             Err(_) => return Err(lost("write timed out")),
         }
         self.wbuf.clear();
@@ -347,6 +523,30 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Start the commit that the oldest downlink answers wait for (one at a time, so their
+    /// order is kept); answers that change nothing go out at once.
+    fn pump_downlink(&mut self) -> Result<(), SessionEnd> {
+        if self.down_gate.is_some() || self.down_pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.down_pending);
+        let ops: Vec<IncomingOp> = pending.iter().filter_map(|(op, _)| *op).collect();
+        let answers = pending.into_iter().map(|(_, answer)| answer);
+        if ops.is_empty() {
+            for answer in answers {
+                self.encode(&answer)?;
+            }
+        } else {
+            self.down_gated = answers.collect();
+            let spool = self.ctx.spool.clone();
+            let bridge = self.ctx.name.clone();
+            self.down_gate = Some(Box::pin(
+                async move { spool.apply_incoming(&bridge, ops).await },
+            ));
+        }
+        Ok(())
+    }
+
     /// Move spooled rows into the window, persisting QoS 2 stages first when needed.
     fn fill(&mut self) -> Result<(), SessionEnd> {
         if self.acked.len() >= ACK_BATCH {
@@ -368,7 +568,23 @@ impl<'a> Session<'a> {
         let rate = self.ctx.config.replay_rate;
         let now = Instant::now();
         let now_ms = now_ms();
+        let ctx = self.ctx;
+        // One uncontended lock per refill; drop-oldest takes it only when the spool is full.
+        let mut marks = ctx.spool.fence().lock();
         while self.inflight.len() < self.limits.window && self.goodbye_pid.is_none() {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
+            if marks.claimed(front.id, front.stage) {
+                // drop-oldest deleted it after we read it; it is counted as dropped there.
+                marks.pass(front.id);
+                self.queue.pop_front();
+                continue;
+            }
+            let front_id = front.id;
+            if self.must_wait(front_id)? {
+                break;
+            }
             let Some(front) = self.queue.front() else {
                 break;
             };
@@ -382,8 +598,15 @@ impl<'a> Session<'a> {
             let Some(row) = self.queue.pop_front() else {
                 break;
             };
+            marks.take(row.id);
             match self.prepare(row, now_ms, &mut updates) {
-                Ok(Some(out)) => outs.push(out),
+                Ok(Some(out)) => {
+                    if let Out::Publish { row, .. } = &out {
+                        self.newest_sent = self.newest_sent.max(*row);
+                        self.careful_ready = false;
+                    }
+                    outs.push(out);
+                }
                 Ok(None) => {}
                 Err(row) => {
                     self.queue.push_front(*row);
@@ -391,6 +614,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        drop(marks);
         if updates.is_empty() {
             for out in outs {
                 self.write_out(out)?;
@@ -402,6 +626,38 @@ impl<'a> Session<'a> {
             self.gated = outs;
         }
         Ok(())
+    }
+
+    /// True when row `id` must wait. While the rows that were out at the last link drop
+    /// are resent, a row goes only when nothing else is out and the cloud has answered a
+    /// PINGREQ sent after that (which this sends when needed): a drop after that can only
+    /// be about this row, not about something before it that the cloud acknowledged and
+    /// then disconnected us for. Free in the normal case (no recent drop, or past those
+    /// rows): the window scan only runs while resending.
+    fn must_wait(&mut self, id: i64) -> Result<bool, SessionEnd> {
+        if self.careful_through == 0
+            || (id > self.careful_through && self.newest_sent > self.careful_through)
+        {
+            return Ok(false);
+        }
+        let publish_out = self.rows_out()
+            || self
+                .inflight
+                .values()
+                .any(|f| matches!(f, Inflight::Control))
+            || self.gated.iter().any(|o| matches!(o, Out::Publish { .. }));
+        if publish_out {
+            return Ok(true);
+        }
+        if self.careful_ready {
+            return Ok(false);
+        }
+        if !self.ping_out {
+            self.ping_out = true;
+            self.barrier_out = true;
+            self.encode(&Packet::PingReq)?;
+        }
+        Ok(true)
     }
 
     /// Turn a row into what goes on the wire; `Err(row)` when no identifier is free.
@@ -525,7 +781,8 @@ impl<'a> Session<'a> {
                     }
                     self.acked.push(row);
                     BridgeStats::bump(counter);
-                    tracing::error!(bridge = %self.ctx.name, topic = %publish.topic, "message dropped: {why}");
+                    tracing::error!(bridge = %self.ctx.name, row, topic = %publish.topic,
+                        payload_bytes = publish.payload.len(), "message dropped: {why}");
                 } else if publish.qos == QoS::AtMostOnce {
                     self.acked.push(row);
                     BridgeStats::bump(&self.ctx.stats.forwarded);
@@ -606,11 +863,22 @@ impl<'a> Session<'a> {
             Packet::PubComp(r) => self.on_pubcomp(r),
             Packet::Publish(p) => self.on_publish(p).await,
             Packet::PubRel(r) => {
-                self.incoming_qos2.remove(&r.packet_id);
-                self.encode(&Packet::PubComp(PubResponse::new(r.packet_id)))
+                let pid = r.packet_id;
+                // PUBCOMP only once the id is forgotten durably: after PUBCOMP the cloud may
+                // reuse it for a new message, which a stale entry would swallow as a DUP.
+                let op = self
+                    .incoming_qos2
+                    .remove(&pid)
+                    .then_some(IncomingOp::Remove(pid));
+                self.down_pending
+                    .push((op, Packet::PubComp(PubResponse::new(pid))));
+                Ok(())
             }
             Packet::PingResp => {
                 self.ping_out = false;
+                if std::mem::take(&mut self.barrier_out) {
+                    self.careful_ready = true;
+                }
                 Ok(())
             }
             Packet::SubAck(s) => {
@@ -623,14 +891,21 @@ impl<'a> Session<'a> {
                 }
                 Ok(())
             }
-            Packet::Disconnect(d) => Err(lost(format!(
-                "cloud sent DISCONNECT (reason 0x{:02x}{})",
-                d.reason.0,
-                d.properties
-                    .reason_string
-                    .map(|s| format!(": {s}"))
-                    .unwrap_or_default()
-            ))),
+            Packet::Disconnect(d) => {
+                let why = format!(
+                    "cloud sent DISCONNECT (reason 0x{:02x}{})",
+                    d.reason.0,
+                    d.properties
+                        .reason_string
+                        .map(|s| format!(": {s}"))
+                        .unwrap_or_default()
+                );
+                Err(if may_be_about_a_message(d.reason) {
+                    dropped(why)
+                } else {
+                    lost(why)
+                })
+            }
             other => Err(lost(format!("unexpected packet from the cloud: {other:?}"))),
         }
     }
@@ -641,7 +916,7 @@ impl<'a> Session<'a> {
                 let id = *id;
                 self.forget(r.packet_id);
                 self.acked.push(id);
-                self.count_ack(r.reason);
+                self.count_ack(id, r.reason);
             }
             Some(Inflight::Control) => self.forget(r.packet_id),
             None => tracing::debug!(pid = r.packet_id, "PUBACK for an unknown packet id"),
@@ -649,10 +924,11 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn count_ack(&self, reason: ReasonCode) {
+    fn count_ack(&self, row: i64, reason: ReasonCode) {
         if reason.is_error() {
             BridgeStats::bump(&self.ctx.stats.dropped_refused);
-            tracing::warn!(bridge = %self.ctx.name, reason = reason.0, "cloud refused a message");
+            tracing::warn!(bridge = %self.ctx.name, row, reason = format!("0x{:02x}", reason.0),
+                "cloud refused a message (error reason code): dropped, counted in dropped/refused");
         } else {
             BridgeStats::bump(&self.ctx.stats.forwarded);
         }
@@ -666,7 +942,7 @@ impl<'a> Session<'a> {
                 if r.reason.is_error() {
                     self.forget(pid);
                     self.acked.push(id);
-                    self.count_ack(r.reason);
+                    self.count_ack(id, r.reason);
                 } else if *stage == Stage::Published {
                     // PUBREL goes out only after "released" is durable: a crash before that
                     // resends PUBLISH (DUP) with the same id, which the cloud deduplicates.
@@ -726,8 +1002,13 @@ impl<'a> Session<'a> {
         match (p.qos, pid) {
             (QoS::AtLeastOnce, Some(id)) => self.encode(&Packet::PubAck(PubResponse::new(id))),
             (QoS::ExactlyOnce, Some(id)) => {
-                self.incoming_qos2.insert(id);
-                self.encode(&Packet::PubRec(PubResponse::new(id)))
+                // Delivered first, remembered durably second, PUBREC last: a crash in between
+                // can at worst deliver twice, never lose the message.
+                let op =
+                    (!duplicate && self.incoming_qos2.insert(id)).then_some(IncomingOp::Add(id));
+                self.down_pending
+                    .push((op, Packet::PubRec(PubResponse::new(id))));
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -766,5 +1047,41 @@ impl<'a> Session<'a> {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
         tracing::info!(bridge = %self.ctx.name, inflight = self.inflight.len(), "disconnected cleanly");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_message_level_disconnect_reasons_can_blame_a_message() {
+        for about_a_message in [
+            ReasonCode::PACKET_TOO_LARGE,
+            ReasonCode::PAYLOAD_FORMAT_INVALID,
+            ReasonCode::TOPIC_NAME_INVALID,
+            ReasonCode::NOT_AUTHORIZED,
+            ReasonCode::MALFORMED_PACKET,
+            ReasonCode::UNSPECIFIED_ERROR,
+            ReasonCode(0xFE),
+        ] {
+            assert!(
+                may_be_about_a_message(about_a_message),
+                "{about_a_message:?}"
+            );
+        }
+        for about_the_link in [
+            ReasonCode::SESSION_TAKEN_OVER,
+            ReasonCode::SERVER_SHUTTING_DOWN,
+            ReasonCode::SERVER_BUSY,
+            ReasonCode::KEEP_ALIVE_TIMEOUT,
+            ReasonCode::MESSAGE_RATE_TOO_HIGH,
+            ReasonCode::NORMAL_DISCONNECTION,
+        ] {
+            assert!(
+                !may_be_about_a_message(about_the_link),
+                "{about_the_link:?}"
+            );
+        }
     }
 }

@@ -276,11 +276,13 @@ pub async fn cloud_publish(port: u16, topic: &str, payload: &str, qos: QoS, reta
     let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
 }
 
-/// A TCP proxy in front of the cloud that can silently swallow traffic both ways while
-/// keeping the sockets open: a half-open link, as a dead cellular modem produces.
+/// A TCP proxy in front of the cloud that can silently swallow traffic (both ways, or only
+/// what the bridge sends) while keeping the sockets open: a half-open link, as a dead
+/// cellular modem produces.
 pub struct Blackhole {
     pub port: u16,
     pub swallow: Arc<std::sync::atomic::AtomicBool>,
+    pub swallow_up: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -289,7 +291,8 @@ impl Blackhole {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = swallow.clone();
+        let swallow_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (both, up_only) = (swallow.clone(), swallow_up.clone());
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
@@ -297,19 +300,26 @@ impl Blackhole {
                 };
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pipe(dr, uw, flag.clone()));
-                tokio::spawn(pipe(ur, dw, flag.clone()));
+                tokio::spawn(pipe(dr, uw, vec![both.clone(), up_only.clone()]));
+                tokio::spawn(pipe(ur, dw, vec![both.clone()]));
             }
         });
         Blackhole {
             port,
             swallow,
+            swallow_up,
             task,
         }
     }
 
     pub fn set_swallow(&self, on: bool) {
         self.swallow.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Swallow only what the bridge sends to the cloud.
+    pub fn set_swallow_up(&self, on: bool) {
+        self.swallow_up
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -322,7 +332,7 @@ impl Drop for Blackhole {
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    swallow: Arc<std::sync::atomic::AtomicBool>,
+    swallow: Vec<Arc<std::sync::atomic::AtomicBool>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -331,11 +341,88 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if swallow.load(std::sync::atomic::Ordering::SeqCst) {
+        if swallow
+            .iter()
+            .any(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
             continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+    }
+}
+
+/// A proxy in front of the cloud that forwards everything but closes each connection 100 ms
+/// after the first PUBACK it passes to the bridge (nothing more reaches the bridge): a cloud
+/// that acknowledges a message and then disconnects the client for it (as brokers do for
+/// policy violations).
+pub struct CloseAfterFirstPuback {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CloseAfterFirstPuback {
+    pub async fn start(upstream: u16) -> CloseAfterFirstPuback {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pipe(dr, uw, Vec::new()));
+                tokio::spawn(forward_until_puback(ur, dw));
+            }
+        });
+        CloseAfterFirstPuback { port, task }
+    }
+}
+
+impl Drop for CloseAfterFirstPuback {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Length of the first complete MQTT packet in `buf`, if there is one.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let total = 2 + i + len;
+            return (buf.len() >= total).then_some(total);
+        }
+    }
+    None
+}
+
+async fn forward_until_puback(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        while let Some(n) = frame_len(&buf) {
+            let frame: Vec<u8> = buf.drain(..n).collect();
+            if to.write_all(&frame).await.is_err() {
+                return;
+            }
+            if frame[0] & 0xf0 == 0x40 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = to.shutdown().await;
+                return;
+            }
+        }
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }

@@ -544,5 +544,37 @@ mod example_tests {
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.gateway_id(), "gw-01");
         assert_eq!(c.broker.max_packet_size, ByteSize(1 << 20));
+        assert!(
+            c.bridge.is_empty(),
+            "the example bridge stays commented out"
+        );
+    }
+
+    /// The commented bridge example is a valid config once uncommented, so its keys
+    /// cannot drift from the real ones.
+    #[test]
+    fn shipped_bridge_example_is_valid_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/outpost.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut inside = false;
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.contains("BEGIN BRIDGE EXAMPLE") {
+                inside = true;
+            } else if line.contains("END BRIDGE EXAMPLE") {
+                inside = false;
+            } else if inside {
+                out.push_str(line.strip_prefix("# ").unwrap_or(line));
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let uncommented = dir.path().join("outpost.toml");
+        std::fs::write(&uncommented, out).unwrap();
+        let c = Config::load(&uncommented).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.bridge.len(), 1);
+        assert_eq!(c.bridge[0].name, "cloud");
     }
 }
