@@ -56,10 +56,11 @@ fn main() -> ExitCode {
 fn run(config: Config) -> ExitCode {
     outpost_gateway::service::init_logging(&config.log.level);
     outpost_gateway::service::raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        builder.worker_threads(config.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("outpost: cannot start the async runtime: {e}");

@@ -5,12 +5,11 @@
 //! inflight window; QoS 0 traffic is bounded by counting the bytes queued per connection
 //! and dropping (and counting) QoS 0 messages for a client that does not keep up.
 //!
-//! The queue is a `VecDeque` behind a mutex rather than a channel because an idle
-//! connection must cost almost nothing: an empty `VecDeque` owns no memory, while a
-//! channel allocates a block of slots up front.
+//! The queue is a `Vec` behind a mutex rather than a channel because an idle connection
+//! must cost almost nothing: an empty `Vec` owns no memory, while a channel allocates a
+//! block of slots up front. The consumer always takes the whole queue at once, so a
+//! `Vec` keeps order without a ring buffer.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -115,20 +114,23 @@ pub enum Outbound {
     Close,
 }
 
-/// State shared by the core (producer) and one connection task (consumer).
+/// State shared by the core (producer) and one connection task (consumer): everything
+/// under one lock, in one small allocation per client (72 bytes, one malloc size class
+/// below what separate atomics cost).
 struct Shared {
     queue: Mutex<Queue>,
-    backlog: AtomicUsize,
-    closed: AtomicBool,
 }
 
-/// The items and the waker of the connection task when it found the queue empty: a
-/// plain waker slot under the queue's own lock costs less than a `Notify` and cannot
-/// miss a push, since both sides take the same lock.
+/// The items, the waker of the connection task when it found the queue empty (a plain
+/// slot under the queue's own lock costs less than a `Notify` and cannot miss a push),
+/// and the QoS 0 bytes queued.
 #[derive(Default)]
 struct Queue {
-    items: VecDeque<Outbound>,
+    items: Vec<Outbound>,
     waker: Option<Waker>,
+    /// Bytes of QoS 0 deliveries queued; bounded by [`QOS0_BACKLOG_LIMIT`].
+    backlog: u32,
+    closed: bool,
 }
 
 /// The core's side of a connection's queue.
@@ -142,8 +144,6 @@ pub struct OutboundRx(Arc<Shared>);
 pub fn channel() -> (OutboundTx, OutboundRx) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
-        backlog: AtomicUsize::new(0),
-        closed: AtomicBool::new(false),
     });
     (OutboundTx(shared.clone()), OutboundRx(shared))
 }
@@ -151,15 +151,35 @@ pub fn channel() -> (OutboundTx, OutboundRx) {
 impl OutboundTx {
     /// Queues an item; false if the connection is gone.
     pub fn send(&self, item: Outbound) -> bool {
-        if self.0.closed.load(Ordering::Relaxed) {
-            return false;
-        }
-        if let Some(size) = qos0_size(&item) {
-            self.0.backlog.fetch_add(size, Ordering::Relaxed);
-        }
+        self.push(item, false)
+    }
+
+    /// Queues a QoS 0 delivery unless the client is too far behind; false if dropped.
+    pub fn send_qos0(&self, delivery: Delivery) -> bool {
+        self.push(
+            Outbound::Publish {
+                delivery,
+                packet_id: None,
+                dup: false,
+            },
+            true,
+        )
+    }
+
+    fn push(&self, item: Outbound, bounded: bool) -> bool {
         let waker = {
             let mut q = lock(&self.0.queue);
-            q.items.push_back(item);
+            if q.closed {
+                return false;
+            }
+            if let Some(size) = qos0_size(&item) {
+                let size = u32::try_from(size).unwrap_or(u32::MAX);
+                if bounded && q.backlog.saturating_add(size) as usize > QOS0_BACKLOG_LIMIT {
+                    return false;
+                }
+                q.backlog = q.backlog.saturating_add(size);
+            }
+            q.items.push(item);
             q.waker.take()
         };
         // Woken outside the lock: the task may run at once on another thread.
@@ -168,25 +188,12 @@ impl OutboundTx {
         }
         true
     }
-
-    /// Queues a QoS 0 delivery unless the client is too far behind; false if dropped.
-    pub fn send_qos0(&self, delivery: Delivery) -> bool {
-        let size = delivery.msg.payload.len() + delivery.msg.topic.len();
-        if self.0.backlog.load(Ordering::Relaxed) + size > QOS0_BACKLOG_LIMIT {
-            return false;
-        }
-        self.send(Outbound::Publish {
-            delivery,
-            packet_id: None,
-            dup: false,
-        })
-    }
 }
 
 impl OutboundRx {
-    /// Takes everything queued, or registers the task to be woken by the next push.
-    /// Hand the emptied buffer back with [`Self::recycle`].
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<VecDeque<Outbound>> {
+    /// Takes everything queued, in order, or registers the task to be woken by the next
+    /// push. Hand the emptied buffer back with [`Self::recycle`].
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Vec<Outbound>> {
         let mut q = lock(&self.0.queue);
         if q.items.is_empty() {
             if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -194,31 +201,21 @@ impl OutboundRx {
             }
             return Poll::Pending;
         }
-        let items = std::mem::take(&mut q.items);
-        drop(q);
-        let freed: usize = items.iter().filter_map(qos0_size).sum();
-        if freed > 0 {
-            self.0.backlog.fetch_sub(freed, Ordering::Relaxed);
-        }
-        Poll::Ready(items)
+        Poll::Ready(take(&mut q))
     }
 
     /// Takes everything queued without registering for a wake-up.
-    pub fn take_now(&self) -> VecDeque<Outbound> {
-        let items = std::mem::take(&mut lock(&self.0.queue).items);
-        let freed: usize = items.iter().filter_map(qos0_size).sum();
-        if freed > 0 {
-            self.0.backlog.fetch_sub(freed, Ordering::Relaxed);
-        }
-        items
+    pub fn take_now(&self) -> Vec<Outbound> {
+        take(&mut lock(&self.0.queue))
     }
 
     /// Returns a drained buffer so a busy stream reuses its allocation; after a burst or
     /// a trickle it is dropped instead, so an idle client holds no queue memory.
-    pub fn recycle(&self, items: VecDeque<Outbound>, batch: usize) {
+    pub fn recycle(&self, mut items: Vec<Outbound>, batch: usize) {
         if items.capacity() > 64 || batch <= 2 {
             return;
         }
+        items.clear();
         let mut q = lock(&self.0.queue);
         if q.items.is_empty() && q.items.capacity() == 0 {
             q.items = items;
@@ -227,11 +224,21 @@ impl OutboundRx {
 
     /// Marks the connection gone: further items are refused and queued ones dropped.
     pub fn close(&self) {
-        self.0.closed.store(true, Ordering::Relaxed);
         let mut q = lock(&self.0.queue);
-        q.items.clear();
+        q.closed = true;
+        q.items = Vec::new();
+        q.backlog = 0;
         q.waker = None;
     }
+}
+
+fn take(q: &mut Queue) -> Vec<Outbound> {
+    let items = std::mem::take(&mut q.items);
+    let freed: usize = items.iter().filter_map(qos0_size).sum();
+    q.backlog = q
+        .backlog
+        .saturating_sub(u32::try_from(freed).unwrap_or(u32::MAX));
+    items
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -95,16 +95,18 @@ pub struct Session {
     pub next_packet_id: u16,
     /// How many QoS 1/2 messages may be in flight towards the client.
     pub send_quota: u16,
-    /// Largest packet the client accepts (5.0 Maximum Packet Size).
-    pub max_packet_size: Option<u32>,
+    /// Largest packet the client accepts (5.0 Maximum Packet Size); 0 when unlimited
+    /// (0 is not a valid Maximum Packet Size, so it cannot mean anything else).
+    pub max_packet_size: u32,
     /// Will message of the current connection.
     pub will: Option<Box<Will>>,
     /// Topic rules of the current connection; `None` allows everything.
     pub acl: Option<Box<super::acl::ClientAcl>>,
-    /// Bumped on every connect so timers of an earlier disconnect are recognised as stale.
-    pub generation: u64,
-    /// Messages dropped because the queue was full.
-    pub dropped: u64,
+    /// Bumped on every connect so timers of an earlier disconnect are recognised as
+    /// stale (wrapping: only equality with a recent value matters).
+    pub generation: u32,
+    /// Messages dropped because the queue was full (for throttling the warning).
+    pub dropped: u32,
 }
 
 impl Session {
@@ -119,7 +121,7 @@ impl Session {
             flows: None,
             next_packet_id: 1,
             send_quota: 20,
-            max_packet_size: None,
+            max_packet_size: 0,
             will: None,
             acl: None,
             generation: 0,

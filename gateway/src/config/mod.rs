@@ -29,6 +29,10 @@ pub struct Config {
     /// (set by systemd) or the working directory.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Threads that run connections, the broker core, sensors and uplinks; 0 means
+    /// one per CPU core. See [`DEFAULT_WORKER_THREADS`].
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -41,6 +45,17 @@ pub struct Config {
     /// Modbus and serial sensors (`[sensors]`, `[[sensors.modbus]]`, `[[sensors.serial]]`).
     #[serde(default)]
     pub sensors: outpost_sensors::SensorsConfig,
+}
+
+/// One thread by default, as Mosquitto: a message then goes from the publisher's socket
+/// through the core to the subscriber's socket without waking another thread, which is
+/// what keeps latency and CPU per message low (BENCHMARKS.md). SQLite commits, password
+/// hashing and serial I/O run on their own threads either way. More threads help only
+/// a board with several cores and many busy or TLS clients.
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+
+fn default_worker_threads() -> usize {
+    DEFAULT_WORKER_THREADS
 }
 
 fn default_prefix() -> String {

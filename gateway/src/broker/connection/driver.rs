@@ -22,6 +22,7 @@ use tokio::sync::mpsc::error::SendError;
 use tracing::debug;
 
 use super::super::core::CoreEvent;
+use super::super::deadlines::Deadlines;
 use super::super::outbound::OutboundRx;
 use super::super::transport::Transport;
 use super::state::{Conn, Decoded, End};
@@ -81,7 +82,7 @@ pub(super) struct Driver<T> {
     busy: Option<Box<Busy>>,
     /// This connection's key in the deadlines.
     timer_id: u64,
-    /// Armed deadline (ms on the `Deadlines` clock; 0 when none): keep alive, then the
+    /// Key of the armed deadline in `Deadlines` (0 when none): keep alive, then the
     /// close grace period. Re-armed lazily, so it fires at most once per keep-alive
     /// period instead of moving on every packet.
     deadline: u64,
@@ -98,7 +99,7 @@ pub(super) struct Driver<T> {
 
 impl<T> Drop for Driver<T> {
     fn drop(&mut self) {
-        self.conn.deadlines().disarm(self.timer_id, self.deadline);
+        self.conn.deadlines().disarm(self.deadline);
     }
 }
 
@@ -142,10 +143,10 @@ impl<T: Transport> Driver<T> {
         }
         // What the core queued while the connection was set up (CONNACK, resent
         // messages); a refused connection has its CONNACK and a close, nothing else.
-        let mut items = driver.rx.take_now();
+        let items = driver.rx.take_now();
         if !items.is_empty() {
             let b = busy(&mut driver.busy);
-            while let Some(item) = items.pop_front() {
+            for item in items {
                 if driver.conn.add(item, &mut b.wbuf) {
                     driver.conn.closing = true;
                     break;
@@ -213,10 +214,10 @@ impl<T: Transport> Driver<T> {
             progress = true;
             let batch = items.len();
             let b = busy(&mut self.busy);
-            while let Some(item) = items.pop_front() {
+            for item in items.drain(..) {
                 if self.conn.add(item, &mut b.wbuf) {
+                    // What follows a close is dropped with the drain.
                     self.conn.closing = true;
-                    items.clear();
                     break;
                 }
             }
@@ -293,7 +294,7 @@ impl<T: Transport> Driver<T> {
         if self.deadline != 0 {
             let d = self.conn.deadlines();
             let now = d.now_ms();
-            if now >= self.deadline {
+            if now >= Deadlines::due(self.deadline) {
                 progress = true;
                 if self.conn.closing {
                     return Round::Finished;
@@ -304,7 +305,7 @@ impl<T: Transport> Driver<T> {
                         d.arm(self.timer_id, self.deadline, self.last_rx + k, cx.waker());
                 } else {
                     debug!(conn_id = self.conn.conn_id, "keep alive expired");
-                    d.disarm(self.timer_id, self.deadline);
+                    d.disarm(self.deadline);
                     self.deadline = 0;
                     self.conn.violation(
                         ReasonCode::KEEP_ALIVE_TIMEOUT,

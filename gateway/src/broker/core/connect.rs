@@ -61,15 +61,14 @@ impl Core {
         let now = Instant::now();
 
         let mut session_present = false;
-        if let Some(&key) = self.by_client_id.get(&client_id) {
+        if let Some(key) = self.sessions.key_of(&client_id) {
             // A session with expiry 0 (3.1.1 clean session) ends with its connection, so
             // a takeover never resumes it (MQTT-3.1.2-6, MQTT-3.2.2-3).
-            let ends =
-                connect.clean_start || self.sessions.get(&key).is_some_and(|s| s.expiry == 0);
+            let ends = connect.clean_start || self.sessions.get(key).is_some_and(|s| s.expiry == 0);
             self.take_over(key, ends);
             if ends {
                 // A delayed will still pending is due when its session ends (MQTT-3.1.3-9).
-                if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+                if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
                     self.publish_will(key, w);
                 }
                 self.end_session(key);
@@ -77,23 +76,23 @@ impl Core {
                 session_present = true;
             }
         }
-        let key = if session_present {
-            self.by_client_id[&client_id]
+        let existing = if session_present {
+            self.sessions.key_of(&client_id)
         } else {
-            let key = self.next_key;
-            self.next_key += 1;
-            self.sessions.insert(
-                key,
+            None
+        };
+        let key = match existing {
+            Some(key) => key,
+            None => self.sessions.insert(
                 Box::new(Session::new(client_id.clone(), connect.protocol)),
-            );
-            self.by_client_id.insert(client_id.clone(), key);
-            key
+                true,
+            ),
         };
 
-        let s = self.sessions.get_mut(&key).expect("session just ensured");
+        let s = self.sessions.get_mut(key).expect("session just ensured");
         s.protocol = connect.protocol;
         s.expiry = expiry;
-        s.generation += 1;
+        s.generation = s.generation.wrapping_add(1);
         s.acl = ClientAcl::resolve(&self.settings.acl, connect.username.as_deref(), &client_id)
             .map(Box::new);
         // A will on a topic the client may not publish to is dropped at connect, as
@@ -108,7 +107,7 @@ impl Core {
             .receive_maximum
             .unwrap_or(u16::MAX)
             .min(self.settings.max_inflight);
-        s.max_packet_size = connect.properties.maximum_packet_size;
+        s.max_packet_size = connect.properties.maximum_packet_size.unwrap_or(0);
         s.link = Some(Link::Network {
             conn_id,
             tx: tx.clone(),
@@ -143,7 +142,7 @@ impl Core {
         info!(client_id = %client_id, protocol = ?connect.protocol, session_present, "client connected");
 
         // MQTT-4.4.0-1: resend unacknowledged PUBLISH (DUP) and PUBREL in original order.
-        let s = self.sessions.get_mut(&key).expect("session exists");
+        let s = self.sessions.get_mut(key).expect("session exists");
         for f in s.inflight() {
             if f.released {
                 tx.send(Outbound::Ack(Ack::new(AckKind::PubRel, f.packet_id)));
@@ -161,7 +160,7 @@ impl Core {
 
     /// Closes the current connection of a session that a new CONNECT claims.
     fn take_over(&mut self, key: SessionKey, clean_start: bool) {
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         if let Some(Link::Network { tx, .. }) = s.link.take() {
@@ -188,7 +187,7 @@ impl Core {
         conn_id: u64,
         disconnect: Option<Disconnect>,
     ) {
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         if s.conn_id() != Some(conn_id) {
@@ -220,7 +219,7 @@ impl Core {
             .map(|w| w.properties.will_delay_interval.unwrap_or(0));
 
         if expiry == 0 {
-            if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+            if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
                 self.publish_will(key, w);
             }
             self.end_session(key);
@@ -229,7 +228,7 @@ impl Core {
         let now = Instant::now();
         match will_delay {
             Some(0) => {
-                if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+                if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
                     self.publish_will(key, w);
                 }
             }
@@ -266,14 +265,11 @@ impl Core {
 
     /// Removes a session and everything it subscribed to.
     pub(crate) fn end_session(&mut self, key: SessionKey) {
-        let Some(s) = self.sessions.remove(&key) else {
+        let Some(s) = self.sessions.remove(key) else {
             return;
         };
         for sub in s.subs.values() {
             self.tree.remove(&sub.filter, sub.group.as_deref(), key);
-        }
-        if self.by_client_id.get(&s.client_id) == Some(&key) {
-            self.by_client_id.remove(&s.client_id);
         }
     }
 }

@@ -31,7 +31,7 @@ impl Core {
     }
 
     fn link_tx(&self, key: SessionKey) -> Option<OutboundTx> {
-        match &self.sessions.get(&key)?.link {
+        match &self.sessions.get(key)?.link {
             Some(Link::Network { tx, .. }) => Some(tx.clone()),
             _ => None,
         }
@@ -41,7 +41,7 @@ impl Core {
         let Some(tx) = self.link_tx(key) else {
             return;
         };
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         let v5 = s.protocol.is_v5();
@@ -125,7 +125,7 @@ impl Core {
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) ends an outgoing exchange.
     fn on_complete(&mut self, key: SessionKey, packet_id: u16) {
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         if s.take_inflight(packet_id).is_some() {
@@ -137,7 +137,7 @@ impl Core {
         let Some(tx) = self.link_tx(key) else {
             return;
         };
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         if r.reason.is_error() {
@@ -168,7 +168,7 @@ impl Core {
         let Some(tx) = self.link_tx(key) else {
             return;
         };
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         let mut comp = Ack::new(AckKind::PubComp, packet_id);
@@ -200,7 +200,7 @@ impl Core {
                 id: sub_id,
             };
             let existed = self.tree.insert(&inner, group.as_deref(), key, entry);
-            let s = self.sessions.get_mut(&key).expect("connected session");
+            let s = self.sessions.get_mut(key).expect("connected session");
             s.subs.insert(
                 f.filter.clone(),
                 SessionSub {
@@ -246,7 +246,7 @@ impl Core {
         };
         let mut reason_codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let s = self.sessions.get_mut(&key).expect("connected session");
+            let s = self.sessions.get_mut(key).expect("connected session");
             let code = match s.subs.remove(f) {
                 Some(sub) => {
                     self.tree.remove(&sub.filter, sub.group.as_deref(), key);

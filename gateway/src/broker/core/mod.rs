@@ -8,9 +8,9 @@ mod connect;
 mod control;
 mod route;
 mod sys;
+mod table;
 mod timers;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,10 +22,10 @@ use super::message::Message;
 use super::outbound::OutboundTx;
 use super::retained::RetainedStore;
 use super::router::{Match, SessionKey, SubscriptionTree};
-use super::session::Session;
 use super::settings::Settings;
 use super::sys::Stats;
 use super::{DurableReceipt, DurableSink, SinkId};
+use table::SessionTable;
 
 /// Capacity of the queue from connections into the core; a full queue slows the
 /// readers down instead of growing memory.
@@ -100,17 +100,13 @@ pub(crate) struct ConnectRequest {
 
 pub(crate) struct Core {
     settings: Arc<Settings>,
-    /// Boxed: the table keeps spare capacity, and empty slots should cost a pointer,
-    /// not a whole session, when ten thousand clients are connected.
-    sessions: HashMap<SessionKey, Box<Session>>,
-    by_client_id: HashMap<Arc<str>, SessionKey>,
+    sessions: SessionTable,
     tree: SubscriptionTree,
     retained: RetainedStore,
     sinks: Vec<Arc<dyn DurableSink>>,
     /// The core's own inbox, for acknowledgements that report back (weak, so the core
     /// still stops when every handle is gone).
     inbox: mpsc::WeakSender<CoreEvent>,
-    next_key: SessionKey,
     next_conn_id: u64,
     timers: timers::Timers,
     /// Reused per publish to avoid an allocation per message.
@@ -124,13 +120,11 @@ pub(crate) fn spawn(settings: Arc<Settings>, sinks: Vec<Arc<dyn DurableSink>>) -
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
     let core = Core {
         settings,
-        sessions: HashMap::new(),
-        by_client_id: HashMap::new(),
+        sessions: SessionTable::new(),
         tree: SubscriptionTree::default(),
         retained: RetainedStore::default(),
         sinks,
         inbox: tx.downgrade(),
-        next_key: 1,
         next_conn_id: 1,
         timers: timers::Timers::default(),
         scratch: Vec::new(),
@@ -175,7 +169,7 @@ impl Core {
                 conn_id,
                 packet,
             } => {
-                if self.sessions.get(&session).and_then(|s| s.conn_id()) == Some(conn_id) {
+                if self.sessions.get(session).and_then(|s| s.conn_id()) == Some(conn_id) {
                     self.on_packet(session, packet);
                 }
             }
@@ -200,7 +194,7 @@ impl Core {
             }
             CoreEvent::LocalUnsubscribe(key) => self.end_session(key),
             CoreEvent::Qos2Refused { session, packet_id } => {
-                if let Some(s) = self.sessions.get_mut(&session) {
+                if let Some(s) = self.sessions.get_mut(session) {
                     s.end_incoming_qos2(packet_id);
                 }
             }

@@ -38,7 +38,7 @@ impl Core {
         let sessions = &self.sessions;
         self.tree.matches(
             &msg.topic,
-            &|k| sessions.get(&k).is_some_and(|s| s.link.is_some()),
+            &|k| sessions.get(k).is_some_and(|s| s.link.is_some()),
             &mut matches,
         );
         // Non-shared matches of one session become one delivery with the highest QoS and
@@ -68,14 +68,14 @@ impl Core {
     pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) {
         let max_queued = self.settings.max_queued_messages;
         let queue_qos0 = self.settings.queue_qos0;
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         if d.msg.is_expired(now) || s.acl.as_ref().is_some_and(|a| !a.can_read(&d.msg.topic)) {
             return;
         }
-        if let Some(max) = s.max_packet_size
-            && publish_size(&d, s.protocol.is_v5()) > max as usize
+        if s.max_packet_size > 0
+            && publish_size(&d, s.protocol.is_v5()) > s.max_packet_size as usize
         {
             // MQTT-3.1.2-25: a packet larger than the client accepts is discarded as if
             // it had been delivered.
@@ -115,7 +115,7 @@ impl Core {
 
     /// Moves queued messages into free inflight slots of a connected session.
     pub(super) fn pump(&mut self, key: SessionKey, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         let Some(Link::Network { tx, .. }) = &s.link else {
@@ -149,8 +149,7 @@ impl Core {
         qos: QoS,
         tx: mpsc::Sender<Arc<Message>>,
     ) -> SessionKey {
-        let key = self.next_key;
-        self.next_key += 1;
+        let key = self.sessions.next_key();
         let mut s = Session::new(format!("$local-{key}").into(), outpost_mqtt::Protocol::V5);
         s.link = Some(Link::Local(tx));
         s.expiry = u32::MAX;
@@ -173,7 +172,8 @@ impl Core {
                 filter: inner,
             },
         );
-        self.sessions.insert(key, Box::new(s));
+        let inserted = self.sessions.insert(Box::new(s), false);
+        debug_assert_eq!(inserted, key);
         key
     }
 }

@@ -15,14 +15,14 @@ pub(crate) enum Timer {
         /// The session.
         key: SessionKey,
         /// Session generation at disconnect; a reconnect makes it stale.
-        generation: u64,
+        generation: u32,
     },
     /// End a disconnected session whose expiry interval has passed.
     Expire {
         /// The session.
         key: SessionKey,
         /// Session generation at disconnect.
-        generation: u64,
+        generation: u32,
     },
     /// Publish `$SYS` statistics.
     Sys,
@@ -58,7 +58,7 @@ impl Core {
         while let Some(t) = self.timers.pop_due(now) {
             match t {
                 Timer::Will { key, generation } => {
-                    if let Some(s) = self.sessions.get_mut(&key)
+                    if let Some(s) = self.sessions.get_mut(key)
                         && s.generation == generation
                         && s.link.is_none()
                         && let Some(w) = s.will.take()
@@ -69,11 +69,11 @@ impl Core {
                 Timer::Expire { key, generation } => {
                     if self
                         .sessions
-                        .get(&key)
+                        .get(key)
                         .is_some_and(|s| s.generation == generation && s.link.is_none())
                     {
                         // A will still pending is due when the session ends.
-                        if let Some(w) = self.sessions.get_mut(&key).and_then(|s| s.will.take()) {
+                        if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
                             self.publish_will(key, w);
                         }
                         self.end_session(key);
