@@ -59,13 +59,15 @@ impl Transport for TcpStream {
         // second round either reads or registers the waker and returns Pending.
         for _ in 0..4 {
             ready!(self.poll_read_ready(cx))?;
+            let had_buffer = buf.capacity() > 0;
             reserve(buf);
             match self.try_read_buf(buf) {
                 Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Readiness was stale (a new socket starts out ready): do not keep
-                    // a buffer reserved for bytes that have not come.
-                    if buf.is_empty() {
+                    // a buffer reserved just now for bytes that have not come. A busy
+                    // stream's buffer stays, with its read size.
+                    if !had_buffer && buf.is_empty() {
                         *buf = BytesMut::new();
                     }
                 }
