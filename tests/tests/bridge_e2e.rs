@@ -400,22 +400,12 @@ async fn full_spool_with_reject_new_acknowledges_only_what_it_kept() {
     let mut refused = 0;
     for i in 0..100u16 {
         let payload = format!("{i:03}{}", "x".repeat(97));
-        c.send(&Packet::Publish(publish(
-            "q1/big",
-            QoS::AtLeastOnce,
-            Some(i + 1),
-            payload.as_bytes(),
-        )))
-        .await;
-        match c.expect_packet(WAIT).await {
-            Packet::PubAck(a) if a.reason == outpost_mqtt::ReasonCode::SUCCESS => {
-                kept.push(u32::from(i))
-            }
-            Packet::PubAck(a) => {
-                assert_eq!(a.reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED);
+        match publish_q1_big(&mut c, i + 1, &payload).await {
+            outpost_mqtt::ReasonCode::SUCCESS => kept.push(u32::from(i)),
+            reason => {
+                assert_eq!(reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED);
                 refused += 1;
             }
-            other => panic!("unexpected {other:?}"),
         }
     }
     assert!(
@@ -440,6 +430,25 @@ async fn full_spool_with_reject_new_acknowledges_only_what_it_kept() {
     );
 }
 
+/// Publishes `payload` at QoS 1 on the spooled topic `q1/big`; the PUBACK's reason.
+async fn publish_q1_big(
+    c: &mut RawClient,
+    packet_id: u16,
+    payload: &str,
+) -> outpost_mqtt::ReasonCode {
+    c.send(&Packet::Publish(publish(
+        "q1/big",
+        QoS::AtLeastOnce,
+        Some(packet_id),
+        payload.as_bytes(),
+    )))
+    .await;
+    match c.expect_packet(WAIT).await {
+        Packet::PubAck(a) => a.reason,
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
 /// MQTT-4.3.3-4 and section 4.9: a PUBREC with a failure code ends the QoS 2 exchange,
 /// so a later PUBLISH with the same packet id is a new message (MQTT-4.3.3-9 applies
 /// only before PUBREL). With a full `reject-new` spool it must be offered to the spool
@@ -461,20 +470,10 @@ async fn a_refused_qos2_packet_id_is_not_mistaken_for_a_duplicate() {
     let payload = "x".repeat(100);
     let mut full = false;
     for i in 0..200u16 {
-        c.send(&Packet::Publish(publish(
-            "q1/big",
-            QoS::AtLeastOnce,
-            Some(i + 1),
-            payload.as_bytes(),
-        )))
-        .await;
-        match c.expect_packet(WAIT).await {
-            Packet::PubAck(a) if a.reason == outpost_mqtt::ReasonCode::QUOTA_EXCEEDED => {
-                full = true;
-                break;
-            }
-            Packet::PubAck(_) => {}
-            other => panic!("unexpected {other:?}"),
+        if publish_q1_big(&mut c, i + 1, &payload).await == outpost_mqtt::ReasonCode::QUOTA_EXCEEDED
+        {
+            full = true;
+            break;
         }
     }
     assert!(full, "the 4 KiB spool never filled");
