@@ -275,23 +275,28 @@ impl State {
     }
 
     /// Delete acknowledged rows; consecutive ids (the common case: acks come in order)
-    /// go in one range statement.
+    /// go in one range statement. The range's count and bytes are summed first rather
+    /// than returned row by row: `RETURNING` buffers and steps out every deleted row, which
+    /// made deleting cost the draining uplink more CPU than sending.
     fn delete_all(&mut self, tx: &Transaction<'_>, mut ids: Vec<i64>) -> rusqlite::Result<()> {
         ids.sort_unstable();
         ids.dedup();
-        let mut st =
-            tx.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2 RETURNING size")?;
+        let mut totals = tx.prepare_cached(
+            "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE id BETWEEN ?1 AND ?2",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2")?;
         let mut i = 0;
         while i < ids.len() {
             let mut j = i;
             while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
                 j += 1;
             }
-            let mut rows = st.query(params![ids[i], ids[j]])?;
-            while let Some(row) = rows.next()? {
-                let size: i64 = row.get(0)?;
-                self.bytes = self.bytes.saturating_sub(size as u64);
-                self.count = self.count.saturating_sub(1);
+            let (count, size): (i64, i64) =
+                totals.query_row(params![ids[i], ids[j]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            if count > 0 {
+                delete.execute(params![ids[i], ids[j]])?;
+                self.bytes = self.bytes.saturating_sub(size.max(0) as u64);
+                self.count = self.count.saturating_sub(count as u64);
             }
             i = j + 1;
         }
