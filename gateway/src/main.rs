@@ -56,8 +56,14 @@ fn main() -> ExitCode {
 fn run(config: Config) -> ExitCode {
     outpost_gateway::service::init_logging(&config.log.level);
     outpost_gateway::service::raise_fd_limit();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
+    // One worker is a current-thread runtime: the same single thread without the
+    // work-stealing scheduler's bookkeeping around every wake-up.
+    let mut builder = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.worker_threads > 1 {
         builder.worker_threads(config.worker_threads);
     }
     let runtime = match builder.enable_all().build() {

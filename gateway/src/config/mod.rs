@@ -47,9 +47,9 @@ pub struct Config {
     pub sensors: outpost_sensors::SensorsConfig,
 }
 
-/// One thread by default, as Mosquitto: a message then goes from the publisher's socket
-/// through the core to the subscriber's socket without waking another thread, which is
-/// what keeps latency and CPU per message low (BENCHMARKS.md). SQLite commits, password
+/// One thread by default (a current-thread runtime), as Mosquitto: a message then goes
+/// from the publisher's socket through the core to the subscriber's socket without waking
+/// another thread, which is what keeps latency and CPU per message low (BENCHMARKS.md). SQLite commits, password
 /// hashing and serial I/O run on their own threads either way. More threads help only
 /// a board with several cores and many busy or TLS clients.
 pub const DEFAULT_WORKER_THREADS: usize = 1;
