@@ -23,7 +23,7 @@ use tracing::debug;
 
 use super::super::core::CoreEvent;
 use super::super::deadlines::Deadlines;
-use super::super::outbound::OutboundRx;
+use super::super::outbound::{Outbound, OutboundRx};
 use super::super::transport::Transport;
 use super::state::{Conn, Decoded, End};
 
@@ -93,8 +93,6 @@ pub(super) struct Driver<T> {
     /// Bytes handed to the transport since its last flush.
     unflushed: bool,
     closing_armed: bool,
-    /// The connection is over: flush what is queued, then stop.
-    ended: bool,
 }
 
 impl<T> Drop for Driver<T> {
@@ -134,7 +132,6 @@ impl<T: Transport> Driver<T> {
                 .map_or(0, |k| u32::try_from(k.as_millis()).unwrap_or(u32::MAX)),
             unflushed: false,
             closing_armed: false,
-            ended: false,
         };
         if !rbuf.is_empty() {
             let b = busy(&mut driver.busy);
@@ -143,15 +140,9 @@ impl<T: Transport> Driver<T> {
         }
         // What the core queued while the connection was set up (CONNACK, resent
         // messages); a refused connection has its CONNACK and a close, nothing else.
-        let items = driver.rx.take_now();
+        let mut items = driver.rx.take_now();
         if !items.is_empty() {
-            let b = busy(&mut driver.busy);
-            for item in items {
-                if driver.conn.add(item, &mut b.wbuf) {
-                    driver.conn.closing = true;
-                    break;
-                }
-            }
+            driver.encode_items(&mut items);
         }
         driver
     }
@@ -186,10 +177,6 @@ impl<T: Transport> Driver<T> {
     /// is unblocked only by progress of one that was polled.
     fn round(&mut self, cx: &mut Context<'_>) -> Round {
         let mut progress = false;
-        if self.ended {
-            self.conn.closing = true;
-        }
-
         match self.poll_write(cx) {
             Poll::Ready(Ok(true)) => progress = true,
             Poll::Ready(Ok(false)) | Poll::Pending => {}
@@ -213,14 +200,7 @@ impl<T: Transport> Driver<T> {
         {
             progress = true;
             let batch = items.len();
-            let b = busy(&mut self.busy);
-            for item in items.drain(..) {
-                if self.conn.add(item, &mut b.wbuf) {
-                    // What follows a close is dropped with the drain.
-                    self.conn.closing = true;
-                    break;
-                }
-            }
+            self.encode_items(&mut items);
             self.rx.recycle(items, batch);
         }
 
@@ -241,9 +221,9 @@ impl<T: Transport> Driver<T> {
                     permit.send(*event);
                 }
                 _ => {
+                    // Closes the connection (and the will is due).
                     self.conn
                         .violation(ReasonCode::SERVER_SHUTTING_DOWN, &mut b.wbuf);
-                    self.ended = true;
                 }
             }
         }
@@ -311,7 +291,6 @@ impl<T: Transport> Driver<T> {
                         ReasonCode::KEEP_ALIVE_TIMEOUT,
                         &mut busy(&mut self.busy).wbuf,
                     );
-                    self.ended = true;
                 }
             }
         }
@@ -372,9 +351,22 @@ impl<T: Transport> Driver<T> {
             }
             Err(End::Graceful(d)) => {
                 b.disconnect = Some(d);
-                self.ended = true;
+                self.conn.closing = true;
             }
-            Err(End::Abnormal) => self.ended = true,
+            // A violation: `Conn::violation` already queued the close.
+            Err(End::Abnormal) => {}
+        }
+    }
+
+    /// Encodes what the core queued, in order, until an item closes the connection
+    /// (what follows a close is dropped with the drain).
+    fn encode_items(&mut self, items: &mut Vec<Outbound>) {
+        let b = busy(&mut self.busy);
+        for item in items.drain(..) {
+            if self.conn.add(item, &mut b.wbuf) {
+                self.conn.closing = true;
+                break;
+            }
         }
     }
 }
