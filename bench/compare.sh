@@ -99,30 +99,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 #   TCP_NODELAY on      Outpost always sets it; Mosquitto only with set_tcp_nodelay, and
 #                       without it Mosquitto's latency would measure Nagle's algorithm
 #   $SYS every 10 s     both defaults
-cat > "$OUT/mosquitto.conf" <<EOF
-listener $MOSQUITTO_PORT 127.0.0.1
-allow_anonymous true
-persistence false
-log_type none
-log_dest none
-connection_messages false
-set_tcp_nodelay true
-max_inflight_messages $INFLIGHT
-max_queued_messages 100000
-max_connections -1
-EOF
-mkdir -p "$OUT/outpost-state"
-cat > "$OUT/outpost.toml" <<EOF
-state_dir = "$OUT/outpost-state"
-[log]
-level = "error"
-[broker]
-listeners = [{ bind = "127.0.0.1:$OUTPOST_PORT" }]
-allow_anonymous = true
-max_inflight = $INFLIGHT
-receive_maximum = $INFLIGHT
-max_queued_messages = 100000
-EOF
+# shellcheck source=bench/broker_configs.sh
+source "$ROOT/bench/broker_configs.sh"
+write_broker_configs "$OUT" "$OUTPOST_PORT" "$MOSQUITTO_PORT" "$INFLIGHT"
 
 broker_cmd() {
     case "$1" in

@@ -19,32 +19,10 @@ BENCH=$TARGET_DIR/release/outpost-bench
 J=$OUT/results.jsonl
 : > "$J"
 
-if [[ -z ${OUTPOST_CONFIGS:-} ]]; then
-    cat > "$OUT/outpost.toml" <<CONF
-state_dir = "$OUT"
-[log]
-level = "error"
-[broker]
-listeners = [{ bind = "127.0.0.1:18830" }]
-allow_anonymous = true
-max_inflight = 20
-receive_maximum = 20
-max_queued_messages = 100000
-CONF
-    OUTPOST_CONFIGS=$OUT/outpost.toml
-fi
-cat > "$OUT/mosquitto.conf" <<CONF
-listener 18831 127.0.0.1
-allow_anonymous true
-persistence false
-log_type none
-log_dest none
-connection_messages false
-set_tcp_nodelay true
-max_inflight_messages 20
-max_queued_messages 100000
-max_connections -1
-CONF
+# shellcheck source=bench/broker_configs.sh
+source "$ROOT/bench/broker_configs.sh"
+write_broker_configs "$OUT" 18830 18831 20
+OUTPOST_CONFIGS=${OUTPOST_CONFIGS:-$OUT/outpost.toml}
 
 one() { # broker-name port -- command...
     local name=$1 port=$2 q=$3; shift 3
