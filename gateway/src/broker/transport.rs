@@ -55,27 +55,26 @@ impl Transport for TcpStream {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        // Bounded: each WouldBlock clears the readiness the next poll reports, so the
-        // second round either reads or registers the waker and returns Pending.
-        for _ in 0..4 {
-            ready!(self.poll_read_ready(cx))?;
-            let had_buffer = buf.capacity() > 0;
-            reserve(buf);
-            match self.try_read_buf(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness was stale (a new socket starts out ready): do not keep
-                    // a buffer reserved just now for bytes that have not come. A busy
-                    // stream's buffer stays, with its read size.
-                    if !had_buffer && buf.is_empty() {
-                        *buf = BytesMut::new();
-                    }
+        // Wait for readiness before reserving, so an idle connection holds no buffer.
+        ready!(self.poll_read_ready(cx))?;
+        let had_buffer = buf.capacity() > 0;
+        reserve(buf);
+        // tokio's own read clears the readiness after a short read (epoll is
+        // edge-triggered, so a short read means the socket is drained): the next round
+        // then registers for a wake-up without a second `read` that would only say
+        // WouldBlock. At a trickle that is one system call in four per message.
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *self), cx, buf) {
+            Poll::Pending => {
+                // Readiness was stale (a new socket starts out ready): do not keep a
+                // buffer reserved just now for bytes that have not come. A busy
+                // stream's buffer stays, with its read size.
+                if !had_buffer && buf.is_empty() {
+                    *buf = BytesMut::new();
                 }
-                Err(e) => return Poll::Ready(Err(e)),
+                Poll::Pending
             }
+            ready => ready,
         }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
     fn poll_write_from(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {

@@ -12,7 +12,7 @@ mod table;
 mod timers;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Connect, Disconnect, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -139,8 +139,20 @@ impl Core {
     async fn run(mut self, mut rx: mpsc::Receiver<CoreEvent>) {
         let mut batch = Vec::with_capacity(64);
         self.schedule_sys();
+        // One timer for the life of the core, moved only when the next deadline changes:
+        // a fresh `sleep_until` per wake-up would insert into and remove from the timer
+        // wheel on every batch of messages.
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
         loop {
             let deadline = self.timers.next_deadline();
+            if deadline != armed {
+                if let Some(t) = deadline {
+                    sleep.as_mut().reset(t.into());
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 n = rx.recv_many(&mut batch, 64) => {
                     if n == 0 {
@@ -155,7 +167,11 @@ impl Core {
                         self.handle(ev);
                     }
                 }
-                () = sleep_until(deadline) => self.fire_timers(Instant::now()),
+                () = &mut sleep, if armed.is_some() => {
+                    // A fired timer must be reset before it can fire again.
+                    armed = None;
+                    self.fire_timers(Instant::now());
+                }
             }
         }
         self.shutdown();
@@ -214,12 +230,5 @@ impl Core {
                 ));
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
     }
 }
