@@ -3,6 +3,7 @@
 use anyhow::Context;
 use tracing::info;
 
+use crate::broker::store::Store;
 use crate::broker::{Broker, Settings, bind_listeners};
 use crate::config::Config;
 use crate::service;
@@ -19,7 +20,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listeners = bind_listeners(&config.broker.listeners)
         .await
         .context("starting the broker")?;
-    let broker = Broker::start(Settings::from_config(&config.broker), Vec::new());
+    let store = if config.broker.persistence {
+        let path = state_dir.join("broker.sqlite");
+        // Opening reads every kept message back, which may take a moment on a large file;
+        // it blocks nothing else that is running yet.
+        Some(Store::open(&path).context("opening the broker store")?)
+    } else {
+        None
+    };
+    let broker = Broker::start(Settings::from_config(&config.broker), Vec::new(), store);
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| format!("{}://{}", l.transport(), l.local_addr))

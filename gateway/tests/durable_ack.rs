@@ -48,6 +48,7 @@ async fn start(sink: Arc<HeldSink>) -> std::net::SocketAddr {
     let broker = Broker::start(
         Settings::from_config(&cfg),
         vec![sink as Arc<dyn DurableSink>],
+        None,
     );
     broker.serve(listeners);
     std::mem::forget(broker);
@@ -202,6 +203,7 @@ async fn in_process_publish_completes_after_commit_and_reaches_local_subscribers
     let broker = Broker::start(
         Settings::from_config(&cfg),
         vec![sink.clone() as Arc<dyn DurableSink>],
+        None,
     );
     let handle = broker.handle();
     let mut sub = handle.subscribe("spool/#", QoS::AtLeastOnce).await.unwrap();

@@ -203,7 +203,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let settings = Arc::new(Settings::from_config(&Default::default()));
-        let core = crate::broker::core::spawn(settings.clone(), vec![]);
+        let core = crate::broker::core::spawn(settings.clone(), vec![], None);
         let task = crate::broker::connection::serve_tcp(c, addr, core, settings);
         let task_size = std::mem::size_of_val(&task);
         let session_size = std::mem::size_of::<crate::broker::session::Session>();

@@ -19,6 +19,7 @@ mod retained;
 pub mod router;
 mod session;
 mod settings;
+pub mod store;
 mod sys;
 mod tls;
 mod transport;
@@ -78,10 +79,14 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Spawns the core task on the current runtime.
-    pub fn start(settings: Settings, sinks: Vec<Arc<dyn DurableSink>>) -> Broker {
+    /// Spawns the core task on the current runtime, with what `store` held restored.
+    pub fn start(
+        settings: Settings,
+        sinks: Vec<Arc<dyn DurableSink>>,
+        store: Option<(store::Store, store::Loaded)>,
+    ) -> Broker {
         let settings = Arc::new(settings);
-        let handle = core::spawn(settings.clone(), sinks);
+        let handle = core::spawn(settings.clone(), sinks, store);
         Broker { handle, settings }
     }
 

@@ -34,6 +34,8 @@ pub struct Inflight {
     pub delivery: Delivery,
     /// True once PUBREC arrived and PUBREL went out (QoS 2 second half).
     pub released: bool,
+    /// Its row in the broker store; 0 when not stored.
+    pub stored: u64,
 }
 
 /// What to send to one subscriber for one message.
@@ -62,8 +64,9 @@ pub struct SessionSub {
 pub struct Flows {
     /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.
     pub inflight: VecDeque<Inflight>,
-    /// Messages waiting for a free inflight slot or for the client to reconnect.
-    pub queue: VecDeque<Delivery>,
+    /// Messages waiting for a free inflight slot or for the client to reconnect, with
+    /// their row in the broker store (0 when not stored).
+    pub queue: VecDeque<(u64, Delivery)>,
     /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL is awaited.
     pub incoming_qos2: BTreeSet<u16>,
 }
@@ -105,8 +108,11 @@ pub struct Session {
     /// Bumped on every connect so timers of an earlier disconnect are recognised as
     /// stale (wrapping: only equality with a recent value matters).
     pub generation: u32,
-    /// Messages dropped because the queue was full (for throttling the warning).
-    pub dropped: u32,
+    /// Messages dropped because the queue was full (for throttling the warning; it wraps,
+    /// which only means the warning comes again).
+    pub dropped: u16,
+    /// Its id in the broker store while it is persistent there; 0 otherwise.
+    pub store_id: u32,
 }
 
 impl Session {
@@ -126,6 +132,7 @@ impl Session {
             acl: None,
             generation: 0,
             dropped: 0,
+            store_id: 0,
         }
     }
 
@@ -192,8 +199,8 @@ impl Session {
         removed
     }
 
-    /// The next queued message, if any.
-    pub fn pop_queued(&mut self) -> Option<Delivery> {
+    /// The next queued message with its store row, if any.
+    pub fn pop_queued(&mut self) -> Option<(u64, Delivery)> {
         let d = self.flows.as_mut()?.queue.pop_front();
         self.release_flows_if_empty();
         d

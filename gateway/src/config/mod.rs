@@ -135,6 +135,11 @@ pub struct BrokerConfig {
     /// How often `$SYS/broker/...` statistics are published; "0s" turns them off.
     #[serde(default = "default_sys_interval", deserialize_with = "units::duration")]
     pub sys_interval: Duration,
+    /// Keep retained messages and persistent sessions (with the messages they are owed)
+    /// in `{state_dir}/broker.sqlite`, so they survive a restart, a crash or a power
+    /// cut; acknowledgements for such messages wait until they are on disk.
+    #[serde(default = "default_persistence")]
+    pub persistence: bool,
 }
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -168,6 +173,9 @@ fn default_max_queued_messages() -> usize {
 }
 fn default_topic_alias_maximum() -> u16 {
     10
+}
+fn default_persistence() -> bool {
+    true
 }
 fn default_sys_interval() -> Duration {
     Duration::from_secs(10)

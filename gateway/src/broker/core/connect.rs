@@ -112,6 +112,7 @@ impl Core {
             conn_id,
             tx: tx.clone(),
         });
+        self.persist_session(key);
 
         let mut properties = Properties::default();
         if v5 {
@@ -225,6 +226,7 @@ impl Core {
             self.end_session(key);
             return;
         }
+        self.persist_session(key);
         let now = Instant::now();
         match will_delay {
             Some(0) => {
@@ -268,6 +270,11 @@ impl Core {
         let Some(s) = self.sessions.remove(key) else {
             return;
         };
+        if s.store_id != 0
+            && let Some(store) = &self.store
+        {
+            store.drop_session(s.store_id);
+        }
         for sub in s.subs.values() {
             self.tree.remove(&sub.filter, sub.group.as_deref(), key);
         }

@@ -52,6 +52,14 @@ impl Core {
             tx.send(Outbound::Ack(Ack::new(AckKind::PubRec, packet_id)));
             return;
         }
+        if p.qos == QoS::ExactlyOnce
+            && s.store_id != 0
+            && let Some(store) = &self.store
+        {
+            // Kept so that a resend after a restart is still known as the same message.
+            store.put_qos2(s.store_id, packet_id);
+            self.commit_needed = true;
+        }
         let qos = p.qos;
         if s.acl.as_ref().is_some_and(|a| !a.can_write(&p.topic)) {
             // Not allowed: 5.0 is told (0x87); 3.x cannot be, so, as Mosquitto does, the
@@ -68,10 +76,16 @@ impl Core {
                     if qos == QoS::ExactlyOnce {
                         // A failing PUBREC ends the exchange; no PUBREL will come.
                         s.end_incoming_qos2(packet_id);
+                        if s.store_id != 0
+                            && let Some(store) = &self.store
+                        {
+                            store.drop_qos2(s.store_id, packet_id);
+                        }
                     }
                 }
                 tx.send(Outbound::Ack(ack));
             }
+            self.commit_needed = false;
             return;
         }
         let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
@@ -128,7 +142,8 @@ impl Core {
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
-        if s.take_inflight(packet_id).is_some() {
+        if let Some(f) = s.take_inflight(packet_id) {
+            super::route::forget(&self.store, f.stored);
             self.pump(key, Instant::now());
         }
     }
@@ -143,7 +158,8 @@ impl Core {
         if r.reason.is_error() {
             // 5.0: PUBREL only follows a PUBREC below 0x80 (MQTT-4.3.3-4); a failing one
             // ends the exchange, so free the slot.
-            if s.take_inflight(r.packet_id).is_some() {
+            if let Some(f) = s.take_inflight(r.packet_id) {
+                super::route::forget(&self.store, f.stored);
                 self.pump(key, Instant::now());
             }
             return;
@@ -156,7 +172,14 @@ impl Core {
             .iter_mut()
             .find(|f| f.packet_id == r.packet_id);
         match found {
-            Some(f) => f.released = true,
+            Some(f) => {
+                f.released = true;
+                if f.stored != 0
+                    && let Some(store) = &self.store
+                {
+                    store.released(f.stored);
+                }
+            }
             None if v5 => rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
             None => {}
         }
@@ -172,7 +195,13 @@ impl Core {
             return;
         };
         let mut comp = Ack::new(AckKind::PubComp, packet_id);
-        if !s.end_incoming_qos2(packet_id) && s.protocol.is_v5() {
+        if s.end_incoming_qos2(packet_id) {
+            if s.store_id != 0
+                && let Some(store) = &self.store
+            {
+                store.drop_qos2(s.store_id, packet_id);
+            }
+        } else if s.protocol.is_v5() {
             comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
         }
         tx.send(Outbound::Ack(comp));
@@ -208,6 +237,11 @@ impl Core {
                     filter: inner.clone(),
                 },
             );
+            if s.store_id != 0
+                && let Some(store) = &self.store
+            {
+                store.put_sub(s.store_id, &f.filter, f.options, sub_id);
+            }
             reason_codes.push(ReasonCode(f.options.qos as u8));
             // Shared subscriptions never receive retained messages on subscribe.
             let send_retained = group.is_none()
@@ -238,6 +272,9 @@ impl Core {
                 self.deliver(key, d, now);
             }
         }
+        // Retained messages queued for a persistent session here belong to no publisher's
+        // acknowledgement.
+        self.commit_needed = false;
     }
 
     fn on_unsubscribe(&mut self, key: SessionKey, u: Unsubscribe) {
@@ -249,6 +286,11 @@ impl Core {
             let s = self.sessions.get_mut(key).expect("connected session");
             let code = match s.subs.remove(f) {
                 Some(sub) => {
+                    if s.store_id != 0
+                        && let Some(store) = &self.store
+                    {
+                        store.drop_sub(s.store_id, f);
+                    }
                     self.tree.remove(&sub.filter, sub.group.as_deref(), key);
                     ReasonCode::SUCCESS
                 }

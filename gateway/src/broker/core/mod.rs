@@ -6,6 +6,7 @@
 
 mod connect;
 mod control;
+mod persist;
 mod route;
 mod sys;
 mod table;
@@ -23,6 +24,7 @@ use super::outbound::OutboundTx;
 use super::retained::RetainedStore;
 use super::router::{Match, SessionKey, SubscriptionTree};
 use super::settings::Settings;
+use super::store::{Loaded, Store};
 use super::sys::Stats;
 use super::{DurableReceipt, DurableSink, SinkId};
 use table::SessionTable;
@@ -111,14 +113,27 @@ pub(crate) struct Core {
     timers: timers::Timers,
     /// Reused per publish to avoid an allocation per message.
     scratch: Vec<Match>,
+    /// Retained messages and persistent sessions on disk; `None` with persistence off.
+    store: Option<Store>,
+    /// Something the current publish changed was sent to the store, so its
+    /// acknowledgement must wait for the commit.
+    commit_needed: bool,
     stats: Stats,
     started: Instant,
 }
 
 /// Spawns the core task and returns the handle to reach it.
-pub(crate) fn spawn(settings: Arc<Settings>, sinks: Vec<Arc<dyn DurableSink>>) -> BrokerHandle {
+pub(crate) fn spawn(
+    settings: Arc<Settings>,
+    sinks: Vec<Arc<dyn DurableSink>>,
+    store: Option<(Store, Loaded)>,
+) -> BrokerHandle {
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
-    let core = Core {
+    let (store, loaded) = match store {
+        Some((s, l)) => (Some(s), Some(l)),
+        None => (None, None),
+    };
+    let mut core = Core {
         settings,
         sessions: SessionTable::new(),
         tree: SubscriptionTree::default(),
@@ -128,9 +143,14 @@ pub(crate) fn spawn(settings: Arc<Settings>, sinks: Vec<Arc<dyn DurableSink>>) -
         next_conn_id: 1,
         timers: timers::Timers::default(),
         scratch: Vec::new(),
+        store,
+        commit_needed: false,
         stats: Stats::default(),
         started: Instant::now(),
     };
+    if let Some(loaded) = loaded {
+        core.restore(loaded);
+    }
     tokio::spawn(core.run(rx));
     BrokerHandle::new(tx)
 }
@@ -161,6 +181,9 @@ impl Core {
                     for ev in batch.drain(..) {
                         if let CoreEvent::Shutdown(done) = ev {
                             self.shutdown();
+                            // Dropping the store waits for its last commit, so what was
+                            // queued for it is on disk before the process exits.
+                            self.store = None;
                             let _ = done.send(());
                             return;
                         }
@@ -210,8 +233,12 @@ impl Core {
             }
             CoreEvent::LocalUnsubscribe(key) => self.end_session(key),
             CoreEvent::Qos2Refused { session, packet_id } => {
-                if let Some(s) = self.sessions.get_mut(session) {
-                    s.end_incoming_qos2(packet_id);
+                if let Some(s) = self.sessions.get_mut(session)
+                    && s.end_incoming_qos2(packet_id)
+                    && s.store_id != 0
+                    && let Some(store) = &self.store
+                {
+                    store.drop_qos2(s.store_id, packet_id);
                 }
             }
             CoreEvent::AddSink(sink, done) => {

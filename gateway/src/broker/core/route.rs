@@ -13,6 +13,7 @@ use crate::broker::message::Message;
 use crate::broker::outbound::Outbound;
 use crate::broker::router::{Match, SessionKey, SubEntry};
 use crate::broker::session::{Delivery, Inflight, Link, Session, SessionSub};
+use crate::broker::store::Store;
 
 impl Core {
     /// Accepts a message from any publisher: updates retained state, delivers it to
@@ -22,14 +23,28 @@ impl Core {
         self.stats.bytes_received += msg.payload.len() as u64;
         if msg.retain {
             self.retained.update(msg);
+            if let Some(store) = &self.store {
+                store.retain(msg);
+                self.commit_needed = true;
+            }
         }
         self.route(msg);
-        self.sinks
+        let mut receipts: Vec<DurableReceipt> = self
+            .sinks
             .iter()
             .enumerate()
             .filter(|(i, _)| msg.skip_sink != Some(*i))
             .filter_map(|(_, s)| s.offer(msg))
-            .collect()
+            .collect();
+        // Kept for a persistent session or as a retained message: the acknowledgement
+        // waits until the store has committed it, as it waits for a bridge spool.
+        if std::mem::take(&mut self.commit_needed)
+            && msg.qos != QoS::AtMostOnce
+            && let Some(store) = &self.store
+        {
+            receipts.push(store.receipt());
+        }
+        receipts
     }
 
     pub(super) fn route(&mut self, msg: &Arc<Message>) {
@@ -99,15 +114,25 @@ impl Core {
                     }
                 } else if !s.has_queued() && s.inflight_len() < usize::from(s.send_quota) {
                     let tx = tx.clone();
-                    send_inflight(s, &tx, d);
+                    let packet_id = s.alloc_packet_id();
+                    let stored = keep(
+                        &mut self.store,
+                        s,
+                        &d,
+                        Some(packet_id),
+                        &mut self.commit_needed,
+                    );
+                    send_inflight(s, &tx, d, packet_id, stored);
                     self.stats.messages_sent += 1;
                 } else {
-                    enqueue(s, d, max_queued, &mut self.stats.dropped_queue_full);
+                    self.stats.dropped_queue_full +=
+                        enqueue(s, d, max_queued, &mut self.store, &mut self.commit_needed);
                 }
             }
             None => {
                 if d.qos != QoS::AtMostOnce || queue_qos0 {
-                    enqueue(s, d, max_queued, &mut self.stats.dropped_queue_full);
+                    self.stats.dropped_queue_full +=
+                        enqueue(s, d, max_queued, &mut self.store, &mut self.commit_needed);
                 }
             }
         }
@@ -123,21 +148,30 @@ impl Core {
         };
         let tx = tx.clone();
         while s.inflight_len() < usize::from(s.send_quota) {
-            let Some(d) = s.pop_queued() else {
+            let Some((stored, d)) = s.pop_queued() else {
                 break;
             };
             if d.msg.is_expired(now) {
+                forget(&self.store, stored);
                 continue;
             }
             self.stats.messages_sent += 1;
             if d.qos == QoS::AtMostOnce {
+                // QoS 0 is done once it is handed to the connection.
+                forget(&self.store, stored);
                 tx.send(Outbound::Publish {
                     delivery: d,
                     packet_id: None,
                     dup: false,
                 });
             } else {
-                send_inflight(s, &tx, d);
+                let packet_id = s.alloc_packet_id();
+                if stored != 0
+                    && let Some(store) = &self.store
+                {
+                    store.set_packet_id(stored, packet_id);
+                }
+                send_inflight(s, &tx, d, packet_id, stored);
             }
         }
     }
@@ -178,12 +212,18 @@ impl Core {
     }
 }
 
-fn send_inflight(s: &mut Session, tx: &crate::broker::outbound::OutboundTx, d: Delivery) {
-    let packet_id = s.alloc_packet_id();
+fn send_inflight(
+    s: &mut Session,
+    tx: &crate::broker::outbound::OutboundTx,
+    d: Delivery,
+    packet_id: u16,
+    stored: u64,
+) {
     s.flows().inflight.push_back(Inflight {
         packet_id,
         delivery: d.clone(),
         released: false,
+        stored,
     });
     tx.send(Outbound::Publish {
         delivery: d,
@@ -192,15 +232,53 @@ fn send_inflight(s: &mut Session, tx: &crate::broker::outbound::OutboundTx, d: D
     });
 }
 
-fn enqueue(s: &mut Session, d: Delivery, max: usize, dropped: &mut u64) {
+/// Queues a delivery for a session that is offline or has no free inflight slot;
+/// returns how many were dropped instead (0 or 1) because the queue is full.
+fn enqueue(
+    s: &mut Session,
+    d: Delivery,
+    max: usize,
+    store: &mut Option<Store>,
+    commit_needed: &mut bool,
+) -> u64 {
     if s.queued_len() >= max {
-        s.dropped += 1;
-        *dropped += 1;
+        s.dropped = s.dropped.wrapping_add(1);
         if s.dropped.is_power_of_two() {
             warn!(client_id = %s.client_id, dropped = s.dropped, "session queue full; dropping new messages");
         }
-    } else {
-        s.flows().queue.push_back(d);
+        return 1;
+    }
+    let stored = keep(store, s, &d, None, commit_needed);
+    s.flows().queue.push_back((stored, d));
+    0
+}
+
+/// Writes a delivery owed to a persistent session to the store; its row id, or 0 when
+/// the session is not kept there.
+fn keep(
+    store: &mut Option<Store>,
+    s: &Session,
+    d: &Delivery,
+    packet_id: Option<u16>,
+    commit_needed: &mut bool,
+) -> u64 {
+    match store {
+        Some(store) if s.store_id != 0 => {
+            let id = store.new_delivery_id();
+            store.put_delivery(id, s.store_id, d, packet_id);
+            *commit_needed = true;
+            id
+        }
+        _ => 0,
+    }
+}
+
+/// Removes a delivery's row, if it has one.
+pub(super) fn forget(store: &Option<Store>, stored: u64) {
+    if stored != 0
+        && let Some(store) = store
+    {
+        store.drop_delivery(stored);
     }
 }
 

@@ -18,7 +18,7 @@ impl Core {
             .filter(|s| matches!(s.link, Some(Link::Network { .. })))
             .count();
         let st = self.stats.clone();
-        let entries: [(&str, String); 12] = [
+        let entries: [(&str, String); 13] = [
             ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
             (
                 "uptime",
@@ -42,6 +42,12 @@ impl Core {
             (
                 "messages/dropped/too_large",
                 st.dropped_too_large.to_string(),
+            ),
+            // Batches the broker store could not write (disk full, failing card): what
+            // they held is kept in memory only.
+            (
+                "store/failed_writes",
+                self.store.as_ref().map_or(0, |s| s.failures()).to_string(),
             ),
         ];
         for (name, value) in entries {

@@ -1,0 +1,283 @@
+//! Persistence: retained messages and persistent sessions survive a restart or a crash.
+//!
+//! The core never waits on the disk. It sends what changed (a session, a subscription,
+//! a message owed to a session, a retained message) down one ordered queue to a writer
+//! thread that commits whatever has gathered in one SQLite transaction (group commit).
+//! When a publisher's message was kept for a persistent session or as a retained message,
+//! its PUBACK/PUBREC waits for a receipt from that queue, exactly as it waits for the
+//! bridge spool: what the broker has acknowledged is on disk. Clients with clean
+//! sessions and topics nobody keeps cost nothing here.
+//!
+//! A write that fails (disk full, a failing card) is logged and counted; the broker keeps
+//! serving from memory, because the message is already routed and refusing the publisher
+//! now would only make it send a duplicate.
+
+mod db;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytestring::ByteString;
+use futures_util::FutureExt;
+use outpost_mqtt::{Protocol, QoS, SubscriptionOptions};
+use tokio::sync::oneshot;
+
+pub use db::{Loaded, LoadedSession};
+
+use super::DurableReceipt;
+use super::message::Message;
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused the file.
+    #[error(
+        "broker store {path}: {source} (check that the state directory is writable; \
+         `broker.persistence = false` runs without it)"
+    )]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// A file operation failed.
+    #[error("broker store {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One change for the writer, in the order the core made it.
+enum Op {
+    PutSession {
+        id: u32,
+        client_id: Arc<str>,
+        protocol: Protocol,
+        expiry: u32,
+    },
+    DropSession(u32),
+    PutSub {
+        session: u32,
+        filter: String,
+        options: SubscriptionOptions,
+        sub_id: Option<u32>,
+    },
+    DropSub {
+        session: u32,
+        filter: String,
+    },
+    PutDelivery {
+        id: u64,
+        session: u32,
+        msg: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sub_ids: Vec<u32>,
+        packet_id: Option<u16>,
+    },
+    SetPacketId {
+        id: u64,
+        packet_id: u16,
+    },
+    Released(u64),
+    DropDelivery(u64),
+    PutQos2 {
+        session: u32,
+        packet_id: u16,
+    },
+    DropQos2 {
+        session: u32,
+        packet_id: u16,
+    },
+    PutRetained(Arc<Message>),
+    DropRetained(ByteString),
+    /// Answered once everything before it is committed.
+    Sync(oneshot::Sender<()>),
+}
+
+/// The core's side of the store.
+pub struct Store {
+    tx: std::sync::mpsc::Sender<Op>,
+    next_session: u32,
+    next_delivery: u64,
+    failures: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Store {
+    /// Opens the store at `path`, reads back what it holds and starts its writer.
+    pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
+        let conn = db::open(path)?;
+        let loaded = db::load(&conn).map_err(|source| StoreError::Sqlite {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let failures = Arc::new(AtomicU64::new(0));
+        let thread =
+            writer::spawn(conn, rx, path.to_owned(), failures.clone()).map_err(|source| {
+                StoreError::Io {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+        let store = Store {
+            tx,
+            next_session: loaded.max_session_id,
+            next_delivery: loaded.max_delivery_id,
+            failures,
+            thread: Some(thread),
+        };
+        Ok((store, loaded))
+    }
+
+    fn send(&self, op: Op) {
+        // The writer only stops when this side is dropped, or if it panicked; then the
+        // broker carries on from memory and the failure counter says why.
+        if self.tx.send(op).is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A fresh id for a session that becomes persistent.
+    pub fn new_session_id(&mut self) -> u32 {
+        self.next_session = self.next_session.wrapping_add(1).max(1);
+        self.next_session
+    }
+
+    /// A fresh id for a message owed to a session.
+    pub fn new_delivery_id(&mut self) -> u64 {
+        self.next_delivery += 1;
+        self.next_delivery
+    }
+
+    /// Writes (or rewrites) a persistent session.
+    pub fn put_session(&self, id: u32, client_id: &Arc<str>, protocol: Protocol, expiry: u32) {
+        self.send(Op::PutSession {
+            id,
+            client_id: client_id.clone(),
+            protocol,
+            expiry,
+        });
+    }
+
+    /// Forgets a session with everything it held.
+    pub fn drop_session(&self, id: u32) {
+        self.send(Op::DropSession(id));
+    }
+
+    /// Writes a subscription of a persistent session.
+    pub fn put_sub(
+        &self,
+        session: u32,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) {
+        self.send(Op::PutSub {
+            session,
+            filter: filter.to_owned(),
+            options,
+            sub_id: id,
+        });
+    }
+
+    /// Removes a subscription.
+    pub fn drop_sub(&self, session: u32, filter: &str) {
+        self.send(Op::DropSub {
+            session,
+            filter: filter.to_owned(),
+        });
+    }
+
+    /// Writes a message owed to a session, queued (`packet_id` `None`) or in flight.
+    pub fn put_delivery(
+        &self,
+        id: u64,
+        session: u32,
+        d: &super::session::Delivery,
+        packet_id: Option<u16>,
+    ) {
+        self.send(Op::PutDelivery {
+            id,
+            session,
+            msg: d.msg.clone(),
+            qos: d.qos,
+            retain: d.retain,
+            sub_ids: d.sub_ids.clone(),
+            packet_id,
+        });
+    }
+
+    /// A queued message went out with this packet identifier.
+    pub fn set_packet_id(&self, id: u64, packet_id: u16) {
+        self.send(Op::SetPacketId { id, packet_id });
+    }
+
+    /// PUBREC came for this message and PUBREL went out.
+    pub fn released(&self, id: u64) {
+        self.send(Op::Released(id));
+    }
+
+    /// The message is no longer owed (acknowledged, expired or refused).
+    pub fn drop_delivery(&self, id: u64) {
+        self.send(Op::DropDelivery(id));
+    }
+
+    /// An inbound QoS 2 exchange waits for PUBREL.
+    pub fn put_qos2(&self, session: u32, packet_id: u16) {
+        self.send(Op::PutQos2 { session, packet_id });
+    }
+
+    /// An inbound QoS 2 exchange ended.
+    pub fn drop_qos2(&self, session: u32, packet_id: u16) {
+        self.send(Op::DropQos2 { session, packet_id });
+    }
+
+    /// Stores a retained message, or clears its topic when the payload is empty.
+    pub fn retain(&self, msg: &Arc<Message>) {
+        if msg.payload.is_empty() {
+            self.send(Op::DropRetained(msg.topic.clone()));
+        } else {
+            self.send(Op::PutRetained(msg.clone()));
+        }
+    }
+
+    /// Resolves once everything sent so far is committed (or has failed, which is
+    /// logged: the broker keeps serving from memory).
+    pub fn receipt(&self) -> DurableReceipt {
+        let (tx, rx) = oneshot::channel();
+        self.send(Op::Sync(tx));
+        async move {
+            let _ = rx.await;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    /// Writes that failed since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer commit what is left and stop; waiting for it
+        // here is what makes a clean shutdown lose nothing that was queued.
+        let (tx, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
