@@ -22,7 +22,6 @@ mod settings;
 mod sys;
 mod tls;
 mod transport;
-mod ws;
 
 use std::sync::Arc;
 
