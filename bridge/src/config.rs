@@ -1,7 +1,8 @@
 //! The `[[bridge]]` configuration table: types, defaults and validation.
 //!
 //! Durations are humantime strings ("30s", "5m") or integer seconds; sizes are strings with
-//! a binary or decimal unit ("512MiB", "2GB") or integer bytes. Unknown keys are errors.
+//! a binary or decimal unit ("512MiB", "2GB") or integer bytes; `outpost-units` parses both,
+//! as it does for the rest of the file. Unknown keys are errors.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,11 +34,17 @@ pub struct BridgeConfig {
     #[serde(default)]
     pub password: Option<String>,
     /// Keep alive sent in CONNECT (default 60s); also bounds half-open link detection.
-    #[serde(default = "default_keep_alive", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_keep_alive",
+        deserialize_with = "outpost_units::duration"
+    )]
     pub keep_alive: Duration,
     /// Session expiry requested from a 5.0 cloud (default 7 days). The session must outlive
     /// an outage for QoS 2 state to survive on the cloud side.
-    #[serde(default = "default_session_expiry", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_session_expiry",
+        deserialize_with = "outpost_units::duration"
+    )]
     pub session_expiry: Duration,
     /// Highest QoS used towards the cloud (default 2). Set 1 for brokers without QoS 2
     /// (AWS IoT Core); a CONNACK Maximum QoS lowers it too.
@@ -67,7 +74,10 @@ pub struct BridgeConfig {
     #[serde(default)]
     pub status: StatusConfig,
     /// How often `$SYS/broker/bridge/{name}/...` counters are published locally (default 10s).
-    #[serde(default = "default_stats_interval", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_stats_interval",
+        deserialize_with = "outpost_units::duration"
+    )]
     pub stats_interval: Duration,
 }
 
@@ -155,7 +165,10 @@ pub struct SpoolConfig {
     #[serde(default)]
     pub path: Option<PathBuf>,
     /// Bound on the spooled data (topic + payload + properties + 32 bytes per row).
-    #[serde(default = "default_max_bytes", deserialize_with = "de_size")]
+    #[serde(
+        default = "default_max_bytes",
+        deserialize_with = "outpost_units::bytes"
+    )]
     pub max_bytes: u64,
     /// Policy when the bound is reached.
     #[serde(default)]
@@ -187,13 +200,22 @@ impl Default for SpoolConfig {
 #[serde(deny_unknown_fields)]
 pub struct ReconnectConfig {
     /// First backoff ceiling (default 1s).
-    #[serde(default = "default_backoff_min", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_backoff_min",
+        deserialize_with = "outpost_units::duration"
+    )]
     pub min: Duration,
     /// Largest backoff ceiling (default 60s).
-    #[serde(default = "default_backoff_max", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_backoff_max",
+        deserialize_with = "outpost_units::duration"
+    )]
     pub max: Duration,
     /// Bound on connect + CONNACK (default 10s).
-    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "outpost_units::duration"
+    )]
     pub connect_timeout: Duration,
 }
 
@@ -412,64 +434,6 @@ impl BridgeConfig {
     }
 }
 
-/// Accept "30s"/"1h 5m" (humantime) or integer seconds.
-pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        S(String),
-        I(u64),
-    }
-    match Raw::deserialize(d)? {
-        Raw::S(s) => humantime::parse_duration(s.trim())
-            .map_err(|e| serde::de::Error::custom(format!("bad duration {s:?}: {e}"))),
-        Raw::I(i) => Ok(Duration::from_secs(i)),
-    }
-}
-
-/// Accept "512MiB", "2 GB", "4096" or an integer byte count.
-pub(crate) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        S(String),
-        I(u64),
-    }
-    match Raw::deserialize(d)? {
-        Raw::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
-        Raw::I(i) => Ok(i),
-    }
-}
-
-/// Parse a byte size with an optional unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| format!("bad size {s:?}: expected a number with an optional unit"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        other => return Err(format!("bad size {s:?}: unknown unit {other:?}")),
-    };
-    let v = num * mult as f64;
-    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-        return Err(format!("bad size {s:?}: out of range"));
-    }
-    Ok(v as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,15 +521,6 @@ mod tests {
         let c = parse("name='a'\naddress='mqtt://h'\nprotocol=5.0\n").unwrap();
         assert_eq!(c.protocol, ProtocolVersion::V5);
         assert!(parse("name='a'\naddress='mqtt://h'\nprotocol='4.0'\n").is_err());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
-        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("").is_err());
     }
 
     #[test]

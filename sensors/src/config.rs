@@ -7,19 +7,21 @@ use std::collections::HashMap;
 use std::ops::Deref;
 use std::time::Duration;
 
-/// A humantime duration such as `"5s"` or `"250ms"`.
+/// A duration such as `"5s"` or `"250ms"` (or integer seconds), at most 30 days.
+///
+/// A type of its own, not a bare `Duration`, because of that bound; the parsing is the
+/// shared `outpost_units::duration`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let d = humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))?;
+        let d = outpost_units::duration(d)?;
         // Bounded so that deadline arithmetic (Instant + Duration) can never overflow.
         if d > MAX_DURATION {
             return Err(serde::de::Error::custom(format!(
-                "duration {s:?} is longer than 30 days"
+                "duration {:?} is longer than 30 days",
+                humantime::format_duration(d).to_string()
             )));
         }
         Ok(Dur(d))
@@ -1290,7 +1292,7 @@ transport = { rtu = { port = "/dev/ttyUSB0", baud = 19200 } }
         let e = err_of(
             "[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"kv\"\nreopen_backoff = \"soon\"\n",
         );
-        assert!(e.contains("invalid duration"), "{e}");
+        assert!(e.contains("is not a duration"), "{e}");
         let e = err_of(
             "[sensors]\n[[sensors.serial]]\nname = \"s\"\nport = \"/dev/x\"\nformat = \"kv\"\nreopen_backoff = \"100years\"\n",
         );

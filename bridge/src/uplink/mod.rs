@@ -6,7 +6,6 @@ mod packet_ids;
 mod session;
 mod tls;
 mod transport;
-mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;

@@ -8,7 +8,6 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::ws;
 use crate::config::{Address, Scheme};
 
 /// A bidirectional byte stream to the cloud broker.
@@ -31,7 +30,7 @@ pub async fn connect(
     let Some((config, server_name)) = tls else {
         if addr.scheme == Scheme::Ws {
             let url = format!("ws://{host}:{}{}", addr.port, addr.path);
-            let ws = ws::handshake(&url, tcp).await?;
+            let ws = outpost_ws::connect(&url, tcp).await?;
             tracing::debug!(%url, "websocket handshake done");
             return Ok(Box::new(ws));
         }
@@ -45,7 +44,7 @@ pub async fn connect(
         .await?;
     if addr.scheme == Scheme::Wss {
         let url = format!("wss://{host}:{}{}", addr.port, addr.path);
-        return Ok(Box::new(ws::handshake(&url, stream).await?));
+        return Ok(Box::new(outpost_ws::connect(&url, stream).await?));
     }
     Ok(Box::new(stream))
 }

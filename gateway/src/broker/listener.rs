@@ -176,7 +176,7 @@ async fn serve_websocket<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    match tokio::time::timeout(settings.connect_timeout, super::ws::accept(stream, path)).await {
+    match tokio::time::timeout(settings.connect_timeout, outpost_ws::accept(stream, path)).await {
         Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings).await,
         Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
         Err(_) => debug!(%peer, "WebSocket handshake timed out"),

@@ -23,7 +23,6 @@ pub mod store;
 mod sys;
 mod tls;
 mod transport;
-mod ws;
 
 use std::sync::Arc;
 

@@ -5,15 +5,13 @@
 //! them without guessing. Each crate owns its own section's types; this module composes
 //! them.
 
-mod units;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use units::ByteSize;
+pub use outpost_units::ByteSize;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -104,7 +102,7 @@ pub struct BrokerConfig {
     /// A client must send CONNECT within this time after the TCP connection opens.
     #[serde(
         default = "default_connect_timeout",
-        deserialize_with = "units::duration"
+        deserialize_with = "outpost_units::duration"
     )]
     pub connect_timeout: Duration,
     /// Upper bound on a client's keep alive, announced as 5.0 Server Keep Alive.
@@ -133,7 +131,10 @@ pub struct BrokerConfig {
     #[serde(default, deserialize_with = "opt_duration")]
     pub max_session_expiry: Option<Duration>,
     /// How often `$SYS/broker/...` statistics are published; "0s" turns them off.
-    #[serde(default = "default_sys_interval", deserialize_with = "units::duration")]
+    #[serde(
+        default = "default_sys_interval",
+        deserialize_with = "outpost_units::duration"
+    )]
     pub sys_interval: Duration,
     /// Keep retained messages and persistent sessions (with the messages they are owed)
     /// in `{state_dir}/broker.sqlite`, so they survive a restart, a crash or a power
@@ -143,7 +144,7 @@ pub struct BrokerConfig {
 }
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    units::duration(d).map(Some)
+    outpost_units::duration(d).map(Some)
 }
 
 fn default_listeners() -> Vec<ListenerConfig> {

@@ -1,0 +1,190 @@
+//! MQTT over WebSocket: the server and client handshakes, and an adapter that makes a
+//! WebSocket look like a byte stream so MQTT code is the same for every transport.
+//!
+//! The broker (accepting `ws://` listeners) and the bridge (dialling a `ws://`/`wss://`
+//! cloud) need the same adapter. It cannot live in `outpost-mqtt`, which stays free of
+//! async I/O, and the bridge must not depend on the gateway, so both use this crate.
+//! TLS is not handled here: the adapter wraps whatever stream it is given, plain TCP or
+//! a TLS stream the caller has already set up.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// Accepts the HTTP upgrade on `path`, agreeing to the `mqtt` subprotocol (MQTT-6.0.0-3).
+pub async fn accept<S>(stream: S, path: &str) -> io::Result<WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let path = path.to_owned();
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's callback contract
+    let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != path {
+            let mut e = ErrorResponse::new(Some(format!("MQTT is served at {path}")));
+            *e.status_mut() = StatusCode::NOT_FOUND;
+            return Err(e);
+        }
+        let offers_mqtt = req
+            .headers()
+            .get_all("Sec-WebSocket-Protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("mqtt"));
+        if offers_mqtt {
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        }
+        Ok(resp)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async(stream, callback)
+        .await
+        .map_err(io_err)?;
+    Ok(WsStream::new(ws))
+}
+
+/// WebSocket handshake over `stream` for `url`, offering the `mqtt` subprotocol.
+pub async fn connect<S>(url: &str, stream: S) -> io::Result<WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    let (ws, _response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .map_err(io_err)?;
+    Ok(WsStream::new(ws))
+}
+
+/// Unwraps tungstenite's I/O errors so callers see the socket's own error kind (a reset
+/// stays `ConnectionReset`); anything else becomes `Other` with tungstenite's message.
+fn io_err(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+/// A WebSocket carrying MQTT in binary frames, seen as a byte stream; each write is
+/// one binary message.
+pub struct WsStream<S> {
+    inner: WebSocketStream<S>,
+    /// The rest of the last binary message, which may hold several MQTT packets or part
+    /// of one (MQTT-6.0.0-2: packets are not aligned on frames).
+    pending: Bytes,
+}
+
+impl<S> WsStream<S> {
+    fn new(inner: WebSocketStream<S>) -> Self {
+        WsStream {
+            inner,
+            pending: Bytes::new(),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
+                Some(Ok(Message::Binary(data))) => self.pending = data,
+                // MQTT-6.0.0-1: MQTT travels in binary frames only.
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text frame on an MQTT WebSocket",
+                    )));
+                }
+                // Pings are answered by tungstenite.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Err(e)) => return Poll::Ready(Err(io_err(e))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(io_err)?;
+        Pin::new(&mut self.inner)
+            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(io_err)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx).map_err(io_err)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx).map_err(io_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn bytes_cross_in_both_directions() {
+        let (c, s) = tokio::io::duplex(4096);
+        let (client, server) = tokio::join!(connect("ws://localhost/mqtt", c), accept(s, "/mqtt"));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        client.write_all(b"\x10\x02ab").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x10\x02ab");
+        server.write_all(b"\x20\x02\x00\x00").await.unwrap();
+        server.flush().await.unwrap();
+        // Read in pieces: a message longer than the caller's buffer is kept for later.
+        let mut first = [0; 1];
+        client.read_exact(&mut first).await.unwrap();
+        let mut rest = [0; 3];
+        client.read_exact(&mut rest).await.unwrap();
+        assert_eq!((first, rest), ([0x20], [0x02, 0, 0]));
+        client.shutdown().await.unwrap();
+        assert_eq!(
+            server.read(&mut got).await.unwrap(),
+            0,
+            "close reads as EOF"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_path_is_refused() {
+        let (c, s) = tokio::io::duplex(4096);
+        let (client, server) =
+            tokio::join!(connect("ws://localhost/elsewhere", c), accept(s, "/mqtt"));
+        assert!(client.is_err() && server.is_err());
+    }
+}
