@@ -20,7 +20,8 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-/// Accepts the HTTP upgrade on `path`, agreeing to the `mqtt` subprotocol (MQTT-6.0.0-3).
+/// Accepts the HTTP upgrade on `path`, answering with the `mqtt` subprotocol the client
+/// offers (MQTT-6.0.0-4; the offer is MQTT-6.0.0-3).
 pub async fn accept<S>(stream: S, path: &str) -> io::Result<WsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
