@@ -54,24 +54,33 @@ pub async fn connect(
         protocol,
         client_id,
         keep_alive,
+        true,
         Properties::default(),
         limit,
     )
     .await
 }
 
-/// [`connect`] with CONNECT properties (5.0 only; 3.x ignores them).
+/// [`connect`] with Clean Start and CONNECT properties (5.0 only; 3.x ignores them).
 pub async fn connect_with(
     addr: SocketAddr,
     protocol: Protocol,
     client_id: &str,
     keep_alive: u16,
+    clean_start: bool,
     properties: Properties,
     limit: Duration,
 ) -> Result<Connection> {
     timeout(
         limit,
-        connect_inner(addr, protocol, client_id, keep_alive, properties),
+        connect_inner(
+            addr,
+            protocol,
+            client_id,
+            keep_alive,
+            clean_start,
+            properties,
+        ),
     )
     .await
     .map_err(|_| anyhow!("CONNECT to {addr} as {client_id} timed out after {limit:?}"))?
@@ -82,6 +91,7 @@ async fn connect_inner(
     protocol: Protocol,
     client_id: &str,
     keep_alive: u16,
+    clean_start: bool,
     properties: Properties,
 ) -> Result<Connection> {
     let stream = TcpStream::connect(addr)
@@ -100,7 +110,7 @@ async fn connect_inner(
     };
     let connect = Packet::Connect(Box::new(Connect {
         protocol,
-        clean_start: true,
+        clean_start,
         keep_alive,
         properties,
         client_id: client_id.to_owned(),

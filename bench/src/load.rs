@@ -63,6 +63,10 @@ pub struct LoadArgs {
     /// Longest wait for deliveries after the last publish, however busy the broker is.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_limit: Duration,
+    /// Subscribers keep persistent sessions (3.1.1 clean session off, 5.0 session expiry
+    /// one hour), so a broker with persistence has to keep what it owes them.
+    #[arg(long)]
+    pub persistent_subscribers: bool,
 }
 
 /// One line of results of a load run.
@@ -80,6 +84,8 @@ pub struct LoadReport {
     pub publishers: usize,
     /// Subscribers.
     pub subscribers: usize,
+    /// Subscribers had persistent sessions.
+    pub persistent_subscribers: bool,
     /// QoS.
     pub qos: u8,
     /// Payload bytes.
@@ -156,13 +162,22 @@ pub async fn run(
     // (`--inflight`); without it the broker may send 65,535 unacknowledged messages.
     let sub_props = Properties {
         receive_maximum: Some(args.inflight.clamp(1, 65535) as u16),
+        session_expiry_interval: args.persistent_subscribers.then_some(3600),
         ..Properties::default()
     };
     let mut subs = Vec::with_capacity(args.subscribers);
     for j in 0..args.subscribers {
         let id = format!("ob-{run_id}-s{j}");
-        let mut c =
-            conn::connect_with(addr, protocol, &id, 60, sub_props.clone(), setup_limit).await?;
+        let mut c = conn::connect_with(
+            addr,
+            protocol,
+            &id,
+            60,
+            !args.persistent_subscribers,
+            sub_props.clone(),
+            setup_limit,
+        )
+        .await?;
         c.subscribe(&format!("{prefix}/#"), qos, setup_limit)
             .await?;
         subs.push(c);
@@ -341,6 +356,7 @@ pub async fn run(
         protocol: protocol_name(protocol).to_owned(),
         publishers: args.publishers,
         subscribers: args.subscribers,
+        persistent_subscribers: args.persistent_subscribers,
         qos: args.qos,
         payload: args.payload,
         inflight: args.inflight,

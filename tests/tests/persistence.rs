@@ -456,3 +456,132 @@ async fn a_damaged_store_is_set_aside_and_the_broker_still_starts() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].payload, "fresh");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_subscriber_that_never_acknowledges_gets_its_message_after_kill_9() {
+    outpost_only!();
+    let mut broker = Broker::start("");
+    let port = broker.port();
+    let connect = connect_packet(Protocol::V3_1_1, "pst-noack", false);
+    let (mut raw, _) = RawClient::connect(port, connect.clone()).await;
+    raw.subscribe(
+        1,
+        "pst/noack",
+        sub_opts(QoS::AtLeastOnce),
+        Properties::default(),
+    )
+    .await;
+    // The PUBACK to the publisher comes only once the delivery is acknowledged or on
+    // disk; this subscriber never acknowledges, so it must be on disk.
+    acked(
+        port,
+        "pst-noack-pub",
+        "pst/noack",
+        "owed",
+        Q4::AtLeastOnce,
+        false,
+    )
+    .await;
+    let first = raw.expect_publish(WAIT).await;
+    broker.kill9();
+    drop(raw);
+    broker.restart();
+
+    let (mut raw, ack) = RawClient::connect(broker.port(), connect).await;
+    assert!(ack.session_present);
+    let again = raw.expect_publish(WAIT).await;
+    assert_eq!(&again.payload[..], b"owed");
+    assert!(again.dup, "resent with DUP=1 (MQTT-3.3.1-1)");
+    assert_eq!(
+        again.packet_id, first.packet_id,
+        "same packet id (MQTT-4.4.0-1)"
+    );
+}
+
+/// The value of a retained `$SYS` topic once it satisfies `ok`.
+async fn sys_value(port: u16, topic: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    let (mut c, _) = V4Client::connect(port, &format!("pst-sys-{}", rand_suffix()), |_| {}).await;
+    c.client.subscribe(topic, Q4::AtMostOnce).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(p) = c.next_publish(Duration::from_secs(2)).await {
+            let v: u64 = String::from_utf8_lossy(&p.payload).parse().unwrap();
+            if ok(v) {
+                return v;
+            }
+            last = Some(v);
+        }
+    }
+    panic!("{topic} never reached the expected value (last {last:?})");
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_connected_subscriber_acknowledges_are_not_written() {
+    outpost_only!();
+    let broker = Broker::start("sys_interval = \"1s\"");
+    let port = broker.port();
+    const WRITTEN: &str = "$SYS/broker/store/messages_written";
+    let (mut sub, _) = V4Client::connect(port, "pst-w-sub", |o| {
+        o.set_clean_session(false);
+    })
+    .await;
+    sub.client
+        .subscribe("pst/w/#", Q4::ExactlyOnce)
+        .await
+        .unwrap();
+    sub.expect_suback().await;
+    sub.disconnect().await;
+
+    // Offline: every message it is owed goes to disk at once.
+    for i in 0..3 {
+        acked(
+            port,
+            "pst-w-p0",
+            "pst/w/q",
+            &format!("q{i}"),
+            Q4::AtLeastOnce,
+            false,
+        )
+        .await;
+    }
+    let queued = sys_value(port, WRITTEN, |v| v >= 3).await;
+    assert_eq!(queued, 3, "the three queued messages are written");
+
+    let (mut sub, _) = V4Client::connect(port, "pst-w-sub", |o| {
+        o.set_clean_session(false);
+    })
+    .await;
+    assert_eq!(sub.expect_publishes(3, WAIT).await.len(), 3);
+    // Online and acknowledging (rumqttc answers each PUBLISH at once): the broker need
+    // not write what comes back acknowledged within its grace period.
+    let (mut p, _) = V4Client::connect(port, "pst-w-p1", |_| {}).await;
+    for i in 0..100 {
+        let qos = if i % 2 == 0 {
+            Q4::AtLeastOnce
+        } else {
+            Q4::ExactlyOnce
+        };
+        p.client
+            .publish("pst/w/live", qos, false, format!("l{i}"))
+            .await
+            .unwrap();
+        p.expect_publish_done().await;
+    }
+    assert_eq!(sub.expect_publishes(100, WAIT).await.len(), 100);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let total = sys_value(port, WRITTEN, |_| true).await;
+    // A slow scheduler may let an acknowledgement miss the 50 ms grace now and then;
+    // writing every message would make this 103.
+    assert!(
+        total - queued <= 10,
+        "{} of 100 promptly acknowledged messages were written",
+        total - queued
+    );
+}

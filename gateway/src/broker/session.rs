@@ -34,8 +34,30 @@ pub struct Inflight {
     pub delivery: Delivery,
     /// True once PUBREC arrived and PUBREL went out (QoS 2 second half).
     pub released: bool,
-    /// Its row in the broker store; 0 when not stored.
+    /// Its id in the broker store when its session is kept there; 0 otherwise.
     pub stored: u64,
+    /// The row is on disk. A message in flight to a connected client is written only if
+    /// the client has not acknowledged it within a grace period (`core/persist.rs`).
+    pub written: bool,
+    /// Held while the publisher's acknowledgement waits for this delivery to be
+    /// acknowledged or written; dropping it is what releases the publisher.
+    pub gate: Option<Arc<AckGate>>,
+}
+
+/// The publisher's side of a message owed to persistent sessions: its PUBACK/PUBREC
+/// waits until every clone of this is gone (each delivery acknowledged by its client,
+/// written to the store, or no longer owed).
+pub struct AckGate {
+    /// Never sent on: the receiver resolves when this is dropped.
+    _release: tokio::sync::oneshot::Sender<()>,
+}
+
+impl AckGate {
+    /// A gate and what resolves once the last clone of it is dropped.
+    pub fn new() -> (Arc<AckGate>, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Arc::new(AckGate { _release: tx }), rx)
+    }
 }
 
 /// What to send to one subscriber for one message.
@@ -147,6 +169,11 @@ impl Session {
     /// The message flows, made on first use.
     pub fn flows(&mut self) -> &mut Flows {
         self.flows.get_or_insert_with(Default::default)
+    }
+
+    /// The message flows, if there are any.
+    pub fn flows_mut(&mut self) -> Option<&mut Flows> {
+        self.flows.as_deref_mut()
     }
 
     /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.

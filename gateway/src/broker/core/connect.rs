@@ -227,6 +227,8 @@ impl Core {
             return;
         }
         self.persist_session(key);
+        // Offline now: what it still owes the client is written at once.
+        self.flush_session(key);
         let now = Instant::now();
         match will_delay {
             Some(0) => {

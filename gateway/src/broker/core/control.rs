@@ -143,7 +143,10 @@ impl Core {
             return;
         };
         if let Some(f) = s.take_inflight(packet_id) {
-            super::route::forget(&self.store, f.stored);
+            // Acknowledged before it was written: nothing on disk to remove.
+            if f.written {
+                super::route::forget(&self.store, f.stored);
+            }
             self.pump(key, Instant::now());
         }
     }
@@ -159,7 +162,9 @@ impl Core {
             // 5.0: PUBREL only follows a PUBREC below 0x80 (MQTT-4.3.3-4); a failing one
             // ends the exchange, so free the slot.
             if let Some(f) = s.take_inflight(r.packet_id) {
-                super::route::forget(&self.store, f.stored);
+                if f.written {
+                    super::route::forget(&self.store, f.stored);
+                }
                 self.pump(key, Instant::now());
             }
             return;
@@ -174,7 +179,9 @@ impl Core {
         match found {
             Some(f) => {
                 f.released = true;
-                if f.stored != 0
+                // The client has the message: its publisher need not wait for it.
+                f.gate = None;
+                if f.written
                     && let Some(store) = &self.store
                 {
                     store.released(f.stored);
@@ -275,6 +282,7 @@ impl Core {
         // Retained messages queued for a persistent session here belong to no publisher's
         // acknowledgement.
         self.commit_needed = false;
+        self.pending_gate = None;
     }
 
     fn on_unsubscribe(&mut self, key: SessionKey, u: Unsubscribe) {

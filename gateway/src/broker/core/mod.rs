@@ -23,6 +23,7 @@ use super::message::Message;
 use super::outbound::OutboundTx;
 use super::retained::RetainedStore;
 use super::router::{Match, SessionKey, SubscriptionTree};
+use super::session::AckGate;
 use super::settings::Settings;
 use super::store::{Loaded, Store};
 use super::sys::Stats;
@@ -118,6 +119,12 @@ pub(crate) struct Core {
     /// Something the current publish changed was sent to the store, so its
     /// acknowledgement must wait for the commit.
     commit_needed: bool,
+    /// The current publish's gate, made when its first delivery to a connected
+    /// persistent session is deferred (`persist.rs`).
+    pending_gate: Option<(Arc<AckGate>, oneshot::Receiver<()>)>,
+    /// Deliveries in flight to persistent sessions that are not written yet: when each is
+    /// due to be written, its session and its store id, in order.
+    deferred: std::collections::VecDeque<(Instant, SessionKey, u64)>,
     stats: Stats,
     started: Instant,
 }
@@ -145,6 +152,8 @@ pub(crate) fn spawn(
         scratch: Vec::new(),
         store,
         commit_needed: false,
+        pending_gate: None,
+        deferred: std::collections::VecDeque::new(),
         stats: Stats::default(),
         started: Instant::now(),
     };
@@ -181,8 +190,10 @@ impl Core {
                     for ev in batch.drain(..) {
                         if let CoreEvent::Shutdown(done) = ev {
                             self.shutdown();
-                            // Dropping the store waits for its last commit, so what was
-                            // queued for it is on disk before the process exits.
+                            // Deliveries not acknowledged yet are written, and dropping the
+                            // store waits for its last commit: what a session is owed is on
+                            // disk before the process exits.
+                            self.flush_deferred(Instant::now(), true);
                             self.store = None;
                             let _ = done.send(());
                             return;

@@ -1,5 +1,14 @@
-//! The core's side of persistence: which sessions the store keeps, and bringing back
-//! what an earlier run left.
+//! The core's side of persistence: which sessions the store keeps, when a message owed
+//! to one is written, and bringing back what an earlier run left.
+//!
+//! A message queued for a persistent session (offline, or its inflight window full) is
+//! written at once. A message sent straight to a connected one usually comes back
+//! acknowledged within a millisecond; writing it and deleting it again would cost two
+//! commits per message (and wear an SD card) for nothing. So such a delivery is written
+//! only if it is still unacknowledged after [`WRITE_GRACE`], or when its client goes
+//! away; until then its publisher's PUBACK/PUBREC waits on an [`AckGate`] that each
+//! delivery holds and drops once it is acknowledged or committed. Either way, what the
+//! broker has acknowledged to a publisher is with a subscriber or on disk.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,10 +16,85 @@ use std::time::{Duration, Instant};
 use super::Core;
 use super::timers::Timer;
 use crate::broker::router::{SessionKey, SubEntry};
-use crate::broker::session::{Inflight, Session, SessionSub};
+use crate::broker::session::{AckGate, Inflight, Session, SessionSub};
 use crate::broker::store::Loaded;
 
+/// How long a delivery in flight to a connected persistent session may go unacknowledged
+/// before it is written. A healthy client answers well inside it; it also bounds how long
+/// a slow one holds up its publisher's acknowledgement (plus one commit).
+pub(super) const WRITE_GRACE: Duration = Duration::from_millis(50);
+
 impl Core {
+    /// Writes deferred deliveries that are due (all of them with `all`), releasing their
+    /// publishers once the store has committed them.
+    pub(super) fn flush_deferred(&mut self, now: Instant, all: bool) {
+        let mut gates = Vec::new();
+        while let Some(&(at, key, id)) = self.deferred.front() {
+            if !all && at > now {
+                break;
+            }
+            self.deferred.pop_front();
+            self.write_deferred(key, Some(id), &mut gates);
+        }
+        self.release_after_commit(gates);
+        if let Some(&(at, _, _)) = self.deferred.front() {
+            self.timers.push(at, Timer::Deferred);
+        }
+    }
+
+    /// Writes every deferred delivery of one session (its client went away).
+    pub(super) fn flush_session(&mut self, key: SessionKey) {
+        let mut gates = Vec::new();
+        self.write_deferred(key, None, &mut gates);
+        self.release_after_commit(gates);
+    }
+
+    /// Writes the session's unwritten delivery `id` (every one with `None`), moving the
+    /// gates of what was written into `gates`.
+    fn write_deferred(&mut self, key: SessionKey, id: Option<u64>, gates: &mut Vec<Arc<AckGate>>) {
+        let Some(store) = self.store.as_ref() else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let sid = s.store_id;
+        let Some(flows) = s.flows_mut() else {
+            return;
+        };
+        for f in flows.inflight.iter_mut() {
+            if f.written || f.stored == 0 || id.is_some_and(|id| id != f.stored) {
+                continue;
+            }
+            if sid == 0 {
+                // The session stopped being persistent (a 5.0 client resumed it with
+                // expiry 0): nothing to keep, nobody to wait for.
+                f.gate = None;
+                continue;
+            }
+            store.put_delivery(f.stored, sid, &f.delivery, Some(f.packet_id));
+            if f.released {
+                store.released(f.stored);
+            }
+            f.written = true;
+            gates.extend(f.gate.take());
+        }
+    }
+
+    /// Releases `gates` once everything written so far is committed.
+    fn release_after_commit(&self, gates: Vec<Arc<AckGate>>) {
+        if gates.is_empty() {
+            return;
+        }
+        if let Some(store) = &self.store {
+            let committed = store.receipt();
+            tokio::spawn(async move {
+                let _ = committed.await;
+                drop(gates);
+            });
+        }
+    }
+
     /// Brings the session's row in the store in line with it: a session that outlives
     /// its connection (expiry above zero) is kept; one that ends with it is not.
     pub(super) fn persist_session(&mut self, key: SessionKey) {
@@ -77,6 +161,8 @@ impl Core {
                         delivery,
                         released,
                         stored,
+                        written: true,
+                        gate: None,
                     }),
                     None => s.flows().queue.push_back((stored, delivery)),
                 }

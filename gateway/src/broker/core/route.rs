@@ -8,11 +8,13 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::Core;
+use super::persist::WRITE_GRACE;
+use super::timers::Timer;
 use crate::broker::DurableReceipt;
 use crate::broker::message::Message;
 use crate::broker::outbound::Outbound;
 use crate::broker::router::{Match, SessionKey, SubEntry};
-use crate::broker::session::{Delivery, Inflight, Link, Session, SessionSub};
+use crate::broker::session::{AckGate, Delivery, Inflight, Link, Session, SessionSub};
 use crate::broker::store::Store;
 
 impl Core {
@@ -37,12 +39,23 @@ impl Core {
             .filter_map(|(_, s)| s.offer(msg))
             .collect();
         // Kept for a persistent session or as a retained message: the acknowledgement
-        // waits until the store has committed it, as it waits for a bridge spool.
+        // waits until the store has committed it, as it waits for a bridge spool...
         if std::mem::take(&mut self.commit_needed)
             && msg.qos != QoS::AtMostOnce
             && let Some(store) = &self.store
         {
             receipts.push(store.receipt());
+        }
+        // ...or, for deliveries in flight to connected persistent sessions, until each is
+        // acknowledged by its client or written (`persist.rs`).
+        if let Some((gate, released)) = self.pending_gate.take() {
+            drop(gate);
+            if msg.qos != QoS::AtMostOnce {
+                receipts.push(Box::pin(async move {
+                    let _ = released.await;
+                    Ok(())
+                }));
+            }
         }
         receipts
     }
@@ -115,14 +128,28 @@ impl Core {
                 } else if !s.has_queued() && s.inflight_len() < usize::from(s.send_quota) {
                     let tx = tx.clone();
                     let packet_id = s.alloc_packet_id();
-                    let stored = keep(
-                        &mut self.store,
-                        s,
-                        &d,
-                        Some(packet_id),
-                        &mut self.commit_needed,
-                    );
-                    send_inflight(s, &tx, d, packet_id, stored);
+                    let mut f = Inflight {
+                        packet_id,
+                        delivery: d,
+                        released: false,
+                        stored: 0,
+                        written: false,
+                        gate: None,
+                    };
+                    if s.store_id != 0
+                        && let Some(store) = self.store.as_mut()
+                    {
+                        // Not written yet: a client that acknowledges within the grace
+                        // period costs no disk write; the publisher waits for either.
+                        f.stored = store.new_delivery_id();
+                        let (gate, _) = self.pending_gate.get_or_insert_with(AckGate::new);
+                        f.gate = Some(gate.clone());
+                        if self.deferred.is_empty() {
+                            self.timers.push(now + WRITE_GRACE, Timer::Deferred);
+                        }
+                        self.deferred.push_back((now + WRITE_GRACE, key, f.stored));
+                    }
+                    send_inflight(s, &tx, f);
                     self.stats.messages_sent += 1;
                 } else {
                     self.stats.dropped_queue_full +=
@@ -171,7 +198,15 @@ impl Core {
                 {
                     store.set_packet_id(stored, packet_id);
                 }
-                send_inflight(s, &tx, d, packet_id, stored);
+                let f = Inflight {
+                    packet_id,
+                    delivery: d,
+                    released: false,
+                    stored,
+                    written: stored != 0,
+                    gate: None,
+                };
+                send_inflight(s, &tx, f);
             }
         }
     }
@@ -212,24 +247,13 @@ impl Core {
     }
 }
 
-fn send_inflight(
-    s: &mut Session,
-    tx: &crate::broker::outbound::OutboundTx,
-    d: Delivery,
-    packet_id: u16,
-    stored: u64,
-) {
-    s.flows().inflight.push_back(Inflight {
-        packet_id,
-        delivery: d.clone(),
-        released: false,
-        stored,
-    });
+fn send_inflight(s: &mut Session, tx: &crate::broker::outbound::OutboundTx, f: Inflight) {
     tx.send(Outbound::Publish {
-        delivery: d,
-        packet_id: Some(packet_id),
+        delivery: f.delivery.clone(),
+        packet_id: Some(f.packet_id),
         dup: false,
     });
+    s.flows().inflight.push_back(f);
 }
 
 /// Queues a delivery for a session that is offline or has no free inflight slot;
@@ -248,24 +272,18 @@ fn enqueue(
         }
         return 1;
     }
-    let stored = keep(store, s, &d, None, commit_needed);
+    let stored = keep(store, s, &d, commit_needed);
     s.flows().queue.push_back((stored, d));
     0
 }
 
-/// Writes a delivery owed to a persistent session to the store; its row id, or 0 when
+/// Writes a queued delivery of a persistent session to the store; its row id, or 0 when
 /// the session is not kept there.
-fn keep(
-    store: &mut Option<Store>,
-    s: &Session,
-    d: &Delivery,
-    packet_id: Option<u16>,
-    commit_needed: &mut bool,
-) -> u64 {
+fn keep(store: &mut Option<Store>, s: &Session, d: &Delivery, commit_needed: &mut bool) -> u64 {
     match store {
         Some(store) if s.store_id != 0 => {
             let id = store.new_delivery_id();
-            store.put_delivery(id, s.store_id, d, packet_id);
+            store.put_delivery(id, s.store_id, d, None);
             *commit_needed = true;
             id
         }

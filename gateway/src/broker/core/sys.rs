@@ -1,5 +1,6 @@
 //! `$SYS/broker/...`: the core publishes its statistics as retained messages.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -18,7 +19,14 @@ impl Core {
             .filter(|s| matches!(s.link, Some(Link::Network { .. })))
             .count();
         let st = self.stats.clone();
-        let entries: [(&str, String); 13] = [
+        let (failed_writes, written) = self.store.as_ref().map_or((0, 0), |s| {
+            let c = s.counters();
+            (
+                c.failed_batches.load(Ordering::Relaxed),
+                c.deliveries_written.load(Ordering::Relaxed),
+            )
+        });
+        let entries: [(&str, String); 14] = [
             ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
             (
                 "uptime",
@@ -45,10 +53,10 @@ impl Core {
             ),
             // Batches the broker store could not write (disk full, failing card): what
             // they held is kept in memory only.
-            (
-                "store/failed_writes",
-                self.store.as_ref().map_or(0, |s| s.failures()).to_string(),
-            ),
+            ("store/failed_writes", failed_writes.to_string()),
+            // Messages owed to persistent sessions that had to be written (queued, or
+            // unacknowledged past the grace period): what persistence costs the disk.
+            ("store/messages_written", written.to_string()),
         ];
         for (name, value) in entries {
             let msg = Message::new(

@@ -26,6 +26,8 @@ pub(crate) enum Timer {
     },
     /// Publish `$SYS` statistics.
     Sys,
+    /// Write deliveries to persistent sessions that are still unacknowledged.
+    Deferred,
 }
 
 /// A min-heap of timers.
@@ -83,6 +85,7 @@ impl Core {
                     self.publish_sys(now);
                     self.schedule_sys();
                 }
+                Timer::Deferred => self.flush_deferred(now, false),
             }
         }
     }

@@ -101,12 +101,21 @@ enum Op {
     Sync(oneshot::Sender<()>),
 }
 
+/// What the writer did, for `$SYS`.
+#[derive(Default)]
+pub struct Counters {
+    /// Batches that could not be written.
+    pub failed_batches: AtomicU64,
+    /// Rows of messages owed to sessions that reached the disk.
+    pub deliveries_written: AtomicU64,
+}
+
 /// The core's side of the store.
 pub struct Store {
     tx: std::sync::mpsc::Sender<Op>,
     next_session: u32,
     next_delivery: u64,
-    failures: Arc<AtomicU64>,
+    counters: Arc<Counters>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -119,9 +128,9 @@ impl Store {
             source,
         })?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let failures = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
         let thread =
-            writer::spawn(conn, rx, path.to_owned(), failures.clone()).map_err(|source| {
+            writer::spawn(conn, rx, path.to_owned(), counters.clone()).map_err(|source| {
                 StoreError::Io {
                     path: path.to_owned(),
                     source,
@@ -131,7 +140,7 @@ impl Store {
             tx,
             next_session: loaded.max_session_id,
             next_delivery: loaded.max_delivery_id,
-            failures,
+            counters,
             thread: Some(thread),
         };
         Ok((store, loaded))
@@ -141,7 +150,7 @@ impl Store {
         // The writer only stops when this side is dropped, or if it panicked; then the
         // broker carries on from memory and the failure counter says why.
         if self.tx.send(op).is_err() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -261,9 +270,9 @@ impl Store {
         .boxed()
     }
 
-    /// Writes that failed since start.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+    /// What the writer has done since start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 }
 

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,8 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use tracing::error;
 
-use super::Op;
 use super::db::{encode_publish, expires_ms};
+use super::{Counters, Op};
 
 /// Changes in one transaction at most, so a huge backlog still commits in steps.
 const MAX_BATCH: usize = 8192;
@@ -29,14 +29,14 @@ pub(super) fn spawn(
     conn: Connection,
     rx: Receiver<Op>,
     path: PathBuf,
-    failures: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("broker-store".into())
-        .spawn(move || run(conn, rx, path, failures))
+        .spawn(move || run(conn, rx, path, counters))
 }
 
-fn run(mut conn: Connection, rx: Receiver<Op>, path: PathBuf, failures: Arc<AtomicU64>) {
+fn run(mut conn: Connection, rx: Receiver<Op>, path: PathBuf, counters: Arc<Counters>) {
     let mut batch = Vec::new();
     let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
     let mut last_report: Option<Instant> = None;
@@ -48,18 +48,25 @@ fn run(mut conn: Connection, rx: Receiver<Op>, path: PathBuf, failures: Arc<Atom
                 Err(_) => break,
             }
         }
-        if let Err(e) = apply(&mut conn, &mut batch, &mut syncs) {
-            let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-            // Once a minute at most: a full disk fails every batch.
-            if last_report.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                last_report = Some(Instant::now());
-                error!(
-                    store = %path.display(),
-                    error = %e,
-                    failed_batches = n,
-                    "broker store: cannot write; retained messages and persistent sessions \
-                     are kept in memory only until it can (is the disk full?)"
-                );
+        match apply(&mut conn, &mut batch, &mut syncs) {
+            Ok(written) => {
+                counters
+                    .deliveries_written
+                    .fetch_add(written, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let n = counters.failed_batches.fetch_add(1, Ordering::Relaxed) + 1;
+                // Once a minute at most: a full disk fails every batch.
+                if last_report.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    last_report = Some(Instant::now());
+                    error!(
+                        store = %path.display(),
+                        error = %e,
+                        failed_batches = n,
+                        "broker store: cannot write; retained messages and persistent sessions \
+                         are kept in memory only until it can (is the disk full?)"
+                    );
+                }
             }
         }
         batch.clear();
@@ -69,13 +76,13 @@ fn run(mut conn: Connection, rx: Receiver<Op>, path: PathBuf, failures: Arc<Atom
     }
 }
 
-/// Applies one batch in one transaction; the syncs in it are handed back to be answered
-/// after the commit, whatever its outcome.
+/// Applies one batch in one transaction, returning how many delivery rows it wrote; the
+/// syncs in it are handed back to be answered after the commit, whatever its outcome.
 fn apply(
     conn: &mut Connection,
     batch: &mut Vec<Op>,
     syncs: &mut Vec<oneshot::Sender<()>>,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<u64> {
     // Deliveries both written and dropped in this batch never reach the file.
     let put: HashSet<u64> = batch
         .iter()
@@ -94,17 +101,23 @@ fn apply(
 
     let tx = conn.transaction()?;
     let mut result = Ok(());
+    let mut written = 0;
     for op in batch.drain(..) {
-        if let Op::Sync(s) = op {
-            syncs.push(s);
-            continue;
+        match op {
+            Op::Sync(s) => {
+                syncs.push(s);
+                continue;
+            }
+            Op::PutDelivery { id, .. } if !cancelled.contains(&id) => written += 1,
+            _ => {}
         }
         if result.is_ok() {
             result = apply_one(&tx, op, &cancelled);
         }
     }
     result?;
-    tx.commit()
+    tx.commit()?;
+    Ok(written)
 }
 
 fn apply_one(
