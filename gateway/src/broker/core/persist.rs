@@ -24,6 +24,10 @@ use crate::broker::store::Loaded;
 /// a slow one holds up its publisher's acknowledgement (plus one commit).
 pub(super) const WRITE_GRACE: Duration = Duration::from_millis(50);
 
+/// Deferred deliveries are looked at no more often than this, so one may wait up to
+/// `WRITE_GRACE + FLUSH_TICK` before it is written.
+const FLUSH_TICK: Duration = Duration::from_millis(20);
+
 impl Core {
     /// Writes deferred deliveries that are due (all of them with `all`), releasing their
     /// publishers once the store has committed them.
@@ -38,7 +42,10 @@ impl Core {
         }
         self.release_after_commit(gates);
         if let Some(&(at, _, _)) = self.deferred.front() {
-            self.timers.push(at, Timer::Deferred);
+            // One wake-up per tick, not one per message: at a steady rate every delivery
+            // has its own deadline, and waking for each would cost more than the writes
+            // the grace period saves.
+            self.timers.push(at.max(now + FLUSH_TICK), Timer::Deferred);
         }
     }
 
