@@ -114,10 +114,88 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Is there a topic name that both filters match?
+///
+/// This is how a broker tells whether a subscription can ever receive anything an
+/// access rule lets through. It follows [`matches`]: `#` covers the parent level, and a
+/// filter starting with a wildcard shares no `$` topic with another (MQTT-4.7.2-1).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let a = parse_shared(a).map_or(a, |(_, inner)| inner);
+    let b = parse_shared(b).map_or(b, |(_, inner)| inner);
+    let wild_first = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (a.starts_with('$') && wild_first(b)) || (b.starts_with('$') && wild_first(a)) {
+        return false;
+    }
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn overlapping_filters() {
+        for (a, b) in [
+            ("a/#", "a"),
+            ("a/+", "+/b"),
+            ("#", "x/y/z"),
+            ("$SYS/#", "$SYS/+/c"),
+            ("$share/g/a/+", "a/b"),
+        ] {
+            assert!(filters_overlap(a, b), "{a} ~ {b}");
+            assert!(filters_overlap(b, a), "{b} ~ {a}");
+        }
+        for (a, b) in [
+            ("a", "a/b"),
+            ("+", "a/b"),
+            ("a/+/c", "a/b/d"),
+            ("#", "$SYS/x"),
+            ("+/x", "$SYS/x"),
+        ] {
+            assert!(!filters_overlap(a, b), "{a} !~ {b}");
+            assert!(!filters_overlap(b, a), "{b} !~ {a}");
+        }
+    }
+
+    fn small_filter() -> impl Strategy<Value = String> {
+        let level = prop::sample::select(vec!["a", "b", "$s", "+"]);
+        (prop::collection::vec(level, 1..4), any::<bool>()).prop_map(|(levels, hash)| {
+            let mut f = levels.join("/");
+            if hash {
+                f.push_str("/#");
+            }
+            f
+        })
+    }
+
+    proptest! {
+        /// Two filters overlap exactly when some topic over the same small alphabet
+        /// matches both (every topic that could tell them apart is in the search).
+        #[test]
+        fn overlap_agrees_with_brute_force(a in small_filter(), b in small_filter()) {
+            let names = ["a", "b", "$s", "z"];
+            let mut topics = Vec::new();
+            for n in 1..=5u32 {
+                for i in 0..names.len().pow(n) {
+                    let mut k = i;
+                    let t: Vec<&str> = (0..n).map(|_| { let l = names[k % names.len()]; k /= names.len(); l }).collect();
+                    topics.push(t.join("/"));
+                }
+            }
+            let brute = topics.iter().any(|t| matches(&a, t) && matches(&b, t));
+            prop_assert_eq!(filters_overlap(&a, &b), brute, "{} vs {}", a, b);
+        }
+    }
 
     // Non-normative examples of 3.1.1 section 4.7.1.2 and 5.0 section 4.7.1.2.
     #[test]

@@ -118,3 +118,51 @@ async fn acl_refusal_on_311_is_acknowledged_and_dropped() {
         "sensors/dev1/t"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_nothing_readable_could_match_is_refused_0x87_and_0x80() {
+    outpost_only!();
+    let broker = acl_broker();
+    let port = broker.port();
+    // 5.0: Not authorized (0x87) for the filter no read rule overlaps, granted for one
+    // that partly overlaps (what it may not read is filtered on delivery).
+    let (mut v5, _) = RawClient::connect(port, connect_packet(Protocol::V5, "sub5", true)).await;
+    assert_eq!(
+        v5.subscribe(
+            1,
+            "logs/#",
+            sub_opts(QoS::AtLeastOnce),
+            Properties::default()
+        )
+        .await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        v5.subscribe(
+            2,
+            "+/dev1/#",
+            sub_opts(QoS::AtLeastOnce),
+            Properties::default()
+        )
+        .await,
+        ReasonCode::GRANTED_QOS_1
+    );
+    // 3.1.1 has one failure return code, 0x80 (MQTT-3.9.3-2); checked on the wire bytes.
+    let mut v4 = RawClient::tcp(port, Protocol::V3_1_1).await;
+    v4.send(&Packet::Connect(Box::new(connect_packet(
+        Protocol::V3_1_1,
+        "sub4",
+        true,
+    ))))
+    .await;
+    assert_eq!(v4.read_bytes(4, WAIT).await, vec![0x20, 0x02, 0x00, 0x00]);
+    v4.send_bytes(&[
+        0x82, 0x0b, 0x00, 0x07, 0x00, 0x06, b'l', b'o', b'g', b's', b'/', b'#', 0x01,
+    ])
+    .await;
+    assert_eq!(
+        v4.read_bytes(5, WAIT).await,
+        vec![0x90, 0x03, 0x00, 0x07, 0x80],
+        "SUBACK with return code 0x80"
+    );
+}

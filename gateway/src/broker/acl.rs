@@ -4,7 +4,7 @@
 //! so the per-message check is a scan of a few filters, and costs nothing when no rules
 //! are configured.
 
-use outpost_mqtt::topic::matches;
+use outpost_mqtt::topic::{filters_overlap, matches};
 
 use crate::config::{AclAccess, AclRule};
 
@@ -55,6 +55,13 @@ impl ClientAcl {
         self.read.iter().any(|f| matches(f, topic))
     }
 
+    /// Can a subscription on `filter` ever deliver anything to the client? A filter that
+    /// only partly overlaps what it may read is granted, and each message is checked on
+    /// delivery; one that overlaps nothing is refused, so the client learns at once.
+    pub fn can_subscribe(&self, filter: &str) -> bool {
+        self.read.iter().any(|f| filters_overlap(f, filter))
+    }
+
     /// May the client publish on `topic`?
     pub fn can_write(&self, topic: &str) -> bool {
         self.write.iter().any(|f| matches(f, topic))
@@ -94,6 +101,17 @@ mod tests {
         assert!(!bob.can_read("users/alice/inbox"));
         let admin = ClientAcl::resolve(&rules, Some("admin"), "a").unwrap();
         assert!(admin.can_read("anything/at/all") && admin.can_write("x"));
+    }
+
+    #[test]
+    fn subscriptions_are_refused_only_where_nothing_could_be_read() {
+        let rules = [rule(None, "data/%c/#", AclAccess::Read)];
+        let acl = ClientAcl::resolve(&rules, None, "d1").unwrap();
+        assert!(acl.can_subscribe("data/d1/temp"));
+        assert!(acl.can_subscribe("data/+/temp"), "overlaps data/d1/temp");
+        assert!(acl.can_subscribe("#"), "overlaps; deliveries are filtered");
+        assert!(!acl.can_subscribe("data/d2/#"));
+        assert!(!acl.can_subscribe("other/#"));
     }
 
     #[test]

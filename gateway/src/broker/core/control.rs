@@ -231,6 +231,17 @@ impl Core {
                 tx.send(Outbound::Disconnect(ReasonCode::PROTOCOL_ERROR));
                 return;
             }
+            if self
+                .sessions
+                .get(key)
+                .and_then(|s| s.acl.as_ref())
+                .is_some_and(|a| !a.can_subscribe(&inner))
+            {
+                // Nothing on this filter could ever be delivered: 0x87 on 5.0, which the
+                // codec sends as 0x80, the one failure code of 3.1.1 (MQTT-3.9.3-2).
+                reason_codes.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
             let entry = SubEntry {
                 options: f.options,
                 id: sub_id,
