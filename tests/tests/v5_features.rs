@@ -455,6 +455,54 @@ async fn receive_maximum_is_announced_and_enforced_with_0x93_mqtt_3_3_4_and_4_9(
     );
 }
 
+/// A client still sending when the broker ends its connection must still read why. Here,
+/// as in the Paho interoperability suite's flow-control test, the client answers each
+/// PUBREC with a PUBREL until it reads the DISCONNECT: the broker keeps reading (and
+/// dropping) after its DISCONNECT, so those writes do not fail with a broken pipe before
+/// the client gets to the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_after_0x93_reads_the_disconnect_without_a_broken_pipe() {
+    outpost_tests::outpost_only!();
+    let broker = Broker::start("receive_maximum = 5");
+    for round in 0..5 {
+        let (mut raw, _) = RawClient::connect(
+            broker.port(),
+            connect_packet(Protocol::V5, &format!("v5-linger-{round}"), true),
+        )
+        .await;
+        let mut burst = bytes::BytesMut::new();
+        for id in 1..=6u16 {
+            let p = Packet::Publish(publish("v5/linger", QoS::ExactlyOnce, Some(id), b"q2"));
+            outpost_mqtt::encode(&p, Protocol::V5, &mut burst).unwrap();
+        }
+        raw.send_bytes(&burst).await;
+        let mut pubrecs = 0;
+        let reason = loop {
+            match raw.recv(WAIT).await {
+                Ok(Packet::PubRec(r)) => {
+                    pubrecs += 1;
+                    // Give the broker time to close, so a write to a dead socket fails.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let mut rel = bytes::BytesMut::new();
+                    let p = Packet::PubRel(outpost_mqtt::PubResponse::new(r.packet_id));
+                    outpost_mqtt::encode(&p, Protocol::V5, &mut rel).unwrap();
+                    assert!(
+                        raw.try_send_bytes(&rel).await,
+                        "round {round}: PUBREL {pubrecs} hit a closed socket"
+                    );
+                }
+                Ok(Packet::Disconnect(d)) => break d.reason,
+                other => panic!("round {round}: expected PUBREC or DISCONNECT, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            reason,
+            ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+            "round {round}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_qos2_flows_free_receive_maximum_slots() {
     let broker = Broker::start("receive_maximum = 5");

@@ -163,7 +163,34 @@ fn close<T: Transport>(
                 .await;
         }
         transport::close(&mut driver.io).await;
+        linger(&mut driver.io).await;
     })
+}
+
+/// How long a closed connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// Bytes a closed connection reads and discards at most.
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// After our side is shut, reads and discards what the client still sends until it
+/// closes too (bounded in time and bytes). Closing a socket with unread bytes makes the
+/// kernel send a reset instead of a FIN, and a reset can destroy the DISCONNECT with its
+/// reason code before the client reads it; a client that is still sending when the
+/// server ends the connection (Receive Maximum exceeded, a malformed packet) is exactly
+/// the one that needs that reason.
+async fn linger<T: Transport>(io: &mut T) {
+    let mut buf = BytesMut::new();
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            buf.clear();
+            match transport::read_into(io, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads the CONNECT and authenticates it; `None` if the connection is to end.

@@ -78,6 +78,9 @@ pub(super) struct Conn {
     max_packet_size: u32,
     /// Set once DISCONNECT or a close was queued: flush, then end.
     pub(super) closing: bool,
+    /// The client broke a rule: reading has stopped, and the core queues the DISCONNECT
+    /// behind its replies to the packets before the offending one.
+    pub(super) ending: bool,
     /// 5.0 CONNECT had Session Expiry 0: a DISCONNECT may not raise it (3.14.2.2.2).
     connect_expiry_zero: bool,
 }
@@ -103,6 +106,7 @@ impl Conn {
             out_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
             max_packet_size: connect.properties.maximum_packet_size.unwrap_or(0),
             closing: false,
+            ending: false,
         }
     }
 
@@ -124,7 +128,7 @@ impl Conn {
                 Ok(None) => return Ok(Decoded::Done),
                 Err(e) => {
                     info!(conn_id = self.conn_id, error = %e, "malformed packet; closing the connection");
-                    self.violation(e.reason_code(), wbuf);
+                    self.end_after_replies(e.reason_code(), wbuf);
                     return Err(End::Abnormal);
                 }
             };
@@ -133,10 +137,31 @@ impl Conn {
                 Ok(Step::Stalled(ev)) => return Ok(Decoded::Stalled(ev)),
                 Ok(Step::Disconnect(d)) => return Err(End::Graceful(d)),
                 Err(reason) => {
-                    self.violation(reason, wbuf);
+                    self.end_after_replies(reason, wbuf);
                     return Err(End::Abnormal);
                 }
             }
+        }
+    }
+
+    /// Ends the connection for a broken rule, but lets the acknowledgements of the
+    /// packets before it go out first: the core queues the DISCONNECT behind its replies
+    /// to them, so the client learns which of its messages were accepted and does not
+    /// send those again. Without the core's queue, the DISCONNECT goes out at once.
+    fn end_after_replies(&mut self, reason: ReasonCode, wbuf: &mut BytesMut) {
+        if self.accepted
+            && self
+                .core
+                .try_send(CoreEvent::CloseAfterReplies {
+                    session: self.session,
+                    conn_id: self.conn_id,
+                    reason,
+                })
+                .is_ok()
+        {
+            self.ending = true;
+        } else {
+            self.violation(reason, wbuf);
         }
     }
 

@@ -47,6 +47,16 @@ pub(crate) enum CoreEvent {
         /// The packet.
         packet: Packet,
     },
+    /// A connection found a protocol violation: queue a DISCONNECT with `reason` behind
+    /// what the core has queued for it so far.
+    CloseAfterReplies {
+        /// Its session.
+        session: SessionKey,
+        /// The connection.
+        conn_id: u64,
+        /// The DISCONNECT reason (5.0).
+        reason: outpost_mqtt::ReasonCode,
+    },
     /// A connection ended.
     Closed {
         /// Its session.
@@ -221,6 +231,18 @@ impl Core {
             } => {
                 if self.sessions.get(session).and_then(|s| s.conn_id()) == Some(conn_id) {
                     self.on_packet(session, packet);
+                }
+            }
+            CoreEvent::CloseAfterReplies {
+                session,
+                conn_id,
+                reason,
+            } => {
+                if let Some(super::session::Link::Network { conn_id: c, tx }) =
+                    self.sessions.get(session).and_then(|s| s.link.as_ref())
+                    && *c == conn_id
+                {
+                    tx.send(super::outbound::Outbound::Disconnect(reason));
                 }
             }
             CoreEvent::Closed {
