@@ -38,6 +38,17 @@ pub enum SpoolError {
     Closed,
 }
 
+impl From<outpost_sqlite::OpenError> for SpoolError {
+    fn from(e: outpost_sqlite::OpenError) -> SpoolError {
+        match e {
+            outpost_sqlite::OpenError::Sqlite { path, source } => {
+                SpoolError::Sqlite { path, source }
+            }
+            outpost_sqlite::OpenError::Io { path, source } => SpoolError::Io { path, source },
+        }
+    }
+}
+
 /// Why `start` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {

@@ -1,10 +1,9 @@
-//! The SQLite file: opening with durable settings, the schema, and setting aside a corrupt
-//! file instead of deleting it.
+//! The SQLite file: its schema, opening it (durable settings and setting aside a corrupt
+//! file are `outpost_sqlite`'s), and the queries that read its totals.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::Connection;
 
 use crate::error::SpoolError;
 
@@ -55,104 +54,20 @@ CREATE TABLE IF NOT EXISTS incoming_qos2 (
 ) WITHOUT ROWID;
 ";
 
-fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Sqlite {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// True for SQLite errors that mean the file itself is damaged.
-pub fn is_corruption(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
-    )
-}
-
-fn try_open(path: &Path) -> Result<Connection, rusqlite::Error> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // WAL + FULL: NORMAL may lose the last commits on power loss, and "acked" must mean durable.
-    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::InvalidQuery);
-    }
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-    if check != "ok" {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-            Some(format!("quick_check: {check}")),
-        ));
-    }
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn)
-}
-
-/// Where a corrupt file goes: `{path}.corrupt-{unix seconds}`.
-fn quarantine_name(path: &Path) -> PathBuf {
-    let ts = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".corrupt-{ts}"));
-    PathBuf::from(name)
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-/// Rename a corrupt spool (and its WAL/SHM companions) aside; returns the new name.
-fn quarantine(path: &Path) -> Result<PathBuf, SpoolError> {
-    let target = quarantine_name(path);
-    let io_err = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| SpoolError::Io { path: p, source }
-    };
-    std::fs::rename(path, &target).map_err(io_err(path))?;
-    for suffix in ["-wal", "-shm"] {
-        let side = with_suffix(path, suffix);
-        if side.exists() {
-            std::fs::rename(&side, with_suffix(&target, suffix)).map_err(io_err(&side))?;
-        }
-    }
-    Ok(target)
-}
-
 /// Open (creating if needed) the spool at `path`. A corrupt file is renamed to
-/// `*.corrupt-<ts>` and a fresh spool is created; the returned flag says so.
+/// `*.corrupt-<ts>` and a fresh spool is created; the returned path says where it went.
 pub fn open(path: &Path) -> Result<(Connection, Option<PathBuf>), SpoolError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| SpoolError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    match try_open(path) {
-        Ok(conn) => Ok((conn, None)),
-        Err(e) if is_corruption(&e) => {
-            let aside = quarantine(path)?;
-            tracing::error!(
-                spool = %path.display(),
-                kept_as = %aside.display(),
-                error = %e,
-                "spool file is corrupt: set aside (not deleted) and starting a new one"
-            );
-            let conn = try_open(path).map_err(sqlite_err(path))?;
-            Ok((conn, Some(aside)))
-        }
-        Err(e) => Err(sqlite_err(path)(e)),
-    }
+    let opened = outpost_sqlite::open(path, SCHEMA, None)?;
+    let aside = opened.set_aside.map(|aside| {
+        tracing::error!(
+            spool = %path.display(),
+            kept_as = %aside.path.display(),
+            error = %aside.cause,
+            "spool file is corrupt: set aside (not deleted) and starting a new one"
+        );
+        aside.path
+    });
+    Ok((opened.conn, aside))
 }
 
 /// Count and accounted bytes of the rows present.

@@ -479,7 +479,7 @@ impl State {
         let text = e.to_string();
         tracing::error!(spool = %self.opts.path.display(), error = %text,
             refused = group.appended.len(), "spool commit failed: offered messages refused");
-        if store::is_corruption(&e) {
+        if outpost_sqlite::is_corruption(&e) {
             tracing::error!(spool = %self.opts.path.display(),
                 "spool is corrupt: it will be set aside at the next start");
         }

@@ -1,18 +1,19 @@
-//! The SQLite file behind the broker store: durable settings, the schema, loading what
-//! an earlier run left, and setting a damaged file aside instead of deleting it.
+//! The SQLite file behind the broker store: the schema, opening it (durable settings and
+//! setting a damaged file aside are `outpost_sqlite`'s), and loading what an earlier run
+//! left.
 //!
 //! Messages are kept as encoded MQTT 5.0 PUBLISH packets: the codec that reads the wire
 //! already checks every field, so a row that does not decode is refused the same way a
 //! malformed packet would be, and no second serialisation format has to be kept in step
 //! with the message type.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use outpost_mqtt::{Packet, Protocol, Publish, QoS, RetainHandling, SubscriptionOptions};
-use rusqlite::{Connection, ErrorCode, OpenFlags, params};
+use rusqlite::{Connection, params};
 use tracing::{error, warn};
 
 use super::StoreError;
@@ -159,90 +160,24 @@ fn decode_publish(blob: &[u8], expires: Option<i64>, now_ms: i64, what: &str) ->
     })
 }
 
-fn is_corruption(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
-    )
-}
-
-fn try_open(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    // WAL + FULL: a publisher is acknowledged only after its message is committed here,
-    // and in WAL mode NORMAL may lose the last commits on power loss.
-    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::InvalidQuery);
-    }
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    // The writer appends and deletes recent rows; a small page cache is enough, and this
-    // runs on boards with little memory.
-    conn.pragma_update(None, "cache_size", -512)?;
-    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-    if check != "ok" {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-            Some(format!("quick_check: {check}")),
-        ));
-    }
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn)
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-/// Renames a damaged file (and its WAL and shared-memory files) to `*.corrupt-{secs}`.
-fn set_aside(path: &Path) -> Result<PathBuf, StoreError> {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let target = with_suffix(path, &format!(".corrupt-{secs}"));
-    for suffix in ["", "-wal", "-shm"] {
-        let from = with_suffix(path, suffix);
-        if from.exists() {
-            std::fs::rename(&from, with_suffix(&target, suffix)).map_err(|source| {
-                StoreError::Io {
-                    path: from.clone(),
-                    source,
-                }
-            })?;
-        }
-    }
-    Ok(target)
-}
+/// Page cache of the store's connection, in KiB: the writer appends and deletes recent
+/// rows, so a small cache is enough, and this runs on boards with little memory.
+const CACHE_KIB: u32 = 512;
 
 /// Opens (creating if needed) the store at `path`. A damaged file is set aside, not
 /// deleted, and a new one started: the broker must come up on an appliance nobody is
 /// watching, and the old file stays for whoever wants to look.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
-    let sqlite = |source| StoreError::Sqlite {
-        path: path.to_owned(),
-        source,
-    };
-    match try_open(path) {
-        Ok(c) => Ok(c),
-        Err(e) if is_corruption(&e) => {
-            let aside = set_aside(path)?;
-            error!(
-                store = %path.display(),
-                kept_as = %aside.display(),
-                error = %e,
-                "broker store is damaged: set aside (not deleted); starting without the retained messages and sessions it held"
-            );
-            try_open(path).map_err(sqlite)
-        }
-        Err(e) => Err(sqlite(e)),
+    let opened = outpost_sqlite::open(path, SCHEMA, Some(CACHE_KIB))?;
+    if let Some(aside) = &opened.set_aside {
+        error!(
+            store = %path.display(),
+            kept_as = %aside.path.display(),
+            error = %aside.cause,
+            "broker store is damaged: set aside (not deleted); starting without the retained messages and sessions it held"
+        );
     }
+    Ok(opened.conn)
 }
 
 /// Reads everything back, dropping expired messages (from the file too).

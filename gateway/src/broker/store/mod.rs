@@ -53,6 +53,17 @@ pub enum StoreError {
     },
 }
 
+impl From<outpost_sqlite::OpenError> for StoreError {
+    fn from(e: outpost_sqlite::OpenError) -> StoreError {
+        match e {
+            outpost_sqlite::OpenError::Sqlite { path, source } => {
+                StoreError::Sqlite { path, source }
+            }
+            outpost_sqlite::OpenError::Io { path, source } => StoreError::Io { path, source },
+        }
+    }
+}
+
 /// One change for the writer, in the order the core made it.
 enum Op {
     PutSession {
