@@ -139,7 +139,14 @@ fn set_aside(path: &Path) -> Result<PathBuf, OpenError> {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let target = with_suffix(path, &format!(".corrupt-{secs}"));
+    // A second damaged file within the same second must not replace the first.
+    let mut target = with_suffix(path, &format!(".corrupt-{secs}"));
+    for n in 1..1000 {
+        if !target.exists() {
+            break;
+        }
+        target = with_suffix(path, &format!(".corrupt-{secs}-{n}"));
+    }
     let rename = |from: &Path, to: &Path| {
         std::fs::rename(from, to).map_err(|source| OpenError::Io {
             path: from.to_path_buf(),
