@@ -407,6 +407,10 @@ async fn clean_sessions_and_persistence_off_keep_nothing() {
     c.disconnect().await;
     settle().await;
     broker.kill9();
+    assert!(
+        !broker.state_dir().join("broker.sqlite").exists(),
+        "a broker that has kept nothing has no store file"
+    );
     broker.restart();
     let (_, ack) = V4Client::connect(broker.port(), "pst-clean", |o| {
         o.set_clean_session(false);

@@ -131,13 +131,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens the store at `path`, reads back what it holds and starts its writer.
+    /// Opens the store at `path`, reads back what it holds and starts its writer. A
+    /// file that does not exist yet is created only when there is something to keep.
     pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
-        let conn = db::open(path)?;
-        let loaded = db::load(&conn).map_err(|source| StoreError::Sqlite {
-            path: path.to_owned(),
-            source,
-        })?;
+        let (conn, loaded) = if path.exists() {
+            let conn = db::open(path)?;
+            let loaded = db::load(&conn).map_err(|source| StoreError::Sqlite {
+                path: path.to_owned(),
+                source,
+            })?;
+            (Some(conn), loaded)
+        } else {
+            (None, Loaded::default())
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let counters = Arc::new(Counters::default());
         let thread =

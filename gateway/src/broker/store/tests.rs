@@ -185,3 +185,20 @@ async fn a_row_that_does_not_decode_costs_that_row_not_the_start() {
         "the malformed and the expired rows are skipped"
     );
 }
+
+#[tokio::test]
+async fn the_file_is_made_only_once_there_is_something_to_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sqlite");
+    {
+        let (store, loaded) = Store::open(&path).unwrap();
+        assert!(loaded.sessions.is_empty() && loaded.retained.is_empty());
+        store.receipt().await.unwrap();
+        assert!(!path.exists(), "nothing kept, no file");
+        store.retain(&msg("r", b"v", QoS::AtLeastOnce, true));
+        store.receipt().await.unwrap();
+        assert!(path.exists(), "the first change makes the file");
+    }
+    let (_, loaded) = Store::open(&path).unwrap();
+    assert_eq!(loaded.retained.len(), 1);
+}

@@ -18,15 +18,17 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use tracing::error;
 
-use super::db::{encode_publish, expires_ms};
+use super::db::{self, encode_publish, expires_ms};
 use super::{Counters, Op};
 
 /// Changes in one transaction at most, so a huge backlog still commits in steps.
 const MAX_BATCH: usize = 8192;
 
-/// Starts the writer on its own thread (SQLite calls block).
+/// Starts the writer on its own thread (SQLite calls block). Without `conn` (no file
+/// yet) the file is made when the first change comes, so a broker that keeps nothing
+/// never loads SQLite's code or page cache.
 pub(super) fn spawn(
-    conn: Connection,
+    conn: Option<Connection>,
     rx: Receiver<Op>,
     path: PathBuf,
     counters: Arc<Counters>,
@@ -36,7 +38,7 @@ pub(super) fn spawn(
         .spawn(move || run(conn, rx, path, counters))
 }
 
-fn run(mut conn: Connection, rx: Receiver<Op>, path: PathBuf, counters: Arc<Counters>) {
+fn run(mut conn: Option<Connection>, rx: Receiver<Op>, path: PathBuf, counters: Arc<Counters>) {
     let mut batch = Vec::new();
     let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
     let mut last_report: Option<Instant> = None;
@@ -48,7 +50,28 @@ fn run(mut conn: Connection, rx: Receiver<Op>, path: PathBuf, counters: Arc<Coun
                 Err(_) => break,
             }
         }
-        match apply(&mut conn, &mut batch, &mut syncs) {
+        let only_syncs = batch.iter().all(|op| matches!(op, Op::Sync(_)));
+        let result = match conn.as_mut() {
+            Some(c) => apply(c, &mut batch, &mut syncs).map_err(|e| e.to_string()),
+            // Nothing to write: nothing to open the file for.
+            None if only_syncs => {
+                take_syncs(&mut batch, &mut syncs);
+                Ok(0)
+            }
+            None => match db::open(&path) {
+                Ok(mut c) => {
+                    let r = apply(&mut c, &mut batch, &mut syncs).map_err(|e| e.to_string());
+                    conn = Some(c);
+                    r
+                }
+                Err(e) => {
+                    // Answer the batch's syncs all the same: the broker goes on from memory.
+                    take_syncs(&mut batch, &mut syncs);
+                    Err(e.to_string())
+                }
+            },
+        };
+        match result {
             Ok(written) => {
                 counters
                     .deliveries_written
@@ -74,6 +97,14 @@ fn run(mut conn: Connection, rx: Receiver<Op>, path: PathBuf, counters: Arc<Coun
             let _ = s.send(());
         }
     }
+}
+
+/// Empties a batch that will not be written, keeping its syncs to be answered.
+fn take_syncs(batch: &mut Vec<Op>, syncs: &mut Vec<oneshot::Sender<()>>) {
+    syncs.extend(batch.drain(..).filter_map(|op| match op {
+        Op::Sync(s) => Some(s),
+        _ => None,
+    }));
 }
 
 /// Applies one batch in one transaction, returning how many delivery rows it wrote; the
