@@ -147,9 +147,16 @@ impl Conn {
     /// Ends the connection for a broken rule, but lets the acknowledgements of the
     /// packets before it go out first: the core queues the DISCONNECT behind its replies
     /// to them, so the client learns which of its messages were accepted and does not
-    /// send those again. Without the core's queue, the DISCONNECT goes out at once.
+    /// send those again. With no publish awaiting its acknowledgement (or no room in the
+    /// core's queue), the DISCONNECT goes out at once.
     fn end_after_replies(&mut self, reason: ReasonCode, wbuf: &mut BytesMut) {
+        let awaiting = self.unacked_qos1 > 0
+            || self
+                .tables
+                .as_ref()
+                .is_some_and(|t| !t.pending_qos2.is_empty() || !t.acks.is_empty());
         if self.accepted
+            && awaiting
             && self
                 .core
                 .try_send(CoreEvent::CloseAfterReplies {
