@@ -64,20 +64,23 @@ pub enum BridgeError {
 }
 
 /// Why an offered message was not taken into the spool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RejectReason {
     /// The spool is at `max_bytes` under `when_full = "reject-new"` (or one message is
     /// larger than the whole bound).
+    #[error("the spool is full (when_full = \"reject-new\")")]
     SpoolFull,
     /// SQLite could not commit (disk full, I/O error, corruption); the text says which.
+    #[error("the spool could not commit: {0}")]
     Storage(String),
     /// The bridge is shutting down.
+    #[error("the bridge is shutting down")]
     ShuttingDown,
 }
 
 /// An offered message that the spool refused; the publisher must not get a success ack.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bridge spool rejected the message: {reason:?}")]
+#[error("bridge spool rejected the message: {reason}")]
 pub struct Rejected {
     /// Why.
     pub reason: RejectReason,

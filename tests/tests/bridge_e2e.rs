@@ -495,3 +495,80 @@ async fn a_refused_qos2_packet_id_is_not_mistaken_for_a_duplicate() {
         }
     }
 }
+
+/// A refusal's PUBACK carries a Reason String only when the client may take one:
+/// MQTT-3.1.2-29 (Request Problem Information 0 forbids it outside PUBLISH, CONNACK and
+/// DISCONNECT) and MQTT-3.4.2-2 (not when it would exceed the client's Maximum Packet
+/// Size). The reason code itself always arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_s_reason_string_honours_problem_information_and_packet_size() {
+    if mosquitto_mode() {
+        return;
+    }
+    let cloud = Cloud::new();
+    let broker = Broker::outpost_with_full_config(&gateway_config(
+        &cloud,
+        r#"spool = { max_bytes = "4KiB", when_full = "reject-new" }"#,
+    ));
+    let payload = "x".repeat(100);
+    let (mut filler, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V5, "pub-rs-default", true),
+    )
+    .await;
+    let mut full = false;
+    for i in 0..200u16 {
+        if publish_q1_big(&mut filler, i + 1, &payload).await
+            == outpost_mqtt::ReasonCode::QUOTA_EXCEEDED
+        {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the 4 KiB spool never filled");
+
+    // The default (Request Problem Information 1): the refusal says why.
+    let why = refused_puback(&mut filler, 500, &payload).await;
+    assert!(
+        why.properties
+            .reason_string
+            .as_deref()
+            .is_some_and(|s| !s.is_empty()),
+        "{why:?}"
+    );
+
+    let mut quiet = connect_packet(Protocol::V5, "pub-rs-quiet", true);
+    quiet.properties.request_problem_information = Some(0);
+    let (mut quiet, _) = RawClient::connect(broker.port(), quiet).await;
+    let ack = refused_puback(&mut quiet, 1, &payload).await;
+    assert_eq!(ack.properties.reason_string, None, "MQTT-3.1.2-29: {ack:?}");
+    assert!(ack.properties.user_properties.is_empty(), "{ack:?}");
+
+    let mut small = connect_packet(Protocol::V5, "pub-rs-small", true);
+    small.properties.maximum_packet_size = Some(30);
+    let (mut small, _) = RawClient::connect(broker.port(), small).await;
+    let ack = refused_puback(&mut small, 1, &payload).await;
+    assert_eq!(ack.properties.reason_string, None, "MQTT-3.4.2-2: {ack:?}");
+}
+
+/// Publishes at QoS 1 on the spooled topic and expects a 0x97 PUBACK, returned whole.
+async fn refused_puback(
+    c: &mut RawClient,
+    packet_id: u16,
+    payload: &str,
+) -> outpost_mqtt::PubResponse {
+    c.send(&Packet::Publish(publish(
+        "q1/big",
+        QoS::AtLeastOnce,
+        Some(packet_id),
+        payload.as_bytes(),
+    )))
+    .await;
+    match c.expect_packet(WAIT).await {
+        Packet::PubAck(a) => {
+            assert_eq!(a.reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED, "{a:?}");
+            a
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}

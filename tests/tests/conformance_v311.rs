@@ -355,11 +355,22 @@ async fn protocol_error_publishes_the_will_mqtt_3_1_2_8() {
     assert_eq!(&p.payload[..], b"broken");
 }
 
-/// MQTT-3.1.2-1: a CONNECT with a wrong protocol name is not processed as MQTT 3.1.1.
+/// MQTT-3.1.2-1: a CONNECT with a wrong protocol name is not processed as MQTT 3.1.1,
+/// so (MQTT-3.1.4-1) the connection closes without a CONNACK: return code 1 belongs to a
+/// right name with an unsupported level.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_protocol_name_is_not_accepted_mqtt_3_1_2_1() {
+async fn wrong_protocol_name_is_closed_without_connack_mqtt_3_1_2_1() {
     let broker = Broker::start("");
-    assert_connect_refused(broker.port(), &bytes_of::connect(b"MQTX", 4, "cf4-name")).await;
+    for name in [&b"MQTX"[..], b"mqtt", b"HTTP", b""] {
+        let mut raw = RawClient::tcp(broker.port(), V4).await;
+        raw.send_bytes(&bytes_of::connect(name, 4, "cf4-name"))
+            .await;
+        let head = raw.read_bytes(4, WAIT).await;
+        assert!(head.is_empty(), "{name:?} was answered: {head:02x?}");
+        assert!(raw.closed_within(WAIT).await, "{name:?}: still open");
+    }
+    // A known name with an unknown level is answered with return code 1.
+    assert_connect_refused(broker.port(), &bytes_of::connect(b"MQTT", 6, "cf4-lvl")).await;
     assert_broker_serves(broker.port(), "cf4-name").await;
 }
 

@@ -54,6 +54,30 @@ async fn v31_mqisdp_client_is_accepted() {
     assert_eq!(raw.read_bytes(4, WAIT).await, vec![0x20, 0x02, 0x00, 0x00]);
 }
 
+/// MQTT 3.1 calls the fixed-header bits of most packets "not used" and has no rule
+/// that closes on them; old 3.1 firmware sets them loosely. They are ignored there (as
+/// Mosquitto does), while 3.1.1 closes on them (MQTT-2.2.2-2, tested elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v31_ignores_the_fixed_header_bits_it_does_not_use() {
+    let broker = Broker::start("");
+    let mut raw = RawClient::tcp(broker.port(), Protocol::V3_1).await;
+    raw.send_bytes(&bytes_of::connect(b"MQIsdp", 3, "c-v31-bits"))
+        .await;
+    assert_eq!(raw.read_bytes(4, WAIT).await, vec![0x20, 0x02, 0x00, 0x00]);
+    // PINGREQ with a flag set, then a SUBSCRIBE whose header says QoS 0.
+    raw.send_bytes(&[0xC1, 0x00]).await;
+    assert_eq!(raw.read_bytes(2, WAIT).await, vec![0xD0, 0x00]);
+    let mut sub = vec![0x80, 0x00, 0x00, 0x07];
+    sub.extend(bytes_of::string(b"v31/b"));
+    sub.push(0x01);
+    sub[1] = (sub.len() - 2) as u8;
+    raw.send_bytes(&sub).await;
+    assert_eq!(
+        raw.read_bytes(5, WAIT).await,
+        vec![0x90, 0x03, 0x00, 0x07, 0x01]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v4_empty_client_id_with_clean_session_0_refused_rc2_mqtt_3_1_3_8() {
     let broker = Broker::start("");

@@ -693,3 +693,55 @@ async fn sys_topics_are_not_matched_by_leading_wildcards_mqtt_4_7_2_1() {
         );
     }
 }
+
+/// `$SYS` is the broker's: a client's PUBLISH there is refused (5.0: 0x87; 3.1.1 has no
+/// refusal, so it is acknowledged and dropped, as Mosquitto does) and no subscriber sees
+/// a forged statistic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_cannot_publish_into_sys() {
+    if mosquitto_mode() {
+        return;
+    }
+    let broker = Broker::start("");
+    let (mut watch, _) = V4Client::connect(broker.port(), "q-sysw-watch", |_| {}).await;
+    watch
+        .client
+        .subscribe("$SYS/forged/#", Q4::AtMostOnce)
+        .await
+        .unwrap();
+    watch.expect_suback().await;
+
+    let (mut c5, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V5, "q-sysw-5", true),
+    )
+    .await;
+    c5.send(&Packet::Publish(publish(
+        "$SYS/forged/clients",
+        QoS::AtLeastOnce,
+        Some(1),
+        b"0",
+    )))
+    .await;
+    match c5.expect_packet(WAIT).await {
+        Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::NOT_AUTHORIZED, "{a:?}"),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+
+    let (mut c4, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V3_1_1, "q-sysw-4", true),
+    )
+    .await;
+    c4.send(&Packet::Publish(publish(
+        "$SYS/forged/uptime",
+        QoS::AtLeastOnce,
+        Some(1),
+        b"0",
+    )))
+    .await;
+    assert!(matches!(c4.expect_packet(WAIT).await, Packet::PubAck(_)));
+
+    let seen = watch.publishes_during(QUIET).await;
+    assert!(seen.is_empty(), "a client wrote into $SYS: {seen:?}");
+}

@@ -47,7 +47,8 @@ pub(crate) fn decode_connect(body: &Bytes) -> Result<Connect, DecodeError> {
     let level = r.u8()?;
     let protocol = protocol_of(name, level)?;
     let flags = r.u8()?;
-    if flags & FLAG_RESERVED != 0 {
+    // 3.1 has no such rule; Mosquitto accepts the bit there.
+    if flags & FLAG_RESERVED != 0 && protocol != Protocol::V3_1 {
         return Err(DecodeError::Malformed(
             "CONNECT reserved flag set (MQTT-3.1.2-3)",
         ));

@@ -32,6 +32,9 @@ pub const MAX_REMAINING_LENGTH: usize = MAX_VARINT as usize;
 fn check_first_byte(first: u8, protocol: Protocol) -> Result<(), DecodeError> {
     let packet_type = first >> 4;
     let flags = first & 0x0F;
+    // MQTT 3.1 has no rule on these bits outside PUBLISH (it calls them "not used") and
+    // old 3.1 firmware sets them loosely; Mosquitto ignores them there, and so do we.
+    let v3_1 = protocol == Protocol::V3_1;
     let ok = match packet_type {
         0 => return Err(DecodeError::InvalidPacketType(0)),
         3 => {
@@ -40,11 +43,12 @@ fn check_first_byte(first: u8, protocol: Protocol) -> Result<(), DecodeError> {
                 return Err(DecodeError::InvalidQoS(3));
             }
             // MQTT-3.3.1-2: DUP must be 0 on QoS 0.
-            !(qos == 0 && flags & 0x08 != 0)
+            v3_1 || !(qos == 0 && flags & 0x08 != 0)
         }
-        // MQTT-3.6.1-1, MQTT-3.8.1-1, MQTT-3.10.1-1. 3.1 let a retry set DUP on these.
-        6 | 8 | 10 => flags == 0x02 || (protocol == Protocol::V3_1 && flags == 0x0A),
         15 if !protocol.is_v5() => return Err(DecodeError::InvalidPacketType(15)),
+        _ if v3_1 => true,
+        // MQTT-3.6.1-1, MQTT-3.8.1-1, MQTT-3.10.1-1 (MQTT-2.2.2-2 for the rest).
+        6 | 8 | 10 => flags == 0x02,
         _ => flags == 0,
     };
     if ok {

@@ -90,12 +90,19 @@ pub(crate) fn decode_publish(
     };
     // MQTT-3.3.2-1 / 5.0 MQTT-3.3.2-1: only a 5.0 topic alias may stand in for the name.
     if topic.is_empty() && properties.as_ref().is_none_or(|p| p.topic_alias.is_none()) {
-        return Err(DecodeError::InvalidTopicName);
+        return Err(if protocol.is_v5() {
+            // 5.0 section 3.3.2.3.4 calls this a Protocol Error (0x82, as Mosquitto
+            // answers), not a bad topic name.
+            DecodeError::ProtocolError("empty topic name without a topic alias")
+        } else {
+            DecodeError::InvalidTopicName
+        });
     }
     let payload = frame.freeze();
     // Built in the caller's return type: wrapping afterwards copies 400 bytes per layer.
     let mut packet = Ok(Some(Packet::Publish(Publish {
-        dup: flags & 0x08 != 0,
+        // 3.1 lets a QoS 0 PUBLISH arrive with DUP set; it means nothing there.
+        dup: flags & 0x08 != 0 && qos != QoS::AtMostOnce,
         qos,
         retain: flags & 0x01 != 0,
         topic,

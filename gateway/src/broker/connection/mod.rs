@@ -224,9 +224,13 @@ async fn handshake<T: Transport>(
             return None;
         }
         Ok(Ok(None)) => return None,
-        Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol { level, .. }))) => {
+        Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol { level, name })))
+            if name == "MQTT" || name == "MQIsdp" =>
+        {
             // MQTT-3.1.2-2: answer an unknown protocol level with return code 1 (3.1.1
-            // format, which every version's client can parse), then close.
+            // format, which every version's client can parse), then close. An unknown
+            // protocol name is not MQTT at all: it closes below without a CONNACK
+            // (MQTT-3.1.2-1, MQTT-3.1.4-1).
             info!(%peer, level, "unsupported protocol level; refusing");
             refuse(
                 io,

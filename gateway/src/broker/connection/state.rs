@@ -76,6 +76,9 @@ pub(super) struct Conn {
     out_alias_max: u16,
     /// The client's Maximum Packet Size; 0 when it set none (0 is not a valid value).
     max_packet_size: u32,
+    /// The client's Request Problem Information (5.0): false means no Reason String or
+    /// User Property on anything but PUBLISH, CONNACK and DISCONNECT (MQTT-3.1.2-29).
+    problem_info: bool,
     /// Set once DISCONNECT or a close was queued: flush, then end.
     pub(super) closing: bool,
     /// The client broke a rule: reading has stopped, and the core queues the DISCONNECT
@@ -105,6 +108,7 @@ impl Conn {
                 && connect.properties.session_expiry_interval.unwrap_or(0) == 0,
             out_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
             max_packet_size: connect.properties.maximum_packet_size.unwrap_or(0),
+            problem_info: connect.properties.request_problem_information != Some(0),
             closing: false,
             ending: false,
         }
@@ -132,6 +136,20 @@ impl Conn {
                     return Err(End::Abnormal);
                 }
             };
+            if matches!(packet, Packet::Connect(_)) {
+                // MQTT-3.1.0-2: a second CONNECT is a protocol error and the connection
+                // is closed. No DISCONNECT goes with it (the spec makes it optional):
+                // a client that sends CONNECT twice is still waiting for a CONNACK, and
+                // some (the Eclipse Paho test client) read that wait on a second thread
+                // beside their reader, split a DISCONNECT's bytes between the two and
+                // hang. Mosquitto closes silently here too.
+                info!(
+                    conn_id = self.conn_id,
+                    "second CONNECT; closing the connection"
+                );
+                self.closing = true;
+                return Err(End::Abnormal);
+            }
             match self.on_packet(packet, wbuf) {
                 Ok(Step::Next) => {}
                 Ok(Step::Stalled(ev)) => return Ok(Decoded::Stalled(ev)),
@@ -227,8 +245,8 @@ impl Conn {
                 }
                 Ok(Step::Disconnect(Box::new(d)))
             }
-            // MQTT-3.1.0-2: a second CONNECT is a protocol violation; so are packets only
-            // a server sends, and AUTH, since no enhanced authentication is offered.
+            // Packets only a server sends are protocol errors, and so is AUTH, since no
+            // enhanced authentication is offered. (A second CONNECT ends in `on_bytes`.)
             _ => Err(ReasonCode::PROTOCOL_ERROR),
         }
     }
@@ -367,13 +385,43 @@ impl Conn {
             // A failing PUBREC ends the exchange: no PUBREL follows (section 4.9).
             t.pending_qos2.remove(&a.packet_id);
         }
-        self.encode(&a.to_packet(), wbuf);
+        if a.reason_string.is_some() && !self.problem_info {
+            let plain = Ack {
+                reason_string: None,
+                ..a.clone()
+            };
+            self.encode(&plain.to_packet(), wbuf);
+        } else {
+            self.encode(&a.to_packet(), wbuf);
+        }
     }
 
+    /// Encodes a control packet within the client's Maximum Packet Size: first without
+    /// its Reason String and User Properties if those make it too large (MQTT-3.1.2-25
+    /// and the per-packet rules such as MQTT-3.4.2-2), and not at all if even that is.
     fn encode(&self, p: &Packet, wbuf: &mut BytesMut) {
+        let start = wbuf.len();
         if let Err(e) = outpost_mqtt::encode(p, self.protocol, wbuf) {
             debug!(error = %e, "cannot encode a control packet; skipped");
+            wbuf.truncate(start);
+            return;
         }
+        let limit = self.max_packet_size as usize;
+        if limit == 0 || wbuf.len() - start <= limit {
+            return;
+        }
+        wbuf.truncate(start);
+        if let Some(plain) = without_diagnostics(p) {
+            let _ = outpost_mqtt::encode(&plain, self.protocol, wbuf);
+            if wbuf.len() - start <= limit {
+                return;
+            }
+            wbuf.truncate(start);
+        }
+        debug!(
+            limit,
+            "a control packet exceeds the client's Maximum Packet Size; skipped"
+        );
     }
 
     fn encode_publish(
@@ -432,6 +480,27 @@ impl Conn {
             aliases.outbound.insert(d.msg.topic.clone(), a);
         }
     }
+}
+
+/// `p` without its Reason String and User Properties, if it carries either.
+fn without_diagnostics(p: &Packet) -> Option<Packet> {
+    let mut p = p.clone();
+    let props = match &mut p {
+        Packet::ConnAck(c) => &mut c.properties,
+        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+            &mut r.properties
+        }
+        Packet::SubAck(a) => &mut a.properties,
+        Packet::UnsubAck(a) => &mut a.properties,
+        Packet::Disconnect(d) => &mut d.properties,
+        _ => return None,
+    };
+    if props.reason_string.is_none() && props.user_properties.is_empty() {
+        return None;
+    }
+    props.reason_string = None;
+    props.user_properties.clear();
+    Some(p)
 }
 
 /// What one packet from the client led to.

@@ -61,7 +61,10 @@ impl Core {
             self.commit_needed = true;
         }
         let qos = p.qos;
-        if s.acl.as_ref().is_some_and(|a| !a.can_write(&p.topic)) {
+        // $SYS belongs to the broker: a client must not forge its statistics (Mosquitto
+        // refuses these too), whatever the ACL says.
+        let sys = p.topic.starts_with("$SYS/") || &*p.topic == "$SYS";
+        if sys || s.acl.as_ref().is_some_and(|a| !a.can_write(&p.topic)) {
             // Not allowed: 5.0 is told (0x87); 3.x cannot be, so, as Mosquitto does, the
             // message is acknowledged and dropped.
             if qos != QoS::AtMostOnce {

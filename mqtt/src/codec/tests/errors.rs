@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use super::{decode_one, framed, s};
 use crate::codec::decode;
 use crate::error::DecodeError;
-use crate::packet::Protocol;
+use crate::packet::{Packet, Protocol, QoS};
 use crate::reason::ReasonCode;
 
 use Protocol::{V3_1, V3_1_1, V5};
@@ -79,8 +79,22 @@ fn reserved_fixed_header_flags_are_checked_mqtt_2_2_2_2() {
         err(&[0xC1, 0], V3_1_1),
         DecodeError::InvalidFlags { .. }
     ));
-    // 3.1 allowed DUP on a retried PUBREL, SUBSCRIBE or UNSUBSCRIBE.
-    assert!(decode_one(&[0x6A, 2, 0, 1], V3_1).is_ok());
+    // 3.1 allowed DUP on a retried PUBREL, SUBSCRIBE or UNSUBSCRIBE, and has no rule on
+    // the bits it calls "not used": they are ignored there, as Mosquitto does.
+    for bytes in [
+        &[0x6A, 2, 0, 1][..],
+        &[0x60, 2, 0, 1],
+        &[0x80, 6, 0, 1, 0, 1, b'a', 0],
+        &[0xA0, 5, 0, 1, 0, 1, b'a'],
+        &[0x42, 2, 0, 1],
+        &[0xC1, 0],
+    ] {
+        assert!(decode_one(bytes, V3_1).is_ok(), "{bytes:02x?}");
+    }
+    match decode_one(&[0x38, 3, 0, 1, b't'], V3_1) {
+        Ok(Packet::Publish(p)) => assert!(!p.dup && p.qos == QoS::AtMostOnce, "{p:?}"),
+        other => panic!("{other:?}"),
+    }
     assert!(matches!(
         err(&[0x6A, 2, 0, 1], V3_1_1),
         DecodeError::InvalidFlags { .. }
@@ -124,6 +138,10 @@ fn connect_reserved_flag_is_malformed_mqtt_3_1_2_3() {
         err(&framed(0x10, &body), V3_1_1),
         DecodeError::Malformed(_)
     ));
+    // 3.1 has no such rule (Mosquitto accepts the bit there).
+    let mut body = connect_body("MQIsdp", 3, 0x03);
+    body.extend(s("id"));
+    assert!(decode_one(&framed(0x10, &body), V3_1).is_ok());
 }
 
 // MQTT-3.1.2-11/13/15: without the will flag, will QoS and will retain must be 0.
@@ -254,10 +272,11 @@ fn publish_empty_topic_needs_v5_topic_alias() {
         err(&[0x30, 3, 0, 0, b'x'], V3_1_1),
         DecodeError::InvalidTopicName
     );
-    assert_eq!(
-        err(&[0x30, 4, 0, 0, 0, b'x'], V5),
-        DecodeError::InvalidTopicName
-    );
+    // 5.0 section 3.3.2.3.4: "a Protocol Error if the Topic Name is zero length and
+    // there is no Topic Alias".
+    let e = err(&[0x30, 4, 0, 0, 0, b'x'], V5);
+    assert!(matches!(e, DecodeError::ProtocolError(_)), "{e:?}");
+    assert_eq!(e.reason_code(), ReasonCode::PROTOCOL_ERROR);
     assert!(decode_one(&[0x30, 7, 0, 0, 3, 0x23, 0, 1, b'x'], V5).is_ok());
 }
 
