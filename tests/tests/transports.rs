@@ -350,3 +350,115 @@ async fn websocket_listener_carries_mqtt_in_binary_frames() {
         other => panic!("expected PUBLISH, got {other:?}"),
     }
 }
+
+/// A WebSocket frame bigger than `max_packet_size` (plus a little batching room) is
+/// refused when its header arrives, before CONNECT, as an oversized packet is on TCP:
+/// an unauthenticated client cannot make the broker buffer tens of megabytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_frame_beyond_max_packet_size_is_refused_at_its_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if mosquitto_mode() {
+        return;
+    }
+    let ws_port = free_port();
+    let broker = Broker::outpost_with_full_config(&format!(
+        "[broker]\nmax_packet_size = \"4KiB\"\nconnect_timeout = \"60s\"\n\
+         listeners = [{{ bind = \"127.0.0.1:{ws_port}\", websocket = \"/mqtt\" }}, {{ bind = \"127.0.0.1:0\" }}]"
+    ));
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !reply.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("handshake reply")
+            .unwrap();
+        assert!(n > 0, "closed during the handshake");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    assert!(reply.starts_with(b"HTTP/1.1 101"), "{reply:?}");
+    // A masked binary frame announcing 10 MiB, then only its first kilobyte.
+    let mut frame = vec![0x82, 0xFF];
+    frame.extend_from_slice(&(10u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(&[0u8; 1024]);
+    tcp.write_all(&frame).await.unwrap();
+    // The broker ends the connection (a Close frame, then EOF) instead of waiting for
+    // the rest; the 60 s connect timeout is far away.
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the oversized frame was buffered\n{}",
+        broker.log()
+    );
+}
+
+/// `connect_timeout` covers the whole opening, TLS and WebSocket handshakes included: a
+/// client that spends most of it before the upgrade has only the rest for its CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_runs_from_accept_across_the_websocket_handshake() {
+    if mosquitto_mode() {
+        return;
+    }
+    let ws_port = free_port();
+    let broker = Broker::outpost_with_full_config(&format!(
+        "[broker]\nconnect_timeout = \"2s\"\n\
+         listeners = [{{ bind = \"127.0.0.1:{ws_port}\", websocket = \"/mqtt\" }}, {{ bind = \"127.0.0.1:0\" }}]"
+    ));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let req = format!("ws://127.0.0.1:{ws_port}/mqtt")
+        .into_client_request()
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("WebSocket handshake within the connect timeout");
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let mut b = BytesMut::new();
+    let connect = connect_packet(Protocol::V3_1_1, "ws-late", true);
+    outpost_mqtt::encode(
+        &Packet::Connect(Box::new(connect)),
+        Protocol::V3_1_1,
+        &mut b,
+    )
+    .unwrap();
+    let _ = ws.send(Ws::Binary(b.freeze())).await;
+    let got = tokio::time::timeout(WAIT, async {
+        let mut buf = BytesMut::new();
+        while let Some(Ok(m)) = ws.next().await {
+            if let Ws::Binary(data) = m {
+                buf.extend_from_slice(&data);
+                if let Ok(Some(p)) = outpost_mqtt::decode(&mut buf, Protocol::V3_1_1, 1 << 20) {
+                    return Some(p);
+                }
+            }
+        }
+        None
+    })
+    .await
+    .expect("the connection neither answered nor closed");
+    assert!(
+        got.is_none(),
+        "a CONNECT 2.8 s after accept was served with a 2 s timeout: {got:?}\n{}",
+        broker.log()
+    );
+}

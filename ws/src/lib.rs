@@ -18,11 +18,25 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-/// Accepts the HTTP upgrade on `path`, answering with the `mqtt` subprotocol the client
-/// offers (MQTT-6.0.0-4; the offer is MQTT-6.0.0-3).
-pub async fn accept<S>(stream: S, path: &str) -> io::Result<WsStream<S>>
+/// What a frame or message may hold beyond one largest MQTT packet: a client may batch
+/// several packets in one frame (MQTT-6.0.0-2), but not hold the broker's memory hostage.
+const BATCH_SLACK: usize = 64 * 1024;
+
+/// tungstenite allocates its read buffer up front (128 KiB by default); a broker with
+/// many WebSocket clients on a small board cannot spend that on each.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Accepts the HTTP upgrade on `path`, answering with the subprotocol the client offers
+/// (MQTT-6.0.0-4; the offer is MQTT-6.0.0-3): `mqtt`, or `mqttv3.1` for 3.1 clients.
+///
+/// A frame or message larger than `max_packet_size` plus a little room for batching
+/// closes the connection as soon as its header announces it, as an oversized packet
+/// does on TCP; tungstenite's own limits (64 MiB) would let an unauthenticated client
+/// hold that much memory until the connect timeout.
+pub async fn accept<S>(stream: S, path: &str, max_packet_size: usize) -> io::Result<WsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -34,23 +48,39 @@ where
             *e.status_mut() = StatusCode::NOT_FOUND;
             return Err(e);
         }
-        let offers_mqtt = req
-            .headers()
+        if let Some(chosen) = choose_subprotocol(req) {
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(chosen));
+        }
+        Ok(resp)
+    };
+    let limit = max_packet_size.saturating_add(BATCH_SLACK);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_frame_size(Some(limit))
+        .max_message_size(Some(limit));
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
+        .await
+        .map_err(io_err)?;
+    Ok(WsStream::new(ws))
+}
+
+/// The subprotocol to answer with: `mqtt` if offered, else `mqttv3.1` (what 3.1 clients
+/// such as old Paho JavaScript offer), matched case-sensitively (RFC 7936) so the answer
+/// is one of the client's own tokens. None when neither is offered: the upgrade then goes
+/// ahead without the header, which non-browser clients that offer nothing accept.
+fn choose_subprotocol(req: &Request) -> Option<&'static str> {
+    let offered = || {
+        req.headers()
             .get_all("Sec-WebSocket-Protocol")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|p| p.trim().eq_ignore_ascii_case("mqtt"));
-        if offers_mqtt {
-            resp.headers_mut()
-                .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
-        }
-        Ok(resp)
+            .map(str::trim)
     };
-    let ws = tokio_tungstenite::accept_hdr_async(stream, callback)
-        .await
-        .map_err(io_err)?;
-    Ok(WsStream::new(ws))
+    ["mqtt", "mqttv3.1"]
+        .into_iter()
+        .find(|want| offered().any(|p| p == *want))
 }
 
 /// WebSocket handshake over `stream` for `url`, offering the `mqtt` subprotocol.
@@ -158,7 +188,8 @@ mod tests {
     #[tokio::test]
     async fn bytes_cross_in_both_directions() {
         let (c, s) = tokio::io::duplex(4096);
-        let (client, server) = tokio::join!(connect("ws://localhost/mqtt", c), accept(s, "/mqtt"));
+        let (client, server) =
+            tokio::join!(connect("ws://localhost/mqtt", c), accept(s, "/mqtt", 1024));
         let (mut client, mut server) = (client.unwrap(), server.unwrap());
         client.write_all(b"\x10\x02ab").await.unwrap();
         client.flush().await.unwrap();
@@ -182,10 +213,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_frame_beyond_the_packet_limit_is_refused() {
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let (client, server) =
+            tokio::join!(connect("ws://localhost/mqtt", c), accept(s, "/mqtt", 1024));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let big = vec![0u8; 1024 + BATCH_SLACK + 1];
+        let send = async {
+            let _ = client.write_all(&big).await;
+            let _ = client.flush().await;
+        };
+        let mut buf = [0; 16];
+        let (_, read) = tokio::join!(send, server.read(&mut buf));
+        assert!(read.is_err(), "an oversized frame was taken: {read:?}");
+    }
+
+    /// The raw HTTP answer to an upgrade offering `protocols`.
+    async fn handshake_reply(protocols: &str) -> String {
+        let (mut c, s) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move { accept(s, "/mqtt", 1024).await.map(|_| ()) });
+        let req = format!(
+            "GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: {protocols}\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        let mut buf = [0; 512];
+        while !reply.ends_with(b"\r\n\r\n") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed during the handshake");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        server.await.unwrap().unwrap();
+        String::from_utf8(reply).unwrap().to_ascii_lowercase()
+    }
+
+    #[tokio::test]
+    async fn the_answer_is_one_of_the_offered_subprotocols() {
+        let header = "sec-websocket-protocol:";
+        let chosen = |reply: &str| {
+            reply
+                .lines()
+                .find_map(|l| l.strip_prefix(header).map(|v| v.trim().to_owned()))
+        };
+        assert_eq!(
+            chosen(&handshake_reply("foo, mqtt").await).as_deref(),
+            Some("mqtt")
+        );
+        assert_eq!(
+            chosen(&handshake_reply("mqttv3.1").await).as_deref(),
+            Some("mqttv3.1")
+        );
+        assert_eq!(
+            chosen(&handshake_reply("mqttv3.1, mqtt").await).as_deref(),
+            Some("mqtt")
+        );
+        // RFC 7936: tokens are case-sensitive; "MQTT" is not ours to answer as "mqtt".
+        assert_eq!(chosen(&handshake_reply("MQTT").await), None);
+    }
+
+    #[tokio::test]
     async fn another_path_is_refused() {
         let (c, s) = tokio::io::duplex(4096);
-        let (client, server) =
-            tokio::join!(connect("ws://localhost/elsewhere", c), accept(s, "/mqtt"));
+        let (client, server) = tokio::join!(
+            connect("ws://localhost/elsewhere", c),
+            accept(s, "/mqtt", 1024)
+        );
         assert!(client.is_err() && server.is_err());
     }
 }

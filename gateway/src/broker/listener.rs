@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -147,13 +148,15 @@ async fn handle_wrapped(
     core: BrokerHandle,
     settings: Arc<Settings>,
 ) {
+    // One deadline for the TLS and WebSocket handshakes and the CONNECT together.
+    let connect_by = Instant::now() + settings.connect_timeout;
     let Some(acceptor) = tls else {
         if let Some(path) = websocket {
-            serve_websocket(stream, &path, peer, core, settings).await;
+            serve_websocket(stream, &path, peer, core, settings, connect_by).await;
         }
         return;
     };
-    let tls = match tokio::time::timeout(settings.connect_timeout, acceptor.accept(stream)).await {
+    let tls = match tokio::time::timeout_at(connect_by.into(), acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(%peer, error = %e, "TLS handshake failed");
@@ -162,8 +165,8 @@ async fn handle_wrapped(
         Err(_) => return,
     };
     match websocket {
-        None => connection::serve_stream(tls, peer, core, settings).await,
-        Some(path) => serve_websocket(tls, &path, peer, core, settings).await,
+        None => connection::serve_stream(tls, peer, core, settings, connect_by).await,
+        Some(path) => serve_websocket(tls, &path, peer, core, settings, connect_by).await,
     }
 }
 
@@ -173,11 +176,13 @@ async fn serve_websocket<S>(
     peer: SocketAddr,
     core: BrokerHandle,
     settings: Arc<Settings>,
+    connect_by: Instant,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    match tokio::time::timeout(settings.connect_timeout, outpost_ws::accept(stream, path)).await {
-        Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings).await,
+    let accept = outpost_ws::accept(stream, path, settings.max_packet_size);
+    match tokio::time::timeout_at(connect_by.into(), accept).await {
+        Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings, connect_by).await,
         Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
         Err(_) => debug!(%peer, "WebSocket handshake timed out"),
     }

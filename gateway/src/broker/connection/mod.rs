@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
@@ -40,19 +40,23 @@ pub fn serve_tcp(
     core: BrokerHandle,
     settings: Arc<Settings>,
 ) -> Connection<TcpStream> {
-    Connection::new(stream, peer, core, settings)
+    let deadline = Instant::now() + settings.connect_timeout;
+    Connection::new(stream, peer, core, settings, deadline)
 }
 
-/// Serves a connection over any byte stream (TLS, WebSocket).
+/// Serves a connection over any byte stream (TLS, WebSocket). `connect_by` is when the
+/// CONNECT must have arrived: the connect timeout runs from the TCP accept, across the
+/// TLS and WebSocket handshakes, so stalling each stage does not stretch it.
 pub async fn serve_stream<S>(
     stream: S,
     peer: SocketAddr,
     core: BrokerHandle,
     settings: Arc<Settings>,
+    connect_by: Instant,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    Connection::new(StreamIo::new(stream), peer, core, settings).await;
+    Connection::new(StreamIo::new(stream), peer, core, settings, connect_by).await;
 }
 
 /// A connection's task, one phase at a time. Written by hand rather than as nested
@@ -74,11 +78,17 @@ enum Phase<T> {
 }
 
 impl<T: Transport> Connection<T> {
-    fn new(io: T, peer: SocketAddr, core: BrokerHandle, settings: Arc<Settings>) -> Self {
+    fn new(
+        io: T,
+        peer: SocketAddr,
+        core: BrokerHandle,
+        settings: Arc<Settings>,
+        connect_by: Instant,
+    ) -> Self {
         let opening = Box::pin(async move {
             let mut io = io;
             let mut rbuf = BytesMut::new();
-            let connect = handshake(&mut io, &mut rbuf, peer, &settings).await?;
+            let connect = handshake(&mut io, &mut rbuf, peer, &settings, connect_by).await?;
             open(io, rbuf, connect, core, settings).await
         });
         Connection {
@@ -199,10 +209,11 @@ async fn handshake<T: Transport>(
     rbuf: &mut BytesMut,
     peer: SocketAddr,
     settings: &Settings,
+    connect_by: Instant,
 ) -> Option<Box<Connect>> {
     let max = settings.max_packet_size;
     // MQTT-3.1.0-1: the first packet must be CONNECT, within the configured time.
-    let first = tokio::time::timeout(settings.connect_timeout, async {
+    let first = tokio::time::timeout_at(connect_by.into(), async {
         loop {
             if let Some(p) = outpost_mqtt::decode(rbuf, Protocol::V5, max)? {
                 return Ok(Some(p));
