@@ -179,6 +179,11 @@ fn spawn_stats_publisher(ctx: Arc<uplink::Ctx>, mut stop: watch::Receiver<bool>)
 }
 
 impl BridgeHandle {
+    /// Whether an `out` rule matches `topic`, whatever the message's QoS.
+    pub fn wants(&self, topic: &str) -> bool {
+        self.inner.rules.map_out(topic).is_some()
+    }
+
     /// Synchronous, cheap: `None` if no `out` rule matches `topic` (the message is not
     /// slowed at all), or for a QoS 0 message when QoS 0 is not spooled (it is sent
     /// best-effort if the link is up). Otherwise queues it for the spool writer and returns

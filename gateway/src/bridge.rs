@@ -26,6 +26,10 @@ const MAX_UNCOMMITTED: usize = 1024;
 struct Sink(BridgeHandle);
 
 impl DurableSink for Sink {
+    fn wants(&self, topic: &str) -> bool {
+        self.0.wants(topic)
+    }
+
     fn offer(&self, msg: &Message) -> Option<DurableReceipt> {
         let props = (!msg.properties.is_empty()).then_some(&msg.properties);
         let rx = self

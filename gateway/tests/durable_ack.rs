@@ -22,6 +22,10 @@ struct HeldSink {
 }
 
 impl DurableSink for HeldSink {
+    fn wants(&self, topic: &str) -> bool {
+        topic.starts_with("spool/")
+    }
+
     fn offer(&self, msg: &Message) -> Option<DurableReceipt> {
         if !msg.topic.starts_with("spool/") {
             return None;

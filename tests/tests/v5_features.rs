@@ -655,3 +655,70 @@ async fn resent_messages_do_not_reuse_aliases_of_the_old_connection_mqtt_3_3_2_7
         raw.puback(p.packet_id.expect("QoS 1")).await;
     }
 }
+
+/// 5.0 section 3.4.2.1: a server that knows nobody subscribes MAY answer 0x10 (No
+/// matching subscribers) instead of 0x00, as Mosquitto, EMQX and HiveMQ do. It is still
+/// a success: the QoS 2 exchange goes on to PUBCOMP, and a retained message is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puback_says_no_matching_subscribers_when_nobody_subscribes() {
+    if mosquitto_mode() {
+        return;
+    }
+    let broker = Broker::start("");
+    let (mut c, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V5, "v5-nms-pub", true),
+    )
+    .await;
+    c.send(&Packet::Publish(publish(
+        "v5/nms/a",
+        QoS::AtLeastOnce,
+        Some(1),
+        b"1",
+    )))
+    .await;
+    match c.expect_packet(WAIT).await {
+        Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::NO_MATCHING_SUBSCRIBERS),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    let mut retained = publish("v5/nms/a", QoS::ExactlyOnce, Some(2), b"kept");
+    retained.retain = true;
+    c.send(&Packet::Publish(retained)).await;
+    match c.expect_packet(WAIT).await {
+        Packet::PubRec(r) => assert_eq!(r.reason, ReasonCode::NO_MATCHING_SUBSCRIBERS),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    c.send(&Packet::PubRel(outpost_mqtt::PubResponse::new(2)))
+        .await;
+    assert!(matches!(c.expect_packet(WAIT).await, Packet::PubComp(p) if p.packet_id == 2));
+
+    // A subscriber (here through a wildcard) makes it a plain success; it also gets the
+    // retained message, so 0x10 did not mean "dropped".
+    let (mut s, _) = RawClient::connect(
+        broker.port(),
+        connect_packet(Protocol::V5, "v5-nms-sub", true),
+    )
+    .await;
+    let granted = s
+        .subscribe(
+            1,
+            "v5/nms/+",
+            sub_opts(QoS::AtLeastOnce),
+            Properties::default(),
+        )
+        .await;
+    assert_eq!(granted, ReasonCode::GRANTED_QOS_1);
+    let kept = s.expect_publish(WAIT).await;
+    assert_eq!(&kept.payload[..], b"kept");
+    c.send(&Packet::Publish(publish(
+        "v5/nms/a",
+        QoS::AtLeastOnce,
+        Some(3),
+        b"3",
+    )))
+    .await;
+    match c.expect_packet(WAIT).await {
+        Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::SUCCESS),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}

@@ -64,6 +64,11 @@ pub type DurableReceipt = futures_util::future::BoxFuture<'static, Result<(), Re
 pub trait DurableSink: Send + Sync + 'static {
     /// Offers a message; `Some` resolves once it is committed or refused.
     fn offer(&self, msg: &Message) -> Option<DurableReceipt>;
+
+    /// Whether the sink takes messages on `topic` at all, durably or not; asked only for
+    /// messages no subscription matched, to tell a 5.0 publisher 0x10 (No matching
+    /// subscribers) truthfully.
+    fn wants(&self, topic: &str) -> bool;
 }
 
 /// Identifies a registered durable sink, so a sink's own downlink publishes can skip it.

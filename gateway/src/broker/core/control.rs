@@ -92,10 +92,17 @@ impl Core {
             return;
         }
         let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
-        let receipts = self.accept(&msg);
+        let (receipts, wanted) = self.accept(&msg);
         if qos == QoS::AtMostOnce {
             return;
         }
+        // 5.0: "accepted, but nobody subscribes" (a MAY; Mosquitto, EMQX and HiveMQ say
+        // it too), so a publisher can notice a typo in its topic.
+        let success = if v5 && !wanted {
+            ReasonCode::NO_MATCHING_SUBSCRIBERS
+        } else {
+            ReasonCode::SUCCESS
+        };
         let kind = if qos == QoS::AtLeastOnce {
             AckKind::PubAck
         } else {
@@ -108,7 +115,7 @@ impl Core {
             reason_string: reason_string.map(String::into_boxed_str),
         };
         if receipts.is_empty() {
-            tx.send(Outbound::Ack(Ack::new(kind, packet_id)));
+            tx.send(Outbound::Ack(make_ack(success, None)));
             return;
         }
         let inbox = (qos == QoS::ExactlyOnce).then(|| self.inbox.clone());
@@ -131,7 +138,7 @@ impl Core {
         tx.send(Outbound::AckAfter {
             wait: wait.boxed(),
             ack: Box::new(move |outcome: DurableResult| match outcome {
-                Ok(()) => Some(make_ack(ReasonCode::SUCCESS, None)),
+                Ok(()) => Some(make_ack(success, None)),
                 // 5.0 publishers learn why; 3.x has no way to say no, so the message is
                 // left unacknowledged and the client will send it again.
                 Err(e) if v5 => Some(make_ack(e.code, Some(e.reason))),

@@ -252,7 +252,7 @@ impl Core {
             } => self.on_closed(session, conn_id, disconnect),
             CoreEvent::LocalPublish { msg, done } => {
                 self.stats.local_publishes += 1;
-                let receipts = self.accept(&msg);
+                let (receipts, _) = self.accept(&msg);
                 let _ = done.send(receipts);
             }
             CoreEvent::LocalSubscribe {

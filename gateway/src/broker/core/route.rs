@@ -20,7 +20,10 @@ use crate::broker::store::Store;
 impl Core {
     /// Accepts a message from any publisher: updates retained state, delivers it to
     /// subscribers, and offers it to the durable sinks. Returns the sinks' receipts.
-    pub(super) fn accept(&mut self, msg: &Arc<Message>) -> Vec<DurableReceipt> {
+    /// Keeps (if retained), routes and offers to the sinks an accepted message; the
+    /// receipts its publisher's acknowledgement must wait for, and whether any
+    /// subscription or sink wanted it (5.0 answers 0x10 otherwise).
+    pub(super) fn accept(&mut self, msg: &Arc<Message>) -> (Vec<DurableReceipt>, bool) {
         self.stats.messages_received += 1;
         self.stats.bytes_received += msg.payload.len() as u64;
         if msg.retain {
@@ -30,7 +33,7 @@ impl Core {
                 self.commit_needed = true;
             }
         }
-        self.route(msg);
+        let subscribed = self.route(msg);
         let mut receipts: Vec<DurableReceipt> = self
             .sinks
             .iter()
@@ -38,6 +41,14 @@ impl Core {
             .filter(|(i, _)| msg.skip_sink != Some(*i))
             .filter_map(|(_, s)| s.offer(msg))
             .collect();
+        // Only asked when nothing else wanted it: the rare path.
+        let wanted = subscribed
+            || !receipts.is_empty()
+            || self
+                .sinks
+                .iter()
+                .enumerate()
+                .any(|(i, s)| msg.skip_sink != Some(i) && s.wants(&msg.topic));
         // Kept for a persistent session or as a retained message: the acknowledgement
         // waits until the store has committed it, as it waits for a bridge spool...
         if std::mem::take(&mut self.commit_needed)
@@ -57,10 +68,11 @@ impl Core {
                 }));
             }
         }
-        receipts
+        (receipts, wanted)
     }
 
-    pub(super) fn route(&mut self, msg: &Arc<Message>) {
+    /// Delivers or queues `msg` for every matching subscription; false if none matched.
+    pub(super) fn route(&mut self, msg: &Arc<Message>) -> bool {
         let mut matches = std::mem::take(&mut self.scratch);
         matches.clear();
         let sessions = &self.sessions;
@@ -89,7 +101,9 @@ impl Core {
             }
             i = j;
         }
+        let matched = !matches.is_empty();
         self.scratch = matches;
+        matched
     }
 
     /// Sends or queues one delivery for one session.

@@ -69,7 +69,7 @@ impl Core {
             );
             // $SYS messages are not counted as received traffic nor offered to the bridge.
             self.retained.update(&msg);
-            self.route(&msg);
+            let _ = self.route(&msg);
         }
     }
 }
