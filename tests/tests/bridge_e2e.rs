@@ -494,6 +494,21 @@ async fn a_refused_qos2_packet_id_is_not_mistaken_for_a_duplicate() {
             other => panic!("attempt {attempt}: unexpected {other:?}"),
         }
     }
+    // MQTT-3.3.4-9 counts only exchanges still open: refused ones are over, so more of
+    // them than our Receive Maximum (100), one at a time, must not end in 0x93.
+    for id in 1000..1120u16 {
+        c.send(&Packet::Publish(publish(
+            "q1/big",
+            QoS::ExactlyOnce,
+            Some(id),
+            payload.as_bytes(),
+        )))
+        .await;
+        match c.expect_packet(WAIT).await {
+            Packet::PubRec(r) => assert_eq!(r.reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED),
+            other => panic!("refusal {id}: unexpected {other:?}"),
+        }
+    }
 }
 
 /// A refusal's PUBACK carries a Reason String only when the client may take one:

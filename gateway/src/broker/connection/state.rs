@@ -357,13 +357,17 @@ impl Conn {
         let Some(mut t) = self.tables.take() else {
             return;
         };
+        // `encode_ack` cannot reach the tables while they are taken out here, so the
+        // QoS 2 ids a failing PUBREC ends are settled on `t` directly.
         if let Some(PendingAck::Waiting { ack, .. }) = t.acks.pop_front()
             && let Some(a) = ack(outcome)
         {
+            settle_refused_qos2(&mut t, &a);
             self.encode_ack(&a, wbuf);
         }
         while let Some(PendingAck::Ready(_)) = t.acks.front() {
             if let Some(PendingAck::Ready(a)) = t.acks.pop_front() {
+                settle_refused_qos2(&mut t, &a);
                 self.encode_ack(&a, wbuf);
             }
         }
@@ -378,12 +382,8 @@ impl Conn {
         if a.kind == AckKind::PubAck {
             self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
         }
-        if a.kind == AckKind::PubRec
-            && a.reason.is_error()
-            && let Some(t) = self.tables.as_mut()
-        {
-            // A failing PUBREC ends the exchange: no PUBREL follows (section 4.9).
-            t.pending_qos2.remove(&a.packet_id);
+        if let Some(t) = self.tables.as_mut() {
+            settle_refused_qos2(t, a);
         }
         if a.reason_string.is_some() && !self.problem_info {
             let plain = Ack {
@@ -479,6 +479,14 @@ impl Conn {
         {
             aliases.outbound.insert(d.msg.topic.clone(), a);
         }
+    }
+}
+
+/// A failing PUBREC ends its exchange: no PUBREL follows (section 4.9), so the message
+/// no longer counts against our Receive Maximum.
+fn settle_refused_qos2(t: &mut Tables, a: &Ack) {
+    if a.kind == AckKind::PubRec && a.reason.is_error() {
+        t.pending_qos2.remove(&a.packet_id);
     }
 }
 
