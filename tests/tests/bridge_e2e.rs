@@ -25,6 +25,11 @@ struct Cloud {
 impl Cloud {
     /// Prepares the cloud's config without starting it.
     fn new() -> Cloud {
+        Cloud::with_limits("max_queued_messages 0\nmax_inflight_messages 0\n")
+    }
+
+    /// Like [`Cloud::new`], with Mosquitto's queue and in-flight settings given.
+    fn with_limits(limits: &str) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
         // Mosquitto started as root drops to its own user and must write its database.
         use std::os::unix::fs::PermissionsExt;
@@ -33,7 +38,7 @@ impl Cloud {
         std::fs::write(
             dir.path().join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\n",
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n{limits}",
                 dir.path().display()
             ),
         )
@@ -586,4 +591,182 @@ async fn refused_puback(
         }
         other => panic!("expected PUBACK, got {other:?}"),
     }
+}
+
+/// A TCP relay between the bridge and the cloud that can swallow the bridge's PUBRELs
+/// and cut every link, to leave the cloud holding QoS 2 exchanges at a reconnect.
+struct Relay {
+    port: u16,
+    drop_pubrel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(cloud_port: u16) -> Relay {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let drop_pubrel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
+        let flag = drop_pubrel.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((bridge, _)) = listener.accept().await {
+                let Ok(cloud) = tokio::net::TcpStream::connect(("127.0.0.1", cloud_port)).await
+                else {
+                    continue;
+                };
+                let (mut br, mut bw) = bridge.into_split();
+                let (mut cr, mut cw) = cloud.into_split();
+                let (flag, mut cut1, mut cut2) = (flag.clone(), cut_rx.clone(), cut_rx.clone());
+                cut1.borrow_and_update();
+                cut2.borrow_and_update();
+                // Cloud to bridge: verbatim.
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        tokio::select! {
+                            n = cr.read(&mut buf) => match n {
+                                Ok(n) if n > 0 => if bw.write_all(&buf[..n]).await.is_err() { break },
+                                _ => break,
+                            },
+                            _ = cut1.changed() => break,
+                        }
+                    }
+                });
+                // Bridge to cloud: packet by packet, PUBRELs dropped while asked.
+                tokio::spawn(async move {
+                    let mut pending = bytes::BytesMut::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        tokio::select! {
+                            n = br.read(&mut buf) => match n {
+                                Ok(n) if n > 0 => pending.extend_from_slice(&buf[..n]),
+                                _ => break,
+                            },
+                            _ = cut2.changed() => break,
+                        }
+                        let mut out = Vec::new();
+                        while let Some(len) = frame_len(&pending) {
+                            let frame = pending.split_to(len);
+                            if frame[0] >> 4 == 6 && flag.load(Relaxed) {
+                                continue;
+                            }
+                            out.extend_from_slice(&frame);
+                        }
+                        if cw.write_all(&out).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Relay {
+            port,
+            drop_pubrel,
+            cut,
+            task,
+        }
+    }
+
+    fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut_all();
+    }
+}
+
+/// Length of the whole MQTT packet at the front of `b`, once it is all there.
+fn frame_len(b: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for (i, byte) in b.iter().enumerate().skip(1).take(4) {
+        len |= usize::from(byte & 0x7F) << (7 * (i - 1));
+        if byte & 0x80 == 0 {
+            let total = i + 1 + len;
+            return (b.len() >= total).then_some(total);
+        }
+    }
+    None
+}
+
+/// Section 4.9: QoS 2 exchanges awaiting PUBREL still count against the cloud's Receive
+/// Maximum after a reconnect. With a full window of them at the cloud (Mosquitto's 20),
+/// the bridge must release them before it sends anything new, its birth included:
+/// otherwise Mosquitto refuses the birth (0x97, status left "offline") and, with
+/// `max_queued_messages 0`, drops the link again at every reconnect, and the spool never
+/// drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_with_the_cloud_s_qos2_window_full_releases_first_and_loses_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cloud = Cloud::with_limits("max_queued_messages 0\nmax_inflight_messages 20\n");
+    cloud.start();
+    CloudSubscriber::register(&cloud, "collector", "up/#");
+    let relay = Relay::start(cloud.port).await;
+    let broker = Broker::outpost_with_full_config(&format!(
+        r#"gateway_id = "gw-e2e"
+[broker]
+listeners = [{{ bind = "127.0.0.1:0" }}]
+[[bridge]]
+name = "cloud"
+address = "mqtt://127.0.0.1:{port}"
+topics = [{{ pattern = "q2/#", direction = "out", qos = 2, remote_prefix = "up/" }}]
+reconnect = {{ min = "100ms", max = "500ms" }}
+"#,
+        port = relay.port
+    ));
+    let sub = CloudSubscriber::start(&cloud, "collector", "up/#", 100_000, 30);
+
+    // The cloud takes 20 QoS 2 PUBLISHes and answers PUBREC; their PUBRELs never reach
+    // it. The link then breaks and comes back.
+    relay.drop_pubrel.store(true, Relaxed);
+    publish_acked(broker.port(), "pub-a", "q2/a", QoS::ExactlyOnce, 40).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.cut_all();
+    relay.drop_pubrel.store(false, Relaxed);
+    publish_acked(broker.port(), "pub-b", "q2/b", QoS::ExactlyOnce, 40).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = by_topic(&sub.lines());
+        let (a, b) = (
+            m.get("up/q2/a").map_or(0, Vec::len),
+            m.get("up/q2/b").map_or(0, Vec::len),
+        );
+        if a >= 40 && b >= 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool did not drain: a {a}, b {b} of 40 each\n{}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = by_topic(&sub.lines());
+    let expect: Vec<u32> = (0..40).collect();
+    assert_eq!(m["up/q2/a"], expect, "QoS 2: all, in order, once");
+    assert_eq!(m["up/q2/b"], expect, "QoS 2: all, in order, once");
+
+    // The cloud holds the birth, not the will of the broken link.
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &cloud.port.to_string()])
+        .args(["-t", "outpost/gw-e2e/status", "-C", "1", "-W", "5"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("online"),
+        "status at the cloud: {status}\n{}",
+        broker.log()
+    );
 }

@@ -118,8 +118,13 @@ enum Inflight {
 // Outs live briefly in a Vec of at most one window; boxing would allocate per message.
 #[allow(clippy::large_enum_variant)]
 enum Out {
-    Publish { row: i64, publish: Publish },
+    Publish {
+        row: i64,
+        publish: Publish,
+    },
     PubRel(u16),
+    /// The birth, in its place behind the exchanges resumed from the last session.
+    Status(Publish),
 }
 
 pub(crate) struct Session<'a> {
@@ -166,6 +171,9 @@ pub(crate) struct Session<'a> {
     ping_out: bool,
     downgrade_logged: bool,
     goodbye_pid: Option<u16>,
+    /// The birth waits until the rows up to this one, resumed from the last session, are
+    /// out, and a window slot is free.
+    birth_after: Option<i64>,
 }
 
 async fn opt<T>(f: &mut Option<BoxFuture<T>>) -> T {
@@ -229,6 +237,7 @@ impl<'a> Session<'a> {
             ping_out: false,
             downgrade_logged: false,
             goodbye_pid: None,
+            birth_after: None,
         }
     }
 
@@ -306,7 +315,7 @@ impl<'a> Session<'a> {
             .iter()
             .filter_map(|o| match o {
                 Out::Publish { row, .. } => Some(*row),
-                Out::PubRel(_) => None,
+                Out::PubRel(_) | Out::Status(_) => None,
             })
             .collect();
         self.inflight
@@ -373,8 +382,17 @@ impl<'a> Session<'a> {
         }
         self.subscribe()?;
         if self.ctx.config.status.enabled {
-            let payload = self.ctx.status.birth();
-            self.send_control(payload)?;
+            match in_progress.iter().map(|r| r.id).max() {
+                None => {
+                    let payload = self.ctx.status.birth();
+                    self.send_control(payload)?;
+                }
+                // The cloud still holds these QoS 2 exchanges and counts them against its
+                // Receive Maximum until PUBCOMP (section 4.9). Sent first, the birth would
+                // exceed it: Mosquitto refuses it (0x97), leaving the status "offline",
+                // and with max_queued_messages 0 also drops the link, every time.
+                Some(last) => self.birth_after = Some(last),
+            }
         }
         let mut tick = tokio::time::interval(ACK_FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -496,6 +514,14 @@ impl<'a> Session<'a> {
     }
 
     fn send_control(&mut self, payload: bytes::Bytes) -> Result<u16, SessionEnd> {
+        let (pid, publish) = self.status_publish(payload)?;
+        encode_publish(&publish, self.protocol, &mut self.wbuf)
+            .map_err(|e| lost(format!("encode status: {e}")))?;
+        Ok(pid)
+    }
+
+    /// A status PUBLISH under a fresh identifier, counted in flight.
+    fn status_publish(&mut self, payload: bytes::Bytes) -> Result<(u16, Publish), SessionEnd> {
         let pid = self
             .ids
             .alloc()
@@ -509,10 +535,28 @@ impl<'a> Session<'a> {
             properties: Properties::default(),
             payload,
         };
-        encode_publish(&publish, self.protocol, &mut self.wbuf)
-            .map_err(|e| lost(format!("encode status: {e}")))?;
         self.inflight.insert(pid, Inflight::Control);
-        Ok(pid)
+        Ok((pid, publish))
+    }
+
+    /// Queues the deferred birth once the resumed rows ahead of `next` (the next row to
+    /// go, if any) are out; false while it must still wait.
+    fn birth_due(&mut self, next: Option<i64>, outs: &mut Vec<Out>) -> Result<bool, SessionEnd> {
+        let Some(last) = self.birth_after else {
+            return Ok(true);
+        };
+        let resumed_out = match next {
+            Some(id) => id > last,
+            None => self.exhausted,
+        };
+        if !resumed_out || self.inflight.len() >= self.limits.window {
+            return Ok(false);
+        }
+        self.birth_after = None;
+        let payload = self.ctx.status.birth();
+        let (_, publish) = self.status_publish(payload)?;
+        outs.push(Out::Status(publish));
+        Ok(true)
     }
 
     /// Hand acknowledged rows to the spool writer. Always before any stage write, so a
@@ -582,6 +626,14 @@ impl<'a> Session<'a> {
                 continue;
             }
             let front_id = front.id;
+            if self.birth_after.is_some() && front_id > self.birth_after.unwrap_or(0) {
+                // The resumed rows are out: the birth takes the next slot, before any
+                // new row.
+                if !self.birth_due(Some(front_id), &mut outs)? {
+                    break;
+                }
+                continue;
+            }
             if self.must_wait(front_id)? {
                 break;
             }
@@ -615,6 +667,9 @@ impl<'a> Session<'a> {
             }
         }
         drop(marks);
+        if self.queue.is_empty() && self.goodbye_pid.is_none() {
+            self.birth_due(None, &mut outs)?;
+        }
         if updates.is_empty() {
             for out in outs {
                 self.write_out(out)?;
@@ -756,6 +811,8 @@ impl<'a> Session<'a> {
     fn write_out(&mut self, out: Out) -> Result<(), SessionEnd> {
         match out {
             Out::PubRel(pid) => self.encode(&Packet::PubRel(PubResponse::new(pid))),
+            Out::Status(publish) => encode_publish(&publish, self.protocol, &mut self.wbuf)
+                .map_err(|e| lost(format!("encode status: {e}"))),
             Out::Publish { row, publish } => {
                 let before = self.wbuf.len();
                 let encoded = encode_publish(&publish, self.protocol, &mut self.wbuf);
@@ -918,7 +975,14 @@ impl<'a> Session<'a> {
                 self.acked.push(id);
                 self.count_ack(id, r.reason);
             }
-            Some(Inflight::Control) => self.forget(r.packet_id),
+            Some(Inflight::Control) => {
+                self.forget(r.packet_id);
+                if r.reason.is_error() {
+                    tracing::warn!(bridge = %self.ctx.name, topic = %self.ctx.status.topic,
+                        reason = format!("0x{:02x}", r.reason.0),
+                        "cloud refused the gateway status message: the status topic there may be stale; check the cloud's ACL and quotas");
+                }
+            }
             None => tracing::debug!(pid = r.packet_id, "PUBACK for an unknown packet id"),
         }
         Ok(())
