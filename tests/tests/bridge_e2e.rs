@@ -441,16 +441,29 @@ async fn publish_q1_big(
     packet_id: u16,
     payload: &str,
 ) -> outpost_mqtt::ReasonCode {
+    ack_q1_big(c, QoS::AtLeastOnce, packet_id, payload)
+        .await
+        .reason
+}
+
+/// Publishes `payload` at `qos` (1 or 2) on the spooled topic `q1/big`; its PUBACK or
+/// PUBREC.
+async fn ack_q1_big(
+    c: &mut RawClient,
+    qos: QoS,
+    packet_id: u16,
+    payload: &str,
+) -> outpost_mqtt::PubResponse {
     c.send(&Packet::Publish(publish(
         "q1/big",
-        QoS::AtLeastOnce,
+        qos,
         Some(packet_id),
         payload.as_bytes(),
     )))
     .await;
-    match c.expect_packet(WAIT).await {
-        Packet::PubAck(a) => a.reason,
-        other => panic!("expected PUBACK, got {other:?}"),
+    match (qos, c.expect_packet(WAIT).await) {
+        (QoS::AtLeastOnce, Packet::PubAck(a)) | (QoS::ExactlyOnce, Packet::PubRec(a)) => a,
+        (_, other) => panic!("PUBLISH {packet_id}: unexpected answer {other:?}"),
     }
 }
 
@@ -464,6 +477,35 @@ async fn a_refused_qos2_packet_id_is_not_mistaken_for_a_duplicate() {
     if mosquitto_mode() {
         return;
     }
+    let (_cloud, _broker, mut c) = gateway_with_full_spool("pub-q2").await;
+    let payload = "x".repeat(100);
+    for attempt in 1..=2 {
+        let reason = ack_q1_big(&mut c, QoS::ExactlyOnce, 7, &payload)
+            .await
+            .reason;
+        assert_eq!(
+            reason,
+            outpost_mqtt::ReasonCode::QUOTA_EXCEEDED,
+            "attempt {attempt}: a full spool must refuse, not acknowledge"
+        );
+    }
+    // MQTT-3.3.4-9 counts only exchanges still open: refused ones are over, so more of
+    // them than our Receive Maximum (100), one at a time, must not end in 0x93.
+    for id in 1000..1120u16 {
+        let reason = ack_q1_big(&mut c, QoS::ExactlyOnce, id, &payload)
+            .await
+            .reason;
+        assert_eq!(
+            reason,
+            outpost_mqtt::ReasonCode::QUOTA_EXCEEDED,
+            "refusal {id}"
+        );
+    }
+}
+
+/// A gateway whose bridge spool (4 KiB, `reject-new`, cloud down) is full, and the 5.0
+/// client `id` that filled it.
+async fn gateway_with_full_spool(id: &str) -> (Cloud, Broker, RawClient) {
     // The cloud never starts: the spool only fills.
     let cloud = Cloud::new();
     let broker = Broker::outpost_with_full_config(&gateway_config(
@@ -471,7 +513,7 @@ async fn a_refused_qos2_packet_id_is_not_mistaken_for_a_duplicate() {
         r#"spool = { max_bytes = "4KiB", when_full = "reject-new" }"#,
     ));
     let (mut c, _) =
-        RawClient::connect(broker.port(), connect_packet(Protocol::V5, "pub-q2", true)).await;
+        RawClient::connect(broker.port(), connect_packet(Protocol::V5, id, true)).await;
     let payload = "x".repeat(100);
     let mut full = false;
     for i in 0..200u16 {
@@ -482,38 +524,7 @@ async fn a_refused_qos2_packet_id_is_not_mistaken_for_a_duplicate() {
         }
     }
     assert!(full, "the 4 KiB spool never filled");
-    for attempt in 1..=2 {
-        c.send(&Packet::Publish(publish(
-            "q1/big",
-            QoS::ExactlyOnce,
-            Some(7),
-            payload.as_bytes(),
-        )))
-        .await;
-        match c.expect_packet(WAIT).await {
-            Packet::PubRec(r) => assert_eq!(
-                r.reason,
-                outpost_mqtt::ReasonCode::QUOTA_EXCEEDED,
-                "attempt {attempt}: a full spool must refuse, not acknowledge"
-            ),
-            other => panic!("attempt {attempt}: unexpected {other:?}"),
-        }
-    }
-    // MQTT-3.3.4-9 counts only exchanges still open: refused ones are over, so more of
-    // them than our Receive Maximum (100), one at a time, must not end in 0x93.
-    for id in 1000..1120u16 {
-        c.send(&Packet::Publish(publish(
-            "q1/big",
-            QoS::ExactlyOnce,
-            Some(id),
-            payload.as_bytes(),
-        )))
-        .await;
-        match c.expect_packet(WAIT).await {
-            Packet::PubRec(r) => assert_eq!(r.reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED),
-            other => panic!("refusal {id}: unexpected {other:?}"),
-        }
-    }
+    (cloud, broker, c)
 }
 
 /// A refusal's PUBACK carries a Reason String only when the client may take one:
@@ -525,27 +536,8 @@ async fn a_refusal_s_reason_string_honours_problem_information_and_packet_size()
     if mosquitto_mode() {
         return;
     }
-    let cloud = Cloud::new();
-    let broker = Broker::outpost_with_full_config(&gateway_config(
-        &cloud,
-        r#"spool = { max_bytes = "4KiB", when_full = "reject-new" }"#,
-    ));
+    let (_cloud, broker, mut filler) = gateway_with_full_spool("pub-rs-default").await;
     let payload = "x".repeat(100);
-    let (mut filler, _) = RawClient::connect(
-        broker.port(),
-        connect_packet(Protocol::V5, "pub-rs-default", true),
-    )
-    .await;
-    let mut full = false;
-    for i in 0..200u16 {
-        if publish_q1_big(&mut filler, i + 1, &payload).await
-            == outpost_mqtt::ReasonCode::QUOTA_EXCEEDED
-        {
-            full = true;
-            break;
-        }
-    }
-    assert!(full, "the 4 KiB spool never filled");
 
     // The default (Request Problem Information 1): the refusal says why.
     let why = refused_puback(&mut filler, 500, &payload).await;
@@ -577,20 +569,9 @@ async fn refused_puback(
     packet_id: u16,
     payload: &str,
 ) -> outpost_mqtt::PubResponse {
-    c.send(&Packet::Publish(publish(
-        "q1/big",
-        QoS::AtLeastOnce,
-        Some(packet_id),
-        payload.as_bytes(),
-    )))
-    .await;
-    match c.expect_packet(WAIT).await {
-        Packet::PubAck(a) => {
-            assert_eq!(a.reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED, "{a:?}");
-            a
-        }
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
+    let a = ack_q1_big(c, QoS::AtLeastOnce, packet_id, payload).await;
+    assert_eq!(a.reason, outpost_mqtt::ReasonCode::QUOTA_EXCEEDED, "{a:?}");
+    a
 }
 
 /// A TCP relay between the bridge and the cloud that can swallow the bridge's PUBRELs
