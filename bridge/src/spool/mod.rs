@@ -8,9 +8,11 @@
 //! dead-letter table it ends up in, and the QoS 2 packet ids received from the cloud and
 //! not yet released (downlink deduplication across restarts).
 
+mod acked;
 mod fence;
 mod props;
 mod reader;
+mod reserve;
 mod store;
 mod writer;
 
@@ -216,6 +218,9 @@ pub struct Spool {
     path: Arc<PathBuf>,
 }
 
+/// Run on the writer's connection right after it opens (tests cap the file with it).
+type Hook<'a> = &'a dyn Fn(&rusqlite::Connection) -> rusqlite::Result<()>;
+
 /// The writer thread; join it after every [`Spool`] handle is dropped.
 pub struct SpoolThread(std::thread::JoinHandle<()>);
 
@@ -234,20 +239,48 @@ impl Spool {
         opts: SpoolOptions,
         stats: Arc<BridgeStats>,
     ) -> Result<(Spool, SpoolThread), SpoolError> {
-        Self::open_with(opts, stats, |_| Ok(()))
+        Self::open_with(opts, stats, &|_| Ok(()), None)
     }
 
-    /// Open with a hook run on the connection first (tests cap the file size with it).
+    /// Open with a hook run on the connection first (tests cap the file size with it) and
+    /// a reserve other than the file beside the spool (tests hold pages back instead).
     fn open_with(
         opts: SpoolOptions,
         stats: Arc<BridgeStats>,
-        hook: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
+        hook: Hook<'_>,
+        reserve: Option<Box<dyn reserve::Reserve>>,
     ) -> Result<(Spool, SpoolThread), SpoolError> {
-        let (conn, quarantined) = store::open(&opts.path)?;
+        let reserve_path = reserve::FileReserve::path_for(&opts.path);
+        let (conn, quarantined) = match store::open(&opts.path) {
+            Ok(opened) => opened,
+            // A full disk can keep even opening from writing (the shared-memory file, WAL
+            // recovery): give the reserve back and try once more.
+            Err(first) if reserve.is_none() && std::fs::remove_file(&reserve_path).is_ok() => {
+                tracing::warn!(spool = %opts.path.display(), error = %first,
+                    "spool could not be opened: released its disk reserve and trying again");
+                store::open(&opts.path)?
+            }
+            Err(e) => return Err(e),
+        };
         hook(&conn).map_err(|source| SpoolError::Sqlite {
             path: opts.path.clone(),
             source,
         })?;
+        let (reserve, reserve_held): (Box<dyn reserve::Reserve>, bool) = match reserve {
+            Some(mut r) => {
+                let held = r.hold(&conn).is_ok();
+                (r, held)
+            }
+            None => {
+                let (r, held) = reserve::FileReserve::open(&opts.path);
+                if let Err(e) = &held {
+                    tracing::warn!(spool = %opts.path.display(), reserve = %reserve_path.display(), error = %e,
+                        "spool: no room for the disk reserve: should the disk fill up, deleting \
+                         acknowledged messages may have to wait for space to be freed");
+                }
+                (Box::new(r), held.is_ok())
+            }
+        };
         if quarantined.is_some() {
             BridgeStats::bump(&stats.quarantined);
         }
@@ -282,6 +315,8 @@ impl Spool {
             .store(oldest, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(spool = %opts.path.display(), messages = count, bytes, "spool opened");
         let reader_conn = reader::open(&opts.path).map_err(sqlite)?;
+        let undeleted = Arc::new(acked::Undeleted::default());
+        let reader_undeleted = undeleted.clone();
         let (tx, rx) = mpsc::channel();
         let (reads, reads_rx) = mpsc::channel();
         let (committed_tx, committed) = watch::channel(last_id);
@@ -289,7 +324,7 @@ impl Spool {
         let reader_path = opts.path.clone();
         std::thread::Builder::new()
             .name("bridge-spool-read".into())
-            .spawn(move || reader::run(reader_conn, reader_path, reads_rx))
+            .spawn(move || reader::run(reader_conn, reader_path, reader_undeleted, reads_rx))
             .map_err(|source| SpoolError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -304,8 +339,13 @@ impl Spool {
                 count,
                 next_id,
             },
-            fence.clone(),
-            committed_tx,
+            writer::Shared {
+                fence: fence.clone(),
+                undeleted,
+                committed: committed_tx,
+                reserve,
+                reserve_held,
+            },
         );
         let thread = std::thread::Builder::new()
             .name("bridge-spool".into())

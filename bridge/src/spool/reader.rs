@@ -2,11 +2,12 @@
 //! the uplink never waits behind a commit's fsync (WAL lets readers run beside the writer).
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, params};
 
+use super::acked::{IdRanges, Undeleted};
 use super::{DeadLetter, Reply, Stage, StoredMessage, props};
 use crate::error::SpoolError;
 
@@ -37,7 +38,12 @@ pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-pub(super) fn run(conn: Connection, path: std::path::PathBuf, rx: mpsc::Receiver<Read>) {
+pub(super) fn run(
+    conn: Connection,
+    path: std::path::PathBuf,
+    undeleted: Arc<Undeleted>,
+    rx: mpsc::Receiver<Read>,
+) {
     let err = |source| SpoolError::Sqlite {
         path: path.clone(),
         source,
@@ -49,10 +55,12 @@ pub(super) fn run(conn: Connection, path: std::path::PathBuf, rx: mpsc::Receiver
                 limit,
                 reply,
             } => {
-                let _ = reply.send(fetch(&conn, after, limit).map_err(err));
+                let skip = undeleted.snapshot();
+                let _ = reply.send(fetch(&conn, after, limit, skip.as_ref()).map_err(err));
             }
             Read::InProgress(reply) => {
-                let _ = reply.send(in_progress(&conn).map_err(err));
+                let skip = undeleted.snapshot();
+                let _ = reply.send(in_progress(&conn, skip.as_ref()).map_err(err));
             }
             Read::Incoming { bridge, reply } => {
                 let _ = reply.send(incoming(&conn, &bridge).map_err(err));
@@ -90,31 +98,56 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     })
 }
 
-fn fetch(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<StoredMessage>> {
+/// Rows after `after`, leaving out `skip` (acknowledged rows whose delete is pending): a
+/// page short of `limit` still means the end of the spool, as the uplink takes it.
+fn fetch(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+    skip: Option<&IdRanges>,
+) -> rusqlite::Result<Vec<StoredMessage>> {
     let mut st = conn.prepare_cached(
         "SELECT id, topic, payload, qos, retain, props, accepted_ms, packet_id, stage
          FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
-    let mut rows = st.query(params![after, limit as i64])?;
     let mut out = Vec::with_capacity(limit.min(4096));
     let mut bytes = 0usize;
-    while let Some(r) = rows.next()? {
-        let m = row(r)?;
-        bytes += m.payload.len() + m.topic.len();
-        out.push(m);
-        if bytes >= FETCH_MAX_BYTES {
-            break;
+    let mut after = after;
+    loop {
+        let want = limit - out.len();
+        let mut rows = st.query(params![after, want as i64])?;
+        let mut seen = 0usize;
+        while let Some(r) = rows.next()? {
+            seen += 1;
+            let id: i64 = r.get(0)?;
+            after = id;
+            if skip.is_some_and(|s| s.contains(id)) {
+                continue;
+            }
+            let m = row(r)?;
+            bytes += m.payload.len() + m.topic.len();
+            out.push(m);
+            if bytes >= FETCH_MAX_BYTES {
+                return Ok(out);
+            }
+        }
+        // Only skipped rows can leave a full page short; read on past them.
+        if seen < want || out.len() >= limit || skip.is_none() {
+            return Ok(out);
         }
     }
-    Ok(out)
 }
 
-fn in_progress(conn: &Connection) -> rusqlite::Result<Vec<StoredMessage>> {
+fn in_progress(conn: &Connection, skip: Option<&IdRanges>) -> rusqlite::Result<Vec<StoredMessage>> {
     let mut st = conn.prepare_cached(
         "SELECT id, topic, payload, qos, retain, props, accepted_ms, packet_id, stage
          FROM messages WHERE stage > 0 ORDER BY id",
     )?;
-    st.query_map([], row)?.collect()
+    let rows: Vec<StoredMessage> = st.query_map([], row)?.collect::<rusqlite::Result<_>>()?;
+    Ok(match skip {
+        Some(s) => rows.into_iter().filter(|m| !s.contains(m.id)).collect(),
+        None => rows,
+    })
 }
 
 fn incoming(conn: &Connection, bridge: &str) -> rusqlite::Result<Vec<u16>> {

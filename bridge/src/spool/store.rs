@@ -11,6 +11,11 @@ use crate::error::SpoolError;
 /// so millions of empty messages still count for something.
 pub const ROW_OVERHEAD: u64 = 32;
 
+/// Size the WAL is cut back to after it restarts (`PRAGMA journal_size_limit`): about what
+/// it holds at SQLite's automatic checkpoint (1000 pages of 4 KiB), so a burst that grew it
+/// further gives the space back, while the steady state is not truncated and regrown.
+const WAL_SIZE_LIMIT: i64 = 4 << 20;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
     id          INTEGER PRIMARY KEY,   -- accept order
@@ -58,6 +63,17 @@ CREATE TABLE IF NOT EXISTS incoming_qos2 (
 /// `*.corrupt-<ts>` and a fresh spool is created; the returned path says where it went.
 pub fn open(path: &Path) -> Result<(Connection, Option<PathBuf>), SpoolError> {
     let opened = outpost_sqlite::open(path, SCHEMA, None)?;
+    opened
+        .conn
+        .query_row(
+            &format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}"),
+            [],
+            |_| Ok(()),
+        )
+        .map_err(|source| SpoolError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let aside = opened.set_aside.map(|aside| {
         tracing::error!(
             spool = %path.display(),

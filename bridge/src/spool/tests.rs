@@ -215,7 +215,8 @@ fn full_disk_refuses_with_a_reason_keeps_committed_rows_and_recovers() {
                 when_full: WhenFull::RejectNew,
             },
             stats.clone(),
-            |c| c.query_row("PRAGMA max_page_count = 40", [], |_| Ok(())),
+            &|c| c.query_row("PRAGMA max_page_count = 40", [], |_| Ok(())),
+            None,
         )
         .expect("open spool");
         let mut accepted = 0;
@@ -481,4 +482,249 @@ fn drop_oldest_spares_rows_taken_for_sending_and_fences_off_the_dropped() {
         assert_eq!(stats.dropped_spool_full.load(Relaxed), 3);
         close(spool, thread);
     });
+}
+
+/// A disk of `capacity` pages, the page cap of the writer's connection: `SQLITE_FULL` when
+/// it is used up, as on a full file system. The reserve holds `pages` of it back, as the
+/// reserve file does, and is held only with half as much again (20 pages at least) free
+/// beside it.
+struct PageReserve {
+    capacity: Arc<std::sync::atomic::AtomicI64>,
+    pages: i64,
+}
+
+impl PageReserve {
+    fn cap(conn: &rusqlite::Connection, pages: i64) {
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .unwrap();
+    }
+}
+
+impl reserve::Reserve for PageReserve {
+    fn hold(&mut self, conn: &rusqlite::Connection) -> std::io::Result<()> {
+        let capacity = self.capacity.load(Relaxed);
+        let used: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        if used + self.pages + (self.pages / 2).max(20) >= capacity {
+            // What someone else freed meanwhile is usable even without the reserve.
+            Self::cap(conn, capacity);
+            return Err(std::io::ErrorKind::StorageFull.into());
+        }
+        Self::cap(conn, capacity - self.pages);
+        Ok(())
+    }
+
+    fn release(&mut self, conn: &rusqlite::Connection) -> std::io::Result<()> {
+        Self::cap(conn, self.capacity.load(Relaxed));
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.pages as u64 * 4096
+    }
+
+    fn describe(&self) -> String {
+        format!("{} pages", self.pages)
+    }
+}
+
+/// Every row deleted briefly needs 16 pages of its own (more than a failed group of appends
+/// leaves free, less than the reserve), as every write in WAL mode needs room
+/// in the `-wal` file: on a full disk a delete fails with `SQLITE_FULL` too.
+fn deletes_need_space(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS ballast (b BLOB);
+         CREATE TEMP TRIGGER deletes_need_space AFTER DELETE ON main.messages BEGIN
+             INSERT INTO ballast VALUES (zeroblob(65536));
+             DELETE FROM ballast;
+         END;",
+    )
+}
+
+/// A spool on a disk of `capacity` pages with a reserve of `reserve` pages.
+fn open_on_small_disk(
+    dir: &Path,
+    capacity: i64,
+    reserve: i64,
+) -> (
+    Spool,
+    SpoolThread,
+    Arc<BridgeStats>,
+    Arc<std::sync::atomic::AtomicI64>,
+) {
+    let stats = Arc::new(BridgeStats::default());
+    let capacity = Arc::new(std::sync::atomic::AtomicI64::new(capacity));
+    let (spool, thread) = Spool::open_with(
+        SpoolOptions {
+            path: dir.join("spool.sqlite"),
+            max_bytes: 1 << 30,
+            when_full: WhenFull::RejectNew,
+        },
+        stats.clone(),
+        &deletes_need_space,
+        Some(Box::new(PageReserve {
+            capacity: capacity.clone(),
+            pages: reserve,
+        })),
+    )
+    .expect("open spool");
+    (spool, thread, stats, capacity)
+}
+
+/// Append 1000-byte messages, 20 at a time, until the disk is full; the ids accepted and
+/// the first refusal.
+async fn fill_disk(spool: &Spool) -> (Vec<i64>, Rejected) {
+    let mut i = 0;
+    loop {
+        let rxs: Vec<_> = (i..i + 20).map(|n| spool.append(msg(n, 1000))).collect();
+        i += 20;
+        let mut refusal = None;
+        for rx in rxs {
+            if let Err(e) = rx.await.unwrap() {
+                refusal.get_or_insert(e);
+            }
+        }
+        if let Some(refusal) = refusal {
+            let ids = spool.fetch(0, 100_000).await.unwrap();
+            return (ids.iter().map(|r| r.id).collect(), refusal);
+        }
+        assert!(i < 100_000, "the disk never filled");
+    }
+}
+
+fn storage_text(e: &Rejected) -> &str {
+    match &e.reason {
+        RejectReason::Storage(text) => text,
+        other => panic!("expected a storage refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_full_disk_releases_the_reserve_so_acked_rows_are_deleted_and_the_spool_accepts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (spool, thread, stats, _) = open_on_small_disk(dir.path(), 200, 40);
+        let (ids, refusal) = fill_disk(&spool).await;
+        assert!(storage_text(&refusal).contains("full"), "{refusal:?}");
+        assert!(ids.len() > 50, "{} messages fit", ids.len());
+        // Full: new messages are refused with a reason, without trying the disk.
+        let refused = spool.append(msg(90_000, 10)).await.unwrap().unwrap_err();
+        assert!(storage_text(&refused).contains("full"), "{refused:?}");
+        assert_eq!(
+            refused.reason_code(),
+            outpost_mqtt::ReasonCode::UNSPECIFIED_ERROR
+        );
+        // The cloud comes back and acknowledges everything: the deletes need room, which
+        // the released reserve gives.
+        spool.delete_many(ids.clone());
+        spool.flush().await.unwrap();
+        assert_eq!(stats.spool_messages.load(Relaxed), 0, "acked rows deleted");
+        assert!(spool.fetch(0, 100_000).await.unwrap().is_empty());
+        // Drained: the reserve is held again and the spool accepts by itself.
+        spool
+            .append(msg(90_001, 1000))
+            .await
+            .unwrap()
+            .expect("accepts again once drained");
+        assert_eq!(topics(&spool.fetch(0, 10).await.unwrap()), ["t/90001"]);
+        // And it keeps working: it can fill up again and recover again.
+        let (again, _) = fill_disk(&spool).await;
+        assert!(
+            again.len() > 50,
+            "{} messages fit the second time",
+            again.len()
+        );
+        spool.delete_many(again);
+        spool.flush().await.unwrap();
+        assert_eq!(stats.spool_messages.load(Relaxed), 0);
+        spool.append(msg(90_002, 1000)).await.unwrap().unwrap();
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn failed_deletes_are_kept_not_resent_and_retried_once_space_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        // No room for any reserve: nothing can be released when the disk fills.
+        let (spool, thread, stats, capacity) = open_on_small_disk(dir.path(), 120, 0);
+        let (ids, _) = fill_disk(&spool).await;
+        let total = ids.len();
+        let (acked, rest) = ids.split_at(total / 2);
+        spool.delete_many(acked.to_vec());
+        spool.flush().await.unwrap();
+        // The delete failed for lack of space: the rows are still in the file...
+        assert_eq!(stats.spool_messages.load(Relaxed), total as u64);
+        // ...but a new uplink session does not read them again.
+        let left: Vec<i64> = spool
+            .fetch(0, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, rest, "acknowledged rows are not sent again");
+        // A short page still reads past the skipped rows.
+        let first: Vec<i64> = spool
+            .fetch(0, 3)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(first, rest[..3]);
+        // Someone frees space: the kept deletes go through without being sent again.
+        capacity.fetch_add(60, Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while stats.spool_messages.load(Relaxed) != rest.len() as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the failed deletes were never retried: {} rows",
+                stats.spool_messages.load(Relaxed)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let left: Vec<i64> = spool
+            .fetch(0, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, rest);
+        spool.append(msg(90_000, 100)).await.unwrap().unwrap();
+        close(spool, thread);
+    });
+    // They stay deleted after a restart.
+    rt().block_on(async {
+        let (spool, thread, stats) = open(dir.path(), 1 << 30, WhenFull::RejectNew);
+        let rows = spool.fetch(0, 100_000).await.unwrap();
+        assert_eq!(stats.spool_messages.load(Relaxed), rows.len() as u64);
+        assert_eq!(rows.last().unwrap().topic, "t/90000");
+        close(spool, thread);
+    });
+}
+
+#[test]
+fn the_reserve_file_is_made_beside_the_spool_and_kept_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let reserve = dir.path().join("spool.sqlite.reserve");
+    rt().block_on(async {
+        let (spool, thread, _) = open(dir.path(), 1 << 20, WhenFull::RejectNew);
+        close(spool, thread);
+    });
+    let meta = std::fs::metadata(&reserve).expect("reserve file");
+    assert_eq!(meta.len(), reserve::RESERVE_BYTES);
+    let modified = meta.modified().unwrap();
+    rt().block_on(async {
+        let (spool, thread, _) = open(dir.path(), 1 << 20, WhenFull::RejectNew);
+        close(spool, thread);
+    });
+    let again = std::fs::metadata(&reserve).unwrap();
+    assert_eq!(
+        (again.len(), again.modified().unwrap()),
+        (reserve::RESERVE_BYTES, modified),
+        "not rewritten at every start"
+    );
 }

@@ -4,10 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 use tokio::sync::{oneshot, watch};
 
+use super::acked::{IdRanges, Undeleted, runs};
+use super::reserve::Reserve;
 use super::{Command, Fence, IncomingOp, SpoolOptions, StrikeOutcome, store};
 use crate::config::WhenFull;
 use crate::error::{RejectReason, Rejected, SpoolError};
@@ -15,10 +18,32 @@ use crate::stats::BridgeStats;
 
 /// Most commands folded into one transaction; bounds commit latency under a flood.
 const MAX_GROUP: usize = 16_384;
+/// How soon acknowledged rows whose delete failed are tried again when nothing else comes.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How often a full spool checks whether there is room again (and at once when it drains).
+const RECOVER_EVERY: Duration = Duration::from_secs(2);
+/// Least time between two log lines about the same kind of failure.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often a spool that stays full says so again.
+const STILL_FULL_EVERY: Duration = Duration::from_secs(60);
 
 pub(super) struct Writer {
     conn: Connection,
     st: State,
+}
+
+/// What the writer shares with the handles and the reader, and the disk reserve.
+pub(super) struct Shared {
+    /// The drop-oldest fence.
+    pub fence: Arc<Fence>,
+    /// Acknowledged rows whose delete is not committed yet (the reader skips them).
+    pub undeleted: Arc<Undeleted>,
+    /// Highest committed row id.
+    pub committed: watch::Sender<i64>,
+    /// Space released on a full disk.
+    pub reserve: Box<dyn Reserve>,
+    /// Whether the reserve could be made at open.
+    pub reserve_held: bool,
 }
 
 /// Counters read from the file at open.
@@ -46,6 +71,52 @@ struct State {
     /// failed): the uplink skips them, so they are deleted and counted with the next one.
     unsettled: Vec<i64>,
     committed: watch::Sender<i64>,
+    /// Acknowledged rows whose delete was lost with a failed transaction: deleted with the
+    /// next one, and left out of fetches meanwhile (mirrored in `shared_undeleted`), so they
+    /// are not sent again while the process lives.
+    undeleted: IdRanges,
+    shared_undeleted: Arc<Undeleted>,
+    reserve: Box<dyn Reserve>,
+    reserve_held: bool,
+    /// Set while the disk is full: new messages are refused until the reserve is held
+    /// again, and deletes and checkpoints use the space it gave back.
+    full: Option<Full>,
+    commit_log: Throttle,
+    delete_log: Throttle,
+    full_log: Throttle,
+}
+
+/// A disk-full episode.
+struct Full {
+    since: Instant,
+    refused: u64,
+    last_try: Option<Instant>,
+    last_note: Instant,
+}
+
+/// At most one log line per [`LOG_EVERY`]; counts the ones left out.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// `Some(lines left out since the last one)` when a line may be logged now.
+    fn ready(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// True for `SQLITE_FULL`: the file system (or the page cap) has no room.
+pub(super) fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::DiskFull)
 }
 
 type StrikeReply = oneshot::Sender<Result<StrikeOutcome, SpoolError>>;
@@ -63,6 +134,8 @@ struct Group {
     /// `taken_through` before an `Untake` in this group, restored if it rolls back.
     untaken_from: Option<i64>,
     last_id: Option<i64>,
+    /// Ids of the deletes in this group: kept for a retry if it rolls back.
+    deletes: Vec<Vec<i64>>,
 }
 
 fn reject(reply: oneshot::Sender<Result<(), Rejected>>, reason: RejectReason) {
@@ -75,8 +148,7 @@ impl Writer {
         opts: SpoolOptions,
         stats: Arc<BridgeStats>,
         totals: Totals,
-        fence: Arc<Fence>,
-        committed: watch::Sender<i64>,
+        shared: Shared,
     ) -> Self {
         Writer {
             conn,
@@ -86,24 +158,57 @@ impl Writer {
                 bytes: totals.bytes,
                 count: totals.count,
                 next_id: totals.next_id.max(1),
-                fence,
+                fence: shared.fence,
                 unsettled: Vec::new(),
-                committed,
+                committed: shared.committed,
+                undeleted: IdRanges::default(),
+                shared_undeleted: shared.undeleted,
+                reserve: shared.reserve,
+                reserve_held: shared.reserve_held,
+                full: None,
+                commit_log: Throttle::default(),
+                delete_log: Throttle::default(),
+                full_log: Throttle::default(),
             },
         }
     }
 
     pub(super) fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut batch = Vec::with_capacity(1024);
-        while let Ok(first) = rx.recv() {
-            batch.push(first);
-            while batch.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(c) => batch.push(c),
+        loop {
+            // Blocks as before unless a failed delete or a full disk has something to retry.
+            let first = if self.st.has_retries() {
+                match rx.recv_timeout(RETRY_EVERY) {
+                    Ok(c) => Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(c) => Some(c),
                     Err(_) => break,
+                }
+            };
+            if let Some(first) = first {
+                batch.push(first);
+                while batch.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(c) => batch.push(c),
+                        Err(_) => break,
+                    }
                 }
             }
             self.process(&mut batch);
+        }
+        if self.st.has_writes() {
+            // Last chance for acknowledged rows whose delete failed.
+            self.process(&mut Vec::new());
+        }
+        if !self.st.undeleted.is_empty() {
+            tracing::error!(spool = %self.st.opts.path.display(), messages = self.st.undeleted.len(),
+                "spool: acknowledged messages could not be deleted before the stop: they will be sent \
+                 again after the restart (QoS 1 duplicates; QoS 2 ones whose PUBREL was recorded \
+                 only get a PUBREL); free space on the spool's file system");
         }
         // Fold the WAL back so the file on disk is self-contained after a clean stop.
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
@@ -112,12 +217,22 @@ impl Writer {
     }
 
     fn process(&mut self, batch: &mut Vec<Command>) {
+        if self.st.full.is_some() {
+            self.st.refuse_appends(batch);
+        }
+        if batch.is_empty() && !self.st.has_writes() {
+            self.st.maybe_recover(&self.conn, false);
+            return;
+        }
         let st = &mut self.st;
         let (bytes0, count0) = (st.bytes, st.count);
         let mut group = Group::default();
         let outcome = match self.conn.unchecked_transaction() {
             Ok(tx) => {
-                let mut failed = st.settle_claims(&tx, &mut group).err();
+                let mut failed = st
+                    .settle_claims(&tx, &mut group)
+                    .and_then(|()| st.settle_undeleted(&tx))
+                    .err();
                 for cmd in batch.drain(..) {
                     st.apply(&tx, cmd, &mut group, &mut failed);
                 }
@@ -135,8 +250,27 @@ impl Writer {
             }
         };
         match outcome {
-            Ok(()) => self.st.after_commit(&self.conn, group),
-            Err(e) => self.st.after_failure(e, group, bytes0, count0),
+            Ok(()) => {
+                self.st.after_commit(&self.conn, group);
+                // Drained by this commit while full: look for room at once (checkpoint,
+                // vacuum, reserve).
+                let drained = count0 > 0 && self.st.count == 0;
+                self.st.maybe_recover(&self.conn, drained);
+            }
+            Err(e) => {
+                let full = is_disk_full(&e);
+                self.st.after_failure(e, group, bytes0, count0);
+                if full {
+                    if self.st.enter_full(&self.conn) {
+                        // The reserve is free now: the deletes (and stage changes to come)
+                        // go through at once, while new messages are refused.
+                        self.process(&mut Vec::new());
+                    } else {
+                        // Nothing left to release: see whether space was freed meanwhile.
+                        self.st.maybe_recover(&self.conn, false);
+                    }
+                }
+            }
         }
     }
 }
@@ -148,9 +282,9 @@ fn collect_only(cmd: Command, group: &mut Group) {
         | Command::Incoming { reply, .. }
         | Command::ClearIncoming { reply, .. } => group.staged.push(reply),
         Command::Strike { reply, .. } => group.struck.push((reply, None)),
-        // Deletes of a failed group are lost with it: the rows are sent again later, as
-        // after a crash. Rows already claimed for dropping stay in `unsettled`.
-        Command::Delete(_) => {}
+        // Deletes of a failed group are kept (`State::undeleted`) and retried. Rows already
+        // claimed for dropping stay in `unsettled`.
+        Command::Delete(ids) => group.deletes.push(ids),
         // Only after the deletes before it are durable may the fence open again.
         Command::Untake => {}
         read => group.reads.push(read),
@@ -216,7 +350,11 @@ impl State {
                     self.count += 1;
                 })
             }
-            Command::Delete(ids) => self.delete_all(tx, ids),
+            Command::Delete(ids) => {
+                let r = self.delete_all(tx, &ids);
+                group.deletes.push(ids);
+                r
+            }
             Command::SetStages(updates, reply) => {
                 group.staged.push(reply);
                 tx.prepare_cached("UPDATE messages SET packet_id = ?2, stage = ?3 WHERE id = ?1")
@@ -278,29 +416,181 @@ impl State {
     /// go in one range statement. The range's count and bytes are summed first rather
     /// than returned row by row: `RETURNING` buffers and steps out every deleted row, which
     /// made deleting cost the draining uplink more CPU than sending.
-    fn delete_all(&mut self, tx: &Transaction<'_>, mut ids: Vec<i64>) -> rusqlite::Result<()> {
-        ids.sort_unstable();
-        ids.dedup();
-        let mut totals = tx.prepare_cached(
-            "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE id BETWEEN ?1 AND ?2",
-        )?;
-        let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2")?;
-        let mut i = 0;
-        while i < ids.len() {
-            let mut j = i;
-            while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
-                j += 1;
-            }
-            let (count, size): (i64, i64) =
-                totals.query_row(params![ids[i], ids[j]], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            if count > 0 {
-                delete.execute(params![ids[i], ids[j]])?;
-                self.bytes = self.bytes.saturating_sub(size.max(0) as u64);
-                self.count = self.count.saturating_sub(count as u64);
-            }
-            i = j + 1;
+    fn delete_all(&mut self, tx: &Transaction<'_>, ids: &[i64]) -> rusqlite::Result<()> {
+        for (lo, hi) in runs(ids) {
+            self.delete_range(tx, lo, hi)?;
         }
         Ok(())
+    }
+
+    /// Delete the rows `lo..=hi` (every one acknowledged).
+    fn delete_range(&mut self, tx: &Transaction<'_>, lo: i64, hi: i64) -> rusqlite::Result<()> {
+        let (count, size): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE id BETWEEN ?1 AND ?2",
+            )?
+            .query_row(params![lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if count > 0 {
+            tx.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2")?
+                .execute(params![lo, hi])?;
+            self.bytes = self.bytes.saturating_sub(size.max(0) as u64);
+            self.count = self.count.saturating_sub(count as u64);
+        }
+        Ok(())
+    }
+
+    /// Delete the acknowledged rows whose delete failed before.
+    fn settle_undeleted(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        if self.undeleted.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(i64, i64)> = self.undeleted.ranges().collect();
+        for (lo, hi) in ranges {
+            self.delete_range(tx, lo, hi)?;
+        }
+        Ok(())
+    }
+
+    /// Something to write even without new commands: failed deletes or drop claims.
+    fn has_writes(&self) -> bool {
+        !self.undeleted.is_empty() || !self.unsettled.is_empty()
+    }
+
+    /// Whether the writer must wake up by itself: to retry writes, or to look for room.
+    fn has_retries(&self) -> bool {
+        self.has_writes() || self.full.is_some()
+    }
+
+    /// While the disk is full, refuse new messages before they cost a failed transaction.
+    fn refuse_appends(&mut self, batch: &mut Vec<Command>) {
+        if !batch.iter().any(|c| matches!(c, Command::Append(..))) {
+            return;
+        }
+        let dir = self
+            .opts
+            .path
+            .parent()
+            .map_or_else(String::new, |d| d.display().to_string());
+        let text = format!(
+            "database or disk is full ({dir}): new messages are refused until there is room again"
+        );
+        let mut refused = 0u64;
+        for cmd in std::mem::take(batch) {
+            match cmd {
+                Command::Append(_, reply) => {
+                    refused += 1;
+                    reject(reply, RejectReason::Storage(text.clone()));
+                }
+                other => batch.push(other),
+            }
+        }
+        self.stats.rejected_storage.fetch_add(refused, Relaxed);
+        if let Some(full) = &mut self.full {
+            full.refused += refused;
+        }
+    }
+
+    /// A write failed with `SQLITE_FULL`: refuse new messages from now on and give the
+    /// reserve back so that deletes and checkpoints can run. True when it was released now.
+    fn enter_full(&mut self, conn: &Connection) -> bool {
+        let first = self.full.is_none();
+        if first {
+            let now = Instant::now();
+            self.full = Some(Full {
+                since: now,
+                refused: 0,
+                last_try: None,
+                last_note: now,
+            });
+        }
+        let mut released = false;
+        if self.reserve_held {
+            match self.reserve.release(conn) {
+                Ok(()) => {
+                    self.reserve_held = false;
+                    released = true;
+                }
+                Err(e) => tracing::error!(spool = %self.opts.path.display(),
+                    reserve = %self.reserve.describe(), error = %e,
+                    "spool: could not release the disk reserve"),
+            }
+        }
+        if first && let Some(suppressed) = self.full_log.ready() {
+            let dir = self
+                .opts
+                .path
+                .parent()
+                .map_or_else(String::new, |d| d.display().to_string());
+            tracing::error!(spool = %self.opts.path.display(), dir = %dir,
+                reserve_released = released, reserve_bytes = self.reserve.size(),
+                messages = self.count, bytes = self.bytes, similar_suppressed = suppressed,
+                "spool: the disk is full: new messages are refused (reason code 0x80) until there \
+                 is room again; acknowledged messages are still deleted (the disk reserve was \
+                 given back for that) and the spool accepts again by itself once the uplink has \
+                 drained it or space is freed. Free space on that file system, or lower \
+                 max_bytes below what it can hold");
+        }
+        if released {
+            checkpoint_truncate(conn);
+        }
+        released
+    }
+
+    /// While full: give back what the WAL (and, once drained, the file's free pages) hold,
+    /// and accept messages again once the reserve can be held again with room beside it.
+    /// At most every [`RECOVER_EVERY`] unless `now`.
+    fn maybe_recover(&mut self, conn: &Connection, now: bool) {
+        let Some(full) = &mut self.full else {
+            return;
+        };
+        let t = Instant::now();
+        if !now
+            && full
+                .last_try
+                .is_some_and(|l| t.duration_since(l) < RECOVER_EVERY)
+        {
+            return;
+        }
+        full.last_try = Some(t);
+        checkpoint_truncate(conn);
+        if self.count == 0 && self.undeleted.is_empty() {
+            // Deleted rows leave free pages that only VACUUM gives back to the file system;
+            // with nothing spooled it rewrites next to nothing.
+            let free: i64 = conn
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap_or(0);
+            if free > 0 {
+                match conn.execute_batch("VACUUM") {
+                    Ok(()) => checkpoint_truncate(conn),
+                    Err(e) => tracing::debug!(error = %e, "spool: vacuum while full failed"),
+                }
+            }
+        }
+        match self.reserve.hold(conn) {
+            Ok(()) => {
+                self.reserve_held = true;
+                if let Some(full) = self.full.take() {
+                    let (refused, secs) = (full.refused, full.since.elapsed().as_secs());
+                    let text =
+                        "spool: there is room on the disk again: new messages are accepted again";
+                    if refused > 0 {
+                        tracing::warn!(spool = %self.opts.path.display(), refused,
+                            full_secs = secs, messages = self.count, "{text}");
+                    } else {
+                        tracing::info!(spool = %self.opts.path.display(), refused,
+                            full_secs = secs, messages = self.count, "{text}");
+                    }
+                }
+            }
+            Err(e) => {
+                if t.duration_since(full.last_note) >= STILL_FULL_EVERY {
+                    full.last_note = t;
+                    tracing::warn!(spool = %self.opts.path.display(), error = %e,
+                        refused = full.refused, messages = self.count,
+                        "spool: the disk is still full: new messages are still refused");
+                }
+            }
+        }
     }
 
     fn delete(&mut self, tx: &Transaction<'_>, id: i64) -> rusqlite::Result<bool> {
@@ -433,6 +723,12 @@ impl State {
 
     fn after_commit(&mut self, conn: &Connection, group: Group) {
         self.unsettled.clear();
+        if !self.undeleted.is_empty() {
+            tracing::info!(spool = %self.opts.path.display(), messages = self.undeleted.len(),
+                "spool: deleted the acknowledged messages whose delete had failed");
+            self.undeleted.clear();
+            self.shared_undeleted.lock().clear();
+        }
         let stats = &self.stats;
         stats
             .spooled
@@ -477,8 +773,30 @@ impl State {
             self.fence.lock().respare(taken);
         }
         let text = e.to_string();
-        tracing::error!(spool = %self.opts.path.display(), error = %text,
-            refused = group.appended.len(), "spool commit failed: offered messages refused");
+        let others =
+            !group.appended.is_empty() || !group.staged.is_empty() || !group.struck.is_empty();
+        if others && let Some(suppressed) = self.commit_log.ready() {
+            tracing::error!(spool = %self.opts.path.display(), error = %text,
+                refused = group.appended.len(), similar_suppressed = suppressed,
+                "spool commit failed: offered messages refused");
+        }
+        // Acknowledged rows must not be lost with the transaction: keep them to delete with
+        // the next one, and out of the uplink's reads meanwhile.
+        let before = self.undeleted.len();
+        for ids in &group.deletes {
+            self.undeleted.insert_all(ids);
+        }
+        if !self.undeleted.is_empty() {
+            *self.shared_undeleted.lock() = self.undeleted.clone();
+            if let Some(suppressed) = self.delete_log.ready() {
+                tracing::warn!(spool = %self.opts.path.display(), error = %text,
+                    messages = self.undeleted.len(), new = self.undeleted.len() - before,
+                    similar_suppressed = suppressed,
+                    "spool: acknowledged messages could not be deleted: kept in memory and retried \
+                     every second; they are not sent again unless the gateway stops before the \
+                     delete succeeds. Free space on the spool's file system if this goes on");
+            }
+        }
         if outpost_sqlite::is_corruption(&e) {
             tracing::error!(spool = %self.opts.path.display(),
                 "spool is corrupt: it will be set aside at the next start");
@@ -519,6 +837,14 @@ impl State {
                 let _ = reply.send(Ok(()));
             }
         }
+    }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`, best effort: folds the WAL into the file and cuts it
+/// to zero bytes.
+fn checkpoint_truncate(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::debug!(error = %e, "spool checkpoint failed");
     }
 }
 
