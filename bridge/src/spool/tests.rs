@@ -657,22 +657,10 @@ fn failed_deletes_are_kept_not_resent_and_retried_once_space_is_back() {
         // The delete failed for lack of space: the rows are still in the file...
         assert_eq!(stats.spool_messages.load(Relaxed), total as u64);
         // ...but a new uplink session does not read them again.
-        let left: Vec<i64> = spool
-            .fetch(0, 100_000)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let left = fetched_ids(&spool, 100_000).await;
         assert_eq!(left, rest, "acknowledged rows are not sent again");
         // A short page still reads past the skipped rows.
-        let first: Vec<i64> = spool
-            .fetch(0, 3)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let first = fetched_ids(&spool, 3).await;
         assert_eq!(first, rest[..3]);
         // Someone frees space: the kept deletes go through without being sent again.
         capacity.fetch_add(60, Relaxed);
@@ -685,13 +673,7 @@ fn failed_deletes_are_kept_not_resent_and_retried_once_space_is_back() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let left: Vec<i64> = spool
-            .fetch(0, 100_000)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let left = fetched_ids(&spool, 100_000).await;
         assert_eq!(left, rest);
         spool.append(msg(90_000, 100)).await.unwrap().unwrap();
         close(spool, thread);
@@ -727,4 +709,15 @@ fn the_reserve_file_is_made_beside_the_spool_and_kept_across_restarts() {
         (reserve::RESERVE_BYTES, modified),
         "not rewritten at every start"
     );
+}
+
+/// Ids of the first `limit` rows an uplink session would read.
+async fn fetched_ids(spool: &Spool, limit: usize) -> Vec<i64> {
+    spool
+        .fetch(0, limit)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect()
 }
