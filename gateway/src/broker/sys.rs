@@ -21,4 +21,6 @@ pub struct Stats {
     pub dropped_slow_client: u64,
     /// Messages not sent because they exceed the client's Maximum Packet Size.
     pub dropped_too_large: u64,
+    /// Messages an in-process subscriber (sensor commands, bridge downlink) had no room for.
+    pub dropped_local: u64,
 }

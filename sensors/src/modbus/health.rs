@@ -69,7 +69,10 @@ impl Health {
             return None;
         }
         self.status = Some(DeviceStatus::Online);
-        Some((DeviceStatus::Online, self.last_error.clone()))
+        // An online device has no error: a retained status naming the old one would read
+        // as a current fault (the serial sensors clear it the same way).
+        self.last_error = None;
+        Some((DeviceStatus::Online, None))
     }
 
     /// The device did not answer after its retries.
@@ -146,11 +149,9 @@ mod tests {
         h.on_failure("timeout", t0);
         // A new error text is news even when the status is the same.
         assert!(h.on_failure("connection refused", t0).is_some());
+        // Back online: the old error is gone, not kept in the retained status.
         let back = h.on_success().unwrap();
-        assert_eq!(
-            back,
-            (DeviceStatus::Online, Some("connection refused".into()))
-        );
+        assert_eq!(back, (DeviceStatus::Online, None));
         assert_eq!(h.failures(), 0);
         assert!(h.ready(t0));
     }

@@ -432,7 +432,7 @@ impl Line {
     async fn write(&mut self, job: WriteJob) -> Result<(), SensorsError> {
         let topic = self.devices[job.device].result_topics[job.point].clone();
         let result = self.execute_write(&job).await;
-        if let Ok(()) = &result {
+        if result.is_ok() {
             // Read the point back soon so the new value is reported.
             let now = Instant::now();
             for r in &mut self.devices[job.device].reads {
@@ -441,8 +441,13 @@ impl Line {
                 }
             }
         }
+        if let Err(error) = &result {
+            let d = &self.devices[job.device];
+            let point = d.points.get(job.point).map_or("?", |p| p.name.as_str());
+            tracing::info!(device = %d.name, point, %error, "write failed");
+        }
         let payload = write_result_payload(
-            result.as_ref().map(|()| &job.value).map_err(String::as_str),
+            result.as_ref().map_err(String::as_str),
             job.id.as_ref(),
             &self.emitter.clock,
         );
@@ -456,7 +461,9 @@ impl Line {
             .await
     }
 
-    async fn execute_write(&mut self, job: &WriteJob) -> Result<(), String> {
+    /// Writes the job's value; the value the device was given (after scaling to its
+    /// registers and back, so a rounded value is reported as written, not as asked).
+    async fn execute_write(&mut self, job: &WriteJob) -> Result<Value, String> {
         let req = {
             let pt = self.devices[job.device]
                 .points
@@ -467,13 +474,14 @@ impl Line {
             }
             build_write(pt, &job.value)?
         };
+        let (req, written) = req;
         match self.transact(job.device, req).await {
             Outcome::Data(_) => {
                 let change = self.devices[job.device].health.on_success();
                 self.publish_status(job.device, change)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(())
+                Ok(written)
             }
             Outcome::Exception(code) => Err(format!("exception: {code}")),
             Outcome::Failed(reason) => {
@@ -506,15 +514,18 @@ pub fn frame_bytes(req: &Request<'_>) -> u64 {
 }
 
 /// Builds the write request for a point: FC 5/15 for coils, 6/16 for registers.
-pub fn build_write(pt: &LinePoint, value: &Value) -> Result<Request<'static>, String> {
+/// The request that writes `value` to `pt`, and the value it really writes (what the
+/// registers decode to: an integer register takes `1.5` as `2`).
+pub fn build_write(pt: &LinePoint, value: &Value) -> Result<(Request<'static>, Value), String> {
     match pt.area {
         Area::Coil => {
             let b = value_to_bool(value)?;
-            Ok(if pt.write_function == Some(15) {
+            let req = if pt.write_function == Some(15) {
                 Request::WriteMultipleCoils(pt.start, Cow::Owned(vec![b]))
             } else {
                 Request::WriteSingleCoil(pt.start, b)
-            })
+            };
+            Ok((req, Value::Bool(b)))
         }
         Area::Holding => {
             let value = if pt.codec.ty == DataType::Bool {
@@ -524,11 +535,13 @@ pub fn build_write(pt: &LinePoint, value: &Value) -> Result<Request<'static>, St
             };
             pt.out.check_range(&value)?;
             let regs = pt.codec.encode_registers(&value)?;
-            Ok(if regs.len() == 1 && pt.write_function != Some(16) {
+            let written = pt.codec.decode_registers(&regs).unwrap_or(value);
+            let req = if regs.len() == 1 && pt.write_function != Some(16) {
                 Request::WriteSingleRegister(pt.start, regs[0])
             } else {
                 Request::WriteMultipleRegisters(pt.start, Cow::Owned(regs))
-            })
+            };
+            Ok((req, written))
         }
         Area::Discrete | Area::Input => Err("read-only area".into()),
     }

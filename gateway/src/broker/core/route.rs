@@ -127,7 +127,15 @@ impl Core {
         match &s.link {
             Some(Link::Local(tx)) => {
                 if tx.try_send(d.msg).is_err() {
-                    self.stats.dropped_queue_full += 1;
+                    self.stats.dropped_local += 1;
+                    let n = self.stats.dropped_local;
+                    // Logged at the 1st, 2nd, 4th, 8th... drop: visible, never a flood.
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            dropped = n,
+                            "an in-process subscriber (sensor commands, bridge downlink) is not keeping up: messages dropped"
+                        );
+                    }
                 } else {
                     self.stats.messages_sent += 1;
                 }

@@ -26,7 +26,7 @@ impl Core {
                 c.deliveries_written.load(Ordering::Relaxed),
             )
         });
-        let entries: [(&str, String); 14] = [
+        let entries: [(&str, String); 15] = [
             ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
             (
                 "uptime",
@@ -47,6 +47,7 @@ impl Core {
                 "messages/dropped/slow_client",
                 st.dropped_slow_client.to_string(),
             ),
+            ("messages/dropped/local", st.dropped_local.to_string()),
             (
                 "messages/dropped/too_large",
                 st.dropped_too_large.to_string(),
