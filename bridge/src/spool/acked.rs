@@ -57,8 +57,8 @@ impl IdRanges {
         self.len += (hi - lo + 1) as u64;
     }
 
-    /// Add ids (any order, duplicates allowed).
-    pub(crate) fn insert_all(&mut self, ids: &[i64]) {
+    /// Add ids (any order, duplicates allowed; sorted in place).
+    pub(crate) fn insert_all(&mut self, ids: &mut Vec<i64>) {
         for (lo, hi) in runs(ids) {
             self.insert_range(lo, hi);
         }
@@ -76,19 +76,13 @@ impl IdRanges {
     }
 }
 
-/// Consecutive runs `(lo, hi)` of `ids` once sorted and deduplicated.
-pub(crate) fn runs(ids: &[i64]) -> Vec<(i64, i64)> {
-    let mut sorted = ids.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out: Vec<(i64, i64)> = Vec::new();
-    for id in sorted {
-        match out.last_mut() {
-            Some((_, hi)) if *hi + 1 == id => *hi = id,
-            _ => out.push((id, id)),
-        }
-    }
-    out
+/// Sorts and deduplicates `ids` in place (no copy: this runs for every batch of deletes)
+/// and yields its consecutive runs `(lo, hi)`.
+pub(crate) fn runs(ids: &mut Vec<i64>) -> impl Iterator<Item = (i64, i64)> + '_ {
+    ids.sort_unstable();
+    ids.dedup();
+    ids.chunk_by(|a, b| *b == *a + 1)
+        .map(|run| (run[0], run[run.len() - 1]))
 }
 
 /// The writer's set of undeleted acknowledged rows, shared with the reader.
@@ -118,7 +112,7 @@ mod tests {
     #[test]
     fn ranges_merge_only_ids_that_touch() {
         let mut s = IdRanges::default();
-        s.insert_all(&[5, 3, 4, 9, 9, 11]);
+        s.insert_all(&mut vec![5, 3, 4, 9, 9, 11]);
         assert_eq!(s.ranges().collect::<Vec<_>>(), [(3, 5), (9, 9), (11, 11)]);
         assert_eq!(s.len(), 5);
         assert!(s.contains(4) && s.contains(9) && s.contains(11));
@@ -134,6 +128,9 @@ mod tests {
         s.clear();
         assert!(s.is_empty());
         assert_eq!(s.len(), 0);
-        assert_eq!(runs(&[7, 1, 2, 2, 8]), [(1, 2), (7, 8)]);
+        assert_eq!(
+            runs(&mut vec![7, 1, 2, 2, 8]).collect::<Vec<_>>(),
+            [(1, 2), (7, 8)]
+        );
     }
 }

@@ -211,7 +211,7 @@ impl Writer {
                  only get a PUBREL); free space on the spool's file system");
         }
         // Fold the WAL back so the file on disk is self-contained after a clean stop.
-        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        if let Err(e) = checkpoint_truncate(&self.conn) {
             tracing::warn!(error = %e, "spool checkpoint at close failed");
         }
     }
@@ -350,8 +350,8 @@ impl State {
                     self.count += 1;
                 })
             }
-            Command::Delete(ids) => {
-                let r = self.delete_all(tx, &ids);
+            Command::Delete(mut ids) => {
+                let r = self.delete_all(tx, &mut ids);
                 group.deletes.push(ids);
                 r
             }
@@ -416,7 +416,7 @@ impl State {
     /// go in one range statement. The range's count and bytes are summed first rather
     /// than returned row by row: `RETURNING` buffers and steps out every deleted row, which
     /// made deleting cost the draining uplink more CPU than sending.
-    fn delete_all(&mut self, tx: &Transaction<'_>, ids: &[i64]) -> rusqlite::Result<()> {
+    fn delete_all(&mut self, tx: &Transaction<'_>, ids: &mut Vec<i64>) -> rusqlite::Result<()> {
         for (lo, hi) in runs(ids) {
             self.delete_range(tx, lo, hi)?;
         }
@@ -531,7 +531,7 @@ impl State {
                  max_bytes below what it can hold");
         }
         if released {
-            checkpoint_truncate(conn);
+            let _ = checkpoint_truncate(conn);
         }
         released
     }
@@ -552,7 +552,7 @@ impl State {
             return;
         }
         full.last_try = Some(t);
-        checkpoint_truncate(conn);
+        let _ = checkpoint_truncate(conn);
         if self.count == 0 && self.undeleted.is_empty() {
             // Deleted rows leave free pages that only VACUUM gives back to the file system;
             // with nothing spooled it rewrites next to nothing.
@@ -561,7 +561,9 @@ impl State {
                 .unwrap_or(0);
             if free > 0 {
                 match conn.execute_batch("VACUUM") {
-                    Ok(()) => checkpoint_truncate(conn),
+                    Ok(()) => {
+                        let _ = checkpoint_truncate(conn);
+                    }
                     Err(e) => tracing::debug!(error = %e, "spool: vacuum while full failed"),
                 }
             }
@@ -783,8 +785,8 @@ impl State {
         // Acknowledged rows must not be lost with the transaction: keep them to delete with
         // the next one, and out of the uplink's reads meanwhile.
         let before = self.undeleted.len();
-        for ids in &group.deletes {
-            self.undeleted.insert_all(ids);
+        for mut ids in group.deletes {
+            self.undeleted.insert_all(&mut ids);
         }
         if !self.undeleted.is_empty() {
             *self.shared_undeleted.lock() = self.undeleted.clone();
@@ -840,12 +842,14 @@ impl State {
     }
 }
 
-/// `PRAGMA wal_checkpoint(TRUNCATE)`, best effort: folds the WAL into the file and cuts it
-/// to zero bytes.
-fn checkpoint_truncate(conn: &Connection) {
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+/// `PRAGMA wal_checkpoint(TRUNCATE)`: folds the WAL into the file and cuts it to zero
+/// bytes. Best effort where it only gives space back (failures are logged at debug).
+fn checkpoint_truncate(conn: &Connection) -> rusqlite::Result<()> {
+    let r = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    if let Err(e) = &r {
         tracing::debug!(error = %e, "spool checkpoint failed");
     }
+    r
 }
 
 /// Oldest droppable rows above `floor` whose sizes add up to at least `need` (fewer when

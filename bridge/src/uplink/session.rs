@@ -626,7 +626,7 @@ impl<'a> Session<'a> {
                 continue;
             }
             let front_id = front.id;
-            if self.birth_after.is_some() && front_id > self.birth_after.unwrap_or(0) {
+            if self.birth_after.is_some_and(|last| front_id > last) {
                 // The resumed rows are out: the birth takes the next slot, before any
                 // new row.
                 if !self.birth_due(Some(front_id), &mut outs)? {

@@ -432,19 +432,21 @@ impl Line {
     async fn write(&mut self, job: WriteJob) -> Result<(), SensorsError> {
         let topic = self.devices[job.device].result_topics[job.point].clone();
         let result = self.execute_write(&job).await;
-        if result.is_ok() {
-            // Read the point back soon so the new value is reported.
-            let now = Instant::now();
-            for r in &mut self.devices[job.device].reads {
-                if r.read.points.contains(&job.point) {
-                    r.next_due = now;
+        match &result {
+            Ok(_) => {
+                // Read the point back soon so the new value is reported.
+                let now = Instant::now();
+                for r in &mut self.devices[job.device].reads {
+                    if r.read.points.contains(&job.point) {
+                        r.next_due = now;
+                    }
                 }
             }
-        }
-        if let Err(error) = &result {
-            let d = &self.devices[job.device];
-            let point = d.points.get(job.point).map_or("?", |p| p.name.as_str());
-            tracing::info!(device = %d.name, point, %error, "write failed");
+            Err(error) => {
+                let d = &self.devices[job.device];
+                let point = d.points.get(job.point).map_or("?", |p| p.name.as_str());
+                tracing::info!(device = %d.name, point, %error, "write failed");
+            }
         }
         let payload = write_result_payload(
             result.as_ref().map_err(String::as_str),
@@ -464,7 +466,7 @@ impl Line {
     /// Writes the job's value; the value the device was given (after scaling to its
     /// registers and back, so a rounded value is reported as written, not as asked).
     async fn execute_write(&mut self, job: &WriteJob) -> Result<Value, String> {
-        let req = {
+        let (req, written) = {
             let pt = self.devices[job.device]
                 .points
                 .get(job.point)
@@ -474,7 +476,6 @@ impl Line {
             }
             build_write(pt, &job.value)?
         };
-        let (req, written) = req;
         match self.transact(job.device, req).await {
             Outcome::Data(_) => {
                 let change = self.devices[job.device].health.on_success();
@@ -513,9 +514,9 @@ pub fn frame_bytes(req: &Request<'_>) -> u64 {
     request + response
 }
 
-/// Builds the write request for a point: FC 5/15 for coils, 6/16 for registers.
-/// The request that writes `value` to `pt`, and the value it really writes (what the
-/// registers decode to: an integer register takes `1.5` as `2`).
+/// Builds the write request for a point (FC 5/15 for coils, 6/16 for registers), with
+/// the value it really writes: what the registers decode to (an integer register takes
+/// `1.5` as `2`).
 pub fn build_write(pt: &LinePoint, value: &Value) -> Result<(Request<'static>, Value), String> {
     match pt.area {
         Area::Coil => {

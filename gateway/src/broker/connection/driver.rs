@@ -182,7 +182,7 @@ impl<T: Transport> Driver<T> {
             Poll::Ready(Ok(false)) | Poll::Pending => {}
             Poll::Ready(Err(())) => return Round::Finished,
         }
-        if self.conn.closing || self.conn.ending {
+        if self.conn.winding_down() {
             if self.conn.closing && self.wbuf_len() == 0 && !self.unflushed {
                 return Round::Finished;
             }
@@ -229,13 +229,13 @@ impl<T: Transport> Driver<T> {
         }
 
         let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
-        if !self.conn.closing && !self.conn.ending && !stalled {
+        if !self.conn.winding_down() && !stalled {
             if self.busy.as_ref().is_some_and(|b| b.decode_pending) {
                 progress = true;
                 self.decode();
             }
             let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
-            if !self.conn.closing && !self.conn.ending && !stalled {
+            if !self.conn.winding_down() && !stalled {
                 // Read into the busy part's buffer if there is one, else into a fresh
                 // one that allocates only if bytes actually came.
                 let mut fresh = BytesMut::new();
@@ -266,7 +266,7 @@ impl<T: Transport> Driver<T> {
             }
         }
 
-        if self.deadline == 0 && self.keep_alive_ms > 0 && !self.conn.closing && !self.conn.ending {
+        if self.deadline == 0 && self.keep_alive_ms > 0 && !self.conn.winding_down() {
             let d = self.conn.deadlines();
             let at = self.last_rx + u64::from(self.keep_alive_ms);
             self.deadline = d.arm(self.timer_id, 0, at, cx.waker());
@@ -276,7 +276,7 @@ impl<T: Transport> Driver<T> {
             let now = d.now_ms();
             if now >= Deadlines::due(self.deadline) {
                 progress = true;
-                if self.conn.closing || self.conn.ending {
+                if self.conn.winding_down() {
                     return Round::Finished;
                 }
                 let k = u64::from(self.keep_alive_ms);

@@ -114,6 +114,12 @@ impl Conn {
         }
     }
 
+    /// True once the connection is closing or ending: nothing more is read or timed out
+    /// by keep alive, only written.
+    pub(super) fn winding_down(&self) -> bool {
+        self.closing || self.ending
+    }
+
     /// The broker's connection deadlines (keep alive, close grace).
     pub(super) fn deadlines(&self) -> &Arc<Deadlines> {
         &self.settings.deadlines

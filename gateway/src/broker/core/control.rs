@@ -98,7 +98,7 @@ impl Core {
         }
         // 5.0: "accepted, but nobody subscribes" (a MAY; Mosquitto, EMQX and HiveMQ say
         // it too), so a publisher can notice a typo in its topic.
-        let success = if v5 && !wanted {
+        let success = if v5 && !wanted && !self.sinks_want(&msg) {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS

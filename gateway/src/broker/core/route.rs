@@ -19,10 +19,9 @@ use crate::broker::store::Store;
 
 impl Core {
     /// Accepts a message from any publisher: updates retained state, delivers it to
-    /// subscribers, and offers it to the durable sinks. Returns the sinks' receipts.
-    /// Keeps (if retained), routes and offers to the sinks an accepted message; the
-    /// receipts its publisher's acknowledgement must wait for, and whether any
-    /// subscription or sink wanted it (5.0 answers 0x10 otherwise).
+    /// subscribers, and offers it to the durable sinks. Returns the receipts its
+    /// publisher's acknowledgement must wait for, and whether a subscription matched or
+    /// a sink took it (see [`Core::sinks_want`] for the rest).
     pub(super) fn accept(&mut self, msg: &Arc<Message>) -> (Vec<DurableReceipt>, bool) {
         self.stats.messages_received += 1;
         self.stats.bytes_received += msg.payload.len() as u64;
@@ -41,14 +40,7 @@ impl Core {
             .filter(|(i, _)| msg.skip_sink != Some(*i))
             .filter_map(|(_, s)| s.offer(msg))
             .collect();
-        // Only asked when nothing else wanted it: the rare path.
-        let wanted = subscribed
-            || !receipts.is_empty()
-            || self
-                .sinks
-                .iter()
-                .enumerate()
-                .any(|(i, s)| msg.skip_sink != Some(i) && s.wants(&msg.topic));
+        let wanted = subscribed || !receipts.is_empty();
         // Kept for a persistent session or as a retained message: the acknowledgement
         // waits until the store has committed it, as it waits for a bridge spool...
         if std::mem::take(&mut self.commit_needed)
@@ -69,6 +61,15 @@ impl Core {
             }
         }
         (receipts, wanted)
+    }
+
+    /// Whether a sink takes `msg`'s topic without a receipt (a QoS 0 bridge rule, say):
+    /// asked only for a 5.0 publish nothing else wanted, before answering 0x10.
+    pub(super) fn sinks_want(&self, msg: &Message) -> bool {
+        self.sinks
+            .iter()
+            .enumerate()
+            .any(|(i, s)| msg.skip_sink != Some(i) && s.wants(&msg.topic))
     }
 
     /// Delivers or queues `msg` for every matching subscription; false if none matched.
@@ -131,7 +132,7 @@ impl Core {
                     let n = self.stats.dropped_local;
                     // Logged at the 1st, 2nd, 4th, 8th... drop: visible, never a flood.
                     if n.is_power_of_two() {
-                        tracing::warn!(
+                        warn!(
                             dropped = n,
                             "an in-process subscriber (sensor commands, bridge downlink) is not keeping up: messages dropped"
                         );
