@@ -5,6 +5,7 @@
 //! filters. Shared subscriptions (`$share/{group}/{filter}`) hang off the node of their
 //! inner filter, one group per name, and each message goes to one member per group.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use outpost_mqtt::SubscriptionOptions;
@@ -43,16 +44,39 @@ struct Node {
 #[derive(Default)]
 struct SharedGroup {
     members: Vec<(SessionKey, SubEntry)>,
-    next: usize,
+    /// Round-robin position; a `Cell` so a lookup can walk the tree by shared reference.
+    next: Cell<usize>,
 }
 
 impl Node {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
     }
+
+    /// True when the node must stay even if the one child on a removal's path goes.
+    fn holds_more_than_the_path(&self) -> bool {
+        self.children.len() > 1 || !self.subscribers.is_empty() || !self.shared.is_empty()
+    }
 }
 
-/// The subscription trie.
+impl Drop for Node {
+    // The derived drop recurses once per level, and a client chooses the depth: a filter
+    // of 30,000 levels overflowed the stack when its subscription went. Children are
+    // taken apart here on a heap stack, so every node drops with no children left.
+    fn drop(&mut self) {
+        if self.children.is_empty() {
+            return;
+        }
+        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut n) = stack.pop() {
+            stack.extend(n.children.drain().map(|(_, c)| c));
+        }
+    }
+}
+
+/// The subscription trie. No operation recurses: the depth of the tree is as deep as the
+/// deepest filter a client sent (bounded by `max_topic_levels`, but the tree must not
+/// depend on that to stay safe).
 #[derive(Default)]
 pub struct SubscriptionTree {
     root: Node,
@@ -92,13 +116,59 @@ impl SubscriptionTree {
         existed
     }
 
-    /// Removes a subscription; returns true if it existed.
+    /// Removes a subscription; returns true if it existed. Nodes left empty are pruned.
     pub fn remove(&mut self, filter: &str, group: Option<&str>, session: SessionKey) -> bool {
-        let removed = remove_in(&mut self.root, Some(filter), group, session);
-        if removed {
-            self.count -= 1;
+        // First pass, read only: is the filter's node there, and which is the deepest
+        // node on the path that has to stay whatever happens below it?
+        let mut keep_depth = 0;
+        let mut node = &self.root;
+        for (depth, level) in filter.split('/').enumerate() {
+            if depth > 0 && node.holds_more_than_the_path() {
+                keep_depth = depth;
+            }
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return false,
+            }
         }
-        removed
+        // Second pass: take the entry out of the filter's node.
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            node = node.children.get_mut(level).expect("found on the first pass");
+        }
+        let removed = match group {
+            None => node.subscribers.remove(&session).is_some(),
+            Some(g) => match node.shared.get_mut(g) {
+                None => false,
+                Some(grp) => {
+                    let before = grp.members.len();
+                    grp.members.retain(|(m, _)| *m != session);
+                    let removed = grp.members.len() != before;
+                    if grp.members.is_empty() {
+                        node.shared.remove(g);
+                    }
+                    removed
+                }
+            },
+        };
+        if !removed {
+            return false;
+        }
+        self.count -= 1;
+        // Third pass: the filter's node is empty now, and so is every node between it and
+        // `keep_depth` but for the path itself: cut the path below that node.
+        if node.is_empty() {
+            let mut node = &mut self.root;
+            let mut levels = filter.split('/');
+            for _ in 0..keep_depth {
+                let level = levels.next().expect("within the filter");
+                node = node.children.get_mut(level).expect("found on the first pass");
+            }
+            if let Some(level) = levels.next() {
+                node.children.remove(level);
+            }
+        }
+        true
     }
 
     /// Number of subscriptions in the tree.
@@ -113,67 +183,57 @@ impl SubscriptionTree {
 
     /// Collects every subscription matching `topic` into `out`. For each shared group
     /// one member is chosen round-robin, preferring members for which `online` is true.
-    pub fn matches(
-        &mut self,
-        topic: &str,
-        online: &dyn Fn(SessionKey) -> bool,
-        out: &mut Vec<Match>,
-    ) {
+    pub fn matches(&self, topic: &str, online: &dyn Fn(SessionKey) -> bool, out: &mut Vec<Match>) {
         // MQTT-4.7.2-1: wildcards at the first level do not match topics starting with '$'.
         let dollar = topic.starts_with('$');
-        walk(&mut self.root, Some(topic), !dollar, online, out);
+        // Nodes still to visit, with what is left of the topic below them (`None` once
+        // every level is consumed) and whether wildcards may match at the next level.
+        let mut stack: Vec<(&Node, Option<&str>, bool)> = vec![(&self.root, Some(topic), !dollar)];
+        while let Some((node, rest, wildcards)) = stack.pop() {
+            let Some(rest) = rest else {
+                collect(node, online, out);
+                // "sport/#" also matches "sport" (the parent level).
+                if let Some(hash) = node.children.get("#") {
+                    collect(hash, online, out);
+                }
+                continue;
+            };
+            let (level, next) = match rest.split_once('/') {
+                Some((l, n)) => (l, Some(n)),
+                None => (rest, None),
+            };
+            if wildcards {
+                if let Some(hash) = node.children.get("#") {
+                    collect(hash, online, out);
+                }
+                if let Some(plus) = node.children.get("+") {
+                    stack.push((plus, next, true));
+                }
+            }
+            if let Some(child) = node.children.get(level) {
+                stack.push((child, next, true));
+            }
+        }
     }
 }
 
-fn walk(
-    node: &mut Node,
-    rest: Option<&str>,
-    wildcards: bool,
-    online: &dyn Fn(SessionKey) -> bool,
-    out: &mut Vec<Match>,
-) {
-    let Some(rest) = rest else {
-        collect(node, online, out);
-        // "sport/#" also matches "sport" (the parent level).
-        if let Some(hash) = node.children.get_mut("#") {
-            collect(hash, online, out);
-        }
-        return;
-    };
-    let (level, next) = match rest.split_once('/') {
-        Some((l, n)) => (l, Some(n)),
-        None => (rest, None),
-    };
-    if wildcards {
-        if let Some(hash) = node.children.get_mut("#") {
-            collect(hash, online, out);
-        }
-        if let Some(plus) = node.children.get_mut("+") {
-            walk(plus, next, true, online, out);
-        }
-    }
-    if let Some(child) = node.children.get_mut(level) {
-        walk(child, next, true, online, out);
-    }
-}
-
-fn collect(node: &mut Node, online: &dyn Fn(SessionKey) -> bool, out: &mut Vec<Match>) {
+fn collect(node: &Node, online: &dyn Fn(SessionKey) -> bool, out: &mut Vec<Match>) {
     out.extend(node.subscribers.iter().map(|(&session, &entry)| Match {
         session,
         entry,
         shared: false,
     }));
-    for group in node.shared.values_mut() {
+    for group in node.shared.values() {
         let n = group.members.len();
         if n == 0 {
             continue;
         }
-        let start = group.next % n;
+        let start = group.next.get() % n;
         let pick = (0..n)
             .map(|i| (start + i) % n)
             .find(|&i| online(group.members[i].0))
             .unwrap_or(start);
-        group.next = pick + 1;
+        group.next.set(pick + 1);
         let (session, entry) = group.members[pick];
         out.push(Match {
             session,
@@ -181,38 +241,6 @@ fn collect(node: &mut Node, online: &dyn Fn(SessionKey) -> bool, out: &mut Vec<M
             shared: true,
         });
     }
-}
-
-fn remove_in(node: &mut Node, rest: Option<&str>, group: Option<&str>, s: SessionKey) -> bool {
-    let Some(rest) = rest else {
-        return match group {
-            None => node.subscribers.remove(&s).is_some(),
-            Some(g) => {
-                let Some(grp) = node.shared.get_mut(g) else {
-                    return false;
-                };
-                let before = grp.members.len();
-                grp.members.retain(|(m, _)| *m != s);
-                let removed = grp.members.len() != before;
-                if grp.members.is_empty() {
-                    node.shared.remove(g);
-                }
-                removed
-            }
-        };
-    };
-    let (level, next) = match rest.split_once('/') {
-        Some((l, n)) => (l, Some(n)),
-        None => (rest, None),
-    };
-    let Some(child) = node.children.get_mut(level) else {
-        return false;
-    };
-    let removed = remove_in(child, next, group, s);
-    if child.is_empty() {
-        node.children.remove(level);
-    }
-    removed
 }
 
 #[cfg(test)]
@@ -272,6 +300,89 @@ mod tests {
         assert!(!t.remove("a/b", None, 1));
         assert!(t.is_empty());
         assert!(t.root.is_empty());
+    }
+
+    #[test]
+    fn a_filter_of_100000_levels_is_matched_removed_and_dropped_without_recursion() {
+        // The 42 KB filter of issue #17 (about 21,000 levels) aborted the broker when its
+        // subscription was removed; the depth here is five times that, on a test
+        // thread's small stack.
+        let deep = vec!["a"; 100_000].join("/");
+        let mut t = SubscriptionTree::default();
+        t.insert(&deep, None, 1, entry(QoS::AtMostOnce));
+        t.insert(&format!("{deep}/#"), None, 2, entry(QoS::AtMostOnce));
+        t.insert(&vec!["+"; 100_000].join("/"), None, 3, entry(QoS::AtMostOnce));
+        t.insert("a/b", None, 4, entry(QoS::AtMostOnce));
+        assert_eq!(sessions(&mut t, &deep), vec![1, 2, 3]);
+        assert!(t.remove(&deep, None, 1));
+        assert_eq!(sessions(&mut t, &deep), vec![2, 3]);
+        assert!(t.remove(&format!("{deep}/#"), None, 2));
+        assert_eq!(sessions(&mut t, "a/b"), vec![4]);
+        // The `+` chain is still there; it goes when the tree is dropped.
+        assert_eq!(t.len(), 2);
+        drop(t);
+
+        let mut t = SubscriptionTree::default();
+        t.insert(&deep, Some("g"), 7, entry(QoS::AtMostOnce));
+        assert!(t.remove(&deep, Some("g"), 7));
+        assert!(t.root.is_empty());
+    }
+
+    #[test]
+    fn removal_prunes_only_the_branch_it_empties() {
+        let mut t = SubscriptionTree::default();
+        t.insert("a/b/c/d", None, 1, entry(QoS::AtMostOnce));
+        t.insert("a/b", None, 2, entry(QoS::AtMostOnce));
+        t.insert("a/x", None, 3, entry(QoS::AtMostOnce));
+        assert!(t.remove("a/b/c/d", None, 1));
+        let b = &t.root.children["a"].children["b"];
+        assert!(b.children.is_empty(), "c/d pruned below a/b");
+        assert!(t.remove("a/b", None, 2));
+        assert!(!t.root.children["a"].children.contains_key("b"));
+        assert!(t.remove("a/x", None, 3));
+        assert!(t.root.is_empty());
+    }
+
+    proptest::proptest! {
+        /// The trie agrees with the spec's matching rule (`outpost_mqtt::topic::matches`)
+        /// over any sequence of inserts and removals, and prunes back to nothing.
+        #[test]
+        fn agrees_with_a_brute_force_model(
+            ops in proptest::collection::vec(
+                (proptest::bool::ANY, 0u64..4, "(\\+|#|a|b|\\$s|)(/(\\+|a|b|)){0,4}(/#)?"),
+                1..40,
+            ),
+            topics in proptest::collection::vec("(a|b|\\$s|)(/(a|b|)){0,5}", 1..8),
+        ) {
+            let mut t = SubscriptionTree::default();
+            let mut model: std::collections::BTreeSet<(u64, String)> = Default::default();
+            for (add, session, filter) in ops {
+                if outpost_mqtt::topic::validate_topic_filter(&filter).is_err() {
+                    continue;
+                }
+                if add {
+                    let existed = t.insert(&filter, None, session, entry(QoS::AtMostOnce));
+                    proptest::prop_assert_eq!(existed, !model.insert((session, filter)));
+                } else {
+                    let removed = t.remove(&filter, None, session);
+                    proptest::prop_assert_eq!(removed, model.remove(&(session, filter)));
+                }
+                proptest::prop_assert_eq!(t.len(), model.len());
+                for topic in &topics {
+                    let mut want: Vec<u64> = model
+                        .iter()
+                        .filter(|(_, f)| outpost_mqtt::topic::matches(f, topic))
+                        .map(|(s, _)| *s)
+                        .collect();
+                    want.sort();
+                    proptest::prop_assert_eq!(sessions(&mut t, topic), want, "topic {}", topic);
+                }
+            }
+            for (session, filter) in std::mem::take(&mut model) {
+                proptest::prop_assert!(t.remove(&filter, None, session));
+            }
+            proptest::prop_assert!(t.root.is_empty());
+        }
     }
 
     #[test]
