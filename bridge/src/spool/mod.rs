@@ -12,12 +12,13 @@ mod acked;
 mod fence;
 mod props;
 mod reader;
-mod reserve;
 mod store;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use outpost_sqlite::reserve;
 use std::sync::mpsc;
 
 use bytes::Bytes;

@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use outpost_sqlite::reserve::Reserve;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 use tokio::sync::{oneshot, watch};
 
 use super::acked::{IdRanges, Undeleted, runs};
-use super::reserve::Reserve;
 use super::{Command, Fence, IncomingOp, SpoolOptions, StrikeOutcome, store};
 use crate::config::WhenFull;
 use crate::error::{RejectReason, Rejected, SpoolError};

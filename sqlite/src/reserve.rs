@@ -4,10 +4,10 @@
 //! would give the WAL's space back first has to grow the database file. On a file system
 //! that is full (often with the spool's own WAL) neither can run: acknowledged rows could
 //! not be deleted, the spool stayed full after the cloud drained it, and a restart sent
-//! them all again. So the spool keeps a file of real (not sparse) bytes next to it. When a
-//! write fails with `SQLITE_FULL` the writer deletes the file, which lets deletes and
-//! checkpoints run while new messages are refused, and it makes the file again (with room
-//! to spare) before it accepts messages again.
+//! them all again. So each durable file (the bridge spool, the broker store) keeps a file of
+//! real (not sparse) bytes next to it. When a write fails with `SQLITE_FULL` its writer
+//! deletes the file, which lets deletes and checkpoints run while new messages are refused,
+//! and it makes the file again (with room to spare) before it accepts messages again.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -16,12 +16,12 @@ use rusqlite::Connection;
 
 /// Largest reserve: about what a WAL holds at SQLite's automatic checkpoint (1000 pages of
 /// 4 KiB), so that one checkpoint can always complete once the reserve is released.
-pub(super) const RESERVE_BYTES: u64 = 4 << 20;
+pub const RESERVE_BYTES: u64 = 4 << 20;
 /// Smallest reserve tried when a small file system has no room for a bigger one.
 const MIN_RESERVE_BYTES: u64 = 512 << 10;
 
 /// Space held back; the writer releases it on a full disk and holds it again after.
-pub(super) trait Reserve: Send {
+pub trait Reserve: Send {
     /// Hold the reserve, with as much again free beside it as half its size; an error when
     /// there is no room for that (nothing is held then).
     fn hold(&mut self, conn: &Connection) -> io::Result<()>;
@@ -34,14 +34,14 @@ pub(super) trait Reserve: Send {
 }
 
 /// A file of `size` bytes beside the spool: `{spool}.reserve`.
-pub(super) struct FileReserve {
+pub struct FileReserve {
     path: PathBuf,
     size: u64,
 }
 
 impl FileReserve {
     /// The reserve of the spool at `spool`.
-    pub(super) fn path_for(spool: &Path) -> PathBuf {
+    pub fn path_for(spool: &Path) -> PathBuf {
         let mut s = spool.as_os_str().to_owned();
         s.push(".reserve");
         PathBuf::from(s)
@@ -50,7 +50,7 @@ impl FileReserve {
     /// Hold the reserve of `spool` now: the file left by an earlier run is kept as it is
     /// (a restart writes nothing); otherwise the biggest size from [`RESERVE_BYTES`] down
     /// that fits is made. Returns the reserve and whether it is held.
-    pub(super) fn open(spool: &Path) -> (FileReserve, io::Result<()>) {
+    pub fn open(spool: &Path) -> (FileReserve, io::Result<()>) {
         let path = Self::path_for(spool);
         if let Ok(meta) = std::fs::metadata(&path)
             && meta.is_file()
@@ -136,7 +136,7 @@ impl FileReserve {
 }
 
 /// True for "no space left on device" (and a file size limit).
-pub(super) fn is_no_space(e: &io::Error) -> bool {
+pub fn is_no_space(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
