@@ -153,6 +153,8 @@ pub struct Broker {
     child: Option<Child>,
     port: u16,
     log: Arc<Mutex<String>>,
+    /// `OUTPOST_FAULT` for the next start only (a restart runs without it).
+    fault: Option<String>,
 }
 
 impl Broker {
@@ -187,9 +189,50 @@ impl Broker {
             child: None,
             port: 0,
             log: Arc::new(Mutex::new(String::new())),
+            fault: None,
         };
         b.spawn();
         b
+    }
+
+    /// Start outpost (a debug build) with a test fault point armed for this run only,
+    /// e.g. `abort-after:pubcomp` (see `gateway/src/broker/fault.rs`).
+    pub fn outpost_with_fault(broker_lines: &str, fault: &str) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("outpost.toml");
+        let config = format!(
+            "[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{}\n",
+            broker_lines.trim()
+        );
+        std::fs::write(&config_path, config).expect("write outpost.toml");
+        let mut b = Broker {
+            kind: BrokerKind::Outpost,
+            dir,
+            config_path,
+            child: None,
+            port: 0,
+            log: Arc::new(Mutex::new(String::new())),
+            fault: Some(fault.to_owned()),
+        };
+        b.spawn();
+        b
+    }
+
+    /// Waits up to `wait` for the broker to exit by itself (a fault point), then reaps it;
+    /// true if it did.
+    pub fn wait_exit(&mut self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        while let Some(child) = self.child.as_mut() {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     /// Start a real Mosquitto with a config equivalent to `broker_lines`.
@@ -218,6 +261,7 @@ impl Broker {
             child: None,
             port: 0,
             log: Arc::new(Mutex::new(String::new())),
+            fault: None,
         };
         b.spawn();
         b
@@ -231,7 +275,12 @@ impl Broker {
     }
 
     fn spawn_outpost(&mut self) {
-        let mut child = Command::new(outpost_bin())
+        let mut cmd = Command::new(outpost_bin());
+        match self.fault.take() {
+            Some(f) => cmd.env("OUTPOST_FAULT", f),
+            None => cmd.env_remove("OUTPOST_FAULT"),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&self.config_path)
             .env("STATE_DIRECTORY", self.dir.path())

@@ -11,6 +11,7 @@ mod auth;
 mod connection;
 mod core;
 mod deadlines;
+mod fault;
 pub mod handle;
 mod listener;
 pub mod message;

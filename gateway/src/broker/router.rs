@@ -134,7 +134,10 @@ impl SubscriptionTree {
         // Second pass: take the entry out of the filter's node.
         let mut node = &mut self.root;
         for level in filter.split('/') {
-            node = node.children.get_mut(level).expect("found on the first pass");
+            node = node
+                .children
+                .get_mut(level)
+                .expect("found on the first pass");
         }
         let removed = match group {
             None => node.subscribers.remove(&session).is_some(),
@@ -162,7 +165,10 @@ impl SubscriptionTree {
             let mut levels = filter.split('/');
             for _ in 0..keep_depth {
                 let level = levels.next().expect("within the filter");
-                node = node.children.get_mut(level).expect("found on the first pass");
+                node = node
+                    .children
+                    .get_mut(level)
+                    .expect("found on the first pass");
             }
             if let Some(level) = levels.next() {
                 node.children.remove(level);
@@ -311,7 +317,12 @@ mod tests {
         let mut t = SubscriptionTree::default();
         t.insert(&deep, None, 1, entry(QoS::AtMostOnce));
         t.insert(&format!("{deep}/#"), None, 2, entry(QoS::AtMostOnce));
-        t.insert(&vec!["+"; 100_000].join("/"), None, 3, entry(QoS::AtMostOnce));
+        t.insert(
+            &vec!["+"; 100_000].join("/"),
+            None,
+            3,
+            entry(QoS::AtMostOnce),
+        );
         t.insert("a/b", None, 4, entry(QoS::AtMostOnce));
         assert_eq!(sessions(&mut t, &deep), vec![1, 2, 3]);
         assert!(t.remove(&deep, None, 1));

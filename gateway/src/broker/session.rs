@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use outpost_mqtt::{Protocol, QoS, Will};
 
@@ -50,13 +51,39 @@ pub struct Inflight {
 pub struct AckGate {
     /// Never sent on: the receiver resolves when this is dropped.
     _release: tokio::sync::oneshot::Sender<()>,
+    /// Set when a delivery behind the gate could not be written: the publisher is refused.
+    failed: Arc<AtomicBool>,
 }
 
 impl AckGate {
     /// A gate and what resolves once the last clone of it is dropped.
-    pub fn new() -> (Arc<AckGate>, tokio::sync::oneshot::Receiver<()>) {
+    pub fn new() -> (Arc<AckGate>, GateWait) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Arc::new(AckGate { _release: tx }), rx)
+        let failed = Arc::new(AtomicBool::new(false));
+        let gate = AckGate {
+            _release: tx,
+            failed: failed.clone(),
+        };
+        (Arc::new(gate), GateWait { rx, failed })
+    }
+
+    /// A delivery behind this gate could not be written: its publisher must be refused.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The publisher's side of an [`AckGate`].
+pub struct GateWait {
+    rx: tokio::sync::oneshot::Receiver<()>,
+    failed: Arc<AtomicBool>,
+}
+
+impl GateWait {
+    /// Resolves once every clone of the gate is gone: true when nothing behind it failed.
+    pub async fn passed(self) -> bool {
+        let _ = self.rx.await;
+        !self.failed.load(Ordering::Relaxed)
     }
 }
 

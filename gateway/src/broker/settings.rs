@@ -34,6 +34,8 @@ pub struct Settings {
     pub topic_alias_maximum: u16,
     /// Cap on session expiry, seconds.
     pub max_session_expiry: Option<u32>,
+    /// Most levels in a topic name or filter; 0 for no limit.
+    pub max_topic_levels: usize,
     /// `$SYS` publish interval; zero disables.
     pub sys_interval: Duration,
     /// Keep-alive and close deadlines of this broker's connections.
@@ -58,6 +60,7 @@ impl Settings {
             max_session_expiry: c
                 .max_session_expiry
                 .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+            max_topic_levels: c.max_topic_levels,
             sys_interval: c.sys_interval,
             deadlines: Deadlines::new(),
         }

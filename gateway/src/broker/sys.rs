@@ -23,4 +23,13 @@ pub struct Stats {
     pub dropped_too_large: u64,
     /// Messages an in-process subscriber (sensor commands, bridge downlink) had no room for.
     pub dropped_local: u64,
+    /// What the configured bounds refused, each counted where it bit.
+    pub limits: LimitCounters,
+}
+
+/// Refusals by the broker's bounds (`$SYS/broker/limits/...`).
+#[derive(Debug, Default, Clone)]
+pub struct LimitCounters {
+    /// Topic names and filters with more levels than `max_topic_levels`.
+    pub topic_levels: u64,
 }

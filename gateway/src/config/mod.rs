@@ -130,6 +130,10 @@ pub struct BrokerConfig {
     /// Upper bound on a 5.0 session expiry interval; 3.1.1 persistent sessions use it too.
     #[serde(default, deserialize_with = "opt_duration")]
     pub max_session_expiry: Option<Duration>,
+    /// Most levels (`/`-separated parts) in a topic name or filter; deeper ones are refused
+    /// (PUBACK 0x90, SUBACK 0x8F). 0 means no limit. Mosquitto's limit is 200 too.
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
     /// How often `$SYS/broker/...` statistics are published; "0s" turns them off.
     #[serde(
         default = "default_sys_interval",
@@ -174,6 +178,9 @@ fn default_max_queued_messages() -> usize {
 }
 fn default_topic_alias_maximum() -> u16 {
     10
+}
+fn default_max_topic_levels() -> usize {
+    200
 }
 fn default_persistence() -> bool {
     true

@@ -328,7 +328,14 @@ impl<T: Transport> Driver<T> {
         }
         if self.unflushed && self.wbuf_len() == 0 {
             match self.io.poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Ok(())) => {
+                    self.unflushed = false;
+                    #[cfg(debug_assertions)]
+                    if self.conn.abort_after_flush.get() {
+                        // The packet is with the kernel; nothing after it happens.
+                        std::process::abort();
+                    }
+                }
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
                 Poll::Pending => {}
             }

@@ -86,6 +86,10 @@ pub(super) struct Conn {
     pub(super) ending: bool,
     /// 5.0 CONNECT had Session Expiry 0: a DISCONNECT may not raise it (3.14.2.2.2).
     connect_expiry_zero: bool,
+    /// A test fault point was reached: abort once the write buffer is flushed
+    /// (`broker::fault`).
+    #[cfg(debug_assertions)]
+    pub(super) abort_after_flush: std::cell::Cell<bool>,
 }
 
 impl Conn {
@@ -111,6 +115,8 @@ impl Conn {
             problem_info: connect.properties.request_problem_information != Some(0),
             closing: false,
             ending: false,
+            #[cfg(debug_assertions)]
+            abort_after_flush: std::cell::Cell::new(false),
         }
     }
 
@@ -406,6 +412,10 @@ impl Conn {
     /// its Reason String and User Properties if those make it too large (MQTT-3.1.2-25
     /// and the per-packet rules such as MQTT-3.4.2-2), and not at all if even that is.
     fn encode(&self, p: &Packet, wbuf: &mut BytesMut) {
+        #[cfg(debug_assertions)]
+        if crate::broker::fault::abort_after(p) {
+            self.abort_after_flush.set(true);
+        }
         let start = wbuf.len();
         if let Err(e) = outpost_mqtt::encode(p, self.protocol, wbuf) {
             debug!(error = %e, "cannot encode a control packet; skipped");

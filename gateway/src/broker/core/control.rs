@@ -1,5 +1,23 @@
 //! Packets from connected clients: PUBLISH and its acknowledgements, SUBSCRIBE and
 //! UNSUBSCRIBE.
+//!
+//! # Acknowledgements and the store
+//!
+//! Every packet the broker sends that tells a client "this is done" leaves only after what
+//! it promises is committed, when the session or message is kept on disk:
+//!
+//! | packet  | promises                                   | waits for                                   |
+//! |---------|--------------------------------------------|---------------------------------------------|
+//! | PUBACK  | the message is the broker's                | sinks, retained row, queued deliveries      |
+//! | PUBREC  | the message is the broker's, once          | the same, and the incoming QoS 2 id row     |
+//! | PUBCOMP | the packet id is free for a new message    | deletion of the incoming QoS 2 id row       |
+//! | PUBREL  | the broker will not send that PUBLISH again| the delivery's "released" flag              |
+//! | SUBACK  | the subscription holds, also after a crash | the subscription row                        |
+//! | UNSUBACK| nothing more arrives on the filter          | deletion of the subscription row           |
+//!
+//! Acknowledgements of the PUBLISH exchanges leave in order behind each other
+//! (`Outbound::AckAfter`, MQTT-4.6.0-2); SUBACK and UNSUBACK may pass them (3.8.4).
+//! Clean sessions keep nothing, so nothing of theirs waits.
 
 use std::time::Instant;
 
@@ -48,48 +66,25 @@ impl Core {
         let packet_id = p.packet_id.unwrap_or(0);
         if p.qos == QoS::ExactlyOnce && !s.flows().incoming_qos2.insert(packet_id) {
             // MQTT-4.3.3-9 (3.1.1: 4.3.3-2): a re-sent PUBLISH before PUBREL is the same
-            // message; acknowledge it again without delivering a second copy.
+            // message; acknowledge it again without delivering a second copy. It queues
+            // behind the first one's PUBREC, so it cannot leave before that is committed.
             tx.send(Outbound::Ack(Ack::new(AckKind::PubRec, packet_id)));
             return;
         }
-        if p.qos == QoS::ExactlyOnce
+        let qos = p.qos;
+        if let Some(refusal) = self.publish_refusal(key, &p) {
+            self.refuse_publish(key, &tx, qos, packet_id, refusal);
+            return;
+        }
+        if qos == QoS::ExactlyOnce
+            && let Some(s) = self.sessions.get(key)
             && s.store_id != 0
             && let Some(store) = &self.store
         {
-            // Kept so that a resend after a restart is still known as the same message.
+            // Kept so that a resend after a restart is still known as the same message;
+            // the PUBREC waits for it (`accept` adds the store's receipt).
             store.put_qos2(s.store_id, packet_id);
             self.commit_needed = true;
-        }
-        let qos = p.qos;
-        // $SYS belongs to the broker: a client must not forge its statistics (Mosquitto
-        // refuses these too), whatever the ACL says.
-        let sys = p.topic.starts_with("$SYS/") || &*p.topic == "$SYS";
-        if sys || s.acl.as_ref().is_some_and(|a| !a.can_write(&p.topic)) {
-            // Not allowed: 5.0 is told (0x87); 3.x cannot be, so, as Mosquitto does, the
-            // message is acknowledged and dropped.
-            if qos != QoS::AtMostOnce {
-                let kind = if qos == QoS::AtLeastOnce {
-                    AckKind::PubAck
-                } else {
-                    AckKind::PubRec
-                };
-                let mut ack = Ack::new(kind, packet_id);
-                if v5 {
-                    ack.reason = ReasonCode::NOT_AUTHORIZED;
-                    if qos == QoS::ExactlyOnce {
-                        // A failing PUBREC ends the exchange; no PUBREL will come.
-                        s.end_incoming_qos2(packet_id);
-                        if s.store_id != 0
-                            && let Some(store) = &self.store
-                        {
-                            store.drop_qos2(s.store_id, packet_id);
-                        }
-                    }
-                }
-                tx.send(Outbound::Ack(ack));
-            }
-            self.commit_needed = false;
-            return;
         }
         let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
         let (receipts, wanted) = self.accept(&msg);
@@ -147,6 +142,121 @@ impl Core {
         });
     }
 
+    /// Why the broker will not take this PUBLISH, if it will not.
+    fn publish_refusal(&mut self, key: SessionKey, p: &Publish) -> Option<Refusal> {
+        let s = self.sessions.get(key)?;
+        // $SYS belongs to the broker: a client must not forge its statistics (Mosquitto
+        // refuses these too), whatever the ACL says.
+        let sys = p.topic.starts_with("$SYS/") || &*p.topic == "$SYS";
+        if sys || s.acl.as_ref().is_some_and(|a| !a.can_write(&p.topic)) {
+            return Some(Refusal::NotAuthorized);
+        }
+        let max_levels = self.settings.max_topic_levels;
+        if max_levels != 0 && topic_levels(&p.topic) > max_levels {
+            self.stats.limits.topic_levels += 1;
+            tracing::warn!(
+                client_id = %s.client_id,
+                levels = topic_levels(&p.topic),
+                max_topic_levels = max_levels,
+                "publish refused: its topic has more levels than broker.max_topic_levels"
+            );
+            return Some(Refusal::TopicTooDeep);
+        }
+        if p.retain
+            && self.store.as_ref().is_some_and(|st| st.is_refusing())
+            && p.qos != QoS::AtMostOnce
+        {
+            // Refused before it changes anything: the retained value in memory stays the
+            // one on disk, and the publisher sends it again once the disk has room.
+            return Some(Refusal::StoreFull);
+        }
+        None
+    }
+
+    /// Answers a PUBLISH that is refused: 5.0 learns why; 3.x cannot be told, so a message
+    /// refused by policy is acknowledged and dropped (as Mosquitto does), and one the
+    /// store cannot keep is left unacknowledged, to be sent again.
+    fn refuse_publish(
+        &mut self,
+        key: SessionKey,
+        tx: &OutboundTx,
+        qos: QoS,
+        packet_id: u16,
+        refusal: Refusal,
+    ) {
+        self.commit_needed = false;
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if qos == QoS::AtMostOnce {
+            return;
+        }
+        let v5 = s.protocol.is_v5();
+        let kind = if qos == QoS::AtLeastOnce {
+            AckKind::PubAck
+        } else {
+            AckKind::PubRec
+        };
+        let mut ack = Ack::new(kind, packet_id);
+        let ends_exchange = v5 || refusal == Refusal::StoreFull;
+        if v5 {
+            ack.reason = match refusal {
+                Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+                Refusal::TopicTooDeep => ReasonCode::TOPIC_NAME_INVALID,
+                Refusal::StoreFull => ReasonCode::QUOTA_EXCEEDED,
+            };
+        }
+        if qos == QoS::ExactlyOnce && ends_exchange {
+            // A failing PUBREC (or none at all) ends the exchange; no PUBREL will come,
+            // and a resend is a new message. The id was never written for this PUBLISH.
+            s.end_incoming_qos2(packet_id);
+        }
+        if v5 || refusal != Refusal::StoreFull {
+            tx.send(Outbound::Ack(ack));
+        }
+    }
+
+    /// Sends `ack` once everything the store was given so far is committed, when the
+    /// session's state is kept on disk (`kept`); at once otherwise. Every acknowledgement
+    /// that promises something about state on disk goes through here (see the ordering
+    /// note at the top of this file).
+    fn ack_after_commit(&self, tx: &OutboundTx, ack: Ack, kept: bool) {
+        match self.store.as_ref().filter(|_| kept) {
+            Some(store) => {
+                tx.send(Outbound::AckAfter {
+                    wait: store.receipt(),
+                    // Not committed: the client is not told, so it sends its packet again
+                    // after reconnecting and the change is made again.
+                    ack: Box::new(move |outcome: DurableResult| outcome.is_ok().then_some(ack)),
+                });
+            }
+            None => {
+                tx.send(Outbound::Ack(ack));
+            }
+        }
+    }
+
+    /// Sends a SUBACK or UNSUBACK once the session's subscription rows are committed,
+    /// when they are kept on disk (`kept`); at once otherwise.
+    fn control_after_commit(&self, tx: &OutboundTx, packet: Packet, kept: bool) {
+        match self.store.as_ref().filter(|_| kept) {
+            Some(store) => {
+                let committed = store.receipt();
+                let tx = tx.clone();
+                // Sent whatever the outcome: the rows that failed are carried and written
+                // again by the store (it never drops what memory relies on), and MQTT lets
+                // a SUBACK follow other packets (3.8.4).
+                tokio::spawn(async move {
+                    let _ = committed.await;
+                    tx.send(Outbound::Control(Box::new(packet)));
+                });
+            }
+            None => {
+                tx.send(Outbound::Control(Box::new(packet)));
+            }
+        }
+    }
+
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) ends an outgoing exchange.
     fn on_complete(&mut self, key: SessionKey, packet_id: u16) {
         let Some(s) = self.sessions.get_mut(key) else {
@@ -181,6 +291,8 @@ impl Core {
         }
         let mut rel = Ack::new(AckKind::PubRel, r.packet_id);
         let v5 = s.protocol.is_v5();
+        let mut kept = false;
+        let sid = s.store_id;
         let found = s
             .flows()
             .inflight
@@ -191,17 +303,34 @@ impl Core {
                 f.released = true;
                 // The client has the message: its publisher need not wait for it.
                 f.gate = None;
-                if f.written
-                    && let Some(store) = &self.store
+                if let Some(store) = &self.store
+                    && f.stored != 0
+                    && sid != 0
                 {
+                    if !f.written {
+                        // Acknowledged inside the write grace, but the client now holds
+                        // the packet id until PUBREL: that PUBREL must survive a crash, or
+                        // a resumed session never completes the exchange and the id's next
+                        // message is taken for a duplicate. Only PUBREL is ever resent
+                        // from here, so the row needs no payload.
+                        let mut stub = f.delivery.clone();
+                        let mut msg = (*stub.msg).clone();
+                        msg.payload = bytes::Bytes::new();
+                        stub.msg = std::sync::Arc::new(msg);
+                        store.put_delivery(f.stored, sid, &stub, Some(f.packet_id));
+                        f.written = true;
+                    }
                     store.released(f.stored);
+                    kept = true;
                 }
             }
             None if v5 => rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
             None => {}
         }
         s.release_flows_if_empty();
-        tx.send(Outbound::Ack(rel));
+        // PUBREL after "released" is on disk: a restart then resends PUBREL, never the
+        // PUBLISH that the client, having completed the exchange, would take as new.
+        self.ack_after_commit(&tx, rel, kept);
     }
 
     fn on_pubrel(&mut self, key: SessionKey, packet_id: u16) {
@@ -212,16 +341,21 @@ impl Core {
             return;
         };
         let mut comp = Ack::new(AckKind::PubComp, packet_id);
+        let mut kept = false;
         if s.end_incoming_qos2(packet_id) {
             if s.store_id != 0
                 && let Some(store) = &self.store
             {
                 store.drop_qos2(s.store_id, packet_id);
+                kept = true;
             }
         } else if s.protocol.is_v5() {
             comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
         }
-        tx.send(Outbound::Ack(comp));
+        // PUBCOMP frees the packet id for the client's next message: the id must be gone
+        // from disk first, or after a crash that next message is taken for a duplicate of
+        // this one and never delivered (issue #17).
+        self.ack_after_commit(&tx, comp, kept);
     }
 
     fn on_subscribe(&mut self, key: SessionKey, sub: Subscribe) {
@@ -250,6 +384,20 @@ impl Core {
                 // Nothing on this filter could ever be delivered: 0x87 on 5.0, which the
                 // codec sends as 0x80, the one failure code of 3.1.1 (MQTT-3.9.3-2).
                 reason_codes.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
+            let max_levels = self.settings.max_topic_levels;
+            if max_levels != 0 && topic_levels(&inner) > max_levels {
+                // Well formed but not allowed here: 0x8F (3.1.1: 0x80). The tree would be
+                // safe at any depth; this bounds the memory one filter can take.
+                self.stats.limits.topic_levels += 1;
+                tracing::warn!(
+                    client_id = %self.sessions.get(key).map_or("", |s| &s.client_id),
+                    levels = topic_levels(&inner),
+                    max_topic_levels = max_levels,
+                    "subscription refused: its filter has more levels than broker.max_topic_levels"
+                );
+                reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
             let entry = SubEntry {
@@ -282,11 +430,13 @@ impl Core {
                 retained_for.push((inner, entry));
             }
         }
-        tx.send(Outbound::Control(Box::new(Packet::SubAck(SubAck {
+        let kept = self.sessions.get(key).is_some_and(|s| s.store_id != 0);
+        let suback = Packet::SubAck(SubAck {
             packet_id: sub.packet_id,
             reason_codes,
             properties: Properties::default(),
-        }))));
+        });
+        self.control_after_commit(&tx, suback, kept);
         let now = Instant::now();
         for (filter, entry) in retained_for {
             for msg in self.retained.matching(&filter, now) {
@@ -327,12 +477,30 @@ impl Core {
             };
             reason_codes.push(code);
         }
-        tx.send(Outbound::Control(Box::new(Packet::UnsubAck(UnsubAck {
+        let kept = self.sessions.get(key).is_some_and(|s| s.store_id != 0);
+        let unsuback = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reason_codes,
             properties: Properties::default(),
-        }))));
+        });
+        self.control_after_commit(&tx, unsuback, kept);
     }
+}
+
+/// Why a PUBLISH is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `$SYS`, or the ACL does not let the client write there.
+    NotAuthorized,
+    /// More topic levels than `max_topic_levels`.
+    TopicTooDeep,
+    /// The store cannot write and the message would have to be kept.
+    StoreFull,
+}
+
+/// Levels of a topic name or filter.
+pub(super) fn topic_levels(topic: &str) -> usize {
+    topic.bytes().filter(|&b| b == b'/').count() + 1
 }
 
 /// Resolves when every receipt is committed, or with the first refusal.

@@ -23,7 +23,7 @@ use super::message::Message;
 use super::outbound::OutboundTx;
 use super::retained::RetainedStore;
 use super::router::{Match, SessionKey, SubscriptionTree};
-use super::session::AckGate;
+use super::session::{AckGate, GateWait};
 use super::settings::Settings;
 use super::store::{Loaded, Store};
 use super::sys::Stats;
@@ -131,7 +131,7 @@ pub(crate) struct Core {
     commit_needed: bool,
     /// The current publish's gate, made when its first delivery to a connected
     /// persistent session is deferred (`persist.rs`).
-    pending_gate: Option<(Arc<AckGate>, oneshot::Receiver<()>)>,
+    pending_gate: Option<(Arc<AckGate>, GateWait)>,
     /// Deliveries in flight to persistent sessions that are not written yet: when each is
     /// due to be written, its session and its store id, in order.
     deferred: std::collections::VecDeque<(Instant, SessionKey, u64)>,

@@ -96,7 +96,9 @@ impl Core {
         if let Some(store) = &self.store {
             let committed = store.receipt();
             tokio::spawn(async move {
-                let _ = committed.await;
+                if committed.await.is_err() {
+                    gates.iter().for_each(|g| g.fail());
+                }
                 drop(gates);
             });
         }

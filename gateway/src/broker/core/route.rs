@@ -55,8 +55,11 @@ impl Core {
             drop(gate);
             if msg.qos != QoS::AtMostOnce {
                 receipts.push(Box::pin(async move {
-                    let _ = released.await;
-                    Ok(())
+                    if released.passed().await {
+                        Ok(())
+                    } else {
+                        Err(Store::refusal())
+                    }
                 }));
             }
         }

@@ -26,7 +26,7 @@ impl Core {
                 c.deliveries_written.load(Ordering::Relaxed),
             )
         });
-        let entries: [(&str, String); 15] = [
+        let entries: [(&str, String); 16] = [
             ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
             (
                 "uptime",
@@ -58,6 +58,8 @@ impl Core {
             // Messages owed to persistent sessions that had to be written (queued, or
             // unacknowledged past the grace period): what persistence costs the disk.
             ("store/messages_written", written.to_string()),
+            // What the configured bounds refused (broker.max_*).
+            ("limits/topic_levels", st.limits.topic_levels.to_string()),
         ];
         for (name, value) in entries {
             let msg = Message::new(

@@ -8,16 +8,19 @@
 //! bridge spool: what the broker has acknowledged is on disk. Clients with clean
 //! sessions and topics nobody keeps cost nothing here.
 //!
-//! A write that fails (disk full, a failing card) is logged and counted; the broker keeps
-//! serving from memory, because the message is already routed and refusing the publisher
-//! now would only make it send a duplicate.
+//! A write that fails (disk full, a failing card) is logged and counted, and what waits on
+//! it is refused: a 5.0 publisher gets 0x97 (Quota exceeded), a 3.x one no
+//! acknowledgement, so it sends the message again later. Until the writer can write again
+//! (it tries by itself, and holds back a disk reserve so that deletions still run on a
+//! full disk), new retained messages and messages for persistent sessions are refused up
+//! front, while everything else the broker does goes on.
 
 mod db;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use futures_util::FutureExt;
@@ -108,8 +111,8 @@ enum Op {
     },
     PutRetained(Arc<Message>),
     DropRetained(ByteString),
-    /// Answered once everything before it is committed.
-    Sync(oneshot::Sender<()>),
+    /// Answered once everything before it is committed (true), or could not be (false).
+    Sync(oneshot::Sender<bool>),
 }
 
 /// What the writer did, for `$SYS`.
@@ -119,6 +122,8 @@ pub struct Counters {
     pub failed_batches: AtomicU64,
     /// Rows of messages owed to sessions that reached the disk.
     pub deliveries_written: AtomicU64,
+    /// The last write failed: new content is refused until the writer recovers.
+    pub refusing: AtomicBool,
 }
 
 /// The core's side of the store.
@@ -275,16 +280,32 @@ impl Store {
         }
     }
 
-    /// Resolves once everything sent so far is committed (or has failed, which is
-    /// logged: the broker keeps serving from memory).
+    /// Resolves once everything sent so far is committed, or with a refusal when it
+    /// could not be.
     pub fn receipt(&self) -> DurableReceipt {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Sync(tx));
         async move {
-            let _ = rx.await;
-            Ok(())
+            match rx.await {
+                Ok(true) => Ok(()),
+                _ => Err(Self::refusal()),
+            }
         }
         .boxed()
+    }
+
+    /// True while the store cannot write: new retained messages and messages for
+    /// persistent sessions are refused before they are routed.
+    pub fn is_refusing(&self) -> bool {
+        self.counters.refusing.load(Ordering::Relaxed)
+    }
+
+    /// What a publisher is told when the store cannot keep its message.
+    pub fn refusal() -> super::Rejected {
+        super::Rejected {
+            reason: "the broker store cannot write (disk full?)".into(),
+            code: outpost_mqtt::ReasonCode::QUOTA_EXCEEDED,
+        }
     }
 
     /// What the writer has done since start.

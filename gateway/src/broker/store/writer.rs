@@ -10,19 +10,23 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::QoS;
-use rusqlite::{Connection, params};
+use outpost_sqlite::reserve::{FileReserve, Reserve};
+use rusqlite::{Connection, ErrorCode, params};
 use tokio::sync::oneshot;
-use tracing::error;
+use tracing::{error, info, warn};
 
 use super::db::{self, encode_publish, expires_ms};
 use super::{Counters, Op};
 
 /// Changes in one transaction at most, so a huge backlog still commits in steps.
 const MAX_BATCH: usize = 8192;
+
+/// How often a store that cannot write tries again when nothing new arrives.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the writer on its own thread (SQLite calls block). Without `conn` (no file
 /// yet) the file is made when the first change comes, so a broker that keeps nothing
@@ -35,72 +39,205 @@ pub(super) fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("broker-store".into())
-        .spawn(move || run(conn, rx, path, counters))
+        .spawn(move || Writer::new(conn, path, counters).run(rx))
 }
 
-fn run(mut conn: Option<Connection>, rx: Receiver<Op>, path: PathBuf, counters: Arc<Counters>) {
-    let mut batch = Vec::new();
-    let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut last_report: Option<Instant> = None;
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+/// The writer's state between batches.
+struct Writer {
+    conn: Option<Connection>,
+    path: PathBuf,
+    counters: Arc<Counters>,
+    /// Disk space held back beside the file, given up when the disk fills so that
+    /// deletions and checkpoints can still run (`outpost_sqlite::reserve`).
+    reserve: Option<FileReserve>,
+    reserve_held: bool,
+    /// Changes of failed batches that the memory state already relies on (deletions,
+    /// session and subscription rows, QoS 2 and release flags): tried again, in order,
+    /// before anything newer, so the file never drifts from what the broker serves.
+    carried: Vec<Op>,
+    last_report: Option<Instant>,
+}
+
+impl Writer {
+    fn new(conn: Option<Connection>, path: PathBuf, counters: Arc<Counters>) -> Writer {
+        let mut w = Writer {
+            conn: None,
+            path,
+            counters,
+            reserve: None,
+            reserve_held: false,
+            carried: Vec::new(),
+            last_report: None,
+        };
+        if let Some(c) = conn {
+            w.opened(c);
+        }
+        w
+    }
+
+    /// Takes an open connection and holds the disk reserve beside it.
+    fn opened(&mut self, conn: Connection) {
+        let (reserve, held) = FileReserve::open(&self.path);
+        if let Err(e) = &held {
+            warn!(store = %self.path.display(), reserve = %reserve.describe(), error = %e,
+                "broker store: no room for the disk reserve; should the disk fill up, \
+                 deliveries may not be removable until space is freed");
+        }
+        self.reserve_held = held.is_ok();
+        self.reserve = Some(reserve);
+        self.conn = Some(conn);
+    }
+
+    fn run(mut self, rx: Receiver<Op>) {
+        let mut batch = Vec::new();
+        let mut syncs: Vec<oneshot::Sender<bool>> = Vec::new();
+        loop {
+            // A store that cannot write still wakes up to try again by itself.
+            let first = if self.carried.is_empty() && !self.refusing() {
+                match rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(RETRY_EVERY) {
+                    Ok(op) => Some(op),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // Shutting down: one last try for what is carried.
+                        self.write(&mut batch, &mut syncs);
+                        break;
+                    }
+                }
+            };
+            batch.append(&mut self.carried);
+            batch.extend(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
             }
+            self.write(&mut batch, &mut syncs);
+        }
+    }
+
+    fn refusing(&self) -> bool {
+        self.counters.refusing.load(Ordering::Relaxed)
+    }
+
+    /// Writes one batch and answers its syncs: true when everything before each sync is
+    /// on disk.
+    fn write(&mut self, batch: &mut Vec<Op>, syncs: &mut Vec<oneshot::Sender<bool>>) {
+        let mut refused_puts = false;
+        if self.refusing() {
+            self.try_recover();
+        }
+        if self.refusing() {
+            // New content (messages owed to sessions, retained messages) is refused while
+            // the disk is full: its publishers hear so instead of being acknowledged for
+            // something that is not kept. What the memory state already did is kept.
+            let before = batch.len();
+            batch.retain(|op| !is_content(op));
+            refused_puts = batch.len() != before;
         }
         let only_syncs = batch.iter().all(|op| matches!(op, Op::Sync(_)));
-        let result = match conn.as_mut() {
-            Some(c) => apply(c, &mut batch, &mut syncs).map_err(|e| e.to_string()),
-            // Nothing to write: nothing to open the file for.
-            None if only_syncs => {
-                take_syncs(&mut batch, &mut syncs);
-                Ok(0)
+        let result = if only_syncs {
+            take_syncs(batch, syncs);
+            Ok(0)
+        } else {
+            if self.conn.is_none() {
+                match db::open(&self.path) {
+                    Ok(c) => self.opened(c),
+                    Err(e) => {
+                        take_syncs(batch, syncs);
+                        self.failed(&e.to_string(), false);
+                        answer(syncs, false);
+                        return;
+                    }
+                }
             }
-            None => match db::open(&path) {
-                Ok(mut c) => {
-                    let r = apply(&mut c, &mut batch, &mut syncs).map_err(|e| e.to_string());
-                    conn = Some(c);
-                    r
-                }
-                Err(e) => {
-                    // Answer the batch's syncs all the same: the broker goes on from memory.
-                    take_syncs(&mut batch, &mut syncs);
-                    Err(e.to_string())
-                }
-            },
+            let conn = self.conn.as_mut().expect("opened above");
+            apply(conn, batch, syncs)
         };
         match result {
             Ok(written) => {
-                counters
+                self.counters
                     .deliveries_written
                     .fetch_add(written, Ordering::Relaxed);
+                answer(syncs, !refused_puts);
             }
-            Err(e) => {
-                let n = counters.failed_batches.fetch_add(1, Ordering::Relaxed) + 1;
-                // Once a minute at most: a full disk fails every batch.
-                if last_report.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                    last_report = Some(Instant::now());
-                    error!(
-                        store = %path.display(),
-                        error = %e,
-                        failed_batches = n,
-                        "broker store: cannot write; retained messages and persistent sessions \
-                         are kept in memory only until it can (is the disk full?)"
-                    );
-                }
+            Err((e, ops)) => {
+                let full = e.sqlite_error_code() == Some(ErrorCode::DiskFull);
+                // Content that did not make it is refused to its publishers; the rest is
+                // what memory already relies on, so it is kept and tried again.
+                self.carried = ops.into_iter().filter(|op| !is_content(op)).collect();
+                self.failed(&e.to_string(), full);
+                answer(syncs, false);
             }
         }
-        batch.clear();
-        for s in syncs.drain(..) {
-            let _ = s.send(());
+    }
+
+    /// Records a failed write: counted, logged once a minute, and, on a full disk, the
+    /// reserve is given back and new content is refused until it can be held again.
+    fn failed(&mut self, error: &str, full: bool) {
+        let n = self.counters.failed_batches.fetch_add(1, Ordering::Relaxed) + 1;
+        let newly = !self.counters.refusing.swap(true, Ordering::Relaxed);
+        if full
+            && self.reserve_held
+            && let (Some(r), Some(c)) = (self.reserve.as_mut(), self.conn.as_ref())
+            && r.release(c).is_ok()
+        {
+            self.reserve_held = false;
+        }
+        if newly
+            || self
+                .last_report
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            self.last_report = Some(Instant::now());
+            error!(
+                store = %self.path.display(),
+                error,
+                failed_batches = n,
+                "broker store: cannot write; retained messages and messages for persistent \
+                 sessions are refused (5.0: 0x97, 3.x: no acknowledgement) until it can. \
+                 Free space on the disk: the broker starts accepting them again by itself"
+            );
+        }
+    }
+
+    /// Accepts content again once the carried changes are written and the reserve can be
+    /// held again with room to spare.
+    fn try_recover(&mut self) {
+        if !self.carried.is_empty() {
+            return;
+        }
+        let held = match (self.reserve.as_mut(), self.conn.as_ref()) {
+            (Some(r), Some(c)) if !self.reserve_held => r.hold(c).is_ok(),
+            _ => true,
+        };
+        if held {
+            self.reserve_held = self.reserve.is_some();
+            self.counters.refusing.store(false, Ordering::Relaxed);
+            info!(store = %self.path.display(), "broker store: writing again");
         }
     }
 }
 
+/// Messages for sessions and retained messages: what a publisher's acknowledgement waits
+/// for, and what a full disk refuses.
+fn is_content(op: &Op) -> bool {
+    matches!(op, Op::PutDelivery { .. } | Op::PutRetained(_))
+}
+
+fn answer(syncs: &mut Vec<oneshot::Sender<bool>>, ok: bool) {
+    for s in syncs.drain(..) {
+        let _ = s.send(ok);
+    }
+}
+
 /// Empties a batch that will not be written, keeping its syncs to be answered.
-fn take_syncs(batch: &mut Vec<Op>, syncs: &mut Vec<oneshot::Sender<()>>) {
+fn take_syncs(batch: &mut Vec<Op>, syncs: &mut Vec<oneshot::Sender<bool>>) {
     syncs.extend(batch.drain(..).filter_map(|op| match op {
         Op::Sync(s) => Some(s),
         _ => None,
@@ -108,12 +245,13 @@ fn take_syncs(batch: &mut Vec<Op>, syncs: &mut Vec<oneshot::Sender<()>>) {
 }
 
 /// Applies one batch in one transaction, returning how many delivery rows it wrote; the
-/// syncs in it are handed back to be answered after the commit, whatever its outcome.
+/// syncs in it are handed back to be answered after the commit. On failure the batch's
+/// changes come back with the error, to be carried into the next try.
 fn apply(
     conn: &mut Connection,
     batch: &mut Vec<Op>,
-    syncs: &mut Vec<oneshot::Sender<()>>,
-) -> rusqlite::Result<u64> {
+    syncs: &mut Vec<oneshot::Sender<bool>>,
+) -> Result<u64, (rusqlite::Error, Vec<Op>)> {
     // Deliveries both written and dropped in this batch never reach the file.
     let put: HashSet<u64> = batch
         .iter()
@@ -129,31 +267,45 @@ fn apply(
             _ => None,
         })
         .collect();
+    take_syncs_in_place(batch, syncs);
+    let result = (|| {
+        let tx = conn.transaction()?;
+        let mut written = 0;
+        for op in batch.iter() {
+            if let Op::PutDelivery { id, .. } = op
+                && !cancelled.contains(id)
+            {
+                written += 1;
+            }
+            apply_one(&tx, op, &cancelled)?;
+        }
+        tx.commit()?;
+        Ok(written)
+    })();
+    match result {
+        Ok(n) => {
+            batch.clear();
+            Ok(n)
+        }
+        Err(e) => Err((e, std::mem::take(batch))),
+    }
+}
 
-    let tx = conn.transaction()?;
-    let mut result = Ok(());
-    let mut written = 0;
+/// Moves the syncs out of a batch, leaving its changes in order.
+fn take_syncs_in_place(batch: &mut Vec<Op>, syncs: &mut Vec<oneshot::Sender<bool>>) {
+    let mut rest = Vec::with_capacity(batch.len());
     for op in batch.drain(..) {
         match op {
-            Op::Sync(s) => {
-                syncs.push(s);
-                continue;
-            }
-            Op::PutDelivery { id, .. } if !cancelled.contains(&id) => written += 1,
-            _ => {}
-        }
-        if result.is_ok() {
-            result = apply_one(&tx, op, &cancelled);
+            Op::Sync(s) => syncs.push(s),
+            op => rest.push(op),
         }
     }
-    result?;
-    tx.commit()?;
-    Ok(written)
+    *batch = rest;
 }
 
 fn apply_one(
     tx: &rusqlite::Transaction<'_>,
-    op: Op,
+    op: &Op,
     cancelled: &HashSet<u64>,
 ) -> rusqlite::Result<()> {
     match op {
@@ -167,7 +319,7 @@ fn apply_one(
             // session that ended while a write failed) goes with everything it held.
             let old: Option<i64> = tx
                 .prepare_cached("SELECT id FROM sessions WHERE client_id = ?1 AND id != ?2")?
-                .query_row(params![&*client_id, id], |r| r.get(0))
+                .query_row(params![&**client_id, id], |r| r.get(0))
                 .map(Some)
                 .or_else(|e| match e {
                     rusqlite::Error::QueryReturnedNoRows => Ok(None),
@@ -180,9 +332,9 @@ fn apply_one(
                 "INSERT INTO sessions (id, client_id, protocol, expiry) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(id) DO UPDATE SET protocol = excluded.protocol, expiry = excluded.expiry",
             )?
-            .execute(params![id, &*client_id, protocol as u8, expiry])?;
+            .execute(params![id, &**client_id, *protocol as u8, expiry])?;
         }
-        Op::DropSession(id) => drop_session(tx, i64::from(id))?,
+        Op::DropSession(id) => drop_session(tx, i64::from(*id))?,
         Op::PutSub {
             session,
             filter,
@@ -217,10 +369,10 @@ fn apply_one(
             sub_ids,
             packet_id,
         } => {
-            if cancelled.contains(&id) {
+            if cancelled.contains(id) {
                 return Ok(());
             }
-            let blob = encode_publish(&msg, qos, retain);
+            let blob = encode_publish(msg, *qos, *retain);
             let ids: Option<Vec<u8>> = (!sub_ids.is_empty())
                 .then(|| sub_ids.iter().flat_map(|i| i.to_be_bytes()).collect());
             tx.prepare_cached(
@@ -228,30 +380,30 @@ fn apply_one(
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
             .execute(params![
-                i64::try_from(id).unwrap_or(i64::MAX),
+                i64::try_from(*id).unwrap_or(i64::MAX),
                 session,
                 blob,
-                expires_ms(&msg),
+                expires_ms(msg),
                 ids,
-                packet_id.filter(|_| qos != QoS::AtMostOnce)
+                packet_id.filter(|_| *qos != QoS::AtMostOnce)
             ])?;
         }
         Op::SetPacketId { id, packet_id } => {
-            if !cancelled.contains(&id) {
+            if !cancelled.contains(id) {
                 tx.prepare_cached("UPDATE deliveries SET packet_id = ?2 WHERE id = ?1")?
-                    .execute(params![i64::try_from(id).unwrap_or(i64::MAX), packet_id])?;
+                    .execute(params![i64::try_from(*id).unwrap_or(i64::MAX), packet_id])?;
             }
         }
         Op::Released(id) => {
-            if !cancelled.contains(&id) {
+            if !cancelled.contains(id) {
                 tx.prepare_cached("UPDATE deliveries SET released = 1 WHERE id = ?1")?
-                    .execute(params![i64::try_from(id).unwrap_or(i64::MAX)])?;
+                    .execute(params![i64::try_from(*id).unwrap_or(i64::MAX)])?;
             }
         }
         Op::DropDelivery(id) => {
-            if !cancelled.contains(&id) {
+            if !cancelled.contains(id) {
                 tx.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
-                    .execute(params![i64::try_from(id).unwrap_or(i64::MAX)])?;
+                    .execute(params![i64::try_from(*id).unwrap_or(i64::MAX)])?;
             }
         }
         Op::PutQos2 { session, packet_id } => {
@@ -265,15 +417,15 @@ fn apply_one(
                 .execute(params![session, packet_id])?;
         }
         Op::PutRetained(msg) => {
-            let blob = encode_publish(&msg, msg.qos, true);
+            let blob = encode_publish(msg, msg.qos, true);
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO retained (topic, publish, expires_ms) VALUES (?1, ?2, ?3)",
             )?
-            .execute(params![&*msg.topic, blob, expires_ms(&msg)])?;
+            .execute(params![&*msg.topic, blob, expires_ms(msg)])?;
         }
         Op::DropRetained(topic) => {
             tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
-                .execute(params![&*topic])?;
+                .execute(params![&**topic])?;
         }
         Op::Sync(_) => {}
     }
