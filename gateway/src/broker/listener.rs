@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::limits::ConnectionSlot;
 use super::connection;
 use super::handle::BrokerHandle;
 use super::settings::Settings;
@@ -99,10 +100,16 @@ pub fn spawn_accept_loop(l: BoundListener, core: BrokerHandle, settings: Arc<Set
         loop {
             match l.socket.accept().await {
                 Ok((stream, peer)) => {
+                    // Over a bound: closed before a byte is read (counted and logged).
+                    let Ok(slot) = settings.connections.admit(peer.ip()) else {
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     spawn_connection(
                         stream,
                         peer,
+                        slot,
                         l.tls.clone(),
                         l.websocket.clone(),
                         core.clone(),
@@ -125,6 +132,7 @@ pub fn spawn_accept_loop(l: BoundListener, core: BrokerHandle, settings: Arc<Set
 fn spawn_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: ConnectionSlot,
     tls: Option<TlsAcceptor>,
     websocket: Option<String>,
     core: BrokerHandle,
@@ -132,10 +140,10 @@ fn spawn_connection(
 ) {
     match (tls, websocket) {
         (None, None) => {
-            tokio::spawn(connection::serve_tcp(stream, peer, core, settings));
+            tokio::spawn(connection::serve_tcp(stream, peer, slot, core, settings));
         }
         (tls, ws) => {
-            tokio::spawn(handle_wrapped(stream, peer, tls, ws, core, settings));
+            tokio::spawn(handle_wrapped(stream, peer, slot, tls, ws, core, settings));
         }
     }
 }
@@ -143,6 +151,8 @@ fn spawn_connection(
 async fn handle_wrapped(
     stream: TcpStream,
     peer: SocketAddr,
+    // Held until the connection ends, whatever stage that happens in.
+    _slot: ConnectionSlot,
     tls: Option<TlsAcceptor>,
     websocket: Option<String>,
     core: BrokerHandle,

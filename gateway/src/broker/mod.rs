@@ -12,6 +12,7 @@ mod connection;
 mod core;
 mod deadlines;
 mod fault;
+pub mod limits;
 pub mod handle;
 mod listener;
 pub mod message;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::deadlines::Deadlines;
+use super::limits::ConnectionLimits;
 
 use crate::config::{AclRule, BrokerConfig, UserConfig};
 
@@ -36,6 +37,22 @@ pub struct Settings {
     pub max_session_expiry: Option<u32>,
     /// Most levels in a topic name or filter; 0 for no limit.
     pub max_topic_levels: usize,
+    /// Largest CONNECT (the first packet).
+    pub max_connect_size: usize,
+    /// Time to finish a packet once its first byte came.
+    pub packet_timeout: Duration,
+    /// Sessions in all; 0 for no limit.
+    pub max_sessions: usize,
+    /// Subscriptions per session; 0 for no limit.
+    pub max_subscriptions_per_client: usize,
+    /// Retained topics; 0 for no limit.
+    pub max_retained_messages: usize,
+    /// Retained payload bytes; 0 for no limit.
+    pub max_retained_bytes: u64,
+    /// Queued bytes per session.
+    pub max_queued_bytes: usize,
+    /// Open connections, in all and per address.
+    pub connections: Arc<ConnectionLimits>,
     /// `$SYS` publish interval; zero disables.
     pub sys_interval: Duration,
     /// Keep-alive and close deadlines of this broker's connections.
@@ -61,6 +78,19 @@ impl Settings {
                 .max_session_expiry
                 .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
             max_topic_levels: c.max_topic_levels,
+            max_connect_size: usize::try_from(c.max_connect_size.0)
+                .unwrap_or(usize::MAX)
+                .min(usize::try_from(c.max_packet_size.0).unwrap_or(usize::MAX)),
+            packet_timeout: c.packet_timeout,
+            max_sessions: c.max_sessions,
+            max_subscriptions_per_client: c.max_subscriptions_per_client,
+            max_retained_messages: c.max_retained_messages,
+            max_retained_bytes: c.max_retained_bytes.0,
+            max_queued_bytes: usize::try_from(c.max_queued_bytes.0).unwrap_or(usize::MAX),
+            connections: ConnectionLimits::new(
+                c.max_connections,
+                c.max_connections_per_address,
+            ),
             sys_interval: c.sys_interval,
             deadlines: Deadlines::new(),
         }

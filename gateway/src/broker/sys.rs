@@ -32,4 +32,12 @@ pub struct Stats {
 pub struct LimitCounters {
     /// Topic names and filters with more levels than `max_topic_levels`.
     pub topic_levels: u64,
+    /// CONNECTs refused by `max_sessions`.
+    pub sessions: u64,
+    /// Filters refused by `max_subscriptions_per_client`.
+    pub subscriptions: u64,
+    /// Retained messages not kept because of `max_retained_messages`/`_bytes`.
+    pub retained: u64,
+    /// Messages not queued for a session because of `max_queued_bytes`.
+    pub queued_bytes: u64,
 }

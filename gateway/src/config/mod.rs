@@ -127,9 +127,53 @@ pub struct BrokerConfig {
     /// Topic aliases a 5.0 client may use towards us (Topic Alias Maximum).
     #[serde(default = "default_topic_alias_maximum")]
     pub topic_alias_maximum: u16,
-    /// Upper bound on a 5.0 session expiry interval; 3.1.1 persistent sessions use it too.
-    #[serde(default, deserialize_with = "opt_duration")]
+    /// Upper bound on a session's expiry: 5.0 clients are told (Session Expiry Interval
+    /// in CONNACK), and 3.1.1 persistent sessions, which would otherwise never expire,
+    /// end this long after their client left. "0s" means no bound.
+    #[serde(
+        default = "default_max_session_expiry",
+        deserialize_with = "opt_duration"
+    )]
     pub max_session_expiry: Option<Duration>,
+    /// Open client connections, all listeners together; past it new ones are closed at
+    /// accept. 0 means no limit.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open client connections from one IP address. 0 means no limit.
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// Sessions, connected and persistent offline ones together; a CONNECT that would
+    /// make a new one past it is refused (5.0: 0x97, 3.1.1: 0x03). 0 means no limit.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Largest first packet (CONNECT, will included) from a client not yet connected: an
+    /// unauthenticated peer cannot make the broker buffer `max_packet_size`.
+    #[serde(default = "default_max_connect_size")]
+    pub max_connect_size: ByteSize,
+    /// A packet whose first byte has arrived must be complete within this time, or the
+    /// connection is closed (slow-sender guard; keep alive 0 does not turn it off).
+    #[serde(
+        default = "default_packet_timeout",
+        deserialize_with = "outpost_units::duration"
+    )]
+    pub packet_timeout: Duration,
+    /// Subscriptions one session may hold; further filters are refused (SUBACK 0x97,
+    /// 3.1.1: 0x80). 0 means no limit.
+    #[serde(default = "default_max_subscriptions_per_client")]
+    pub max_subscriptions_per_client: usize,
+    /// Retained messages (topics) the broker keeps; a retained message for a new topic
+    /// past it is not retained (5.0: refused with 0x97; 3.x: delivered, not retained).
+    /// 0 means no limit.
+    #[serde(default = "default_max_retained_messages")]
+    pub max_retained_messages: usize,
+    /// Payload bytes of all retained messages together, bounded the same way.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: ByteSize,
+    /// Bytes of messages queued for one session (payload, topic and per-message
+    /// overhead), beside `max_queued_messages`; past either, new messages for that
+    /// session are dropped and counted.
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: ByteSize,
     /// Most levels (`/`-separated parts) in a topic name or filter; deeper ones are refused
     /// (PUBACK 0x90, SUBACK 0x8F). 0 means no limit. Mosquitto's limit is 200 too.
     #[serde(default = "default_max_topic_levels")]
@@ -148,7 +192,8 @@ pub struct BrokerConfig {
 }
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    outpost_units::duration(d).map(Some)
+    // "0s" turns the bound off.
+    outpost_units::duration(d).map(|v| (!v.is_zero()).then_some(v))
 }
 
 fn default_listeners() -> Vec<ListenerConfig> {
@@ -165,7 +210,38 @@ fn default_max_keepalive() -> u16 {
     u16::MAX
 }
 fn default_max_packet_size() -> ByteSize {
-    ByteSize(1 << 20)
+    // A 1 MiB payload (a firmware or image chunk) with its topic and properties.
+    ByteSize(2 << 20)
+}
+fn default_max_session_expiry() -> Option<Duration> {
+    Some(Duration::from_secs(7 * 24 * 3600))
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_connections_per_address() -> usize {
+    1_000
+}
+fn default_max_sessions() -> usize {
+    20_000
+}
+fn default_max_connect_size() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_packet_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_subscriptions_per_client() -> usize {
+    1_000
+}
+fn default_max_retained_messages() -> usize {
+    10_000
+}
+fn default_max_retained_bytes() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_max_queued_bytes() -> ByteSize {
+    ByteSize(16 << 20)
 }
 fn default_receive_maximum() -> u16 {
     100
@@ -377,6 +453,18 @@ impl Config {
                 "must be between 64 bytes and 256MiB (the MQTT limit)",
             ));
         }
+        if b.max_connect_size.0 < 64 {
+            return Err(invalid(
+                "broker.max_connect_size".into(),
+                "must be at least 64 bytes (a CONNECT with a client id and credentials)",
+            ));
+        }
+        if b.packet_timeout.is_zero() {
+            return Err(invalid(
+                "broker.packet_timeout".into(),
+                "must be above zero, e.g. \"60s\"",
+            ));
+        }
         for (i, rule) in b.acl.iter().enumerate() {
             let probe = rule.topic.replace("%u", "u").replace("%c", "c");
             if outpost_mqtt::topic::validate_topic_filter(&probe).is_err() {
@@ -574,7 +662,7 @@ mod example_tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/outpost.toml");
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.gateway_id(), "gw-01");
-        assert_eq!(c.broker.max_packet_size, ByteSize(1 << 20));
+        assert_eq!(c.broker.max_packet_size, ByteSize(2 << 20));
         assert!(
             c.bridge.is_empty(),
             "the example bridge stays commented out"

@@ -19,7 +19,7 @@ use futures_util::future::BoxFuture;
 use outpost_mqtt::{Disconnect, ReasonCode};
 use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::SendError;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::super::core::CoreEvent;
 use super::super::deadlines::Deadlines;
@@ -56,6 +56,10 @@ struct Busy {
     stall: Option<Box<Stall>>,
     /// The client's DISCONNECT, when it ended that way.
     disconnect: Option<Box<Disconnect>>,
+    /// When the packet at the head of `rbuf` started to arrive (ms on the `Deadlines`
+    /// clock), 0 when `rbuf` holds no partial packet: it must be complete within
+    /// `packet_timeout`, so a slow sender cannot hold a buffer forever.
+    partial_since: u64,
 }
 
 impl Busy {
@@ -266,10 +270,22 @@ impl<T: Transport> Driver<T> {
             }
         }
 
-        if self.deadline == 0 && self.keep_alive_ms > 0 && !self.conn.winding_down() {
+        // The packet being received, if it waits on the client: due by packet_timeout.
+        let partial_due = self
+            .busy
+            .as_ref()
+            .filter(|b| b.partial_since != 0 && b.stall.is_none() && !b.decode_pending)
+            .map(|b| b.partial_since + self.conn.packet_timeout_ms());
+        if !self.conn.winding_down() {
             let d = self.conn.deadlines();
-            let at = self.last_rx + u64::from(self.keep_alive_ms);
-            self.deadline = d.arm(self.timer_id, 0, at, cx.waker());
+            if let Some(due) = partial_due
+                && (self.deadline == 0 || due < Deadlines::due(self.deadline))
+            {
+                self.deadline = d.arm(self.timer_id, self.deadline, due, cx.waker());
+            } else if self.deadline == 0 && self.keep_alive_ms > 0 {
+                let at = self.last_rx + u64::from(self.keep_alive_ms);
+                self.deadline = d.arm(self.timer_id, 0, at, cx.waker());
+            }
         }
         if self.deadline != 0 {
             let d = self.conn.deadlines();
@@ -280,17 +296,38 @@ impl<T: Transport> Driver<T> {
                     return Round::Finished;
                 }
                 let k = u64::from(self.keep_alive_ms);
-                if now - self.last_rx < k {
-                    self.deadline =
-                        d.arm(self.timer_id, self.deadline, self.last_rx + k, cx.waker());
-                } else {
-                    debug!(conn_id = self.conn.conn_id, "keep alive expired");
+                if partial_due.is_some_and(|due| now >= due) {
+                    info!(
+                        conn_id = self.conn.conn_id,
+                        "connection closed: a packet was not completed within broker.packet_timeout"
+                    );
+                    d.disarm(self.deadline);
+                    self.deadline = 0;
+                    self.conn.violation(
+                        ReasonCode::UNSPECIFIED_ERROR,
+                        &mut busy(&mut self.busy).wbuf,
+                    );
+                } else if k > 0 && now - self.last_rx >= k {
+                    info!(conn_id = self.conn.conn_id, "connection closed: keep alive expired");
                     d.disarm(self.deadline);
                     self.deadline = 0;
                     self.conn.violation(
                         ReasonCode::KEEP_ALIVE_TIMEOUT,
                         &mut busy(&mut self.busy).wbuf,
                     );
+                } else {
+                    // Nothing expired: look again at the nearer of what is pending.
+                    let next = [partial_due, (k > 0).then(|| self.last_rx + k)]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    self.deadline = match next {
+                        Some(at) => d.arm(self.timer_id, self.deadline, at, cx.waker()),
+                        None => {
+                            d.disarm(self.deadline);
+                            0
+                        }
+                    };
                 }
             }
         }
@@ -347,7 +384,15 @@ impl<T: Transport> Driver<T> {
     fn decode(&mut self) {
         let b = busy(&mut self.busy);
         b.decode_pending = false;
-        match self.conn.on_bytes(&mut b.rbuf, &mut b.wbuf) {
+        let before = b.rbuf.len();
+        let outcome = self.conn.on_bytes(&mut b.rbuf, &mut b.wbuf);
+        if b.rbuf.is_empty() {
+            b.partial_since = 0;
+        } else if b.partial_since == 0 || b.rbuf.len() < before {
+            // What is left started arriving no earlier than now.
+            b.partial_since = self.conn.deadlines().now_ms();
+        }
+        match outcome {
             Ok(Decoded::Done) => {}
             Ok(Decoded::Stalled(event)) => {
                 b.decode_pending = true;

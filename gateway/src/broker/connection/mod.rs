@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::auth;
+use super::limits::ConnectionSlot;
 use super::core::{ConnectRequest, CoreEvent};
 use super::handle::BrokerHandle;
 use super::outbound;
@@ -37,11 +38,14 @@ use state::Conn;
 pub fn serve_tcp(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: ConnectionSlot,
     core: BrokerHandle,
     settings: Arc<Settings>,
 ) -> Connection<TcpStream> {
     let deadline = Instant::now() + settings.connect_timeout;
-    Connection::new(stream, peer, core, settings, deadline)
+    let mut c = Connection::new(stream, peer, core, settings, deadline);
+    c.slot = Some(slot);
+    c
 }
 
 /// Serves a connection over any byte stream (TLS, WebSocket). `connect_by` is when the
@@ -64,6 +68,9 @@ pub async fn serve_stream<S>(
 /// every task, while this is as large as its largest phase, the driver.
 pub struct Connection<T> {
     phase: Phase<T>,
+    /// Its place under the connection limits, given back when the task ends (TLS and
+    /// WebSocket tasks hold theirs outside).
+    slot: Option<ConnectionSlot>,
 }
 
 // The running phase is inline on purpose: it is where a connection spends its life,
@@ -89,10 +96,11 @@ impl<T: Transport> Connection<T> {
             let mut io = io;
             let mut rbuf = BytesMut::new();
             let connect = handshake(&mut io, &mut rbuf, peer, &settings, connect_by).await?;
-            open(io, rbuf, connect, core, settings).await
+            open(io, rbuf, connect, peer, core, settings).await
         });
         Connection {
             phase: Phase::Opening(opening),
+            slot: None,
         }
     }
 }
@@ -131,6 +139,7 @@ async fn open<T: Transport>(
     io: T,
     rbuf: BytesMut,
     connect: Box<Connect>,
+    peer: SocketAddr,
     core: BrokerHandle,
     settings: Arc<Settings>,
 ) -> Option<Driver<T>> {
@@ -138,7 +147,12 @@ async fn open<T: Transport>(
     let (tx, rx) = outbound::channel();
     let mut conn = Conn::new(&connect, core.clone(), settings);
     let (reply, accepted) = tokio::sync::oneshot::channel();
-    let request = ConnectRequest { connect, tx, reply };
+    let request = ConnectRequest {
+        connect,
+        peer,
+        tx,
+        reply,
+    };
     core.send(CoreEvent::Connect(request)).await.ok()?;
     match accepted.await.ok().flatten() {
         Some((session, conn_id)) => {
@@ -211,7 +225,9 @@ async fn handshake<T: Transport>(
     settings: &Settings,
     connect_by: Instant,
 ) -> Option<Box<Connect>> {
-    let max = settings.max_packet_size;
+    // A peer that has not authenticated gets a small buffer: `max_connect_size`, not
+    // `max_packet_size`.
+    let max = settings.max_connect_size;
     // MQTT-3.1.0-1: the first packet must be CONNECT, within the configured time.
     let first = tokio::time::timeout_at(connect_by.into(), async {
         loop {
@@ -226,12 +242,12 @@ async fn handshake<T: Transport>(
     .await;
     let connect = match first {
         Err(_) => {
-            debug!(%peer, "no CONNECT within the connect timeout; closing");
+            info!(%peer, "connection closed: no CONNECT within broker.connect_timeout");
             return None;
         }
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(other))) => {
-            debug!(%peer, packet = kind(&other), "first packet is not CONNECT; closing");
+            info!(%peer, packet = kind(&other), "connection closed: the first packet was not CONNECT");
             return None;
         }
         Ok(Ok(None)) => return None,
@@ -251,8 +267,17 @@ async fn handshake<T: Transport>(
             .await;
             return None;
         }
+        Ok(Err(ReadError::Decode(DecodeError::PacketTooLarge { size, .. }))) => {
+            info!(%peer, size, max_connect_size = max,
+                "connection closed: the CONNECT is larger than broker.max_connect_size");
+            return None;
+        }
+        Ok(Err(ReadError::Decode(e))) => {
+            info!(%peer, error = %e, "connection closed: malformed CONNECT");
+            return None;
+        }
         Ok(Err(e)) => {
-            debug!(%peer, error = %e, "bad CONNECT; closing");
+            debug!(%peer, error = %e, "connection closed before CONNECT");
             return None;
         }
     };

@@ -127,6 +127,11 @@ impl Conn {
     }
 
     /// The broker's connection deadlines (keep alive, close grace).
+    /// How long a started packet may take to arrive in full, in ms.
+    pub(super) fn packet_timeout_ms(&self) -> u64 {
+        u64::try_from(self.settings.packet_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
     pub(super) fn deadlines(&self) -> &Arc<Deadlines> {
         &self.settings.deadlines
     }

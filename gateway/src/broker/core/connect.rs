@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::{ConnAck, Disconnect, Packet, Properties, Protocol, ReasonCode};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::timers::Timer;
 use super::{ConnectRequest, Core};
@@ -16,7 +16,12 @@ use crate::broker::session::{Link, Session};
 
 impl Core {
     pub(super) fn on_connect(&mut self, req: ConnectRequest) {
-        let ConnectRequest { connect, tx, reply } = req;
+        let ConnectRequest {
+            connect,
+            peer,
+            tx,
+            reply,
+        } = req;
         let v5 = connect.protocol.is_v5();
         let refuse = |reason: ReasonCode| {
             tx.send(Outbound::Control(Box::new(Packet::ConnAck(ConnAck {
@@ -54,6 +59,24 @@ impl Core {
         };
         if let Some(max) = self.settings.max_session_expiry {
             expiry = expiry.min(max);
+        }
+
+        let max_sessions = self.settings.max_sessions;
+        if max_sessions != 0
+            && self.sessions.key_of(&client_id).is_none()
+            && self.sessions.len() >= max_sessions
+        {
+            self.stats.limits.sessions += 1;
+            warn!(
+                client_id = %client_id,
+                max_sessions,
+                "connection refused: the broker holds broker.max_sessions sessions \
+                 (persistent ones included); raise it or lower max_session_expiry"
+            );
+            // 5.0: 0x97 Quota exceeded; 3.1.1: 3 Server unavailable.
+            refuse(ReasonCode::QUOTA_EXCEEDED);
+            let _ = reply.send(None);
+            return;
         }
 
         let conn_id = self.next_conn_id;
@@ -140,7 +163,15 @@ impl Core {
             properties,
         }))));
         self.stats.connects += 1;
-        info!(client_id = %client_id, protocol = ?connect.protocol, session_present, "client connected");
+        info!(
+            conn_id,
+            %peer,
+            client_id = %client_id,
+            user = connect.username.as_deref().unwrap_or(""),
+            protocol = connect.protocol.name(),
+            session_present,
+            "client connected"
+        );
 
         // MQTT-4.4.0-1: resend unacknowledged PUBLISH (DUP) and PUBREL in original order.
         let s = self.sessions.get_mut(key).expect("session exists");

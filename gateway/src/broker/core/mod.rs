@@ -105,6 +105,8 @@ pub(crate) enum CoreEvent {
 pub(crate) struct ConnectRequest {
     /// The decoded CONNECT.
     pub connect: Box<Connect>,
+    /// Where the client connects from, for the log.
+    pub peer: std::net::SocketAddr,
     /// The connection's outbound queue (CONNACK goes out through it).
     pub tx: OutboundTx,
     /// Answered with the session and connection ids, or `None` if refused.
