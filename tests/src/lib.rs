@@ -12,6 +12,7 @@
 pub mod broker;
 pub mod cli;
 pub mod clients;
+pub mod ledger;
 pub mod raw;
 
 pub use broker::{Broker, BrokerKind, broker_kind, mosquitto_mode, outpost_bin};
