@@ -9,9 +9,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::limits::ConnectionSlot;
 use super::connection;
 use super::handle::BrokerHandle;
+use super::limits::ConnectionSlot;
 use super::settings::Settings;
 use super::tls;
 use crate::config::ListenerConfig;

@@ -87,10 +87,7 @@ impl Settings {
             max_retained_messages: c.max_retained_messages,
             max_retained_bytes: c.max_retained_bytes.0,
             max_queued_bytes: usize::try_from(c.max_queued_bytes.0).unwrap_or(usize::MAX),
-            connections: ConnectionLimits::new(
-                c.max_connections,
-                c.max_connections_per_address,
-            ),
+            connections: ConnectionLimits::new(c.max_connections, c.max_connections_per_address),
             sys_interval: c.sys_interval,
             deadlines: Deadlines::new(),
         }

@@ -19,7 +19,7 @@ use futures_util::future::BoxFuture;
 use outpost_mqtt::{Disconnect, ReasonCode};
 use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::SendError;
-use tracing::{debug, info};
+use tracing::info;
 
 use super::super::core::CoreEvent;
 use super::super::deadlines::Deadlines;
@@ -208,6 +208,11 @@ impl<T: Transport> Driver<T> {
             self.rx.recycle(items, batch);
         }
 
+        if self.conn.poll_head_publish(cx) {
+            progress = true;
+            self.conn.release_publishes(&mut busy(&mut self.busy).wbuf);
+        }
+
         if let Some(outcome) = self.conn.poll_head_ack(cx) {
             progress = true;
             self.conn
@@ -308,7 +313,10 @@ impl<T: Transport> Driver<T> {
                         &mut busy(&mut self.busy).wbuf,
                     );
                 } else if k > 0 && now - self.last_rx >= k {
-                    info!(conn_id = self.conn.conn_id, "connection closed: keep alive expired");
+                    info!(
+                        conn_id = self.conn.conn_id,
+                        "connection closed: keep alive expired"
+                    );
                     d.disarm(self.deadline);
                     self.deadline = 0;
                     self.conn.violation(

@@ -25,9 +25,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::auth;
-use super::limits::ConnectionSlot;
 use super::core::{ConnectRequest, CoreEvent};
 use super::handle::BrokerHandle;
+use super::limits::ConnectionSlot;
 use super::outbound;
 use super::settings::Settings;
 use super::transport::{self, StreamIo, Transport};

@@ -43,6 +43,23 @@ struct Tables {
     /// Acknowledgements held back behind one that waits for durability (only with a
     /// bridge), so PUBACK/PUBREC leave in the order the PUBLISHes came.
     acks: VecDeque<PendingAck>,
+    /// Deliveries held back behind a QoS 2 one that waits for its row to be committed,
+    /// so messages still leave in the order the core routed them.
+    held: VecDeque<HeldPublish>,
+}
+
+/// A delivery in the held line.
+enum HeldPublish {
+    Waiting {
+        wait: BoxFuture<'static, DurableResult>,
+        delivery: Delivery,
+        packet_id: u16,
+    },
+    Ready {
+        delivery: Delivery,
+        packet_id: Option<u16>,
+        dup: bool,
+    },
 }
 
 /// How the read side ended.
@@ -343,6 +360,31 @@ impl Conn {
                 let t = self.tables.get_or_insert_with(Default::default);
                 t.acks.push_back(PendingAck::Waiting { wait, ack });
             }
+            Outbound::PublishAfter {
+                wait,
+                delivery,
+                packet_id,
+            } => {
+                let t = self.tables.get_or_insert_with(Default::default);
+                t.held.push_back(HeldPublish::Waiting {
+                    wait,
+                    delivery,
+                    packet_id,
+                });
+            }
+            Outbound::Publish {
+                delivery,
+                packet_id,
+                dup,
+            } if self.tables.as_ref().is_some_and(|t| !t.held.is_empty()) => {
+                if let Some(t) = self.tables.as_mut() {
+                    t.held.push_back(HeldPublish::Ready {
+                        delivery,
+                        packet_id,
+                        dup,
+                    });
+                }
+            }
             Outbound::Publish {
                 delivery,
                 packet_id,
@@ -366,6 +408,47 @@ impl Conn {
                 Poll::Pending => None,
             },
             _ => None,
+        }
+    }
+
+    /// Polls the delivery at the head of the held line; true once it may be sent (then
+    /// call [`Self::release_publishes`]).
+    pub(super) fn poll_head_publish(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.tables.as_mut().and_then(|t| t.held.front_mut()) {
+            // Sent whatever the outcome: a failed write is carried and retried by the
+            // store, and holding the message back would only stall the session.
+            Some(HeldPublish::Waiting { wait, .. }) => wait.as_mut().poll(cx).is_ready(),
+            Some(HeldPublish::Ready { .. }) => true,
+            None => false,
+        }
+    }
+
+    /// Encodes the head of the held line and every ready delivery behind it.
+    pub(super) fn release_publishes(&mut self, wbuf: &mut BytesMut) {
+        let mut first = true;
+        loop {
+            let Some(t) = self.tables.as_mut() else {
+                return;
+            };
+            let next = match t.held.front() {
+                Some(HeldPublish::Waiting { .. }) if !first => return,
+                Some(_) => t.held.pop_front(),
+                None => return,
+            };
+            first = false;
+            match next {
+                Some(HeldPublish::Waiting {
+                    delivery,
+                    packet_id,
+                    ..
+                }) => self.encode_publish(delivery, Some(packet_id), false, wbuf),
+                Some(HeldPublish::Ready {
+                    delivery,
+                    packet_id,
+                    dup,
+                }) => self.encode_publish(delivery, packet_id, dup, wbuf),
+                None => return,
+            }
         }
     }
 

@@ -76,18 +76,28 @@ impl Core {
             self.refuse_publish(key, &tx, qos, packet_id, refusal);
             return;
         }
-        if qos == QoS::ExactlyOnce
-            && let Some(s) = self.sessions.get(key)
-            && s.store_id != 0
-            && let Some(store) = &self.store
-        {
-            // Kept so that a resend after a restart is still known as the same message;
-            // the PUBREC waits for it (`accept` adds the store's receipt).
-            store.put_qos2(s.store_id, packet_id);
-            self.commit_needed = true;
-        }
         let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
-        let (receipts, wanted) = self.accept(&msg);
+        let keep_id = qos == QoS::ExactlyOnce
+            && self.store.is_some()
+            && self.sessions.get(key).is_some_and(|s| s.store_id != 0);
+        let (receipts, wanted) = if keep_id {
+            // The packet id is kept so that a resend after a restart is known as the same
+            // message, in one transaction with what routing wrote (QoS 2 deliveries are
+            // never deferred): after a crash the broker has either both, and answers a
+            // resend with PUBREC alone, or neither, and routes the resend as new. The
+            // PUBREC waits for that commit (`accept` adds the store's receipt).
+            let store = self.store.as_ref().expect("checked above");
+            store.begin_group();
+            let (mut receipts, wanted) = self.accept(&msg);
+            if let (Some(store), Some(s)) = (self.store.as_ref(), self.sessions.get(key)) {
+                store.put_qos2(s.store_id, packet_id);
+                store.end_group();
+                receipts.push(store.receipt());
+            }
+            (receipts, wanted)
+        } else {
+            self.accept(&msg)
+        };
         if qos == QoS::AtMostOnce {
             return;
         }

@@ -162,20 +162,36 @@ impl Core {
                         written: false,
                         gate: None,
                     };
+                    let mut wait = None;
                     if s.store_id != 0
                         && let Some(store) = self.store.as_mut()
                     {
-                        // Not written yet: a client that acknowledges within the grace
-                        // period costs no disk write; the publisher waits for either.
                         f.stored = store.new_delivery_id();
-                        let (gate, _) = self.pending_gate.get_or_insert_with(AckGate::new);
-                        f.gate = Some(gate.clone());
-                        if self.deferred.is_empty() {
-                            self.timers.push(now + WRITE_GRACE, Timer::Deferred);
+                        if f.delivery.msg.qos == QoS::ExactlyOnce {
+                            // QoS 2 is written at once, in the same transaction as its
+                            // publisher's packet id (`on_publish`): after a crash the
+                            // broker must know both, or a resent PUBLISH is delivered
+                            // twice or never. A QoS 2 delivery also leaves only once its
+                            // row is on disk, because its client keeps the packet id
+                            // until PUBREL and a forgetful broker would reuse it.
+                            store.put_delivery(f.stored, s.store_id, &f.delivery, Some(packet_id));
+                            f.written = true;
+                            self.commit_needed = true;
+                            if f.delivery.qos == QoS::ExactlyOnce {
+                                wait = Some(store.receipt());
+                            }
+                        } else {
+                            // Not written yet: a client that acknowledges within the grace
+                            // period costs no disk write; the publisher waits for either.
+                            let (gate, _) = self.pending_gate.get_or_insert_with(AckGate::new);
+                            f.gate = Some(gate.clone());
+                            if self.deferred.is_empty() {
+                                self.timers.push(now + WRITE_GRACE, Timer::Deferred);
+                            }
+                            self.deferred.push_back((now + WRITE_GRACE, key, f.stored));
                         }
-                        self.deferred.push_back((now + WRITE_GRACE, key, f.stored));
                     }
-                    send_inflight(s, &tx, f);
+                    send_inflight(s, &tx, f, wait);
                     self.stats.messages_sent += 1;
                 } else {
                     self.stats.dropped_queue_full +=
@@ -219,10 +235,15 @@ impl Core {
                 });
             } else {
                 let packet_id = s.alloc_packet_id();
+                let mut wait = None;
                 if stored != 0
                     && let Some(store) = &self.store
                 {
                     store.set_packet_id(stored, packet_id);
+                    if d.qos == QoS::ExactlyOnce {
+                        // The client keeps this id until PUBREL: on disk first.
+                        wait = Some(store.receipt());
+                    }
                 }
                 let f = Inflight {
                     packet_id,
@@ -232,7 +253,7 @@ impl Core {
                     written: stored != 0,
                     gate: None,
                 };
-                send_inflight(s, &tx, f);
+                send_inflight(s, &tx, f, wait);
             }
         }
     }
@@ -273,12 +294,25 @@ impl Core {
     }
 }
 
-fn send_inflight(s: &mut Session, tx: &crate::broker::outbound::OutboundTx, f: Inflight) {
-    tx.send(Outbound::Publish {
-        delivery: f.delivery.clone(),
-        packet_id: Some(f.packet_id),
-        dup: false,
-    });
+/// Sends a delivery that takes an inflight slot, after `wait` (its commit) if given.
+fn send_inflight(
+    s: &mut Session,
+    tx: &crate::broker::outbound::OutboundTx,
+    f: Inflight,
+    wait: Option<DurableReceipt>,
+) {
+    match wait {
+        Some(wait) => tx.send(Outbound::PublishAfter {
+            wait,
+            delivery: f.delivery.clone(),
+            packet_id: f.packet_id,
+        }),
+        None => tx.send(Outbound::Publish {
+            delivery: f.delivery.clone(),
+            packet_id: Some(f.packet_id),
+            dup: false,
+        }),
+    };
     s.flows().inflight.push_back(f);
 }
 

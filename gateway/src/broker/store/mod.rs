@@ -111,6 +111,8 @@ enum Op {
     },
     PutRetained(Arc<Message>),
     DropRetained(ByteString),
+    /// Changes that reach the disk together or not at all.
+    Group(Vec<Op>),
     /// Answered once everything before it is committed (true), or could not be (false).
     Sync(oneshot::Sender<bool>),
 }
@@ -129,6 +131,8 @@ pub struct Counters {
 /// The core's side of the store.
 pub struct Store {
     tx: std::sync::mpsc::Sender<Op>,
+    /// Changes gathered between [`Store::begin_group`] and [`Store::end_group`].
+    group: std::cell::RefCell<Option<Vec<Op>>>,
     next_session: u32,
     next_delivery: u64,
     counters: Arc<Counters>,
@@ -160,6 +164,7 @@ impl Store {
             })?;
         let store = Store {
             tx,
+            group: std::cell::RefCell::new(None),
             next_session: loaded.max_session_id,
             next_delivery: loaded.max_delivery_id,
             counters,
@@ -168,7 +173,30 @@ impl Store {
         Ok((store, loaded))
     }
 
+    /// From here to [`Store::end_group`], changes are committed in one transaction.
+    pub fn begin_group(&self) {
+        self.group.borrow_mut().get_or_insert_with(Vec::new);
+    }
+
+    /// Sends the changes gathered since [`Store::begin_group`] as one.
+    pub fn end_group(&self) {
+        let Some(ops) = self.group.borrow_mut().take() else {
+            return;
+        };
+        // Receipts asked for inside the group resolve once the whole group is committed.
+        let (syncs, changes): (Vec<Op>, Vec<Op>) =
+            ops.into_iter().partition(|op| matches!(op, Op::Sync(_)));
+        if !changes.is_empty() {
+            self.send(Op::Group(changes));
+        }
+        syncs.into_iter().for_each(|op| self.send(op));
+    }
+
     fn send(&self, op: Op) {
+        if let Some(group) = self.group.borrow_mut().as_mut() {
+            group.push(op);
+            return;
+        }
         // The writer only stops when this side is dropped, or if it panicked; then the
         // broker carries on from memory and the failure counter says why.
         if self.tx.send(op).is_err() {

@@ -227,7 +227,12 @@ impl Writer {
 /// Messages for sessions and retained messages: what a publisher's acknowledgement waits
 /// for, and what a full disk refuses.
 fn is_content(op: &Op) -> bool {
-    matches!(op, Op::PutDelivery { .. } | Op::PutRetained(_))
+    match op {
+        Op::PutDelivery { .. } | Op::PutRetained(_) => true,
+        // A group stands or falls as one: with any content in it, it is content.
+        Op::Group(ops) => ops.iter().any(is_content),
+        _ => false,
+    }
 }
 
 fn answer(syncs: &mut Vec<oneshot::Sender<bool>>, ok: bool) {
@@ -253,15 +258,13 @@ fn apply(
     syncs: &mut Vec<oneshot::Sender<bool>>,
 ) -> Result<u64, (rusqlite::Error, Vec<Op>)> {
     // Deliveries both written and dropped in this batch never reach the file.
-    let put: HashSet<u64> = batch
-        .iter()
+    let put: HashSet<u64> = flat(batch)
         .filter_map(|op| match op {
             Op::PutDelivery { id, .. } => Some(*id),
             _ => None,
         })
         .collect();
-    let cancelled: HashSet<u64> = batch
-        .iter()
+    let cancelled: HashSet<u64> = flat(batch)
         .filter_map(|op| match op {
             Op::DropDelivery(id) if put.contains(id) => Some(*id),
             _ => None,
@@ -272,12 +275,14 @@ fn apply(
         let tx = conn.transaction()?;
         let mut written = 0;
         for op in batch.iter() {
+            apply_one(&tx, op, &cancelled)?;
+        }
+        for op in flat(batch) {
             if let Op::PutDelivery { id, .. } = op
                 && !cancelled.contains(id)
             {
                 written += 1;
             }
-            apply_one(&tx, op, &cancelled)?;
         }
         tx.commit()?;
         Ok(written)
@@ -289,6 +294,14 @@ fn apply(
         }
         Err(e) => Err((e, std::mem::take(batch))),
     }
+}
+
+/// The changes of a batch with groups opened up (groups do not nest).
+fn flat(batch: &[Op]) -> impl Iterator<Item = &Op> {
+    batch.iter().flat_map(|op| match op {
+        Op::Group(ops) => ops.iter().collect::<Vec<_>>(),
+        op => vec![op],
+    })
 }
 
 /// Moves the syncs out of a batch, leaving its changes in order.
@@ -426,6 +439,11 @@ fn apply_one(
         Op::DropRetained(topic) => {
             tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
                 .execute(params![&**topic])?;
+        }
+        Op::Group(ops) => {
+            for op in ops {
+                apply_one(tx, op, cancelled)?;
+            }
         }
         Op::Sync(_) => {}
     }
