@@ -219,7 +219,8 @@ mod tests {
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let settings = Arc::new(Settings::from_config(&Default::default()));
         let core = crate::broker::core::spawn(settings.clone(), vec![], None);
-        let task = crate::broker::connection::serve_tcp(c, addr, core, settings);
+        let slot = settings.connections.admit(addr.ip()).unwrap();
+        let task = crate::broker::connection::serve_tcp(c, addr, slot, core, settings);
         let task_size = std::mem::size_of_val(&task);
         let session_size = std::mem::size_of::<crate::broker::session::Session>();
         assert!(task_size <= 152, "connection task is {task_size} bytes");

@@ -130,6 +130,11 @@ pub enum Outbound {
 /// below what separate atomics cost).
 struct Shared {
     queue: Mutex<Queue>,
+    /// The connection's place under the connection limits: it lives as long as either
+    /// side, which is as long as the connection (the core lets go when it closes), and
+    /// keeping it here instead of in the connection's task keeps that a cache line
+    /// smaller.
+    _slot: Option<Box<super::limits::ConnectionSlot>>,
 }
 
 /// The items, the waker of the connection task when it found the queue empty (a plain
@@ -152,9 +157,10 @@ pub struct OutboundTx(Arc<Shared>);
 pub struct OutboundRx(Arc<Shared>);
 
 /// A new outbound queue.
-pub fn channel() -> (OutboundTx, OutboundRx) {
+pub fn channel(slot: Option<Box<super::limits::ConnectionSlot>>) -> (OutboundTx, OutboundRx) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
+        _slot: slot,
     });
     (OutboundTx(shared.clone()), OutboundRx(shared))
 }

@@ -12,15 +12,30 @@ use super::message::Message;
 #[derive(Default)]
 pub struct RetainedStore {
     by_topic: HashMap<ByteString, Arc<Message>>,
+    /// Payload bytes of every retained message.
+    bytes: u64,
+}
+
+/// How many retained messages, and how many payload bytes, the store may hold (0: any).
+#[derive(Debug, Clone, Copy)]
+pub struct RetainedLimits {
+    /// Topics.
+    pub messages: usize,
+    /// Payload bytes.
+    pub bytes: u64,
 }
 
 impl RetainedStore {
     /// Stores a retained message, or clears the topic when its payload is empty
     /// (MQTT-3.3.1-10/11).
     pub fn update(&mut self, msg: &Arc<Message>) {
+        if let Some(old) = self.by_topic.get(&msg.topic) {
+            self.bytes -= old.payload.len() as u64;
+        }
         if msg.payload.is_empty() {
             self.by_topic.remove(&msg.topic);
         } else {
+            self.bytes += msg.payload.len() as u64;
             // Retained messages live long: copy them out of the receive buffer they were
             // decoded from, so they do not pin a whole read chunk each.
             let mut owned = (**msg).clone();
@@ -46,5 +61,62 @@ impl RetainedStore {
     /// Number of retained messages.
     pub fn len(&self) -> usize {
         self.by_topic.len()
+    }
+
+    /// Payload bytes of all retained messages.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether retaining `msg` keeps the store within `limits`: clearing a topic always
+    /// does, replacing one counts only the difference.
+    pub fn fits(&self, topic: &str, payload_len: usize, limits: RetainedLimits) -> bool {
+        if payload_len == 0 {
+            return true;
+        }
+        let old = self.by_topic.get(topic);
+        let count = self.by_topic.len() + usize::from(old.is_none());
+        let bytes = self.bytes - old.map_or(0, |m| m.payload.len() as u64) + payload_len as u64;
+        (limits.messages == 0 || count <= limits.messages)
+            && (limits.bytes == 0 || bytes <= limits.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use outpost_mqtt::{Properties, QoS};
+
+    fn msg(topic: &str, payload: &'static [u8]) -> Arc<Message> {
+        Message::new(
+            topic.into(),
+            Bytes::from_static(payload),
+            QoS::AtMostOnce,
+            true,
+            Properties::default(),
+            None,
+        )
+    }
+
+    #[test]
+    fn limits_count_topics_and_bytes_and_replacing_counts_the_difference() {
+        let limits = RetainedLimits {
+            messages: 2,
+            bytes: 10,
+        };
+        let mut r = RetainedStore::default();
+        for m in [msg("a", b"12345"), msg("b", b"123")] {
+            assert!(r.fits(&m.topic, m.payload.len(), limits));
+            r.update(&m);
+        }
+        assert_eq!((r.len(), r.bytes()), (2, 8));
+        assert!(!r.fits("c", 1, limits), "a third topic");
+        assert!(r.fits("a", 7, limits), "8 - 5 + 7 = 10 bytes");
+        assert!(!r.fits("a", 8, limits), "11 bytes");
+        assert!(r.fits("c", 0, limits), "clearing always fits");
+        r.update(&msg("a", b""));
+        assert_eq!((r.len(), r.bytes()), (1, 3));
+        assert!(r.fits("c", 7, limits));
     }
 }

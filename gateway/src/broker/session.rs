@@ -100,6 +100,17 @@ pub struct Delivery {
     pub sub_ids: Vec<u32>,
 }
 
+impl Delivery {
+    /// What the delivery holds while queued: payload, topic and the fixed cost of the
+    /// message and its queue entry, so empty payloads are not free.
+    pub fn queued_size(&self) -> usize {
+        self.msg.payload.len()
+            + self.msg.topic.len()
+            + std::mem::size_of::<Message>()
+            + std::mem::size_of::<(u64, Delivery)>()
+    }
+}
+
 /// One subscription as the session remembers it (to rebuild or remove tree entries).
 pub struct SessionSub {
     /// Shared group, for `$share/...` filters.
@@ -116,6 +127,8 @@ pub struct Flows {
     /// Messages waiting for a free inflight slot or for the client to reconnect, with
     /// their row in the broker store (0 when not stored).
     pub queue: VecDeque<(u64, Delivery)>,
+    /// What the queue holds, as [`Delivery::queued_size`] counts it.
+    pub queued_bytes: usize,
     /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL is awaited.
     pub incoming_qos2: BTreeSet<u16>,
 }
@@ -255,9 +268,25 @@ impl Session {
 
     /// The next queued message with its store row, if any.
     pub fn pop_queued(&mut self) -> Option<(u64, Delivery)> {
-        let d = self.flows.as_mut()?.queue.pop_front();
+        let flows = self.flows.as_mut()?;
+        let d = flows.queue.pop_front();
+        if let Some((_, d)) = &d {
+            flows.queued_bytes = flows.queued_bytes.saturating_sub(d.queued_size());
+        }
         self.release_flows_if_empty();
         d
+    }
+
+    /// Queues a delivery at the back, counting its bytes.
+    pub fn push_queued(&mut self, stored: u64, d: Delivery) {
+        let flows = self.flows();
+        flows.queued_bytes += d.queued_size();
+        flows.queue.push_back((stored, d));
+    }
+
+    /// Bytes of the queued deliveries.
+    pub fn queued_bytes(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.queued_bytes)
     }
 
     /// How many messages wait in the queue.

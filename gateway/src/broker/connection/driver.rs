@@ -85,7 +85,7 @@ pub(super) struct Driver<T> {
     pub(super) rx: OutboundRx,
     busy: Option<Box<Busy>>,
     /// This connection's key in the deadlines.
-    timer_id: u64,
+    timer_id: u32,
     /// Key of the armed deadline in `Deadlines` (0 when none): keep alive, then the
     /// close grace period. Re-armed lazily, so it fires at most once per keep-alive
     /// period instead of moving on every packet.

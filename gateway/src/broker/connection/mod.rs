@@ -43,9 +43,7 @@ pub fn serve_tcp(
     settings: Arc<Settings>,
 ) -> Connection<TcpStream> {
     let deadline = Instant::now() + settings.connect_timeout;
-    let mut c = Connection::new(stream, peer, core, settings, deadline);
-    c.slot = Some(slot);
-    c
+    Connection::new(stream, peer, Some(Box::new(slot)), core, settings, deadline)
 }
 
 /// Serves a connection over any byte stream (TLS, WebSocket). `connect_by` is when the
@@ -60,7 +58,16 @@ pub async fn serve_stream<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    Connection::new(StreamIo::new(stream), peer, core, settings, connect_by).await;
+    // TLS and WebSocket tasks hold their connection slot themselves.
+    Connection::new(
+        StreamIo::new(stream),
+        peer,
+        None,
+        core,
+        settings,
+        connect_by,
+    )
+    .await;
 }
 
 /// A connection's task, one phase at a time. Written by hand rather than as nested
@@ -68,9 +75,6 @@ pub async fn serve_stream<S>(
 /// every task, while this is as large as its largest phase, the driver.
 pub struct Connection<T> {
     phase: Phase<T>,
-    /// Its place under the connection limits, given back when the task ends (TLS and
-    /// WebSocket tasks hold theirs outside).
-    slot: Option<ConnectionSlot>,
 }
 
 // The running phase is inline on purpose: it is where a connection spends its life,
@@ -88,6 +92,7 @@ impl<T: Transport> Connection<T> {
     fn new(
         io: T,
         peer: SocketAddr,
+        slot: Option<Box<ConnectionSlot>>,
         core: BrokerHandle,
         settings: Arc<Settings>,
         connect_by: Instant,
@@ -96,11 +101,10 @@ impl<T: Transport> Connection<T> {
             let mut io = io;
             let mut rbuf = BytesMut::new();
             let connect = handshake(&mut io, &mut rbuf, peer, &settings, connect_by).await?;
-            open(io, rbuf, connect, peer, core, settings).await
+            open(io, rbuf, connect, peer, slot, core, settings).await
         });
         Connection {
             phase: Phase::Opening(opening),
-            slot: None,
         }
     }
 }
@@ -140,11 +144,12 @@ async fn open<T: Transport>(
     rbuf: BytesMut,
     connect: Box<Connect>,
     peer: SocketAddr,
+    slot: Option<Box<ConnectionSlot>>,
     core: BrokerHandle,
     settings: Arc<Settings>,
 ) -> Option<Driver<T>> {
     let keep_alive = effective_keep_alive(&connect, &settings);
-    let (tx, rx) = outbound::channel();
+    let (tx, rx) = outbound::channel(slot);
     let mut conn = Conn::new(&connect, core.clone(), settings);
     let (reply, accepted) = tokio::sync::oneshot::channel();
     let request = ConnectRequest {
@@ -155,10 +160,10 @@ async fn open<T: Transport>(
     };
     core.send(CoreEvent::Connect(request)).await.ok()?;
     match accepted.await.ok().flatten() {
-        Some((session, conn_id)) => {
+        Some(a) => {
             conn.accepted = true;
-            conn.session = session;
-            conn.conn_id = conn_id;
+            conn.session = a.session;
+            conn.conn_id = a.conn_id;
         }
         // Refused: the core queued the CONNACK and a Close; flush them.
         None => conn.closing = true,
@@ -183,6 +188,7 @@ fn close<T: Transport>(
                     session: conn.session,
                     conn_id: conn.conn_id,
                     disconnect: disconnect.map(|d| *d),
+                    reason: conn.close_reason,
                 })
                 .await;
         }

@@ -85,6 +85,8 @@ pub(super) struct Conn {
     pub(super) accepted: bool,
     pub(super) session: SessionKey,
     pub(super) conn_id: u64,
+    /// Why the broker ended the connection, for the core's log line.
+    pub(super) close_reason: Option<ReasonCode>,
     pub(super) core: BrokerHandle,
     settings: Arc<Settings>,
     /// QoS 1 PUBLISHes received and not yet acknowledged.
@@ -121,6 +123,7 @@ impl Conn {
             accepted: false,
             session: 0,
             conn_id: 0,
+            close_reason: None,
             core,
             settings,
             unacked_qos1: 0,
@@ -164,8 +167,22 @@ impl Conn {
             let packet = match outpost_mqtt::decode(rbuf, self.protocol, max) {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(Decoded::Done),
+                Err(outpost_mqtt::DecodeError::PacketTooLarge { size, max }) => {
+                    info!(
+                        conn_id = self.conn_id,
+                        size,
+                        max_packet_size = max,
+                        "packet refused: larger than broker.max_packet_size; closing the connection"
+                    );
+                    self.end_after_replies(ReasonCode::PACKET_TOO_LARGE, wbuf);
+                    return Err(End::Abnormal);
+                }
                 Err(e) => {
-                    info!(conn_id = self.conn_id, error = %e, "malformed packet; closing the connection");
+                    info!(
+                        conn_id = self.conn_id,
+                        error = %e,
+                        "malformed packet; closing the connection"
+                    );
                     self.end_after_replies(e.reason_code(), wbuf);
                     return Err(End::Abnormal);
                 }
@@ -202,6 +219,7 @@ impl Conn {
     /// send those again. With no publish awaiting its acknowledgement (or no room in the
     /// core's queue), the DISCONNECT goes out at once.
     fn end_after_replies(&mut self, reason: ReasonCode, wbuf: &mut BytesMut) {
+        self.close_reason.get_or_insert(reason);
         let awaiting = self.unacked_qos1 > 0
             || self
                 .tables
@@ -226,6 +244,7 @@ impl Conn {
 
     /// Queues a DISCONNECT with `reason` (5.0 only; 3.x just closes).
     pub(super) fn violation(&mut self, reason: ReasonCode, wbuf: &mut BytesMut) {
+        self.close_reason.get_or_insert(reason);
         if self.protocol.is_v5() {
             self.encode(
                 &Packet::Disconnect(Disconnect {

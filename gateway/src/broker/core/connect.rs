@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::{ConnAck, Disconnect, Packet, Properties, Protocol, ReasonCode};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::timers::Timer;
 use super::{ConnectRequest, Core};
@@ -187,7 +187,10 @@ impl Core {
             }
         }
         self.pump(key, now);
-        let _ = reply.send(Some((key, conn_id)));
+        let _ = reply.send(Some(super::Accepted {
+            session: key,
+            conn_id,
+        }));
     }
 
     /// Closes the current connection of a session that a new CONNECT claims.
@@ -218,6 +221,7 @@ impl Core {
         key: SessionKey,
         conn_id: u64,
         disconnect: Option<Disconnect>,
+        reason: Option<ReasonCode>,
     ) {
         let Some(s) = self.sessions.get_mut(key) else {
             return;
@@ -239,7 +243,12 @@ impl Core {
                 d.reason == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE
             }
         };
-        debug!(client_id = %s.client_id, graceful = disconnect.is_some(), "client disconnected");
+        let why = match (&disconnect, reason) {
+            (_, Some(r)) => r.describe(),
+            (Some(_), None) => "client sent DISCONNECT",
+            (None, None) => "connection lost",
+        };
+        info!(conn_id, client_id = %s.client_id, reason = why, "client disconnected");
         if !publish_will {
             s.will = None;
         }

@@ -173,6 +173,23 @@ impl Core {
             return Some(Refusal::TopicTooDeep);
         }
         if p.retain
+            && s.protocol.is_v5()
+            && !self
+                .retained
+                .fits(&p.topic, p.payload.len(), self.retained_limits())
+        {
+            {
+                self.stats.limits.retained += 1;
+                tracing::warn!(
+                    client_id = %s.client_id,
+                    topic = %p.topic,
+                    "publish refused (0x97): broker.max_retained_messages or \
+                     max_retained_bytes reached"
+                );
+                return Some(Refusal::RetainedFull);
+            }
+        }
+        if p.retain
             && self.store.as_ref().is_some_and(|st| st.is_refusing())
             && p.qos != QoS::AtMostOnce
         {
@@ -213,7 +230,7 @@ impl Core {
             ack.reason = match refusal {
                 Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
                 Refusal::TopicTooDeep => ReasonCode::TOPIC_NAME_INVALID,
-                Refusal::StoreFull => ReasonCode::QUOTA_EXCEEDED,
+                Refusal::StoreFull | Refusal::RetainedFull => ReasonCode::QUOTA_EXCEEDED,
             };
         }
         if qos == QoS::ExactlyOnce && ends_exchange {
@@ -410,6 +427,22 @@ impl Core {
                 reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
+            let max_subs = self.settings.max_subscriptions_per_client;
+            if max_subs != 0
+                && let Some(s) = self.sessions.get(key)
+                && !s.subs.contains_key(&f.filter)
+                && s.subs.len() >= max_subs
+            {
+                // 0x97 Quota exceeded (3.1.1: 0x80); the client may replace or drop one.
+                self.stats.limits.subscriptions += 1;
+                tracing::warn!(
+                    client_id = %s.client_id,
+                    max_subscriptions_per_client = max_subs,
+                    "subscription refused: the session holds broker.max_subscriptions_per_client"
+                );
+                reason_codes.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
             let entry = SubEntry {
                 options: f.options,
                 id: sub_id,
@@ -506,6 +539,8 @@ enum Refusal {
     TopicTooDeep,
     /// The store cannot write and the message would have to be kept.
     StoreFull,
+    /// A retained message past `max_retained_messages`/`_bytes` (5.0 only).
+    RetainedFull,
 }
 
 /// Levels of a topic name or filter.

@@ -65,6 +65,8 @@ pub(crate) enum CoreEvent {
         conn_id: u64,
         /// DISCONNECT packet if the client sent one, `None` for an abnormal end.
         disconnect: Option<Disconnect>,
+        /// Why the broker closed it, when it did.
+        reason: Option<outpost_mqtt::ReasonCode>,
     },
     /// An in-process publish; the reply carries the durable sinks' receipts.
     LocalPublish {
@@ -101,6 +103,14 @@ pub(crate) enum CoreEvent {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// What the core tells a connection it accepted.
+pub(crate) struct Accepted {
+    /// The session.
+    pub session: SessionKey,
+    /// The connection's id, for the log and for stale-event checks.
+    pub conn_id: u64,
+}
+
 /// A CONNECT handed to the core.
 pub(crate) struct ConnectRequest {
     /// The decoded CONNECT.
@@ -110,7 +120,7 @@ pub(crate) struct ConnectRequest {
     /// The connection's outbound queue (CONNACK goes out through it).
     pub tx: OutboundTx,
     /// Answered with the session and connection ids, or `None` if refused.
-    pub reply: oneshot::Sender<Option<(SessionKey, u64)>>,
+    pub reply: oneshot::Sender<Option<Accepted>>,
 }
 
 pub(crate) struct Core {
@@ -251,7 +261,8 @@ impl Core {
                 session,
                 conn_id,
                 disconnect,
-            } => self.on_closed(session, conn_id, disconnect),
+                reason,
+            } => self.on_closed(session, conn_id, disconnect, reason),
             CoreEvent::LocalPublish { msg, done } => {
                 self.stats.local_publishes += 1;
                 let (receipts, _) = self.accept(&msg);

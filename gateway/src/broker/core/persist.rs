@@ -173,7 +173,7 @@ impl Core {
                         written: true,
                         gate: None,
                     }),
-                    None => s.flows().queue.push_back((stored, delivery)),
+                    None => s.push_queued(stored, delivery),
                 }
             }
             for p in ls.incoming_qos2 {

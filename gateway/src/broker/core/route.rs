@@ -26,10 +26,30 @@ impl Core {
         self.stats.messages_received += 1;
         self.stats.bytes_received += msg.payload.len() as u64;
         if msg.retain {
-            self.retained.update(msg);
-            if let Some(store) = &self.store {
-                store.retain(msg);
-                self.commit_needed = true;
+            if self
+                .retained
+                .fits(&msg.topic, msg.payload.len(), self.retained_limits())
+            {
+                self.retained.update(msg);
+                if let Some(store) = &self.store {
+                    store.retain(msg);
+                    self.commit_needed = true;
+                }
+            } else {
+                // Delivered, not retained: 5.0 clients were refused before this
+                // (`publish_refusal`), so this is a 3.x client or an in-process publisher.
+                self.stats.limits.retained += 1;
+                let n = self.stats.limits.retained;
+                if n.is_power_of_two() {
+                    warn!(
+                        topic = %msg.topic,
+                        retained = self.retained.len(),
+                        retained_bytes = self.retained.bytes(),
+                        not_retained = n,
+                        "retained message not kept: broker.max_retained_messages or \
+                         max_retained_bytes reached (delivered to current subscribers only)"
+                    );
+                }
             }
         }
         let subscribed = self.route(msg);
@@ -64,6 +84,14 @@ impl Core {
             }
         }
         (receipts, wanted)
+    }
+
+    /// The configured bounds of the retained messages.
+    pub(super) fn retained_limits(&self) -> crate::broker::retained::RetainedLimits {
+        crate::broker::retained::RetainedLimits {
+            messages: self.settings.max_retained_messages,
+            bytes: self.settings.max_retained_bytes,
+        }
     }
 
     /// Whether a sink takes `msg`'s topic without a receipt (a QoS 0 bridge rule, say):
@@ -112,7 +140,10 @@ impl Core {
 
     /// Sends or queues one delivery for one session.
     pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) {
-        let max_queued = self.settings.max_queued_messages;
+        let limits = QueueLimits {
+            messages: self.settings.max_queued_messages,
+            bytes: self.settings.max_queued_bytes,
+        };
         let queue_qos0 = self.settings.queue_qos0;
         let Some(s) = self.sessions.get_mut(key) else {
             return;
@@ -193,15 +224,18 @@ impl Core {
                     }
                     send_inflight(s, &tx, f, wait);
                     self.stats.messages_sent += 1;
-                } else {
-                    self.stats.dropped_queue_full +=
-                        enqueue(s, d, max_queued, &mut self.store, &mut self.commit_needed);
+                } else if let Err(full) =
+                    enqueue(s, d, limits, &mut self.store, &mut self.commit_needed)
+                {
+                    self.stats.count_queue_full(full);
                 }
             }
             None => {
-                if d.qos != QoS::AtMostOnce || queue_qos0 {
-                    self.stats.dropped_queue_full +=
-                        enqueue(s, d, max_queued, &mut self.store, &mut self.commit_needed);
+                if (d.qos != QoS::AtMostOnce || queue_qos0)
+                    && let Err(full) =
+                        enqueue(s, d, limits, &mut self.store, &mut self.commit_needed)
+                {
+                    self.stats.count_queue_full(full);
                 }
             }
         }
@@ -321,20 +355,61 @@ fn send_inflight(
 fn enqueue(
     s: &mut Session,
     d: Delivery,
-    max: usize,
+    limits: QueueLimits,
     store: &mut Option<Store>,
     commit_needed: &mut bool,
-) -> u64 {
-    if s.queued_len() >= max {
+) -> Result<(), QueueFull> {
+    let full = if s.queued_len() >= limits.messages {
+        Some(QueueFull::Messages)
+    } else if s.queued_bytes() + d.queued_size() > limits.bytes {
+        Some(QueueFull::Bytes)
+    } else {
+        None
+    };
+    if let Some(why) = full {
         s.dropped = s.dropped.wrapping_add(1);
         if s.dropped.is_power_of_two() {
-            warn!(client_id = %s.client_id, dropped = s.dropped, "session queue full; dropping new messages");
+            let key = match why {
+                QueueFull::Messages => "max_queued_messages",
+                QueueFull::Bytes => "max_queued_bytes",
+            };
+            warn!(
+                client_id = %s.client_id,
+                dropped = s.dropped,
+                queued = s.queued_len(),
+                queued_bytes = s.queued_bytes(),
+                "session queue full (broker.{key}): dropping new messages for this client"
+            );
         }
-        return 1;
+        return Err(why);
     }
     let stored = keep(store, s, &d, commit_needed);
-    s.flows().queue.push_back((stored, d));
-    0
+    s.push_queued(stored, d);
+    Ok(())
+}
+
+impl crate::broker::sys::Stats {
+    /// Counts a message a full session queue refused.
+    fn count_queue_full(&mut self, full: QueueFull) {
+        self.dropped_queue_full += 1;
+        if matches!(full, QueueFull::Bytes) {
+            self.limits.queued_bytes += 1;
+        }
+    }
+}
+
+/// The bounds of one session's queue.
+#[derive(Clone, Copy)]
+struct QueueLimits {
+    messages: usize,
+    bytes: usize,
+}
+
+/// Which bound a full queue hit.
+#[derive(Clone, Copy)]
+enum QueueFull {
+    Messages,
+    Bytes,
 }
 
 /// Writes a queued delivery of a persistent session to the store; its row id, or 0 when

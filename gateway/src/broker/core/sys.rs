@@ -26,7 +26,8 @@ impl Core {
                 c.deliveries_written.load(Ordering::Relaxed),
             )
         });
-        let entries: [(&str, String); 16] = [
+        let conns = &self.settings.connections;
+        let entries: [(&str, String); 24] = [
             ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
             (
                 "uptime",
@@ -58,8 +59,29 @@ impl Core {
             // Messages owed to persistent sessions that had to be written (queued, or
             // unacknowledged past the grace period): what persistence costs the disk.
             ("store/messages_written", written.to_string()),
-            // What the configured bounds refused (broker.max_*).
+            ("retained messages/bytes", self.retained.bytes().to_string()),
+            // What the configured bounds refused (broker.max_*), one counter per bound.
             ("limits/topic_levels", st.limits.topic_levels.to_string()),
+            ("limits/sessions", st.limits.sessions.to_string()),
+            ("limits/subscriptions", st.limits.subscriptions.to_string()),
+            ("limits/retained", st.limits.retained.to_string()),
+            ("limits/queued_bytes", st.limits.queued_bytes.to_string()),
+            (
+                "limits/connections",
+                conns.refused_total.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "limits/connections_per_address",
+                conns
+                    .refused_per_address
+                    .load(Ordering::Relaxed)
+                    .to_string(),
+            ),
+            // Set while the broker store cannot write and refuses what it would keep.
+            (
+                "store/refusing",
+                u8::from(self.store.as_ref().is_some_and(|s| s.is_refusing())).to_string(),
+            ),
         ];
         for (name, value) in entries {
             let msg = Message::new(
