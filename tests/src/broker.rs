@@ -155,6 +155,8 @@ pub struct Broker {
     log: Arc<Mutex<String>>,
     /// `OUTPOST_FAULT` for the next start only (a restart runs without it).
     fault: Option<String>,
+    /// A state directory of the test's own (a small file system), instead of `dir`.
+    state: Option<PathBuf>,
 }
 
 impl Broker {
@@ -190,6 +192,7 @@ impl Broker {
             port: 0,
             log: Arc::new(Mutex::new(String::new())),
             fault: None,
+            state: None,
         };
         b.spawn();
         b
@@ -213,6 +216,31 @@ impl Broker {
             port: 0,
             log: Arc::new(Mutex::new(String::new())),
             fault: Some(fault.to_owned()),
+            state: None,
+        };
+        b.spawn();
+        b
+    }
+
+    /// Start outpost with its state (broker store, spools) in `state`, a directory the
+    /// test owns (e.g. a small tmpfs to fill up).
+    pub fn outpost_with_state_dir(broker_lines: &str, state: &Path) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("outpost.toml");
+        let config = format!(
+            "[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{}\n",
+            broker_lines.trim()
+        );
+        std::fs::write(&config_path, config).expect("write outpost.toml");
+        let mut b = Broker {
+            kind: BrokerKind::Outpost,
+            dir,
+            config_path,
+            child: None,
+            port: 0,
+            log: Arc::new(Mutex::new(String::new())),
+            fault: None,
+            state: Some(state.to_owned()),
         };
         b.spawn();
         b
@@ -262,6 +290,7 @@ impl Broker {
             port: 0,
             log: Arc::new(Mutex::new(String::new())),
             fault: None,
+            state: None,
         };
         b.spawn();
         b
@@ -283,7 +312,10 @@ impl Broker {
         let mut child = cmd
             .arg("--config")
             .arg(&self.config_path)
-            .env("STATE_DIRECTORY", self.dir.path())
+            .env(
+                "STATE_DIRECTORY",
+                self.state.as_deref().unwrap_or(self.dir.path()),
+            )
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
@@ -370,7 +402,7 @@ impl Broker {
 
     /// The broker's state directory (`STATE_DIRECTORY`).
     pub fn state_dir(&self) -> &Path {
-        self.dir.path()
+        self.state.as_deref().unwrap_or(self.dir.path())
     }
 
     /// Everything the broker wrote to stderr so far.
