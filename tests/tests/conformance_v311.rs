@@ -678,3 +678,48 @@ async fn byte_order_mark_in_a_topic_is_kept_mqtt_1_5_3_3() {
     );
     plain.expect_silence(QUIET).await;
 }
+
+/// MQTT-3.8.4-1: the server MUST respond to a SUBSCRIBE with a SUBACK, also when the
+/// client's DISCONNECT follows in the same TCP segment (the subscription was applied but
+/// its SUBACK was lost to the close); for a persistent session, whose SUBACK waits for
+/// the subscription's commit, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suback_is_sent_when_disconnect_follows_in_the_same_read_mqtt_3_8_4_1() {
+    let broker = Broker::start("");
+    for clean in [true, false] {
+        let id = format!("sub-then-bye-{clean}");
+        let (mut c, _) = connect(broker.port(), &id, clean).await;
+        let mut both = encoded(
+            &Packet::Subscribe(Subscribe {
+                packet_id: 3,
+                filters: vec![SubscribeFilter {
+                    filter: "bye/#".into(),
+                    options: sub_opts(QoS::AtLeastOnce),
+                }],
+                properties: Properties::default(),
+            }),
+            V4,
+        );
+        both.extend(encoded(
+            &Packet::Disconnect(outpost_mqtt::Disconnect {
+                reason: ReasonCode::NORMAL_DISCONNECTION,
+                properties: Properties::default(),
+            }),
+            V4,
+        ));
+        c.send_bytes(&both).await;
+        let got = c.expect_closed(WAIT).await;
+        assert!(
+            got.iter()
+                .any(|p| matches!(p, Packet::SubAck(a) if a.packet_id == 3)),
+            "clean={clean}: SUBACK before the close, got {got:?}"
+        );
+    }
+}
+
+/// A packet's bytes on the wire.
+fn encoded(p: &Packet, protocol: Protocol) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    outpost_mqtt::encode(p, protocol, &mut b).expect("encode");
+    b.to_vec()
+}

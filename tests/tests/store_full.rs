@@ -145,7 +145,10 @@ async fn a_full_disk_refuses_what_it_cannot_keep_loses_nothing_acknowledged_and_
         !restored.contains("full/more") && !restored.contains("full/v4"),
         "refused messages are not kept: {restored:?}"
     );
-    eprintln!("kept {} before the disk filled; first refused: {first_refused}", acked.len());
+    eprintln!(
+        "kept {} before the disk filled; first refused: {first_refused}",
+        acked.len()
+    );
 
     // Space comes back: the broker accepts again by itself, without a restart.
     std::fs::remove_file(&filler).expect("remove filler");

@@ -110,6 +110,15 @@ pub enum Outbound {
         /// Packet identifier.
         packet_id: u16,
     },
+    /// A SUBACK or UNSUBACK that may only go out once `wait` (the commit of the
+    /// session's subscription rows) resolves; it takes its place in the line of
+    /// acknowledgements.
+    ControlAfter {
+        /// The commit.
+        wait: BoxFuture<'static, DurableResult>,
+        /// The packet.
+        packet: Box<Packet>,
+    },
     /// An application message for the client.
     Publish {
         /// Message, QoS, retain and subscription ids.

@@ -187,7 +187,11 @@ impl<T: Transport> Driver<T> {
             Poll::Ready(Err(())) => return Round::Finished,
         }
         if self.conn.winding_down() {
-            if self.conn.closing && self.wbuf_len() == 0 && !self.unflushed {
+            if self.conn.closing
+                && self.wbuf_len() == 0
+                && !self.unflushed
+                && !self.conn.replies_pending()
+            {
                 return Round::Finished;
             }
             if !self.closing_armed {
@@ -411,7 +415,9 @@ impl<T: Transport> Driver<T> {
             }
             Err(End::Graceful(d)) => {
                 b.disconnect = Some(d);
-                self.conn.closing = true;
+                if !self.conn.close_after_replies() {
+                    self.conn.closing = true;
+                }
             }
             // A violation: `Conn::violation` already queued the close.
             Err(End::Abnormal) => {}

@@ -28,6 +28,11 @@ enum PendingAck {
         ack: Box<dyn FnOnce(DurableResult) -> Option<Ack> + Send>,
     },
     Ready(Ack),
+    /// A SUBACK or UNSUBACK that waits for its subscription rows to be committed.
+    Control {
+        wait: BoxFuture<'static, DurableResult>,
+        packet: Box<Packet>,
+    },
 }
 
 /// Tables most connections never need (topic aliases, QoS 2 from the client),
@@ -232,7 +237,7 @@ impl Conn {
                 .try_send(CoreEvent::CloseAfterReplies {
                     session: self.session,
                     conn_id: self.conn_id,
-                    reason,
+                    reason: Some(reason),
                 })
                 .is_ok()
         {
@@ -240,6 +245,32 @@ impl Conn {
         } else {
             self.violation(reason, wbuf);
         }
+    }
+
+    /// The client sent DISCONNECT: stop reading, and close once the core's replies to
+    /// the packets before it (a SUBACK, say) are out. False when the core cannot be
+    /// asked; then close now.
+    pub(super) fn close_after_replies(&mut self) -> bool {
+        if self.accepted
+            && self
+                .core
+                .try_send(CoreEvent::CloseAfterReplies {
+                    session: self.session,
+                    conn_id: self.conn_id,
+                    reason: None,
+                })
+                .is_ok()
+        {
+            self.ending = true;
+            return true;
+        }
+        false
+    }
+
+    /// True while acknowledgements or SUBACKs wait for a commit: a closing connection
+    /// lets them out first (within the close grace period).
+    pub(super) fn replies_pending(&self) -> bool {
+        self.tables.as_ref().is_some_and(|t| !t.acks.is_empty())
     }
 
     /// Queues a DISCONNECT with `reason` (5.0 only; 3.x just closes).
@@ -379,6 +410,10 @@ impl Conn {
                 let t = self.tables.get_or_insert_with(Default::default);
                 t.acks.push_back(PendingAck::Waiting { wait, ack });
             }
+            Outbound::ControlAfter { wait, packet } => {
+                let t = self.tables.get_or_insert_with(Default::default);
+                t.acks.push_back(PendingAck::Control { wait, packet });
+            }
             Outbound::PublishAfter {
                 wait,
                 delivery,
@@ -422,10 +457,12 @@ impl Conn {
     /// its outcome once resolved (then call [`Self::release_acks`]).
     pub(super) fn poll_head_ack(&mut self, cx: &mut Context<'_>) -> Option<DurableResult> {
         match self.tables.as_mut()?.acks.front_mut() {
-            Some(PendingAck::Waiting { wait, .. }) => match wait.as_mut().poll(cx) {
-                Poll::Ready(outcome) => Some(outcome),
-                Poll::Pending => None,
-            },
+            Some(PendingAck::Waiting { wait, .. } | PendingAck::Control { wait, .. }) => {
+                match wait.as_mut().poll(cx) {
+                    Poll::Ready(outcome) => Some(outcome),
+                    Poll::Pending => None,
+                }
+            }
             _ => None,
         }
     }
@@ -478,11 +515,17 @@ impl Conn {
         };
         // `encode_ack` cannot reach the tables while they are taken out here, so the
         // QoS 2 ids a failing PUBREC ends are settled on `t` directly.
-        if let Some(PendingAck::Waiting { ack, .. }) = t.acks.pop_front()
-            && let Some(a) = ack(outcome)
-        {
-            settle_refused_qos2(&mut t, &a);
-            self.encode_ack(&a, wbuf);
+        match t.acks.pop_front() {
+            Some(PendingAck::Waiting { ack, .. }) => {
+                if let Some(a) = ack(outcome) {
+                    settle_refused_qos2(&mut t, &a);
+                    self.encode_ack(&a, wbuf);
+                }
+            }
+            // Sent whatever the outcome: rows that failed are carried and written again
+            // by the store, which never drops what memory relies on.
+            Some(PendingAck::Control { packet, .. }) => self.encode(&packet, wbuf),
+            _ => {}
         }
         while let Some(PendingAck::Ready(_)) = t.acks.front() {
             if let Some(PendingAck::Ready(a)) = t.acks.pop_front() {

@@ -15,8 +15,9 @@
 //! | SUBACK  | the subscription holds, also after a crash | the subscription row                        |
 //! | UNSUBACK| nothing more arrives on the filter          | deletion of the subscription row           |
 //!
-//! Acknowledgements of the PUBLISH exchanges leave in order behind each other
-//! (`Outbound::AckAfter`, MQTT-4.6.0-2); SUBACK and UNSUBACK may pass them (3.8.4).
+//! Acknowledgements leave in order behind each other (`Outbound::AckAfter` and
+//! `ControlAfter`, MQTT-4.6.0-2), and a client's DISCONNECT closes the connection only
+//! after the replies to what it sent before it.
 //! Clean sessions keep nothing, so nothing of theirs waits.
 
 use std::time::Instant;
@@ -38,7 +39,8 @@ impl Core {
     pub(super) fn on_packet(&mut self, key: SessionKey, packet: Packet) {
         match packet {
             Packet::Publish(p) => self.on_publish(key, p),
-            Packet::PubAck(r) | Packet::PubComp(r) => self.on_complete(key, r.packet_id),
+            Packet::PubAck(r) => self.on_complete(key, r.packet_id, AckKind::PubAck),
+            Packet::PubComp(r) => self.on_complete(key, r.packet_id, AckKind::PubComp),
             Packet::PubRec(r) => self.on_pubrec(key, r),
             Packet::PubRel(r) => self.on_pubrel(key, r.packet_id),
             Packet::Subscribe(s) => self.on_subscribe(key, s),
@@ -268,14 +270,9 @@ impl Core {
     fn control_after_commit(&self, tx: &OutboundTx, packet: Packet, kept: bool) {
         match self.store.as_ref().filter(|_| kept) {
             Some(store) => {
-                let committed = store.receipt();
-                let tx = tx.clone();
-                // Sent whatever the outcome: the rows that failed are carried and written
-                // again by the store (it never drops what memory relies on), and MQTT lets
-                // a SUBACK follow other packets (3.8.4).
-                tokio::spawn(async move {
-                    let _ = committed.await;
-                    tx.send(Outbound::Control(Box::new(packet)));
+                tx.send(Outbound::ControlAfter {
+                    wait: store.receipt(),
+                    packet: Box::new(packet),
                 });
             }
             None => {
@@ -284,8 +281,44 @@ impl Core {
         }
     }
 
+    /// Whether the client's acknowledgement `kind` fits the exchange in flight with its
+    /// packet id; a wrong one closes the connection (3.1.1 MQTT-4.8.0-1, 5.0 4.13: a
+    /// protocol violation, 0x82). Unknown ids are let pass: a late acknowledgement after
+    /// a resend is not a violation.
+    fn ack_fits(&mut self, key: SessionKey, packet_id: u16, kind: AckKind) -> bool {
+        let Some(s) = self.sessions.get_mut(key) else {
+            return false;
+        };
+        let Some(f) = s.inflight().find(|f| f.packet_id == packet_id) else {
+            return true;
+        };
+        let fits = match kind {
+            AckKind::PubAck => f.delivery.qos == QoS::AtLeastOnce,
+            AckKind::PubRec => f.delivery.qos == QoS::ExactlyOnce,
+            AckKind::PubComp => f.delivery.qos == QoS::ExactlyOnce && f.released,
+            AckKind::PubRel => false,
+        };
+        if !fits {
+            tracing::info!(
+                client_id = %s.client_id,
+                packet_id,
+                ack = ?kind,
+                qos = f.delivery.qos as u8,
+                "protocol error: an acknowledgement of the wrong kind for the message in \
+                 flight; closing the connection"
+            );
+            if let Some(tx) = self.link_tx(key) {
+                tx.send(Outbound::Disconnect(ReasonCode::PROTOCOL_ERROR));
+            }
+        }
+        fits
+    }
+
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) ends an outgoing exchange.
-    fn on_complete(&mut self, key: SessionKey, packet_id: u16) {
+    fn on_complete(&mut self, key: SessionKey, packet_id: u16, kind: AckKind) {
+        if !self.ack_fits(key, packet_id, kind) {
+            return;
+        }
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
@@ -302,6 +335,9 @@ impl Core {
         let Some(tx) = self.link_tx(key) else {
             return;
         };
+        if !self.ack_fits(key, r.packet_id, AckKind::PubRec) {
+            return;
+        }
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };

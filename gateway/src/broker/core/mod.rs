@@ -47,15 +47,17 @@ pub(crate) enum CoreEvent {
         /// The packet.
         packet: Packet,
     },
-    /// A connection found a protocol violation: queue a DISCONNECT with `reason` behind
-    /// what the core has queued for it so far.
+    /// A connection is to end once the core's replies to what it sent so far are out:
+    /// after a protocol violation (`reason`: a DISCONNECT with it is queued, 5.0), or
+    /// after the client's own DISCONNECT (`None`: a SUBACK for a SUBSCRIBE that came in
+    /// the same read still goes out).
     CloseAfterReplies {
         /// Its session.
         session: SessionKey,
         /// The connection.
         conn_id: u64,
-        /// The DISCONNECT reason (5.0).
-        reason: outpost_mqtt::ReasonCode,
+        /// The DISCONNECT reason (5.0), or `None` to close without one.
+        reason: Option<outpost_mqtt::ReasonCode>,
     },
     /// A connection ended.
     Closed {
@@ -254,7 +256,10 @@ impl Core {
                     self.sessions.get(session).and_then(|s| s.link.as_ref())
                     && *c == conn_id
                 {
-                    tx.send(super::outbound::Outbound::Disconnect(reason));
+                    tx.send(match reason {
+                        Some(r) => super::outbound::Outbound::Disconnect(r),
+                        None => super::outbound::Outbound::Close,
+                    });
                 }
             }
             CoreEvent::Closed {
