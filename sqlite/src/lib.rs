@@ -136,8 +136,9 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Renames a damaged file (and its WAL and shared-memory files) to `*.corrupt-{secs}`.
-fn set_aside(path: &Path) -> Result<PathBuf, OpenError> {
+/// Renames a damaged file (and its WAL and shared-memory files) to `*.corrupt-{secs}`;
+/// for callers that find damage SQLite cannot see (a checksum of their own).
+pub fn set_aside(path: &Path) -> Result<PathBuf, OpenError> {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     expires_ms INTEGER,                  -- Message Expiry as a wall-clock time
     sub_ids    BLOB,                     -- subscription identifiers, 4 bytes each
     packet_id  INTEGER,
-    released   INTEGER NOT NULL DEFAULT 0 -- QoS 2: PUBREC came, PUBREL sent
+    released   INTEGER NOT NULL DEFAULT 0, -- QoS 2: PUBREC came, PUBREL sent
+    crc        INTEGER                   -- CRC-32C of publish (NULL: written before checksums)
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_session ON deliveries(session);
 -- Inbound QoS 2 exchanges waiting for the client's PUBREL.
@@ -57,9 +58,57 @@ CREATE TABLE IF NOT EXISTS incoming_qos2 (
 CREATE TABLE IF NOT EXISTS retained (
     topic      TEXT PRIMARY KEY,
     publish    BLOB    NOT NULL,
-    expires_ms INTEGER
+    expires_ms INTEGER,
+    crc        INTEGER                   -- CRC-32C of publish (NULL: written before checksums)
 ) WITHOUT ROWID;
 ";
+
+/// Checksums of stored messages: SQLite checks its pages, not that the bytes a message
+/// was written with are the bytes read back (a failing SD card returns other data
+/// without an error).
+const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// The checksum stored beside a message's bytes.
+pub fn checksum(blob: &[u8]) -> i64 {
+    i64::from(CRC.checksum(blob))
+}
+
+/// Why the file's contents could not be taken in.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// SQLite failed.
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored message's bytes are not the bytes that were written.
+    #[error("the {what} checksum does not match its bytes: the file or the card is damaged")]
+    Checksum {
+        /// Which message ("retained message on TOPIC", "queued message N").
+        what: String,
+    },
+}
+
+/// Brings a file from an earlier version up to this schema: checksum columns.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for table in ["deliveries", "retained"] {
+        let has_crc: bool = conn.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = 'crc'"),
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_crc {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN crc INTEGER"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a stored message against its checksum (none for rows from before them).
+fn verify(blob: &[u8], crc: Option<i64>, what: impl FnOnce() -> String) -> Result<(), LoadError> {
+    match crc {
+        Some(c) if c != checksum(blob) => Err(LoadError::Checksum { what: what() }),
+        _ => Ok(()),
+    }
+}
 
 /// What an earlier run left: retained messages and persistent sessions.
 #[derive(Default)]
@@ -168,7 +217,18 @@ const CACHE_KIB: u32 = 512;
 /// deleted, and a new one started: the broker must come up on an appliance nobody is
 /// watching, and the old file stays for whoever wants to look.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        warn!(
+            store = %path.display(),
+            "broker store file is empty (0 bytes; truncated by a crash or a full disk?): \
+             starting without retained messages or persistent sessions"
+        );
+    }
     let opened = outpost_sqlite::open(path, SCHEMA, Some(CACHE_KIB))?;
+    migrate(&opened.conn).map_err(|source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    })?;
     if let Some(aside) = &opened.set_aside {
         error!(
             store = %path.display(),
@@ -181,7 +241,7 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
 }
 
 /// Reads everything back, dropping expired messages (from the file too).
-pub fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
+pub fn load(conn: &Connection) -> Result<Loaded, LoadError> {
     let now_ms = unix_ms(SystemTime::now());
     conn.execute(
         "DELETE FROM retained WHERE expires_ms IS NOT NULL AND expires_ms <= ?1",
@@ -199,16 +259,18 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     )?;
 
     let mut loaded = Loaded::default();
-    let mut stmt = conn.prepare("SELECT topic, publish, expires_ms FROM retained")?;
+    let mut stmt = conn.prepare("SELECT topic, publish, expires_ms, crc FROM retained")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, Vec<u8>>(1)?,
             r.get::<_, Option<i64>>(2)?,
+            r.get::<_, Option<i64>>(3)?,
         ))
     })?;
     for row in rows {
-        let (topic, blob, expires) = row?;
+        let (topic, blob, expires, crc) = row?;
+        verify(&blob, crc, || format!("retained message on {topic}"))?;
         if let Some(m) = decode_publish(&blob, expires, now_ms, &topic) {
             loaded.retained.push(Arc::new(m));
         }
@@ -292,7 +354,7 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     }
 
     let mut stmt = conn.prepare(
-        "SELECT id, session, publish, expires_ms, sub_ids, packet_id, released
+        "SELECT id, session, publish, expires_ms, sub_ids, packet_id, released, crc
          FROM deliveries ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -304,10 +366,12 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             r.get::<_, Option<Vec<u8>>>(4)?,
             r.get::<_, Option<i64>>(5)?,
             r.get::<_, bool>(6)?,
+            r.get::<_, Option<i64>>(7)?,
         ))
     })?;
     for row in rows {
-        let (id, session, blob, expires, sub_ids, packet_id, released) = row?;
+        let (id, session, blob, expires, sub_ids, packet_id, released, crc) = row?;
+        verify(&blob, crc, || format!("message {id} queued for a session"))?;
         let id = u64::try_from(id).unwrap_or(0);
         loaded.max_delivery_id = loaded.max_delivery_id.max(id);
         let Some(&i) = u32::try_from(session).ok().and_then(|s| by_id.get(&s)) else {

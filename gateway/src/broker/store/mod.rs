@@ -145,11 +145,29 @@ impl Store {
     pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
         let (conn, loaded) = if path.exists() {
             let conn = db::open(path)?;
-            let loaded = db::load(&conn).map_err(|source| StoreError::Sqlite {
-                path: path.to_owned(),
-                source,
-            })?;
-            (Some(conn), loaded)
+            match db::load(&conn) {
+                Ok(loaded) => (Some(conn), loaded),
+                Err(db::LoadError::Sqlite(source)) => {
+                    return Err(StoreError::Sqlite {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+                Err(e @ db::LoadError::Checksum { .. }) => {
+                    // Bytes that changed on disk: the file cannot be trusted, as with any
+                    // other damage. It is set aside, not deleted.
+                    drop(conn);
+                    let aside = outpost_sqlite::set_aside(path)?;
+                    tracing::error!(
+                        store = %path.display(),
+                        kept_as = %aside.display(),
+                        error = %e,
+                        "broker store is damaged: set aside (not deleted); starting without \
+                         the retained messages and sessions it held"
+                    );
+                    (Some(db::open(path)?), Loaded::default())
+                }
+            }
         } else {
             (None, Loaded::default())
         };

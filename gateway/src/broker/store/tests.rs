@@ -202,3 +202,74 @@ async fn the_file_is_made_only_once_there_is_something_to_keep() {
     let (_, loaded) = Store::open(&path).unwrap();
     assert_eq!(loaded.retained.len(), 1);
 }
+
+#[tokio::test]
+async fn a_message_whose_bytes_changed_on_disk_sets_the_file_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sqlite");
+    {
+        let (store, _) = Store::open(&path).unwrap();
+        store.retain(&msg("r/1", b"original", QoS::AtLeastOnce, true));
+        store.receipt().await.unwrap();
+    }
+    {
+        // A failing card hands back other bytes without an error: same length, one
+        // byte different, which SQLite's own page checks cannot see.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let blob: Vec<u8> = conn
+            .query_row("SELECT publish FROM retained", [], |r| r.get(0))
+            .unwrap();
+        let mut bad = blob.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x01;
+        conn.execute("UPDATE retained SET publish = ?1", [bad])
+            .unwrap();
+    }
+    let (_store, loaded) = Store::open(&path).unwrap();
+    assert!(
+        loaded.retained.is_empty(),
+        "the damaged file's contents are not served"
+    );
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert!(
+        !aside.is_empty(),
+        "the damaged file is kept aside, not deleted"
+    );
+}
+
+#[tokio::test]
+async fn rows_from_before_checksums_still_load_and_the_file_gains_the_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sqlite");
+    {
+        let (store, _) = Store::open(&path).unwrap();
+        store.retain(&msg("r/old", b"kept", QoS::AtLeastOnce, true));
+        store.receipt().await.unwrap();
+    }
+    {
+        // As an earlier version wrote it: no checksum column at all.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE retained DROP COLUMN crc; ALTER TABLE deliveries DROP COLUMN crc;",
+        )
+        .unwrap();
+    }
+    let (_store, loaded) = Store::open(&path).unwrap();
+    assert_eq!(loaded.retained.len(), 1);
+    assert_eq!(&loaded.retained[0].payload[..], b"kept");
+}
+
+#[tokio::test]
+async fn an_empty_file_starts_an_empty_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sqlite");
+    std::fs::write(&path, b"").unwrap();
+    let (store, loaded) = Store::open(&path).unwrap();
+    assert!(loaded.retained.is_empty() && loaded.sessions.is_empty());
+    store.retain(&msg("r/1", b"x", QoS::AtLeastOnce, true));
+    store.receipt().await.unwrap();
+}

@@ -389,8 +389,8 @@ fn apply_one(
             let ids: Option<Vec<u8>> = (!sub_ids.is_empty())
                 .then(|| sub_ids.iter().flat_map(|i| i.to_be_bytes()).collect());
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO deliveries (id, session, publish, expires_ms, sub_ids, packet_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO deliveries (id, session, publish, expires_ms, sub_ids, packet_id, crc)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 i64::try_from(*id).unwrap_or(i64::MAX),
@@ -398,7 +398,8 @@ fn apply_one(
                 blob,
                 expires_ms(msg),
                 ids,
-                packet_id.filter(|_| *qos != QoS::AtMostOnce)
+                packet_id.filter(|_| *qos != QoS::AtMostOnce),
+                db::checksum(&blob)
             ])?;
         }
         Op::SetPacketId { id, packet_id } => {
@@ -432,9 +433,9 @@ fn apply_one(
         Op::PutRetained(msg) => {
             let blob = encode_publish(msg, msg.qos, true);
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO retained (topic, publish, expires_ms) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO retained (topic, publish, expires_ms, crc) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![&*msg.topic, blob, expires_ms(msg)])?;
+            .execute(params![&*msg.topic, blob, expires_ms(msg), db::checksum(&blob)])?;
         }
         Op::DropRetained(topic) => {
             tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
