@@ -112,7 +112,6 @@ impl DecodeError {
             InvalidTopicFilter => ReasonCode::TOPIC_FILTER_INVALID,
             ZeroPacketId
             | DuplicateProperty { .. }
-            | PropertyNotAllowed { .. }
             | InvalidPropertyValue { .. }
             | ProtocolError(_)
             | EmptySubscribe => ReasonCode::PROTOCOL_ERROR,
@@ -123,6 +122,9 @@ impl DecodeError {
             | InvalidUtf8
             | InvalidQoS(_)
             | InvalidProperty { .. }
+            // 2.2.2.2: a property identifier not valid for the packet type makes the
+            // packet malformed, in every packet alike.
+            | PropertyNotAllowed { .. }
             | InvalidReasonCode(_)
             | Truncated
             | TrailingBytes

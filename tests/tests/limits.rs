@@ -537,3 +537,49 @@ async fn subscribe_with_several_filters_counts_each_against_the_bounds() {
         other => panic!("expected SUBACK, got {other:?}"),
     }
 }
+
+/// A new subscriber whose filter matches more retained messages than its backlog holds
+/// (QoS 0: 8 MiB waiting on its socket) gets what fits; the rest is counted in
+/// `$SYS/broker/messages/dropped/slow_client` and logged, never silently cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_beyond_a_new_subscribers_backlog_are_counted_and_logged() {
+    outpost_only!();
+    let broker = Broker::start(
+        "max_retained_messages = 0\nmax_retained_bytes = \"1GiB\"\npersistence = false\nsys_interval = \"1s\"",
+    );
+    let port = broker.port();
+    let mut p = connect(port, Protocol::V3_1_1, "rb-pub").await;
+    const N: usize = 3000;
+    let body = vec![b'r'; 4096];
+    for i in 0..N {
+        let mut m = publish(&format!("rb/{i}"), QoS::AtMostOnce, None, &body);
+        m.retain = true;
+        p.send(&Packet::Publish(m)).await;
+    }
+    // A round trip: everything before it has been taken in.
+    p.send(&Packet::PingReq).await;
+    assert!(matches!(p.expect_packet_raw(WAIT).await, Packet::PingResp));
+
+    let mut s = connect(port, Protocol::V3_1_1, "rb-sub").await;
+    s.subscribe(1, "rb/#", sub_opts(QoS::AtMostOnce), Properties::default())
+        .await;
+    let mut got = 0u64;
+    while let Ok(Packet::Publish(_)) = s.recv(Duration::from_millis(500)).await {
+        got += 1;
+    }
+    let n = N as u64;
+    assert!(
+        got < n,
+        "12 MB of retained messages do not fit an 8 MiB backlog"
+    );
+    assert!(got > n / 2, "what fits is sent: {got}");
+    assert!(
+        log_shows(&broker, |l| l.contains("rb-sub") && l.contains("not_sent")).await,
+        "the cut is logged with the client"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        sys_value(port, "messages/dropped/slow_client").await,
+        n - got
+    );
+}

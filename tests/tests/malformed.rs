@@ -209,8 +209,9 @@ async fn stalled_subscriber_does_not_block_other_clients() {
         .unwrap();
     fast.expect_suback().await;
 
-    // 32 MB in all: far more than the stalled socket's buffers, but fewer messages than
-    // a session queue holds, so nothing here depends on queue limits.
+    // 32 MB in all: far more than the stalled socket's buffers, but fewer messages and
+    // bytes than a session queue holds by default (10,000 and 64 MiB), so nothing here
+    // depends on queue limits.
     const N: usize = 500;
     let publisher = tokio::spawn(async move {
         let (mut p, _) = V4Client::connect(port, "m-flooder", |o| {
@@ -293,4 +294,23 @@ async fn v4_connect_with_will_qos_3_is_refused_mqtt_3_1_2_12() {
     body.extend(bytes_of::string(b"m/will"));
     body.extend(bytes_of::string(b"x"));
     bad_connect_is_refused(&bytes_of::packet(0x10, &body), &[]).await;
+}
+
+/// 5.0 section 2.2.2.2: a property identifier not valid for the packet type makes a
+/// Malformed Packet (0x81), the same in SUBSCRIBE as in UNSUBSCRIBE (they answered 0x82
+/// and 0x81). Reason String (0x1F) belongs to neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_property_not_valid_for_the_packet_is_malformed_in_subscribe_and_unsubscribe() {
+    if mosquitto_mode() {
+        // Mosquitto answers Protocol Error here; outpost follows the spec's wording.
+        return;
+    }
+    let subscribe = [0x82, 11, 0, 1, 4, 0x1F, 0, 1, b'x', 0, 1, b'a', 0];
+    let unsubscribe = [0xA2, 10, 0, 2, 4, 0x1F, 0, 1, b'x', 0, 1, b'a'];
+    for (tag, bad) in [
+        ("m-prop-sub", &subscribe[..]),
+        ("m-prop-unsub", &unsubscribe[..]),
+    ] {
+        bad_bytes_close_only_that_connection(tag, Protocol::V5, bad, MALFORMED).await;
+    }
 }

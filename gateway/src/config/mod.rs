@@ -241,7 +241,9 @@ fn default_max_retained_bytes() -> ByteSize {
     ByteSize(64 << 20)
 }
 fn default_max_queued_bytes() -> ByteSize {
-    ByteSize(16 << 20)
+    // A burst of a few hundred 64 KiB messages to a subscriber that acknowledges a
+    // window at a time must fit; a stalled or absent one stops at this.
+    ByteSize(64 << 20)
 }
 fn default_receive_maximum() -> u16 {
     100

@@ -518,7 +518,10 @@ impl Core {
         self.control_after_commit(&tx, suback, kept);
         let now = Instant::now();
         for (filter, entry) in retained_for {
-            for msg in self.retained.matching(&filter, now) {
+            let before = self.stats.dropped_slow_client + self.stats.dropped_queue_full;
+            let matching = self.retained.matching(&filter, now);
+            let total = matching.len();
+            for msg in matching {
                 // MQTT-3.3.1-8: retained messages sent on subscribe carry RETAIN=1.
                 let d = Delivery {
                     qos: msg.qos.min(entry.options.qos),
@@ -527,6 +530,21 @@ impl Core {
                     sub_ids: entry.id.into_iter().collect(),
                 };
                 self.deliver(key, d, now);
+            }
+            let cut = self.stats.dropped_slow_client + self.stats.dropped_queue_full - before;
+            if cut > 0 {
+                // The bounds: QoS 0 ones what the client's socket backlog holds (8 MiB),
+                // QoS 1/2 ones its session queue (max_queued_messages/_bytes). Counted in
+                // $SYS/broker/messages/dropped/{slow_client,queue_full}.
+                tracing::warn!(
+                    client_id = %self.sessions.get(key).map_or("", |s| &s.client_id),
+                    filter = %filter,
+                    retained = total,
+                    not_sent = cut,
+                    "a new subscription matched more retained messages than the client's \
+                     backlog holds; the rest were not sent (subscribe to narrower filters, \
+                     or at QoS 1 with a larger broker.max_queued_messages)"
+                );
             }
         }
         // Retained messages queued for a persistent session here belong to no publisher's

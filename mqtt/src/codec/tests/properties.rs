@@ -51,7 +51,9 @@ fn duplicate_single_valued_property_is_a_protocol_error() {
 }
 
 #[test]
-fn property_not_allowed_in_packet_is_a_protocol_error() {
+fn property_not_allowed_in_packet_is_a_malformed_packet() {
+    // 5.0 section 2.2.2.2: "A Control Packet which contains an Identifier which is not
+    // valid for its packet type ... is a Malformed Packet" (0x81), in every packet.
     // Topic Alias belongs to PUBLISH, not CONNECT.
     let e = connect_with(&[0x23, 0, 1]).unwrap_err();
     assert_eq!(
@@ -61,7 +63,7 @@ fn property_not_allowed_in_packet_is_a_protocol_error() {
             packet: "CONNECT"
         }
     );
-    assert_eq!(e.reason_code(), ReasonCode::PROTOCOL_ERROR);
+    assert_eq!(e.reason_code(), ReasonCode::MALFORMED_PACKET);
     // Will Delay Interval belongs to the will properties, not PUBLISH.
     assert!(matches!(
         publish_with(&[0x18, 0, 0, 0, 1]),
