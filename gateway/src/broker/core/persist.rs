@@ -2,7 +2,8 @@
 //! to one is written, and bringing back what an earlier run left.
 //!
 //! A message queued for a persistent session (offline, or its inflight window full) is
-//! written at once. A message sent straight to a connected one usually comes back
+//! written at once, and so is every QoS 2 delivery (`route.rs` says why). A QoS 1
+//! message sent straight to a connected one usually comes back
 //! acknowledged within a millisecond; writing it and deleting it again would cost two
 //! commits per message (and wear an SD card) for nothing. So such a delivery is written
 //! only if it is still unacknowledged after [`WRITE_GRACE`], or when its client goes
