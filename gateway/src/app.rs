@@ -24,7 +24,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let path = state_dir.join("broker.sqlite");
         // Opening reads every kept message back, which may take a moment on a large file;
         // it blocks nothing else that is running yet.
-        Some(Store::open(&path).context("opening the broker store")?)
+        Some(
+            Store::open(&path, config.broker.max_store_size.0)
+                .context("opening the broker store")?,
+        )
     } else {
         None
     };

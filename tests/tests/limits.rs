@@ -583,3 +583,74 @@ async fn retained_messages_beyond_a_new_subscribers_backlog_are_counted_and_logg
         n - got
     );
 }
+
+/// `max_store_size` bounds what persistent sessions can make the broker keep on disk:
+/// past it a 5.0 publisher is refused (0x97), everything acknowledged reaches the
+/// offline subscriber, and once it drains the store takes messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_quota_refuses_past_its_size_and_takes_messages_again_once_drained() {
+    outpost_only!();
+    let broker = Broker::start("max_store_size = \"1MiB\"\nsys_interval = \"1s\"");
+    let port = broker.port();
+    let sub = connect_packet(Protocol::V3_1_1, "quota-sub", false);
+    let (mut s, _) = RawClient::connect(port, sub.clone()).await;
+    s.subscribe(
+        1,
+        "quota/#",
+        sub_opts(QoS::AtLeastOnce),
+        Properties::default(),
+    )
+    .await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut p = connect(port, Protocol::V5, "quota-pub").await;
+    let body = vec![b'q'; 64 << 10];
+    let mut acked = Vec::new();
+    let mut refused = false;
+    for i in 1..=40u16 {
+        p.send(&Packet::Publish(publish(
+            "quota/x",
+            QoS::AtLeastOnce,
+            Some(i),
+            &body,
+        )))
+        .await;
+        let r = puback(&mut p).await;
+        if r.reason == ReasonCode::QUOTA_EXCEEDED {
+            refused = true;
+            break;
+        }
+        assert!(!r.reason.is_error(), "{:?}", r.reason);
+        acked.push(i);
+    }
+    assert!(refused, "40 x 64 KiB never filled a 1 MiB store");
+    assert!(acked.len() >= 10, "only {} fitted in 1 MiB", acked.len());
+
+    let (mut s, ack) = RawClient::connect(port, sub).await;
+    assert!(ack.session_present);
+    let mut got = 0;
+    while let Ok(Packet::Publish(m)) = s.recv(Duration::from_millis(800)).await {
+        got += 1;
+        s.send(&Packet::PubAck(PubResponse::new(m.packet_id.unwrap())))
+            .await;
+    }
+    assert!(
+        got >= acked.len(),
+        "{got} delivered of {} acknowledged",
+        acked.len()
+    );
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Drained: the quota has room again.
+    p.send(&Packet::Publish(publish(
+        "quota/x",
+        QoS::AtLeastOnce,
+        Some(100),
+        &body,
+    )))
+    .await;
+    assert!(
+        !puback(&mut p).await.reason.is_error(),
+        "accepted again once drained"
+    );
+}

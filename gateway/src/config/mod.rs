@@ -174,6 +174,10 @@ pub struct BrokerConfig {
     /// session are dropped and counted.
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: ByteSize,
+    /// Bytes the broker store may hold (retained messages, persistent sessions and what
+    /// they are owed); past it, new ones are refused as on a full disk. "0" for no bound.
+    #[serde(default = "default_max_store_size")]
+    pub max_store_size: ByteSize,
     /// Most levels (`/`-separated parts) in a topic name or filter; deeper ones are refused
     /// (PUBACK 0x90, SUBACK 0x8F). 0 means no limit. Mosquitto's limit is 200 too.
     #[serde(default = "default_max_topic_levels")]
@@ -239,6 +243,9 @@ fn default_max_retained_messages() -> usize {
 }
 fn default_max_retained_bytes() -> ByteSize {
     ByteSize(64 << 20)
+}
+fn default_max_store_size() -> ByteSize {
+    ByteSize(1 << 30)
 }
 fn default_max_queued_bytes() -> ByteSize {
     // A burst of a few hundred 64 KiB messages to a subscriber that acknowledges a

@@ -27,7 +27,7 @@ impl Core {
             )
         });
         let conns = &self.settings.connections;
-        let entries: [(&str, String); 24] = [
+        let entries: [(&str, String); 25] = [
             ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
             (
                 "uptime",
@@ -75,6 +75,14 @@ impl Core {
                 conns
                     .refused_per_address
                     .load(Ordering::Relaxed)
+                    .to_string(),
+            ),
+            // Messages the store refused (full disk or broker.max_store_size).
+            (
+                "store/refused",
+                self.store
+                    .as_ref()
+                    .map_or(0, |s| s.counters().refused.load(Ordering::Relaxed))
                     .to_string(),
             ),
             // Set while the broker store cannot write and refuses what it would keep.

@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     crc        INTEGER                   -- CRC-32C of publish (NULL: written before checksums)
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_session ON deliveries(session);
+-- A message owed to several sessions is kept once: their deliveries point at it
+-- (deliveries.message) with an empty publish, and carry their own qos and retain.
+CREATE TABLE IF NOT EXISTS messages (
+    id      INTEGER PRIMARY KEY,
+    publish BLOB    NOT NULL,            -- as published (QoS and RETAIN of the publisher)
+    crc     INTEGER NOT NULL
+);
 -- Inbound QoS 2 exchanges waiting for the client's PUBREL.
 CREATE TABLE IF NOT EXISTS incoming_qos2 (
     session   INTEGER NOT NULL,
@@ -87,19 +94,30 @@ pub enum LoadError {
     },
 }
 
-/// Brings a file from an earlier version up to this schema: checksum columns.
+/// Brings a file from an earlier version up to this schema: checksum columns, and the
+/// columns of deliveries that share a message.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    for table in ["deliveries", "retained"] {
-        let has_crc: bool = conn.query_row(
-            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = 'crc'"),
+    let columns = [
+        ("retained", "crc"),
+        ("deliveries", "crc"),
+        ("deliveries", "message"),
+        ("deliveries", "qos"),
+        ("deliveries", "retain"),
+    ];
+    for (table, column) in columns {
+        let has: bool = conn.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
             [],
             |r| r.get::<_, i64>(0).map(|n| n > 0),
         )?;
-        if !has_crc {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN crc INTEGER"))?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} INTEGER"))?;
         }
     }
-    Ok(())
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS deliveries_by_message ON deliveries(message)
+         WHERE message IS NOT NULL",
+    )
 }
 
 /// Checks a stored message against its checksum (none for rows from before them).
@@ -354,8 +372,9 @@ pub fn load(conn: &Connection) -> Result<Loaded, LoadError> {
     }
 
     let mut stmt = conn.prepare(
-        "SELECT id, session, publish, expires_ms, sub_ids, packet_id, released, crc
-         FROM deliveries ORDER BY id",
+        "SELECT d.id, d.session, coalesce(m.publish, d.publish), d.expires_ms, d.sub_ids,
+                d.packet_id, d.released, coalesce(m.crc, d.crc), d.qos, d.retain
+         FROM deliveries d LEFT JOIN messages m ON m.id = d.message ORDER BY d.id",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -367,19 +386,31 @@ pub fn load(conn: &Connection) -> Result<Loaded, LoadError> {
             r.get::<_, Option<i64>>(5)?,
             r.get::<_, bool>(6)?,
             r.get::<_, Option<i64>>(7)?,
+            r.get::<_, Option<i64>>(8)?,
+            r.get::<_, Option<bool>>(9)?,
         ))
     })?;
     for row in rows {
-        let (id, session, blob, expires, sub_ids, packet_id, released, crc) = row?;
+        let (id, session, blob, expires, sub_ids, packet_id, released, crc, qos, retain) = row?;
         verify(&blob, crc, || format!("message {id} queued for a session"))?;
         let id = u64::try_from(id).unwrap_or(0);
         loaded.max_delivery_id = loaded.max_delivery_id.max(id);
         let Some(&i) = u32::try_from(session).ok().and_then(|s| by_id.get(&s)) else {
             continue;
         };
-        let Some(msg) = decode_publish(&blob, expires, now_ms, "delivery") else {
+        let Some(mut msg) = decode_publish(&blob, expires, now_ms, "delivery") else {
             continue;
         };
+        // A shared message is stored as published; this delivery's own QoS and RETAIN.
+        if let Some(q) = qos
+            .and_then(|q| u8::try_from(q).ok())
+            .and_then(QoS::from_u8)
+        {
+            msg.qos = q;
+        }
+        if let Some(r) = retain {
+            msg.retain = r;
+        }
         let sub_ids = sub_ids
             .unwrap_or_default()
             .chunks_exact(4)

@@ -124,8 +124,11 @@ pub struct Counters {
     pub failed_batches: AtomicU64,
     /// Rows of messages owed to sessions that reached the disk.
     pub deliveries_written: AtomicU64,
-    /// The last write failed: new content is refused until the writer recovers.
+    /// The last write failed, or the file is over its quota: new content is refused
+    /// until the writer recovers.
     pub refusing: AtomicBool,
+    /// Messages (for sessions, or retained) refused because the store could not take them.
+    pub refused: AtomicU64,
 }
 
 /// The core's side of the store.
@@ -142,7 +145,8 @@ pub struct Store {
 impl Store {
     /// Opens the store at `path`, reads back what it holds and starts its writer. A
     /// file that does not exist yet is created only when there is something to keep.
-    pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
+    /// `quota` bounds the bytes its live pages may take (0: no bound).
+    pub fn open(path: &Path, quota: u64) -> Result<(Store, Loaded), StoreError> {
         let (conn, loaded) = if path.exists() {
             let conn = db::open(path)?;
             match db::load(&conn) {
@@ -173,13 +177,12 @@ impl Store {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let counters = Arc::new(Counters::default());
-        let thread =
-            writer::spawn(conn, rx, path.to_owned(), counters.clone()).map_err(|source| {
-                StoreError::Io {
-                    path: path.to_owned(),
-                    source,
-                }
-            })?;
+        let thread = writer::spawn(conn, rx, path.to_owned(), quota, counters.clone()).map_err(
+            |source| StoreError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        )?;
         let store = Store {
             tx,
             group: std::cell::RefCell::new(None),

@@ -37,7 +37,7 @@ async fn what_was_committed_comes_back_in_order_with_its_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sqlite");
     {
-        let (mut store, loaded) = Store::open(&path).unwrap();
+        let (mut store, loaded) = Store::open(&path, 0).unwrap();
         assert!(loaded.sessions.is_empty() && loaded.retained.is_empty());
         let sid = store.new_session_id();
         store.put_session(sid, &Arc::from("c1"), Protocol::V5, 600);
@@ -73,7 +73,7 @@ async fn what_was_committed_comes_back_in_order_with_its_state() {
         store.receipt().await.unwrap();
     }
 
-    let (mut store, loaded) = Store::open(&path).unwrap();
+    let (mut store, loaded) = Store::open(&path, 0).unwrap();
     assert_eq!(loaded.retained.len(), 1);
     assert_eq!(&*loaded.retained[0].topic, "r/1");
     assert_eq!(&loaded.retained[0].payload[..], b"kept");
@@ -125,7 +125,7 @@ async fn a_delivery_acknowledged_within_one_batch_and_a_dropped_session_leave_no
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sqlite");
     {
-        let (mut store, _) = Store::open(&path).unwrap();
+        let (mut store, _) = Store::open(&path, 0).unwrap();
         let keep = store.new_session_id();
         let gone = store.new_session_id();
         store.put_session(keep, &Arc::from("keep"), Protocol::V3_1_1, u32::MAX);
@@ -140,7 +140,7 @@ async fn a_delivery_acknowledged_within_one_batch_and_a_dropped_session_leave_no
         store.drop_session(gone);
         store.receipt().await.unwrap();
     }
-    let (_, loaded) = Store::open(&path).unwrap();
+    let (_, loaded) = Store::open(&path, 0).unwrap();
     assert_eq!(loaded.sessions.len(), 1);
     assert_eq!(loaded.sessions[0].client_id, "keep");
     assert_eq!(loaded.sessions[0].expiry, u32::MAX);
@@ -160,7 +160,7 @@ async fn a_row_that_does_not_decode_costs_that_row_not_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sqlite");
     {
-        let (store, _) = Store::open(&path).unwrap();
+        let (store, _) = Store::open(&path, 0).unwrap();
         store.retain(&msg("ok", b"fine", QoS::AtMostOnce, true));
         store.receipt().await.unwrap();
     }
@@ -177,7 +177,7 @@ async fn a_row_that_does_not_decode_costs_that_row_not_the_start() {
         )
         .unwrap();
     }
-    let (_, loaded) = Store::open(&path).unwrap();
+    let (_, loaded) = Store::open(&path, 0).unwrap();
     let topics: Vec<&str> = loaded.retained.iter().map(|m| &*m.topic).collect();
     assert_eq!(
         topics,
@@ -191,7 +191,7 @@ async fn the_file_is_made_only_once_there_is_something_to_keep() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sqlite");
     {
-        let (store, loaded) = Store::open(&path).unwrap();
+        let (store, loaded) = Store::open(&path, 0).unwrap();
         assert!(loaded.sessions.is_empty() && loaded.retained.is_empty());
         store.receipt().await.unwrap();
         assert!(!path.exists(), "nothing kept, no file");
@@ -199,7 +199,7 @@ async fn the_file_is_made_only_once_there_is_something_to_keep() {
         store.receipt().await.unwrap();
         assert!(path.exists(), "the first change makes the file");
     }
-    let (_, loaded) = Store::open(&path).unwrap();
+    let (_, loaded) = Store::open(&path, 0).unwrap();
     assert_eq!(loaded.retained.len(), 1);
 }
 
@@ -208,7 +208,7 @@ async fn a_message_whose_bytes_changed_on_disk_sets_the_file_aside() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sqlite");
     {
-        let (store, _) = Store::open(&path).unwrap();
+        let (store, _) = Store::open(&path, 0).unwrap();
         store.retain(&msg("r/1", b"original", QoS::AtLeastOnce, true));
         store.receipt().await.unwrap();
     }
@@ -225,7 +225,7 @@ async fn a_message_whose_bytes_changed_on_disk_sets_the_file_aside() {
         conn.execute("UPDATE retained SET publish = ?1", [bad])
             .unwrap();
     }
-    let (_store, loaded) = Store::open(&path).unwrap();
+    let (_store, loaded) = Store::open(&path, 0).unwrap();
     assert!(
         loaded.retained.is_empty(),
         "the damaged file's contents are not served"
@@ -246,7 +246,7 @@ async fn rows_from_before_checksums_still_load_and_the_file_gains_the_column() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sqlite");
     {
-        let (store, _) = Store::open(&path).unwrap();
+        let (store, _) = Store::open(&path, 0).unwrap();
         store.retain(&msg("r/old", b"kept", QoS::AtLeastOnce, true));
         store.receipt().await.unwrap();
     }
@@ -258,7 +258,7 @@ async fn rows_from_before_checksums_still_load_and_the_file_gains_the_column() {
         )
         .unwrap();
     }
-    let (_store, loaded) = Store::open(&path).unwrap();
+    let (_store, loaded) = Store::open(&path, 0).unwrap();
     assert_eq!(loaded.retained.len(), 1);
     assert_eq!(&loaded.retained[0].payload[..], b"kept");
 }
@@ -268,8 +268,57 @@ async fn an_empty_file_starts_an_empty_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sqlite");
     std::fs::write(&path, b"").unwrap();
-    let (store, loaded) = Store::open(&path).unwrap();
+    let (store, loaded) = Store::open(&path, 0).unwrap();
     assert!(loaded.retained.is_empty() && loaded.sessions.is_empty());
     store.retain(&msg("r/1", b"x", QoS::AtLeastOnce, true));
     store.receipt().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_owed_to_many_sessions_is_kept_once_and_goes_with_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sqlite");
+    let big = msg("fw/image", &vec![7u8; 1 << 20], QoS::ExactlyOnce, true);
+    let mut rows = Vec::new();
+    {
+        let (mut store, _) = Store::open(&path, 0).unwrap();
+        for i in 0..40 {
+            let sid = store.new_session_id();
+            store.put_session(sid, &Arc::from(format!("s{i}").as_str()), Protocol::V5, 600);
+            let id = store.new_delivery_id();
+            // Each session gets the QoS its subscription allows.
+            let qos = if i % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
+            store.put_delivery(id, sid, &delivery(&big, qos, vec![]), None);
+            rows.push((id, qos));
+        }
+        store.receipt().await.unwrap();
+    }
+    let on_disk: u64 = ["", "-wal"]
+        .iter()
+        .filter_map(|s| std::fs::metadata(format!("{}{s}", path.display())).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(on_disk < 4 << 20, "40 copies of 1 MiB take {on_disk} bytes");
+    let (store, loaded) = Store::open(&path, 0).unwrap();
+    let owed: Vec<_> = loaded.sessions.iter().flat_map(|s| &s.deliveries).collect();
+    assert_eq!(owed.len(), 40);
+    for (id, _, _, d) in &owed {
+        let want = rows.iter().find(|(r, _)| r == id).unwrap().1;
+        assert_eq!(d.qos, want, "each delivery keeps its own QoS");
+        assert_eq!(d.msg.payload.len(), 1 << 20);
+    }
+    for (id, _) in &rows {
+        store.drop_delivery(*id);
+    }
+    store.receipt().await.unwrap();
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let left: i64 = conn
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "the shared message went with its last delivery");
 }

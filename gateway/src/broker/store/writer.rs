@@ -6,7 +6,7 @@
 //! row was ever written costs no disk write at all: both changes meet in one batch and
 //! cancel out.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use outpost_mqtt::QoS;
 use outpost_sqlite::reserve::{FileReserve, Reserve};
-use rusqlite::{Connection, ErrorCode, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::db::{self, encode_publish, expires_ms};
 use super::{Counters, Op};
+use crate::broker::message::Message;
 
 /// Changes in one transaction at most, so a huge backlog still commits in steps.
 const MAX_BATCH: usize = 8192;
@@ -35,11 +36,12 @@ pub(super) fn spawn(
     conn: Option<Connection>,
     rx: Receiver<Op>,
     path: PathBuf,
+    quota: u64,
     counters: Arc<Counters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("broker-store".into())
-        .spawn(move || Writer::new(conn, path, counters).run(rx))
+        .spawn(move || Writer::new(conn, path, quota, counters).run(rx))
 }
 
 /// The writer's state between batches.
@@ -56,10 +58,16 @@ struct Writer {
     /// before anything newer, so the file never drifts from what the broker serves.
     carried: Vec<Op>,
     last_report: Option<Instant>,
+    /// Bytes the file's live pages may take (`broker.max_store_size`); 0 for no bound.
+    quota: u64,
+    /// The last write failed (a full disk, a failing card).
+    failing: bool,
+    /// The file holds more than `quota`.
+    over_quota: bool,
 }
 
 impl Writer {
-    fn new(conn: Option<Connection>, path: PathBuf, counters: Arc<Counters>) -> Writer {
+    fn new(conn: Option<Connection>, path: PathBuf, quota: u64, counters: Arc<Counters>) -> Writer {
         let mut w = Writer {
             conn: None,
             path,
@@ -68,6 +76,9 @@ impl Writer {
             reserve_held: false,
             carried: Vec::new(),
             last_report: None,
+            quota,
+            failing: false,
+            over_quota: false,
         };
         if let Some(c) = conn {
             w.opened(c);
@@ -122,7 +133,47 @@ impl Writer {
     }
 
     fn refusing(&self) -> bool {
-        self.counters.refusing.load(Ordering::Relaxed)
+        self.failing || self.over_quota
+    }
+
+    /// Publishes whether content is refused, for the core to refuse up front.
+    fn publish_refusing(&self) {
+        self.counters
+            .refusing
+            .store(self.refusing(), Ordering::Relaxed);
+    }
+
+    /// After a commit: whether the file's live pages are over `quota` (content refused)
+    /// or back under it. SQLite reuses freed pages rather than shrink the file, so the
+    /// pages in use are what counts, not the file's length.
+    fn check_quota(&mut self) {
+        let Some(conn) = self.conn.as_ref().filter(|_| self.quota > 0) else {
+            return;
+        };
+        let used = conn
+            .query_row(
+                "SELECT (page_count - freelist_count) * page_size
+                 FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        let over = used > self.quota;
+        if over != self.over_quota {
+            self.over_quota = over;
+            if over {
+                warn!(
+                    store = %self.path.display(),
+                    used,
+                    max_store_size = self.quota,
+                    "broker store is full (broker.max_store_size): new retained messages and \
+                     messages for offline sessions are refused until sessions drain or expire"
+                );
+            } else {
+                info!(store = %self.path.display(), used, "broker store is below its quota again");
+            }
+            self.publish_refusing();
+        }
     }
 
     /// Writes one batch and answers its syncs: true when everything before each sync is
@@ -139,6 +190,9 @@ impl Writer {
             let before = batch.len();
             batch.retain(|op| !is_content(op));
             refused_puts = batch.len() != before;
+            self.counters
+                .refused
+                .fetch_add((before - batch.len()) as u64, Ordering::Relaxed);
         }
         let only_syncs = batch.iter().all(|op| matches!(op, Op::Sync(_)));
         let result = if only_syncs {
@@ -164,6 +218,9 @@ impl Writer {
                 self.counters
                     .deliveries_written
                     .fetch_add(written, Ordering::Relaxed);
+                if written > 0 || !self.carried.is_empty() || self.over_quota {
+                    self.check_quota();
+                }
                 answer(syncs, !refused_puts);
             }
             Err((e, ops)) => {
@@ -181,7 +238,9 @@ impl Writer {
     /// reserve is given back and new content is refused until it can be held again.
     fn failed(&mut self, error: &str, full: bool) {
         let n = self.counters.failed_batches.fetch_add(1, Ordering::Relaxed) + 1;
-        let newly = !self.counters.refusing.swap(true, Ordering::Relaxed);
+        let newly = !self.failing;
+        self.failing = true;
+        self.publish_refusing();
         if full
             && self.reserve_held
             && let (Some(r), Some(c)) = (self.reserve.as_mut(), self.conn.as_ref())
@@ -209,7 +268,7 @@ impl Writer {
     /// Accepts content again once the carried changes are written and the reserve can be
     /// held again with room to spare.
     fn try_recover(&mut self) {
-        if !self.carried.is_empty() {
+        if !self.failing || !self.carried.is_empty() {
             return;
         }
         let held = match (self.reserve.as_mut(), self.conn.as_ref()) {
@@ -218,7 +277,8 @@ impl Writer {
         };
         if held {
             self.reserve_held = self.reserve.is_some();
-            self.counters.refusing.store(false, Ordering::Relaxed);
+            self.failing = false;
+            self.publish_refusing();
             info!(store = %self.path.display(), "broker store: writing again");
         }
     }
@@ -271,11 +331,26 @@ fn apply(
         })
         .collect();
     take_syncs_in_place(batch, syncs);
+    // Messages owed to more than one session in this batch (one publish to many offline
+    // sessions) are kept once: 40 sessions and a 50 MiB payload cost 50 MiB, not 2 GB.
+    let mut owed: HashMap<*const Message, usize> = HashMap::new();
+    for op in flat(batch) {
+        if let Op::PutDelivery { id, msg, .. } = op
+            && !cancelled.contains(id)
+        {
+            *owed.entry(Arc::as_ptr(msg)).or_default() += 1;
+        }
+    }
+    let mut shared: HashMap<*const Message, Option<i64>> = owed
+        .into_iter()
+        .filter(|&(_, n)| n > 1)
+        .map(|(m, _)| (m, None))
+        .collect();
     let result = (|| {
         let tx = conn.transaction()?;
         let mut written = 0;
         for op in batch.iter() {
-            apply_one(&tx, op, &cancelled)?;
+            apply_one(&tx, op, &cancelled, &mut shared)?;
         }
         for op in flat(batch) {
             if let Op::PutDelivery { id, .. } = op
@@ -320,6 +395,7 @@ fn apply_one(
     tx: &rusqlite::Transaction<'_>,
     op: &Op,
     cancelled: &HashSet<u64>,
+    shared: &mut HashMap<*const Message, Option<i64>>,
 ) -> rusqlite::Result<()> {
     match op {
         Op::PutSession {
@@ -385,20 +461,51 @@ fn apply_one(
             if cancelled.contains(id) {
                 return Ok(());
             }
-            let blob = encode_publish(msg, *qos, *retain);
             let ids: Option<Vec<u8>> = (!sub_ids.is_empty())
                 .then(|| sub_ids.iter().flat_map(|i| i.to_be_bytes()).collect());
+            let id = i64::try_from(*id).unwrap_or(i64::MAX);
+            let packet_id = packet_id.filter(|_| *qos != QoS::AtMostOnce);
+            if let Some(slot) = shared.get_mut(&Arc::as_ptr(msg)) {
+                let message = match *slot {
+                    Some(m) => m,
+                    None => {
+                        let blob = encode_publish(msg, msg.qos, msg.retain);
+                        tx.prepare_cached("INSERT INTO messages (publish, crc) VALUES (?1, ?2)")?
+                            .execute(params![blob, db::checksum(&blob)])?;
+                        let m = tx.last_insert_rowid();
+                        *slot = Some(m);
+                        m
+                    }
+                };
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO deliveries
+                     (id, session, publish, expires_ms, sub_ids, packet_id, message, qos, retain)
+                     VALUES (?1, ?2, X'', ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?
+                .execute(params![
+                    id,
+                    session,
+                    expires_ms(msg),
+                    ids,
+                    packet_id,
+                    message,
+                    *qos as u8,
+                    retain
+                ])?;
+                return Ok(());
+            }
+            let blob = encode_publish(msg, *qos, *retain);
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO deliveries (id, session, publish, expires_ms, sub_ids, packet_id, crc)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
-                i64::try_from(*id).unwrap_or(i64::MAX),
+                id,
                 session,
                 blob,
                 expires_ms(msg),
                 ids,
-                packet_id.filter(|_| *qos != QoS::AtMostOnce),
+                packet_id,
                 db::checksum(&blob)
             ])?;
         }
@@ -416,8 +523,20 @@ fn apply_one(
         }
         Op::DropDelivery(id) => {
             if !cancelled.contains(id) {
-                tx.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
-                    .execute(params![i64::try_from(*id).unwrap_or(i64::MAX)])?;
+                let message: Option<Option<i64>> = tx
+                    .prepare_cached("DELETE FROM deliveries WHERE id = ?1 RETURNING message")?
+                    .query_row(params![i64::try_from(*id).unwrap_or(i64::MAX)], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if let Some(Some(m)) = message {
+                    // The last session owed a shared message takes it with it.
+                    tx.prepare_cached(
+                        "DELETE FROM messages WHERE id = ?1
+                         AND NOT EXISTS (SELECT 1 FROM deliveries WHERE message = ?1)",
+                    )?
+                    .execute(params![m])?;
+                }
             }
         }
         Op::PutQos2 { session, packet_id } => {
@@ -443,7 +562,7 @@ fn apply_one(
         }
         Op::Group(ops) => {
             for op in ops {
-                apply_one(tx, op, cancelled)?;
+                apply_one(tx, op, cancelled, shared)?;
             }
         }
         Op::Sync(_) => {}
@@ -460,5 +579,11 @@ fn drop_session(tx: &rusqlite::Transaction<'_>, id: i64) -> rusqlite::Result<()>
     ] {
         tx.prepare_cached(sql)?.execute(params![id])?;
     }
+    // Shared messages no session is owed any more.
+    tx.prepare_cached(
+        "DELETE FROM messages WHERE NOT EXISTS
+         (SELECT 1 FROM deliveries WHERE deliveries.message = messages.id)",
+    )?
+    .execute([])?;
     Ok(())
 }
