@@ -28,5 +28,11 @@ allow_anonymous = true
 max_inflight = $inflight
 receive_maximum = $inflight
 max_queued_messages = 100000
+# Mosquitto's limits above are "none" for connections and queued bytes; Outpost's
+# appliance defaults would bound the idle benchmark's clients from one address.
+max_connections = 0
+max_connections_per_address = 0
+max_sessions = 0
+max_queued_bytes = "0"
 CONF
 }

@@ -171,7 +171,7 @@ pub struct BrokerConfig {
     pub max_retained_bytes: ByteSize,
     /// Bytes of messages queued for one session (payload, topic and per-message
     /// overhead), beside `max_queued_messages`; past either, new messages for that
-    /// session are dropped and counted.
+    /// session are dropped and counted. "0" for no bound.
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: ByteSize,
     /// Bytes the broker store may hold (retained messages, persistent sessions and what

@@ -361,7 +361,7 @@ fn enqueue(
 ) -> Result<(), QueueFull> {
     let full = if s.queued_len() >= limits.messages {
         Some(QueueFull::Messages)
-    } else if s.queued_bytes() + d.queued_size() > limits.bytes {
+    } else if limits.bytes != 0 && s.queued_bytes() + d.queued_size() > limits.bytes {
         Some(QueueFull::Bytes)
     } else {
         None

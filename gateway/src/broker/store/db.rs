@@ -372,45 +372,70 @@ pub fn load(conn: &Connection) -> Result<Loaded, LoadError> {
     }
 
     let mut stmt = conn.prepare(
-        "SELECT d.id, d.session, coalesce(m.publish, d.publish), d.expires_ms, d.sub_ids,
-                d.packet_id, d.released, coalesce(m.crc, d.crc), d.qos, d.retain
-         FROM deliveries d LEFT JOIN messages m ON m.id = d.message ORDER BY d.id",
+        "SELECT id, session, publish, expires_ms, sub_ids, packet_id, released, crc, message,
+                qos, retain
+         FROM deliveries ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, Vec<u8>>(2)?,
-            r.get::<_, Option<i64>>(3)?,
+            (r.get::<_, i64>(0)?, r.get::<_, i64>(1)?),
+            (r.get::<_, Vec<u8>>(2)?, r.get::<_, Option<i64>>(3)?),
             r.get::<_, Option<Vec<u8>>>(4)?,
-            r.get::<_, Option<i64>>(5)?,
-            r.get::<_, bool>(6)?,
-            r.get::<_, Option<i64>>(7)?,
-            r.get::<_, Option<i64>>(8)?,
-            r.get::<_, Option<bool>>(9)?,
+            (r.get::<_, Option<i64>>(5)?, r.get::<_, bool>(6)?),
+            (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<i64>>(8)?),
+            (r.get::<_, Option<i64>>(9)?, r.get::<_, Option<bool>>(10)?),
         ))
     })?;
+    // A message shared by many sessions is read, checked and decoded once, and shared in
+    // memory as it was on disk.
+    let mut shared: std::collections::HashMap<i64, Option<Arc<Message>>> = Default::default();
+    let mut fetch = conn.prepare("SELECT publish, crc FROM messages WHERE id = ?1")?;
     for row in rows {
-        let (id, session, blob, expires, sub_ids, packet_id, released, crc, qos, retain) = row?;
-        verify(&blob, crc, || format!("message {id} queued for a session"))?;
+        let (
+            (id, session),
+            (blob, expires),
+            sub_ids,
+            (packet_id, released),
+            (crc, message),
+            (qos, retain),
+        ) = row?;
         let id = u64::try_from(id).unwrap_or(0);
         loaded.max_delivery_id = loaded.max_delivery_id.max(id);
         let Some(&i) = u32::try_from(session).ok().and_then(|s| by_id.get(&s)) else {
             continue;
         };
-        let Some(mut msg) = decode_publish(&blob, expires, now_ms, "delivery") else {
-            continue;
+        let msg = match message {
+            Some(m) => {
+                if !shared.contains_key(&m) {
+                    let (blob, crc): (Vec<u8>, i64) =
+                        match fetch.query_row(params![m], |r| Ok((r.get(0)?, r.get(1)?))) {
+                            Ok(v) => v,
+                            Err(rusqlite::Error::QueryReturnedNoRows) => continue,
+                            Err(e) => return Err(e.into()),
+                        };
+                    verify(&blob, Some(crc), || format!("message {m} owed to sessions"))?;
+                    let decoded = decode_publish(&blob, expires, now_ms, "shared message");
+                    shared.insert(m, decoded.map(Arc::new));
+                }
+                match shared.get(&m).and_then(Option::clone) {
+                    Some(msg) => msg,
+                    None => continue,
+                }
+            }
+            None => {
+                verify(&blob, crc, || format!("message {id} queued for a session"))?;
+                match decode_publish(&blob, expires, now_ms, "delivery") {
+                    Some(msg) => Arc::new(msg),
+                    None => continue,
+                }
+            }
         };
-        // A shared message is stored as published; this delivery's own QoS and RETAIN.
-        if let Some(q) = qos
+        // A shared message is kept as published; each delivery has its own QoS and RETAIN.
+        let qos = qos
             .and_then(|q| u8::try_from(q).ok())
             .and_then(QoS::from_u8)
-        {
-            msg.qos = q;
-        }
-        if let Some(r) = retain {
-            msg.retain = r;
-        }
+            .unwrap_or(msg.qos);
+        let retain = retain.unwrap_or(msg.retain);
         let sub_ids = sub_ids
             .unwrap_or_default()
             .chunks_exact(4)
@@ -420,15 +445,16 @@ pub fn load(conn: &Connection) -> Result<Loaded, LoadError> {
             .and_then(|p| u16::try_from(p).ok())
             .filter(|&p| p != 0);
         let d = Delivery {
-            qos: msg.qos,
-            retain: msg.retain,
-            msg: Arc::new(msg),
+            qos,
+            retain,
+            msg,
             sub_ids,
         };
         loaded.sessions[i]
             .deliveries
             .push((id, packet_id, released && packet_id.is_some(), d));
     }
+    drop(fetch);
 
     let mut stmt = conn.prepare("SELECT session, packet_id FROM incoming_qos2")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
