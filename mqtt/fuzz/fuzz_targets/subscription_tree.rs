@@ -18,6 +18,8 @@
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Mutex, OnceLock};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -27,8 +29,9 @@ use outpost_mqtt::{QoS, SubscriptionOptions};
 
 /// Stack of a tokio worker thread (the broker's core runs on one).
 const STACK: usize = 2 << 20;
-/// Longest filter `Deep` builds, in levels; `FUZZ_TREE_MAX_LEVELS` lowers it (to look
-/// past a known depth crash for other bugs).
+/// Longest filter `Deep` builds, in levels; `FUZZ_TREE_MAX_LEVELS` lowers it and keeps
+/// deeper filters of any op out of the tree (to look past a known depth crash for other
+/// bugs).
 const MAX_DEEP_LEVELS: u32 = 200_000;
 
 fn max_deep_levels() -> u32 {
@@ -145,6 +148,9 @@ struct Harness {
 impl Harness {
     fn insert(&mut self, full: &str, session: SessionKey, e: SubEntry) {
         let Some((group, inner)) = split(full) else { return };
+        if inner.split('/').count() > max_deep_levels() as usize {
+            return;
+        }
         let existed = self.tree.insert(&inner, group.as_deref(), session, e);
         let was = !self.model.subs.insert((full.to_owned(), group, session));
         assert_eq!(existed, was, "insert({full:?}, {session}) existed");
@@ -231,20 +237,35 @@ impl Harness {
     }
 }
 
-fuzz_target!(|ops: Vec<Op>| {
-    std::thread::scope(|s| {
+/// The thread the tree runs on, made once: a thread per input would cost more than most
+/// inputs. A panic there aborts the process (libfuzzer-sys's panic hook), so a failed
+/// check is reported as a crash of the input being run.
+fn worker() -> &'static Mutex<(SyncSender<Vec<Op>>, Receiver<()>)> {
+    static WORKER: OnceLock<Mutex<(SyncSender<Vec<Op>>, Receiver<()>)>> = OnceLock::new();
+    WORKER.get_or_init(|| {
+        let (tx, inputs) = sync_channel::<Vec<Op>>(0);
+        let (done, rx) = sync_channel(0);
         std::thread::Builder::new()
+            .name("tree".into())
             .stack_size(STACK)
-            .spawn_scoped(s, || {
-                let mut h = Harness { tree: SubscriptionTree::default(), model: Model::default() };
-                for op in &ops {
-                    h.run(op);
+            .spawn(move || {
+                for ops in inputs {
+                    let mut h = Harness { tree: SubscriptionTree::default(), model: Model::default() };
+                    for op in &ops {
+                        h.run(op);
+                    }
+                    // Dropping the tree is part of the test: a deep tree must drop too.
+                    drop(h);
+                    let _ = done.send(());
                 }
-                // Dropping the tree is part of the test: a deep tree must drop too.
-                drop(h);
             })
-            .expect("spawn the tree thread")
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e));
-    });
+            .expect("spawn the tree thread");
+        Mutex::new((tx, rx))
+    })
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let w = worker().lock().unwrap_or_else(|e| e.into_inner());
+    w.0.send(ops).expect("tree thread alive");
+    w.1.recv().expect("tree thread alive");
 });
