@@ -29,6 +29,7 @@ mod transport;
 use std::sync::Arc;
 
 pub use auth::hash_password;
+pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, bind_listeners};
 pub use message::Message;
