@@ -654,3 +654,29 @@ async fn the_store_quota_refuses_past_its_size_and_takes_messages_again_once_dra
         "accepted again once drained"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_length_is_bounded_when_lowered() {
+    outpost_only!();
+    let broker = Broker::start("max_topic_length = 32");
+    let mut c = connect(broker.port(), Protocol::V5, "len").await;
+    let o = sub_opts(QoS::AtMostOnce);
+    let at = "a".repeat(32);
+    let over = "a".repeat(33);
+    assert_eq!(
+        c.subscribe(1, &at, o, Properties::default()).await,
+        ReasonCode::GRANTED_QOS_0
+    );
+    assert_eq!(
+        c.subscribe(2, &over, o, Properties::default()).await,
+        ReasonCode::TOPIC_FILTER_INVALID
+    );
+    c.send(&Packet::Publish(publish(
+        &over,
+        QoS::AtLeastOnce,
+        Some(3),
+        b"x",
+    )))
+    .await;
+    assert_eq!(puback(&mut c).await.reason, ReasonCode::TOPIC_NAME_INVALID);
+}

@@ -37,6 +37,8 @@ pub struct Settings {
     pub max_session_expiry: Option<u32>,
     /// Most levels in a topic name or filter; 0 for no limit.
     pub max_topic_levels: usize,
+    /// Longest topic name or filter in bytes.
+    pub max_topic_length: usize,
     /// Largest CONNECT (the first packet).
     pub max_connect_size: usize,
     /// Time to finish a packet once its first byte came.
@@ -78,6 +80,7 @@ impl Settings {
                 .max_session_expiry
                 .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
             max_topic_levels: c.max_topic_levels,
+            max_topic_length: c.max_topic_length,
             max_connect_size: usize::try_from(c.max_connect_size.0)
                 .unwrap_or(usize::MAX)
                 .min(usize::try_from(c.max_packet_size.0).unwrap_or(usize::MAX)),

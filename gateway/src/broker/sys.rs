@@ -30,7 +30,8 @@ pub struct Stats {
 /// Refusals by the broker's bounds (`$SYS/broker/limits/...`).
 #[derive(Debug, Default, Clone)]
 pub struct LimitCounters {
-    /// Topic names and filters with more levels than `max_topic_levels`.
+    /// Topic names and filters deeper than `max_topic_levels` or longer than
+    /// `max_topic_length`.
     pub topic_levels: u64,
     /// CONNECTs refused by `max_sessions`.
     pub sessions: u64,

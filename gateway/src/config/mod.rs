@@ -182,6 +182,11 @@ pub struct BrokerConfig {
     /// (PUBACK 0x90, SUBACK 0x8F). 0 means no limit. Mosquitto's limit is 200 too.
     #[serde(default = "default_max_topic_levels")]
     pub max_topic_levels: usize,
+    /// Longest topic name or filter in bytes; longer ones are refused like deep ones.
+    /// The default is the protocol's own limit (65,535): lower it to bound what each
+    /// subscription can take.
+    #[serde(default = "default_max_topic_length")]
+    pub max_topic_length: usize,
     /// How often `$SYS/broker/...` statistics are published; "0s" turns them off.
     #[serde(
         default = "default_sys_interval",
@@ -266,6 +271,9 @@ fn default_topic_alias_maximum() -> u16 {
 }
 fn default_max_topic_levels() -> usize {
     200
+}
+fn default_max_topic_length() -> usize {
+    65_535
 }
 fn default_persistence() -> bool {
     true

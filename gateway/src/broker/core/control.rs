@@ -163,14 +163,13 @@ impl Core {
         if sys || s.acl.as_ref().is_some_and(|a| !a.can_write(&p.topic)) {
             return Some(Refusal::NotAuthorized);
         }
-        let max_levels = self.settings.max_topic_levels;
-        if max_levels != 0 && topic_levels(&p.topic) > max_levels {
+        if let Some(bound) = self.topic_bound(&p.topic) {
             self.stats.limits.topic_levels += 1;
             tracing::warn!(
                 client_id = %s.client_id,
                 levels = topic_levels(&p.topic),
-                max_topic_levels = max_levels,
-                "publish refused: its topic has more levels than broker.max_topic_levels"
+                bytes = p.topic.len(),
+                "publish refused: its topic is longer or deeper than broker.{bound}"
             );
             return Some(Refusal::TopicTooDeep);
         }
@@ -200,6 +199,18 @@ impl Core {
             return Some(Refusal::StoreFull);
         }
         None
+    }
+
+    /// The bound a topic name or filter breaks, if any.
+    fn topic_bound(&self, topic: &str) -> Option<&'static str> {
+        let levels = self.settings.max_topic_levels;
+        if levels != 0 && topic_levels(topic) > levels {
+            Some("max_topic_levels")
+        } else if topic.len() > self.settings.max_topic_length {
+            Some("max_topic_length")
+        } else {
+            None
+        }
     }
 
     /// Answers a PUBLISH that is refused: 5.0 learns why; 3.x cannot be told, so a message
@@ -449,16 +460,15 @@ impl Core {
                 reason_codes.push(ReasonCode::NOT_AUTHORIZED);
                 continue;
             }
-            let max_levels = self.settings.max_topic_levels;
-            if max_levels != 0 && topic_levels(&inner) > max_levels {
+            if let Some(bound) = self.topic_bound(&inner) {
                 // Well formed but not allowed here: 0x8F (3.1.1: 0x80). The tree would be
                 // safe at any depth; this bounds the memory one filter can take.
                 self.stats.limits.topic_levels += 1;
                 tracing::warn!(
                     client_id = %self.sessions.get(key).map_or("", |s| &s.client_id),
                     levels = topic_levels(&inner),
-                    max_topic_levels = max_levels,
-                    "subscription refused: its filter has more levels than broker.max_topic_levels"
+                    bytes = inner.len(),
+                    "subscription refused: its filter is longer or deeper than broker.{bound}"
                 );
                 reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
