@@ -406,18 +406,23 @@ pub fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         };
         let msg = match message {
             Some(m) => {
-                if !shared.contains_key(&m) {
-                    let (blob, crc): (Vec<u8>, i64) =
-                        match fetch.query_row(params![m], |r| Ok((r.get(0)?, r.get(1)?))) {
-                            Ok(v) => v,
-                            Err(rusqlite::Error::QueryReturnedNoRows) => continue,
-                            Err(e) => return Err(e.into()),
-                        };
-                    verify(&blob, Some(crc), || format!("message {m} owed to sessions"))?;
-                    let decoded = decode_publish(&blob, expires, now_ms, "shared message");
-                    shared.insert(m, decoded.map(Arc::new));
-                }
-                match shared.get(&m).and_then(Option::clone) {
+                let cached = match shared.get(&m) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let (blob, crc): (Vec<u8>, i64) =
+                            match fetch.query_row(params![m], |r| Ok((r.get(0)?, r.get(1)?))) {
+                                Ok(v) => v,
+                                Err(rusqlite::Error::QueryReturnedNoRows) => continue,
+                                Err(e) => return Err(e.into()),
+                            };
+                        verify(&blob, Some(crc), || format!("message {m} owed to sessions"))?;
+                        let decoded =
+                            decode_publish(&blob, expires, now_ms, "shared message").map(Arc::new);
+                        shared.insert(m, decoded.clone());
+                        decoded
+                    }
+                };
+                match cached {
                     Some(msg) => msg,
                     None => continue,
                 }
