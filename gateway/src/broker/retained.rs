@@ -45,6 +45,19 @@ impl RetainedStore {
         }
     }
 
+    /// Takes back a retained message read from the store: it owns its bytes already (one
+    /// allocation per message), so unlike [`Self::update`] it is not copied again; a
+    /// restart with a full store would otherwise hold every payload twice at its peak.
+    pub fn restore(&mut self, msg: Arc<Message>) {
+        if msg.payload.is_empty() {
+            return;
+        }
+        if let Some(old) = self.by_topic.insert(msg.topic.clone(), msg.clone()) {
+            self.bytes -= old.payload.len() as u64;
+        }
+        self.bytes += msg.payload.len() as u64;
+    }
+
     /// Retained messages whose topic matches `filter`, skipping expired ones.
     pub fn matching(&mut self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
         self.by_topic.retain(|_, m| !m.is_expired(now));

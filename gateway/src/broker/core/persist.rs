@@ -134,8 +134,9 @@ impl Core {
     /// sessions as if their clients had just disconnected (their expiry starts now, as
     /// in Mosquitto).
     pub(super) fn restore(&mut self, loaded: Loaded) {
-        for msg in &loaded.retained {
-            self.retained.update(msg);
+        let retained = loaded.retained.len();
+        for msg in loaded.retained {
+            self.retained.restore(msg);
         }
         let now = Instant::now();
         let sessions = loaded.sessions.len();
@@ -190,9 +191,9 @@ impl Core {
                 self.timers.push(at, Timer::Expire { key, generation: 0 });
             }
         }
-        if sessions > 0 || !loaded.retained.is_empty() {
+        if sessions > 0 || retained > 0 {
             tracing::info!(
-                retained = loaded.retained.len(),
+                retained,
                 sessions,
                 messages = owed,
                 "restored from the broker store"
