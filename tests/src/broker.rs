@@ -145,6 +145,14 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local_addr").port()
 }
 
+/// A `[broker]` table on an ephemeral loopback port, plus `broker_lines`.
+fn broker_table(broker_lines: &str) -> String {
+    format!(
+        "[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{}\n",
+        broker_lines.trim()
+    )
+}
+
 /// A running broker with its own state directory; killed (SIGKILL) on drop.
 pub struct Broker {
     kind: BrokerKind,
@@ -172,65 +180,31 @@ impl Broker {
 
     /// Start outpost with `[broker]` on an ephemeral loopback port plus `broker_lines`.
     pub fn outpost(broker_lines: &str) -> Broker {
-        let config = format!(
-            "[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{}\n",
-            broker_lines.trim()
-        );
-        Self::outpost_with_full_config(&config)
+        Self::outpost_with_full_config(&broker_table(broker_lines))
     }
 
     /// Start outpost with a complete config file (the caller owns every section).
     pub fn outpost_with_full_config(config: &str) -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("outpost.toml");
-        std::fs::write(&config_path, config).expect("write outpost.toml");
-        let mut b = Broker {
-            kind: BrokerKind::Outpost,
-            dir,
-            config_path,
-            child: None,
-            port: 0,
-            log: Arc::new(Mutex::new(String::new())),
-            fault: None,
-            state: None,
-        };
-        b.spawn();
-        b
+        Self::outpost_custom(config, None, None)
     }
 
     /// Start outpost (a debug build) with a test fault point armed for this run only,
     /// e.g. `abort-after:pubcomp` (see `gateway/src/broker/fault.rs`).
     pub fn outpost_with_fault(broker_lines: &str, fault: &str) -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("outpost.toml");
-        let config = format!(
-            "[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{}\n",
-            broker_lines.trim()
-        );
-        std::fs::write(&config_path, config).expect("write outpost.toml");
-        let mut b = Broker {
-            kind: BrokerKind::Outpost,
-            dir,
-            config_path,
-            child: None,
-            port: 0,
-            log: Arc::new(Mutex::new(String::new())),
-            fault: Some(fault.to_owned()),
-            state: None,
-        };
-        b.spawn();
-        b
+        Self::outpost_custom(&broker_table(broker_lines), Some(fault.to_owned()), None)
     }
 
     /// Start outpost with its state (broker store, spools) in `state`, a directory the
     /// test owns (e.g. a small tmpfs to fill up).
     pub fn outpost_with_state_dir(broker_lines: &str, state: &Path) -> Broker {
+        Self::outpost_custom(&broker_table(broker_lines), None, Some(state.to_owned()))
+    }
+
+    /// Start outpost with the complete config `config`, a fault point for its first run,
+    /// and a state directory of the test's own.
+    fn outpost_custom(config: &str, fault: Option<String>, state: Option<PathBuf>) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("outpost.toml");
-        let config = format!(
-            "[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{}\n",
-            broker_lines.trim()
-        );
         std::fs::write(&config_path, config).expect("write outpost.toml");
         let mut b = Broker {
             kind: BrokerKind::Outpost,
@@ -239,8 +213,8 @@ impl Broker {
             child: None,
             port: 0,
             log: Arc::new(Mutex::new(String::new())),
-            fault: None,
-            state: Some(state.to_owned()),
+            fault,
+            state,
         };
         b.spawn();
         b
