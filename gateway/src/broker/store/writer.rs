@@ -64,6 +64,11 @@ struct Writer {
     failing: bool,
     /// The file holds more than `quota`.
     over_quota: bool,
+    /// Content was refused or failed after the last sync that was answered: the next
+    /// sync belongs to its publisher and must say no. (The writer may take a message's
+    /// row before the core has queued the sync right behind it, so the two can fall into
+    /// different batches.)
+    tainted: bool,
 }
 
 impl Writer {
@@ -79,6 +84,7 @@ impl Writer {
             quota,
             failing: false,
             over_quota: false,
+            tainted: false,
         };
         if let Some(c) = conn {
             w.opened(c);
@@ -179,6 +185,26 @@ impl Writer {
     /// Writes one batch and answers its syncs: true when everything before each sync is
     /// on disk.
     fn write(&mut self, batch: &mut Vec<Op>, syncs: &mut Vec<oneshot::Sender<bool>>) {
+        let has_syncs = batch.iter().any(|op| matches!(op, Op::Sync(_)));
+        let tail_content = content_after_last_sync(batch);
+        let ok = self.write_batch(batch, syncs);
+        // A sync answers for everything before it: content that failed in an earlier
+        // batch, with no sync after it there, is this batch's first sync's to refuse.
+        let answered_ok = ok.committed && !self.tainted;
+        answer(syncs, answered_ok && !ok.refused_any);
+        self.tainted = if has_syncs {
+            ok.refused_tail(tail_content)
+        } else {
+            self.tainted || ok.refused_any
+        };
+    }
+
+    /// Writes one batch (its syncs moved into `syncs`, answered by the caller).
+    fn write_batch(
+        &mut self,
+        batch: &mut Vec<Op>,
+        syncs: &mut Vec<oneshot::Sender<bool>>,
+    ) -> Outcome {
         let mut refused_puts = false;
         if self.refusing() {
             self.try_recover();
@@ -203,10 +229,13 @@ impl Writer {
                 match db::open(&self.path) {
                     Ok(c) => self.opened(c),
                     Err(e) => {
+                        let content = batch.iter().any(is_content);
                         take_syncs(batch, syncs);
                         self.failed(&e.to_string(), false);
-                        answer(syncs, false);
-                        return;
+                        return Outcome {
+                            committed: false,
+                            refused_any: content,
+                        };
                     }
                 }
             }
@@ -221,15 +250,22 @@ impl Writer {
                 if written > 0 || !self.carried.is_empty() || self.over_quota {
                     self.check_quota();
                 }
-                answer(syncs, !refused_puts);
+                Outcome {
+                    committed: true,
+                    refused_any: refused_puts,
+                }
             }
             Err((e, ops)) => {
                 let full = e.sqlite_error_code() == Some(ErrorCode::DiskFull);
                 // Content that did not make it is refused to its publishers; the rest is
                 // what memory already relies on, so it is kept and tried again.
+                let content = ops.iter().any(is_content);
                 self.carried = ops.into_iter().filter(|op| !is_content(op)).collect();
                 self.failed(&e.to_string(), full);
-                answer(syncs, false);
+                Outcome {
+                    committed: false,
+                    refused_any: content || refused_puts,
+                }
             }
         }
     }
@@ -282,6 +318,31 @@ impl Writer {
             info!(store = %self.path.display(), "broker store: writing again");
         }
     }
+}
+
+/// How one batch went.
+struct Outcome {
+    /// The transaction committed (or there was nothing to write).
+    committed: bool,
+    /// Content of the batch was refused or lost with a failed transaction.
+    refused_any: bool,
+}
+
+impl Outcome {
+    /// Whether the next batch's first sync must refuse: content failed here after this
+    /// batch's last sync (`tail_content`).
+    fn refused_tail(&self, tail_content: bool) -> bool {
+        tail_content && (self.refused_any || !self.committed)
+    }
+}
+
+/// True when content comes after the batch's last sync (its sync is still to come).
+fn content_after_last_sync(batch: &[Op]) -> bool {
+    batch
+        .iter()
+        .rev()
+        .take_while(|op| !matches!(op, Op::Sync(_)))
+        .any(is_content)
 }
 
 /// Messages for sessions and retained messages: what a publisher's acknowledgement waits
