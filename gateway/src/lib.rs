@@ -2,14 +2,16 @@
 //!
 //! - [`config`]: the one TOML file.
 //! - [`bridge`]: runs the store-and-forward bridges as durable sinks of the broker.
-//! - [`broker`]: listeners, connections, sessions, routing, retained, wills, `$SYS`.
+//! - [`broker`]: the `outpost-broker` crate (listeners, connections, sessions, routing,
+//!   retained, wills, `$SYS`), re-exported so `outpost_gateway::broker::...` paths stay.
 //! - [`app`]: starts everything from a config and runs until a signal.
 //! - [`sensors`]: runs the Modbus/serial layer and publishes its readings in-process.
 //! - [`service`]: systemd readiness, watchdog and journal logging.
 
 pub mod app;
 pub mod bridge;
-pub mod broker;
 pub mod config;
 pub mod sensors;
 pub mod service;
+
+pub use outpost_broker as broker;

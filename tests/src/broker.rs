@@ -189,7 +189,7 @@ impl Broker {
     }
 
     /// Start outpost (a debug build) with a test fault point armed for this run only,
-    /// e.g. `abort-after:pubcomp` (see `gateway/src/broker/fault.rs`).
+    /// e.g. `abort-after:pubcomp` (see `broker/src/fault.rs`).
     pub fn outpost_with_fault(broker_lines: &str, fault: &str) -> Broker {
         Self::outpost_custom(&broker_table(broker_lines), Some(fault.to_owned()), None)
     }

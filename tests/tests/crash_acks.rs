@@ -1,6 +1,6 @@
 //! Every acknowledgement leaves only after what it promises is on disk: the broker is made
 //! to abort the instant one packet of each kind has been handed to the kernel (a debug
-//! build's fault point, `gateway/src/broker/fault.rs`), restarted on the same state, and
+//! build's fault point, `broker/src/fault.rs`), restarted on the same state, and
 //! the promise is checked.
 //!
 //! Outpost's own guarantee (the suite runs Mosquitto with persistence off): outpost only.

@@ -14,8 +14,8 @@ use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
-use crate::broker::router::SessionKey;
-use crate::broker::session::Session;
+use crate::router::SessionKey;
+use crate::session::Session;
 
 /// One slab slot.
 struct Slot {

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use outpost_mqtt::{Properties, QoS};
 
 use super::Core;
-use crate::broker::message::Message;
-use crate::broker::session::Link;
+use crate::message::Message;
+use crate::session::Link;
 
 impl Core {
     /// Publishes the statistics as retained `$SYS` messages.

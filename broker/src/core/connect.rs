@@ -8,11 +8,11 @@ use tracing::{info, warn};
 
 use super::timers::Timer;
 use super::{ConnectRequest, Core};
-use crate::broker::acl::ClientAcl;
-use crate::broker::message::Message;
-use crate::broker::outbound::{Ack, AckKind, Outbound};
-use crate::broker::router::SessionKey;
-use crate::broker::session::{Link, Session};
+use crate::acl::ClientAcl;
+use crate::message::Message;
+use crate::outbound::{Ack, AckKind, Outbound};
+use crate::router::SessionKey;
+use crate::session::{Link, Session};
 
 impl Core {
     pub(super) fn on_connect(&mut self, req: ConnectRequest) {

@@ -5,9 +5,13 @@
 //! cores and talk to it through queues. The in-process API ([`BrokerHandle`]) lets the
 //! sensors and the bridge publish and subscribe without a socket, and [`DurableSink`]
 //! lets the bridge hold a publisher's acknowledgement until its spool has committed.
+//! [`config`] holds the `[broker]` table of `outpost.toml` that [`Settings`] is made from.
+
+#![forbid(unsafe_code)]
 
 mod acl;
 mod auth;
+pub mod config;
 mod connection;
 mod core;
 mod deadlines;

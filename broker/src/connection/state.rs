@@ -563,7 +563,7 @@ impl Conn {
     /// and the per-packet rules such as MQTT-3.4.2-2), and not at all if even that is.
     fn encode(&self, p: &Packet, wbuf: &mut BytesMut) {
         #[cfg(debug_assertions)]
-        if crate::broker::fault::abort_after(p) {
+        if crate::fault::abort_after(p) {
             self.abort_after_flush.set(true);
         }
         let start = wbuf.len();

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use super::db::{self, encode_publish, expires_ms};
 use super::{Counters, Op};
-use crate::broker::message::Message;
+use crate::message::Message;
 
 /// Changes in one transaction at most, so a huge backlog still commits in steps.
 const MAX_BATCH: usize = 8192;

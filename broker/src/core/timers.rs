@@ -5,7 +5,7 @@ use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use super::Core;
-use crate::broker::router::SessionKey;
+use crate::router::SessionKey;
 
 /// Something due at a point in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -10,12 +10,12 @@ use tracing::warn;
 use super::Core;
 use super::persist::WRITE_GRACE;
 use super::timers::Timer;
-use crate::broker::DurableReceipt;
-use crate::broker::message::Message;
-use crate::broker::outbound::Outbound;
-use crate::broker::router::{Match, SessionKey, SubEntry};
-use crate::broker::session::{AckGate, Delivery, Inflight, Link, Session, SessionSub};
-use crate::broker::store::Store;
+use crate::DurableReceipt;
+use crate::message::Message;
+use crate::outbound::Outbound;
+use crate::router::{Match, SessionKey, SubEntry};
+use crate::session::{AckGate, Delivery, Inflight, Link, Session, SessionSub};
+use crate::store::Store;
 
 impl Core {
     /// Accepts a message from any publisher: updates retained state, delivers it to
@@ -87,8 +87,8 @@ impl Core {
     }
 
     /// The configured bounds of the retained messages.
-    pub(super) fn retained_limits(&self) -> crate::broker::retained::RetainedLimits {
-        crate::broker::retained::RetainedLimits {
+    pub(super) fn retained_limits(&self) -> crate::retained::RetainedLimits {
+        crate::retained::RetainedLimits {
             messages: self.settings.max_retained_messages,
             bytes: self.settings.max_retained_bytes,
         }
@@ -331,7 +331,7 @@ impl Core {
 /// Sends a delivery that takes an inflight slot, after `wait` (its commit) if given.
 fn send_inflight(
     s: &mut Session,
-    tx: &crate::broker::outbound::OutboundTx,
+    tx: &crate::outbound::OutboundTx,
     f: Inflight,
     wait: Option<DurableReceipt>,
 ) {
@@ -388,7 +388,7 @@ fn enqueue(
     Ok(())
 }
 
-impl crate::broker::sys::Stats {
+impl crate::sys::Stats {
     /// Counts a message a full session queue refused.
     fn count_queue_full(&mut self, full: QueueFull) {
         self.dropped_queue_full += 1;

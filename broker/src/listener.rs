@@ -202,7 +202,7 @@ async fn serve_websocket<S>(
 mod tests {
     use std::sync::Arc;
 
-    use crate::broker::Settings;
+    use crate::Settings;
 
     /// An idle client costs its connection task plus its session; both are budgeted so
     /// that 10,000 idle clients stay under the 1 KiB each of the target (about
@@ -218,11 +218,11 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let settings = Arc::new(Settings::from_config(&Default::default()));
-        let core = crate::broker::core::spawn(settings.clone(), vec![], None);
+        let core = crate::core::spawn(settings.clone(), vec![], None);
         let slot = settings.connections.admit(addr.ip()).unwrap();
-        let task = crate::broker::connection::serve_tcp(c, addr, slot, core, settings);
+        let task = crate::connection::serve_tcp(c, addr, slot, core, settings);
         let task_size = std::mem::size_of_val(&task);
-        let session_size = std::mem::size_of::<crate::broker::session::Session>();
+        let session_size = std::mem::size_of::<crate::session::Session>();
         assert!(task_size <= 152, "connection task is {task_size} bytes");
         assert!(session_size <= 112, "session is {session_size} bytes");
     }

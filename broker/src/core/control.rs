@@ -29,11 +29,11 @@ use outpost_mqtt::{
 };
 
 use super::Core;
-use crate::broker::DurableReceipt;
-use crate::broker::message::Message;
-use crate::broker::outbound::{Ack, AckKind, DurableResult, Outbound, OutboundTx};
-use crate::broker::router::{SessionKey, SubEntry};
-use crate::broker::session::{Delivery, Link, SessionSub};
+use crate::DurableReceipt;
+use crate::message::Message;
+use crate::outbound::{Ack, AckKind, DurableResult, Outbound, OutboundTx};
+use crate::router::{SessionKey, SubEntry};
+use crate::session::{Delivery, Link, SessionSub};
 
 impl Core {
     pub(super) fn on_packet(&mut self, key: SessionKey, packet: Packet) {
