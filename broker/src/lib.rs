@@ -15,6 +15,7 @@ pub mod config;
 mod connection;
 mod core;
 mod deadlines;
+#[cfg(debug_assertions)]
 mod fault;
 pub mod handle;
 pub mod limits;
