@@ -23,6 +23,12 @@ pub struct ConnectionLimits {
     pub refused_total: AtomicU64,
     /// Connections refused by `max_connections_per_address`.
     pub refused_per_address: AtomicU64,
+    /// Connections closed because their CONNECT exceeded `max_connect_size`.
+    pub connect_too_large: AtomicU64,
+    /// Connections closed because a packet exceeded `max_packet_size`.
+    pub packet_too_large: AtomicU64,
+    /// Connections closed because a packet was not finished within `packet_timeout`.
+    pub packet_timeouts: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +57,9 @@ impl ConnectionLimits {
             open: Mutex::new(Open::default()),
             refused_total: AtomicU64::new(0),
             refused_per_address: AtomicU64::new(0),
+            connect_too_large: AtomicU64::new(0),
+            packet_too_large: AtomicU64::new(0),
+            packet_timeouts: AtomicU64::new(0),
         })
     }
 
@@ -97,6 +106,11 @@ impl ConnectionLimits {
             limits: self.clone(),
             ip,
         })
+    }
+
+    /// Counts one bite of a per-connection bound (`connect_too_large`, ...).
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections open now.

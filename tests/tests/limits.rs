@@ -277,7 +277,7 @@ async fn sessions_are_bounded_and_an_existing_one_may_still_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_is_bounded_before_authentication() {
     outpost_only!();
-    let broker = Broker::start("max_connect_size = \"1KiB\"");
+    let broker = Broker::start("max_connect_size = \"1KiB\"\nsys_interval = \"1s\"");
     let port = broker.port();
     let with_will = |id: &str, size: usize| -> Connect {
         let mut c = connect_packet(Protocol::V3_1_1, id, true);
@@ -300,12 +300,14 @@ async fn a_connect_is_bounded_before_authentication() {
         log_shows(&broker, |l| l.contains("max_connect_size")).await,
         "and logged with the key"
     );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(sys_value(port, "limits/connect_size").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_started_packet_must_finish_within_packet_timeout_even_without_keep_alive() {
     outpost_only!();
-    let broker = Broker::start("packet_timeout = \"1s\"");
+    let broker = Broker::start("packet_timeout = \"1s\"\nsys_interval = \"1s\"");
     let port = broker.port();
     let mut idle = connect_packet(Protocol::V3_1_1, "pt-idle", true);
     idle.keep_alive = 0;
@@ -319,6 +321,8 @@ async fn a_started_packet_must_finish_within_packet_timeout_even_without_keep_al
         slow.closed_within(Duration::from_secs(4)).await,
         "an unfinished packet is closed after packet_timeout"
     );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(sys_value(port, "limits/packet_timeout").await, 1);
     // Idle between packets is keep alive's business (0: none), not packet_timeout's.
     idle.expect_silence(Duration::from_millis(500)).await;
     idle.send(&Packet::PingReq).await;

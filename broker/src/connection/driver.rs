@@ -306,6 +306,9 @@ impl<T: Transport> Driver<T> {
                 }
                 let k = u64::from(self.keep_alive_ms);
                 if partial_due.is_some_and(|due| now >= due) {
+                    crate::limits::ConnectionLimits::count(
+                        &self.conn.settings().connections.packet_timeouts,
+                    );
                     info!(
                         conn_id = self.conn.conn_id,
                         "connection closed: a packet was not completed within broker.packet_timeout"

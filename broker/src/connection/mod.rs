@@ -27,7 +27,7 @@ use tracing::{debug, info};
 use super::auth;
 use super::core::{ConnectRequest, CoreEvent};
 use super::handle::BrokerHandle;
-use super::limits::ConnectionSlot;
+use super::limits::{ConnectionLimits, ConnectionSlot};
 use super::outbound;
 use super::settings::Settings;
 use super::transport::{self, StreamIo, Transport};
@@ -274,6 +274,7 @@ async fn handshake<T: Transport>(
             return None;
         }
         Ok(Err(ReadError::Decode(DecodeError::PacketTooLarge { size, .. }))) => {
+            ConnectionLimits::count(&settings.connections.connect_too_large);
             info!(%peer, size, max_connect_size = max,
                 "connection closed: the CONNECT is larger than broker.max_connect_size");
             return None;

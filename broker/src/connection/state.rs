@@ -152,6 +152,11 @@ impl Conn {
     }
 
     /// The broker's connection deadlines (keep alive, close grace).
+    /// The broker's settings.
+    pub(super) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// How long a started packet may take to arrive in full, in ms.
     pub(super) fn packet_timeout_ms(&self) -> u64 {
         u64::try_from(self.settings.packet_timeout.as_millis()).unwrap_or(u64::MAX)
@@ -173,6 +178,9 @@ impl Conn {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(Decoded::Done),
                 Err(outpost_mqtt::DecodeError::PacketTooLarge { size, max }) => {
+                    crate::limits::ConnectionLimits::count(
+                        &self.settings.connections.packet_too_large,
+                    );
                     info!(
                         conn_id = self.conn_id,
                         size,

@@ -27,7 +27,7 @@ impl Core {
             )
         });
         let conns = &self.settings.connections;
-        let entries: [(&str, String); 25] = [
+        let entries = [
             ("version", format!("outpost {}", env!("CARGO_PKG_VERSION"))),
             (
                 "uptime",
@@ -76,6 +76,18 @@ impl Core {
                     .refused_per_address
                     .load(Ordering::Relaxed)
                     .to_string(),
+            ),
+            (
+                "limits/connect_size",
+                conns.connect_too_large.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "limits/packet_size",
+                conns.packet_too_large.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "limits/packet_timeout",
+                conns.packet_timeouts.load(Ordering::Relaxed).to_string(),
             ),
             // Messages the store refused (full disk or broker.max_store_size).
             (
