@@ -96,7 +96,7 @@ rm -f "$root/tmp/outpost.deb" "$root/usr/sbin/policy-rc.d"
 
 cp -a "$here/overlay/." "$root/"
 chroot "$root" systemctl enable systemd-networkd.service systemd-resolved.service \
-  systemd-timesyncd.service ssh.service outpost.service outpost-firstboot.service >/dev/null
+  systemd-timesyncd.service ssh.service outpost.service outpost-firstboot.service outpost-sshkeys.service >/dev/null
 ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 echo outpost >"$root/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\toutpost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"

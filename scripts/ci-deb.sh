@@ -6,15 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir=${CARGO_TARGET_DIR:-target}
 declare -A arch=([x86_64-unknown-linux-gnu]=amd64 [aarch64-unknown-linux-gnu]=arm64 [armv7-unknown-linux-gnueabihf]=armhf)
-mkdir -p "$target_dir/debian"
+rm -rf "$target_dir/debian"
 for t in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
   s=$(date +%s)
-  cargo deb -p outpost-gateway --target "$t" --locked --output "$target_dir/debian/"
-  deb=$(ls "$target_dir"/debian/outpost_*_"${arch[$t]}".deb)
+  # The build machine's own target is built without --target (into target/release).
+  target_arg=(--target "$t")
+  [ "$t" = "$(rustc -vV | sed -n 's/^host: //p')" ] && target_arg=()
+  cargo deb -p outpost-gateway "${target_arg[@]}" --locked --output "$target_dir/debian/${arch[$t]}/"
+  deb=$(ls "$target_dir"/debian/"${arch[$t]}"/outpost_*_"${arch[$t]}".deb)
   echo "package $t: $(( $(date +%s) - s )) s, $(stat -c %s "$deb") bytes: $deb"
   dpkg-deb -I "$deb" | sed -n '/Package:/,$p'
   dpkg-deb -c "$deb"
-  lintian --fail-on error --no-tag-display-limit "$deb" | tee "$target_dir/debian/lintian-${arch[$t]}.txt"
+  lintian --fail-on error --tag-display-limit 0 "$deb" | tee "$target_dir/debian/lintian-${arch[$t]}.txt"
   ! grep -q '^E:' "$target_dir/debian/lintian-${arch[$t]}.txt"
   echo "lintian ${arch[$t]}: no errors ($(grep -c '^W:' "$target_dir/debian/lintian-${arch[$t]}.txt" || true) warnings)"
 done
@@ -22,8 +25,9 @@ done
 mkdir -p "$target_dir/debian/upgrade"
 cargo deb -p outpost-gateway --target aarch64-unknown-linux-gnu --locked --no-build \
   --deb-revision 2 --output "$target_dir/debian/upgrade/"
+ls -l "$target_dir"/debian/*/*.deb
 # The install test runs in the image's cached base root file system.
 OUTPOST_IMAGE_BASE_ONLY=1 image/build.sh
-base=$(ls -d /var/cache/outpost-image/base-bookworm-arm64-* | grep -v '\.tmp$' | head -1)
-scripts/deb-install-test.sh "$base" "$(ls "$target_dir"/debian/outpost_*_arm64.deb)" \
+base=$(ls -d "${OUTPOST_IMAGE_CACHE:-/var/cache/outpost-image}"/base-bookworm-arm64-* | grep -v '\.tmp$' | head -1)
+scripts/deb-install-test.sh "$base" "$(ls "$target_dir"/debian/arm64/outpost_*_arm64.deb)" \
   "$(ls "$target_dir"/debian/upgrade/outpost_*_arm64.deb)"

@@ -24,7 +24,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-fail() { echo "DEB TEST FAIL: $*" >&2; tail -20 "$work/outpost.log" 2>/dev/null >&2 || true; exit 1; }
+fail() { echo "DEB TEST FAIL: $*" >&2; echo "--- outpost log:" >&2; tail -25 "$work/outpost.log" >&2 2>/dev/null || true; exit 1; }
 ok() { echo "ok   $*"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 $(($2 * 10))); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
@@ -39,7 +39,8 @@ cp "$old" "$new" "$root/tmp/"
 chroot "$root" dpkg -i "/tmp/$(basename "$old")" >"$work/dpkg-install.log" 2>&1 || { cat "$work/dpkg-install.log"; fail "dpkg -i"; }
 ok "installed $(basename "$old")"
 [ -x "$root/usr/bin/outpost" ] || fail "no /usr/bin/outpost"
-[ "$(stat -c '%U:%G %a' "$root/etc/outpost/outpost.toml")" = "root:outpost 640" ] || fail "conffile mode: $(stat -c '%U:%G %a' "$root/etc/outpost/outpost.toml")"
+mode=$(chroot "$root" stat -c '%U:%G %a' /etc/outpost/outpost.toml)
+[ "$mode" = "root:outpost 640" ] || fail "conffile mode: $mode"
 ok "/etc/outpost/outpost.toml root:outpost 0640"
 chroot "$root" id outpost | grep -q '(dialout)' || fail "user outpost not in dialout: $(chroot "$root" id outpost)"
 ok "user outpost: $(chroot "$root" id outpost)"
@@ -72,6 +73,8 @@ name = "cloud"
 address = "mqtt://127.0.0.1:$C"
 protocol = "3.1.1"
 topics = [{ pattern = "sensors/#", direction = "out", qos = 1 }]
+# Reconnect promptly when the cloud returns (the default backoff grows to 60 s).
+reconnect = { min = "1s", max = "2s" }
 CONF
 mkdir -p "$work/cloud"
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/cloud/\n' "$C" "$work" >"$work/cloud.conf"

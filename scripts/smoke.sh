@@ -51,6 +51,8 @@ name = "cloud"
 address = "mqtt://127.0.0.1:$C"
 protocol = "3.1.1"
 topics = [{ pattern = "sensors/#", direction = "out", qos = 1 }]
+# Reconnect promptly when the cloud returns (the default backoff grows to 60 s).
+reconnect = { min = "1s", max = "2s" }
 CONF
 start_cloud
 # A persistent session on the cloud collects what the bridge forwards, also while the
