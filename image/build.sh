@@ -148,7 +148,7 @@ genimage --config "$img/genimage.cfg" --inputpath "$img" --outputpath "$img" \
   --rootpath "$work/empty-root" --tmppath "$work/genimage-tmp" >/dev/null 2>"$work/genimage.log" \
   || { cat "$work/genimage.log" >&2; exit 1; }
 stamp "compressing"
-xz -T0 -3 -c "$img/$name.img" >"$out/$name.img.xz.tmp"
+xz -T0 -1 -c "$img/$name.img" >"$out/$name.img.xz.tmp"
 mv "$out/$name.img.xz.tmp" "$out/$name.img.xz"
 echo "kernel $kver; outpost $(dpkg-deb -f "$deb" Version)" >"$out/$name.versions.txt"
 stamp "done: $out/$name.img.xz ($(du -h "$out/$name.img.xz" | cut -f1), $(du -h --apparent-size "$img/$name.img" | cut -f1) raw)"
