@@ -8,7 +8,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 . /etc/os-release
 pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
-  qemu-user qemu-user-static binfmt-support mosquitto mosquitto-clients python3 lintian
+  qemu-user qemu-user-static binfmt-support mosquitto mosquitto-clients socat openssl python3 lintian
   dpkg-dev mmdebstrap arch-test genimage mtools dosfstools e2fsprogs fdisk xz-utils)
 missing=()
 for p in "${pkgs[@]}"; do
