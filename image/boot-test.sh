@@ -31,6 +31,12 @@ cat >"$work/outpost.toml" <<'CONF'
 # No gateway_id: it defaults to the host name, set from the boot partition too.
 [broker]
 listeners = [{ bind = "127.0.0.1:1884" }]
+# A Modbus TCP device nobody answers for: its retained status topic carries the
+# gateway_id, and STATUS= counts it as a sensor offline.
+[[sensors.modbus]]
+name = "probe"
+transport = { tcp = { host = "127.0.0.1", port = 1502 } }
+points = [{ name = "t", kind = "holding", address = 0 }]
 CONF
 echo "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootTestKeyBootTestKeyBootTestKeyBootTest ci@test" >"$work/authorized_keys"
 printf 'ci-outpost\r\n' >"$work/hostname"
