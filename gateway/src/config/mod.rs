@@ -492,9 +492,12 @@ impl Config {
     /// The gateway id, defaulting to the host name.
     pub fn gateway_id(&self) -> String {
         self.gateway_id.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
+            // gethostname(2), not /proc/sys/kernel/hostname: the hardened unit's
+            // ProcSubset=pid hides /proc/sys, which silently gave every gateway the
+            // fallback id (the image's boot test caught it).
+            nix::unistd::gethostname()
                 .ok()
-                .map(|h| h.trim().replace(['/', '+', '#'], "_"))
+                .map(|h| h.to_string_lossy().trim().replace(['/', '+', '#'], "_"))
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "outpost".to_owned())
         })
