@@ -558,6 +558,18 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 mod tests {
 
     #[test]
+    fn gateway_id_defaults_to_the_host_name() {
+        let c = parse("").unwrap();
+        let host = nix::unistd::gethostname().unwrap();
+        let want = host.to_string_lossy().trim().replace(['/', '+', '#'], "_");
+        assert_eq!(c.gateway_id(), want);
+        assert_eq!(
+            parse("gateway_id = \"gw-7\"\n").unwrap().gateway_id(),
+            "gw-7"
+        );
+    }
+
+    #[test]
     fn credentials_directory_paths_expand() {
         let d = Path::new("/run/credentials/outpost.service");
         for p in [
