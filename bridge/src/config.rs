@@ -33,6 +33,11 @@ pub struct BridgeConfig {
     /// Password for the cloud broker.
     #[serde(default)]
     pub password: Option<String>,
+    /// File holding the password (a trailing newline is ignored), read at start instead of
+    /// an inline `password`: e.g. a systemd credential,
+    /// `"$CREDENTIALS_DIRECTORY/cloud-password"` with `LoadCredential=` in the unit.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Keep alive sent in CONNECT (default 60s); also bounds half-open link detection.
     #[serde(
         default = "default_keep_alive",
@@ -380,6 +385,9 @@ impl BridgeConfig {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return invalid("name must be non-empty and use only [A-Za-z0-9_-]".into());
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return invalid("password and password_file exclude each other".into());
         }
         let addr = Address::parse(&self.address)?;
         if addr.scheme.is_tls() {

@@ -238,6 +238,19 @@ impl BridgeHandle {
         self.inner.spool.dead_letters().await
     }
 
+    /// A sign of life for the service watchdog: the spool writer answers (it commits what
+    /// was queued before this call; a storage error is still an answer) and the uplink
+    /// task has not ended.
+    pub async fn alive(&self) -> bool {
+        let uplink_running = self
+            .inner
+            .uplink
+            .lock()
+            .ok()
+            .is_some_and(|g| g.as_ref().is_some_and(|t| !t.is_finished()));
+        uplink_running && !matches!(self.inner.spool.flush().await, Err(SpoolError::Closed))
+    }
+
     /// True while the cloud link is up.
     pub fn is_connected(&self) -> bool {
         self.inner.stats.connected.load(Relaxed)

@@ -50,6 +50,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &mut tasks,
     )
     .await?;
+    #[cfg(debug_assertions)]
+    service::install_debug_wedge(&broker.handle()).await;
     broker.serve(listeners);
     crate::sensors::spawn(
         config.sensors(),
@@ -61,11 +63,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await;
     info!(gateway_id = %gateway_id, state_dir = %state_dir.display(), "outpost {} running", env!("CARGO_PKG_VERSION"));
     service::notify_ready(&format!("serving MQTT on {}", addrs.join(", ")));
-    service::spawn_watchdog();
+    let sensors = config.sensors();
+    let supervisor = service::spawn_supervisor(service::Watched {
+        broker: broker.handle(),
+        bridges: bridges.clone(),
+        sensors_base: (!sensors.modbus.is_empty() || !sensors.serial.is_empty()).then(|| {
+            format!(
+                "{}/{gateway_id}/sensors",
+                sensors
+                    .topic_prefix
+                    .as_deref()
+                    .unwrap_or(&config.topic_prefix)
+            )
+        }),
+    })
+    .await;
 
     signals.wait().await;
     info!("shutting down");
     service::notify_stopping();
+    if let Some(s) = supervisor {
+        s.abort();
+    }
     // Bridges publish their clean offline status and flush their spools first.
     for b in &bridges {
         b.shutdown().await;

@@ -5,8 +5,15 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::FutureExt;
+use outpost_bridge::BridgeHandle;
+use outpost_mqtt::{Properties, QoS};
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
+
+use crate::broker::{BrokerHandle, LocalSubscription};
 
 /// Sets up logging: the journal when started by systemd (`JOURNAL_STREAM` set),
 /// otherwise human-readable lines on stderr. `RUST_LOG` overrides `level`.
@@ -44,19 +51,211 @@ pub fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
-/// Pets the systemd watchdog at half its interval, if one is configured.
-pub fn spawn_watchdog() {
-    let Some(interval) = sd_notify::watchdog_enabled().filter(|d| !d.is_zero()) else {
-        return;
+/// Topic of the watchdog's round trip through the broker core. Wildcard subscriptions of
+/// clients never match a `$` topic, and no bridge rule takes it.
+const PROBE_TOPIC: &str = "$outpost/watchdog";
+/// How often the status line is refreshed when no watchdog asks for more.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// What the watchdog checks and the status line reports.
+pub struct Watched {
+    /// The broker core: the watchdog is fed only after a message went through it.
+    pub broker: BrokerHandle,
+    /// The bridges: their spool writers must answer and their uplink tasks run.
+    pub bridges: Vec<BridgeHandle>,
+    /// `{prefix}/{gateway_id}/sensors`, when sensors are configured.
+    pub sensors_base: Option<String>,
+}
+
+/// Feeds the systemd watchdog (when `WATCHDOG_USEC` is set for this process) only while
+/// the work is alive, and keeps `STATUS=` current. Each round publishes a message to a
+/// private topic through the broker core and waits for it to come back on an in-process
+/// subscription, then asks every bridge's spool writer for a commit and checks its
+/// uplink task. Only when all of that answered within the round is `WATCHDOG=1` sent: a
+/// wedged core (or spool writer) stops the pings and systemd restarts the service after
+/// `WatchdogSec`. Does nothing when not started by systemd (no `NOTIFY_SOCKET`).
+pub async fn spawn_supervisor(w: Watched) -> Option<tokio::task::JoinHandle<()>> {
+    std::env::var_os("NOTIFY_SOCKET")?;
+    let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
+    // A quarter of the interval: one slow round does not trip it, two wedged ones do.
+    let every = watchdog.map_or(STATUS_EVERY, |d| (d / 4).min(STATUS_EVERY));
+    let mut probe = match w.broker.subscribe(PROBE_TOPIC, QoS::AtMostOnce).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "watchdog: cannot subscribe to its probe topic");
+            return None;
+        }
     };
-    let every: Duration = interval / 2;
-    tokio::spawn(async move {
+    let mut clients = w
+        .broker
+        .subscribe("$SYS/broker/clients/connected", QoS::AtMostOnce)
+        .await
+        .ok();
+    let mut sensors = match &w.sensors_base {
+        Some(base) => w
+            .broker
+            .subscribe(&format!("{base}/+/status"), QoS::AtMostOnce)
+            .await
+            .ok(),
+        None => None,
+    };
+    Some(tokio::spawn(async move {
+        let mut view = StatusView::default();
         let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq: u64 = 0;
+        let mut healthy = true;
         loop {
             tick.tick().await;
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            seq += 1;
+            let check = tokio::time::timeout(every, round_trip(&w, &mut probe, seq));
+            let ok = matches!(check.await, Ok(Ok(())));
+            if let Some(c) = &mut clients {
+                while let Some(m) = drain(c) {
+                    view.clients = String::from_utf8_lossy(&m.payload).into_owned();
+                }
+            }
+            if let Some(s) = &mut sensors {
+                while let Some(m) = drain(s) {
+                    view.sensor_seen(&m.topic, &m.payload);
+                }
+            }
+            let status = view.line(&w.bridges);
+            if ok {
+                if !healthy {
+                    tracing::warn!("watchdog: the broker core and spools answer again");
+                }
+                healthy = true;
+                let mut states = vec![sd_notify::NotifyState::Status(&status)];
+                if watchdog.is_some() {
+                    states.push(sd_notify::NotifyState::Watchdog);
+                }
+                let _ = sd_notify::notify(&states);
+            } else if healthy {
+                healthy = false;
+                tracing::error!(
+                    "watchdog: the broker core or a spool writer did not answer; not feeding the watchdog"
+                );
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+                    "not responding: broker core or spool writer wedged",
+                )]);
+            }
         }
-    });
+    }))
+}
+
+/// One message through the core and back, then every bridge's sign of life.
+async fn round_trip(w: &Watched, probe: &mut LocalSubscription, seq: u64) -> Result<(), ()> {
+    let payload = Bytes::from(seq.to_string());
+    w.broker
+        .publish(
+            PROBE_TOPIC,
+            payload.clone(),
+            QoS::AtMostOnce,
+            false,
+            Properties::default(),
+        )
+        .await
+        .map_err(|_| ())?;
+    // Older probes that came back late are skipped.
+    loop {
+        let m = probe.recv().await.ok_or(())?;
+        if m.payload == payload {
+            break;
+        }
+    }
+    for b in &w.bridges {
+        if !b.alive().await {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+fn drain(sub: &mut LocalSubscription) -> Option<std::sync::Arc<crate::broker::Message>> {
+    sub.recv().now_or_never().flatten()
+}
+
+/// The pieces of the status line.
+#[derive(Default)]
+struct StatusView {
+    clients: String,
+    /// device -> online
+    sensors: std::collections::BTreeMap<String, bool>,
+}
+
+impl StatusView {
+    fn sensor_seen(&mut self, topic: &str, payload: &[u8]) {
+        let Some(device) = topic.rsplit('/').nth(1) else {
+            return;
+        };
+        let online = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| {
+                v.get("status")
+                    .and_then(|s| s.as_str())
+                    .map(|s| s == "online")
+            })
+            .unwrap_or(false);
+        self.sensors.insert(device.to_owned(), online);
+    }
+
+    /// e.g. `clients 3; uplink cloud: connected, spool 0; sensors 2/2 online`.
+    fn line(&self, bridges: &[BridgeHandle]) -> String {
+        let mut parts = vec![format!(
+            "clients {}",
+            if self.clients.is_empty() {
+                "0"
+            } else {
+                &self.clients
+            }
+        )];
+        for b in bridges {
+            let st = b.stats();
+            parts.push(format!(
+                "uplink {}: {}, spool {}",
+                b.name(),
+                if b.is_connected() {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                st.spool_messages.load(std::sync::atomic::Ordering::Relaxed)
+            ));
+        }
+        if !self.sensors.is_empty() {
+            let online = self.sensors.values().filter(|o| **o).count();
+            parts.push(format!("sensors {online}/{} online", self.sensors.len()));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Debug builds only: `OUTPOST_DEBUG_WEDGE_TOPIC=t` registers a durable sink that blocks
+/// the broker core's thread forever when a message on topic `t` arrives. The watchdog test
+/// (`tests/tests/watchdog.rs`) uses it to prove the pings stop when the core is wedged.
+/// Release builds do not contain it.
+#[cfg(debug_assertions)]
+pub async fn install_debug_wedge(broker: &BrokerHandle) {
+    struct Wedge(String);
+    impl crate::broker::DurableSink for Wedge {
+        fn wants(&self, topic: &str) -> bool {
+            topic == self.0
+        }
+        fn offer(&self, msg: &crate::broker::Message) -> Option<crate::broker::DurableReceipt> {
+            if *msg.topic == *self.0 {
+                tracing::error!("debug fault: wedging the broker core");
+                loop {
+                    std::thread::park();
+                }
+            }
+            None
+        }
+    }
+    if let Some(t) = std::env::var_os("OUTPOST_DEBUG_WEDGE_TOPIC") {
+        let t = t.to_string_lossy().into_owned();
+        let _ = broker.add_durable_sink(std::sync::Arc::new(Wedge(t))).await;
+    }
 }
 
 /// Raises the open-file soft limit to the hard limit: every client is a descriptor, and

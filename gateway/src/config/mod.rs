@@ -119,6 +119,25 @@ pub enum ConfigError {
     },
 }
 
+/// `Some` when `p` starts with `$CREDENTIALS_DIRECTORY/` or `${CREDENTIALS_DIRECTORY}/`:
+/// the path inside `dir`, or why it cannot be had.
+fn expand_credentials(p: &Path, dir: Option<&Path>) -> Option<Result<PathBuf, String>> {
+    let s = p.to_str()?;
+    let rest = s
+        .strip_prefix("$CREDENTIALS_DIRECTORY/")
+        .or_else(|| s.strip_prefix("${CREDENTIALS_DIRECTORY}/"))?;
+    Some(match dir {
+        Some(d) if !rest.is_empty() && !rest.contains("..") => Ok(d.join(rest)),
+        Some(_) => Err(format!(
+            "{s}: the credential name must be a plain file name"
+        )),
+        None => Err(format!(
+            "{s}: $CREDENTIALS_DIRECTORY is not set (add LoadCredential= to the unit, \
+             or give a plain file path)"
+        )),
+    })
+}
+
 impl Config {
     /// The configuration used when `outpost` runs without `--config`.
     pub fn embedded_default() -> Config {
@@ -152,7 +171,59 @@ impl Config {
             toml_error(text, path, &key, e.inner())
         })?;
         config.validate(path)?;
+        let mut config = config;
+        config.resolve_secrets(path)?;
         Ok(config)
+    }
+
+    /// Secrets from files and systemd credentials: a file path that starts with
+    /// `$CREDENTIALS_DIRECTORY/` (or `${CREDENTIALS_DIRECTORY}/`) is taken from that
+    /// directory (`LoadCredential=` in the unit), and a bridge's `password_file` is read
+    /// into its password. Inline values are left as they are.
+    fn resolve_secrets(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let expand = |p: &mut PathBuf, key: String| -> Result<(), ConfigError> {
+            if let Some(e) = expand_credentials(p, creds.as_deref()) {
+                *p = e.map_err(|m| invalid(key, m))?;
+            }
+            Ok(())
+        };
+        for (i, l) in self.broker.listeners.iter_mut().enumerate() {
+            if let Some(t) = &mut l.tls {
+                let k = |f: &str| format!("broker.listeners[{i}].tls.{f}");
+                expand(&mut t.cert, k("cert"))?;
+                expand(&mut t.key, k("key"))?;
+                if let Some(ca) = &mut t.client_ca {
+                    expand(ca, k("client_ca"))?;
+                }
+            }
+        }
+        for (i, b) in self.bridge.iter_mut().enumerate() {
+            if let Some(t) = &mut b.tls {
+                for (f, v) in [
+                    ("ca_file", &mut t.ca_file),
+                    ("cert_file", &mut t.cert_file),
+                    ("key_file", &mut t.key_file),
+                ] {
+                    if let Some(p) = v {
+                        expand(p, format!("bridge[{i}].tls.{f}"))?;
+                    }
+                }
+            }
+            if let Some(p) = &mut b.password_file {
+                let key = format!("bridge[{i}].password_file");
+                expand(p, key.clone())?;
+                let text = std::fs::read_to_string(&*p)
+                    .map_err(|e| invalid(key, format!("cannot read {}: {e}", p.display())))?;
+                b.password = Some(text.trim_end_matches(['\r', '\n']).to_owned());
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -256,9 +327,12 @@ impl Config {
     /// The gateway id, defaulting to the host name.
     pub fn gateway_id(&self) -> String {
         self.gateway_id.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
+            // gethostname(2), not /proc/sys/kernel/hostname: the hardened unit's
+            // ProcSubset=pid hides /proc/sys, which silently gave every gateway the
+            // fallback id (the image's boot test caught it).
+            nix::unistd::gethostname()
                 .ok()
-                .map(|h| h.trim().replace(['/', '+', '#'], "_"))
+                .map(|h| h.to_string_lossy().trim().replace(['/', '+', '#'], "_"))
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "outpost".to_owned())
         })
@@ -317,6 +391,60 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn gateway_id_defaults_to_the_host_name() {
+        let c = parse("").unwrap();
+        let host = nix::unistd::gethostname().unwrap();
+        let want = host.to_string_lossy().trim().replace(['/', '+', '#'], "_");
+        assert_eq!(c.gateway_id(), want);
+        assert_eq!(
+            parse("gateway_id = \"gw-7\"\n").unwrap().gateway_id(),
+            "gw-7"
+        );
+    }
+
+    #[test]
+    fn credentials_directory_paths_expand() {
+        let d = Path::new("/run/credentials/outpost.service");
+        for p in [
+            "$CREDENTIALS_DIRECTORY/key.pem",
+            "${CREDENTIALS_DIRECTORY}/key.pem",
+        ] {
+            let got = expand_credentials(Path::new(p), Some(d)).unwrap().unwrap();
+            assert_eq!(got, d.join("key.pem"));
+        }
+        assert!(expand_credentials(Path::new("/etc/outpost/key.pem"), Some(d)).is_none());
+        let err = expand_credentials(Path::new("$CREDENTIALS_DIRECTORY/k"), None)
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("LoadCredential"), "{err}");
+        assert!(
+            expand_credentials(Path::new("$CREDENTIALS_DIRECTORY/../x"), Some(d))
+                .unwrap()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn bridge_password_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let text = format!(
+            "[[bridge]]\nname = \"cloud\"\naddress = \"mqtt://127.0.0.1:1883\"\n\
+             password_file = \"{}\"\ntopics = [{{ pattern = \"a/#\", direction = \"out\" }}]\n",
+            pw.display()
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.bridge[0].password.as_deref(), Some("s3cret"));
+        let both = text.replace("password_file", "password = \"x\"\npassword_file");
+        let err = parse(&both).unwrap_err().to_string();
+        assert!(err.contains("exclude each other"), "{err}");
+        let missing = text.replace(&pw.display().to_string(), "/nonexistent/pw");
+        let err = parse(&missing).unwrap_err().to_string();
+        assert!(err.contains("bridge[0].password_file"), "{err}");
+    }
     use super::*;
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
