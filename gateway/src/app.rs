@@ -53,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     #[cfg(debug_assertions)]
     service::install_debug_wedge(&broker.handle()).await;
     broker.serve(listeners);
-    crate::sensors::spawn(
+    let sensor_stats = crate::sensors::spawn(
         config.sensors(),
         gateway_id.clone(),
         broker.handle(),
@@ -67,6 +67,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let supervisor = service::spawn_supervisor(service::Watched {
         broker: broker.handle(),
         bridges: bridges.clone(),
+        sensor_lines: sensor_stats,
         sensors_base: (!sensors.modbus.is_empty() || !sensors.serial.is_empty()).then(|| {
             format!(
                 "{}/{gateway_id}/sensors",

@@ -2,6 +2,9 @@
 //! broker's in-process API, and `.../set` messages from the broker reach it as commands.
 
 use outpost_mqtt::{Properties, QoS};
+use std::sync::Arc;
+
+use outpost_sensors::stats::Stats;
 use outpost_sensors::{Command, SensorMessage, SensorsConfig};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -17,16 +20,19 @@ const COMMANDS_QUEUE: usize = 256;
 const MAX_UNCOMMITTED: usize = 1024;
 
 /// Starts the sensor layer if the config has any sensors.
+/// Returns the sensor layer's counters (the watchdog reads each line's sign of life
+/// there), or `None` when there are no sensors.
 pub async fn spawn(
     config: SensorsConfig,
     gateway_id: String,
     broker: BrokerHandle,
     shutdown: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
-) {
+) -> Option<Arc<Stats>> {
     if config.modbus.is_empty() && config.serial.is_empty() {
-        return;
+        return None;
     }
+    let stats = Arc::new(Stats::default());
     let (out_tx, out_rx) = mpsc::channel(READINGS_QUEUE);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUE);
     for filter in outpost_sensors::command_filters(&config, &gateway_id) {
@@ -39,11 +45,16 @@ pub async fn spawn(
     }
     drop(cmd_tx);
     tasks.spawn(publish_readings(out_rx, broker));
+    let run_stats = Arc::clone(&stats);
     tasks.spawn(async move {
-        if let Err(e) = outpost_sensors::run(config, gateway_id, out_tx, cmd_rx, shutdown).await {
+        let run = outpost_sensors::run_with_stats(
+            config, gateway_id, out_tx, cmd_rx, shutdown, run_stats,
+        );
+        if let Err(e) = run.await {
             error!(error = %e, "sensor layer stopped");
         }
     });
+    Some(stats)
 }
 
 async fn forward_commands(mut sub: crate::broker::LocalSubscription, tx: mpsc::Sender<Command>) {

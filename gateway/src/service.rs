@@ -63,6 +63,8 @@ pub struct Watched {
     pub broker: BrokerHandle,
     /// The bridges: their spool writers must answer and their uplink tasks run.
     pub bridges: Vec<BridgeHandle>,
+    /// The sensor layer's lines: each task must keep going round its loop.
+    pub sensor_lines: Option<std::sync::Arc<outpost_sensors::stats::Stats>>,
     /// `{prefix}/{gateway_id}/sensors`, when sensors are configured.
     pub sensors_base: Option<String>,
 }
@@ -134,10 +136,11 @@ pub async fn spawn_supervisor(w: Watched) -> Option<tokio::task::JoinHandle<()>>
             } else if healthy {
                 healthy = false;
                 tracing::error!(
-                    "watchdog: the broker core or a spool writer did not answer; not feeding the watchdog"
+                    "watchdog: the broker core, a spool writer or a sensor poller did not \
+                     answer; not feeding the watchdog"
                 );
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
-                    "not responding: broker core or spool writer wedged",
+                    "not responding: broker core, spool writer or sensor poller wedged",
                 )]);
             }
         }
@@ -168,6 +171,15 @@ async fn round_trip(w: &Watched, probe: &mut LocalSubscription, seq: u64) -> Res
         if !b.alive().await {
             return Err(());
         }
+    }
+    if let Some(stale) = w
+        .sensor_lines
+        .as_ref()
+        .map(|s| s.stale_lines())
+        .filter(|l| !l.is_empty())
+    {
+        tracing::error!(lines = %stale.join(", "), "watchdog: a sensor line's poller stopped going round its loop");
+        return Err(());
     }
     Ok(())
 }

@@ -11,6 +11,8 @@ pub mod clock;
 pub mod config;
 pub mod emit;
 pub mod error;
+#[cfg(debug_assertions)]
+mod fault;
 pub mod modbus;
 pub mod plan;
 pub mod point;

@@ -35,7 +35,17 @@ pub struct LineStats {
     /// Bytes read.
     pub bytes_rx: AtomicU64,
     started: Instant,
+    /// When the line's task last went round its loop (ms since `started`).
+    last_beat_ms: AtomicU64,
+    /// Longest a healthy task may go between beats (ms): its heartbeat plus the longest
+    /// single step it can take (a transaction with its retries, a reopen backoff).
+    quiet_limit_ms: AtomicU64,
 }
+
+/// How often, at least, a line's task goes round its loop and shows it is alive, also
+/// when nothing is due: the watchdog takes a line silent for longer than its
+/// [`LineStats::expect_steps_up_to`] allows as wedged.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl LineStats {
     /// Fresh counters.
@@ -54,7 +64,30 @@ impl LineStats {
             bytes_tx: AtomicU64::new(0),
             bytes_rx: AtomicU64::new(0),
             started: Instant::now(),
+            last_beat_ms: AtomicU64::new(0),
+            quiet_limit_ms: AtomicU64::new(ms(HEARTBEAT * 2 + Duration::from_secs(30))),
         }
+    }
+
+    /// The line's task is alive: it went round its loop.
+    pub fn beat(&self) {
+        self.last_beat_ms
+            .store(ms(self.started.elapsed()), Ordering::Relaxed);
+    }
+
+    /// The longest single step the line's task can take between beats (one transaction
+    /// with all its retries, or one reopen backoff); the watchdog allows that, a
+    /// heartbeat and 10 s of slack before it calls the line wedged.
+    pub fn expect_steps_up_to(&self, step: Duration) {
+        let limit = HEARTBEAT + step + Duration::from_secs(10);
+        self.quiet_limit_ms.store(ms(limit), Ordering::Relaxed);
+    }
+
+    /// True when the task has not gone round its loop for longer than it ever should.
+    pub fn is_stale(&self) -> bool {
+        let now = ms(self.started.elapsed());
+        let last = self.last_beat_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) > self.quiet_limit_ms.load(Ordering::Relaxed)
     }
 
     /// Adds one to a counter.
@@ -102,6 +135,10 @@ impl LineStats {
     }
 }
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
@@ -125,6 +162,16 @@ impl Stats {
     /// A snapshot of every line's counters.
     pub fn lines(&self) -> Vec<Arc<LineStats>> {
         self.lines.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Lines whose task has stopped going round its loop (wedged, or ended): what the
+    /// systemd watchdog must not be fed over.
+    pub fn stale_lines(&self) -> Vec<String> {
+        self.lines()
+            .iter()
+            .filter(|l| l.is_stale())
+            .map(|l| l.name.clone())
+            .collect()
     }
 
     /// Sum of one counter over all lines.
@@ -217,5 +264,42 @@ mod tests {
             .find(|m| m.topic == "$SYS/broker/sensors/errors/timeout")
             .unwrap();
         assert_eq!(&t.payload[..], b"1");
+    }
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_stale_only_past_its_quiet_limit() {
+        let l = LineStats::new("l", 0);
+        l.beat();
+        assert!(!l.is_stale(), "just beat");
+        // A limit of a few milliseconds: HEARTBEAT and slack are part of every limit, so
+        // set the field directly for the test.
+        l.quiet_limit_ms.store(5, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(l.is_stale(), "silent past its limit");
+        l.beat();
+        assert!(!l.is_stale(), "alive again");
+        let s = Stats::default();
+        let a = s.line("a", 0);
+        let b = s.line("b", 9600);
+        a.beat();
+        b.beat();
+        b.quiet_limit_ms.store(0, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.stale_lines(), vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn the_quiet_limit_covers_a_heartbeat_the_longest_step_and_slack() {
+        let l = LineStats::new("l", 0);
+        l.expect_steps_up_to(Duration::from_secs(12));
+        assert_eq!(
+            l.quiet_limit_ms.load(Ordering::Relaxed),
+            ms(HEARTBEAT + Duration::from_secs(22))
+        );
     }
 }

@@ -73,6 +73,123 @@ fn publish_qos1(port: u16, topic: &str) -> TcpStream {
     s
 }
 
+/// Starts the gateway under a fake service manager listening on `sock_path`; extra
+/// config lines and fault in `extra` and `fault`.
+fn start_supervised(
+    dir: &std::path::Path,
+    sock_path: &std::path::Path,
+    port: u16,
+    extra: &str,
+    fault: &[(&str, &str)],
+) -> std::process::Child {
+    let config = dir.join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "worker_threads = 2\nstate_dir = \"{}\"\n[broker]\nlisteners = [{{ bind = \"127.0.0.1:{port}\" }}]\n{extra}",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    // `exec` keeps the shell's pid, so WATCHDOG_PID names the gateway as systemd would.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
+        .arg(outpost_bin())
+        .arg(&config)
+        .env("NOTIFY_SOCKET", sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in fault {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start outpost")
+}
+
+/// Waits for READY=1 (10 s at most).
+fn wait_ready(rx: &mpsc::Receiver<(Instant, String)>, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut start = Vec::new();
+    while !start
+        .iter()
+        .any(|m: &String| m.lines().any(|l| l == "READY=1"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((_, m)) => start.push(m),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no READY=1 within 10 s: {start:?}");
+            }
+        }
+    }
+}
+
+/// A sensor poller that stops going round its loop (a debug-only fault wedges every line
+/// task) stops the pings too, once it has been silent longer than any healthy step of it
+/// can take (a heartbeat, its longest transaction, 10 s of slack): about 15 s here.
+#[test]
+fn watchdog_pings_stop_when_a_sensor_poller_is_wedged() {
+    outpost_only!();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let rx = collect(sock);
+    let port = free_port();
+    // Nothing listens on this port: the poller keeps failing to connect, and keeps going
+    // round its loop, which is alive for the watchdog.
+    let dead = free_port();
+    let sensors = format!(
+        "[[sensors.modbus]]\nname = \"probe\"\ntransport = {{ tcp = {{ host = \"127.0.0.1\", port = {dead} }} }}\n\
+         unit = 1\ntimeout = \"100ms\"\nretries = 0\n\
+         points = [{{ name = \"p\", kind = \"holding\", address = 0, type = \"u16\", every = \"1s\" }}]\n"
+    );
+    let mut child = start_supervised(dir.path(), &sock_path, port, &sensors, &[]);
+    wait_ready(&rx, &mut child);
+    // Healthy for longer than the quiet limit: a failing device is not a wedged poller.
+    let healthy = gather(&rx, Duration::from_secs(17));
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = pings(&healthy);
+    assert!(
+        n >= 100,
+        "only {n} WATCHDOG=1 in 17 s with a failing device: pings must go on"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let rx = collect(sock);
+    let mut child = start_supervised(
+        dir.path(),
+        &sock_path,
+        port,
+        &sensors,
+        &[("OUTPOST_FAULT", "wedge-sensor-lines")],
+    );
+    wait_ready(&rx, &mut child);
+    // Within the quiet limit the core answers and the pings go on; past it they stop.
+    let early = gather(&rx, Duration::from_secs(2));
+    let _ = gather(&rx, Duration::from_secs(15));
+    let late = gather(&rx, Duration::from_secs(2));
+    let still_running = child.try_wait().expect("try_wait").is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still_running, "the gateway exited instead of wedging");
+    assert!(
+        pings(&early) >= 5,
+        "no pings before the poller's quiet limit: {early:?}"
+    );
+    assert_eq!(
+        pings(&late),
+        0,
+        "WATCHDOG=1 kept coming while the sensor poller was wedged: {late:?}"
+    );
+}
+
 #[test]
 fn watchdog_pings_only_while_the_core_answers() {
     outpost_only!();

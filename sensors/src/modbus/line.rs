@@ -163,6 +163,12 @@ impl Line {
             if *shutdown.borrow() {
                 break;
             }
+            self.stats.beat();
+            #[cfg(debug_assertions)]
+            if crate::fault::wedge_lines() {
+                // Test-only: the task stops here for good, as a wedged poller would.
+                std::future::pending::<()>().await;
+            }
             let step = async {
                 if writes_open {
                     match writes.try_recv() {
@@ -180,7 +186,9 @@ impl Line {
                     .iter()
                     .filter_map(LineDevice::earliest_due)
                     .min()
-                    .unwrap_or(now + Duration::from_secs(3600));
+                    .unwrap_or(now + Duration::from_secs(3600))
+                    // Round the loop at least once a heartbeat, also with nothing due.
+                    .min(now + crate::stats::HEARTBEAT);
                 tokio::select! {
                     () = tokio::time::sleep_until(wake.into()) => Ok(()),
                     job = writes.recv(), if writes_open => match job {

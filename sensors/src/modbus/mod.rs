@@ -85,6 +85,14 @@ pub fn build(config: &SensorsConfig, topics: &Topics, emitter: &Emitter, stats: 
                 },
             );
         }
+        // One step of the line's loop is at most one transaction with its retries, each
+        // attempt bounded by the device's timeout (and a connect as long).
+        let longest = devices
+            .iter()
+            .map(|d| d.timeout * 2 * (u32::from(d.retries) + 1))
+            .max()
+            .unwrap_or_default();
+        line_stats.expect_steps_up_to(longest);
         lines.push((Line::new(ep, devices, line_stats, emitter.clone()), rx));
     }
     Built { lines, routes }

@@ -205,12 +205,24 @@ impl SerialTask {
             Framing::Lines => self.cfg.frame_length.unwrap_or(1024),
         };
         let mut framer = Framer::new(self.cfg.framing, limit);
-        let tick_every = self.cfg.stale_after.map_or(Duration::from_secs(3600), |d| {
-            (d.0 / 2).max(Duration::from_millis(10))
-        });
+        // Also the heartbeat: the loop goes round at least this often when the device is
+        // quiet, so the watchdog can tell a quiet line from a wedged task.
+        let tick_every = self
+            .cfg
+            .stale_after
+            .map_or(Duration::from_secs(3600), |d| {
+                (d.0 / 2).max(Duration::from_millis(10))
+            })
+            .min(crate::stats::HEARTBEAT);
+        self.stats.expect_steps_up_to(max);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
+            }
+            self.stats.beat();
+            #[cfg(debug_assertions)]
+            if crate::fault::wedge_lines() {
+                std::future::pending::<()>().await;
             }
             let line = self.cfg.line();
             match open_serial(&line) {
@@ -232,6 +244,7 @@ impl SerialTask {
                     let mut buf = vec![0u8; 1024];
                     let mut tick = tokio::time::interval(tick_every);
                     let reason = loop {
+                        self.stats.beat();
                         tokio::select! {
                             r = port.read(&mut buf) => match r {
                                 Ok(0) => break "port closed".to_string(),
