@@ -89,7 +89,7 @@ pub fn build(config: &SensorsConfig, topics: &Topics, emitter: &Emitter, stats: 
         // attempt bounded by the device's timeout (and a connect as long).
         let longest = devices
             .iter()
-            .map(|d| d.timeout * 2 * (u32::from(d.retries) + 1))
+            .map(|d| d.timeout * 2 * d.retries.saturating_add(1))
             .max()
             .unwrap_or_default();
         line_stats.expect_steps_up_to(longest);
