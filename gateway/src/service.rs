@@ -111,7 +111,14 @@ pub async fn spawn_supervisor(w: Watched) -> Option<tokio::task::JoinHandle<()>>
             tick.tick().await;
             seq += 1;
             let check = tokio::time::timeout(every, round_trip(&w, &mut probe, seq));
-            let ok = matches!(check.await, Ok(Ok(())));
+            let (ok, why) = match check.await {
+                Ok(Ok(())) => (true, String::new()),
+                Ok(Err(why)) => (false, why),
+                Err(_) => (
+                    false,
+                    "the broker core or a spool writer did not answer in time".into(),
+                ),
+            };
             if let Some(c) = &mut clients {
                 while let Some(m) = drain(c) {
                     view.clients = String::from_utf8_lossy(&m.payload).into_owned();
@@ -135,7 +142,9 @@ pub async fn spawn_supervisor(w: Watched) -> Option<tokio::task::JoinHandle<()>>
                 let _ = sd_notify::notify(&states);
             } else if healthy {
                 healthy = false;
+                // Once per episode: a wedged part stays wedged until systemd restarts us.
                 tracing::error!(
+                    reason = %why,
                     "watchdog: the broker core, a spool writer or a sensor poller did not \
                      answer; not feeding the watchdog"
                 );
@@ -148,7 +157,7 @@ pub async fn spawn_supervisor(w: Watched) -> Option<tokio::task::JoinHandle<()>>
 }
 
 /// One message through the core and back, then every bridge's sign of life.
-async fn round_trip(w: &Watched, probe: &mut LocalSubscription, seq: u64) -> Result<(), ()> {
+async fn round_trip(w: &Watched, probe: &mut LocalSubscription, seq: u64) -> Result<(), String> {
     let payload = Bytes::from(seq.to_string());
     w.broker
         .publish(
@@ -159,17 +168,20 @@ async fn round_trip(w: &Watched, probe: &mut LocalSubscription, seq: u64) -> Res
             Properties::default(),
         )
         .await
-        .map_err(|_| ())?;
+        .map_err(|e| format!("the broker core refused the probe: {e}"))?;
     // Older probes that came back late are skipped.
     loop {
-        let m = probe.recv().await.ok_or(())?;
+        let m = probe
+            .recv()
+            .await
+            .ok_or_else(|| "the probe subscription ended".to_owned())?;
         if m.payload == payload {
             break;
         }
     }
     for b in &w.bridges {
         if !b.alive().await {
-            return Err(());
+            return Err(format!("bridge {} did not answer", b.name()));
         }
     }
     if let Some(stale) = w
@@ -178,8 +190,10 @@ async fn round_trip(w: &Watched, probe: &mut LocalSubscription, seq: u64) -> Res
         .map(|s| s.stale_lines())
         .filter(|l| !l.is_empty())
     {
-        tracing::error!(lines = %stale.join(", "), "watchdog: a sensor line's poller stopped going round its loop");
-        return Err(());
+        return Err(format!(
+            "the poller of sensor line {} stopped going round its loop",
+            stale.join(", ")
+        ));
     }
     Ok(())
 }
