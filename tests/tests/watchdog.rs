@@ -198,46 +198,14 @@ fn watchdog_pings_only_while_the_core_answers() {
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     let rx = collect(sock);
     let port = free_port();
-    let config = dir.path().join("outpost.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "worker_threads = 2\nstate_dir = \"{}\"\n[broker]\nlisteners = [{{ bind = \"127.0.0.1:{port}\" }}]\n",
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    // `exec` keeps the shell's pid, so WATCHDOG_PID names the gateway as systemd would.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
-        .arg(outpost_bin())
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .env("OUTPOST_DEBUG_WEDGE_TOPIC", "debug/wedge")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start outpost");
-
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut start = Vec::new();
-    while !start
-        .iter()
-        .any(|m: &String| m.lines().any(|l| l == "READY=1"))
-    {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((_, m)) => start.push(m),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no READY=1 within 10 s: {start:?}");
-            }
-        }
-    }
+    let mut child = start_supervised(
+        dir.path(),
+        &sock_path,
+        port,
+        "",
+        &[("OUTPOST_DEBUG_WEDGE_TOPIC", "debug/wedge")],
+    );
+    wait_ready(&rx, &mut child);
 
     // Healthy: a ping every ~100 ms (a quarter of WATCHDOG_USEC).
     let healthy = gather(&rx, Duration::from_secs(2));
