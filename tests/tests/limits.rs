@@ -71,7 +71,7 @@ async fn topic_levels_are_bounded_at_200_by_default() {
     let broker = Broker::start("sys_interval = \"1s\"");
     let port = broker.port();
     let mut v5 = connect(port, Protocol::V5, "lv-5").await;
-    // MQTT-3.8.4-? A server may refuse a well-formed filter it does not allow: 0x8F.
+    // 5.0 section 3.9.3: 0x8F Topic Filter invalid, "correctly formed but not allowed".
     assert_eq!(
         v5.subscribe(
             1,

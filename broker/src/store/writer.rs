@@ -435,8 +435,8 @@ fn apply(
 /// The changes of a batch with groups opened up (groups do not nest).
 fn flat(batch: &[Op]) -> impl Iterator<Item = &Op> {
     batch.iter().flat_map(|op| match op {
-        Op::Group(ops) => ops.iter().collect::<Vec<_>>(),
-        op => vec![op],
+        Op::Group(ops) => ops.as_slice(),
+        op => std::slice::from_ref(op),
     })
 }
 
