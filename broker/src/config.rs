@@ -228,7 +228,7 @@ impl BrokerConfig {
 }
 
 /// One `[[broker.listeners]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Address and port, e.g. "0.0.0.0:1883"; port 0 picks a free one (logged).
@@ -242,7 +242,7 @@ pub struct ListenerConfig {
 }
 
 /// TLS settings of a listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.

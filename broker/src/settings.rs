@@ -61,6 +61,30 @@ pub struct Settings {
     pub deadlines: Arc<Deadlines>,
 }
 
+/// The settings a new connection starts with; a reload replaces them. A connection keeps
+/// the settings it was accepted with, so only logins after a reload see new users; the
+/// core re-resolves the topic rules of connected clients itself.
+#[derive(Clone)]
+pub struct SharedSettings(Arc<std::sync::RwLock<Arc<Settings>>>);
+
+impl SharedSettings {
+    /// Wraps the settings of the first start.
+    pub fn new(s: Arc<Settings>) -> SharedSettings {
+        SharedSettings(Arc::new(std::sync::RwLock::new(s)))
+    }
+
+    /// The current settings (read once per accepted connection, never per message).
+    pub fn get(&self) -> Arc<Settings> {
+        // A poisoned lock only means a panic elsewhere while replacing an Arc; the value
+        // inside is still whole.
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set(&self, s: Arc<Settings>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
 impl Settings {
     /// Resolves a `[broker]` table.
     pub fn from_config(c: &BrokerConfig) -> Settings {

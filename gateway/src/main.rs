@@ -49,11 +49,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Passwd) => passwd(),
-        None => run(config),
+        None => run(config, cli.config),
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     outpost_gateway::service::init_logging(&config.log.level);
     outpost_gateway::service::raise_fd_limit();
     // One worker is a current-thread runtime: the same single thread without the
@@ -73,7 +73,7 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(outpost_gateway::app::run(config)) {
+    match runtime.block_on(outpost_gateway::app::run(config, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

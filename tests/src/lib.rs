@@ -12,6 +12,7 @@
 pub mod broker;
 pub mod cli;
 pub mod clients;
+pub mod cloud;
 pub mod ledger;
 pub mod raw;
 

@@ -218,16 +218,25 @@ pub(crate) async fn stop_requested(rx: &mut watch::Receiver<bool>) {
 }
 
 /// The reconnect loop; returns after a clean shutdown.
+/// What one uplink task hands to the next when a reconfigure replaces it.
+pub(crate) struct Carry {
+    /// QoS 0 messages waiting for the link.
+    pub live0: mpsc::Receiver<NewMessage>,
+    /// Messages up to this spool id are resent one at a time (poison detection).
+    pub careful_through: i64,
+}
+
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     mut shutdown: watch::Receiver<bool>,
     mut live0: mpsc::Receiver<NewMessage>,
-) {
+    careful_through: i64,
+) -> Carry {
     let cfg = &ctx.config.reconnect;
     let mut backoff = Backoff::new(cfg.min, cfg.max);
     let mut connected_before = false;
     let mut stopping = false;
-    let mut careful_through = ctx.spool.careful_through_at_open();
+    let mut careful_through = careful_through;
     ctx.mirror_link_state(false);
     loop {
         if stopping || *shutdown.borrow() {
@@ -305,5 +314,9 @@ pub(crate) async fn run(
                 Some(_) = live0.recv() => BridgeStats::bump(&ctx.stats.dropped_qos0),
             }
         }
+    }
+    Carry {
+        live0,
+        careful_through,
     }
 }

@@ -118,6 +118,14 @@ impl Core {
         s.generation = s.generation.wrapping_add(1);
         s.acl = ClientAcl::resolve(&self.settings.acl, connect.username.as_deref(), &client_id)
             .map(Box::new);
+        match connect.username.as_deref() {
+            Some(u) => {
+                self.users.insert(key, Arc::from(u));
+            }
+            None => {
+                self.users.remove(&key);
+            }
+        }
         // A will on a topic the client may not publish to is dropped at connect, as
         // Mosquitto does; it could never be delivered.
         s.will = connect
@@ -230,6 +238,7 @@ impl Core {
             return;
         }
         s.link = None;
+        let user = self.users.remove(&key);
         let publish_will = match &disconnect {
             None => true,
             Some(d) => {
@@ -248,7 +257,13 @@ impl Core {
             (Some(_), None) => "client sent DISCONNECT",
             (None, None) => "connection lost",
         };
-        info!(conn_id, client_id = %s.client_id, reason = why, "client disconnected");
+        info!(
+            conn_id,
+            client_id = %s.client_id,
+            user = user.as_deref().unwrap_or(""),
+            reason = why,
+            "client disconnected"
+        );
         if !publish_will {
             s.will = None;
         }
@@ -309,6 +324,7 @@ impl Core {
 
     /// Removes a session and everything it subscribed to.
     pub(crate) fn end_session(&mut self, key: SessionKey) {
+        self.users.remove(&key);
         let Some(s) = self.sessions.remove(key) else {
             return;
         };
