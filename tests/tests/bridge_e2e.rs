@@ -105,6 +105,19 @@ async fn cloud_outage_loses_nothing_keeps_order_and_qos2_arrives_once() {
         Some(&expect(n2)),
         "QoS 2: all, in order, once"
     );
+    // What an operator reads: the backlog found on connecting, and the drain's end;
+    // the failed attempts while the cloud was down are one warning, not one per retry.
+    assert!(
+        broker.wait_for_log("drained 500 messages in", 1, WAIT),
+        "{}",
+        broker.log()
+    );
+    let log = broker.log();
+    assert!(
+        log.contains("connected to the cloud; 500 messages ("),
+        "no backlog on connect:\n{log}"
+    );
+    assert_eq!(log.matches("cannot connect").count(), 1, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,9 @@ use outpost_tests::cloud::{Cloud, CloudSubscriber};
 use outpost_tests::{V4Client, WAIT, outpost_bin};
 use rumqttc::QoS;
 
+/// The line a successful reload ends with (`reloaded FILE: what changed`).
+const RELOADED: &str = "outpost_gateway::reload: reloaded ";
+
 fn listener(bind: &str) -> String {
     format!("{{ bind = \"{bind}\" }}")
 }
@@ -120,7 +123,7 @@ async fn reload_adds_users_and_changes_topic_rules_of_connected_clients() {
         "{ user = \"alice\", topic = \"data/public/#\", access = \"read\" }, \
          { user = \"bob\", topic = \"data/#\", access = \"write\" }",
     ));
-    wait_log(&b, "reloaded", 1);
+    wait_log(&b, RELOADED, 1);
     let (mut writer, _) = V4Client::connect(port, "bob-2", |o| {
         o.set_credentials("bob", "bob-pw");
     })
@@ -170,7 +173,7 @@ async fn listeners_are_added_changed_and_removed_without_touching_the_others() {
         listener(&format!("127.0.0.1:{extra}"))
     );
     b.reload_with(&with_extra);
-    wait_log(&b, "reloaded", 1);
+    wait_log(&b, RELOADED, 1);
     let (mut p2, _) = V4Client::connect(extra, "lst-pub-extra", |_| {}).await;
     p2.client
         .publish("lst/a", QoS::AtLeastOnce, false, "via the added listener")
@@ -184,7 +187,7 @@ async fn listeners_are_added_changed_and_removed_without_touching_the_others() {
 
     // Removed again: the port no longer accepts; the first listener's client is untouched.
     b.reload_with(&first);
-    wait_log(&b, "reloaded", 2);
+    wait_log(&b, RELOADED, 2);
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", extra)).is_err(),
         "the removed listener still accepts"
@@ -283,10 +286,10 @@ reconnect = {{ min = "100ms", max = "500ms" }}
     wait_log(&b, "bridge cloud reconnected with new settings", 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     b.reload_with(&config("30s", &two, "debug"));
-    wait_log(&b, "reloaded", 2);
+    wait_log(&b, RELOADED, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     b.reload_with(&config("30s", &two, "debug"));
-    wait_log(&b, "reloaded", 3);
+    wait_log(&b, RELOADED, 3);
 
     let (acked, pub_closed) = publisher.await.unwrap();
     assert_eq!(

@@ -331,7 +331,7 @@ impl Core {
         }
         tracing::info!(
             clients_with_new_topic_rules = changed,
-            "broker settings reloaded"
+            "broker settings applied"
         );
     }
 
