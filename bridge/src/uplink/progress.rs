@@ -86,9 +86,11 @@ pub(crate) fn watch_drain(name: String, stats: Arc<BridgeStats>, start: Backlog)
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
                 let rate = sent as f64 / began.elapsed().as_secs_f64().max(0.001);
-                let eta = (rate > 0.0)
-                    .then(|| human_duration(Duration::from_secs_f64(left as f64 / rate)))
-                    .unwrap_or_else(|| "unknown".to_owned());
+                let eta = if rate > 0.0 {
+                    human_duration(Duration::from_secs_f64(left as f64 / rate))
+                } else {
+                    "unknown".to_owned()
+                };
                 tracing::info!(bridge = %name, sent, left, rate = rate.round(),
                     "draining: {sent} sent, {left} left, {rate:.0} msg/s, about {eta} to go");
             }
