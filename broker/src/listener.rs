@@ -175,7 +175,7 @@ pub fn spawn_accept_loop(
         loop {
             match l.socket.accept().await {
                 Ok((stream, peer)) => {
-                    let settings = settings.get();
+                    let settings = settings.get_for(l.config.bind);
                     // Over a bound: closed before a byte is read (counted and logged).
                     let Ok(slot) = settings.connections.admit(peer.ip()) else {
                         drop(stream);

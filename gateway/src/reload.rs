@@ -194,7 +194,9 @@ impl Running {
                     summary.push(format!("listener {} removed", l.local_addr));
                     l.stop().await;
                 }
-                Some(c) if *c == l.config => {
+                Some(c) if c.same_socket(&l.config) => {
+                    let mut l = l;
+                    l.config = c.clone();
                     match l.reload_tls() {
                         Ok(true) => {
                             summary.push(format!("listener {}: TLS files read again", l.local_addr))

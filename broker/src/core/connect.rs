@@ -19,6 +19,7 @@ impl Core {
         let ConnectRequest {
             connect,
             peer,
+            listener,
             tx,
             reply,
         } = req;
@@ -116,15 +117,20 @@ impl Core {
         s.protocol = connect.protocol;
         s.expiry = expiry;
         s.generation = s.generation.wrapping_add(1);
-        s.acl = ClientAcl::resolve(&self.settings.acl, connect.username.as_deref(), &client_id)
-            .map(Box::new);
-        match connect.username.as_deref() {
-            Some(u) => {
-                self.users.insert(key, Arc::from(u));
-            }
-            None => {
-                self.users.remove(&key);
-            }
+        s.acl = ClientAcl::resolve(
+            self.settings.acl_for(listener),
+            connect.username.as_deref(),
+            &client_id,
+        )
+        .map(Box::new);
+        if connect.username.is_some() || listener.is_some() {
+            let origin = super::ClientOrigin {
+                user: connect.username.as_deref().map(Arc::from),
+                listener,
+            };
+            self.users.insert(key, origin);
+        } else {
+            self.users.remove(&key);
         }
         // A will on a topic the client may not publish to is dropped at connect, as
         // Mosquitto does; it could never be delivered.
@@ -260,7 +266,7 @@ impl Core {
         info!(
             conn_id,
             client_id = %s.client_id,
-            user = user.as_deref().unwrap_or(""),
+            user = user.as_ref().and_then(|o| o.user.as_deref()).unwrap_or(""),
             reason = why,
             "client disconnected"
         );

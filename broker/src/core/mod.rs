@@ -109,6 +109,14 @@ pub(crate) enum CoreEvent {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// Who a connected client is, where that matters to its topic rules.
+pub(crate) struct ClientOrigin {
+    /// Its user name.
+    pub user: Option<Arc<str>>,
+    /// The listener with rules of its own it came through.
+    pub listener: Option<std::net::SocketAddr>,
+}
+
 /// What the core tells a connection it accepted.
 pub(crate) struct Accepted {
     /// The session.
@@ -123,6 +131,8 @@ pub(crate) struct ConnectRequest {
     pub connect: Box<Connect>,
     /// Where the client connects from, for the log.
     pub peer: std::net::SocketAddr,
+    /// The listener whose own rules apply to the client, if it has any.
+    pub listener: Option<std::net::SocketAddr>,
     /// The connection's outbound queue (CONNACK goes out through it).
     pub tx: OutboundTx,
     /// Answered with the session and connection ids, or `None` if refused.
@@ -155,9 +165,10 @@ pub(crate) struct Core {
     deferred: std::collections::VecDeque<(Instant, SessionKey, u64)>,
     stats: Stats,
     started: Instant,
-    /// User names of connected clients that gave one: a reload re-resolves their topic
-    /// rules. Kept here rather than in every session so anonymous clients pay nothing.
-    users: std::collections::HashMap<SessionKey, Arc<str>>,
+    /// User names of connected clients that gave one, and the listener of those that
+    /// came through one with its own rules: a reload re-resolves their topic rules. Kept
+    /// here rather than in every session so other clients pay nothing.
+    users: std::collections::HashMap<SessionKey, ClientOrigin>,
 }
 
 /// Spawns the core task and returns the handle to reach it.
@@ -322,8 +333,10 @@ impl Core {
             if s.link.is_none() {
                 continue;
             }
-            let user = self.users.get(&key).map(|u| &**u);
-            let acl = ClientAcl::resolve(&self.settings.acl, user, &s.client_id).map(Box::new);
+            let origin = self.users.get(&key);
+            let user = origin.and_then(|o| o.user.as_deref());
+            let rules = self.settings.acl_for(origin.and_then(|o| o.listener));
+            let acl = ClientAcl::resolve(rules, user, &s.client_id).map(Box::new);
             if acl != s.acl {
                 changed += 1;
             }
