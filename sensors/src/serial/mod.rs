@@ -21,12 +21,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-use tokio::sync::watch;
+use crate::point::Value;
+use crate::stop::{Farewell, Stop};
 
 /// Parses one frame with the sensor's format.
 pub fn parse_frame(cfg: &SerialSensor, frame: &[u8]) -> Parsed {
     let Ok(text) = std::str::from_utf8(frame) else {
-        return Parsed::error("frame is not UTF-8 text");
+        const NOT_UTF8: &str = "frame is not UTF-8 text";
+        if cfg.format == Format::Kv {
+            // The keys that survive the damage name the points this line was carrying.
+            let lossy = String::from_utf8_lossy(frame);
+            return Parsed::Error {
+                fields: kv::keys(&lossy),
+                reason: NOT_UTF8.into(),
+            };
+        }
+        return Parsed::error(NOT_UTF8);
     };
     let text = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
     if text.is_empty() {
@@ -44,6 +54,17 @@ struct Field {
     out: PointOutput,
     codec: Codec,
     updated: Instant,
+    /// Takes numbers only: configured with a unit, scale, offset, range or deadband, or
+    /// it has given a number before. Text in it then is a fault, not a reading.
+    numeric: bool,
+}
+
+/// A value as an error message quotes it.
+fn quoted(v: &Value) -> String {
+    match v {
+        Value::Text(t) => format!("{:?}", kv::truncate(t)),
+        other => other.to_json().to_string(),
+    }
 }
 
 /// The running state of one serial sensor.
@@ -108,6 +129,7 @@ impl SerialTask {
                 ..Codec::plain(DataType::F64, Order::Abcd)
             },
             updated: Instant::now(),
+            numeric: p.is_some_and(SerialPoint::is_numeric),
         }
     }
 
@@ -134,8 +156,14 @@ impl SerialTask {
                     let Some(f) = self.fields.get_mut(&name) else {
                         continue;
                     };
-                    let result =
-                        result.and_then(|v| f.codec.apply_scale(v).map_err(|e| e.to_string()));
+                    let result = result.and_then(|v| {
+                        let number = v.as_f64().is_some() && !matches!(v, Value::Bool(_));
+                        if f.numeric && !number {
+                            return Err(format!("not a number: {}", quoted(&v)));
+                        }
+                        f.numeric |= number;
+                        f.codec.apply_scale(v).map_err(|e| e.to_string())
+                    });
                     if result.is_err() {
                         LineStats::bump(&self.stats.value_errors);
                     }
@@ -145,9 +173,12 @@ impl SerialTask {
             }
             Parsed::Error { fields, reason } => {
                 LineStats::bump(&self.stats.value_errors);
-                tracing::debug!(sensor = %self.cfg.name, %reason, "bad frame");
+                tracing::debug!(device = %self.cfg.name, %reason, "bad frame");
+                // Only the points the frame was carrying are hurt: one garbled line must not
+                // flap every point of the sensor. A frame that names none touches none; its
+                // points go stale (`stale_after`) if good frames stop coming.
                 for (name, f) in &mut self.fields {
-                    if fields.is_empty() || fields.contains(name) {
+                    if fields.contains(name) {
                         msgs.extend(f.out.observe(Err(reason.clone()), now, &clock));
                     }
                 }
@@ -177,7 +208,7 @@ impl SerialTask {
         if self.status.as_ref() == Some(&next) {
             return Ok(());
         }
-        tracing::info!(sensor = %self.cfg.name, status = status.as_str(), error = ?next.1, "serial sensor status");
+        crate::modbus::line::log_status(&self.cfg.name, status, next.1.as_deref(), 0);
         self.emitter
             .status(
                 &self.topics.status(&self.cfg.name),
@@ -189,8 +220,29 @@ impl SerialTask {
         Ok(())
     }
 
-    /// Runs until shutdown: opens the port, reads frames, reopens with backoff when it goes away.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SensorsError> {
+    /// Runs until told to stop: opens the port, reads frames, reopens with backoff when it
+    /// goes away; on a stop, leaves the retained status as the stop's [`Farewell`] says.
+    pub async fn run(mut self, mut stop: Stop) -> Result<(), SensorsError> {
+        let farewell = self.serve(&mut stop).await?;
+        tracing::debug!(device = %self.cfg.name, ?farewell, "device stopped");
+        let status = self.topics.status(&self.cfg.name);
+        let retained: Vec<String> = self
+            .fields
+            .values()
+            .filter(|f| f.out.retain)
+            .map(|f| f.out.topic.clone())
+            .collect();
+        self.emitter
+            .farewell(
+                &farewell,
+                &self.cfg.name,
+                &status,
+                retained.iter().map(String::as_str),
+            )
+            .await
+    }
+
+    async fn serve(&mut self, stop: &mut Stop) -> Result<Farewell, SensorsError> {
         let first = self
             .cfg
             .reopen_backoff
@@ -216,8 +268,8 @@ impl SerialTask {
             .min(crate::stats::HEARTBEAT);
         self.stats.expect_steps_up_to(max);
         loop {
-            if *shutdown.borrow() {
-                return Ok(());
+            if let Some(f) = stop.requested() {
+                return Ok(f);
             }
             self.stats.beat();
             #[cfg(debug_assertions)]
@@ -255,7 +307,7 @@ impl SerialTask {
                                     for frame in framer.push(&buf[..n]) {
                                         let parsed = match frame {
                                             Frame::Data(d) => parse_frame(&self.cfg, &d),
-                                            Frame::TooLong(len) => Parsed::error(format!("frame longer than {len} bytes")),
+                                            Frame::TooLong => Parsed::error(format!("line longer than frame_length = {limit} bytes; dropped")),
                                         };
                                         for m in self.handle(parsed, now) {
                                             self.emitter.send(m).await?;
@@ -269,7 +321,7 @@ impl SerialTask {
                                     self.emitter.send(m).await?;
                                 }
                             }
-                            _ = shutdown.changed() => return Ok(()),
+                            f = stop.wait() => return Ok(f),
                         }
                     };
                     LineStats::bump(&self.stats.transport_errors);
@@ -294,7 +346,7 @@ impl SerialTask {
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => return Ok(()),
+                f = stop.wait() => return Ok(f),
             }
             backoff = backoff.saturating_mul(2).min(max);
         }
