@@ -75,6 +75,18 @@ pub struct SerialTask {
     stats: Arc<LineStats>,
     fields: HashMap<String, Field>,
     status: Option<(DeviceStatus, Option<String>)>,
+    /// When a frame that hurt no point was last logged as a warning, and how many
+    /// followed unlogged since: a noisy line must not flood the journal.
+    frame_warned: Option<Instant>,
+    frames_unlogged: u64,
+}
+
+/// At most one warning per sensor this often for frames that name no point.
+const FRAME_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Why an overlong line was dropped, with the limit that dropped it.
+pub fn too_long_reason(limit: usize) -> String {
+    format!("line longer than frame_length = {limit} bytes; dropped (raise frame_length if the device sends longer lines)")
 }
 
 impl std::fmt::Debug for SerialTask {
@@ -95,6 +107,8 @@ impl SerialTask {
             stats,
             fields: HashMap::new(),
             status: None,
+            frame_warned: None,
+            frames_unlogged: 0,
         };
         let points = t.cfg.points.clone();
         for p in &points {
@@ -173,7 +187,11 @@ impl SerialTask {
             }
             Parsed::Error { fields, reason } => {
                 LineStats::bump(&self.stats.value_errors);
-                tracing::debug!(device = %self.cfg.name, %reason, "bad frame");
+                if fields.is_empty() {
+                    self.warn_frame(&reason, now);
+                } else {
+                    tracing::debug!(device = %self.cfg.name, %reason, "bad frame");
+                }
                 // Only the points the frame was carrying are hurt: one garbled line must not
                 // flap every point of the sensor. A frame that names none touches none; its
                 // points go stale (`stale_after`) if good frames stop coming.
@@ -185,6 +203,23 @@ impl SerialTask {
             }
         }
         msgs
+    }
+
+    fn warn_frame(&mut self, reason: &str, now: Instant) {
+        if self
+            .frame_warned
+            .is_some_and(|t| now.duration_since(t) < FRAME_WARN_EVERY)
+        {
+            self.frames_unlogged += 1;
+            return;
+        }
+        let device = self.cfg.name.as_str();
+        let more = std::mem::take(&mut self.frames_unlogged);
+        tracing::warn!(
+            device,
+            "device {device} sent an unusable frame: {reason} ({more} more since the last warning)"
+        );
+        self.frame_warned = Some(now);
     }
 
     fn check_stale(&mut self, now: Instant) -> Vec<SensorMessage> {
@@ -307,7 +342,7 @@ impl SerialTask {
                                     for frame in framer.push(&buf[..n]) {
                                         let parsed = match frame {
                                             Frame::Data(d) => parse_frame(&self.cfg, &d),
-                                            Frame::TooLong => Parsed::error(format!("line longer than frame_length = {limit} bytes; dropped")),
+                                            Frame::TooLong => Parsed::error(too_long_reason(limit)),
                                         };
                                         for m in self.handle(parsed, now) {
                                             self.emitter.send(m).await?;
@@ -350,5 +385,111 @@ impl SerialTask {
             }
             backoff = backoff.saturating_mul(2).min(max);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use serde_json::Value as Json;
+    use tokio::sync::mpsc;
+
+    fn task(points: &str) -> SerialTask {
+        let src = format!(
+            "name = \"meter\"\nport = \"/dev/null\"\nformat = \"kv\"\nreport = \"every\"\npoints = [{points}]\n"
+        );
+        let cfg: SerialSensor = toml::from_str(&src).unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        SerialTask::new(
+            cfg,
+            Topics::new("outpost", "gw"),
+            Emitter::new(tx, Clock::fixed(true)),
+            Arc::new(LineStats::new("meter", 9600)),
+        )
+    }
+
+    /// (point, quality, value or reason) of each message one frame yields.
+    fn feed(t: &mut SerialTask, frame: &[u8]) -> Vec<(String, String, Json)> {
+        let parsed = parse_frame(&t.cfg, frame);
+        let mut out: Vec<_> = t
+            .handle(parsed, Instant::now())
+            .into_iter()
+            .map(|m| {
+                let j: Json = serde_json::from_slice(&m.payload).unwrap();
+                let point = m.topic.rsplit('/').next().unwrap().to_string();
+                let q = j["quality"].as_str().unwrap().to_string();
+                let v = if q == "good" {
+                    j["value"].clone()
+                } else {
+                    j["reason"].clone()
+                };
+                (point, q, v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn r(point: &str, q: &str, v: Json) -> (String, String, Json) {
+        (point.into(), q.into(), v)
+    }
+
+    #[test]
+    fn text_in_a_numeric_field_is_bad_not_good() {
+        let mut t = task(r#"{ field = "temp", unit = "°C" }, { field = "mode" }"#);
+        assert_eq!(
+            feed(&mut t, b"temp=21.5 mode=auto"),
+            vec![
+                r("mode", "good", "auto".into()),
+                r("temp", "good", 21.5.into())
+            ]
+        );
+        assert_eq!(
+            feed(&mut t, b"temp=abc mode=auto"),
+            vec![
+                r("mode", "good", "auto".into()),
+                r("temp", "bad", "not a number: \"abc\"".into())
+            ]
+        );
+        // A field with no unit, range or scale is numeric once it has given a number.
+        let mut learned = task("");
+        assert_eq!(
+            feed(&mut learned, b"hum=40"),
+            vec![r("hum", "good", 40.into())]
+        );
+        assert_eq!(
+            feed(&mut learned, b"hum=high"),
+            vec![r("hum", "bad", "not a number: \"high\"".into())]
+        );
+        assert_eq!(feed(&mut learned, b"hum=41"), vec![r("hum", "good", 41.into())]);
+    }
+
+    #[test]
+    fn a_garbled_line_hurts_only_the_points_it_carried() {
+        let mut t = task("");
+        assert_eq!(
+            feed(&mut t, b"temp=21.5 hum=40"),
+            vec![r("hum", "good", 40.into()), r("temp", "good", 21.5.into())]
+        );
+        // A line that names no point touches none (it is counted and logged).
+        assert_eq!(feed(&mut t, b"#### noise ####"), vec![]);
+        assert_eq!(t.stats.value_errors.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A damaged line hurts the points it was carrying, not the others.
+        assert_eq!(
+            feed(&mut t, b"temp=2\xff.5"),
+            vec![r("temp", "bad", "frame is not UTF-8 text".into())]
+        );
+        assert_eq!(feed(&mut t, b"hum="), vec![r("hum", "bad", "empty value".into())]);
+        assert_eq!(
+            feed(&mut t, b"temp=22 hum=42"),
+            vec![r("hum", "good", 42.into()), r("temp", "good", 22.into())]
+        );
+    }
+
+    #[test]
+    fn the_overlong_line_message_names_the_configured_limit() {
+        let reason = too_long_reason(64);
+        assert!(reason.contains("frame_length = 64 bytes"), "{reason}");
     }
 }
