@@ -93,6 +93,24 @@ impl Emitter {
     }
 }
 
+/// Logs a device status change: going offline is a warning naming the device and the
+/// cause. The message carries both because a plain `journalctl` shows only the message;
+/// the `device` field is there to filter on (`journalctl DEVICE=boiler` with a journald
+/// layer that does not prefix fields).
+pub(crate) fn log_status(device: &str, status: DeviceStatus, error: Option<&str>, failures: u32) {
+    let error = error.unwrap_or("unknown error");
+    match status {
+        DeviceStatus::Online => tracing::info!(device, "device {device} online"),
+        DeviceStatus::Offline => {
+            tracing::warn!(device, "device {device} offline: {error}")
+        }
+        DeviceStatus::Quarantined => tracing::warn!(
+            device,
+            "device {device} quarantined after {failures} failed polls: {error}; probing it rarely"
+        ),
+    }
+}
+
 /// The publishing side of one point.
 #[derive(Debug, Clone)]
 pub struct PointOutput {

@@ -433,7 +433,8 @@ impl SensorLayer {
             }
         }
         summary.removed_devices = removed.iter().cloned().collect();
-        self.stop_units(&to_stop, &Farewell::Reload { removed }).await;
+        self.stop_units(&to_stop, &Farewell::Reload { removed })
+            .await;
         self.topics = topics;
         for (key, unit) in new_units {
             if self.units.contains_key(&key) {

@@ -59,7 +59,10 @@ impl Stop {
     }
 
     /// Stops with the gateway, or when `unit` holds a farewell.
-    pub fn with_unit(gateway: watch::Receiver<bool>, unit: watch::Receiver<Option<Farewell>>) -> Self {
+    pub fn with_unit(
+        gateway: watch::Receiver<bool>,
+        unit: watch::Receiver<Option<Farewell>>,
+    ) -> Self {
         Stop {
             gateway,
             unit: Some(unit),

@@ -97,8 +97,7 @@ async fn a_stop_leaves_every_device_offline_with_the_reason() {
     layer.task.await.unwrap().unwrap();
     eprintln!("layer stopped in {:?}", stopping.elapsed());
 
-    let last: HashMap<&str, &SensorMessage> =
-        log.iter().map(|m| (m.topic.as_str(), m)).collect();
+    let last: HashMap<&str, &SensorMessage> = log.iter().map(|m| (m.topic.as_str(), m)).collect();
     for device in ["boiler", "pump", "meter"] {
         let m = last[status_topic(device).as_str()];
         let j = json(m);
@@ -149,7 +148,10 @@ async fn a_reload_clears_a_removed_device_and_leaves_unchanged_lines_alone() {
         .await
         .unwrap();
     assert_eq!(summary.removed_devices, vec!["press".to_string()]);
-    assert_eq!(summary.restarted, vec![format!("modbus line {}", line2.addr)]);
+    assert_eq!(
+        summary.restarted,
+        vec![format!("modbus line {}", line2.addr)]
+    );
     assert_eq!(summary.unchanged, 1, "{summary:?}");
 
     // The removed device's retained status and retained reading are removed (zero-byte
@@ -174,7 +176,10 @@ async fn a_reload_clears_a_removed_device_and_leaves_unchanged_lines_alone() {
         .map(|m| json(m))
         .unwrap();
     assert_eq!(fan_restart["status"], "offline");
-    assert_eq!(fan_restart["reason"], "restarting with a changed configuration");
+    assert_eq!(
+        fan_restart["reason"],
+        "restarting with a changed configuration"
+    );
     // The unchanged line was not touched: no status of kiln since the reload.
     assert!(
         !after.iter().any(|m| m.topic == status_topic("kiln")),
@@ -195,8 +200,7 @@ async fn a_reload_clears_a_removed_device_and_leaves_unchanged_lines_alone() {
     while let Some(m) = rx.recv().await {
         log.push(m);
     }
-    let last: HashMap<&str, &SensorMessage> =
-        log.iter().map(|m| (m.topic.as_str(), m)).collect();
+    let last: HashMap<&str, &SensorMessage> = log.iter().map(|m| (m.topic.as_str(), m)).collect();
     for device in ["kiln", "fan"] {
         let j = json(last[status_topic(device).as_str()]);
         assert_eq!(

@@ -29,7 +29,10 @@ impl Service for Device {
     fn call(&self, req: Self::Request) -> Self::Future {
         ready(match req.request {
             Request::ReadHoldingRegisters(start, n) if u32::from(start) + u32::from(n) <= 16 => {
-                Ok(Some(Response::ReadHoldingRegisters(vec![42; usize::from(n)])))
+                Ok(Some(Response::ReadHoldingRegisters(vec![
+                    42;
+                    usize::from(n)
+                ])))
             }
             Request::WriteSingleRegister(a, v) => Ok(Some(Response::WriteSingleRegister(a, v))),
             Request::ReadHoldingRegisters(..) => Err(ExceptionCode::IllegalDataAddress),
@@ -90,7 +93,11 @@ points = [
             _ => None,
         })
         .await;
-    assert!(online.is_some(), "the device never went online:\n{}", broker.log());
+    assert!(
+        online.is_some(),
+        "the device never went online:\n{}",
+        broker.log()
+    );
 
     let sent = Instant::now();
     let exit = tokio::task::block_in_place(|| broker.stop_gracefully()).expect("outpost ran");
@@ -109,7 +116,10 @@ points = [
     // Restarted without the device (so nothing can publish its status again), the
     // persistent broker replays what the stop left.
     let config_file = broker.state_dir().join("outpost.toml");
-    assert!(config_file.exists(), "the harness keeps its config in the state directory");
+    assert!(
+        config_file.exists(),
+        "the harness keeps its config in the state directory"
+    );
     std::fs::write(&config_file, broker_part).unwrap();
     broker.restart();
     let (mut late, _) = V4Client::connect(broker.port(), "late-reader", |_| {}).await;

@@ -6,12 +6,12 @@ use crate::emit::{Emitter, PointOutput};
 use crate::error::SensorsError;
 use crate::plan::Read;
 use crate::point::{Area, Codec, DataType, Value, value_to_bool};
-use crate::publish::{DeviceStatus, SensorMessage, write_result_payload};
+use crate::publish::{SensorMessage, write_result_payload};
 use crate::stats::LineStats;
+use crate::stop::Stop;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use crate::stop::Stop;
 use tokio::sync::mpsc;
 use tokio_modbus::client::Client;
 use tokio_modbus::prelude::SlaveContext;
@@ -452,7 +452,7 @@ impl Line {
     ) -> Result<(), SensorsError> {
         if let Some((status, err)) = change {
             let d = &self.devices[dev];
-            log_status(&d.name, status, err.as_deref(), d.health.failures());
+            crate::emit::log_status(&d.name, status, err.as_deref(), d.health.failures());
             self.emitter
                 .status(&d.status_topic, status, err.as_deref())
                 .await?;
@@ -526,24 +526,6 @@ impl Line {
                 Err(reason)
             }
         }
-    }
-}
-
-/// Logs a device status change: going offline is a warning naming the device and the
-/// cause. The message carries both because a plain `journalctl` shows only the message;
-/// the `device` field is there to filter on (`journalctl DEVICE=boiler` with a journald
-/// layer that does not prefix fields).
-pub(crate) fn log_status(device: &str, status: DeviceStatus, error: Option<&str>, failures: u32) {
-    let error = error.unwrap_or("unknown error");
-    match status {
-        DeviceStatus::Online => tracing::info!(device, "device {device} online"),
-        DeviceStatus::Offline => {
-            tracing::warn!(device, "device {device} offline: {error}; retrying with backoff")
-        }
-        DeviceStatus::Quarantined => tracing::warn!(
-            device,
-            "device {device} quarantined after {failures} failed polls: {error}; probing it rarely"
-        ),
     }
 }
 

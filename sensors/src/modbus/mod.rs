@@ -127,7 +127,12 @@ pub fn build_line(
     BuiltLine {
         key,
         devices: devs,
-        line: Line::new(ep, devices, std::sync::Arc::clone(&line_stats), emitter.clone()),
+        line: Line::new(
+            ep,
+            devices,
+            std::sync::Arc::clone(&line_stats),
+            emitter.clone(),
+        ),
         writes: rx,
         routes,
         stats: line_stats,

@@ -11,18 +11,18 @@ use crate::config::{Format, Framing, SerialPoint, SerialSensor};
 use crate::emit::{Emitter, PointOutput};
 use crate::error::SensorsError;
 use crate::modbus::transport::open_serial;
+use crate::point::Value;
 use crate::point::{Codec, DataType, Order};
 use crate::publish::{DeviceStatus, SensorMessage, Topics};
 use crate::report::Policy;
 use crate::stats::LineStats;
+use crate::stop::{Farewell, Stop};
 use framing::{Frame, Framer};
 use parsed::Parsed;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-use crate::point::Value;
-use crate::stop::{Farewell, Stop};
 
 /// Parses one frame with the sensor's format.
 pub fn parse_frame(cfg: &SerialSensor, frame: &[u8]) -> Parsed {
@@ -86,7 +86,9 @@ const FRAME_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Why an overlong line was dropped, with the limit that dropped it.
 pub fn too_long_reason(limit: usize) -> String {
-    format!("line longer than frame_length = {limit} bytes; dropped (raise frame_length if the device sends longer lines)")
+    format!(
+        "line longer than frame_length = {limit} bytes; dropped (raise frame_length if the device sends longer lines)"
+    )
 }
 
 impl std::fmt::Debug for SerialTask {
@@ -243,7 +245,7 @@ impl SerialTask {
         if self.status.as_ref() == Some(&next) {
             return Ok(());
         }
-        crate::modbus::line::log_status(&self.cfg.name, status, next.1.as_deref(), 0);
+        crate::emit::log_status(&self.cfg.name, status, next.1.as_deref(), 0);
         self.emitter
             .status(
                 &self.topics.status(&self.cfg.name),
@@ -317,10 +319,9 @@ impl SerialTask {
                     LineStats::bump(&self.stats.transport_errors);
                     self.set_status(
                         DeviceStatus::Offline,
-                        Some(format!(
-                            "cannot open {}: {e}; retrying in {backoff:?}",
-                            self.cfg.port
-                        )),
+                        // No retry delay in the error: the status (and the warning) then
+                        // changes once per outage, not at every reopen attempt.
+                        Some(format!("cannot open {}: {e}", self.cfg.port)),
                     )
                     .await?;
                 }
@@ -360,11 +361,7 @@ impl SerialTask {
                         }
                     };
                     LineStats::bump(&self.stats.transport_errors);
-                    self.set_status(
-                        DeviceStatus::Offline,
-                        Some(format!("{reason}; reopening in {backoff:?}")),
-                    )
-                    .await?;
+                    self.set_status(DeviceStatus::Offline, Some(reason)).await?;
                     let now = Instant::now();
                     let clock = self.emitter.clock.clone();
                     let mut msgs = Vec::new();
@@ -379,6 +376,7 @@ impl SerialTask {
                     }
                 }
             }
+            tracing::debug!(device = %self.cfg.name, "reopening {} in {backoff:?}", self.cfg.port);
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 f = stop.wait() => return Ok(f),
@@ -462,7 +460,10 @@ mod tests {
             feed(&mut learned, b"hum=high"),
             vec![r("hum", "bad", "not a number: \"high\"".into())]
         );
-        assert_eq!(feed(&mut learned, b"hum=41"), vec![r("hum", "good", 41.into())]);
+        assert_eq!(
+            feed(&mut learned, b"hum=41"),
+            vec![r("hum", "good", 41.into())]
+        );
     }
 
     #[test]
@@ -474,13 +475,21 @@ mod tests {
         );
         // A line that names no point touches none (it is counted and logged).
         assert_eq!(feed(&mut t, b"#### noise ####"), vec![]);
-        assert_eq!(t.stats.value_errors.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            t.stats
+                .value_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         // A damaged line hurts the points it was carrying, not the others.
         assert_eq!(
             feed(&mut t, b"temp=2\xff.5"),
             vec![r("temp", "bad", "frame is not UTF-8 text".into())]
         );
-        assert_eq!(feed(&mut t, b"hum="), vec![r("hum", "bad", "empty value".into())]);
+        assert_eq!(
+            feed(&mut t, b"hum="),
+            vec![r("hum", "bad", "empty value".into())]
+        );
         assert_eq!(
             feed(&mut t, b"temp=22 hum=42"),
             vec![r("hum", "good", 42.into()), r("temp", "good", 22.into())]
