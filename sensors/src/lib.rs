@@ -142,6 +142,15 @@ enum UnitKey {
     Serial(String),
 }
 
+impl UnitKey {
+    /// The port path, `host:port` or sensor name.
+    fn raw(&self) -> &str {
+        match self {
+            UnitKey::Modbus(k) | UnitKey::Serial(k) => k,
+        }
+    }
+}
+
 impl std::fmt::Display for UnitKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -154,14 +163,14 @@ impl std::fmt::Display for UnitKey {
 /// What a unit runs, compared on reload.
 #[derive(Debug, Clone, PartialEq)]
 enum UnitConfig {
-    Modbus(Vec<config::ModbusDevice>),
+    Modbus(modbus::transport::Endpoint, Vec<config::ModbusDevice>),
     Serial(config::SerialSensor),
 }
 
 impl UnitConfig {
     fn devices(&self) -> Vec<String> {
         match self {
-            UnitConfig::Modbus(ds) => ds.iter().map(|d| d.name.clone()).collect(),
+            UnitConfig::Modbus(_, ds) => ds.iter().map(|d| d.name.clone()).collect(),
             UnitConfig::Serial(s) => vec![s.name.clone()],
         }
     }
@@ -170,7 +179,7 @@ impl UnitConfig {
 fn units_of(config: &SensorsConfig) -> BTreeMap<UnitKey, UnitConfig> {
     let mut units: BTreeMap<UnitKey, UnitConfig> = modbus::group(config)
         .into_iter()
-        .map(|(k, (_, ds))| (UnitKey::Modbus(k), UnitConfig::Modbus(ds)))
+        .map(|(k, (ep, ds))| (UnitKey::Modbus(k), UnitConfig::Modbus(ep, ds)))
         .collect();
     for s in &config.serial {
         units.insert(
@@ -297,20 +306,10 @@ impl SensorLayer {
         let stop = Stop::with_unit(self.gateway.clone(), stop_rx);
         let failures = self.failures_tx.clone();
         let (run, line_stats): (_, Arc<stats::LineStats>) = match &config {
-            UnitConfig::Modbus(devices) => {
-                let UnitKey::Modbus(k) = &key else {
-                    unreachable!("modbus units have modbus keys")
-                };
-                let ep = match &devices[0].transport {
-                    config::Transport::Tcp(t) => modbus::transport::Endpoint::Tcp {
-                        host: t.host.clone(),
-                        port: t.port,
-                    },
-                    config::Transport::Rtu(r) => modbus::transport::Endpoint::Rtu(r.clone()),
-                };
+            UnitConfig::Modbus(ep, devices) => {
                 let built = modbus::build_line(
-                    k.clone(),
-                    ep,
+                    key.raw().to_string(),
+                    ep.clone(),
                     devices.clone(),
                     &self.topics,
                     &self.emitter,
