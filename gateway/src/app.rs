@@ -56,16 +56,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     #[cfg(debug_assertions)]
     service::install_debug_wedge(&broker.handle()).await;
     let listeners = broker.serve(listeners);
-    let mut running = Running::start(
-        config,
-        path,
-        broker,
-        listeners,
-        bridges,
-        shutdown_rx,
-        &mut tasks,
-    )
-    .await;
+    let mut running = Running::start(config, path, broker, listeners, bridges).await;
     info!(gateway_id = %gateway_id, state_dir = %state_dir.display(), "outpost {} running", env!("CARGO_PKG_VERSION"));
     service::notify_ready(&running.serving_line());
     let sensors = running.config().sensors();
@@ -93,10 +84,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(s) = supervisor {
         s.abort();
     }
-    // Bridges publish their clean offline status and flush their spools first.
+    // Sensors first: each device's retained offline status goes through the bridges
+    // while they still run. Then the bridges publish their clean offline status and
+    // flush their spools.
+    running.stop_sensors().await;
     running.bridges().shutdown().await;
     let _ = shutdown_tx.send(true);
-    // Give the sensor layer a moment to publish its final status, then stop the broker.
+    // Give the downlink tasks a moment, then stop the broker.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         while tasks.join_next().await.is_some() {}
     })

@@ -7,7 +7,7 @@
 //! | users, `allow_anonymous`, ACL, other `[broker]` bounds | new logins use them; topic rules change at once for connected clients |
 //! | `[[broker.listeners]]` | added ones open, removed ones stop accepting, changed ones are rebound; TLS files of unchanged ones are read again (a renewed certificate) |
 //! | `[[bridge]]` | added ones start, changed ones reconnect with their spool intact, removed ones stop and keep their spool file |
-//! | `[sensors]` | the sensor layer restarts when its section changed |
+//! | `[sensors]` | lines whose settings changed restart, new ones start, removed devices' retained status is cleared; the others keep polling |
 //! | `gateway_id`, `state_dir`, `topic_prefix`, `worker_threads`, `broker.persistence`, `broker.max_store_size`, `broker.max_connections*` | logged as needing a restart; the old value stays |
 //!
 //! A file that does not parse or validate changes nothing: the error (file, line,
@@ -33,12 +33,13 @@ pub struct Running {
     listeners: Vec<ServingListener>,
     bridges: Bridges,
     sensor_lines: service::SensorLines,
-    /// The gateway's shutdown, which every sensor layer also obeys.
-    shutdown: watch::Receiver<bool>,
-    /// Stops just the running sensor layer (a reload that changed `[sensors]`).
+    /// Stops the sensor layer, before the bridges so its devices' offline status still
+    /// goes up to the cloud.
     sensors_stop: watch::Sender<bool>,
-    /// The `[sensors]` table as written, to tell whether a reload changed it.
-    sensors_raw: Option<toml::Value>,
+    /// The sensor layer's own tasks.
+    sensor_tasks: JoinSet<()>,
+    /// Applies a changed `[sensors]` line by line; `None` while no sensor is configured.
+    sensors: Option<crate::sensors::SensorsReload>,
 }
 
 impl Running {
@@ -49,14 +50,7 @@ impl Running {
         broker: Broker,
         listeners: Vec<ServingListener>,
         bridges: Bridges,
-        shutdown: watch::Receiver<bool>,
-        tasks: &mut JoinSet<()>,
     ) -> Running {
-        let sensors_raw = path
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-            .and_then(|mut t| t.remove("sensors"));
         let (sensors_stop, _) = watch::channel(false);
         let mut running = Running {
             config,
@@ -65,13 +59,24 @@ impl Running {
             listeners,
             bridges,
             sensor_lines: service::SensorLines::default(),
-            shutdown,
             sensors_stop,
-            sensors_raw,
+            sensor_tasks: JoinSet::new(),
+            sensors: None,
         };
         let config = running.config.clone();
-        running.start_sensors(&config, tasks).await;
+        running.start_sensors(&config).await;
         running
+    }
+
+    /// Stops the sensor layer (each device's retained status becomes offline) and waits
+    /// a moment for it; the first step of a shutdown.
+    pub async fn stop_sensors(&mut self) {
+        self.sensors_stop.send_replace(true);
+        let tasks = &mut self.sensor_tasks;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
     }
 
     /// The sensor layer's counters, kept current across reloads.
@@ -79,26 +84,47 @@ impl Running {
         self.sensor_lines.clone()
     }
 
-    async fn start_sensors(&mut self, config: &Config, tasks: &mut JoinSet<()>) {
-        let (stop, stop_rx) = watch::channel(false);
-        forward_stop(self.shutdown.clone(), stop.clone());
-        self.sensors_stop = stop;
-        let stats = crate::sensors::spawn(
+    async fn start_sensors(&mut self, config: &Config) {
+        let started = crate::sensors::spawn_reloadable(
             config.sensors(),
             config.gateway_id(),
             self.broker.handle(),
-            stop_rx,
-            tasks,
+            self.sensors_stop.subscribe(),
+            &mut self.sensor_tasks,
         )
         .await;
+        let (stats, reload) = started.unzip();
         self.sensor_lines.set(stats);
+        self.sensors = reload;
     }
 
-    async fn restart_sensors(&mut self, config: &Config, tasks: &mut JoinSet<()>) {
-        // The old layer publishes its devices' offline status as it stops.
-        self.sensors_stop.send_replace(true);
-        self.sensor_lines.set(None);
-        self.start_sensors(config, tasks).await;
+    /// Applies `[sensors]`: lines whose settings changed restart, new ones start,
+    /// removed devices' retained status is cleared, the rest keep polling untouched.
+    async fn reload_sensors(
+        &mut self,
+        config: &Config,
+        summary: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let Some(layer) = &self.sensors else {
+            let sensors = config.sensors();
+            if !sensors.modbus.is_empty() || !sensors.serial.is_empty() {
+                self.start_sensors(config).await;
+                summary.push("sensor layer started".to_owned());
+            }
+            return Ok(());
+        };
+        let r = layer.reload(config.sensors()).await?;
+        for (what, names) in [
+            ("started", &r.started),
+            ("restarted", &r.restarted),
+            ("stopped", &r.stopped),
+            ("removed (status cleared)", &r.removed_devices),
+        ] {
+            if !names.is_empty() {
+                summary.push(format!("sensor lines {what}: {}", names.join(", ")));
+            }
+        }
+        Ok(())
     }
 
     /// The configuration in force.
@@ -150,7 +176,6 @@ impl Running {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let new = Config::parse(&text, &path)?;
-        let raw_new: toml::Table = toml::from_str(&text).unwrap_or_default();
 
         // Everything that can fail without side effects is checked before anything
         // changes: a bad file must leave the gateway exactly as it was.
@@ -260,11 +285,11 @@ impl Running {
             error!("bridge {f}");
         }
 
-        let sensors_new = raw_new.get("sensors").cloned();
-        if sensors_new != self.sensors_raw {
-            self.restart_sensors(&new, tasks).await;
-            self.sensors_raw = sensors_new;
-            summary.push("sensor layer restarted with the new [sensors]".to_owned());
+        if let Err(e) = self
+            .reload_sensors(&keep_restart_only(new.clone(), &self.config), &mut summary)
+            .await
+        {
+            error!("sensors: {e:#}");
         }
 
         if new.log.level != self.config.log.level {
@@ -289,22 +314,6 @@ impl Running {
         info!("reloaded {}: {}", path.display(), summary.join("; "));
         Ok(())
     }
-}
-
-/// Passes the gateway's shutdown on to one part's own stop signal.
-fn forward_stop(mut from: watch::Receiver<bool>, to: watch::Sender<bool>) {
-    tokio::spawn(async move {
-        loop {
-            if *from.borrow_and_update() {
-                to.send_replace(true);
-                return;
-            }
-            tokio::select! {
-                r = from.changed() => if r.is_err() { return },
-                () = to.closed() => return,
-            }
-        }
-    });
 }
 
 /// Settings that are read once at start, by name, when the new file changes them.

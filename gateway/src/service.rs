@@ -28,8 +28,11 @@ pub fn init_logging(level: &str) {
         let _ = LOG_FILTER.set(handle);
     }
     let registry = tracing_subscriber::registry().with(filter);
+    // No field prefix: tracing fields become journal fields as they are named
+    // (`device` → `DEVICE=`), so `journalctl -u outpost BRIDGE=cloud` or `DEVICE=boiler`
+    // works; the default would be `F_BRIDGE=`.
     if std::env::var_os("JOURNAL_STREAM").is_some()
-        && let Ok(journald) = tracing_journald::layer()
+        && let Ok(journald) = tracing_journald::layer().map(|l| l.with_field_prefix(None))
     {
         let _ = registry.with(journald).try_init();
         return;

@@ -351,3 +351,82 @@ reconnect = {{ min = "100ms", max = "500ms" }}
     assert!(log.contains("listener tcp://127.0.0.1:"), "{log}");
     assert!(b.is_running());
 }
+
+/// Sensors on reload: a removed device's retained status is cleared; the device on an
+/// unchanged line keeps polling without a restart (no "offline" between two readings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_clears_a_removed_device_and_leaves_unchanged_lines_polling() {
+    if mosquitto_mode() {
+        return;
+    }
+    let (boiler_port, _boiler) = outpost_tests::modbus::serve().await;
+    let (pump_port, _pump) = outpost_tests::modbus::serve().await;
+    let device = |name: &str, port: u16| {
+        format!(
+            r#"[[sensors.modbus]]
+name = "{name}"
+transport = {{ tcp = {{ host = "127.0.0.1", port = {port} }} }}
+unit = 1
+every = "200ms"
+points = [{{ name = "level", kind = "holding", address = 0, type = "u16", deadband = 0 }}]
+"#
+        )
+    };
+    let head = "gateway_id = \"gw-r\"\n[broker]\nlisteners = [{ bind = \"127.0.0.1:0\" }]\n[sensors]\nclock = \"trusted\"\n";
+    let both = format!(
+        "{head}{}{}",
+        device("boiler", boiler_port),
+        device("pump", pump_port)
+    );
+    let mut b = Broker::outpost_with_full_config(&both);
+    let (mut watch, _) = V4Client::connect(b.port(), "sensor-watch", |_| {}).await;
+    watch
+        .client
+        .subscribe("outpost/gw-r/sensors/+/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    watch.expect_suback().await;
+    let mut online = BTreeSet::new();
+    let deadline = Instant::now() + WAIT * 2;
+    while online.len() < 2 && Instant::now() < deadline {
+        if let Some(p) = watch.next_publish(Duration::from_secs(1)).await
+            && String::from_utf8_lossy(&p.payload).contains("\"online\"")
+        {
+            online.insert(p.topic.clone());
+        }
+    }
+    assert_eq!(online.len(), 2, "devices not online:\n{}", b.log());
+
+    b.reload_with(&format!("{head}{}", device("boiler", boiler_port)));
+    wait_log(&b, RELOADED, 1);
+    let log = b.log();
+    assert!(log.contains("sensor lines stopped"), "{log}");
+    let after = watch.publishes_during(Duration::from_secs(2)).await;
+    let pump: Vec<_> = after
+        .iter()
+        .filter(|p| p.topic == "outpost/gw-r/sensors/pump/status")
+        .collect();
+    assert!(
+        pump.iter().any(|p| p.payload.is_empty()),
+        "the removed device's retained status was not cleared: {pump:?}"
+    );
+    assert!(
+        !after
+            .iter()
+            .any(|p| p.topic == "outpost/gw-r/sensors/boiler/status"),
+        "the unchanged device's status changed: {after:?}"
+    );
+    // A new subscriber finds no retained status for the removed device.
+    let (mut late, _) = V4Client::connect(b.port(), "sensor-late", |_| {}).await;
+    late.client
+        .subscribe("outpost/gw-r/sensors/pump/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    late.expect_suback().await;
+    assert!(
+        late.publishes_during(Duration::from_millis(700))
+            .await
+            .is_empty(),
+        "a retained status is left for the removed device"
+    );
+}

@@ -4,55 +4,14 @@
 //! must leave it `offline` ("gateway stopping") before the broker stops: the watcher
 //! receives it live, and a restart of the persistent broker replays it retained.
 
-use std::future::{Ready, ready};
 use std::time::{Duration, Instant};
 
 use outpost_tests::broker::{Broker, mosquitto_mode};
+use outpost_tests::modbus::serve;
 use outpost_tests::{V4Client, WAIT};
 use rumqttc::QoS;
-use tokio::net::TcpListener;
-use tokio_modbus::server::Service;
-use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 
 const STATUS: &str = "outpost/gw-01/sensors/boiler/status";
-
-/// Holding registers 0..16 that read as 42 and accept writes.
-#[derive(Clone)]
-struct Device;
-
-impl Service for Device {
-    type Request = SlaveRequest<'static>;
-    type Response = Option<Response>;
-    type Exception = ExceptionCode;
-    type Future = Ready<Result<Option<Response>, ExceptionCode>>;
-
-    fn call(&self, req: Self::Request) -> Self::Future {
-        ready(match req.request {
-            Request::ReadHoldingRegisters(start, n) if u32::from(start) + u32::from(n) <= 16 => {
-                Ok(Some(Response::ReadHoldingRegisters(vec![
-                    42;
-                    usize::from(n)
-                ])))
-            }
-            Request::WriteSingleRegister(a, v) => Ok(Some(Response::WriteSingleRegister(a, v))),
-            Request::ReadHoldingRegisters(..) => Err(ExceptionCode::IllegalDataAddress),
-            _ => Err(ExceptionCode::IllegalFunction),
-        })
-    }
-}
-
-async fn serve() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio_modbus::server::tcp::Server::new(listener);
-    let task = tokio::spawn(async move {
-        let on_connected = |stream, peer| async move {
-            tokio_modbus::server::tcp::accept_tcp_connection(stream, peer, |_| Ok(Some(Device)))
-        };
-        let _ = server.serve(&on_connected, |_| {}).await;
-    });
-    (port, task)
-}
 
 fn status_of(payload: &[u8]) -> serde_json::Value {
     serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null)
