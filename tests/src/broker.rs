@@ -153,6 +153,29 @@ fn broker_table(broker_lines: &str) -> String {
     )
 }
 
+/// An argon2 hash of `password` made by the real `outpost passwd` (stdin, not a
+/// terminal), for `users = [...]` in a test config.
+pub fn password_hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(outpost_bin())
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outpost passwd");
+    if let Some(mut stdin) = child.stdin.take() {
+        writeln!(stdin, "{password}").expect("write the password");
+    }
+    let out = child.wait_with_output().expect("outpost passwd");
+    assert!(
+        out.status.success(),
+        "outpost passwd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A running broker with its own state directory; killed (SIGKILL) on drop.
 pub struct Broker {
     kind: BrokerKind,

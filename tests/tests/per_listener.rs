@@ -2,31 +2,11 @@
 //! local apps stays anonymous while the LAN listener needs users, each with its own topic
 //! rules, and a reload changes them without dropping anyone who is still allowed.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
-use outpost_tests::{V4Client, WAIT, outpost_bin};
+use outpost_tests::broker::{Broker, free_port, mosquitto_mode, password_hash};
+use outpost_tests::{V4Client, WAIT};
 use rumqttc::QoS;
-
-fn hash(password: &str) -> String {
-    let mut child = Command::new(outpost_bin())
-        .arg("passwd")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn outpost passwd");
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 fn config(lan: u16, alice: &str, lan_acl: &str) -> String {
     // The "LAN" listener is on loopback too (tests talk only to loopback); what makes it
@@ -47,7 +27,7 @@ async fn a_local_listener_stays_anonymous_while_the_lan_one_needs_users_and_its_
     if mosquitto_mode() {
         return;
     }
-    let alice = hash("alice-pw");
+    let alice = password_hash("alice-pw");
     let lan = free_port();
     let mut b = Broker::outpost_with_full_config(&config(
         lan,

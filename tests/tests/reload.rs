@@ -3,13 +3,11 @@
 //! (DESIGN.md, Contracts: "Reload keeps what did not change").
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
+use outpost_tests::broker::{Broker, free_port, mosquitto_mode, password_hash};
 use outpost_tests::cloud::{Cloud, CloudSubscriber};
-use outpost_tests::{V4Client, WAIT, outpost_bin};
+use outpost_tests::{V4Client, WAIT};
 use rumqttc::QoS;
 
 /// The line a successful reload ends with (`reloaded FILE: what changed`).
@@ -17,24 +15,6 @@ const RELOADED: &str = "outpost_gateway::reload: reloaded ";
 
 fn listener(bind: &str) -> String {
     format!("{{ bind = \"{bind}\" }}")
-}
-
-fn hash(password: &str) -> String {
-    let mut child = Command::new(outpost_bin())
-        .arg("passwd")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn outpost passwd");
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn wait_log(b: &Broker, needle: &str, times: usize) {
@@ -85,8 +65,8 @@ async fn reload_adds_users_and_changes_topic_rules_of_connected_clients() {
     if mosquitto_mode() {
         return;
     }
-    let alice = hash("alice-pw");
-    let bob = hash("bob-pw");
+    let alice = password_hash("alice-pw");
+    let bob = password_hash("bob-pw");
     let config = |users: &str, acl: &str| {
         format!(
             "[broker]\nlisteners = [{}]\nusers = [{users}]\nacl = [{acl}]\n",
