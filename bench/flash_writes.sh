@@ -254,6 +254,8 @@ run() {
     local wrapper=$!
     PIDS+=("$wrapper")
     wait_port "$PORT" || { echo "$tag: broker did not start" >&2; exit 1; }
+    # The wrapper writes the pid after Popen returns, which can be after the broker listens.
+    for _ in $(seq 100); do [[ -s $WORK/$tag.pid ]] && break; sleep 0.05; done
     local pid; pid=$(cat "$WORK/$tag.pid")
     if [[ $scen == session ]]; then
         # A persistent QoS 1 session with its subscription, then offline (-W 1 ends it
