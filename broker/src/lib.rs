@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod acl;
-mod auth;
+pub mod auth;
 pub mod config;
 mod connection;
 mod core;
@@ -33,7 +33,7 @@ mod transport;
 
 use std::sync::Arc;
 
-pub use auth::hash_password;
+pub use auth::{Users, hash_password};
 pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, bind_listeners};
