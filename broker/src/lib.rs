@@ -39,6 +39,7 @@ pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, bind_listeners};
 pub use message::Message;
 pub use settings::Settings;
+pub use tls::{TlsError, server_config};
 
 /// Why a durable sink refused a message.
 #[derive(Debug, Clone, thiserror::Error)]
