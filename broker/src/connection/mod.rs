@@ -295,8 +295,8 @@ async fn handshake<T: Transport>(
         info!(
             %peer,
             client_id = %connect.client_id,
-            user = connect.username.as_deref().unwrap_or("(none)"),
-            protocol = connect.protocol.name(),
+            user = %connect.username.as_deref().unwrap_or("(none)"),
+            protocol = %connect.protocol.name(),
             code = format_args!("0x{:02X}", reason.0),
             "login refused: {why}"
         );
