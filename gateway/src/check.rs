@@ -320,20 +320,16 @@ fn writable_dir(dir: &Path) -> Result<(), String> {
 
 fn paths(config: &Config, r: &mut Report) {
     let state = config.state_dir();
-    let state_ok = writable_dir(&state);
-    if let Err(e) = &state_ok {
+    if let Err(e) = writable_dir(&state) {
         r.error("state_dir", format!("state directory: {e}"));
     }
     for (i, b) in config.bridge.iter().enumerate() {
-        match &b.spool.path {
-            Some(p) => {
-                let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
-                if let Err(e) = writable_dir(dir.unwrap_or(Path::new("."))) {
-                    r.error(format!("bridge[{i}].spool.path"), format!("spool: {e}"));
-                }
+        // The default spool lives in the state directory, checked above.
+        if let Some(p) = &b.spool.path {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+            if let Err(e) = writable_dir(dir.unwrap_or(Path::new("."))) {
+                r.error(format!("bridge[{i}].spool.path"), format!("spool: {e}"));
             }
-            // The default spool lives in the state directory, checked above.
-            None => {}
         }
     }
 }
