@@ -274,3 +274,67 @@ fn a_user_in_both_places_or_an_unreadable_file_line_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// Runs `outpost passwd` on a pseudo-terminal (Python's pty module: it waits for each
+/// prompt before typing, so no input can arrive while echo is still on) and returns what
+/// the terminal showed and the exit code.
+fn passwd_on_a_terminal(first: &str, second: &str) -> (String, Option<i32>) {
+    const DRIVER: &str = r#"
+import os, pty, sys
+binary, first, second = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(binary, [binary, "passwd"])
+seen = b""
+def read_until(marker):
+    global seen
+    while marker not in seen:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            return
+        if not chunk:
+            return
+        seen += chunk
+read_until(b"Password: ")
+os.write(fd, first + b"\n")
+read_until(b"(again): ")
+os.write(fd, second + b"\n")
+read_until(b"\0never")
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(seen.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let out = Command::new("timeout")
+        .args(["20", "python3", "-c", DRIVER])
+        .arg(outpost_bin())
+        .args([first, second])
+        .output()
+        .expect("python3 for the pty driver");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code(),
+    )
+}
+
+#[test]
+fn passwd_on_a_terminal_asks_twice_without_echo() {
+    outpost_only!();
+    let (screen, code) = passwd_on_a_terminal("tty-s3cret", "tty-s3cret");
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(
+        screen.contains("Password: ") && screen.contains("Password (again): "),
+        "{screen}"
+    );
+    assert!(screen.contains("$argon2id$"), "no hash printed: {screen}");
+    assert!(
+        !screen.contains("tty-s3cret"),
+        "the password was echoed: {screen}"
+    );
+    let (screen, code) = passwd_on_a_terminal("one", "other");
+    assert_eq!(code, Some(1), "{screen}");
+    assert!(
+        screen.contains("the passwords differ") && !screen.contains("$argon2"),
+        "{screen}"
+    );
+}
