@@ -533,7 +533,14 @@ fn q(s: &str) -> String {
 fn bind_of(l: &Listener, global: Option<&str>, notes: &mut Vec<String>) -> Option<String> {
     let host = l.address.as_deref().or(global);
     let ip = match host {
-        None => "0.0.0.0".to_owned(),
+        None => {
+            notes.push(format!(
+                "listener {}: Mosquitto listens on IPv4 and IPv6 here; imported as \
+                 0.0.0.0 (IPv4); use \"[::]:{}\" instead for both",
+                l.port, l.port
+            ));
+            "0.0.0.0".to_owned()
+        }
         Some("localhost") => "127.0.0.1".to_owned(),
         Some(h) => match h.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
