@@ -252,6 +252,12 @@ fn value_errors_carry_the_position() {
         "[[bridge]]\nname = \"c\"\naddress = \"mqtt://127.0.0.1:1883\"\ntopics = [\n  { pattern = \"a/#\" },\n  { pattern = \"b/#/c\" },\n]\n",
     );
     assert_error(&r, 6, "bridge[0].topics[1]", "b/#/c");
+    let bridge = "[[bridge]]\nname = \"c\"\naddress = \"mqtt://127.0.0.1:1883\"\ntopics = [{ pattern = \"a/#\" }]\n";
+    let (r, _d) = check(&format!("{bridge}{bridge}"));
+    assert_error(&r, 6, "bridge[1].name", "two bridges share this name");
+    let device = "[[sensors.serial]]\nname = \"scale\"\nport = \"/dev/ttyS9\"\nformat = \"nmea\"\npoints = [{ field = \"latitude\" }]\n";
+    let (r, _d) = check(&format!("{device}{}", device.replace("ttyS9", "ttyS8")));
+    assert_error(&r, 7, "sensors.serial[1].name", "duplicate device name");
 }
 
 #[test]

@@ -38,7 +38,9 @@ impl Credential {
             .map_err(|_| format!("the algorithm {:?} is not argon2", h.algorithm.as_str()))?;
         argon2::Params::try_from(&h).map_err(|e| format!("bad argon2 parameters ({e})"))?;
         if h.hash.is_none() {
-            return Err("the PHC string has no hash part".into());
+            return Err(
+                "the PHC string is incomplete: it has no hash part (a line cut short?)".into(),
+            );
         }
         Ok(Credential::Argon2(s.to_owned()))
     }
