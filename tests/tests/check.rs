@@ -143,6 +143,23 @@ fn a_key_that_is_not_the_certificates_is_refused() {
 }
 
 #[test]
+fn a_bridge_client_key_that_is_not_its_certificates_is_refused() {
+    outpost_only!();
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let body = "[[bridge]]\nname = \"cloud\"\naddress = \"mqtts://127.0.0.1:8883\"\ntopics = [{ pattern = \"a/#\" }]\n[bridge.tls]\nca_file = \"{dir}/cert.pem\"\ncert_file = \"{dir}/cert.pem\"\nkey_file = \"{dir}/KEY\"\n";
+    let good = run_in(dir.path(), &["check"], &body.replace("KEY", "key.pem"));
+    assert_eq!(good.code, 0, "{}", good.text);
+    let r = run_in(dir.path(), &["check"], &body.replace("KEY", "other.key"));
+    assert_error(
+        &r,
+        8,
+        "bridge[0].tls.key_file",
+        "does not belong to the certificate",
+    );
+}
+
+#[test]
 fn a_ca_file_that_is_not_pem_is_refused() {
     outpost_only!();
     let dir = tempfile::tempdir().unwrap();
