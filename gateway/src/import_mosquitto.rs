@@ -86,8 +86,9 @@ struct Bridge {
 #[derive(Debug, Default)]
 struct Conf {
     listeners: Vec<Listener>,
-    default_port: Option<u16>,
-    bind_address: Option<String>,
+    /// Index of the default listener (`port`, `bind_address` and listener keys before
+    /// any `listener` line), which Mosquitto keeps apart from `listener` ones.
+    default_listener: Option<usize>,
     allow_anonymous: Option<bool>,
     password_file: Option<String>,
     acl_file: Option<(String, At)>,
@@ -222,15 +223,24 @@ fn read_conf(path: &Path, conf: &mut Conf, depth: usize) -> Result<(), ImportErr
         let note = |conf: &mut Conf, why: &str| {
             conf.notes.push(format!("{at}: `{line}`: {why}"));
         };
-        let listener = |conf: &mut Conf| {
-            if conf.listeners.is_empty() {
-                // Keys before any `listener` belong to the default listener.
+        let default_listener = |conf: &mut Conf| match conf.default_listener {
+            Some(i) => i,
+            None => {
                 conf.listeners.push(Listener {
-                    port: conf.default_port.unwrap_or(1883),
+                    port: 1883,
                     ..Listener::default()
                 });
+                conf.default_listener = Some(conf.listeners.len() - 1);
+                conf.listeners.len() - 1
             }
-            conf.listeners.len() - 1
+        };
+        // Listener keys go to the last `listener`, or before any to the default one.
+        let listener = |conf: &mut Conf| {
+            if conf.listeners.is_empty() {
+                default_listener(conf)
+            } else {
+                conf.listeners.len() - 1
+            }
         };
         match key {
             "include_dir" => {
@@ -263,17 +273,13 @@ fn read_conf(path: &Path, conf: &mut Conf, depth: usize) -> Result<(), ImportErr
             }
             "port" => {
                 let port = num_arg(first, &at, key)?;
-                conf.default_port = Some(port);
-                if let Some(l) = conf.listeners.first_mut() {
-                    l.port = port;
-                } else {
-                    conf.listeners.push(Listener {
-                        port,
-                        ..Listener::default()
-                    });
-                }
+                let l = default_listener(conf);
+                conf.listeners[l].port = port;
             }
-            "bind_address" => conf.bind_address = Some(first.to_owned()),
+            "bind_address" => {
+                let l = default_listener(conf);
+                conf.listeners[l].address = Some(first.to_owned());
+            }
             "protocol" => {
                 let l = listener(conf);
                 match first {
@@ -530,9 +536,8 @@ fn q(s: &str) -> String {
     o
 }
 
-fn bind_of(l: &Listener, global: Option<&str>, notes: &mut Vec<String>) -> Option<String> {
-    let host = l.address.as_deref().or(global);
-    let ip = match host {
+fn bind_of(l: &Listener, notes: &mut Vec<String>) -> Option<String> {
+    let ip = match l.address.as_deref() {
         None => {
             notes.push(format!(
                 "listener {}: Mosquitto listens on IPv4 and IPv6 here; imported as \
@@ -583,7 +588,7 @@ fn render(path: &Path, c: &Conf, acl: &[AclOut]) -> String {
         listeners.push("{ bind = \"127.0.0.1:1883\" }".to_owned());
     }
     for l in &c.listeners {
-        let Some(bind) = bind_of(l, c.bind_address.as_deref(), &mut notes) else {
+        let Some(bind) = bind_of(l, &mut notes) else {
             continue;
         };
         let mut s = format!("{{ bind = {}", q(&bind));
@@ -823,6 +828,21 @@ mod tests {
         );
         assert!(topic_line(&["#", "sideways"], &at).is_err());
         assert!(topic_line(&["#", "in", "1", "a/"], &at).is_err());
+    }
+
+    #[test]
+    fn port_and_bind_address_make_the_default_listener_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("m.conf");
+        std::fs::write(
+            &conf,
+            "listener 8883 10.0.0.1\nport 1884\nbind_address 127.0.0.1\nlistener 9001\n",
+        )
+        .unwrap();
+        let toml = import(&conf).unwrap();
+        assert!(toml.contains("{ bind = \"10.0.0.1:8883\" }"), "{toml}");
+        assert!(toml.contains("{ bind = \"127.0.0.1:1884\" }"), "{toml}");
+        assert!(toml.contains("{ bind = \"0.0.0.0:9001\" }"), "{toml}");
     }
 
     #[test]
