@@ -91,7 +91,7 @@ struct Conf {
     default_listener: Option<usize>,
     allow_anonymous: Option<bool>,
     password_file: Option<String>,
-    acl_file: Option<(String, At)>,
+    acl_file: Option<String>,
     per_listener_settings: bool,
     max_queued_messages: Option<i64>,
     max_inflight_messages: Option<i64>,
@@ -111,13 +111,12 @@ pub fn import(path: &Path) -> Result<String, ImportError> {
     let mut conf = Conf::default();
     read_conf(path, &mut conf, 0)?;
     let acl = match &conf.acl_file {
-        Some((f, at)) => {
+        Some(f) => {
             let p = PathBuf::from(f);
             let text = std::fs::read_to_string(&p).map_err(|source| ImportError::Read {
                 path: p.clone(),
                 source,
             })?;
-            let _ = at;
             acl_rules(&text, &p, &mut conf.notes)
         }
         None => Vec::new(),
@@ -328,10 +327,10 @@ fn read_conf(path: &Path, conf: &mut Conf, depth: usize) -> Result<(), ImportErr
                 }
             }
             "acl_file" => {
-                if conf.acl_file.as_ref().is_some_and(|(p, _)| p != rest) {
+                if conf.acl_file.as_deref().is_some_and(|p| p != rest) {
                     note(conf, "a second acl_file: only one is read; this one is not");
                 } else {
-                    conf.acl_file = Some((rest.to_owned(), at.clone()));
+                    conf.acl_file = Some(rest.to_owned());
                 }
             }
             "per_listener_settings" => {
