@@ -13,7 +13,7 @@ use crate::error::ConfigError;
 use crate::rules::TopicRule;
 
 /// One `[[bridge]]` table: a link to one cloud broker.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeConfig {
     /// Name of the link, used in the spool file name, status and `$SYS` topics.
@@ -131,7 +131,7 @@ impl ProtocolVersion {
 }
 
 /// TLS client settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM file of trusted CA certificates; system roots when absent.
@@ -163,7 +163,7 @@ pub enum WhenFull {
 }
 
 /// Spool settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
     /// SQLite file; default `{state_dir}/bridge-{name}.sqlite`.
@@ -201,7 +201,7 @@ impl Default for SpoolConfig {
 }
 
 /// Reconnect backoff: exponential with full jitter, between `min` and `max`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconnectConfig {
     /// First backoff ceiling (default 1s).
@@ -235,7 +235,7 @@ impl Default for ReconnectConfig {
 }
 
 /// Gateway status announced on the cloud.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusConfig {
     /// Publish birth, will and clean offline (default true).

@@ -61,6 +61,9 @@ pub enum BridgeError {
     /// TLS material could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
+    /// The bridge was shut down (or its uplink task failed) before it could be changed.
+    #[error("the bridge has stopped")]
+    Stopped,
 }
 
 /// Why an offered message was not taken into the spool.

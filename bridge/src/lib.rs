@@ -17,8 +17,9 @@ pub mod status;
 pub mod uplink;
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -53,13 +54,26 @@ const LIVE_QOS0_QUEUE: usize = 1024;
 
 struct Inner {
     name: String,
-    rules: Rules,
+    /// Replaced by [`BridgeHandle::reconfigure`]; read once per offered message.
+    rules: RwLock<Rules>,
     spool: Spool,
-    spool_qos0: bool,
+    spool_qos0: AtomicBool,
     stats: Arc<BridgeStats>,
     live0: mpsc::Sender<NewMessage>,
+    /// The bridge's own stop: set by [`BridgeHandle::shutdown`] or the gateway's shutdown.
     stop: watch::Sender<bool>,
-    uplink: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The running uplink; a reconfigure stops it and starts another on the same spool.
+    link: Mutex<Option<Link>>,
+    /// What the running uplink was started from.
+    config: Mutex<BridgeConfig>,
+    gateway_id: String,
+    local: mpsc::Sender<LocalPublish>,
+}
+
+/// One uplink task and the signal that stops just it.
+struct Link {
+    task: tokio::task::JoinHandle<uplink::Carry>,
+    stop: watch::Sender<bool>,
 }
 
 /// Handle to a running bridge; cheap to clone and share between connection tasks.
@@ -123,19 +137,36 @@ pub async fn start(
         config: config.clone(),
     });
     spawn_stats_publisher(ctx.clone(), stop_rx.clone());
-    let uplink = tokio::spawn(uplink::run(ctx, stop_rx, live0_rx));
+    let careful = spool.careful_through_at_open();
+    let link = spawn_link(ctx, &stop_rx, live0_rx, careful);
     Ok(BridgeHandle {
         inner: Arc::new(Inner {
             name: config.name.clone(),
-            rules,
+            rules: RwLock::new(rules),
             spool,
-            spool_qos0: config.spool.qos0,
+            spool_qos0: AtomicBool::new(config.spool.qos0),
             stats,
             live0: live0_tx,
             stop,
-            uplink: Mutex::new(Some(uplink)),
+            link: Mutex::new(Some(link)),
+            config: Mutex::new(config),
+            gateway_id: gateway_id.to_owned(),
+            local,
         }),
     })
+}
+
+/// Starts an uplink task that stops with the bridge or on its own signal.
+fn spawn_link(
+    ctx: Arc<uplink::Ctx>,
+    bridge_stop: &watch::Receiver<bool>,
+    live0: mpsc::Receiver<NewMessage>,
+    careful_through: i64,
+) -> Link {
+    let (stop, stop_rx) = watch::channel(false);
+    forward_shutdown(bridge_stop.clone(), stop.clone());
+    let task = tokio::spawn(uplink::run(ctx, stop_rx, live0, careful_through));
+    Link { task, stop }
 }
 
 fn forward_shutdown(mut external: watch::Receiver<bool>, stop: watch::Sender<bool>) {
@@ -181,7 +212,7 @@ fn spawn_stats_publisher(ctx: Arc<uplink::Ctx>, mut stop: watch::Receiver<bool>)
 impl BridgeHandle {
     /// Whether an `out` rule matches `topic`, whatever the message's QoS.
     pub fn wants(&self, topic: &str) -> bool {
-        self.inner.rules.map_out(topic).is_some()
+        read(&self.inner.rules).map_out(topic).is_some()
     }
 
     /// Synchronous, cheap: `None` if no `out` rule matches `topic` (the message is not
@@ -197,7 +228,7 @@ impl BridgeHandle {
         properties: Option<&Properties>,
     ) -> Option<oneshot::Receiver<Result<(), Rejected>>> {
         let inner = &self.inner;
-        let mapped = inner.rules.map_out(topic)?;
+        let mapped = read(&inner.rules).map_out(topic)?;
         let qos = (qos as u8).min(mapped.qos);
         let msg = NewMessage {
             topic: mapped.topic,
@@ -207,7 +238,7 @@ impl BridgeHandle {
             props: properties.and_then(spool::encode_properties),
             accepted_ms: uplink::now_ms(),
         };
-        if qos == 0 && !inner.spool_qos0 {
+        if qos == 0 && !inner.spool_qos0.load(Relaxed) {
             if inner.live0.try_send(msg).is_err() {
                 BridgeStats::bump(&inner.stats.dropped_qos0);
             }
@@ -219,7 +250,7 @@ impl BridgeHandle {
     /// Local topic filters the bridge needs the broker to deliver to it (for `out` rules);
     /// informational.
     pub fn local_filters(&self) -> Vec<String> {
-        self.inner.rules.local_filters()
+        read(&self.inner.rules).local_filters()
     }
 
     /// The bridge's name.
@@ -244,10 +275,10 @@ impl BridgeHandle {
     pub async fn alive(&self) -> bool {
         let uplink_running = self
             .inner
-            .uplink
+            .link
             .lock()
             .ok()
-            .is_some_and(|g| g.as_ref().is_some_and(|t| !t.is_finished()));
+            .is_some_and(|g| g.as_ref().is_some_and(|l| !l.task.is_finished()));
         uplink_running && !matches!(self.inner.spool.flush().await, Err(SpoolError::Closed))
     }
 
@@ -260,9 +291,9 @@ impl BridgeHandle {
     /// spool write is committed.
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
-        let task = self.inner.uplink.lock().ok().and_then(|mut g| g.take());
-        if let Some(task) = task
-            && let Err(e) = task.await
+        let link = self.inner.link.lock().ok().and_then(|mut g| g.take());
+        if let Some(link) = link
+            && let Err(e) = link.task.await
         {
             tracing::error!(bridge = %self.inner.name, "uplink task failed: {e}");
         }
@@ -270,6 +301,108 @@ impl BridgeHandle {
             tracing::error!(bridge = %self.inner.name, "spool flush at shutdown failed: {e}");
         }
     }
+
+    /// Applies a changed `[[bridge]]` table (same name) without touching the spool:
+    /// the uplink publishes its clean offline status, disconnects, and a new one
+    /// connects with the new settings and sends what the spool holds, in order. Messages
+    /// offered meanwhile go to the spool as always, so nothing is refused or lost. Spool
+    /// settings other than `qos0` keep their start-up values until a restart (returned
+    /// as the keys that need one). On a bad new table nothing changes.
+    pub async fn reconfigure(
+        &self,
+        config: BridgeConfig,
+    ) -> Result<Vec<&'static str>, BridgeError> {
+        config.validate()?;
+        let inner = &self.inner;
+        let address = Address::parse(&config.address)?;
+        let tls = if address.scheme.is_tls() {
+            Some(uplink::client_config(
+                &config.tls.clone().unwrap_or_default(),
+            )?)
+        } else {
+            None
+        };
+        let mut needs_restart = Vec::new();
+        let old = lock(&inner.config).clone();
+        let mut config = config;
+        if config.spool.path != old.spool.path {
+            needs_restart.push("spool.path");
+        }
+        if config.spool.max_bytes != old.spool.max_bytes {
+            needs_restart.push("spool.max_bytes");
+        }
+        if config.spool.when_full != old.spool.when_full {
+            needs_restart.push("spool.when_full");
+        }
+        if config.stats_interval != old.stats_interval {
+            needs_restart.push("stats_interval");
+        }
+        config.spool.path = old.spool.path.clone();
+        config.spool.max_bytes = old.spool.max_bytes;
+        config.spool.when_full = old.spool.when_full;
+        config.stats_interval = old.stats_interval;
+
+        // Stop the running link first: two links with one client id would take the cloud
+        // session from each other.
+        let link = lock(&inner.link).take();
+        let carry = match link {
+            Some(link) => {
+                link.stop.send_replace(true);
+                link.task.await.ok()
+            }
+            None => None,
+        };
+        let Some(carry) = carry else {
+            // The uplink task panicked or was already taken by a shutdown: nothing to
+            // restart (the watchdog sees the dead uplink through `alive`).
+            return Err(BridgeError::Stopped);
+        };
+        let rules = Rules::new(config.topics.clone());
+        *inner.rules.write().unwrap_or_else(|e| e.into_inner()) = rules.clone();
+        inner.spool_qos0.store(config.spool.qos0, Relaxed);
+        let ctx = Arc::new(uplink::Ctx {
+            name: config.name.clone(),
+            protocol: config.protocol.to_protocol(),
+            client_id: config.effective_client_id(&inner.gateway_id),
+            address,
+            rules,
+            spool: inner.spool.clone(),
+            stats: inner.stats.clone(),
+            local: inner.local.clone(),
+            status: Status::new(
+                &config.status.prefix,
+                &inner.gateway_id,
+                &config.name,
+                SystemTime::now(),
+            ),
+            tls,
+            config: config.clone(),
+        });
+        let bridge_stop = inner.stop.subscribe();
+        *lock(&inner.link) = Some(spawn_link(
+            ctx,
+            &bridge_stop,
+            carry.live0,
+            carry.careful_through,
+        ));
+        *lock(&inner.config) = config;
+        tracing::info!(bridge = %inner.name, "bridge reconfigured; the link reconnects with its spool intact");
+        Ok(needs_restart)
+    }
+
+    /// The table the bridge runs on now.
+    pub fn config(&self) -> BridgeConfig {
+        lock(&self.inner.config).clone()
+    }
+}
+
+fn read(rules: &RwLock<Rules>) -> std::sync::RwLockReadGuard<'_, Rules> {
+    // Poisoning only means a panic while a whole value was being swapped in.
+    rules.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

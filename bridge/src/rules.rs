@@ -40,7 +40,7 @@ pub enum RetainMode {
 }
 
 /// One topic rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicRule {
     /// Topic filter relative to the prefixes; may be empty (then the prefixes are topics).

@@ -9,7 +9,7 @@ use outpost_mqtt::topic::{filters_overlap, matches};
 use crate::config::{AclAccess, AclRule};
 
 /// The rules that apply to one client.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct ClientAcl {
     read: Vec<String>,
     write: Vec<String>,

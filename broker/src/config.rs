@@ -148,6 +148,8 @@ fn default_listeners() -> Vec<ListenerConfig> {
         bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
         tls: None,
         websocket: None,
+        allow_anonymous: None,
+        acl: None,
     }]
 }
 fn default_connect_timeout() -> Duration {
@@ -272,6 +274,13 @@ impl BrokerConfig {
     }
 
     /// Whether anonymous clients are accepted, after applying the loopback default.
+    /// Whether anonymous clients may connect through `l`.
+    pub fn anonymous_allowed_on(&self, l: &ListenerConfig) -> bool {
+        l.allow_anonymous
+            .unwrap_or_else(|| self.anonymous_allowed())
+    }
+
+    /// Whether anonymous clients may connect where no listener says otherwise.
     pub fn anonymous_allowed(&self) -> bool {
         self.allow_anonymous
             .unwrap_or_else(|| self.listeners.iter().all(|l| l.bind.ip().is_loopback()))
@@ -279,7 +288,7 @@ impl BrokerConfig {
 }
 
 /// One `[[broker.listeners]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Address and port, e.g. "0.0.0.0:1883"; port 0 picks a free one (logged).
@@ -290,10 +299,27 @@ pub struct ListenerConfig {
     /// Serve MQTT over WebSocket (subprotocol `mqtt`) at this HTTP path, e.g. "/mqtt".
     #[serde(default)]
     pub websocket: Option<String>,
+    /// Anonymous access on this listener only (Mosquitto's `per_listener_settings`):
+    /// e.g. a loopback listener for local apps stays anonymous while the LAN listener
+    /// needs users. Unset: `[broker] allow_anonymous` decides.
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
+    /// Topic rules for clients of this listener only, instead of `[broker] acl`. Unset:
+    /// `[broker] acl` applies. An empty list allows everything here.
+    #[serde(default)]
+    pub acl: Option<Vec<AclRule>>,
+}
+
+impl ListenerConfig {
+    /// Whether `other` needs the same socket (address, TLS files, WebSocket path); the
+    /// per-listener access settings can change without rebinding.
+    pub fn same_socket(&self, other: &ListenerConfig) -> bool {
+        self.bind == other.bind && self.tls == other.tls && self.websocket == other.websocket
+    }
 }
 
 /// TLS settings of a listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -306,7 +332,7 @@ pub struct TlsConfig {
 }
 
 /// One `[[broker.acl]]` entry, in Mosquitto's `pattern` spirit.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
     /// The user name this rule is for; without it the rule applies to every client.

@@ -172,6 +172,13 @@ impl BrokerHandle {
         id.await.map_err(|_| PublishError::Stopped)
     }
 
+    /// Hands reloaded settings to the core; returns once it applied them.
+    pub(crate) async fn reload(&self, settings: Arc<crate::Settings>) -> Result<(), PublishError> {
+        let (done, wait) = oneshot::channel();
+        self.send(CoreEvent::Reload(settings, done)).await?;
+        wait.await.map_err(|_| PublishError::Stopped)
+    }
+
     /// Disconnects every client (5.0 clients get reason 0x8B) and stops the core.
     pub async fn shutdown(&self) {
         let (done, wait) = oneshot::channel();

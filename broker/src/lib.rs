@@ -36,9 +36,9 @@ use std::sync::Arc;
 pub use auth::{Users, hash_password};
 pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
-pub use listener::{BoundListener, bind_listeners};
+pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
-pub use settings::Settings;
+pub use settings::{Settings, SharedSettings};
 pub use tls::{TlsError, server_config};
 
 /// Why a durable sink refused a message.
@@ -88,7 +88,7 @@ pub struct SinkId(pub(crate) usize);
 /// [`listener::serve`] through [`Broker::serve`].
 pub struct Broker {
     handle: BrokerHandle,
-    settings: Arc<Settings>,
+    settings: SharedSettings,
 }
 
 impl Broker {
@@ -100,7 +100,10 @@ impl Broker {
     ) -> Broker {
         let settings = Arc::new(settings);
         let handle = core::spawn(settings.clone(), sinks, store);
-        Broker { handle, settings }
+        Broker {
+            handle,
+            settings: SharedSettings::new(settings),
+        }
     }
 
     /// The in-process client API.
@@ -108,10 +111,26 @@ impl Broker {
         self.handle.clone()
     }
 
-    /// Accepts connections on already bound listeners until shutdown.
-    pub fn serve(&self, listeners: Vec<BoundListener>) {
-        for l in listeners {
-            listener::spawn_accept_loop(l, self.handle.clone(), self.settings.clone());
-        }
+    /// Accepts connections on already bound listeners until each is stopped.
+    pub fn serve(&self, listeners: Vec<BoundListener>) -> Vec<ServingListener> {
+        listeners
+            .into_iter()
+            .map(|l| listener::spawn_accept_loop(l, self.handle.clone(), self.settings.clone()))
+            .collect()
+    }
+
+    /// Applies a reloaded `[broker]` table: users, anonymous access and the other
+    /// settings for connections accepted from now on, topic rules at once for every
+    /// connected client. The connection counters carry over; `max_connections` and
+    /// `max_connections_per_address` keep their start-up values until a restart.
+    pub async fn reload(&self, config: &config::BrokerConfig) -> Result<(), PublishError> {
+        let old = self.settings.get();
+        let mut new = Settings::from_config(config);
+        new.connections = old.connections.clone();
+        new.deadlines = old.deadlines.clone();
+        let new = Arc::new(new);
+        self.handle.reload(new.clone()).await?;
+        self.settings.set(new);
+        Ok(())
     }
 }

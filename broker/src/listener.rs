@@ -12,17 +12,88 @@ use tracing::{debug, info, warn};
 use super::connection;
 use super::handle::BrokerHandle;
 use super::limits::ConnectionSlot;
-use super::settings::Settings;
+use super::settings::{Settings, SharedSettings};
 use super::tls;
 use crate::config::ListenerConfig;
+
+/// A TLS acceptor that a reload can replace: connections accepted afterwards get the
+/// new certificate, those already running keep their session.
+#[derive(Clone)]
+struct TlsCell(Arc<std::sync::RwLock<TlsAcceptor>>);
+
+impl TlsCell {
+    fn get(&self) -> TlsAcceptor {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, a: TlsAcceptor) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = a;
+    }
+}
 
 /// A bound listener, ready to accept.
 pub struct BoundListener {
     socket: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsCell>,
     websocket: Option<String>,
     /// The address actually bound (port 0 resolved).
     pub local_addr: SocketAddr,
+    /// What it was bound from, to tell on reload whether it changed.
+    pub config: ListenerConfig,
+}
+
+/// A listener that is accepting connections.
+pub struct ServingListener {
+    accept: tokio::task::JoinHandle<()>,
+    tls: Option<TlsCell>,
+    transport: &'static str,
+    /// The address actually bound.
+    pub local_addr: SocketAddr,
+    /// What it was bound from.
+    pub config: ListenerConfig,
+}
+
+impl ServingListener {
+    /// "tcp", "tls", "ws" or "wss".
+    pub fn transport(&self) -> &'static str {
+        self.transport
+    }
+
+    /// Reads the TLS files again (a renewed certificate) for connections accepted from
+    /// now on; on error the listener keeps the certificate it had.
+    pub fn reload_tls(&self) -> Result<bool, ListenError> {
+        let (Some(cell), Some(cfg)) = (&self.tls, &self.config.tls) else {
+            return Ok(false);
+        };
+        let acceptor = acceptor(&self.config, cfg)?;
+        cell.set(acceptor);
+        Ok(true)
+    }
+
+    /// Stops accepting and closes the socket (it is closed when this returns, so the
+    /// address can be bound again). Connections it accepted keep running until they end.
+    pub async fn stop(self) {
+        self.accept.abort();
+        let _ = self.accept.await;
+    }
+}
+
+/// Loads a listener's TLS files the way binding it would, without binding: a reload
+/// checks every listener before it changes any.
+pub fn check_tls(c: &ListenerConfig) -> Result<(), ListenError> {
+    match &c.tls {
+        Some(t) => acceptor(c, t).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+fn acceptor(c: &ListenerConfig, t: &crate::config::TlsConfig) -> Result<TlsAcceptor, ListenError> {
+    tls::server_config(t)
+        .map(TlsAcceptor::from)
+        .map_err(|source| ListenError::Tls {
+            addr: c.bind,
+            source,
+        })
 }
 
 impl BoundListener {
@@ -64,12 +135,7 @@ pub async fn bind_listeners(configs: &[ListenerConfig]) -> Result<Vec<BoundListe
     let mut out = Vec::with_capacity(configs.len());
     for c in configs {
         let tls = match &c.tls {
-            Some(t) => Some(TlsAcceptor::from(tls::server_config(t).map_err(
-                |source| ListenError::Tls {
-                    addr: c.bind,
-                    source,
-                },
-            )?)),
+            Some(t) => Some(TlsCell(Arc::new(std::sync::RwLock::new(acceptor(c, t)?)))),
             None => None,
         };
         let socket = TcpListener::bind(c.bind)
@@ -87,6 +153,7 @@ pub async fn bind_listeners(configs: &[ListenerConfig]) -> Result<Vec<BoundListe
             tls,
             websocket: c.websocket.clone(),
             local_addr,
+            config: c.clone(),
         };
         info!(transport = %l.transport(), addr = %local_addr, "listening");
         out.push(l);
@@ -94,12 +161,21 @@ pub async fn bind_listeners(configs: &[ListenerConfig]) -> Result<Vec<BoundListe
     Ok(out)
 }
 
-/// Accepts connections forever, one task per connection.
-pub fn spawn_accept_loop(l: BoundListener, core: BrokerHandle, settings: Arc<Settings>) {
-    tokio::spawn(async move {
+/// Accepts connections until stopped, one task per connection.
+pub fn spawn_accept_loop(
+    l: BoundListener,
+    core: BrokerHandle,
+    settings: SharedSettings,
+) -> ServingListener {
+    let transport = l.transport();
+    let tls = l.tls.clone();
+    let local_addr = l.local_addr;
+    let config = l.config.clone();
+    let accept = tokio::spawn(async move {
         loop {
             match l.socket.accept().await {
                 Ok((stream, peer)) => {
+                    let settings = settings.get_for(l.config.bind);
                     // Over a bound: closed before a byte is read (counted and logged).
                     let Ok(slot) = settings.connections.admit(peer.ip()) else {
                         drop(stream);
@@ -110,10 +186,10 @@ pub fn spawn_accept_loop(l: BoundListener, core: BrokerHandle, settings: Arc<Set
                         stream,
                         peer,
                         slot,
-                        l.tls.clone(),
+                        l.tls.as_ref().map(TlsCell::get),
                         l.websocket.clone(),
                         core.clone(),
-                        settings.clone(),
+                        settings,
                     );
                 }
                 Err(e) => {
@@ -124,6 +200,13 @@ pub fn spawn_accept_loop(l: BoundListener, core: BrokerHandle, settings: Arc<Set
             }
         }
     });
+    ServingListener {
+        accept,
+        tls,
+        transport,
+        local_addr,
+        config,
+    }
 }
 
 /// One task per connection. Plain TCP gets the small hand-written connection future;

@@ -1,5 +1,6 @@
 //! Broker settings resolved from the config file, in the units the hot path wants.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,80 @@ pub struct Settings {
     pub sys_interval: Duration,
     /// Keep-alive and close deadlines of this broker's connections.
     pub deadlines: Arc<Deadlines>,
+    /// What individual listeners decide for themselves (`per_listener_settings`).
+    pub listener_rules: Vec<ListenerRules>,
+    /// In a listener's own copy: that listener (its configured address), whose
+    /// [`ListenerRules`] apply to its clients.
+    pub listener: Option<SocketAddr>,
+}
+
+/// Anonymous access and topic rules of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerRules {
+    /// The listener's configured address (its identity across reloads).
+    pub bind: SocketAddr,
+    /// Anonymous clients may connect here.
+    pub allow_anonymous: bool,
+    /// Topic rules of this listener's clients; `None` uses the broker's.
+    pub acl: Option<Vec<AclRule>>,
+}
+
+/// The settings a new connection starts with; a reload replaces them. A connection keeps
+/// the settings it was accepted with, so only logins after a reload see new users; the
+/// core re-resolves the topic rules of connected clients itself.
+#[derive(Clone)]
+pub struct SharedSettings(Arc<std::sync::RwLock<Arc<Resolved>>>);
+
+/// The broker's settings and each listener's copy of them.
+struct Resolved {
+    global: Arc<Settings>,
+    per_listener: Vec<(SocketAddr, Arc<Settings>)>,
+}
+
+impl Resolved {
+    fn new(global: Arc<Settings>) -> Arc<Resolved> {
+        let per_listener = global
+            .listener_rules
+            .iter()
+            .map(|r| (r.bind, global.for_listener(r.bind)))
+            .collect();
+        Arc::new(Resolved {
+            global,
+            per_listener,
+        })
+    }
+}
+
+impl SharedSettings {
+    /// Wraps the settings of the first start.
+    pub fn new(s: Arc<Settings>) -> SharedSettings {
+        SharedSettings(Arc::new(std::sync::RwLock::new(Resolved::new(s))))
+    }
+
+    fn resolved(&self) -> Arc<Resolved> {
+        // A poisoned lock only means a panic elsewhere while replacing an Arc; the value
+        // inside is still whole.
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The current settings (read once per accepted connection, never per message).
+    pub fn get(&self) -> Arc<Settings> {
+        self.resolved().global.clone()
+    }
+
+    /// The current settings for a connection accepted by the listener configured at
+    /// `bind`.
+    pub fn get_for(&self, bind: SocketAddr) -> Arc<Settings> {
+        let r = self.resolved();
+        r.per_listener
+            .iter()
+            .find(|(b, _)| *b == bind)
+            .map_or_else(|| r.global.clone(), |(_, s)| s.clone())
+    }
+
+    pub(crate) fn set(&self, s: Arc<Settings>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Resolved::new(s);
+    }
 }
 
 impl Settings {
@@ -94,6 +169,38 @@ impl Settings {
             connections: ConnectionLimits::new(c.max_connections, c.max_connections_per_address),
             sys_interval: c.sys_interval,
             deadlines: Deadlines::new(),
+            listener_rules: c
+                .listeners
+                .iter()
+                .map(|l| ListenerRules {
+                    bind: l.bind,
+                    allow_anonymous: c.anonymous_allowed_on(l),
+                    acl: l.acl.clone(),
+                })
+                .collect(),
+            listener: None,
+        }
+    }
+
+    /// The topic rules for a client of `listener` (`None`: the broker's own).
+    pub fn acl_for(&self, listener: Option<SocketAddr>) -> &[AclRule] {
+        listener
+            .and_then(|b| self.listener_rules.iter().find(|r| r.bind == b))
+            .and_then(|r| r.acl.as_deref())
+            .unwrap_or(&self.acl)
+    }
+
+    /// The copy a listener's connections use: the same settings with that listener's
+    /// anonymous access and identity. Shares `self` when the listener overrides nothing.
+    fn for_listener(self: &Arc<Settings>, bind: SocketAddr) -> Arc<Settings> {
+        match self.listener_rules.iter().find(|r| r.bind == bind) {
+            Some(r) if r.allow_anonymous != self.allow_anonymous || r.acl.is_some() => {
+                let mut s = Settings::clone(self);
+                s.allow_anonymous = r.allow_anonymous;
+                s.listener = Some(bind);
+                Arc::new(s)
+            }
+            _ => self.clone(),
         }
     }
 }

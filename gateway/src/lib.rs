@@ -5,6 +5,7 @@
 //! - [`broker`]: the `outpost-broker` crate (listeners, connections, sessions, routing,
 //!   retained, wills, `$SYS`), re-exported so `outpost_gateway::broker::...` paths stay.
 //! - [`app`]: starts everything from a config and runs until a signal.
+//! - [`reload`]: applies a changed config on SIGHUP, keeping what did not change.
 //! - [`sensors`]: runs the Modbus/serial layer and publishes its readings in-process.
 //! - [`service`]: systemd readiness, watchdog and journal logging.
 
@@ -13,6 +14,7 @@ pub mod bridge;
 pub mod check;
 pub mod config;
 pub mod import_mosquitto;
+pub mod reload;
 pub mod sensors;
 pub mod service;
 

@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| PathBuf::from("<embedded default>"));
             check(&config, &name, &text, bind)
         }
-        _ => run(config),
+        _ => run(config, cli.config),
     }
 }
 
@@ -107,7 +107,7 @@ fn import_mosquitto(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     outpost_gateway::service::init_logging(&config.log.level);
     outpost_gateway::service::raise_fd_limit();
     // One worker is a current-thread runtime: the same single thread without the
@@ -127,7 +127,7 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(outpost_gateway::app::run(config)) {
+    match runtime.block_on(outpost_gateway::app::run(config, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Logging is set up by now and goes to stderr or the journal (which also

@@ -5,8 +5,8 @@ use outpost_mqtt::{Properties, QoS};
 use std::sync::Arc;
 
 use outpost_sensors::stats::Stats;
-use outpost_sensors::{Command, SensorMessage, SensorsConfig};
-use tokio::sync::{mpsc, watch};
+use outpost_sensors::{Command, Reload, ReloadSummary, SensorMessage, SensorsConfig};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{error, warn};
 
@@ -29,13 +29,64 @@ pub async fn spawn(
     shutdown: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) -> Option<Arc<Stats>> {
+    let filters = outpost_sensors::command_filters(&config, &gateway_id);
+    start(config, gateway_id, filters, broker, shutdown, tasks)
+        .await
+        .map(|(stats, _)| stats)
+}
+
+/// Sends new `[sensors]` configurations to the running layer.
+#[derive(Debug, Clone)]
+pub struct SensorsReload(mpsc::Sender<Reload>);
+
+impl SensorsReload {
+    /// Applies `config`: unchanged lines keep running, changed ones restart, removed
+    /// devices' retained status is cleared (see `SensorLayer::reload`). An invalid
+    /// config changes nothing.
+    pub async fn reload(&self, config: SensorsConfig) -> anyhow::Result<ReloadSummary> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send((config, tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("the sensor layer has stopped"))?;
+        Ok(rx
+            .await
+            .map_err(|_| anyhow::anyhow!("the sensor layer stopped during the reload"))??)
+    }
+}
+
+/// [`spawn`] for a gateway that reloads: also returns the handle that applies new
+/// sensor configurations. Commands are subscribed whether or not a point is writable
+/// now, since a reload may add one (a write to a read-only point then gets a result
+/// saying so instead of no answer).
+pub async fn spawn_reloadable(
+    config: SensorsConfig,
+    gateway_id: String,
+    broker: BrokerHandle,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Option<(Arc<Stats>, SensorsReload)> {
+    let prefix = config.prefix().to_string();
+    let filters = vec![format!("{prefix}/{gateway_id}/sensors/+/+/set")];
+    start(config, gateway_id, filters, broker, shutdown, tasks).await
+}
+
+async fn start(
+    config: SensorsConfig,
+    gateway_id: String,
+    filters: Vec<String>,
+    broker: BrokerHandle,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Option<(Arc<Stats>, SensorsReload)> {
     if config.modbus.is_empty() && config.serial.is_empty() {
         return None;
     }
     let stats = Arc::new(Stats::default());
     let (out_tx, out_rx) = mpsc::channel(READINGS_QUEUE);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUE);
-    for filter in outpost_sensors::command_filters(&config, &gateway_id) {
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    for filter in filters {
         match broker.subscribe(&filter, QoS::AtLeastOnce).await {
             Ok(sub) => {
                 tasks.spawn(forward_commands(sub, cmd_tx.clone()));
@@ -47,18 +98,26 @@ pub async fn spawn(
     tasks.spawn(publish_readings(out_rx, broker));
     let run_stats = Arc::clone(&stats);
     tasks.spawn(async move {
-        let run = outpost_sensors::run_with_stats(
-            config, gateway_id, out_tx, cmd_rx, shutdown, run_stats,
+        let run = outpost_sensors::run_with_reload(
+            config, gateway_id, out_tx, cmd_rx, shutdown, run_stats, reload_rx,
         );
         if let Err(e) = run.await {
             error!(error = %e, "sensor layer stopped");
         }
     });
-    Some(stats)
+    Some((stats, SensorsReload(reload_tx)))
 }
 
+/// Forwards `.../set` messages to the layer until the layer stops: it must end with the
+/// layer, not with the broker, or a gateway with a writable point waits out its whole
+/// shutdown grace period for this task before it stops the broker.
 async fn forward_commands(mut sub: crate::broker::LocalSubscription, tx: mpsc::Sender<Command>) {
-    while let Some(msg) = sub.recv().await {
+    loop {
+        let msg = tokio::select! {
+            msg = sub.recv() => msg,
+            () = tx.closed() => return,
+        };
+        let Some(msg) = msg else { return };
         let cmd = Command {
             topic: msg.topic.to_string(),
             payload: msg.payload.clone(),

@@ -18,12 +18,21 @@ use crate::broker::{BrokerHandle, LocalSubscription};
 /// Sets up logging: the journal when started by systemd (`JOURNAL_STREAM` set),
 /// otherwise human-readable lines on stderr. `RUST_LOG` overrides `level`.
 pub fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_wins = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    if !env_wins {
+        let _ = LOG_FILTER.set(handle);
+    }
     let registry = tracing_subscriber::registry().with(filter);
+    // No field prefix: tracing fields become journal fields as they are named
+    // (`device` → `DEVICE=`), so `journalctl -u outpost BRIDGE=cloud` or `DEVICE=boiler`
+    // works; the default would be `F_BRIDGE=`.
     if std::env::var_os("JOURNAL_STREAM").is_some()
-        && let Ok(journald) = tracing_journald::layer()
+        && let Ok(journald) = tracing_journald::layer().map(|l| l.with_field_prefix(None))
     {
         let _ = registry.with(journald).try_init();
         return;
@@ -36,6 +45,37 @@ pub fn init_logging(level: &str) {
                 .with_ansi(ansi),
         )
         .try_init();
+}
+
+type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// The log filter a reload may replace; unset when `RUST_LOG` decides.
+static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+/// Applies a reloaded `[log] level`. `Ok(false)` when `RUST_LOG` is set (it wins, as at
+/// start); an invalid filter changes nothing.
+pub fn set_log_level(level: &str) -> Result<bool, String> {
+    let Some(handle) = LOG_FILTER.get() else {
+        return Ok(false);
+    };
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+    handle
+        .reload(filter)
+        .map(|()| true)
+        .map_err(|e| format!("cannot change the log level: {e}"))
+}
+
+/// Tells systemd a reload started (`RELOADING=1` with the monotonic time systemd 253+
+/// asks for); [`notify_ready`] ends it.
+pub fn notify_reloading() {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0);
+    let usec = format!("MONOTONIC_USEC={now}");
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Reloading,
+        sd_notify::NotifyState::Custom(&usec),
+    ]);
 }
 
 /// Tells systemd the service is ready, with a status line.
@@ -51,6 +91,24 @@ pub fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
+/// The running sensor layer's counters, replaced when a reload restarts the layer.
+#[derive(Clone, Default)]
+pub struct SensorLines(
+    std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<outpost_sensors::stats::Stats>>>>,
+);
+
+impl SensorLines {
+    /// The current layer's counters, if sensors run.
+    pub fn get(&self) -> Option<std::sync::Arc<outpost_sensors::stats::Stats>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces them.
+    pub fn set(&self, s: Option<std::sync::Arc<outpost_sensors::stats::Stats>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
 /// Topic of the watchdog's round trip through the broker core. Wildcard subscriptions of
 /// clients never match a `$` topic, and no bridge rule takes it.
 const PROBE_TOPIC: &str = "$outpost/watchdog";
@@ -62,9 +120,9 @@ pub struct Watched {
     /// The broker core: the watchdog is fed only after a message went through it.
     pub broker: BrokerHandle,
     /// The bridges: their spool writers must answer and their uplink tasks run.
-    pub bridges: Vec<BridgeHandle>,
+    pub bridges: crate::bridge::BridgeSet,
     /// The sensor layer's lines: each task must keep going round its loop.
-    pub sensor_lines: Option<std::sync::Arc<outpost_sensors::stats::Stats>>,
+    pub sensor_lines: SensorLines,
     /// `{prefix}/{gateway_id}/sensors`, when sensors are configured.
     pub sensors_base: Option<String>,
 }
@@ -129,7 +187,7 @@ pub async fn spawn_supervisor(w: Watched) -> Option<tokio::task::JoinHandle<()>>
                     view.sensor_seen(&m.topic, &m.payload);
                 }
             }
-            let status = view.line(&w.bridges);
+            let status = view.line(&w.bridges.snapshot());
             if ok {
                 if !healthy {
                     tracing::warn!("watchdog: the broker core and spools answer again");
@@ -179,14 +237,14 @@ async fn round_trip(w: &Watched, probe: &mut LocalSubscription, seq: u64) -> Res
             break;
         }
     }
-    for b in &w.bridges {
+    for b in w.bridges.snapshot() {
         if !b.alive().await {
             return Err(format!("bridge {} did not answer", b.name()));
         }
     }
     if let Some(stale) = w
         .sensor_lines
-        .as_ref()
+        .get()
         .map(|s| s.stale_lines())
         .filter(|l| !l.is_empty())
     {

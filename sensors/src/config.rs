@@ -817,6 +817,18 @@ impl SerialPoint {
     pub fn topic_name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.field)
     }
+
+    /// True when the configuration says the field holds numbers: it has a unit, a scale
+    /// or offset, a range or a deadband.
+    pub fn is_numeric(&self) -> bool {
+        self.unit.is_some()
+            || self.scale != 1.0
+            || self.offset != 0.0
+            || self.min.is_some()
+            || self.max.is_some()
+            || self.deadband.is_some()
+            || self.deadband_percent.is_some()
+    }
 }
 
 impl SerialSensor {

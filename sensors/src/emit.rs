@@ -3,8 +3,11 @@
 use crate::clock::Clock;
 use crate::error::SensorsError;
 use crate::point::Value;
-use crate::publish::{DeviceStatus, SensorMessage, reading_payload, status_payload};
+use crate::publish::{
+    DeviceStatus, SensorMessage, reading_payload, status_payload, stopped_payload,
+};
 use crate::report::{Policy, Quality, Reporter};
+use crate::stop::Farewell;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -44,6 +47,67 @@ impl Emitter {
             retain: true,
         })
         .await
+    }
+
+    /// Publishes the retained status of a device that stops without a fault.
+    pub async fn stopped(&self, topic: &str, reason: &str) -> Result<(), SensorsError> {
+        self.send(SensorMessage {
+            topic: topic.to_string(),
+            payload: stopped_payload(reason, &self.clock),
+            qos: 1,
+            retain: true,
+        })
+        .await
+    }
+
+    /// Removes the retained message of `topic`: a zero-byte retained PUBLISH removes it and
+    /// no later subscriber receives one (MQTT-3.3.1-10/-11 in 3.1.1, MQTT-3.3.1-6/-7 in 5.0).
+    pub async fn clear(&self, topic: &str) -> Result<(), SensorsError> {
+        self.send(SensorMessage {
+            topic: topic.to_string(),
+            payload: bytes::Bytes::new(),
+            qos: 1,
+            retain: true,
+        })
+        .await
+    }
+
+    /// Leaves a stopping device's topics as `farewell` says: a retained `offline` status,
+    /// or its retained status and retained readings removed.
+    pub async fn farewell<'a>(
+        &self,
+        farewell: &Farewell,
+        device: &str,
+        status_topic: &str,
+        retained_readings: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), SensorsError> {
+        match farewell.for_device(device) {
+            Some(reason) => self.stopped(status_topic, reason).await,
+            None => {
+                for topic in retained_readings {
+                    self.clear(topic).await?;
+                }
+                self.clear(status_topic).await
+            }
+        }
+    }
+}
+
+/// Logs a device status change: going offline is a warning naming the device and the
+/// cause. The message carries both because a plain `journalctl` shows only the message;
+/// the `device` field is there to filter on (`journalctl DEVICE=boiler` with a journald
+/// layer that does not prefix fields).
+pub(crate) fn log_status(device: &str, status: DeviceStatus, error: Option<&str>, failures: u32) {
+    let error = error.unwrap_or("unknown error");
+    match status {
+        DeviceStatus::Online => tracing::info!(device, "device {device} online"),
+        DeviceStatus::Offline => {
+            tracing::warn!(device, "device {device} offline: {error}")
+        }
+        DeviceStatus::Quarantined => tracing::warn!(
+            device,
+            "device {device} quarantined after {failures} failed polls: {error}; probing it rarely"
+        ),
     }
 }
 

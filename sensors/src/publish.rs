@@ -158,6 +158,17 @@ pub fn status_payload(status: DeviceStatus, error: Option<&str>, clock: &Clock) 
     Bytes::from(Json::Object(obj).to_string())
 }
 
+/// JSON payload of the retained status a device leaves when it stops without a fault:
+/// `offline` with the reason (e.g. "gateway stopping") and no error.
+pub fn stopped_payload(reason: &str, clock: &Clock) -> Bytes {
+    let mut obj = Map::new();
+    obj.insert("status".into(), DeviceStatus::Offline.as_str().into());
+    obj.insert("error".into(), Json::Null);
+    obj.insert("reason".into(), Json::String(reason.into()));
+    stamp(&mut obj, clock);
+    Bytes::from(Json::Object(obj).to_string())
+}
+
 /// JSON payload of a write result.
 pub fn write_result_payload(
     result: Result<&Value, &str>,

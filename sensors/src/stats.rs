@@ -159,6 +159,14 @@ impl Stats {
         l
     }
 
+    /// Unregisters a line that stopped for good (a reload removed or replaced it), so
+    /// the watchdog does not take its silence for a wedged task.
+    pub fn remove(&self, line: &Arc<LineStats>) {
+        if let Ok(mut v) = self.lines.lock() {
+            v.retain(|l| !Arc::ptr_eq(l, line));
+        }
+    }
+
     /// A snapshot of every line's counters.
     pub fn lines(&self) -> Vec<Arc<LineStats>> {
         self.lines.lock().map(|v| v.clone()).unwrap_or_default()

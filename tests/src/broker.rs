@@ -153,6 +153,29 @@ fn broker_table(broker_lines: &str) -> String {
     )
 }
 
+/// An argon2 hash of `password` made by the real `outpost passwd` (stdin, not a
+/// terminal), for `users = [...]` in a test config.
+pub fn password_hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(outpost_bin())
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outpost passwd");
+    if let Some(mut stdin) = child.stdin.take() {
+        writeln!(stdin, "{password}").expect("write the password");
+    }
+    let out = child.wait_with_output().expect("outpost passwd");
+    assert!(
+        out.status.success(),
+        "outpost passwd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A running broker with its own state directory; killed (SIGKILL) on drop.
 pub struct Broker {
     kind: BrokerKind,
@@ -382,6 +405,46 @@ impl Broker {
     /// Everything the broker wrote to stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the config file with `config` and sends SIGHUP (what `systemctl reload`
+    /// does); returns at once, see [`Broker::wait_for_log`].
+    pub fn reload_with(&mut self, config: &str) {
+        std::fs::write(&self.config_path, config).expect("write the new config");
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// Sends `sig` to the broker process.
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits up to `wait` for the log to contain `needle` at least `times` times.
+    pub fn wait_for_log(&self, needle: &str, times: usize, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.log().matches(needle).count() >= times {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The config file the broker runs on.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
     }
 
     /// Kill the broker with SIGKILL and reap it.

@@ -12,7 +12,9 @@
 pub mod broker;
 pub mod cli;
 pub mod clients;
+pub mod cloud;
 pub mod ledger;
+pub mod modbus;
 pub mod raw;
 
 pub use broker::{Broker, BrokerKind, broker_kind, mosquitto_mode, outpost_bin};

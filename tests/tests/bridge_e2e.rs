@@ -5,162 +5,15 @@
 //! will reach the cloud.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
-use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
+use outpost_tests::broker::{Broker, mosquitto_mode};
+use outpost_tests::cloud::{Cloud, CloudSubscriber};
 use outpost_tests::raw::{RawClient, connect_packet, publish};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A real Mosquitto playing the cloud, with persistence so its sessions survive restarts.
-struct Cloud {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Cloud {
-    /// Prepares the cloud's config without starting it.
-    fn new() -> Cloud {
-        Cloud::with_limits("max_queued_messages 0\nmax_inflight_messages 0\n")
-    }
-
-    /// Like [`Cloud::new`], with Mosquitto's queue and in-flight settings given.
-    fn with_limits(limits: &str) -> Cloud {
-        let dir = tempfile::tempdir().unwrap();
-        // Mosquitto started as root drops to its own user and must write its database.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let port = free_port();
-        std::fs::write(
-            dir.path().join("mosquitto.conf"),
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n{limits}",
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        Cloud {
-            dir,
-            port,
-            child: None,
-        }
-    }
-
-    /// A cloud that has a persistent `collector` session on `up/#` and is now down: what
-    /// the bridge forwards once it is back waits there for the collector.
-    fn down_with_collector() -> Cloud {
-        let mut cloud = Cloud::new();
-        cloud.start();
-        CloudSubscriber::register(&cloud, "collector", "up/#");
-        cloud.stop();
-        cloud
-    }
-
-    fn start(&mut self) {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("mosquitto");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (apt-get install mosquitto)");
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "cloud mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM: Mosquitto saves its database (sessions, queued messages) on the way out.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A persistent QoS 2 session at the cloud that collects what the bridge forwards.
-struct CloudSubscriber {
-    child: Child,
-    out: PathBuf,
-}
-
-impl CloudSubscriber {
-    /// Subscribes `filter` as client `id` with clean session off, so the cloud queues for
-    /// it while it is away; exits after `count` messages or `secs` seconds.
-    fn start(cloud: &Cloud, id: &str, filter: &str, count: usize, secs: u32) -> CloudSubscriber {
-        let out = cloud.dir.path().join(format!("{id}.out"));
-        let file = std::fs::File::create(&out).unwrap();
-        let child = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &cloud.port.to_string(),
-                "-i",
-                id,
-                "-c",
-                "-q",
-                "2",
-            ])
-            .args([
-                "-t",
-                filter,
-                "-v",
-                "-C",
-                &count.to_string(),
-                "-W",
-                &secs.to_string(),
-            ])
-            .stdout(file)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-        CloudSubscriber { child, out }
-    }
-
-    /// Registers the persistent session and leaves.
-    fn register(cloud: &Cloud, id: &str, filter: &str) {
-        let mut s = CloudSubscriber::start(cloud, id, filter, 1, 1);
-        let _ = s.child.wait();
-    }
-
-    fn lines(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn wait(mut self) -> Vec<String> {
-        let _ = self.child.wait();
-        self.lines()
-    }
-}
 
 /// Publishes `n` messages `{topic}` with payloads "0".."n-1" and waits for every
 /// acknowledgement (PUBACK, or PUBREC/PUBREL/PUBCOMP), keeping up to 50 in flight.
@@ -252,6 +105,19 @@ async fn cloud_outage_loses_nothing_keeps_order_and_qos2_arrives_once() {
         Some(&expect(n2)),
         "QoS 2: all, in order, once"
     );
+    // What an operator reads: the backlog found on connecting, and the drain's end;
+    // the failed attempts while the cloud was down are one warning, not one per retry.
+    assert!(
+        broker.wait_for_log("drained 500 messages in", 1, WAIT),
+        "{}",
+        broker.log()
+    );
+    let log = broker.log();
+    assert!(
+        log.contains("connected to the cloud; 500 messages ("),
+        "no backlog on connect:\n{log}"
+    );
+    assert_eq!(log.matches("cannot connect").count(), 1, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -462,3 +462,105 @@ async fn connect_timeout_runs_from_accept_across_the_websocket_handshake() {
         broker.log()
     );
 }
+
+/// A renewed certificate (here: one from another CA, so the difference shows) is served
+/// to new TLS connections after `systemctl reload`; the TLS client connected before the
+/// reload keeps its session and still receives.
+#[test]
+fn a_renewed_certificate_is_served_after_reload_without_dropping_tls_clients() {
+    if mosquitto_mode() {
+        return;
+    }
+    let (old, new) = (Pki::new(), Pki::new());
+    let live = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        live.path().join("server.pem"),
+        live.path().join("server.key"),
+    );
+    std::fs::copy(old.path("server.pem"), &cert).unwrap();
+    std::fs::copy(old.path("server.key"), &key).unwrap();
+    let tls_port = free_port();
+    let config = format!(
+        "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
+        cert.display(),
+        key.display()
+    );
+    let mut broker = Broker::outpost_with_full_config(&config);
+    let port = tls_port.to_string();
+    let pub_with = |ca: &Path, msg: &str| {
+        mosquitto(
+            "mosquitto_pub",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "--cafile",
+                ca.to_str().unwrap(),
+                "-t",
+                "rot/t",
+                "-m",
+                msg,
+                "-q",
+                "1",
+            ],
+        )
+    };
+    // A subscriber over TLS with the old CA, connected across the reload.
+    let sub = std::thread::spawn({
+        let (port, ca) = (port.clone(), old.path("ca.pem"));
+        move || {
+            mosquitto(
+                "mosquitto_sub",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "--cafile",
+                    ca.to_str().unwrap(),
+                    "-t",
+                    "rot/t",
+                    "-C",
+                    "1",
+                    "-W",
+                    "9",
+                    "-q",
+                    "1",
+                ],
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        !pub_with(&new.path("ca.pem"), "too early").status.success(),
+        "the new CA was trusted before the certificate changed"
+    );
+
+    std::fs::copy(new.path("server.pem"), &cert).unwrap();
+    std::fs::copy(new.path("server.key"), &key).unwrap();
+    broker.reload_with(&config);
+    assert!(
+        broker.wait_for_log("TLS files read again", 1, WAIT),
+        "{}",
+        broker.log()
+    );
+    let renewed = pub_with(&new.path("ca.pem"), "renewed");
+    assert!(
+        renewed.status.success(),
+        "the renewed certificate is not served: {}\n{}",
+        String::from_utf8_lossy(&renewed.stderr),
+        broker.log()
+    );
+    assert!(
+        !pub_with(&old.path("ca.pem"), "stale").status.success(),
+        "the old certificate is still served to new connections"
+    );
+    let got = sub.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "renewed",
+        "the TLS client connected before the reload lost its session: {}",
+        broker.log()
+    );
+}

@@ -3,6 +3,7 @@
 
 mod backoff;
 mod packet_ids;
+mod progress;
 mod session;
 mod tls;
 mod transport;
@@ -218,16 +219,26 @@ pub(crate) async fn stop_requested(rx: &mut watch::Receiver<bool>) {
 }
 
 /// The reconnect loop; returns after a clean shutdown.
+/// What one uplink task hands to the next when a reconfigure replaces it.
+pub(crate) struct Carry {
+    /// QoS 0 messages waiting for the link.
+    pub live0: mpsc::Receiver<NewMessage>,
+    /// Messages up to this spool id are resent one at a time (poison detection).
+    pub careful_through: i64,
+}
+
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     mut shutdown: watch::Receiver<bool>,
     mut live0: mpsc::Receiver<NewMessage>,
-) {
+    careful_through: i64,
+) -> Carry {
     let cfg = &ctx.config.reconnect;
     let mut backoff = Backoff::new(cfg.min, cfg.max);
     let mut connected_before = false;
     let mut stopping = false;
-    let mut careful_through = ctx.spool.careful_through_at_open();
+    let mut careful_through = careful_through;
+    let mut repeats = progress::Repeats::default();
     ctx.mirror_link_state(false);
     loop {
         if stopping || *shutdown.borrow() {
@@ -246,14 +257,18 @@ pub(crate) async fn run(
                     BridgeStats::bump(&ctx.stats.reconnects);
                 }
                 connected_before = true;
+                repeats.reset();
+                let backlog = progress::Backlog::now(&ctx.stats, now_ms());
                 tracing::info!(bridge = %ctx.name, address = %ctx.config.address,
                     window = limits.window, max_qos = limits.max_qos,
-                    session_present = limits.session_present, "connected to the cloud");
+                    session_present = limits.session_present,
+                    "connected to the cloud; {} waiting in the spool", backlog.describe());
                 // QoS 0 that waited for the link is stale by now; it was best effort.
                 while live0.try_recv().is_ok() {
                     BridgeStats::bump(&ctx.stats.dropped_qos0);
                 }
                 ctx.mirror_link_state(true);
+                progress::watch_drain(ctx.name.clone(), ctx.stats.clone(), backlog);
                 let began = Instant::now();
                 let end = Session::new(&ctx, io, rbuf, limits, careful_through)
                     .run(&mut shutdown, &mut live0)
@@ -288,7 +303,7 @@ pub(crate) async fn run(
             }
             Err(why) => {
                 BridgeStats::bump(&ctx.stats.connect_failures);
-                tracing::warn!(bridge = %ctx.name, "cannot connect: {why}");
+                repeats.failed(&ctx.name, &why);
             }
         }
         let delay = backoff.next_delay();
@@ -305,5 +320,9 @@ pub(crate) async fn run(
                 Some(_) = live0.recv() => BridgeStats::bump(&ctx.stats.dropped_qos0),
             }
         }
+    }
+    Carry {
+        live0,
+        careful_through,
     }
 }

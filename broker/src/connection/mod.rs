@@ -149,12 +149,14 @@ async fn open<T: Transport>(
     settings: Arc<Settings>,
 ) -> Option<Driver<T>> {
     let keep_alive = effective_keep_alive(&connect, &settings);
+    let listener = settings.listener;
     let (tx, rx) = outbound::channel(slot);
     let mut conn = Conn::new(&connect, core.clone(), settings);
     let (reply, accepted) = tokio::sync::oneshot::channel();
     let request = ConnectRequest {
         connect,
         peer,
+        listener,
         tx,
         reply,
     };

@@ -19,6 +19,7 @@ impl Core {
         let ConnectRequest {
             connect,
             peer,
+            listener,
             tx,
             reply,
         } = req;
@@ -116,8 +117,21 @@ impl Core {
         s.protocol = connect.protocol;
         s.expiry = expiry;
         s.generation = s.generation.wrapping_add(1);
-        s.acl = ClientAcl::resolve(&self.settings.acl, connect.username.as_deref(), &client_id)
-            .map(Box::new);
+        s.acl = ClientAcl::resolve(
+            self.settings.acl_for(listener),
+            connect.username.as_deref(),
+            &client_id,
+        )
+        .map(Box::new);
+        if connect.username.is_some() || listener.is_some() {
+            let origin = super::ClientOrigin {
+                user: connect.username.as_deref().map(Arc::from),
+                listener,
+            };
+            self.users.insert(key, origin);
+        } else {
+            self.users.remove(&key);
+        }
         // A will on a topic the client may not publish to is dropped at connect, as
         // Mosquitto does; it could never be delivered.
         s.will = connect
@@ -230,6 +244,7 @@ impl Core {
             return;
         }
         s.link = None;
+        let user = self.users.remove(&key);
         let publish_will = match &disconnect {
             None => true,
             Some(d) => {
@@ -248,7 +263,13 @@ impl Core {
             (Some(_), None) => "client sent DISCONNECT",
             (None, None) => "connection lost",
         };
-        info!(conn_id, client_id = %s.client_id, reason = why, "client disconnected");
+        info!(
+            conn_id,
+            client_id = %s.client_id,
+            user = user.as_ref().and_then(|o| o.user.as_deref()).unwrap_or(""),
+            reason = why,
+            "client disconnected"
+        );
         if !publish_will {
             s.will = None;
         }
@@ -309,6 +330,7 @@ impl Core {
 
     /// Removes a session and everything it subscribed to.
     pub(crate) fn end_session(&mut self, key: SessionKey) {
+        self.users.remove(&key);
         let Some(s) = self.sessions.remove(key) else {
             return;
         };

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use outpost_mqtt::{Connect, Disconnect, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 
+use super::acl::ClientAcl;
 use super::handle::BrokerHandle;
 use super::message::Message;
 use super::outbound::OutboundTx;
@@ -101,8 +102,19 @@ pub(crate) enum CoreEvent {
     },
     /// Adds a durable sink (the bridge registers before listeners open).
     AddSink(Arc<dyn DurableSink>, oneshot::Sender<SinkId>),
+    /// New settings from a reloaded config: bounds apply from now on, and every
+    /// connected client's topic rules are resolved again.
+    Reload(Arc<Settings>, oneshot::Sender<()>),
     /// Disconnect everyone and stop.
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Who a connected client is, where that matters to its topic rules.
+pub(crate) struct ClientOrigin {
+    /// Its user name.
+    pub user: Option<Arc<str>>,
+    /// The listener with rules of its own it came through.
+    pub listener: Option<std::net::SocketAddr>,
 }
 
 /// What the core tells a connection it accepted.
@@ -119,6 +131,8 @@ pub(crate) struct ConnectRequest {
     pub connect: Box<Connect>,
     /// Where the client connects from, for the log.
     pub peer: std::net::SocketAddr,
+    /// The listener whose own rules apply to the client, if it has any.
+    pub listener: Option<std::net::SocketAddr>,
     /// The connection's outbound queue (CONNACK goes out through it).
     pub tx: OutboundTx,
     /// Answered with the session and connection ids, or `None` if refused.
@@ -151,6 +165,10 @@ pub(crate) struct Core {
     deferred: std::collections::VecDeque<(Instant, SessionKey, u64)>,
     stats: Stats,
     started: Instant,
+    /// User names of connected clients that gave one, and the listener of those that
+    /// came through one with its own rules: a reload re-resolves their topic rules. Kept
+    /// here rather than in every session so other clients pay nothing.
+    users: std::collections::HashMap<SessionKey, ClientOrigin>,
 }
 
 /// Spawns the core task and returns the handle to reach it.
@@ -180,6 +198,7 @@ pub(crate) fn spawn(
         deferred: std::collections::VecDeque::new(),
         stats: Stats::default(),
         started: Instant::now(),
+        users: std::collections::HashMap::new(),
     };
     if let Some(loaded) = loaded {
         core.restore(loaded);
@@ -296,8 +315,37 @@ impl Core {
                 self.sinks.push(sink);
                 let _ = done.send(SinkId(self.sinks.len() - 1));
             }
+            CoreEvent::Reload(settings, done) => {
+                self.reload(settings);
+                let _ = done.send(());
+            }
             CoreEvent::Shutdown(_) => unreachable!("handled in run"),
         }
+    }
+
+    /// Applies reloaded settings. What a client may read and write changes at once for
+    /// connected clients too (a revoked topic stops flowing to an existing subscription
+    /// at the next message); offline sessions get their rules when they reconnect.
+    fn reload(&mut self, settings: Arc<Settings>) {
+        self.settings = settings;
+        let mut changed = 0usize;
+        for (key, s) in self.sessions.iter_mut() {
+            if s.link.is_none() {
+                continue;
+            }
+            let origin = self.users.get(&key);
+            let user = origin.and_then(|o| o.user.as_deref());
+            let rules = self.settings.acl_for(origin.and_then(|o| o.listener));
+            let acl = ClientAcl::resolve(rules, user, &s.client_id).map(Box::new);
+            if acl != s.acl {
+                changed += 1;
+            }
+            s.acl = acl;
+        }
+        tracing::info!(
+            clients_with_new_topic_rules = changed,
+            "broker settings applied"
+        );
     }
 
     fn shutdown(&mut self) {

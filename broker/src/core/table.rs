@@ -151,6 +151,14 @@ impl SessionTable {
             .filter_map(|s| s.session.as_deref_mut())
     }
 
+    /// Every session with its key.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (SessionKey, &mut Session)> {
+        self.slots.iter_mut().enumerate().filter_map(|(i, s)| {
+            let k = key(s.generation, i as u32);
+            s.session.as_deref_mut().map(|s| (k, s))
+        })
+    }
+
     /// Every session.
     pub(crate) fn values(&self) -> impl Iterator<Item = &Session> {
         self.slots.iter().filter_map(|s| s.session.as_deref())

@@ -305,13 +305,20 @@ impl Config {
                 "must be above zero, e.g. \"60s\"",
             ));
         }
-        for (i, rule) in b.acl.iter().enumerate() {
-            let probe = rule.topic.replace("%u", "u").replace("%c", "c");
-            if outpost_mqtt::topic::validate_topic_filter(&probe).is_err() {
-                return Err(invalid(
-                    format!("broker.acl[{i}].topic"),
-                    "is not a valid topic filter ('+' and '#' must fill whole levels)",
-                ));
+        let listener_acls = b.listeners.iter().enumerate().filter_map(|(l, c)| {
+            c.acl
+                .as_ref()
+                .map(|acl| (format!("broker.listeners[{l}].acl"), acl))
+        });
+        for (key, acl) in std::iter::once(("broker.acl".to_owned(), &b.acl)).chain(listener_acls) {
+            for (i, rule) in acl.iter().enumerate() {
+                let probe = rule.topic.replace("%u", "u").replace("%c", "c");
+                if outpost_mqtt::topic::validate_topic_filter(&probe).is_err() {
+                    return Err(invalid(
+                        format!("{key}[{i}].topic"),
+                        "is not a valid topic filter ('+' and '#' must fill whole levels)",
+                    ));
+                }
             }
         }
         let mut users = std::collections::HashMap::new();
@@ -555,6 +562,16 @@ mod tests {
             .to_string();
         assert!(err.starts_with("test.toml:3:"), "{err}");
         assert!(err.contains("sys_interval"), "{err}");
+    }
+
+    #[test]
+    fn listener_acl_rules_need_valid_filters_too() {
+        let err = parse(
+            "[broker]\nlisteners = [{ bind = \"127.0.0.1:1883\", acl = [{ topic = \"a/#/b\", access = \"read\" }] }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("broker.listeners[0].acl[0].topic"), "{err}");
     }
 
     #[test]

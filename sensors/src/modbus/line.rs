@@ -1,17 +1,18 @@
 //! One scheduler per line: one request at a time, fair across devices, writes first.
 
 use super::health::{Health, StatusChange};
-use super::transport::{Endpoint, connect};
+use super::transport::{Endpoint, Link, connect, describe_transport_error};
 use crate::emit::{Emitter, PointOutput};
 use crate::error::SensorsError;
 use crate::plan::Read;
 use crate::point::{Area, Codec, DataType, Value, value_to_bool};
 use crate::publish::{SensorMessage, write_result_payload};
 use crate::stats::LineStats;
+use crate::stop::Stop;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_modbus::client::Client;
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
@@ -105,7 +106,7 @@ pub struct Line {
     emitter: Emitter,
     inter_frame: Duration,
     bus_free_at: Instant,
-    conn: Option<tokio_modbus::client::Context>,
+    conn: Option<Link>,
     rounds: u64,
 }
 
@@ -152,16 +153,17 @@ impl Line {
         }
     }
 
-    /// Runs until shutdown or until the gateway channel closes.
+    /// Runs until told to stop or until the gateway channel closes; on a stop, every
+    /// device's retained status is left as the stop's [`Farewell`] says.
     pub async fn run(
         mut self,
         mut writes: mpsc::Receiver<WriteJob>,
-        mut shutdown: watch::Receiver<bool>,
+        mut stop: Stop,
     ) -> Result<(), SensorsError> {
         let mut writes_open = true;
-        loop {
-            if *shutdown.borrow() {
-                break;
+        let farewell = loop {
+            if let Some(f) = stop.requested() {
+                break f;
             }
             self.stats.beat();
             #[cfg(debug_assertions)]
@@ -199,11 +201,30 @@ impl Line {
             };
             tokio::select! {
                 r = step => r?,
-                _ = shutdown.changed() => break,
+                f = stop.wait() => break f,
             }
-        }
+        };
         if let Some(mut c) = self.conn.take() {
-            let _ = tokio::time::timeout(Duration::from_millis(200), c.disconnect()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(200), c.ctx.disconnect()).await;
+        }
+        for d in &self.devices {
+            tracing::debug!(device = %d.name, ?farewell, "device stopped");
+            // Owned topics: borrowing closures in an async fn's iterator trip up the
+            // Send check of the boxed future.
+            let retained: Vec<String> = d
+                .points
+                .iter()
+                .filter(|p| p.out.retain)
+                .map(|p| p.out.topic.clone())
+                .collect();
+            self.emitter
+                .farewell(
+                    &farewell,
+                    &d.name,
+                    &d.status_topic,
+                    retained.iter().map(String::as_str),
+                )
+                .await?;
         }
         Ok(())
     }
@@ -256,9 +277,9 @@ impl Line {
             let Some(conn) = self.conn.as_mut() else {
                 continue;
             };
-            conn.set_slave(Slave(unit));
+            conn.ctx.set_slave(Slave(unit));
             LineStats::bump(&self.stats.requests);
-            let res = tokio::time::timeout(timeout, conn.call(req.clone())).await;
+            let res = tokio::time::timeout(timeout, conn.ctx.call(req.clone())).await;
             LineStats::add_time(&self.stats.busy_ns, started.elapsed());
             self.bus_free_at = Instant::now() + self.inter_frame;
             match res {
@@ -273,7 +294,9 @@ impl Line {
                 Ok(Err(e)) => {
                     LineStats::bump(&self.stats.transport_errors);
                     last = match e {
-                        tokio_modbus::Error::Transport(io) => format!("transport error: {io}"),
+                        tokio_modbus::Error::Transport(io) => {
+                            describe_transport_error(conn, &self.endpoint, &io)
+                        }
                         tokio_modbus::Error::Protocol(_) => {
                             "unexpected response (wrong unit or function)".to_string()
                         }
@@ -429,7 +452,7 @@ impl Line {
     ) -> Result<(), SensorsError> {
         if let Some((status, err)) = change {
             let d = &self.devices[dev];
-            tracing::info!(device = %d.name, status = status.as_str(), error = ?err, "device status");
+            crate::emit::log_status(&d.name, status, err.as_deref(), d.health.failures());
             self.emitter
                 .status(&d.status_topic, status, err.as_deref())
                 .await?;

@@ -29,18 +29,26 @@ pub struct WriteRoute {
     pub points: HashMap<String, (usize, bool)>,
 }
 
-/// Lines ready to run, plus the routes for writes.
+/// One line ready to run: a serial port or a TCP endpoint with its devices.
 #[derive(Debug)]
-pub struct Built {
-    /// Schedulers with their write queues.
-    pub lines: Vec<(Line, mpsc::Receiver<WriteJob>)>,
-    /// Device name -> route.
+pub struct BuiltLine {
+    /// The port path or `host:port` the devices share.
+    pub key: String,
+    /// The devices' configurations, in config order (a reload compares them).
+    pub devices: Vec<ModbusDevice>,
+    /// The scheduler.
+    pub line: Line,
+    /// Its write queue.
+    pub writes: mpsc::Receiver<WriteJob>,
+    /// Device name -> route, for this line's devices.
     pub routes: HashMap<String, WriteRoute>,
+    /// The line's counters (registered in the layer's [`Stats`]).
+    pub stats: std::sync::Arc<crate::stats::LineStats>,
 }
 
-/// Builds one scheduler per serial port and per TCP endpoint.
-pub fn build(config: &SensorsConfig, topics: &Topics, emitter: &Emitter, stats: &Stats) -> Built {
-    let mut groups: BTreeMap<String, (Endpoint, Vec<&ModbusDevice>)> = BTreeMap::new();
+/// The devices of `config` grouped by the line they share: port path or `host:port`.
+pub fn group(config: &SensorsConfig) -> BTreeMap<String, (Endpoint, Vec<ModbusDevice>)> {
+    let mut groups: BTreeMap<String, (Endpoint, Vec<ModbusDevice>)> = BTreeMap::new();
     for d in &config.modbus {
         let (key, ep) = match &d.transport {
             Transport::Tcp(t) => (
@@ -56,46 +64,79 @@ pub fn build(config: &SensorsConfig, topics: &Topics, emitter: &Emitter, stats: 
             .entry(key)
             .or_insert_with(|| (ep, Vec::new()))
             .1
-            .push(d);
+            .push(d.0.clone());
     }
-    let mut lines = Vec::new();
-    let mut routes = HashMap::new();
+    groups
+}
+
+/// Builds one scheduler per serial port and per TCP endpoint.
+pub fn build(
+    config: &SensorsConfig,
+    topics: &Topics,
+    emitter: &Emitter,
+    stats: &Stats,
+) -> Vec<BuiltLine> {
+    group(config)
+        .into_iter()
+        .map(|(key, (ep, devs))| build_line(key, ep, devs, topics, emitter, stats))
+        .collect()
+}
+
+/// Builds the scheduler of one line and registers its counters.
+pub fn build_line(
+    key: String,
+    ep: Endpoint,
+    devs: Vec<ModbusDevice>,
+    topics: &Topics,
+    emitter: &Emitter,
+    stats: &Stats,
+) -> BuiltLine {
     let start = Instant::now();
-    for (key, (ep, devs)) in groups {
-        let baud = match &ep {
-            Endpoint::Rtu(r) => r.baud,
-            Endpoint::Tcp { .. } => 0,
-        };
-        let line_stats = stats.line(line_name(&key), baud);
-        let (tx, rx) = mpsc::channel(64);
-        let mut devices = Vec::new();
-        for (i, d) in devs.into_iter().enumerate() {
-            devices.push(build_device(d, topics, start));
-            routes.insert(
-                d.name.clone(),
-                WriteRoute {
-                    tx: tx.clone(),
-                    device: i,
-                    points: d
-                        .points
-                        .iter()
-                        .enumerate()
-                        .map(|(j, p)| (p.name.clone(), (j, p.writable)))
-                        .collect(),
-                },
-            );
-        }
-        // One step of the line's loop is at most one transaction with its retries, each
-        // attempt bounded by the device's timeout (and a connect as long).
-        let longest = devices
-            .iter()
-            .map(|d| d.timeout * 2 * d.retries.saturating_add(1))
-            .max()
-            .unwrap_or_default();
-        line_stats.expect_steps_up_to(longest);
-        lines.push((Line::new(ep, devices, line_stats, emitter.clone()), rx));
+    let baud = match &ep {
+        Endpoint::Rtu(r) => r.baud,
+        Endpoint::Tcp { .. } => 0,
+    };
+    let line_stats = stats.line(line_name(&key), baud);
+    let (tx, rx) = mpsc::channel(64);
+    let mut devices = Vec::new();
+    let mut routes = HashMap::new();
+    for (i, d) in devs.iter().enumerate() {
+        devices.push(build_device(d, topics, start));
+        routes.insert(
+            d.name.clone(),
+            WriteRoute {
+                tx: tx.clone(),
+                device: i,
+                points: d
+                    .points
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| (p.name.clone(), (j, p.writable)))
+                    .collect(),
+            },
+        );
     }
-    Built { lines, routes }
+    // One step of the line's loop is at most one transaction with its retries, each
+    // attempt bounded by the device's timeout (and a connect as long).
+    let longest = devices
+        .iter()
+        .map(|d| d.timeout * 2 * d.retries.saturating_add(1))
+        .max()
+        .unwrap_or_default();
+    line_stats.expect_steps_up_to(longest);
+    BuiltLine {
+        key,
+        devices: devs,
+        line: Line::new(
+            ep,
+            devices,
+            std::sync::Arc::clone(&line_stats),
+            emitter.clone(),
+        ),
+        writes: rx,
+        routes,
+        stats: line_stats,
+    }
 }
 
 fn build_device(d: &ModbusDevice, topics: &Topics, start: Instant) -> LineDevice {

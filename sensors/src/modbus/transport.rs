@@ -5,7 +5,7 @@ use crate::stats::LineStats;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -46,12 +46,14 @@ impl DiscardInput for TcpStream {
     fn discard_input(&self) {}
 }
 
-/// A stream that counts bytes (and their wire time on serial lines) into the line's stats.
+/// A stream that counts bytes (and their wire time on serial lines) into the line's stats,
+/// and notes when the peer ended the stream.
 #[derive(Debug)]
 pub struct Metered<T> {
     inner: T,
     stats: Arc<LineStats>,
     serial: Option<RtuTransport>,
+    ended: Arc<AtomicBool>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
@@ -61,10 +63,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.account(n, false);
+        } else if room && matches!(res, Poll::Ready(Ok(()))) {
+            // End of stream. tokio-modbus 0.17 reports it over TCP as `last_os_error()`
+            // (often a stale EAGAIN), so the line needs its own record of it.
+            self.ended.store(true, Ordering::Relaxed);
         }
         res
     }
@@ -132,12 +139,27 @@ pub fn open_serial(s: &RtuTransport) -> io::Result<SerialStream> {
         .map_err(io::Error::from)
 }
 
+/// An open client context and what is known about its stream.
+pub struct Link {
+    /// The tokio-modbus client.
+    pub ctx: Context,
+    /// Set once the peer ended the stream (TCP FIN, a serial port gone).
+    pub ended: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("ended", &self.ended).finish()
+    }
+}
+
 /// Opens a client context for the endpoint within `timeout`.
 pub async fn connect(
     endpoint: &Endpoint,
     timeout: Duration,
     stats: &Arc<LineStats>,
-) -> io::Result<Context> {
+) -> io::Result<Link> {
+    let ended = Arc::new(AtomicBool::new(false));
     match endpoint {
         Endpoint::Tcp { host, port } => {
             let stream = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port)))
@@ -148,8 +170,12 @@ pub async fn connect(
                 inner: stream,
                 stats: Arc::clone(stats),
                 serial: None,
+                ended: Arc::clone(&ended),
             };
-            Ok(tokio_modbus::client::tcp::attach(metered))
+            Ok(Link {
+                ctx: tokio_modbus::client::tcp::attach(metered),
+                ended,
+            })
         }
         Endpoint::Rtu(s) => {
             let port = open_serial(s)?;
@@ -157,8 +183,32 @@ pub async fn connect(
                 inner: port,
                 stats: Arc::clone(stats),
                 serial: Some(s.clone()),
+                ended: Arc::clone(&ended),
             };
-            Ok(tokio_modbus::client::rtu::attach(metered))
+            Ok(Link {
+                ctx: tokio_modbus::client::rtu::attach(metered),
+                ended,
+            })
         }
+    }
+}
+
+/// Describes a transport error of a call on `link` as a user reads it: a peer that closed
+/// the connection is named as such, not by the errno tokio-modbus happened to pick up.
+pub fn describe_transport_error(link: &Link, endpoint: &Endpoint, e: &io::Error) -> String {
+    let tcp = matches!(endpoint, Endpoint::Tcp { .. });
+    if link.ended.load(Ordering::Relaxed) {
+        return if tcp {
+            "connection closed by device".to_string()
+        } else {
+            "serial port closed".to_string()
+        };
+    }
+    match e.kind() {
+        io::ErrorKind::ConnectionReset if tcp => "connection reset by device".to_string(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted if tcp => {
+            "connection closed by device".to_string()
+        }
+        _ => format!("transport error: {e}"),
     }
 }

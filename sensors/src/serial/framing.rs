@@ -7,8 +7,8 @@ use crate::config::Framing;
 pub enum Frame {
     /// One complete frame (without the line terminator).
     Data(Vec<u8>),
-    /// Bytes discarded because a line grew beyond the limit.
-    TooLong(usize),
+    /// A line discarded because it grew beyond the limit.
+    TooLong,
 }
 
 /// Incremental framer.
@@ -67,7 +67,7 @@ impl Framer {
                     } else if !self.discarding {
                         self.buf.push(b);
                         if self.buf.len() > self.limit {
-                            out.push(Frame::TooLong(self.buf.len()));
+                            out.push(Frame::TooLong);
                             self.buf.clear();
                             self.discarding = true;
                         }
@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn overlong_line_is_dropped_whole() {
         let mut f = Framer::new(Framing::Lines, 4);
-        assert_eq!(f.push(b"abcdefgh"), vec![Frame::TooLong(5)]);
+        assert_eq!(f.push(b"abcdefgh"), vec![Frame::TooLong]);
         assert_eq!(f.push(b"ij\nok\n"), vec![Frame::Data(b"ok".to_vec())]);
     }
 

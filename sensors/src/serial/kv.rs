@@ -23,6 +23,16 @@ pub fn parse(line: &str) -> Parsed {
     Parsed::Fields(fields)
 }
 
+/// The keys of the pairs in a line, for a line too damaged to read its values.
+pub fn keys(line: &str) -> Vec<String> {
+    line.split(|c: char| c.is_whitespace() || c == ',' || c == ';')
+        .filter_map(|tok| tok.split_once('='))
+        .map(|(k, _)| k)
+        .filter(|k| !k.is_empty() && !k.contains(char::REPLACEMENT_CHARACTER))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Shortens a line for error messages.
 pub fn truncate(s: &str) -> String {
     s.chars().take(64).collect()

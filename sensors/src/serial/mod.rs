@@ -11,22 +11,32 @@ use crate::config::{Format, Framing, SerialPoint, SerialSensor};
 use crate::emit::{Emitter, PointOutput};
 use crate::error::SensorsError;
 use crate::modbus::transport::open_serial;
+use crate::point::Value;
 use crate::point::{Codec, DataType, Order};
 use crate::publish::{DeviceStatus, SensorMessage, Topics};
 use crate::report::Policy;
 use crate::stats::LineStats;
+use crate::stop::{Farewell, Stop};
 use framing::{Frame, Framer};
 use parsed::Parsed;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-use tokio::sync::watch;
 
 /// Parses one frame with the sensor's format.
 pub fn parse_frame(cfg: &SerialSensor, frame: &[u8]) -> Parsed {
     let Ok(text) = std::str::from_utf8(frame) else {
-        return Parsed::error("frame is not UTF-8 text");
+        const NOT_UTF8: &str = "frame is not UTF-8 text";
+        if cfg.format == Format::Kv {
+            // The keys that survive the damage name the points this line was carrying.
+            let lossy = String::from_utf8_lossy(frame);
+            return Parsed::Error {
+                fields: kv::keys(&lossy),
+                reason: NOT_UTF8.into(),
+            };
+        }
+        return Parsed::error(NOT_UTF8);
     };
     let text = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
     if text.is_empty() {
@@ -44,6 +54,17 @@ struct Field {
     out: PointOutput,
     codec: Codec,
     updated: Instant,
+    /// Takes numbers only: configured with a unit, scale, offset, range or deadband, or
+    /// it has given a number before. Text in it then is a fault, not a reading.
+    numeric: bool,
+}
+
+/// A value as an error message quotes it.
+fn quoted(v: &Value) -> String {
+    match v {
+        Value::Text(t) => format!("{:?}", kv::truncate(t)),
+        other => other.to_json().to_string(),
+    }
 }
 
 /// The running state of one serial sensor.
@@ -54,6 +75,20 @@ pub struct SerialTask {
     stats: Arc<LineStats>,
     fields: HashMap<String, Field>,
     status: Option<(DeviceStatus, Option<String>)>,
+    /// When a frame that hurt no point was last logged as a warning, and how many
+    /// followed unlogged since: a noisy line must not flood the journal.
+    frame_warned: Option<Instant>,
+    frames_unlogged: u64,
+}
+
+/// At most one warning per sensor this often for frames that name no point.
+const FRAME_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Why an overlong line was dropped, with the limit that dropped it.
+pub fn too_long_reason(limit: usize) -> String {
+    format!(
+        "line longer than frame_length = {limit} bytes; dropped (raise frame_length if the device sends longer lines)"
+    )
 }
 
 impl std::fmt::Debug for SerialTask {
@@ -74,6 +109,8 @@ impl SerialTask {
             stats,
             fields: HashMap::new(),
             status: None,
+            frame_warned: None,
+            frames_unlogged: 0,
         };
         let points = t.cfg.points.clone();
         for p in &points {
@@ -108,6 +145,7 @@ impl SerialTask {
                 ..Codec::plain(DataType::F64, Order::Abcd)
             },
             updated: Instant::now(),
+            numeric: p.is_some_and(SerialPoint::is_numeric),
         }
     }
 
@@ -134,8 +172,14 @@ impl SerialTask {
                     let Some(f) = self.fields.get_mut(&name) else {
                         continue;
                     };
-                    let result =
-                        result.and_then(|v| f.codec.apply_scale(v).map_err(|e| e.to_string()));
+                    let result = result.and_then(|v| {
+                        let number = v.as_f64().is_some() && !matches!(v, Value::Bool(_));
+                        if f.numeric && !number {
+                            return Err(format!("not a number: {}", quoted(&v)));
+                        }
+                        f.numeric |= number;
+                        f.codec.apply_scale(v).map_err(|e| e.to_string())
+                    });
                     if result.is_err() {
                         LineStats::bump(&self.stats.value_errors);
                     }
@@ -145,15 +189,39 @@ impl SerialTask {
             }
             Parsed::Error { fields, reason } => {
                 LineStats::bump(&self.stats.value_errors);
-                tracing::debug!(sensor = %self.cfg.name, %reason, "bad frame");
+                if fields.is_empty() {
+                    self.warn_frame(&reason, now);
+                } else {
+                    tracing::debug!(device = %self.cfg.name, %reason, "bad frame");
+                }
+                // Only the points the frame was carrying are hurt: one garbled line must not
+                // flap every point of the sensor. A frame that names none touches none; its
+                // points go stale (`stale_after`) if good frames stop coming.
                 for (name, f) in &mut self.fields {
-                    if fields.is_empty() || fields.contains(name) {
+                    if fields.contains(name) {
                         msgs.extend(f.out.observe(Err(reason.clone()), now, &clock));
                     }
                 }
             }
         }
         msgs
+    }
+
+    fn warn_frame(&mut self, reason: &str, now: Instant) {
+        if self
+            .frame_warned
+            .is_some_and(|t| now.duration_since(t) < FRAME_WARN_EVERY)
+        {
+            self.frames_unlogged += 1;
+            return;
+        }
+        let device = self.cfg.name.as_str();
+        let more = std::mem::take(&mut self.frames_unlogged);
+        tracing::warn!(
+            device,
+            "device {device} sent an unusable frame: {reason} ({more} more since the last warning)"
+        );
+        self.frame_warned = Some(now);
     }
 
     fn check_stale(&mut self, now: Instant) -> Vec<SensorMessage> {
@@ -177,7 +245,7 @@ impl SerialTask {
         if self.status.as_ref() == Some(&next) {
             return Ok(());
         }
-        tracing::info!(sensor = %self.cfg.name, status = status.as_str(), error = ?next.1, "serial sensor status");
+        crate::emit::log_status(&self.cfg.name, status, next.1.as_deref(), 0);
         self.emitter
             .status(
                 &self.topics.status(&self.cfg.name),
@@ -189,8 +257,29 @@ impl SerialTask {
         Ok(())
     }
 
-    /// Runs until shutdown: opens the port, reads frames, reopens with backoff when it goes away.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SensorsError> {
+    /// Runs until told to stop: opens the port, reads frames, reopens with backoff when it
+    /// goes away; on a stop, leaves the retained status as the stop's [`Farewell`] says.
+    pub async fn run(mut self, mut stop: Stop) -> Result<(), SensorsError> {
+        let farewell = self.serve(&mut stop).await?;
+        tracing::debug!(device = %self.cfg.name, ?farewell, "device stopped");
+        let status = self.topics.status(&self.cfg.name);
+        let retained: Vec<String> = self
+            .fields
+            .values()
+            .filter(|f| f.out.retain)
+            .map(|f| f.out.topic.clone())
+            .collect();
+        self.emitter
+            .farewell(
+                &farewell,
+                &self.cfg.name,
+                &status,
+                retained.iter().map(String::as_str),
+            )
+            .await
+    }
+
+    async fn serve(&mut self, stop: &mut Stop) -> Result<Farewell, SensorsError> {
         let first = self
             .cfg
             .reopen_backoff
@@ -216,8 +305,8 @@ impl SerialTask {
             .min(crate::stats::HEARTBEAT);
         self.stats.expect_steps_up_to(max);
         loop {
-            if *shutdown.borrow() {
-                return Ok(());
+            if let Some(f) = stop.requested() {
+                return Ok(f);
             }
             self.stats.beat();
             #[cfg(debug_assertions)]
@@ -230,10 +319,9 @@ impl SerialTask {
                     LineStats::bump(&self.stats.transport_errors);
                     self.set_status(
                         DeviceStatus::Offline,
-                        Some(format!(
-                            "cannot open {}: {e}; retrying in {backoff:?}",
-                            self.cfg.port
-                        )),
+                        // No retry delay in the error: the status (and the warning) then
+                        // changes once per outage, not at every reopen attempt.
+                        Some(format!("cannot open {}: {e}", self.cfg.port)),
                     )
                     .await?;
                 }
@@ -255,7 +343,7 @@ impl SerialTask {
                                     for frame in framer.push(&buf[..n]) {
                                         let parsed = match frame {
                                             Frame::Data(d) => parse_frame(&self.cfg, &d),
-                                            Frame::TooLong(len) => Parsed::error(format!("frame longer than {len} bytes")),
+                                            Frame::TooLong => Parsed::error(too_long_reason(limit)),
                                         };
                                         for m in self.handle(parsed, now) {
                                             self.emitter.send(m).await?;
@@ -269,15 +357,11 @@ impl SerialTask {
                                     self.emitter.send(m).await?;
                                 }
                             }
-                            _ = shutdown.changed() => return Ok(()),
+                            f = stop.wait() => return Ok(f),
                         }
                     };
                     LineStats::bump(&self.stats.transport_errors);
-                    self.set_status(
-                        DeviceStatus::Offline,
-                        Some(format!("{reason}; reopening in {backoff:?}")),
-                    )
-                    .await?;
+                    self.set_status(DeviceStatus::Offline, Some(reason)).await?;
                     let now = Instant::now();
                     let clock = self.emitter.clock.clone();
                     let mut msgs = Vec::new();
@@ -292,11 +376,129 @@ impl SerialTask {
                     }
                 }
             }
+            tracing::debug!(device = %self.cfg.name, "reopening {} in {backoff:?}", self.cfg.port);
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => return Ok(()),
+                f = stop.wait() => return Ok(f),
             }
             backoff = backoff.saturating_mul(2).min(max);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use serde_json::Value as Json;
+    use tokio::sync::mpsc;
+
+    fn task(points: &str) -> SerialTask {
+        let src = format!(
+            "name = \"meter\"\nport = \"/dev/null\"\nformat = \"kv\"\nreport = \"every\"\npoints = [{points}]\n"
+        );
+        let cfg: SerialSensor = toml::from_str(&src).unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        SerialTask::new(
+            cfg,
+            Topics::new("outpost", "gw"),
+            Emitter::new(tx, Clock::fixed(true)),
+            Arc::new(LineStats::new("meter", 9600)),
+        )
+    }
+
+    /// (point, quality, value or reason) of each message one frame yields.
+    fn feed(t: &mut SerialTask, frame: &[u8]) -> Vec<(String, String, Json)> {
+        let parsed = parse_frame(&t.cfg, frame);
+        let mut out: Vec<_> = t
+            .handle(parsed, Instant::now())
+            .into_iter()
+            .map(|m| {
+                let j: Json = serde_json::from_slice(&m.payload).unwrap();
+                let point = m.topic.rsplit('/').next().unwrap().to_string();
+                let q = j["quality"].as_str().unwrap().to_string();
+                let v = if q == "good" {
+                    j["value"].clone()
+                } else {
+                    j["reason"].clone()
+                };
+                (point, q, v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn r(point: &str, q: &str, v: Json) -> (String, String, Json) {
+        (point.into(), q.into(), v)
+    }
+
+    #[test]
+    fn text_in_a_numeric_field_is_bad_not_good() {
+        let mut t = task(r#"{ field = "temp", unit = "°C" }, { field = "mode" }"#);
+        assert_eq!(
+            feed(&mut t, b"temp=21.5 mode=auto"),
+            vec![
+                r("mode", "good", "auto".into()),
+                r("temp", "good", 21.5.into())
+            ]
+        );
+        assert_eq!(
+            feed(&mut t, b"temp=abc mode=auto"),
+            vec![
+                r("mode", "good", "auto".into()),
+                r("temp", "bad", "not a number: \"abc\"".into())
+            ]
+        );
+        // A field with no unit, range or scale is numeric once it has given a number.
+        let mut learned = task("");
+        assert_eq!(
+            feed(&mut learned, b"hum=40"),
+            vec![r("hum", "good", 40.into())]
+        );
+        assert_eq!(
+            feed(&mut learned, b"hum=high"),
+            vec![r("hum", "bad", "not a number: \"high\"".into())]
+        );
+        assert_eq!(
+            feed(&mut learned, b"hum=41"),
+            vec![r("hum", "good", 41.into())]
+        );
+    }
+
+    #[test]
+    fn a_garbled_line_hurts_only_the_points_it_carried() {
+        let mut t = task("");
+        assert_eq!(
+            feed(&mut t, b"temp=21.5 hum=40"),
+            vec![r("hum", "good", 40.into()), r("temp", "good", 21.5.into())]
+        );
+        // A line that names no point touches none (it is counted and logged).
+        assert_eq!(feed(&mut t, b"#### noise ####"), vec![]);
+        assert_eq!(
+            t.stats
+                .value_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // A damaged line hurts the points it was carrying, not the others.
+        assert_eq!(
+            feed(&mut t, b"temp=2\xff.5"),
+            vec![r("temp", "bad", "frame is not UTF-8 text".into())]
+        );
+        assert_eq!(
+            feed(&mut t, b"hum="),
+            vec![r("hum", "bad", "empty value".into())]
+        );
+        assert_eq!(
+            feed(&mut t, b"temp=22 hum=42"),
+            vec![r("hum", "good", 42.into()), r("temp", "good", 22.into())]
+        );
+    }
+
+    #[test]
+    fn the_overlong_line_message_names_the_configured_limit() {
+        let reason = too_long_reason(64);
+        assert!(reason.contains("frame_length = 64 bytes"), "{reason}");
     }
 }

@@ -9,7 +9,8 @@ pub enum Parsed {
     Fields(Vec<(String, Result<Value, String>)>),
     /// A frame the parser recognises but does not publish (e.g. NMEA GSV).
     Ignored,
-    /// An unusable frame; `fields` names the points it affects (empty = every point of the sensor).
+    /// An unusable frame; `fields` names the points it affects (empty: it names none, and
+    /// no point is touched).
     Error {
         /// Affected fields.
         fields: Vec<String>,
@@ -19,7 +20,7 @@ pub enum Parsed {
 }
 
 impl Parsed {
-    /// An error affecting every point.
+    /// An error that names no field.
     pub fn error(reason: impl Into<String>) -> Self {
         Parsed::Error {
             fields: Vec::new(),
