@@ -56,6 +56,11 @@ struct Listener {
     certfile: Option<String>,
     keyfile: Option<String>,
     require_certificate: bool,
+    /// With `per_listener_settings true`: this listener's own `allow_anonymous`.
+    allow_anonymous: Option<bool>,
+    /// With `per_listener_settings true`: this listener's own `acl_file`, and its rules.
+    acl_file: Option<String>,
+    acl: Vec<AclOut>,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +126,16 @@ pub fn import(path: &Path) -> Result<String, ImportError> {
         }
         None => Vec::new(),
     };
+    for i in 0..conf.listeners.len() {
+        if let Some(f) = conf.listeners[i].acl_file.clone() {
+            let p = PathBuf::from(f);
+            let text = std::fs::read_to_string(&p).map_err(|source| ImportError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            conf.listeners[i].acl = acl_rules(&text, &p, &mut conf.notes);
+        }
+    }
     Ok(render(path, &conf, &acl))
 }
 
@@ -192,8 +207,8 @@ fn unmapped_reason(key: &str) -> &'static str {
         }
         "message_size_limit" => "set broker.max_packet_size (bytes, a bound on the whole packet)",
         "per_listener_settings" => {
-            "per-listener allow_anonymous, password_file and acl are not available yet: the \
-             settings below apply to every listener"
+            "allow_anonymous and acl_file are imported onto each listener; a password_file \
+             is shared by every listener (Outpost has one user table)"
         }
         "protocol" => "only mqtt and websockets listeners exist",
         _ => "no Outpost equivalent",
@@ -305,13 +320,9 @@ fn read_conf(path: &Path, conf: &mut Conf, depth: usize) -> Result<(), ImportErr
             }
             "allow_anonymous" => {
                 let v = bool_arg(first, &at, key)?;
-                if conf.per_listener_settings && conf.allow_anonymous.is_some_and(|a| a != v) {
-                    note(
-                        conf,
-                        "listeners differ in allow_anonymous; per-listener settings are not \
-                         available yet, so anonymous access is off for all (the safe side)",
-                    );
-                    conf.allow_anonymous = Some(false);
+                if conf.per_listener_settings {
+                    let l = listener(conf);
+                    conf.listeners[l].allow_anonymous = Some(v);
                 } else {
                     conf.allow_anonymous = Some(v);
                 }
@@ -325,6 +336,10 @@ fn read_conf(path: &Path, conf: &mut Conf, depth: usize) -> Result<(), ImportErr
                 } else {
                     conf.password_file = Some(rest.to_owned());
                 }
+            }
+            "acl_file" if conf.per_listener_settings => {
+                let l = listener(conf);
+                conf.listeners[l].acl_file = Some(rest.to_owned());
             }
             "acl_file" => {
                 if conf.acl_file.as_deref().is_some_and(|p| p != rest) {
@@ -449,6 +464,7 @@ fn topic_line(args: &[&str], at: &At) -> Result<Topic, ImportError> {
     })
 }
 
+#[derive(Debug)]
 struct AclOut {
     user: Option<String>,
     topic: String,
@@ -562,6 +578,34 @@ fn bind_of(l: &Listener, notes: &mut Vec<String>) -> Option<String> {
     Some(format!("{ip}:{}", l.port))
 }
 
+/// ACL rules as a TOML array, one rule per line with `indent`.
+fn acl_toml(acl: &[AclOut], indent: &str) -> String {
+    let mut o = String::from("[\n");
+    for r in acl {
+        let user = r
+            .user
+            .as_ref()
+            .map(|u| format!("user = {}, ", q(u)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "{indent}  {{ {user}topic = {}, access = \"{}\" }},",
+            q(&r.topic),
+            r.access
+        );
+    }
+    o.push_str(indent);
+    o.push(']');
+    o
+}
+
+fn no_rules_warning(what: &str) -> String {
+    format!(
+        "WARNING: the acl_file of {what} gave no rule Outpost can express; with no rules \
+         Outpost lets every client there use every topic. Add rules by hand."
+    )
+}
+
 fn render(path: &Path, c: &Conf, acl: &[AclOut]) -> String {
     let mut notes = c.notes.clone();
     let mut o = String::new();
@@ -623,6 +667,16 @@ fn render(path: &Path, c: &Conf, acl: &[AclOut]) -> String {
                 "listener {bind}: certfile and keyfile go together; TLS not imported"
             )),
         }
+        if let Some(a) = l.allow_anonymous {
+            let _ = write!(s, ", allow_anonymous = {a}");
+        }
+        if l.acl_file.is_some() {
+            if l.acl.is_empty() {
+                notes.push(no_rules_warning(&format!("listener {bind}")));
+            }
+            // An inline table may span lines since TOML 1.1, which Outpost's parser reads.
+            let _ = write!(s, ", acl = {}", acl_toml(&l.acl, "  "));
+        }
         s.push_str(" }");
         listeners.push(s);
     }
@@ -668,27 +722,9 @@ fn render(path: &Path, c: &Conf, acl: &[AclOut]) -> String {
     }
     if c.acl_file.is_some() {
         if acl.is_empty() {
-            notes.push(
-                "WARNING: the acl_file gave no rule Outpost can express; with no rules \
-                 Outpost lets every client use every topic. Add [[broker.acl]] rules."
-                    .into(),
-            );
+            notes.push(no_rules_warning("the broker"));
         }
-        o.push_str("acl = [\n");
-        for r in acl {
-            let user = r
-                .user
-                .as_ref()
-                .map(|u| format!("user = {}, ", q(u)))
-                .unwrap_or_default();
-            let _ = writeln!(
-                o,
-                "  {{ {user}topic = {}, access = \"{}\" }},",
-                q(&r.topic),
-                r.access
-            );
-        }
-        o.push_str("]\n");
+        let _ = writeln!(o, "acl = {}", acl_toml(acl, ""));
     }
     for b in &c.bridges {
         render_bridge(&mut o, b, &mut notes);

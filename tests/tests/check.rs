@@ -470,3 +470,49 @@ fn a_bridge_imports_with_topics_credentials_and_tls() {
     }
     assert_checks(dir.path(), &toml);
 }
+
+#[test]
+fn per_listener_settings_import_onto_each_listener() {
+    outpost_only!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    std::fs::write(
+        dir.path().join("acl"),
+        "user alice\ntopic readwrite plant/#\n",
+    )
+    .unwrap();
+    let status = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(dir.path().join("passwd"))
+        .args(["alice", "pw"])
+        .status()
+        .expect("mosquitto_passwd (apt-get install mosquitto)");
+    assert!(status.success());
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings true\nlistener 1883 127.0.0.1\nallow_anonymous true\n\
+             listener 18883\nallow_anonymous false\npassword_file {d}/passwd\nacl_file {d}/acl\n"
+        ),
+    )
+    .unwrap();
+    let toml = import(&conf);
+    assert!(
+        toml.contains("{ bind = \"127.0.0.1:1883\", allow_anonymous = true }"),
+        "{toml}"
+    );
+    assert!(
+        toml.contains("{ bind = \"0.0.0.0:18883\", allow_anonymous = false, acl = ["),
+        "{toml}"
+    );
+    assert!(
+        toml.contains("{ user = \"alice\", topic = \"plant/#\", access = \"readwrite\" }"),
+        "{toml}"
+    );
+    assert!(
+        toml.contains("a password_file is shared by every listener"),
+        "{toml}"
+    );
+    assert_checks(dir.path(), &toml);
+}
