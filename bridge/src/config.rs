@@ -377,59 +377,99 @@ impl BridgeConfig {
     /// Check everything that can be checked without I/O; called by `start` and usable by
     /// `outpost check`.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(format!("bridge {:?}: {m}", self.name)));
+        self.validate_at().map_err(|(_, e)| e)
+    }
+
+    /// As [`validate`](Self::validate), with the key (inside this bridge's table, e.g.
+    /// `topics[2].pattern`) the error is about, so the gateway can point at its line.
+    pub fn validate_at(&self) -> Result<(), (String, ConfigError)> {
+        let invalid = |key: &str, m: String| {
+            Err((
+                key.to_owned(),
+                ConfigError::Invalid(format!("bridge {:?}: {m}", self.name)),
+            ))
+        };
         if self.name.is_empty()
             || !self
                 .name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return invalid("name must be non-empty and use only [A-Za-z0-9_-]".into());
+            return invalid(
+                "name",
+                "name must be non-empty and use only [A-Za-z0-9_-] (it names the spool file)"
+                    .into(),
+            );
         }
         if self.password.is_some() && self.password_file.is_some() {
-            return invalid("password and password_file exclude each other".into());
+            return invalid(
+                "password_file",
+                "password and password_file exclude each other; keep one".into(),
+            );
         }
-        let addr = Address::parse(&self.address)?;
+        let addr = Address::parse(&self.address).map_err(|e| ("address".to_owned(), e))?;
         if addr.scheme.is_tls() {
             if let Some(tls) = &self.tls
                 && tls.cert_file.is_some() != tls.key_file.is_some()
             {
-                return invalid("tls.cert_file and tls.key_file go together".into());
+                let key = if tls.cert_file.is_some() {
+                    "tls.cert_file"
+                } else {
+                    "tls.key_file"
+                };
+                return invalid(
+                    key,
+                    "tls.cert_file and tls.key_file go together; give both or neither".into(),
+                );
             }
         } else if self.tls.is_some() {
-            return invalid("tls settings given for a non-TLS address".into());
+            return invalid(
+                "tls",
+                "tls settings given for a non-TLS address; use mqtts:// or remove [bridge.tls]"
+                    .into(),
+            );
         }
         if self.max_qos > 2 {
-            return invalid(format!("max_qos {} (0, 1 or 2)", self.max_qos));
+            return invalid("max_qos", format!("max_qos {} (0, 1 or 2)", self.max_qos));
         }
         if self.max_inflight == 0 {
-            return invalid("max_inflight must be at least 1".into());
+            return invalid("max_inflight", "max_inflight must be at least 1".into());
         }
         if self.keep_alive.as_secs() > u64::from(u16::MAX) {
-            return invalid("keep_alive above 65535s".into());
+            return invalid("keep_alive", "keep_alive above 65535s".into());
         }
         if self.reconnect.min.is_zero() || self.reconnect.min > self.reconnect.max {
-            return invalid("reconnect.min must be > 0 and <= reconnect.max".into());
+            return invalid(
+                "reconnect.min",
+                "reconnect.min must be > 0 and <= reconnect.max".into(),
+            );
         }
         if self.spool.max_bytes < 4096 {
-            return invalid("spool.max_bytes below 4KiB".into());
+            return invalid("spool.max_bytes", "spool.max_bytes below 4KiB".into());
         }
         if self.spool.dead_letter_after == 1 {
             // One loss proves nothing: any outage with a message in flight would set it aside.
-            return invalid("spool.dead_letter_after must be 0 (never) or at least 2".into());
+            return invalid(
+                "spool.dead_letter_after",
+                "spool.dead_letter_after must be 0 (never) or at least 2".into(),
+            );
         }
         if self.stats_interval.is_zero() {
-            return invalid("stats_interval must be > 0".into());
+            return invalid("stats_interval", "stats_interval must be > 0".into());
         }
         if self.topics.is_empty() {
-            return invalid("no topics: a bridge needs at least one rule".into());
+            return invalid(
+                "topics",
+                "no topics: a bridge needs at least one rule".into(),
+            );
         }
-        for rule in &self.topics {
-            rule.validate()
-                .map_err(|e| ConfigError::Invalid(format!("bridge {:?}: {e}", self.name)))?;
+        for (i, rule) in self.topics.iter().enumerate() {
+            if let Err(e) = rule.validate() {
+                return invalid(&format!("topics[{i}]"), e);
+            }
         }
         if self.status.prefix.contains(['+', '#']) {
-            return invalid("status.prefix contains a wildcard".into());
+            return invalid("status.prefix", "status.prefix contains a wildcard".into());
         }
         Ok(())
     }

@@ -25,6 +25,14 @@ pub struct BrokerConfig {
     /// Users allowed to connect, with PHC-format password hashes (see `outpost passwd`).
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// A Mosquitto password file (`user:$7$...` lines as `mosquitto_passwd` writes them,
+    /// `$6$` too), read beside `users`; a name in both is refused as a duplicate.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The users of `password_file`, filled by [`BrokerConfig::load_password_file`]
+    /// (the TOML never sets it).
+    #[serde(skip)]
+    pub password_file_users: Vec<crate::auth::mosquitto::FileEntry>,
     /// Topic access rules. None: every client may publish and subscribe to anything.
     /// Any: a client may only do what a rule that applies to it allows.
     #[serde(default)]
@@ -221,7 +229,50 @@ impl Default for BrokerConfig {
     }
 }
 
+/// A `password_file` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordFileError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A line cannot be used.
+    #[error("{path}:{line}: {message}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
 impl BrokerConfig {
+    /// Reads `password_file` (if set) into `password_file_users`, refusing a line whose
+    /// hash cannot be read so that user's logins do not fail in silence.
+    pub fn load_password_file(&mut self) -> Result<(), PasswordFileError> {
+        let Some(path) = &self.password_file else {
+            self.password_file_users.clear();
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        self.password_file_users =
+            crate::auth::mosquitto::parse_file(&text).map_err(|e| PasswordFileError::Line {
+                path: path.clone(),
+                line: e.line,
+                message: e.message,
+            })?;
+        Ok(())
+    }
+
     /// Whether anonymous clients are accepted, after applying the loopback default.
     /// Whether anonymous clients may connect through `l`.
     pub fn anonymous_allowed_on(&self, l: &ListenerConfig) -> bool {

@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod acl;
-mod auth;
+pub mod auth;
 pub mod config;
 mod connection;
 mod core;
@@ -33,12 +33,13 @@ mod transport;
 
 use std::sync::Arc;
 
-pub use auth::hash_password;
+pub use auth::{Users, hash_password};
 pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
 pub use settings::{Settings, SharedSettings};
+pub use tls::{TlsError, server_config};
 
 /// Why a durable sink refused a message.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::deadlines::Deadlines;
 use super::limits::ConnectionLimits;
 
-use crate::config::{AclRule, BrokerConfig, UserConfig};
+use crate::auth::Users;
+use crate::config::{AclRule, BrokerConfig};
 
 /// Resolved broker settings shared by the core and every connection.
 #[derive(Debug, Clone)]
@@ -15,7 +16,7 @@ pub struct Settings {
     /// Accept clients without credentials.
     pub allow_anonymous: bool,
     /// Users and their password hashes.
-    pub users: Vec<UserConfig>,
+    pub users: Users,
     /// Topic access rules; empty allows everything.
     pub acl: Vec<AclRule>,
     /// CONNECT deadline after accept.
@@ -141,7 +142,7 @@ impl Settings {
     pub fn from_config(c: &BrokerConfig) -> Settings {
         Settings {
             allow_anonymous: c.anonymous_allowed(),
-            users: c.users.clone(),
+            users: Users::from_config(c),
             acl: c.acl.clone(),
             connect_timeout: c.connect_timeout,
             max_keepalive: c.max_keepalive,

@@ -1,6 +1,6 @@
 //! Outpost gateway: the local MQTT broker and the wiring of the whole `outpost` binary.
 //!
-//! - [`config`]: the one TOML file.
+//! - [`config`]: the one TOML file; [`check`]: what `outpost check` adds to parsing it.
 //! - [`bridge`]: runs the store-and-forward bridges as durable sinks of the broker.
 //! - [`broker`]: the `outpost-broker` crate (listeners, connections, sessions, routing,
 //!   retained, wills, `$SYS`), re-exported so `outpost_gateway::broker::...` paths stay.
@@ -11,7 +11,9 @@
 
 pub mod app;
 pub mod bridge;
+pub mod check;
 pub mod config;
+pub mod import_mosquitto;
 pub mod reload;
 pub mod sensors;
 pub mod service;

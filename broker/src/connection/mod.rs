@@ -290,8 +290,18 @@ async fn handshake<T: Transport>(
             return None;
         }
     };
-    if let Err(reason) = auth::check(&connect, settings).await {
-        info!(%peer, client_id = %connect.client_id, ?reason, "connection refused");
+    if let Err(why) = auth::check(&connect, settings).await {
+        let reason = why.reason();
+        // Named, not numbered: the operator needs the user and the cause, and the code
+        // the client got for matching its own log.
+        info!(
+            %peer,
+            client_id = %connect.client_id,
+            user = %connect.username.as_deref().unwrap_or("(none)"),
+            protocol = %connect.protocol.name(),
+            code = format_args!("0x{:02X}", reason.0),
+            "login refused: {why}"
+        );
         refuse(io, reason, connect.protocol).await;
         return None;
     }

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod span;
+pub use span::{line_col, locate};
+
 pub use outpost_broker::config::{
     AclAccess, AclRule, BrokerConfig, ListenerConfig, TlsConfig, UserConfig,
 };
@@ -170,9 +173,11 @@ impl Config {
             let key = e.path().to_string();
             toml_error(text, path, &key, e.inner())
         })?;
-        config.validate(path)?;
         let mut config = config;
-        config.resolve_secrets(path)?;
+        config
+            .validate(path)
+            .and_then(|()| config.resolve_secrets(path))
+            .map_err(|e| place(e, text))?;
         Ok(config)
     }
 
@@ -201,6 +206,30 @@ impl Config {
                 if let Some(ca) = &mut t.client_ca {
                     expand(ca, k("client_ca"))?;
                 }
+            }
+        }
+        if let Some(p) = &mut self.broker.password_file {
+            expand(p, "broker.password_file".into())?;
+        }
+        self.broker.load_password_file().map_err(|e| {
+            let hint = match &e {
+                outpost_broker::config::PasswordFileError::Read { .. } => {
+                    " (check the path and that the service user may read it)"
+                }
+                outpost_broker::config::PasswordFileError::Line { .. } => "",
+            };
+            invalid("broker.password_file".into(), format!("{e}{hint}"))
+        })?;
+        for e in &self.broker.password_file_users {
+            if let Some(i) = self.broker.users.iter().position(|u| u.name == e.name) {
+                return Err(invalid(
+                    format!("broker.users[{i}].name"),
+                    format!(
+                        "user {:?} is also in broker.password_file (line {}); keep one of \
+                         the two, or rename one",
+                        e.name, e.line
+                    ),
+                ));
             }
         }
         for (i, b) in self.bridge.iter_mut().enumerate() {
@@ -292,6 +321,7 @@ impl Config {
                 }
             }
         }
+        let mut users = std::collections::HashMap::new();
         for (i, u) in b.users.iter().enumerate() {
             if !u.password_hash.starts_with('$') {
                 return Err(invalid(
@@ -300,12 +330,33 @@ impl Config {
                      create one with `outpost passwd`",
                 ));
             }
+            if let Err(e) = outpost_broker::auth::Credential::parse(&u.password_hash) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: format!("broker.users[{i}].password_hash"),
+                    message: format!(
+                        "the hash of user {:?} cannot be read: {e}; make a new one with \
+                         `outpost passwd`",
+                        u.name
+                    ),
+                });
+            }
+            if let Some(prev) = users.insert(u.name.as_str(), i) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: format!("broker.users[{i}].name"),
+                    message: format!(
+                        "user {:?} is already broker.users[{prev}]; remove one of the two",
+                        u.name
+                    ),
+                });
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, b) in self.bridge.iter().enumerate() {
-            b.validate().map_err(|e| ConfigError::Invalid {
+            b.validate_at().map_err(|(field, e)| ConfigError::Invalid {
                 path: path.to_owned(),
-                key: format!("bridge[{i}]"),
+                key: format!("bridge[{i}].{field}"),
                 message: e.to_string(),
             })?;
             if !names.insert(b.name.clone()) {
@@ -363,6 +414,23 @@ impl Config {
     }
 }
 
+/// Gives a value error found after deserialisation the position of its key in `text`.
+fn place(e: ConfigError, text: &str) -> ConfigError {
+    match e {
+        ConfigError::Invalid { path, key, message } => match locate(text, &key) {
+            Some((line, column)) => ConfigError::Parse {
+                path,
+                line,
+                column,
+                key: format!("{key}: "),
+                message,
+            },
+            None => ConfigError::Invalid { path, key, message },
+        },
+        other => other,
+    }
+}
+
 fn toml_error(text: &str, path: &Path, key: &str, e: &toml::de::Error) -> ConfigError {
     let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
     // Syntax errors (a duplicate key, say) carry no key path; the text under the span
@@ -387,13 +455,6 @@ fn toml_error(text: &str, path: &Path, key: &str, e: &toml::de::Error) -> Config
         },
         message: e.message().trim().to_owned(),
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

@@ -1,0 +1,236 @@
+//! Who may connect: anonymous access, argon2 users from `[[broker.users]]` and users of a
+//! Mosquitto password file (`broker.password_file`, see [`mosquitto`]).
+
+pub mod mosquitto;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use outpost_mqtt::{Connect, ReasonCode};
+
+use super::config::BrokerConfig;
+use super::settings::Settings;
+pub use mosquitto::MosquittoHash;
+
+/// A password hash the broker can verify, parsed once when the users table is made.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A PHC argon2 string (`outpost passwd`), checked when parsed.
+    Argon2(String),
+    /// A Mosquitto `$6$` or `$7$` hash.
+    Mosquitto(MosquittoHash),
+    /// A hash that did not parse; logins as this user are refused with this reason.
+    /// Config validation refuses such a file first, so this is a second line only.
+    Unreadable(String),
+}
+
+impl Credential {
+    /// Parses a hash as written in `password_hash` or a Mosquitto password file.
+    pub fn parse(s: &str) -> Result<Credential, String> {
+        if MosquittoHash::is_mosquitto(s) {
+            return MosquittoHash::parse(s).map(Credential::Mosquitto);
+        }
+        let h = PasswordHash::new(s).map_err(|e| {
+            format!("not a PHC hash string ({e}); expected \"$argon2id$v=19$m=...\"")
+        })?;
+        argon2::Algorithm::try_from(h.algorithm)
+            .map_err(|_| format!("the algorithm {:?} is not argon2", h.algorithm.as_str()))?;
+        argon2::Params::try_from(&h).map_err(|e| format!("bad argon2 parameters ({e})"))?;
+        if h.hash.is_none() {
+            return Err(
+                "the PHC string is incomplete: it has no hash part (a line cut short?)".into(),
+            );
+        }
+        Ok(Credential::Argon2(s.to_owned()))
+    }
+
+    /// True if `password` matches. Slow on purpose: call it off the async workers.
+    pub fn verify(&self, password: &[u8]) -> bool {
+        match self {
+            Credential::Argon2(s) => verify(password, s),
+            Credential::Mosquitto(h) => h.verify(password),
+            Credential::Unreadable(_) => false,
+        }
+    }
+}
+
+/// Users and their credentials: made from the config, never changed afterwards (a new
+/// config makes a new table). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Users {
+    by_name: Arc<HashMap<String, Arc<Credential>>>,
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: hashes stay out of debug output.
+        f.debug_set().entries(self.by_name.keys()).finish()
+    }
+}
+
+impl Users {
+    /// The table for a `[broker]` table: `users` plus the entries of `password_file`
+    /// (read into `password_file_users` by [`BrokerConfig::load_password_file`]). A name
+    /// in both is refused by the gateway's check; were it not, `[[broker.users]]` wins,
+    /// being the more specific place.
+    pub fn from_config(c: &BrokerConfig) -> Users {
+        let mut by_name = HashMap::new();
+        let file = c.password_file_users.iter().map(|e| (&e.name, &e.hash));
+        let inline = c.users.iter().map(|u| (&u.name, &u.password_hash));
+        for (name, hash) in file.chain(inline) {
+            let cred = Credential::parse(hash).unwrap_or_else(Credential::Unreadable);
+            by_name.insert(name.clone(), Arc::new(cred));
+        }
+        Users {
+            by_name: Arc::new(by_name),
+        }
+    }
+
+    /// No users configured.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Credential>> {
+        self.by_name.get(name).cloned()
+    }
+}
+
+/// Why a CONNECT was refused, by name, for the log; [`Refusal::reason`] is the code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// 5.0 enhanced authentication was asked for.
+    #[error("enhanced authentication is not offered")]
+    AuthMethod,
+    /// No user name, and anonymous access is off.
+    #[error("anonymous access is off (no user name given)")]
+    Anonymous,
+    /// The user name is not configured.
+    #[error("unknown user")]
+    UnknownUser,
+    /// A user name without a password.
+    #[error("no password given")]
+    NoPassword,
+    /// The password does not match.
+    #[error("bad password")]
+    BadPassword,
+    /// The user's hash cannot be read.
+    #[error("unreadable hash for user {user}: {why}")]
+    UnreadableHash {
+        /// The user.
+        user: String,
+        /// The parse error.
+        why: String,
+    },
+}
+
+impl Refusal {
+    /// The CONNACK reason code to refuse with.
+    pub fn reason(&self) -> ReasonCode {
+        match self {
+            // MQTT-4.12.0-1: an unsupported Authentication Method gets 0x8C.
+            Refusal::AuthMethod => ReasonCode::BAD_AUTHENTICATION_METHOD,
+            Refusal::Anonymous => ReasonCode::NOT_AUTHORIZED,
+            _ => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+        }
+    }
+}
+
+/// Checks a CONNECT's credentials; `Err` says why it is refused.
+pub async fn check(c: &Connect, s: &Settings) -> Result<(), Refusal> {
+    if c.properties.authentication_method.is_some() {
+        // 5.0 enhanced authentication is not offered (MQTT-4.12.0-1).
+        return Err(Refusal::AuthMethod);
+    }
+    let Some(name) = &c.username else {
+        return if s.allow_anonymous {
+            Ok(())
+        } else {
+            Err(Refusal::Anonymous)
+        };
+    };
+    let Some(cred) = s.users.get(name) else {
+        // A user name nobody configured is anonymous access under another name.
+        return if s.allow_anonymous && s.users.is_empty() {
+            Ok(())
+        } else {
+            Err(Refusal::UnknownUser)
+        };
+    };
+    if let Credential::Unreadable(why) = &*cred {
+        return Err(Refusal::UnreadableHash {
+            user: name.clone(),
+            why: why.clone(),
+        });
+    }
+    let Some(password) = c.password.clone() else {
+        return Err(Refusal::NoPassword);
+    };
+    // Hash verification is deliberately slow; keep it off the async workers.
+    let ok = tokio::task::spawn_blocking(move || cred.verify(&password))
+        .await
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::BadPassword)
+    }
+}
+
+/// True if `password` matches the PHC `hash`.
+pub fn verify(password: &[u8], hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password, &h)
+            .is_ok()
+    })
+}
+
+/// Hashes a password into a PHC string for the config file.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use rand_core::OsRng;
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_then_verify() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify(b"s3cret", &h));
+        assert!(!verify(b"wrong", &h));
+        assert!(!verify(b"s3cret", "not a hash"));
+    }
+
+    #[test]
+    fn credentials_parse_or_say_why() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(Credential::parse(&h).unwrap().verify(b"s3cret"));
+        for (bad, want) in [
+            ("$argon2id$garbage", "PHC"),
+            (
+                "$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+                "not argon2",
+            ),
+            ("$7$101$AAAA", "parts"),
+            ("plain", "PHC"),
+        ] {
+            let e = Credential::parse(bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+}
