@@ -1,7 +1,6 @@
 //! Authentication (outpost-specific config): anonymous access is an explicit choice and
 //! passwords are configured as hashes made by `outpost passwd`.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use outpost_mqtt::{Protocol, ReasonCode};
@@ -9,21 +8,7 @@ use outpost_tests::raw::connect_packet;
 use outpost_tests::{Broker, RawClient, WAIT, outpost_bin, outpost_only};
 
 fn hash(password: &str) -> String {
-    let mut child = Command::new(outpost_bin())
-        .arg("passwd")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn outpost passwd");
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    outpost_tests::broker::password_hash(password)
 }
 
 fn secured_broker() -> Broker {
@@ -275,12 +260,13 @@ fn a_user_in_both_places_or_an_unreadable_file_line_is_refused_at_start() {
     );
 }
 
-/// Runs `outpost passwd` on a pseudo-terminal (Python's pty module: it waits for each
-/// prompt before typing, so no input can arrive while echo is still on) and returns what
-/// the terminal showed and the exit code.
+/// Runs `outpost passwd` on a pseudo-terminal (Python's pty module) and returns what the
+/// terminal showed and the exit code. The driver types only once the prompt is out and
+/// the terminal's ECHO flag is off (the prompt is printed before echo is turned off, so
+/// typing at the prompt alone raced with it on a loaded machine).
 fn passwd_on_a_terminal(first: &str, second: &str) -> (String, Option<i32>) {
     const DRIVER: &str = r#"
-import os, pty, sys
+import os, pty, sys, termios, time
 binary, first, second = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
 pid, fd = pty.fork()
 if pid == 0:
@@ -296,10 +282,16 @@ def read_until(marker):
         if not chunk:
             return
         seen += chunk
+def type_when_echo_is_off(line):
+    for _ in range(500):
+        if not termios.tcgetattr(fd)[3] & termios.ECHO:
+            break
+        time.sleep(0.01)
+    os.write(fd, line + b"\n")
 read_until(b"Password: ")
-os.write(fd, first + b"\n")
+type_when_echo_is_off(first)
 read_until(b"(again): ")
-os.write(fd, second + b"\n")
+type_when_echo_is_off(second)
 read_until(b"\0never")
 _, status = os.waitpid(pid, 0)
 sys.stdout.write(seen.decode(errors="replace"))
