@@ -27,13 +27,13 @@ pub mod router;
 mod session;
 mod settings;
 pub mod store;
-mod sys;
+pub mod sys;
 mod tls;
 mod transport;
 
 use std::sync::Arc;
 
-pub use auth::hash_password;
+pub use auth::{hash_password, verify as verify_password};
 pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};

@@ -8,10 +8,12 @@
 //! - [`reload`]: applies a changed config on SIGHUP, keeping what did not change.
 //! - [`sensors`]: runs the Modbus/serial layer and publishes its readings in-process.
 //! - [`service`]: systemd readiness, watchdog and journal logging.
+//! - [`http`]: the status page, `/metrics`, `/healthz` and `/readyz`.
 
 pub mod app;
 pub mod bridge;
 pub mod config;
+pub mod http;
 pub mod reload;
 pub mod sensors;
 pub mod service;

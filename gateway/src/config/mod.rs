@@ -44,6 +44,9 @@ pub struct Config {
     /// Modbus and serial sensors (`[sensors]`, `[[sensors.modbus]]`, `[[sensors.serial]]`).
     #[serde(default)]
     pub sensors: outpost_sensors::SensorsConfig,
+    /// Status page, metrics and health endpoints (`[http]`; off without the table).
+    #[serde(default)]
+    pub http: Option<crate::http::HttpConfig>,
 }
 
 /// One thread by default (a current-thread runtime), as Mosquitto: a message then goes
@@ -320,6 +323,14 @@ impl Config {
             key: e.path.clone(),
             message: e.message.clone(),
         })?;
+        if let Some(h) = &self.http {
+            h.validate()
+                .map_err(|(key, message)| ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key,
+                    message,
+                })?;
+        }
         if let Some(id) = &self.gateway_id
             && (id.is_empty() || id.contains(['/', '+', '#']))
         {
