@@ -39,6 +39,7 @@ pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
 pub use settings::{Settings, SharedSettings};
+pub use tls::server_config as tls_server_config;
 
 /// Why a durable sink refused a message.
 #[derive(Debug, Clone, thiserror::Error)]

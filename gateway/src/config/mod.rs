@@ -206,6 +206,13 @@ impl Config {
                 }
             }
         }
+        if let Some(t) = self.http.as_mut().and_then(|h| h.tls.as_mut()) {
+            expand(&mut t.cert, "http.tls.cert".into())?;
+            expand(&mut t.key, "http.tls.key".into())?;
+            if let Some(ca) = &mut t.client_ca {
+                expand(ca, "http.tls.client_ca".into())?;
+            }
+        }
         for (i, b) in self.bridge.iter_mut().enumerate() {
             if let Some(t) = &mut b.tls {
                 for (f, v) in [

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use outpost_broker::config::UserConfig;
+use outpost_broker::config::{TlsConfig, UserConfig};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -39,6 +39,9 @@ pub struct HttpConfig {
     /// Open HTTP connections at once (event streams included); more wait to be accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// HTTPS with these PEM files, as a broker listener's `tls` (`client_ca` too).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_bind() -> SocketAddr {
@@ -139,12 +142,67 @@ pub async fn spawn(
             )
         })?;
     let addr = listener.local_addr().context("reading the HTTP address")?;
+    let tls = match &config.tls {
+        Some(t) => {
+            let c = outpost_broker::tls_server_config(t)
+                .map_err(|e| anyhow::anyhow!("http.tls: {e}"))?;
+            // The broker's config offers MQTT first; this listener speaks HTTP/1.1 only.
+            let mut c = (*c).clone();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(c)))
+        }
+        None => None,
+    };
     let state = sample::Sampler::start(sources, config.ready_spool_fraction, shutdown.clone());
+    let scheme = if tls.is_some() { "https" } else { "http" };
     tokio::spawn(server::serve(
         listener,
+        tls,
         Arc::new(server::Server::new(config, state)),
         shutdown,
     ));
-    tracing::info!("status page on http://{addr}/");
+    tracing::info!("status page on {scheme}://{addr}/");
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<HttpConfig, String> {
+        let c: HttpConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate()
+            .map(|()| c)
+            .map_err(|(k, m)| format!("{k}: {m}"))
+    }
+
+    #[test]
+    fn loopback_by_default_and_exposure_needs_users() {
+        let c = parse("").unwrap();
+        assert!(c.bind.ip().is_loopback());
+        assert!(c.users.is_empty());
+        let e = parse("bind = \"0.0.0.0:8080\"").unwrap_err();
+        assert!(
+            e.starts_with("http.bind:") && e.contains("[[http.users]]"),
+            "{e}"
+        );
+        let e = parse("bind = \"[::]:8080\"").unwrap_err();
+        assert!(e.starts_with("http.bind:"), "{e}");
+        parse(
+            "bind = \"0.0.0.0:8080\"\n[[users]]\nname = \"tech\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA\"",
+        )
+        .unwrap();
+        parse("bind = \"[::1]:8080\"").unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = parse("[[users]]\nname = \"a\"\npassword_hash = \"plain\"").unwrap_err();
+        assert!(e.starts_with("http.users[0].password_hash"), "{e}");
+        let e = parse("ready_spool_fraction = 1.5").unwrap_err();
+        assert!(e.starts_with("http.ready_spool_fraction"), "{e}");
+        let e = parse("max_connections = 0").unwrap_err();
+        assert!(e.starts_with("http.max_connections"), "{e}");
+        assert!(parse("nonsense = 1").is_err(), "unknown keys are errors");
+    }
 }

@@ -606,3 +606,83 @@ pub fn readiness(s: &Sample, fraction: f64, sample_age: Duration) -> Vec<Check> 
     }
     checks
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridge(connected: bool, spool_bytes: u64) -> BridgeSample {
+        BridgeSample {
+            name: "cloud".into(),
+            connected,
+            since_ms: 0,
+            last_error: Some("cannot connect: refused".into()),
+            spool_messages: spool_bytes / 100,
+            spool_bytes,
+            spool_max_bytes: 1000,
+            oldest_age_s: 0.0,
+            drain_rate: 0.0,
+            time_to_empty_s: None,
+            dead_letters: 0,
+            spooled: 0,
+            forwarded: 0,
+            dropped: Vec::new(),
+            rejected: Vec::new(),
+            reconnects: 0,
+            connect_failures: 0,
+            quarantined: 0,
+        }
+    }
+
+    fn sample(accepting: bool, bridges: Vec<BridgeSample>) -> Sample {
+        Sample {
+            time_ms: 0,
+            gateway_id: "gw".into(),
+            version: "0",
+            uptime_s: 0,
+            clock_synchronised: None,
+            broker: BrokerSample {
+                accepting,
+                ..BrokerSample::default()
+            },
+            bridges,
+            devices: Vec::new(),
+            lines: Vec::new(),
+            process: ProcessSample::default(),
+            warnings: Vec::new(),
+            sys: None,
+        }
+    }
+
+    fn ok(checks: &[Check]) -> Vec<bool> {
+        checks.iter().map(|c| c.ok).collect()
+    }
+
+    #[test]
+    fn a_bridge_is_ready_connected_or_below_the_spool_fraction() {
+        let fresh = Duration::from_secs(1);
+        let s = sample(true, vec![bridge(true, 900)]);
+        assert_eq!(ok(&readiness(&s, 0.5, fresh)), [true, true]);
+        let s = sample(true, vec![bridge(false, 499)]);
+        assert_eq!(ok(&readiness(&s, 0.5, fresh)), [true, true]);
+        let s = sample(true, vec![bridge(false, 500)]);
+        let c = readiness(&s, 0.5, fresh);
+        assert_eq!(ok(&c), [true, false]);
+        assert!(
+            c[1].detail.contains("cannot connect: refused"),
+            "{}",
+            c[1].detail
+        );
+        // Fraction 0: ready only while connected, even with an empty spool.
+        let s = sample(true, vec![bridge(false, 0)]);
+        assert_eq!(ok(&readiness(&s, 0.0, fresh)), [true, false]);
+    }
+
+    #[test]
+    fn the_broker_must_answer_and_the_sample_be_fresh() {
+        let s = sample(false, Vec::new());
+        assert_eq!(ok(&readiness(&s, 0.5, Duration::from_secs(1))), [false]);
+        let s = sample(true, Vec::new());
+        assert_eq!(ok(&readiness(&s, 0.5, Duration::from_secs(60))), [false]);
+    }
+}

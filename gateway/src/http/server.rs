@@ -297,6 +297,7 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 /// Accepts connections until `shutdown`, at most `max_connections` at once.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     server: Arc<Server>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -324,20 +325,74 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let server = Arc::clone(&server);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let server = Arc::clone(&server);
-                async move { Ok::<_, Infallible>(server.handle(req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            match tls {
+                None => serve_connection(stream, peer, server).await,
+                Some(acceptor) => {
+                    // The handshake gets the same bound as a request head.
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(s, peer, server).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTPS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "HTTPS handshake timed out"),
+                    }
+                }
             }
         });
+    }
+}
+
+async fn serve_connection<S>(stream: S, peer: std::net::SocketAddr, server: Arc<Server>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let server = Arc::clone(&server);
+        async move { Ok::<_, Infallible>(server.handle(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_parse_and_refuse_garbage() {
+        // "tech:pa:ss" — the password may hold colons (RFC 7617 splits at the first).
+        assert_eq!(
+            basic_credentials(b"Basic dGVjaDpwYTpzcw=="),
+            Some(("tech".into(), "pa:ss".into()))
+        );
+        assert_eq!(
+            basic_credentials(b"basic dGVjaDpwYTpzcw=="),
+            Some(("tech".into(), "pa:ss".into()))
+        );
+        for bad in [
+            &b"Bearer dGVjaDpwYTpzcw=="[..],
+            b"Basic",
+            b"Basic !!!",
+            b"Basic dGVjaA==", // no colon
+            b"\xff\xfe",
+        ] {
+            assert_eq!(basic_credentials(bad), None, "{bad:?}");
+        }
+        let long = format!("Basic {}", "A".repeat(5000));
+        assert_eq!(basic_credentials(long.as_bytes()), None);
+    }
+
+    #[test]
+    fn same_compares_whole_values() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
     }
 }

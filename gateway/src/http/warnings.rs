@@ -29,6 +29,8 @@ pub struct Warning {
     pub target: String,
     /// The message and its fields.
     pub message: String,
+    /// How many times it was logged in a row (a reconnect loop repeats itself).
+    pub repeated: u32,
 }
 
 /// The last warnings, oldest first.
@@ -71,8 +73,17 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for Layer {
             },
             target: event.metadata().target().to_owned(),
             message,
+            repeated: 1,
         };
         if let Ok(mut r) = RECENT.lock() {
+            if let Some(last) = r.back_mut()
+                && last.message == w.message
+                && last.target == w.target
+            {
+                last.time_ms = w.time_ms;
+                last.repeated = last.repeated.saturating_add(1);
+                return;
+            }
             if r.len() >= KEEP {
                 r.pop_front();
             }

@@ -124,6 +124,7 @@ function renderWarnings(s) {
     const li = el("li");
     li.append(el("span", "muted", new Date(w.time_ms).toLocaleTimeString() + " " + w.level + " "),
       el("span", null, w.message));
+    if (w.repeated > 1) li.append(el("span", "muted", " (×" + w.repeated + ", last shown)"));
     ol.append(li);
   }
 }
@@ -137,14 +138,18 @@ function push(t, rateIn, rateOut, spool) {
 
 // Draws series (arrays of numbers, one per sample) as polylines over the last hour.
 function chart(svg, series, colors) {
-  const end = history.t.length ? history.t[history.t.length - 1] : 0, start = end - HOUR * 1000;
+  // The x axis spans the data there is (at least a minute), up to the last hour.
+  const end = history.t.length ? history.t[history.t.length - 1] : 0;
+  const first = history.t.length ? history.t[0] : 0;
+  const span = Math.min(HOUR * 1000, Math.max(60 * 1000, end - first)), start = end - span;
   let max = 1;
   for (const s of series) for (const v of s) if (v > max) max = v;
   svg.replaceChildren();
   series.forEach((s, k) => {
     const pts = [];
     for (let i = 0; i < s.length; i++) {
-      const x = ((history.t[i] - start) / (HOUR * 1000)) * 600;
+      if (history.t[i] < start) continue;
+      const x = ((history.t[i] - start) / span) * 600;
       const y = 98 - (s[i] / max) * 94;
       pts.push(x.toFixed(1) + "," + y.toFixed(1));
     }
@@ -156,7 +161,8 @@ function chart(svg, series, colors) {
   const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
   label.setAttribute("x", "4"); label.setAttribute("y", "12"); label.setAttribute("font-size", "11");
   label.setAttribute("fill", "#6b6b70");
-  label.textContent = "max " + (Number.isInteger(max) ? max : max.toFixed(1));
+  label.textContent = "max " + (Number.isInteger(max) ? max : max.toFixed(1)) +
+    " · last " + duration(span / 1000);
   svg.append(label);
 }
 
