@@ -567,3 +567,47 @@ fn https_with_the_same_certificate_options_as_the_broker() {
         "200"
     );
 }
+
+#[test]
+fn oversized_garbage_and_idle_connections_are_bounded() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    if mosquitto_mode() {
+        return;
+    }
+    let broker = Broker::outpost_with_full_config(&http_config(
+        "[http]\nbind = \"127.0.0.1:0\"\nmax_connections = 4",
+    ));
+    let port = http_port(&broker);
+    let reply = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let mut huge = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    huge.extend(b"\r\n\r\n");
+    let r = reply(&huge);
+    assert!(r.starts_with("HTTP/1.1 431"), "a 64 KiB header: {r:.80}");
+    let r = reply(b"\x16\x03\x01\x00\xff garbage that is not HTTP\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400"), "garbage: {r:.80}");
+    // A connection that never sends a request is closed (hyper's header timeout, 10 s),
+    // so idle sockets cannot hold the few connection slots for ever.
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            s.read(&mut buf).ok(),
+            Some(0),
+            "an idle connection stays open"
+        );
+    }
+    // And the server still serves.
+    assert_eq!(get(port, "/healthz", None).status, 200);
+}
