@@ -161,6 +161,7 @@ spool = {{ max_bytes = "8KiB" }}
     // 10 acknowledged messages of ~130 bytes each take the spool past 10% of 8 KiB.
     publish(broker.port(), "data/a", 10, 100);
     let text = wait_metric(port, spool, FOLLOW, |v| v == 10.0);
+    promtool_check(&text);
     assert!(
         metric(&text, "outpost_bridge_spool_bytes{bridge=\"cloud\"}").is_some_and(|b| b >= 1000.0),
         "{text}"
@@ -479,6 +480,31 @@ points = [{{ name = "temperature", kind = "input", address = 0, type = "f32", wo
     );
     assert!(text.contains("timeout"), "the row says why: {v}");
     assert_eq!(v["marker"], "never reloaded", "the page was reloaded: {v}");
+
+    // The same state in /metrics, and the exposition with bridges and devices parses.
+    let text = get(port, "/metrics", None).body;
+    assert_eq!(
+        metric(
+            &text,
+            "outpost_sensor_device_status{device=\"boiler\",status=\"online\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "outpost_sensor_device_poll_failures_total{device=\"boiler\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "outpost_bridge_spool_messages{bridge=\"cloud\"}"),
+        Some(12.0),
+        "{text}"
+    );
+    promtool_check(&text);
 
     let png = page.screenshot(420).await;
     assert!(

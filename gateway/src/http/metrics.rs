@@ -372,9 +372,26 @@ fn sensors(o: &mut Out, s: &Sample) {
         for d in &s.devices {
             o.value(
                 name,
-                &[("device", &d.name), ("line", &d.line), ("status", d.status)],
+                &[("device", &d.name), ("line", &d.line)],
                 flag(d.status == "online"),
             );
+        }
+        // A state set: one series per state, 1 for the current one, so a state change
+        // does not start a new series.
+        let name = "outpost_sensor_device_status";
+        o.family(
+            name,
+            "gauge",
+            "1 for the device's current status (online, offline, quarantined, unknown), else 0.",
+        );
+        for d in &s.devices {
+            for st in ["online", "offline", "quarantined", "unknown"] {
+                o.value(
+                    name,
+                    &[("device", &d.name), ("status", st)],
+                    flag(d.status == st),
+                );
+            }
         }
         let name = "outpost_sensor_device_poll_failures_total";
         o.family(name, "counter", "Polls that failed after their retries.");
