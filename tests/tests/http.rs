@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use outpost_tests::broker::{Broker, mosquitto_mode, outpost_bin};
 use outpost_tests::chromium::Chromium;
-use outpost_tests::http::{Cloud, get, http_port, metric, promtool_check, wait_metric};
+use outpost_tests::cloud::Cloud;
+use outpost_tests::http::{get, http_port, metric, promtool_check, wait_metric};
 use serde_json::Value;
 use tokio_modbus::server::Service;
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
@@ -130,7 +131,8 @@ fn readyz_follows_the_cloud_link_and_the_spool_fraction() {
     if mosquitto_mode() {
         return;
     }
-    let mut cloud = Cloud::start();
+    let mut cloud = Cloud::new();
+    cloud.start();
     let broker = Broker::outpost_with_full_config(&http_config(&format!(
         r#"[http]
 bind = "127.0.0.1:0"
@@ -151,7 +153,7 @@ spool = {{ max_bytes = "8KiB" }}
     let r = get(port, "/readyz", None);
     assert_eq!(r.status, 200, "{r:?}");
 
-    cloud.kill();
+    cloud.stop();
     wait_metric(port, connected, FOLLOW, |v| v == 0.0);
     // Down, but the spool is empty: still ready by the configured fraction.
     let r = get(port, "/readyz", None);
@@ -191,7 +193,7 @@ spool = {{ max_bytes = "8KiB" }}
     assert_eq!(broker_check["ok"], true, "the broker still serves: {v}");
 
     // The cloud comes back: the spool drains and the gateway is ready again.
-    cloud.restart();
+    cloud.start();
     let text = wait_metric(port, spool, FOLLOW, |v| v == 0.0);
     assert_eq!(
         metric(
@@ -396,7 +398,8 @@ async fn the_status_page_in_chromium_follows_the_cloud_and_the_device_live() {
     }
     let device = Device::default();
     let sim = serve_device(device.clone()).await;
-    let mut cloud = Cloud::start();
+    let mut cloud = Cloud::new();
+    cloud.start();
     let broker = Broker::outpost_with_full_config(&http_config(&format!(
         r#"[http]
 bind = "127.0.0.1:0"
@@ -440,7 +443,7 @@ points = [{{ name = "temperature", kind = "input", address = 0, type = "f32", wo
     // Anything from here on must arrive over the event stream: a reload would lose this.
     page.eval("window.__sameDocument = 'never reloaded'").await;
 
-    cloud.kill();
+    cloud.stop();
     page.wait_for("the link down", PAGE_STATE, FOLLOW, |v| {
         v["bridge"] == "down"
             && v["bridgeText"]
