@@ -232,6 +232,9 @@ fn sse_event(s: &Sample) -> Bytes {
     Bytes::from(format!("event: status\ndata: {json}\n\n"))
 }
 
+/// When, messages received and sent, and each bridge's forwarded count by name.
+type Counts = (Instant, u64, u64, Vec<(String, u64)>);
+
 /// Takes the samples.
 pub struct Sampler {
     sources: Sources,
@@ -239,7 +242,7 @@ pub struct Sampler {
     gateway_id: String,
     listeners: Vec<String>,
     /// Recent (time, received, sent, forwarded per bridge) for the rates.
-    recent: VecDeque<(Instant, u64, u64, Vec<(String, u64)>)>,
+    recent: VecDeque<Counts>,
 }
 
 impl Sampler {
