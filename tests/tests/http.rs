@@ -640,3 +640,27 @@ fn oversized_garbage_and_idle_connections_are_bounded() {
     // And the server still serves.
     assert_eq!(get(port, "/healthz", None).status, 200);
 }
+
+#[test]
+fn a_reload_keeps_the_http_listener_and_says_a_change_needs_a_restart() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut broker =
+        Broker::outpost_with_full_config(&http_config("[http]\nbind = \"127.0.0.1:0\""));
+    let port = http_port(&broker);
+    broker.reload_with(&http_config(
+        "[http]\nbind = \"127.0.0.1:0\"\nready_spool_fraction = 0.9",
+    ));
+    let deadline = Instant::now() + FOLLOW;
+    while !broker.log().contains("only at the next restart: http") {
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not say that [http] needs a restart:\n{}",
+            broker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Still served where it was.
+    assert_eq!(get(port, "/healthz", None).status, 200);
+}
