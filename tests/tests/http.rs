@@ -100,15 +100,17 @@ fn metrics_count_what_was_published_agree_with_sys_and_parse_with_promtool() {
         metric(&text, "outpost_broker_received_bytes_total").is_some_and(|b| b >= 250.0),
         "{text}"
     );
-    for series in [
-        "process_resident_memory_bytes",
-        "process_open_fds",
-        "process_cpu_seconds_total",
-        "outpost_uptime_seconds",
-    ] {
+    for series in ["process_resident_memory_bytes", "process_open_fds"] {
         assert!(
             metric(&text, series).is_some_and(|v| v > 0.0),
             "{series} missing or zero:\n{text}"
+        );
+    }
+    // CPU time and uptime may still be under one tick or one second on a fast machine.
+    for series in ["process_cpu_seconds_total", "outpost_uptime_seconds"] {
+        assert!(
+            metric(&text, series).is_some_and(|v| v >= 0.0),
+            "{series} missing:\n{text}"
         );
     }
     promtool_check(&text);
