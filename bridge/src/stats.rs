@@ -1,6 +1,7 @@
 //! Counters of one bridge, shared lock-free between the spool writer, the uplink and the
 //! `$SYS` publisher.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Live counters; all updates are relaxed atomics (they are reported, not synchronised on).
@@ -43,12 +44,29 @@ pub struct BridgeStats {
     pub connect_failures: AtomicU64,
     /// Spool files set aside as corrupt.
     pub quarantined: AtomicU64,
+    /// When the link last went up or down (unix ms), 0 before the first attempt.
+    pub link_changed_ms: AtomicI64,
+    /// The last reason the link failed or dropped (kept after it comes back, for the
+    /// status page); written only on those rare events.
+    pub last_error: Mutex<Option<String>>,
 }
 
 impl BridgeStats {
     /// Add one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// Records why the link failed or dropped.
+    pub fn set_error(&self, why: String) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(why);
+        }
+    }
+
+    /// The last reason the link failed or dropped.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
     /// Counter name/value pairs as published under `$SYS/broker/bridge/{name}/`.

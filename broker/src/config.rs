@@ -357,7 +357,7 @@ pub enum AclAccess {
 }
 
 /// One `[[broker.users]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// User name clients present in CONNECT.

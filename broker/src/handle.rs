@@ -179,6 +179,13 @@ impl BrokerHandle {
         wait.await.map_err(|_| PublishError::Stopped)
     }
 
+    /// The broker's statistics, as `$SYS` publishes them; `Stopped` once the core is gone.
+    pub async fn snapshot(&self) -> Result<crate::sys::SysSnapshot, PublishError> {
+        let (done, snap) = oneshot::channel();
+        self.send(CoreEvent::Snapshot(done)).await?;
+        snap.await.map_err(|_| PublishError::Stopped)
+    }
+
     /// Disconnects every client (5.0 clients get reason 0x8B) and stops the core.
     pub async fn shutdown(&self) {
         let (done, wait) = oneshot::channel();

@@ -27,19 +27,19 @@ pub mod router;
 mod session;
 mod settings;
 pub mod store;
-mod sys;
+pub mod sys;
 mod tls;
 mod transport;
 
 use std::sync::Arc;
 
-pub use auth::{Users, hash_password};
+pub use auth::{Users, hash_password, verify as verify_password};
 pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
 pub use settings::{Settings, SharedSettings};
-pub use tls::{TlsError, server_config};
+pub use tls::{TlsError, server_config, server_config as tls_server_config};
 
 /// Why a durable sink refused a message.
 #[derive(Debug, Clone, thiserror::Error)]

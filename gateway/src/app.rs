@@ -57,6 +57,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     service::install_debug_wedge(&broker.handle()).await;
     let listeners = broker.serve(listeners);
     let mut running = Running::start(config, path, broker, listeners, bridges).await;
+    // [http]: the status page, /metrics, /healthz, /readyz (gateway/src/http/).
+    crate::http::start_if_configured(&running, shutdown_rx.clone()).await?;
     info!(gateway_id = %gateway_id, state_dir = %state_dir.display(), "outpost {} running", env!("CARGO_PKG_VERSION"));
     service::notify_ready(&running.serving_line());
     let sensors = running.config().sensors();

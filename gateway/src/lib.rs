@@ -8,12 +8,14 @@
 //! - [`reload`]: applies a changed config on SIGHUP, keeping what did not change.
 //! - [`sensors`]: runs the Modbus/serial layer and publishes its readings in-process.
 //! - [`service`]: systemd readiness, watchdog and journal logging.
+//! - [`http`]: the status page, `/metrics`, `/healthz` and `/readyz`.
 
 pub mod app;
 pub mod bridge;
 pub mod check;
 pub mod config;
 pub mod import_mosquitto;
+pub mod http;
 pub mod reload;
 pub mod sensors;
 pub mod service;

@@ -8,7 +8,7 @@
 //! | `[[broker.listeners]]` | added ones open, removed ones stop accepting, changed ones are rebound; TLS files of unchanged ones are read again (a renewed certificate) |
 //! | `[[bridge]]` | added ones start, changed ones reconnect with their spool intact, removed ones stop and keep their spool file |
 //! | `[sensors]` | lines whose settings changed restart, new ones start, removed devices' retained status is cleared; the others keep polling |
-//! | `gateway_id`, `state_dir`, `topic_prefix`, `worker_threads`, `broker.persistence`, `broker.max_store_size`, `broker.max_connections*` | logged as needing a restart; the old value stays |
+//! | `gateway_id`, `state_dir`, `topic_prefix`, `worker_threads`, `broker.persistence`, `broker.max_store_size`, `broker.max_connections*`, `[http]` | logged as needing a restart; the old value stays |
 //!
 //! A file that does not parse or validate changes nothing: the error (file, line,
 //! column, key) is logged and the gateway keeps running on the configuration it has.
@@ -142,14 +142,17 @@ impl Running {
         &self.bridges
     }
 
-    /// `serving MQTT on tcp://127.0.0.1:1883, ...` for systemd's status line.
-    pub fn serving_line(&self) -> String {
-        let addrs: Vec<String> = self
-            .listeners
+    /// The listeners as `tcp://127.0.0.1:1883`.
+    pub fn listener_urls(&self) -> Vec<String> {
+        self.listeners
             .iter()
             .map(|l| format!("{}://{}", l.transport(), l.local_addr))
-            .collect();
-        format!("serving MQTT on {}", addrs.join(", "))
+            .collect()
+    }
+
+    /// `serving MQTT on tcp://127.0.0.1:1883, ...` for systemd's status line.
+    pub fn serving_line(&self) -> String {
+        format!("serving MQTT on {}", self.listener_urls().join(", "))
     }
 
     /// Reads the file again and applies it, telling systemd (`RELOADING=1`, then
@@ -344,6 +347,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         old.broker.max_connections_per_address != new.broker.max_connections_per_address,
         "broker.max_connections_per_address",
     );
+    check(old.http != new.http, "http");
     out
 }
 
@@ -357,5 +361,6 @@ fn keep_restart_only(mut new: Config, old: &Config) -> Config {
     new.broker.max_store_size = old.broker.max_store_size;
     new.broker.max_connections = old.broker.max_connections;
     new.broker.max_connections_per_address = old.broker.max_connections_per_address;
+    new.http = old.http.clone();
     new
 }

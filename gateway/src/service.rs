@@ -27,7 +27,10 @@ pub fn init_logging(level: &str) {
     if !env_wins {
         let _ = LOG_FILTER.set(handle);
     }
-    let registry = tracing_subscriber::registry().with(filter);
+    // The status page shows the last warnings; its layer keeps a few.
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(crate::http::warnings::Layer);
     // No field prefix: tracing fields become journal fields as they are named
     // (`device` → `DEVICE=`), so `journalctl -u outpost BRIDGE=cloud` or `DEVICE=boiler`
     // works; the default would be `F_BRIDGE=`.

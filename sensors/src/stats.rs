@@ -1,9 +1,9 @@
 //! Counters for `$SYS`: requests, errors by kind, bus utilisation per line.
 
-use crate::publish::SensorMessage;
+use crate::publish::{DeviceStatus, SensorMessage};
 use bytes::Bytes;
 use serde_json::json;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ pub struct LineStats {
     /// Longest a healthy task may go between beats (ms): its heartbeat plus the longest
     /// single step it can take (a transaction with its retries, a reopen backoff).
     quiet_limit_ms: AtomicU64,
+    /// The devices polled on this line (they go when the line is removed).
+    devices: Mutex<Vec<Arc<DeviceStats>>>,
 }
 
 /// How often, at least, a line's task goes round its loop and shows it is alive, also
@@ -66,7 +68,17 @@ impl LineStats {
             started: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
             quiet_limit_ms: AtomicU64::new(ms(HEARTBEAT * 2 + Duration::from_secs(30))),
+            devices: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Registers a device polled on this line and returns its counters.
+    pub fn device(&self, name: impl Into<String>) -> Arc<DeviceStats> {
+        let d = Arc::new(DeviceStats::new(name.into(), self.name.clone()));
+        if let Ok(mut v) = self.devices.lock() {
+            v.push(Arc::clone(&d));
+        }
+        d
     }
 
     /// The line's task is alive: it went round its loop.
@@ -143,6 +155,97 @@ fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
 
+/// Counters and state of one device, as its line's scheduler sees it.
+#[derive(Debug)]
+pub struct DeviceStats {
+    /// Device name (a topic level).
+    pub name: String,
+    /// The line it is polled on.
+    pub line: String,
+    /// Polls the device answered (with data or an exception).
+    pub polls: AtomicU64,
+    /// Polls that failed after their retries.
+    pub failures: AtomicU64,
+    /// Nanoseconds spent in polls (with retries), answered or not.
+    pub poll_ns: AtomicU64,
+    status: AtomicU8,
+    /// Milliseconds after `started` of the last good reading, plus one (0: never).
+    last_reading_ms: AtomicU64,
+    started: Instant,
+    /// The error of the last failing poll; written only when the status changes.
+    last_error: Mutex<Option<String>>,
+}
+
+impl DeviceStats {
+    fn new(name: String, line: String) -> Self {
+        DeviceStats {
+            name,
+            line,
+            polls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            poll_ns: AtomicU64::new(0),
+            status: AtomicU8::new(0),
+            last_reading_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Records one poll: how long it took and whether the device answered.
+    pub fn record_poll(&self, took: Duration, answered: bool) {
+        LineStats::add_time(&self.poll_ns, took);
+        if answered {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The device returned data.
+    pub fn reading(&self) {
+        self.last_reading_ms
+            .store(ms(self.started.elapsed()) + 1, Ordering::Relaxed);
+    }
+
+    /// The device's status changed (as published on its status topic).
+    pub fn set_status(&self, status: DeviceStatus, error: Option<&str>) {
+        let code = match status {
+            DeviceStatus::Online => 1,
+            DeviceStatus::Offline => 2,
+            DeviceStatus::Quarantined => 3,
+        };
+        self.status.store(code, Ordering::Relaxed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = error.map(str::to_owned);
+        }
+    }
+
+    /// The last published status; `None` before the first poll.
+    pub fn status(&self) -> Option<DeviceStatus> {
+        match self.status.load(Ordering::Relaxed) {
+            1 => Some(DeviceStatus::Online),
+            2 => Some(DeviceStatus::Offline),
+            3 => Some(DeviceStatus::Quarantined),
+            _ => None,
+        }
+    }
+
+    /// The error that made the device offline or quarantined.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// How long ago the last good reading came; `None` if none yet.
+    pub fn last_reading_age(&self) -> Option<Duration> {
+        let at = self.last_reading_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| {
+            self.started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(at - 1))
+        })
+    }
+}
+
 /// All counters of the sensor layer, shareable with the gateway.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -165,6 +268,14 @@ impl Stats {
         if let Ok(mut v) = self.lines.lock() {
             v.retain(|l| !Arc::ptr_eq(l, line));
         }
+    }
+
+    /// Every device of every registered line.
+    pub fn devices(&self) -> Vec<Arc<DeviceStats>> {
+        self.lines()
+            .iter()
+            .flat_map(|l| l.devices.lock().map(|v| v.clone()).unwrap_or_default())
+            .collect()
     }
 
     /// A snapshot of every line's counters.

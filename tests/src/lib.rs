@@ -10,9 +10,11 @@
 //!   outpost's reading of it; outpost-only tests (CLI, config) return early there.
 
 pub mod broker;
+pub mod chromium;
 pub mod cli;
 pub mod clients;
 pub mod cloud;
+pub mod http;
 pub mod ledger;
 pub mod modbus;
 pub mod raw;

@@ -57,7 +57,11 @@ impl Ctx {
     }
 
     fn mirror_link_state(&self, up: bool) {
-        self.stats.connected.store(up, Relaxed);
+        if self.stats.connected.swap(up, Relaxed) != up
+            || self.stats.link_changed_ms.load(Relaxed) == 0
+        {
+            self.stats.link_changed_ms.store(session::now_ms(), Relaxed);
+        }
         let msg = LocalPublish {
             topic: self.state_topic(),
             payload: Bytes::from_static(if up { b"connected" } else { b"disconnected" }),
@@ -278,6 +282,7 @@ pub(crate) async fn run(
                     SessionEnd::Shutdown => break,
                     SessionEnd::Lost(why) => {
                         tracing::warn!(bridge = %ctx.name, "link lost: {why}");
+                        ctx.stats.set_error(format!("link lost: {why}"));
                     }
                     SessionEnd::Dropped {
                         why,
@@ -285,6 +290,7 @@ pub(crate) async fn run(
                         out_through,
                     } => {
                         tracing::warn!(bridge = %ctx.name, "link lost: {why}");
+                        ctx.stats.set_error(format!("link lost: {why}"));
                         if let Some(through) = out_through
                             && ctx.config.spool.dead_letter_after > 0
                             && through > careful_through
@@ -304,6 +310,11 @@ pub(crate) async fn run(
             Err(why) => {
                 BridgeStats::bump(&ctx.stats.connect_failures);
                 repeats.failed(&ctx.name, &why);
+                ctx.stats.set_error(format!("cannot connect: {why}"));
+                if ctx.stats.link_changed_ms.load(Relaxed) == 0 {
+                    // Down since the first attempt: the page says since when.
+                    ctx.stats.link_changed_ms.store(session::now_ms(), Relaxed);
+                }
             }
         }
         let delay = backoff.next_delay();

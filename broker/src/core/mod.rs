@@ -105,6 +105,8 @@ pub(crate) enum CoreEvent {
     /// New settings from a reloaded config: bounds apply from now on, and every
     /// connected client's topic rules are resolved again.
     Reload(Arc<Settings>, oneshot::Sender<()>),
+    /// The statistics `$SYS` publishes, for the gateway's HTTP side (asked once a second).
+    Snapshot(oneshot::Sender<super::sys::SysSnapshot>),
     /// Disconnect everyone and stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -318,6 +320,9 @@ impl Core {
             CoreEvent::Reload(settings, done) => {
                 self.reload(settings);
                 let _ = done.send(());
+            }
+            CoreEvent::Snapshot(done) => {
+                let _ = done.send(self.sys_snapshot(Instant::now()));
             }
             CoreEvent::Shutdown(_) => unreachable!("handled in run"),
         }

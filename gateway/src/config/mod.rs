@@ -47,6 +47,9 @@ pub struct Config {
     /// Modbus and serial sensors (`[sensors]`, `[[sensors.modbus]]`, `[[sensors.serial]]`).
     #[serde(default)]
     pub sensors: outpost_sensors::SensorsConfig,
+    /// Status page, metrics and health endpoints (`[http]`; off without the table).
+    #[serde(default)]
+    pub http: Option<crate::http::HttpConfig>,
 }
 
 /// One thread by default (a current-thread runtime), as Mosquitto: a message then goes
@@ -232,6 +235,13 @@ impl Config {
                 ));
             }
         }
+        if let Some(t) = self.http.as_mut().and_then(|h| h.tls.as_mut()) {
+            expand(&mut t.cert, "http.tls.cert".into())?;
+            expand(&mut t.key, "http.tls.key".into())?;
+            if let Some(ca) = &mut t.client_ca {
+                expand(ca, "http.tls.client_ca".into())?;
+            }
+        }
         for (i, b) in self.bridge.iter_mut().enumerate() {
             if let Some(t) = &mut b.tls {
                 for (f, v) in [
@@ -371,6 +381,14 @@ impl Config {
             key: e.path.clone(),
             message: e.message.clone(),
         })?;
+        if let Some(h) = &self.http {
+            h.validate()
+                .map_err(|(key, message)| ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key,
+                    message,
+                })?;
+        }
         if let Some(id) = &self.gateway_id
             && (id.is_empty() || id.contains(['/', '+', '#']))
         {

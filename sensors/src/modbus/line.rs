@@ -70,6 +70,8 @@ pub struct LineDevice {
     pub result_topics: Vec<String>,
     /// Scheduler round in which the device was last served (fairness).
     pub served: u64,
+    /// Its counters and state, read by `$SYS` and the gateway's status page.
+    pub stats: Arc<crate::stats::DeviceStats>,
 }
 
 impl LineDevice {
@@ -327,8 +329,15 @@ impl Line {
             Area::Input => Request::ReadInputRegisters(read.start, read.count),
             Area::Holding => Request::ReadHoldingRegisters(read.start, read.count),
         };
+        let began = Instant::now();
         let outcome = self.transact(dev, req).await;
         let now = Instant::now();
+        self.devices[dev]
+            .stats
+            .record_poll(now - began, !matches!(outcome, Outcome::Failed(_)));
+        if matches!(outcome, Outcome::Data(_)) {
+            self.devices[dev].stats.reading();
+        }
         {
             let s = &mut self.devices[dev].reads[ri];
             s.next_due += s.every;
@@ -453,6 +462,7 @@ impl Line {
         if let Some((status, err)) = change {
             let d = &self.devices[dev];
             crate::emit::log_status(&d.name, status, err.as_deref(), d.health.failures());
+            d.stats.set_status(status, err.as_deref());
             self.emitter
                 .status(&d.status_topic, status, err.as_deref())
                 .await?;

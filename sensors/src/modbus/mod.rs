@@ -101,7 +101,12 @@ pub fn build_line(
     let mut devices = Vec::new();
     let mut routes = HashMap::new();
     for (i, d) in devs.iter().enumerate() {
-        devices.push(build_device(d, topics, start));
+        devices.push(build_device(
+            d,
+            topics,
+            start,
+            line_stats.device(d.name.clone()),
+        ));
         routes.insert(
             d.name.clone(),
             WriteRoute {
@@ -139,7 +144,12 @@ pub fn build_line(
     }
 }
 
-fn build_device(d: &ModbusDevice, topics: &Topics, start: Instant) -> LineDevice {
+fn build_device(
+    d: &ModbusDevice,
+    topics: &Topics,
+    start: Instant,
+    stats: std::sync::Arc<crate::stats::DeviceStats>,
+) -> LineDevice {
     let base = u32::from(d.address_base);
     let points: Vec<LinePoint> = d
         .points
@@ -218,6 +228,7 @@ fn build_device(d: &ModbusDevice, topics: &Topics, start: Instant) -> LineDevice
         status_topic: topics.status(&d.name),
         result_topics,
         served: 0,
+        stats,
     }
 }
 
