@@ -265,10 +265,7 @@ impl<'a> Session<'a> {
                     why,
                     suspect: self.suspect(),
                     out_through: self.rows_out().then_some(self.newest_sent),
-                    qos2_unanswered: !self.pubrec_seen
-                        && self.inflight.values().any(
-                            |f| matches!(f, Inflight::Row { stage, .. } if *stage == Stage::Published),
-                        ),
+                    qos2_unanswered: !self.pubrec_seen && self.qos2_out(),
                 }
             }
             Err(end) => end,
@@ -324,14 +321,7 @@ impl<'a> Session<'a> {
         {
             return None;
         }
-        let unsent: HashSet<i64> = self
-            .gated
-            .iter()
-            .filter_map(|o| match o {
-                Out::Publish { row, .. } => Some(*row),
-                Out::PubRel(_) | Out::Status(_) => None,
-            })
-            .collect();
+        let unsent = self.unsent_rows();
         self.inflight
             .values()
             .filter_map(|f| match f {
@@ -341,6 +331,25 @@ impl<'a> Session<'a> {
             })
             .filter(|id| !unsent.contains(id))
             .min()
+    }
+
+    /// True when a QoS 2 PUBLISH went on the wire and has no answer.
+    fn qos2_out(&self) -> bool {
+        let unsent = self.unsent_rows();
+        self.inflight.values().any(|f| {
+            matches!(f, Inflight::Row { id, stage } if *stage == Stage::Published && !unsent.contains(id))
+        })
+    }
+
+    /// Rows given a window slot whose PUBLISH still waits for its stage commit.
+    fn unsent_rows(&self) -> HashSet<i64> {
+        self.gated
+            .iter()
+            .filter_map(|o| match o {
+                Out::Publish { row, .. } => Some(*row),
+                Out::PubRel(_) | Out::Status(_) => None,
+            })
+            .collect()
     }
 
     /// True when a row's PUBLISH is out and not acknowledged.
