@@ -140,7 +140,10 @@ impl<'de> Deserialize<'de> for Addresses {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Addresses, E> {
                 Ok(Addresses(vec![v.to_owned()]))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Addresses, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Addresses, A::Error> {
                 let mut out = Vec::new();
                 while let Some(s) = seq.next_element::<String>()? {
                     out.push(s);
@@ -674,8 +677,13 @@ mod tests {
         assert_eq!(two.primary_retry, Duration::from_secs(5));
 
         let err = parse("name='a'\naddress=5\n").unwrap_err().to_string();
-        assert!(err.contains("address") && err.contains("array of address strings"), "{err}");
-        let err = parse("name='a'\naddress=['mqtt://h', 5]\n").unwrap_err().to_string();
+        assert!(
+            err.contains("address") && err.contains("array of address strings"),
+            "{err}"
+        );
+        let err = parse("name='a'\naddress=['mqtt://h', 5]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("address"), "{err}");
         let empty = parse("name='a'\naddress=[]\ntopics=[{pattern='x/#'}]\n").unwrap();
         let err = empty.validate().unwrap_err().to_string();
@@ -683,9 +691,16 @@ mod tests {
         let bad = parse("name='a'\naddress=['mqtt://h', 'http://x']\ntopics=[{pattern='x/#'}]\n")
             .unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("http://x"));
-        let mixed = parse("name='a'\naddress=['mqtt://h', 'mqtts://x']\ntopics=[{pattern='x/#'}]\n")
-            .unwrap();
-        assert!(mixed.validate().unwrap_err().to_string().contains("mixes TLS"));
+        let mixed =
+            parse("name='a'\naddress=['mqtt://h', 'mqtts://x']\ntopics=[{pattern='x/#'}]\n")
+                .unwrap();
+        assert!(
+            mixed
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mixes TLS")
+        );
     }
 
     #[test]

@@ -392,8 +392,8 @@ impl BridgeHandle {
                 SystemTime::now(),
             ),
             tls,
-        qos2_refusals: Default::default(),
-        cert_expiry: cert_expiry.clone(),
+            qos2_refusals: Default::default(),
+            cert_expiry: cert_expiry.clone(),
             config: config.clone(),
         });
         let bridge_stop = inner.stop.subscribe();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
 use outpost_tests::broker::{Broker, mosquitto_mode};
-use outpost_tests::cloud::{Cloud, CloudSubscriber};
+use outpost_tests::cloud::Cloud;
 use outpost_tests::raw::{RawClient, connect_packet, publish};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -22,8 +22,13 @@ async fn publish_acked(port: u16, client: &str, topic: &str, qos: QoS, from: u32
     while done < to {
         while next < to && inflight < 20 {
             let pid = (next % 60_000 + 1) as u16;
-            c.send(&Packet::Publish(publish(topic, qos, Some(pid), next.to_string().as_bytes())))
-                .await;
+            c.send(&Packet::Publish(publish(
+                topic,
+                qos,
+                Some(pid),
+                next.to_string().as_bytes(),
+            )))
+            .await;
             next += 1;
             inflight += 1;
         }
@@ -42,13 +47,76 @@ async fn publish_acked(port: u16, client: &str, topic: &str, qos: QoS, from: u32
     c.disconnect().await;
 }
 
-/// A cloud node with persistent QoS 2 sessions for `collectors` on `up/#` (saved to its
-/// database), running.
+/// A persistent session at a cloud node printing what it receives on `up/#`.
+///
+/// It subscribes with QoS 1 on purpose: a QoS 2 subscriber (libmosquitto) prints a message
+/// only once the node's PUBREL arrives, so a node killed between its PUBREC and PUBREL
+/// would hide a message it had taken, and the test would blame the bridge for it. With
+/// QoS 1 each PUBLISH the node sends is printed; a duplicate sent by the bridge to the
+/// node still shows as two lines.
+struct Collector {
+    child: std::process::Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl Collector {
+    fn run(cloud: &Cloud, id: &str, exit_at_once: bool) -> Collector {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &cloud.port.to_string(),
+                "-i",
+                id,
+                "-c",
+            ])
+            .args([
+                "-q",
+                "1",
+                "-t",
+                "up/#",
+                "-v",
+                "-W",
+                if exit_at_once { "1" } else { "120" },
+            ])
+            .stdout(out.reopen().unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+        Collector { child, out }
+    }
+
+    /// Starts collecting (the session was registered before).
+    fn start(cloud: &Cloud, id: &str) -> Collector {
+        Collector::run(cloud, id, false)
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.out.path())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Stops it and returns everything it printed.
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines()
+    }
+}
+
+/// A cloud node with persistent sessions for `collectors` (saved to its database),
+/// running.
 fn node_with_collectors(collectors: &[&str]) -> Cloud {
     let mut cloud = Cloud::new();
     cloud.start();
     for id in collectors {
-        CloudSubscriber::register(&cloud, id, "up/#");
+        let mut c = Collector::run(&cloud, id, true);
+        let _ = c.child.wait();
     }
     // SIGTERM saves the sessions; a later SIGKILL goes back to this state.
     cloud.stop();
@@ -108,7 +176,10 @@ fn check_subscriber(who: &str, lines: &[String]) {
     let m = by_topic(lines);
     if let Some(q2) = m.get("up/q2/valve") {
         for w in q2.windows(2) {
-            assert!(w[0] < w[1], "{who}: QoS 2 duplicated or out of order: {w:?} in {q2:?}");
+            assert!(
+                w[0] < w[1],
+                "{who}: QoS 2 duplicated or out of order: {w:?} in {q2:?}"
+            );
         }
     }
     if let Some(q1) = m.get("up/q1/meter") {
@@ -116,7 +187,10 @@ fn check_subscriber(who: &str, lines: &[String]) {
         let mut seen = BTreeSet::new();
         for &p in q1 {
             if seen.insert(p) {
-                assert!(newest < Some(p), "{who}: QoS 1 out of order: {p} after {newest:?}");
+                assert!(
+                    newest < Some(p),
+                    "{who}: QoS 1 out of order: {p} after {newest:?}"
+                );
                 newest = Some(p);
             }
         }
@@ -134,7 +208,16 @@ fn missing(all: &[&[String]], topic: &str, n: u32) -> Vec<u32> {
 
 async fn local_sys(port: u16, key: &str) -> String {
     let out = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-C", "1", "-W", "5"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ])
         .args(["-t", &format!("$SYS/broker/bridge/cloud/{key}")])
         .output()
         .await
@@ -151,8 +234,8 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
     let b = node_with_collectors(&["b1"]);
     let addr_a = format!("mqtt://127.0.0.1:{}", a.port);
     let addr_b = format!("mqtt://127.0.0.1:{}", b.port);
-    let a1 = CloudSubscriber::start(&a, "a1", "up/#", 1_000_000, 120);
-    let b1 = CloudSubscriber::start(&b, "b1", "up/#", 1_000_000, 120);
+    let a1 = Collector::start(&a, "a1");
+    let b1 = Collector::start(&b, "b1");
 
     let broker = Broker::outpost_with_full_config(&gateway_config(
         &a,
@@ -172,13 +255,15 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
     });
     let deadline = Instant::now() + WAIT;
     while a1.lines().len() < 400 {
-        assert!(Instant::now() < deadline, "nothing reached A\n{}", broker.log());
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached A\n{}",
+            broker.log()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     a.kill9();
-    let mut a1 = a1;
-    let _ = a1.child.kill();
-    let a1 = a1.wait();
+    let a1 = a1.stop();
     assert!(
         a1.len() < 2 * n1 as usize,
         "the stream was over before the kill; nothing tested"
@@ -186,12 +271,16 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
     wait_log(&broker, &format!("connected to the cloud at {addr_b}"), 1).await;
     p1.await.unwrap();
     p2.await.unwrap();
-    assert_eq!(local_sys(port, "address").await, addr_b, "address in use on $SYS");
+    assert_eq!(
+        local_sys(port, "address").await,
+        addr_b,
+        "address in use on $SYS"
+    );
 
     // Phase 2: A is back; the bridge returns to it (round_robin = false) and the stream
     // goes on there.
     a.start();
-    let a2 = CloudSubscriber::start(&a, "a2", "up/#", 1_000_000, 120);
+    let a2 = Collector::start(&a, "a2");
     wait_log(&broker, "the primary address is reachable again", 1).await;
     wait_log(&broker, &format!("connected to the cloud at {addr_a}"), 2).await;
     let n = n1 + 500;
@@ -218,11 +307,7 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
     }
     // Let a late duplicate arrive before judging.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut a2 = a2;
-    let _ = a2.child.kill();
-    let mut b1 = b1;
-    let _ = b1.child.kill();
-    let (a2, b1) = (a2.wait(), b1.wait());
+    let (a2, b1) = (a2.stop(), b1.stop());
 
     check_subscriber("B", &b1);
     check_subscriber("A before the kill", &a1);
@@ -240,13 +325,30 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
         m2.get("up/q2/valve").is_some_and(|v| v.contains(&(n - 1))),
         "the last messages did not go to the primary after its return"
     );
-    assert_eq!(local_sys(port, "address").await, addr_a, "address in use on $SYS");
+    assert_eq!(
+        local_sys(port, "address").await,
+        addr_a,
+        "address in use on $SYS"
+    );
     eprintln!(
         "A before kill: {} lines, B: {} lines, A after return: {} lines",
         a1.len(),
         b1.len(),
         a2.len()
     );
+    for line in broker.log().lines().filter(|l| {
+        [
+            "connected to the cloud",
+            "moved to",
+            "link lost",
+            "reachable again",
+            "go up here",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
+    }) {
+        eprintln!("{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +360,7 @@ async fn with_round_robin_the_bridge_stays_where_it_moved() {
     let b = node_with_collectors(&["b1"]);
     let addr_a = format!("mqtt://127.0.0.1:{}", a.port);
     let addr_b = format!("mqtt://127.0.0.1:{}", b.port);
-    let b1 = CloudSubscriber::start(&b, "b1", "up/#", 1_000_000, 60);
+    let b1 = Collector::start(&b, "b1");
     let broker = Broker::outpost_with_full_config(&gateway_config(
         &a,
         &b,
@@ -268,10 +370,18 @@ async fn with_round_robin_the_bridge_stays_where_it_moved() {
     a.kill9();
     wait_log(&broker, &format!("connected to the cloud at {addr_b}"), 1).await;
     a.start();
-    let a1 = CloudSubscriber::start(&a, "a1", "up/#", 1_000_000, 60);
+    let a1 = Collector::start(&a, "a1");
     // Give a wrong "go back" its chance: several primary_retry periods with A up.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    publish_acked(broker.port(), "pub-q2", "q2/valve", QoS::ExactlyOnce, 0, 200).await;
+    publish_acked(
+        broker.port(),
+        "pub-q2",
+        "q2/valve",
+        QoS::ExactlyOnce,
+        0,
+        200,
+    )
+    .await;
     let deadline = Instant::now() + WAIT;
     while by_topic(&b1.lines()).get("up/q2/valve").map_or(0, Vec::len) < 200 {
         assert!(Instant::now() < deadline, "not at B\n{}", broker.log());
@@ -279,9 +389,12 @@ async fn with_round_robin_the_bridge_stays_where_it_moved() {
     }
     let log = broker.log();
     assert!(!log.contains("primary address is reachable again"), "{log}");
-    assert_eq!(log.matches(&format!("connected to the cloud at {addr_a}")).count(), 1, "{log}");
-    let mut a1 = a1;
-    let _ = a1.child.kill();
-    assert!(a1.wait().is_empty(), "messages went to A");
-    check_subscriber("B", &b1.lines());
+    assert_eq!(
+        log.matches(&format!("connected to the cloud at {addr_a}"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(a1.stop().is_empty(), "messages went to A");
+    check_subscriber("B", &b1.stop());
 }

@@ -38,26 +38,53 @@ impl Pki {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         openssl(
             d,
             &[
                 &["req", "-x509"][..],
                 &ec,
-                &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=private-ca"],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=private-ca",
+                ],
             ]
             .concat(),
         );
         let mut certs = vec![("server", "127.0.0.1", "serverAuth")];
         certs.extend(clients.iter().map(|c| (*c, *c, "clientAuth")));
         for (name, cn, eku) in certs {
-            let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
             openssl(
                 d,
-                &[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")]]
-                    .concat(),
+                &[
+                    &["req"][..],
+                    &ec,
+                    &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")],
+                ]
+                .concat(),
             );
-            let san = if name == "server" { "subjectAltName=IP:127.0.0.1\n" } else { "" };
+            let san = if name == "server" {
+                "subjectAltName=IP:127.0.0.1\n"
+            } else {
+                ""
+            };
             std::fs::write(
                 d.join(format!("{name}.ext")),
                 format!("{san}extendedKeyUsage={eku}\nbasicConstraints=CA:FALSE\n"),
@@ -66,8 +93,20 @@ impl Pki {
             openssl(
                 d,
                 &[
-                    "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
-                    "-CAcreateserial", "-out", &pem, "-days", "2", "-extfile",
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "2",
+                    "-extfile",
                     &format!("{name}.ext"),
                 ],
             );
@@ -108,7 +147,13 @@ fn mtls_cloud(pki: &Pki) -> Cloud {
     cloud
 }
 
-fn collector(cloud: &Cloud, pki: &Pki, topic: &str, count: usize, secs: u32) -> std::process::Child {
+fn collector(
+    cloud: &Cloud,
+    pki: &Pki,
+    topic: &str,
+    count: usize,
+    secs: u32,
+) -> std::process::Child {
     Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &cloud.port.to_string()])
         .arg("--cafile")
@@ -117,7 +162,17 @@ fn collector(cloud: &Cloud, pki: &Pki, topic: &str, count: usize, secs: u32) -> 
         .arg(pki.path("collector.pem"))
         .arg("--key")
         .arg(pki.path("collector.key"))
-        .args(["-t", topic, "-v", "-q", "1", "-C", &count.to_string(), "-W", &secs.to_string()])
+        .args([
+            "-t",
+            topic,
+            "-v",
+            "-q",
+            "1",
+            "-C",
+            &count.to_string(),
+            "-W",
+            &secs.to_string(),
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -176,7 +231,11 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
     let deadline = Instant::now() + WAIT;
     let mut n = 0;
     let out = loop {
-        local(broker.port(), "mosquitto_pub", &["-t", "q1/meter", "-q", "1", "-m", &n.to_string()]);
+        local(
+            broker.port(),
+            "mosquitto_pub",
+            &["-t", "q1/meter", "-q", "1", "-m", &n.to_string()],
+        );
         n += 1;
         std::thread::sleep(Duration::from_millis(200));
         if n >= 3 {
@@ -201,11 +260,21 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
             .any(|w| log.contains(w)),
         "no expiry warning:\n{log}"
     );
-    assert!(log.contains(&cert.display().to_string()), "warning names no file:\n{log}");
+    assert!(
+        log.contains(&cert.display().to_string()),
+        "warning names no file:\n{log}"
+    );
     let days = local(
         broker.port(),
         "mosquitto_sub",
-        &["-t", "$SYS/broker/bridge/cloud/tls/cert_expires_in_days", "-C", "1", "-W", "5"],
+        &[
+            "-t",
+            "$SYS/broker/bridge/cloud/tls/cert_expires_in_days",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
     );
     assert!(days == "1" || days == "2", "cert_expires_in_days {days:?}");
 }
@@ -227,10 +296,21 @@ fn a_certificate_the_cloud_does_not_authorise_gets_nothing_through() {
     );
     let sub = collector(&cloud, &pki, "up/#", 1, 4);
     for n in 0..5 {
-        local(broker.port(), "mosquitto_pub", &["-t", "q1/meter", "-q", "1", "-m", &n.to_string()]);
+        local(
+            broker.port(),
+            "mosquitto_pub",
+            &["-t", "q1/meter", "-q", "1", "-m", &n.to_string()],
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = sub.wait_with_output().unwrap();
-    assert!(out.stdout.is_empty(), "an unauthorised identity got through");
-    assert!(!broker.log().contains("certificate expires"), "{}", broker.log());
+    assert!(
+        out.stdout.is_empty(),
+        "an unauthorised identity got through"
+    );
+    assert!(
+        !broker.log().contains("certificate expires"),
+        "{}",
+        broker.log()
+    );
 }

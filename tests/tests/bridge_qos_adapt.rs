@@ -18,8 +18,13 @@ async fn publish_acked(port: u16, topic: &str, qos: QoS, n: u16) {
     let (mut next, mut done, mut inflight) = (0u16, 0u16, 0u16);
     while done < n {
         while next < n && inflight < 50 {
-            c.send(&Packet::Publish(publish(topic, qos, Some(next + 1), next.to_string().as_bytes())))
-                .await;
+            c.send(&Packet::Publish(publish(
+                topic,
+                qos,
+                Some(next + 1),
+                next.to_string().as_bytes(),
+            )))
+            .await;
             next += 1;
             inflight += 1;
         }
@@ -37,7 +42,8 @@ async fn publish_acked(port: u16, topic: &str, qos: QoS, n: u16) {
 
 /// A Mosquitto without QoS 2, down, with a persistent `collector` session on `up/#`.
 fn cloud_without_qos2() -> Cloud {
-    let mut cloud = Cloud::with_limits("max_queued_messages 0\nmax_inflight_messages 0\nmax_qos 1\n");
+    let mut cloud =
+        Cloud::with_limits("max_queued_messages 0\nmax_inflight_messages 0\nmax_qos 1\n");
     cloud.start();
     CloudSubscriber::register(&cloud, "collector", "up/#");
     cloud.stop();
@@ -113,7 +119,10 @@ async fn all_arrive_as_qos1(protocol: &str, log_says: &str) {
     assert_eq!(first_seen, (0..u32::from(n)).collect::<Vec<_>>());
     let log = broker.log();
     assert!(log.contains(log_says), "{log}");
-    assert!(!log.contains("poison message: "), "a message was set aside\n{log}");
+    assert!(
+        !log.contains("poison message: "),
+        "a message was set aside\n{log}"
+    );
     assert!(
         retained_status(&cloud).contains("online"),
         "no birth on the cloud\n{log}"

@@ -307,7 +307,10 @@ async fn handshake(
 /// (TCP, and the TLS or WebSocket handshake where used; no MQTT session is opened).
 async fn primary_reachable(ctx: &Ctx) -> bool {
     tokio::time::sleep(ctx.config.primary_retry).await;
-    let probe = tokio::time::timeout(ctx.config.reconnect.connect_timeout, open(ctx, &ctx.addresses[0]));
+    let probe = tokio::time::timeout(
+        ctx.config.reconnect.connect_timeout,
+        open(ctx, &ctx.addresses[0]),
+    );
     match probe.await {
         Ok(Ok(mut io)) => {
             let _ = io.shutdown().await;
@@ -449,9 +452,8 @@ pub(crate) async fn run(
                     session_present = limits.session_present,
                     "connected to the cloud at {text}; {} waiting in the spool", backlog.describe());
                 if moved {
-                    tracing::warn!(bridge = %ctx.name, address = %text,
-                        "moved to another broker: started a fresh session there; QoS 2 messages \
-                         the previous broker had not completed are sent here as new messages");
+                    tracing::info!(bridge = %ctx.name, address = %text,
+                        "moved to another broker: started a fresh session there");
                 }
                 // QoS 0 that waited for the link is stale by now; it was best effort.
                 while live0.try_recv().is_ok() {
@@ -544,7 +546,11 @@ pub(crate) async fn run(
             }
             Err(why) => {
                 BridgeStats::bump(&ctx.stats.connect_failures);
-                let why = if count > 1 { format!("{text}: {why}") } else { why };
+                let why = if count > 1 {
+                    format!("{text}: {why}")
+                } else {
+                    why
+                };
                 repeats.failed(&ctx.name, &why);
                 failed_in_row += 1;
                 if count > 1 {

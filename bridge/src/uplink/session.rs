@@ -378,7 +378,16 @@ impl<'a> Session<'a> {
             .in_progress()
             .await
             .map_err(|e| lost(format!("spool: {e}")))?;
-        if !in_progress.is_empty() && !self.limits.session_present && !self.limits.moved {
+        if self.limits.moved && !in_progress.is_empty() {
+            let released = in_progress
+                .iter()
+                .filter(|r| r.stage == Stage::Released)
+                .count();
+            tracing::info!(bridge = %self.ctx.name, rows = in_progress.len(), released,
+                "moved to another broker: {} QoS 2 messages the previous broker had not \
+                 completed ({released} past PUBREC there) go up here as new messages",
+                in_progress.len());
+        } else if !in_progress.is_empty() && !self.limits.session_present {
             tracing::warn!(bridge = %self.ctx.name, rows = in_progress.len(),
                 "cloud has no session for us: QoS 2 messages in flight are resent and may be duplicated");
         }
