@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outpost_tests::broker::{Broker, mosquitto_mode};
 use outpost_tests::cloud::Cloud;
@@ -226,27 +226,27 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
         "{}",
         broker.log()
     );
-    let sub = collector(&cloud, &pki, "up/#", 3, 20);
-    // mosquitto_sub needs a moment to subscribe; retries cover it without a sleep.
-    let deadline = Instant::now() + WAIT;
-    let mut n = 0;
-    let out = loop {
+    // Retained, so the collector gets them whenever its subscription lands.
+    for n in 0..3 {
         local(
             broker.port(),
             "mosquitto_pub",
-            &["-t", "q1/meter", "-q", "1", "-m", &n.to_string()],
+            &[
+                "-t",
+                &format!("q1/meter{n}"),
+                "-q",
+                "1",
+                "-r",
+                "-m",
+                &n.to_string(),
+            ],
         );
-        n += 1;
-        std::thread::sleep(Duration::from_millis(200));
-        if n >= 3 {
-            let out = sub.wait_with_output().unwrap();
-            break out;
-        }
-        assert!(Instant::now() < deadline);
-    };
+    }
+    let sub = collector(&cloud, &pki, "up/#", 3, 20);
+    let out = sub.wait_with_output().unwrap();
     let got = String::from_utf8_lossy(&out.stdout);
     assert!(
-        got.lines().any(|l| l.starts_with("up/q1/meter ")),
+        got.lines().filter(|l| l.starts_with("up/q1/meter")).count() == 3,
         "nothing reached the mTLS cloud: {got}\n{}",
         broker.log()
     );
@@ -294,16 +294,50 @@ fn a_certificate_the_cloud_does_not_authorise_gets_nothing_through() {
         "{}",
         broker.log()
     );
-    let sub = collector(&cloud, &pki, "up/#", 1, 4);
-    for n in 0..5 {
+    for n in 0..3 {
         local(
             broker.port(),
             "mosquitto_pub",
-            &["-t", "q1/meter", "-q", "1", "-m", &n.to_string()],
+            &[
+                "-t",
+                &format!("q1/meter{n}"),
+                "-q",
+                "1",
+                "-r",
+                "-m",
+                &n.to_string(),
+            ],
         );
-        std::thread::sleep(Duration::from_millis(100));
     }
-    let out = sub.wait_with_output().unwrap();
+    // The cloud answers each with PUBACK "not authorised" (0x87): counted, not retried.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let refused = local(
+            broker.port(),
+            "mosquitto_sub",
+            &[
+                "-t",
+                "$SYS/broker/bridge/cloud/dropped/refused",
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ],
+        );
+        if refused == "3" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "refusals counted: {refused:?}\n{}",
+            broker.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Had any been accepted, it would be retained there.
+    let out = collector(&cloud, &pki, "up/#", 1, 2)
+        .wait_with_output()
+        .unwrap();
     assert!(
         out.stdout.is_empty(),
         "an unauthorised identity got through"

@@ -556,7 +556,7 @@ pub(crate) async fn run(
                 if count > 1 {
                     at = (at + 1) % count;
                     // The next address is tried at once until each failed in this round.
-                    if failed_in_row % count != 0 {
+                    if !failed_in_row.is_multiple_of(count) {
                         delay = Some(Duration::ZERO);
                     }
                 }
