@@ -660,6 +660,28 @@ mod tests {
     }
 
     #[test]
+    fn every_block_in_docs_clouds_md_is_a_valid_bridge() {
+        #[derive(Deserialize)]
+        struct Top {
+            bridge: Vec<BridgeConfig>,
+        }
+        let doc = include_str!("../../docs/clouds.md");
+        let mut blocks = 0;
+        for block in doc.split("```toml\n").skip(1) {
+            let text = block.split("```").next().unwrap_or_default();
+            let top: Top = toml::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            for b in &top.bridge {
+                b.validate().unwrap_or_else(|e| panic!("{e}\n{text}"));
+            }
+            blocks += 1;
+        }
+        assert_eq!(
+            blocks, 6,
+            "one block per cloud and one for several addresses"
+        );
+    }
+
+    #[test]
     fn address_is_a_string_or_a_list() {
         let one = parse("name='a'\naddress='mqtt://h'\n").unwrap();
         assert_eq!(one.address.as_slice(), ["mqtt://h"]);
