@@ -242,7 +242,7 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
         &b,
         "round_robin = false\nprimary_retry = \"1s\"",
     ));
-    wait_log(&broker, &format!("connected to the cloud at {addr_a}"), 1).await;
+    wait_log(&broker, &format!("waiting in the spool; using {addr_a}"), 1).await;
 
     // Phase 1: a stream of QoS 1 and QoS 2 messages; node A dies in the middle of it.
     let n1 = 3000u32;
@@ -268,7 +268,7 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
         a1.len() < 2 * n1 as usize,
         "the stream was over before the kill; nothing tested"
     );
-    wait_log(&broker, &format!("connected to the cloud at {addr_b}"), 1).await;
+    wait_log(&broker, &format!("waiting in the spool; using {addr_b}"), 1).await;
     p1.await.unwrap();
     p2.await.unwrap();
     assert_eq!(
@@ -282,7 +282,7 @@ async fn killing_the_node_in_use_moves_to_the_standby_and_back_losing_nothing() 
     a.start();
     let a2 = Collector::start(&a, "a2");
     wait_log(&broker, "the primary address is reachable again", 1).await;
-    wait_log(&broker, &format!("connected to the cloud at {addr_a}"), 2).await;
+    wait_log(&broker, &format!("waiting in the spool; using {addr_a}"), 2).await;
     let n = n1 + 500;
     publish_acked(port, "pub-q1", "q1/meter", QoS::AtLeastOnce, n1, n).await;
     publish_acked(port, "pub-q2", "q2/valve", QoS::ExactlyOnce, n1, n).await;
@@ -366,9 +366,9 @@ async fn with_round_robin_the_bridge_stays_where_it_moved() {
         &b,
         "round_robin = true\nprimary_retry = \"1s\"",
     ));
-    wait_log(&broker, &format!("connected to the cloud at {addr_a}"), 1).await;
+    wait_log(&broker, &format!("waiting in the spool; using {addr_a}"), 1).await;
     a.kill9();
-    wait_log(&broker, &format!("connected to the cloud at {addr_b}"), 1).await;
+    wait_log(&broker, &format!("waiting in the spool; using {addr_b}"), 1).await;
     a.start();
     let a1 = Collector::start(&a, "a1");
     // Give a wrong "go back" its chance: several primary_retry periods with A up.
@@ -390,7 +390,7 @@ async fn with_round_robin_the_bridge_stays_where_it_moved() {
     let log = broker.log();
     assert!(!log.contains("primary address is reachable again"), "{log}");
     assert_eq!(
-        log.matches(&format!("connected to the cloud at {addr_a}"))
+        log.matches(&format!("waiting in the spool; using {addr_a}"))
             .count(),
         1,
         "{log}"

@@ -222,7 +222,7 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
     let cloud = mtls_cloud(&pki);
     let broker = gateway(&cloud, &pki, "gw-mtls", "");
     assert!(
-        broker.wait_for_log("connected to the cloud at mqtts://", 1, WAIT),
+        broker.wait_for_log("waiting in the spool; using mqtts://", 1, WAIT),
         "{}",
         broker.log()
     );
@@ -290,7 +290,7 @@ fn a_certificate_the_cloud_does_not_authorise_gets_nothing_through() {
     // refuses its messages. With warnings off, nothing is said about expiry.
     let broker = gateway(&cloud, &pki, "intruder", "warn_expiry_days = 0");
     assert!(
-        broker.wait_for_log("connected to the cloud at mqtts://", 1, WAIT),
+        broker.wait_for_log("waiting in the spool; using mqtts://", 1, WAIT),
         "{}",
         broker.log()
     );

@@ -450,7 +450,7 @@ pub(crate) async fn run(
                 tracing::info!(bridge = %ctx.name, address = %text,
                     window = limits.window, max_qos = limits.max_qos,
                     session_present = limits.session_present,
-                    "connected to the cloud at {text}; {} waiting in the spool", backlog.describe());
+                    "connected to the cloud; {} waiting in the spool; using {text}", backlog.describe());
                 if moved {
                     tracing::info!(bridge = %ctx.name, address = %text,
                         "moved to another broker: started a fresh session there");
