@@ -398,3 +398,80 @@ async fn with_round_robin_the_bridge_stays_where_it_moved() {
     assert!(a1.stop().is_empty(), "messages went to A");
     check_subscriber("B", &b1.stop());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restarted_after_a_move_remembers_which_broker_its_qos2_stages_belong_to() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut a = node_with_collectors(&["a1"]);
+    let mut b = node_with_collectors(&["b1"]);
+    b.stop();
+    let addr_a = format!("mqtt://127.0.0.1:{}", a.port);
+    let addr_b = format!("mqtt://127.0.0.1:{}", b.port);
+    // The backlog drains slowly enough (replay_rate) for the gateway to die in the middle.
+    let mut broker = Broker::outpost_with_full_config(&gateway_config(
+        &a,
+        &b,
+        "round_robin = false\nprimary_retry = \"1s\"\nreplay_rate = 300",
+    ));
+    wait_log(&broker, &format!("waiting in the spool; using {addr_a}"), 1).await;
+    a.kill9();
+    let n = 2000u32;
+    publish_acked(broker.port(), "pub-q2", "q2/valve", QoS::ExactlyOnce, 0, n).await;
+
+    // B takes over the backlog; the gateway is killed while it drains there.
+    b.start();
+    let b1 = Collector::start(&b, "b1");
+    wait_log(&broker, &format!("waiting in the spool; using {addr_b}"), 1).await;
+    let deadline = Instant::now() + WAIT;
+    while b1.lines().len() < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached B\n{}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    broker.kill9();
+    assert!(
+        b1.lines().len() < n as usize,
+        "the drain was over before the kill; nothing tested"
+    );
+
+    // The primary is back before the gateway: the restarted gateway goes there, and knows
+    // (from the spool's side file) that its QoS 2 stages belong to B, so A starts afresh.
+    a.start();
+    let a1 = Collector::start(&a, "a1");
+    broker.restart();
+    wait_log(&broker, &format!("waiting in the spool; using {addr_a}"), 2).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (la, lb) = (a1.lines(), b1.lines());
+        let gone = missing(&[&la, &lb], "up/q2/valve", n);
+        if gone.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledged QoS 2 messages lost: {gone:?}\n{}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (la, lb) = (a1.stop(), b1.stop());
+    check_subscriber("A", &la);
+    check_subscriber("B", &lb);
+    let log = broker.log();
+    let after_restart = log.split("---- restart ----").nth(1).unwrap_or_default();
+    assert!(
+        after_restart.contains("moved to another broker: started a fresh session there"),
+        "the restarted gateway forgot where its QoS 2 stages were made:\n{log}"
+    );
+    eprintln!(
+        "B before the kill: {} lines, A after the restart: {} lines",
+        lb.len(),
+        la.len()
+    );
+}
