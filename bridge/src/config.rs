@@ -18,8 +18,28 @@ use crate::rules::TopicRule;
 pub struct BridgeConfig {
     /// Name of the link, used in the spool file name, status and `$SYS` topics.
     pub name: String,
-    /// `mqtt://host:port`, `mqtts://host:port`, `ws://host:port/path` or `wss://host:port/path`.
-    pub address: String,
+    /// `mqtt://host:port`, `mqtts://host:port`, `ws://host:port/path` or `wss://host:port/path`;
+    /// or an array of them (a cluster's nodes, or a primary and a standby).
+    pub address: Addresses,
+    /// With several addresses: false (default, as Mosquitto's `round_robin false`) treats
+    /// the first as the primary and goes back to it once it is reachable again; true moves
+    /// on to the next address on a failure and stays there.
+    #[serde(default)]
+    pub round_robin: bool,
+    /// While connected to another address than the primary (with `round_robin = false`):
+    /// how often the primary is probed (TCP, and TLS when used; default 60s).
+    #[serde(
+        default = "default_primary_retry",
+        deserialize_with = "outpost_units::duration"
+    )]
+    pub primary_retry: Duration,
+    /// With several addresses: true when they are nodes of one cluster that shares client
+    /// sessions (a QoS 2 exchange begun on one node is finished on another); false (default)
+    /// when they are independent brokers, each with its own session: on moving to another
+    /// address the bridge starts a fresh session there and sends the QoS 2 messages that
+    /// the previous broker had not completed as new messages (see docs/clouds.md).
+    #[serde(default)]
+    pub shared_session: bool,
     /// MQTT version spoken to the cloud: "5.0" (default) or "3.1.1".
     #[serde(default)]
     pub protocol: ProtocolVersion,
@@ -86,6 +106,55 @@ pub struct BridgeConfig {
     pub stats_interval: Duration,
 }
 
+/// The `address` key: one address, or a list tried in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses(pub Vec<String>);
+
+impl Addresses {
+    /// The addresses as written, in order.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl From<&str> for Addresses {
+    fn from(s: &str) -> Addresses {
+        Addresses(vec![s.to_owned()])
+    }
+}
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Addresses;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address string or an array of address strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Addresses, E> {
+                Ok(Addresses(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Addresses, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(Addresses(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// MQTT version used towards the cloud.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ProtocolVersion {
@@ -149,6 +218,17 @@ pub struct TlsConfig {
     /// ALPN protocols to offer (e.g. `["x-amzn-mqtt-ca"]` for AWS IoT on port 443).
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// Warn (log and stats) when the client certificate expires within this many days
+    /// (default 30; 0 turns the warning off).
+    #[serde(default)]
+    pub warn_expiry_days: Option<u32>,
+}
+
+impl TlsConfig {
+    /// `warn_expiry_days` with its default.
+    pub fn warn_expiry_days(&self) -> u32 {
+        self.warn_expiry_days.unwrap_or(30)
+    }
 }
 
 /// What to do when a new message would take the spool past `max_bytes`.
@@ -266,6 +346,9 @@ fn default_keep_alive() -> Duration {
 }
 fn default_session_expiry() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
+}
+fn default_primary_retry() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_qos() -> u8 {
     2
@@ -407,8 +490,16 @@ impl BridgeConfig {
                 "password and password_file exclude each other; keep one".into(),
             );
         }
-        let addr = Address::parse(&self.address).map_err(|e| ("address".to_owned(), e))?;
-        if addr.scheme.is_tls() {
+        let addrs = self.addresses().map_err(|e| ("address".to_owned(), e))?;
+        // One TLS setting serves every address: they must all use TLS or none.
+        let tls_count = addrs.iter().filter(|a| a.scheme.is_tls()).count();
+        if tls_count != 0 && tls_count != addrs.len() {
+            return invalid(
+                "address",
+                "mixes TLS (mqtts://, wss://) and plain addresses; use one kind".into(),
+            );
+        }
+        if tls_count != 0 {
             if let Some(tls) = &self.tls
                 && tls.cert_file.is_some() != tls.key_file.is_some()
             {
@@ -428,6 +519,9 @@ impl BridgeConfig {
                 "tls settings given for a non-TLS address; use mqtts:// or remove [bridge.tls]"
                     .into(),
             );
+        }
+        if self.primary_retry.is_zero() {
+            return invalid("primary_retry", "must be above zero, e.g. \"60s\"".into());
         }
         if self.max_qos > 2 {
             return invalid("max_qos", format!("max_qos {} (0, 1 or 2)", self.max_qos));
@@ -472,6 +566,24 @@ impl BridgeConfig {
             return invalid("status.prefix", "status.prefix contains a wildcard".into());
         }
         Ok(())
+    }
+
+    /// The parsed addresses, primary first; an empty list is an error.
+    pub fn addresses(&self) -> Result<Vec<Address>, ConfigError> {
+        if self.address.0.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "bridge {:?}: address: the list is empty; give at least one broker address",
+                self.name
+            )));
+        }
+        self.address
+            .0
+            .iter()
+            .map(|a| {
+                Address::parse(a)
+                    .map_err(|e| ConfigError::Invalid(format!("bridge {:?}: {e}", self.name)))
+            })
+            .collect()
     }
 
     /// The client id used on the cloud.
@@ -586,6 +698,72 @@ mod tests {
         assert!(Address::parse("http://x").is_err());
         assert!(Address::parse("mqtt://:1883").is_err());
         assert!(Address::parse("mqtt://h:99999").is_err());
+    }
+
+    #[test]
+    fn every_block_in_docs_clouds_md_is_a_valid_bridge() {
+        #[derive(Deserialize)]
+        struct Top {
+            bridge: Vec<BridgeConfig>,
+        }
+        let doc = include_str!("../../docs/clouds.md");
+        let mut blocks = 0;
+        for block in doc.split("```toml\n").skip(1) {
+            let text = block.split("```").next().unwrap_or_default();
+            let top: Top = toml::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            for b in &top.bridge {
+                b.validate().unwrap_or_else(|e| panic!("{e}\n{text}"));
+            }
+            blocks += 1;
+        }
+        assert_eq!(
+            blocks, 6,
+            "one block per cloud and one for several addresses"
+        );
+    }
+
+    #[test]
+    fn address_is_a_string_or_a_list() {
+        let one = parse("name='a'\naddress='mqtt://h'\n").unwrap();
+        assert_eq!(one.address.as_slice(), ["mqtt://h"]);
+        assert!(!one.round_robin);
+        assert_eq!(one.primary_retry, Duration::from_secs(60));
+        let two = parse(
+            "name='a'\naddress=['mqtt://a:1', 'mqtt://b:2']\nround_robin=true\nprimary_retry='5s'\n\
+             topics=[{pattern='x/#'}]\n",
+        )
+        .unwrap();
+        two.validate().unwrap();
+        let parsed = two.addresses().unwrap();
+        assert_eq!((parsed[1].host.as_str(), parsed[1].port), ("b", 2));
+        assert!(two.round_robin);
+        assert_eq!(two.primary_retry, Duration::from_secs(5));
+
+        let err = parse("name='a'\naddress=5\n").unwrap_err().to_string();
+        assert!(
+            err.contains("address") && err.contains("array of address strings"),
+            "{err}"
+        );
+        let err = parse("name='a'\naddress=['mqtt://h', 5]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("address"), "{err}");
+        let empty = parse("name='a'\naddress=[]\ntopics=[{pattern='x/#'}]\n").unwrap();
+        let err = empty.validate().unwrap_err().to_string();
+        assert!(err.contains("address") && err.contains("empty"), "{err}");
+        let bad = parse("name='a'\naddress=['mqtt://h', 'http://x']\ntopics=[{pattern='x/#'}]\n")
+            .unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("http://x"));
+        let mixed =
+            parse("name='a'\naddress=['mqtt://h', 'mqtts://x']\ntopics=[{pattern='x/#'}]\n")
+                .unwrap();
+        assert!(
+            mixed
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mixes TLS")
+        );
     }
 
     #[test]

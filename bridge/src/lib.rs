@@ -29,7 +29,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use config::BridgeConfig;
 pub use error::{BridgeError, ConfigError, RejectReason, Rejected, SpoolError};
 
-use config::Address;
 use rules::{RetainMode, Rules};
 use spool::{NewMessage, Spool, SpoolOptions};
 use stats::BridgeStats;
@@ -91,15 +90,22 @@ pub async fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<BridgeHandle, BridgeError> {
     config.validate()?;
-    let address = Address::parse(&config.address)?;
-    let tls = if address.scheme.is_tls() {
+    let addresses = config.addresses()?;
+    let tls = if addresses[0].scheme.is_tls() {
         Some(uplink::client_config(
             &config.tls.clone().unwrap_or_default(),
         )?)
     } else {
         None
     };
+    let cert_expiry = match &config.tls {
+        Some(tls) if addresses[0].scheme.is_tls() => uplink::client_cert_not_after(tls)?,
+        _ => None,
+    };
     let stats = Arc::new(BridgeStats::default());
+    stats
+        .cert_not_after
+        .store(cert_expiry.as_ref().map_or(0, |c| c.0), Relaxed);
     let opts = SpoolOptions {
         path: config
             .spool
@@ -127,13 +133,15 @@ pub async fn start(
         name: config.name.clone(),
         protocol: config.protocol.to_protocol(),
         client_id: config.effective_client_id(gateway_id),
-        address,
+        addresses,
         rules: rules.clone(),
         spool: spool.clone(),
         stats: stats.clone(),
         local: local.clone(),
         status,
         tls,
+        qos2_refusals: Default::default(),
+        cert_expiry: cert_expiry.clone(),
         config: config.clone(),
     });
     spawn_stats_publisher(ctx.clone(), stop_rx.clone());
@@ -314,13 +322,17 @@ impl BridgeHandle {
     ) -> Result<Vec<&'static str>, BridgeError> {
         config.validate()?;
         let inner = &self.inner;
-        let address = Address::parse(&config.address)?;
-        let tls = if address.scheme.is_tls() {
+        let addresses = config.addresses()?;
+        let tls = if addresses[0].scheme.is_tls() {
             Some(uplink::client_config(
                 &config.tls.clone().unwrap_or_default(),
             )?)
         } else {
             None
+        };
+        let cert_expiry = match &config.tls {
+            Some(tls) if addresses[0].scheme.is_tls() => uplink::client_cert_not_after(tls)?,
+            _ => None,
         };
         let mut needs_restart = Vec::new();
         let old = lock(&inner.config).clone();
@@ -360,11 +372,15 @@ impl BridgeHandle {
         let rules = Rules::new(config.topics.clone());
         *inner.rules.write().unwrap_or_else(|e| e.into_inner()) = rules.clone();
         inner.spool_qos0.store(config.spool.qos0, Relaxed);
+        inner
+            .stats
+            .cert_not_after
+            .store(cert_expiry.as_ref().map_or(0, |c| c.0), Relaxed);
         let ctx = Arc::new(uplink::Ctx {
             name: config.name.clone(),
             protocol: config.protocol.to_protocol(),
             client_id: config.effective_client_id(&inner.gateway_id),
-            address,
+            addresses,
             rules,
             spool: inner.spool.clone(),
             stats: inner.stats.clone(),
@@ -376,6 +392,8 @@ impl BridgeHandle {
                 SystemTime::now(),
             ),
             tls,
+            qos2_refusals: Default::default(),
+            cert_expiry: cert_expiry.clone(),
             config: config.clone(),
         });
         let bridge_stop = inner.stop.subscribe();

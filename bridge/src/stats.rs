@@ -49,6 +49,11 @@ pub struct BridgeStats {
     /// The last reason the link failed or dropped (kept after it comes back, for the
     /// status page); written only on those rare events.
     pub last_error: Mutex<Option<String>>,
+    /// The cloud address of the current (or last) session, as configured; empty before
+    /// the first connection.
+    pub address: Mutex<String>,
+    /// notAfter of the TLS client certificate (unix seconds); 0 when there is none.
+    pub cert_not_after: AtomicI64,
 }
 
 impl BridgeStats {
@@ -69,6 +74,29 @@ impl BridgeStats {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
+    /// Records the address now in use.
+    pub fn set_address(&self, address: &str) {
+        let mut a = self.address.lock().unwrap_or_else(|e| e.into_inner());
+        if *a != address {
+            *a = address.to_owned();
+        }
+    }
+
+    /// The address of the current (or last) session; empty before the first one.
+    pub fn address(&self) -> String {
+        self.address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whole days until the client certificate expires (negative once expired); None
+    /// without a client certificate.
+    pub fn cert_expires_in_days(&self, now_ms: i64) -> Option<i64> {
+        let not_after = self.cert_not_after.load(Relaxed);
+        (not_after != 0).then(|| (not_after - now_ms / 1000).div_euclid(86_400))
+    }
+
     /// Counter name/value pairs as published under `$SYS/broker/bridge/{name}/`.
     pub fn snapshot(&self, now_ms: i64) -> Vec<(&'static str, String)> {
         let oldest = self.oldest_accepted_ms.load(Relaxed);
@@ -78,7 +106,7 @@ impl BridgeStats {
             (now_ms - oldest).max(0) / 1000
         };
         let g = |c: &AtomicU64| c.load(Relaxed).to_string();
-        vec![
+        let mut out = vec![
             (
                 "state",
                 if self.connected.load(Relaxed) {
@@ -105,6 +133,11 @@ impl BridgeStats {
             ("reconnects", g(&self.reconnects)),
             ("connect_failures", g(&self.connect_failures)),
             ("spool/quarantined", g(&self.quarantined)),
-        ]
+            ("address", self.address()),
+        ];
+        if let Some(days) = self.cert_expires_in_days(now_ms) {
+            out.push(("tls/cert_expires_in_days", days.to_string()));
+        }
+        out
     }
 }

@@ -216,10 +216,11 @@ fn listener_clashes(config: &Config, r: &mut Report) {
 fn bridges(config: &Config, r: &mut Report) {
     for (i, b) in config.bridge.iter().enumerate() {
         let k = |f: &str| format!("bridge[{i}].{f}");
-        let Ok(addr) = outpost_bridge::config::Address::parse(&b.address) else {
+        let Ok(addrs) = b.addresses() else {
             continue; // validation refused it already
         };
-        if addr.scheme.is_tls() {
+        // All or none use TLS (validation checks), so the first tells.
+        if addrs.first().is_some_and(|a| a.scheme.is_tls()) {
             let tls = b.tls.clone().unwrap_or_default();
             let mut files_ok = true;
             if let Some(ca) = &tls.ca_file
@@ -251,18 +252,20 @@ fn bridges(config: &Config, r: &mut Report) {
                 }
             }
         }
-        let is_ip = addr.host.parse::<std::net::IpAddr>().is_ok();
-        if !is_ip {
-            use std::net::ToSocketAddrs;
-            if let Err(e) = (addr.host.as_str(), addr.port).to_socket_addrs() {
-                r.warn(
-                    k("address"),
-                    format!(
-                        "host {:?} does not resolve now ({e}); the bridge keeps retrying, \
-                         but check the name and the gateway's DNS",
-                        addr.host
-                    ),
-                );
+        for addr in &addrs {
+            let is_ip = addr.host.parse::<std::net::IpAddr>().is_ok();
+            if !is_ip {
+                use std::net::ToSocketAddrs;
+                if let Err(e) = (addr.host.as_str(), addr.port).to_socket_addrs() {
+                    r.warn(
+                        k("address"),
+                        format!(
+                            "host {:?} does not resolve now ({e}); the bridge keeps retrying, \
+                             but check the name and the gateway's DNS",
+                            addr.host
+                        ),
+                    );
+                }
             }
         }
     }

@@ -77,6 +77,14 @@ impl Cloud {
         }
     }
 
+    /// SIGKILL: the node dies at once; what it had not saved is gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM: Mosquitto saves its database (sessions, queued messages) on the way out.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -61,6 +61,10 @@ pub(crate) enum SessionEnd {
         suspect: Option<i64>,
         /// When rows were out unacknowledged: the newest row sent in this session.
         out_through: Option<i64>,
+        /// A QoS 2 PUBLISH was out and the cloud had answered none with PUBREC in this
+        /// session: what a cloud without QoS 2 does (RabbitMQ, AWS IoT, Mosquitto's
+        /// `max_qos 1` towards 3.1.1 clients), which 3.1.1 has no other way to say.
+        qos2_unanswered: bool,
     },
 }
 
@@ -95,6 +99,7 @@ fn dropped(why: impl Into<String>) -> SessionEnd {
         why: why.into(),
         suspect: None,
         out_through: None,
+        qos2_unanswered: false,
     }
 }
 
@@ -106,6 +111,8 @@ pub(crate) struct Limits {
     pub retain_available: bool,
     pub keep_alive: Duration,
     pub session_present: bool,
+    /// A fresh session at another broker than the spool's QoS 2 stages were made with.
+    pub moved: bool,
 }
 
 enum Inflight {
@@ -170,6 +177,8 @@ pub(crate) struct Session<'a> {
     last_recv: Instant,
     ping_out: bool,
     downgrade_logged: bool,
+    /// The cloud answered a QoS 2 PUBLISH with PUBREC in this session.
+    pubrec_seen: bool,
     goodbye_pid: Option<u16>,
     /// The birth waits until the rows up to this one, resumed from the last session, are
     /// out, and a window slot is free.
@@ -236,6 +245,7 @@ impl<'a> Session<'a> {
             last_recv: now,
             ping_out: false,
             downgrade_logged: false,
+            pubrec_seen: false,
             goodbye_pid: None,
             birth_after: None,
         }
@@ -255,6 +265,7 @@ impl<'a> Session<'a> {
                     why,
                     suspect: self.suspect(),
                     out_through: self.rows_out().then_some(self.newest_sent),
+                    qos2_unanswered: !self.pubrec_seen && self.qos2_out(),
                 }
             }
             Err(end) => end,
@@ -310,14 +321,7 @@ impl<'a> Session<'a> {
         {
             return None;
         }
-        let unsent: HashSet<i64> = self
-            .gated
-            .iter()
-            .filter_map(|o| match o {
-                Out::Publish { row, .. } => Some(*row),
-                Out::PubRel(_) | Out::Status(_) => None,
-            })
-            .collect();
+        let unsent = self.unsent_rows();
         self.inflight
             .values()
             .filter_map(|f| match f {
@@ -327,6 +331,25 @@ impl<'a> Session<'a> {
             })
             .filter(|id| !unsent.contains(id))
             .min()
+    }
+
+    /// True when a QoS 2 PUBLISH went on the wire and has no answer.
+    fn qos2_out(&self) -> bool {
+        let unsent = self.unsent_rows();
+        self.inflight.values().any(|f| {
+            matches!(f, Inflight::Row { id, stage } if *stage == Stage::Published && !unsent.contains(id))
+        })
+    }
+
+    /// Rows given a window slot whose PUBLISH still waits for its stage commit.
+    fn unsent_rows(&self) -> HashSet<i64> {
+        self.gated
+            .iter()
+            .filter_map(|o| match o {
+                Out::Publish { row, .. } => Some(*row),
+                Out::PubRel(_) | Out::Status(_) => None,
+            })
+            .collect()
     }
 
     /// True when a row's PUBLISH is out and not acknowledged.
@@ -355,7 +378,16 @@ impl<'a> Session<'a> {
             .in_progress()
             .await
             .map_err(|e| lost(format!("spool: {e}")))?;
-        if !in_progress.is_empty() && !self.limits.session_present {
+        if self.limits.moved && !in_progress.is_empty() {
+            let released = in_progress
+                .iter()
+                .filter(|r| r.stage == Stage::Released)
+                .count();
+            tracing::info!(bridge = %self.ctx.name, rows = in_progress.len(), released,
+                "moved to another broker: {} QoS 2 messages the previous broker had not \
+                 completed ({released} past PUBREC there) go up here as new messages",
+                in_progress.len());
+        } else if !in_progress.is_empty() && !self.limits.session_present {
             tracing::warn!(bridge = %self.ctx.name, rows = in_progress.len(),
                 "cloud has no session for us: QoS 2 messages in flight are resent and may be duplicated");
         }
@@ -724,6 +756,11 @@ impl<'a> Session<'a> {
     ) -> Result<Option<Out>, Box<StoredMessage>> {
         let id = row.id;
         match (row.stage, row.packet_id) {
+            (Stage::Released | Stage::Published, Some(pid)) if self.limits.moved => {
+                // Another broker has (or had) these: this one never saw them, so they go
+                // up here as new exchanges under fresh identifiers.
+                self.ids.release(pid);
+            }
             (Stage::Released, Some(pid)) => {
                 self.inflight.insert(
                     pid,
@@ -1000,6 +1037,7 @@ impl<'a> Session<'a> {
 
     fn on_pubrec(&mut self, r: PubResponse) -> Result<(), SessionEnd> {
         let pid = r.packet_id;
+        self.pubrec_seen = true;
         match self.inflight.get_mut(&pid) {
             Some(Inflight::Row { id, stage }) => {
                 let id = *id;

@@ -59,6 +59,28 @@ fn system_roots(roots: &mut RootCertStore) -> Result<(), BridgeError> {
     ))
 }
 
+/// When the client certificate (the first one in `tls.cert_file`) stops being valid:
+/// notAfter as unix seconds and as RFC 3339 text; None without a client certificate.
+///
+/// Parsed with the `x509-cert` crate: a DER walk of our own would be one more parser of
+/// untrusted input to get right, for a few KiB saved.
+pub fn client_cert_not_after(tls: &TlsConfig) -> Result<Option<(i64, String)>, BridgeError> {
+    use x509_cert::der::Decode;
+    let Some(path) = &tls.cert_file else {
+        return Ok(None);
+    };
+    let first = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_err("client certificate", path, e))?
+        .next()
+        .ok_or_else(|| tls_err("client certificate", path, "no certificates in it"))?
+        .map_err(|e| tls_err("client certificate", path, e))?;
+    let cert = x509_cert::Certificate::from_der(first.as_ref())
+        .map_err(|e| tls_err("client certificate", path, format!("not X.509: {e}")))?;
+    let not_after = cert.tbs_certificate.validity.not_after;
+    let secs = i64::try_from(not_after.to_unix_duration().as_secs()).unwrap_or(i64::MAX);
+    Ok(Some((secs, not_after.to_date_time().to_string())))
+}
+
 /// Build the client config for a TLS link.
 pub fn client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, BridgeError> {
     let mut roots = RootCertStore::empty();

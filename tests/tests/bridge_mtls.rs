@@ -1,0 +1,350 @@
+//! Mutual TLS to the cloud, the way AWS IoT Core and Azure IoT Hub authenticate devices:
+//! a private CA, a client certificate made by the openssl CLI, and a real Mosquitto with
+//! `require_certificate true` and `use_identity_as_username true` whose ACL lets only
+//! that identity publish. The certificate is valid for 2 days, inside the default 30-day
+//! warning: the log says so with the file and the date, and `$SYS` shows the days left.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_tests::broker::{Broker, mosquitto_mode};
+use outpost_tests::cloud::Cloud;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl CLI (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA, a server certificate for 127.0.0.1 and client certificates, each valid
+/// for 2 days; readable by the mosquitto user (the cloud drops root).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new(clients: &[&str]) -> Pki {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            d,
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=private-ca",
+                ],
+            ]
+            .concat(),
+        );
+        let mut certs = vec![("server", "127.0.0.1", "serverAuth")];
+        certs.extend(clients.iter().map(|c| (*c, *c, "clientAuth")));
+        for (name, cn, eku) in certs {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            openssl(
+                d,
+                &[
+                    &["req"][..],
+                    &ec,
+                    &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")],
+                ]
+                .concat(),
+            );
+            let san = if name == "server" {
+                "subjectAltName=IP:127.0.0.1\n"
+            } else {
+                ""
+            };
+            std::fs::write(
+                d.join(format!("{name}.ext")),
+                format!("{san}extendedKeyUsage={eku}\nbasicConstraints=CA:FALSE\n"),
+            )
+            .unwrap();
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+        }
+        for f in std::fs::read_dir(d).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+}
+
+/// A TLS Mosquitto that requires a client certificate and takes its CN as the user name;
+/// only `gw-mtls` may publish, only `collector` may read.
+fn mtls_cloud(pki: &Pki) -> Cloud {
+    let acl = pki.path("acl");
+    std::fs::write(
+        &acl,
+        "user gw-mtls\ntopic readwrite up/#\ntopic readwrite outpost/#\n\
+         user collector\ntopic read up/#\ntopic read outpost/#\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cloud = Cloud::with_limits(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+         use_identity_as_username true\nacl_file {}\n",
+        pki.path("ca.pem").display(),
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+        acl.display()
+    ));
+    cloud.start();
+    cloud
+}
+
+fn collector(
+    cloud: &Cloud,
+    pki: &Pki,
+    topic: &str,
+    count: usize,
+    secs: u32,
+) -> std::process::Child {
+    Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &cloud.port.to_string()])
+        .arg("--cafile")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path("collector.pem"))
+        .arg("--key")
+        .arg(pki.path("collector.key"))
+        .args([
+            "-t",
+            topic,
+            "-v",
+            "-q",
+            "1",
+            "-C",
+            &count.to_string(),
+            "-W",
+            &secs.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub")
+}
+
+fn gateway(cloud: &Cloud, pki: &Pki, cert: &str, extra: &str) -> Broker {
+    Broker::outpost_with_full_config(&format!(
+        r#"gateway_id = "gw-mtls"
+[broker]
+listeners = [{{ bind = "127.0.0.1:0" }}]
+[[bridge]]
+name = "cloud"
+address = "mqtts://127.0.0.1:{port}"
+client_id = "gw-mtls"
+stats_interval = "1s"
+topics = [{{ pattern = "q1/#", direction = "out", qos = 1, remote_prefix = "up/" }}]
+reconnect = {{ min = "100ms", max = "500ms" }}
+[bridge.tls]
+ca_file = "{ca}"
+cert_file = "{cert_pem}"
+key_file = "{cert_key}"
+{extra}
+"#,
+        port = cloud.port,
+        ca = pki.path("ca.pem").display(),
+        cert_pem = pki.path(&format!("{cert}.pem")).display(),
+        cert_key = pki.path(&format!("{cert}.key")).display(),
+    ))
+}
+
+fn local(port: u16, tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("mosquitto clients");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires() {
+    if mosquitto_mode() {
+        return;
+    }
+    let pki = Pki::new(&["gw-mtls", "collector", "intruder"]);
+    let cloud = mtls_cloud(&pki);
+    let broker = gateway(&cloud, &pki, "gw-mtls", "");
+    assert!(
+        broker.wait_for_log("waiting in the spool; using mqtts://", 1, WAIT),
+        "{}",
+        broker.log()
+    );
+    // Retained, so the collector gets them whenever its subscription lands.
+    for n in 0..3 {
+        local(
+            broker.port(),
+            "mosquitto_pub",
+            &[
+                "-t",
+                &format!("q1/meter{n}"),
+                "-q",
+                "1",
+                "-r",
+                "-m",
+                &n.to_string(),
+            ],
+        );
+    }
+    let sub = collector(&cloud, &pki, "up/#", 3, 20);
+    let out = sub.wait_with_output().unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.lines().filter(|l| l.starts_with("up/q1/meter")).count() == 3,
+        "nothing reached the mTLS cloud: {got}\n{}",
+        broker.log()
+    );
+
+    let log = broker.log();
+    let cert = pki.path("gw-mtls.pem");
+    // Made valid for 2 days: 2 whole days left, or 1 once a second has passed.
+    assert!(
+        ["expires in 2 days (on ", "expires in 1 days (on "]
+            .iter()
+            .any(|w| log.contains(w)),
+        "no expiry warning:\n{log}"
+    );
+    assert!(
+        log.contains(&cert.display().to_string()),
+        "warning names no file:\n{log}"
+    );
+    let days = local(
+        broker.port(),
+        "mosquitto_sub",
+        &[
+            "-t",
+            "$SYS/broker/bridge/cloud/tls/cert_expires_in_days",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
+    );
+    assert!(days == "1" || days == "2", "cert_expires_in_days {days:?}");
+}
+
+#[test]
+fn a_certificate_the_cloud_does_not_authorise_gets_nothing_through() {
+    if mosquitto_mode() {
+        return;
+    }
+    let pki = Pki::new(&["gw-mtls", "collector", "intruder"]);
+    let cloud = mtls_cloud(&pki);
+    // Same CA, another identity: TLS succeeds, the ACL (keyed on the certificate's CN)
+    // refuses its messages. With warnings off, nothing is said about expiry.
+    let broker = gateway(&cloud, &pki, "intruder", "warn_expiry_days = 0");
+    assert!(
+        broker.wait_for_log("waiting in the spool; using mqtts://", 1, WAIT),
+        "{}",
+        broker.log()
+    );
+    for n in 0..3 {
+        local(
+            broker.port(),
+            "mosquitto_pub",
+            &[
+                "-t",
+                &format!("q1/meter{n}"),
+                "-q",
+                "1",
+                "-r",
+                "-m",
+                &n.to_string(),
+            ],
+        );
+    }
+    // The cloud answers each with PUBACK "not authorised" (0x87): counted, not retried.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let refused = local(
+            broker.port(),
+            "mosquitto_sub",
+            &[
+                "-t",
+                "$SYS/broker/bridge/cloud/dropped/refused",
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ],
+        );
+        if refused == "3" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "refusals counted: {refused:?}\n{}",
+            broker.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Had any been accepted, it would be retained there.
+    let out = collector(&cloud, &pki, "up/#", 1, 2)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "an unauthorised identity got through"
+    );
+    assert!(
+        !broker.log().contains("certificate expires"),
+        "{}",
+        broker.log()
+    );
+}
