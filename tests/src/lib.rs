@@ -15,6 +15,7 @@ pub mod clients;
 pub mod cloud;
 pub mod ledger;
 pub mod modbus;
+pub mod netlink;
 pub mod raw;
 
 pub use broker::{Broker, BrokerKind, broker_kind, mosquitto_mode, outpost_bin};
