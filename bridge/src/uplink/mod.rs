@@ -208,6 +208,7 @@ async fn handshake(ctx: &Ctx) -> Result<(Box<dyn transport::Io>, BytesMut, Limit
         retain_available: p.retain_available != Some(0),
         keep_alive,
         session_present: connack.session_present,
+        topic_alias_max: p.topic_alias_maximum.unwrap_or(0),
     };
     Ok((io, buf, limits))
 }
