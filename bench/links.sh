@@ -4,6 +4,8 @@
 #   bench/links.sh [OUT_DIR]              everything (drain, then bytes)
 #   MODE=bytes bench/links.sh OUT_DIR     only bytes on the wire per message
 #   N=20000 CAP=120 bench/links.sh        a smaller backlog, a shorter bound per drain
+#   MODE=drain DRAINS="outpost-w1024 mosquitto" bench/links.sh OUT_DIR
+#                                         only these drains (outpost-wW: window W)
 #
 # Needs root (network namespaces), iproute2 (ip, tc), nftables, python3, mosquitto and
 # mosquitto-clients. The link is built as tests/src/netlink.rs builds it: the cloud
@@ -157,6 +159,72 @@ async def main():
 asyncio.run(main())
 EOF
 
+# A QoS 1 publisher that counts acknowledgements (mosquitto_pub -l exited 0 here with
+# two thirds of a 100,000-line backlog never sent): readings from stdin, one per line, up
+# to 100 in flight, optionally paced; exits non-zero unless every one was acknowledged.
+cat >"$WORK/pub.py" <<'EOF'
+import socket, struct, sys, time
+host, port, topic, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), float(sys.argv[4])
+def varlen(n):
+    out = b""
+    while True:
+        d, n = n % 128, n // 128
+        out += bytes([d | (0x80 if n else 0)])
+        if not n:
+            return out
+def pkt(first, body):
+    return bytes([first]) + varlen(len(body)) + body
+def s(b):
+    return struct.pack(">H", len(b)) + b
+sock = socket.create_connection((host, port))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+sock.sendall(pkt(0x10, s(b"MQTT") + bytes([4, 2]) + struct.pack(">H", 60) + s(b"bench-pub")))
+buf = b""
+def read_packets():
+    global buf
+    data = sock.recv(65536)
+    if not data:
+        sys.exit("gateway closed the connection")
+    buf += data
+    out = []
+    while len(buf) >= 2:
+        mult, n, i = 1, 0, 1
+        while True:
+            if i >= len(buf):
+                return out
+            b = buf[i]; n += (b & 127) * mult; mult *= 128; i += 1
+            if not b & 128:
+                break
+        if len(buf) < i + n:
+            return out
+        out.append((buf[0], buf[i:i + n])); buf = buf[i + n:]
+    return out
+while not read_packets():
+    pass
+lines = [l.rstrip(b"\n") for l in sys.stdin.buffer]
+inflight, sent, acked, pid = 0, 0, 0, 0
+start = time.monotonic()
+while acked < len(lines):
+    while sent < len(lines) and inflight < 100 and (rate <= 0 or time.monotonic() >= start + sent / rate):
+        pid = pid % 65535 + 1
+        sock.sendall(pkt(0x32, s(topic) + struct.pack(">H", pid) + lines[sent]))
+        sent += 1; inflight += 1
+    if sent < len(lines) and inflight < 100:
+        sock.settimeout(max(0.0005, start + sent / rate - time.monotonic()))
+    else:
+        sock.settimeout(30)
+    try:
+        for first, _ in read_packets():
+            if first >> 4 == 4:
+                acked += 1; inflight -= 1
+    except socket.timeout:
+        if inflight and sock.gettimeout() == 30:
+            sys.exit(f"no PUBACK for 30 s: {acked}/{len(lines)} acknowledged")
+sock.sendall(b"\xe0\x00")
+sock.close()
+print(f"{acked} acknowledged", file=sys.stderr)
+EOF
+
 # ---- the cloud ------------------------------------------------------------------------
 cat >"$WORK/cloud.conf" <<EOF
 listener 1883
@@ -167,7 +235,7 @@ max_inflight_messages 0
 log_dest file $WORK/cloud.log
 log_type notice
 EOF
-inns "$CL" mosquitto -c "$WORK/cloud.conf" >/dev/null 2>&1 &
+ip netns exec "$CL" mosquitto -c "$WORK/cloud.conf" >/dev/null 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do
     inns "$CL" mosquitto_sub -h 127.0.0.1 -t probe -E -W 1 >/dev/null 2>&1 && break
@@ -237,12 +305,15 @@ stop_gateway() { kill -9 "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/nu
 # Connections the cloud accepted from the gateway's bridge so far (its log, the same
 # count for both gateways).
 cloud_connects() {
-    grep -c 'New client connected .* as \(outpost\|mosquitto\)-gw-01-cloud' "$WORK/cloud.log" || true
+    # Mosquitto logs a bridge as "New bridge connected", any other client as "New client".
+    grep -c 'New \(client\|bridge\) connected .* as \(outpost\|mosquitto\)-gw-01-cloud' "$WORK/cloud.log" || true
 }
 
 collector_start() { # id file secs
     inns "$CL" mosquitto_sub -h 127.0.0.1 -i "$1" -c -q 1 -t 'outpost/#' -E -W 5 >/dev/null
-    inns "$CL" mosquitto_sub -h 127.0.0.1 -i "$1" -c -q 1 -t 'outpost/#' -F '%U %t %p' -W "$3" >"$2" 2>/dev/null &
+    # Not through the inns function: $! must be mosquitto_sub itself (ip netns exec execs
+    # it), or killing it would leave the collector running into the next run.
+    ip netns exec "$CL" mosquitto_sub -h 127.0.0.1 -i "$1" -c -q 1 -t 'outpost/#' -F '%U %t %p' -W "$3" >"$2" 2>/dev/null &
     COLLECTOR=$!
     PIDS+=("$COLLECTOR")
 }
@@ -259,13 +330,13 @@ drain_run() { # label kind window
     local relay=$!
     PIDS+=("$relay")
     link_up down
+    local connects0; connects0=$(cloud_connects)
     start_gateway "$kind" "$window" "127.0.0.1:$RELAY_PORT"
     local t_fill=$(date +%s.%N)
-    inns "$GW" mosquitto_pub -h 127.0.0.1 -q 1 -t "$TOPIC" -l <"$WORK/backlog.txt"
-    echo "   backlog of $N accepted in $(python3 -c "import time;print(round(time.time()-$t_fill,1))") s"
+    inns "$GW" python3 "$WORK/pub.py" 127.0.0.1 1883 "$TOPIC" 0 <"$WORK/backlog.txt"
+    echo "   backlog of $N acknowledged by the gateway in $(python3 -c "import time;print(round(time.time()-$t_fill,1))") s"
     collector_start "collector-$label" "$raw" $((CAP + 30))
     local before; before=$(wire_bytes)
-    local connects0; connects0=$(cloud_connects)
     local t0; t0=$(date +%s.%N)
     link_up up
     # Live readings, one a second, stamped with their publish time.
@@ -345,15 +416,10 @@ bytes_run() { # label kind
     start_gateway "$kind" 256 "$CLOUD_IP:1883"
     sleep 3   # connected, birth and subscriptions done
     local before; before=$(wire_bytes)
-    python3 - "$BYTES_N" <<'EOF' | inns "$GW" mosquitto_pub -h 127.0.0.1 -q 1 -t "$TOPIC" -l
-import sys, time
-n = int(sys.argv[1])
-start = time.monotonic()
-for i in range(n):
-    print('{"seq":%d,"value":21.4,"unit":"C","ts":1796601488123,"q":"good"}' % i, flush=True)
-    d = start + (i + 1) / 200 - time.monotonic()
-    if d > 0:
-        time.sleep(d)
+    python3 - "$BYTES_N" <<'EOF' | inns "$GW" python3 "$WORK/pub.py" 127.0.0.1 1883 "$TOPIC" 200
+import sys
+for i in range(int(sys.argv[1])):
+    print('{"seq":%d,"value":21.4,"unit":"C","ts":1796601488123,"q":"good"}' % i)
 EOF
     for _ in $(seq 60); do
         (( $(grep -c " $TOPIC " "$raw" || true) >= BYTES_N )) && break
@@ -363,6 +429,7 @@ EOF
     local after; after=$(wire_bytes)
     local got; got=$(grep -c " $TOPIC " "$raw" || true)
     kill "$COLLECTOR" 2>/dev/null || true
+    wait "$COLLECTOR" 2>/dev/null || true
     stop_gateway
     python3 - "$before" "$after" "$got" "$BYTES_N" "$label" "$TOPIC" <<'EOF' | tee -a "$OUT/summary.txt"
 import sys
@@ -378,12 +445,17 @@ EOF
 }
 
 if [[ $MODE == all || $MODE == drain ]]; then
-    drain_run outpost-w256 outpost 256
-    drain_run outpost-w1024 outpost 1024
-    drain_run mosquitto mosquitto 0
+    for d in ${DRAINS:-outpost-w256 outpost-w1024 mosquitto}; do
+        case $d in
+            outpost-w*) drain_run "$d" outpost "${d#outpost-w}" ;;
+            mosquitto) drain_run mosquitto mosquitto 0 ;;
+        esac
+    done
 fi
 if [[ $MODE == all || $MODE == bytes ]]; then
     bytes_run outpost outpost
     bytes_run mosquitto mosquitto
 fi
-echo "raw outputs and summary.txt in $OUT"
+cp "$WORK/cloud.log" "$OUT/cloud.log"
+gzip -f "$OUT"/drain-*.txt "$OUT"/bytes-*.txt "$OUT"/*.log 2>/dev/null || true
+echo "raw outputs (gzip) and summary.txt in $OUT"

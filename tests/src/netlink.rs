@@ -204,7 +204,6 @@ pub struct NetLink {
     pub cloud_ip: Ipv4Addr,
     delay_ms: Arc<AtomicU64>,
     relay_port: u16,
-    shape: Mutex<Shape>,
     cloud: Option<Child>,
     dir: tempfile::TempDir,
     rt: Option<NsRuntime>,
@@ -242,7 +241,6 @@ impl NetLink {
             cloud_ip,
             delay_ms: Arc::new(AtomicU64::new(0)),
             relay_port: 0,
-            shape: Mutex::new(Shape::CLEAN),
             cloud: None,
             dir,
             rt: None,
@@ -356,12 +354,6 @@ impl NetLink {
             };
             nft(ns, &format!("flush chain inet outpost loss\n{rule}"));
         }
-        *self.shape.lock().unwrap_or_else(|e| e.into_inner()) = shape;
-    }
-
-    /// The shape last applied.
-    pub fn current_shape(&self) -> Shape {
-        *self.shape.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Turns the silent black hole on or off: every packet over the veth is dropped on
@@ -393,16 +385,6 @@ impl NetLink {
     /// The bridge `address` that reaches the cloud through the delaying relay.
     pub fn cloud_address(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.relay_port)
-    }
-
-    /// The cloud's address without the relay (no added delay).
-    pub fn cloud_address_direct(&self) -> String {
-        format!("mqtt://{}:{CLOUD_PORT}", self.cloud_ip)
-    }
-
-    /// A directory that lives as long as the link.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Runs `fut` on the gateway namespace's runtime (its sockets are in that namespace).
@@ -766,19 +748,4 @@ async fn release<W: AsyncWriteExt + Unpin>(
         }
     }
     let _ = w.shutdown().await;
-}
-
-/// Bytes sent and received by interface `ifname` in namespace `ns` (its kernel counters).
-pub fn if_bytes(ns: &str, ifname: &str) -> (u64, u64) {
-    let read = |what: &str| -> u64 {
-        let out = run(Command::new("ip").args([
-            "netns",
-            "exec",
-            ns,
-            "cat",
-            &format!("/sys/class/net/{ifname}/statistics/{what}"),
-        ]));
-        out.trim().parse().unwrap_or(0)
-    };
-    (read("tx_bytes"), read("rx_bytes"))
 }
