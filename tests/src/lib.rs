@@ -17,6 +17,7 @@ pub mod cloud;
 pub mod http;
 pub mod ledger;
 pub mod modbus;
+pub mod netlink;
 pub mod raw;
 
 pub use broker::{Broker, BrokerKind, broker_kind, mosquitto_mode, outpost_bin};

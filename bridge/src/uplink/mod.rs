@@ -303,6 +303,7 @@ async fn handshake(
         keep_alive,
         session_present: connack.session_present,
         moved,
+        topic_alias_max: p.topic_alias_maximum.unwrap_or(0),
     };
     Ok((io, buf, limits))
 }
