@@ -87,8 +87,10 @@ async fn one(addr: SocketAddr, protocol: Protocol, tls: &TlsClient, id: &str) ->
         let st = stream.tls_state().expect("a TLS stream");
         (
             st.handshake_kind(),
-            format!("{:?}", st.protocol_version()),
-            format!("{:?}", st.negotiated_cipher_suite().map(|s| s.suite())),
+            st.protocol_version()
+                .map_or_else(String::new, |v| format!("{v:?}")),
+            st.negotiated_cipher_suite()
+                .map_or_else(String::new, |s| format!("{:?}", s.suite())),
             st.negotiated_key_exchange_group()
                 .map(|g| format!("{:?}", g.name())),
         )
@@ -123,8 +125,11 @@ pub async fn run(
     let tls = TlsClient::new(&base.ca, &base.server_name_text, args.resume)?;
     let tag = format!("{:x}", std::process::id());
     if args.resume {
-        // Prime the cache so the first measured connection can already resume.
-        one(addr, protocol, &tls, &format!("hs-{tag}-prime")).await?;
+        // Prime the cache so the first measured connections can already resume: a TLS 1.3
+        // ticket is used once, and each connection in flight takes one.
+        for i in 0..args.concurrency.max(1) {
+            one(addr, protocol, &tls, &format!("hs-{tag}-prime{i}")).await?;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pid = broker.pid();
