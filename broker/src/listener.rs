@@ -245,11 +245,18 @@ async fn handle_wrapped(
     let connect_by = Instant::now() + settings.connect_timeout;
     let Some(acceptor) = tls else {
         if let Some(path) = websocket {
-            serve_websocket(stream, &path, peer, core, settings, connect_by).await;
+            Box::pin(serve_websocket(
+                stream, &path, peer, core, settings, connect_by,
+            ))
+            .await;
         }
         return;
     };
-    let tls = match tokio::time::timeout_at(connect_by.into(), acceptor.accept(stream)).await {
+    // The handshake and WebSocket futures are boxed: inline, the largest of them (about
+    // 13 KB) would size this task for the connection's whole life, long after the
+    // handshake is over; boxed, it is freed when the handshake ends.
+    let accept = Box::pin(acceptor.accept(stream));
+    let tls = match tokio::time::timeout_at(connect_by.into(), accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(%peer, error = %e, "TLS handshake failed");
@@ -259,7 +266,12 @@ async fn handle_wrapped(
     };
     match websocket {
         None => connection::serve_stream(tls, peer, core, settings, connect_by).await,
-        Some(path) => serve_websocket(tls, &path, peer, core, settings, connect_by).await,
+        Some(path) => {
+            Box::pin(serve_websocket(
+                tls, &path, peer, core, settings, connect_by,
+            ))
+            .await
+        }
     }
 }
 
