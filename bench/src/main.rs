@@ -8,6 +8,7 @@
 mod broker;
 mod conn;
 mod flow;
+mod handshake;
 mod idle;
 mod load;
 mod payload;
@@ -55,6 +56,14 @@ enum Mode {
         #[command(flatten)]
         args: idle::IdleArgs,
     },
+    /// Fresh TLS connections (CONNECT, CONNACK, DISCONNECT) per broker CPU-second, full
+    /// or resumed handshakes; needs --tls-ca.
+    Handshake {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: handshake::HandshakeArgs,
+    },
     /// Time from exec to the first CONNACK, and the binary's size.
     Startup {
         #[command(flatten)]
@@ -94,13 +103,28 @@ struct Common {
     /// the other cores to the broker.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Connect over TLS, trusting the CA certificates in this PEM file (every mode).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the server certificate must carry.
+    #[arg(long, default_value = "127.0.0.1")]
+    tls_server_name: String,
     /// The broker command line, after `--`.
     #[arg(last = true)]
     broker_cmd: Vec<String>,
 }
 
 impl Common {
+    /// Switches every connection to TLS when --tls-ca is given.
+    fn setup_tls(&self) -> Result<()> {
+        if let Some(ca) = &self.tls_ca {
+            conn::use_tls(conn::TlsClient::new(ca, &self.tls_server_name, true)?)?;
+        }
+        Ok(())
+    }
+
     fn runtime(&self) -> Result<tokio::runtime::Runtime> {
+        self.setup_tls()?;
         let rt = if self.threads <= 1 {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -197,6 +221,30 @@ fn main() -> Result<()> {
                 )
                 .await?;
                 common.emit(&idle::describe(&report), &report)
+            })
+        }
+        Mode::Handshake { common, args } => {
+            procfs::raise_nofile(args.concurrency as u64 * 2 + 256)?;
+            common.runtime()?.block_on(async {
+                let Some(mut broker) = common.broker().await? else {
+                    bail!(
+                        "handshake mode needs a broker to measure: a command after -- or --broker-pid"
+                    );
+                };
+                let report = handshake::run(
+                    &args,
+                    common.addr,
+                    common.protocol,
+                    &mut broker,
+                    &common.label,
+                    &common.broker_name,
+                )
+                .await?;
+                common.emit(&handshake::describe(&report), &report)?;
+                if report.failed > 0 {
+                    bail!("{} connections failed: {:?}", report.failed, report.errors);
+                }
+                Ok(())
             })
         }
         Mode::Startup { common, args } => common.runtime()?.block_on(async {

@@ -11,7 +11,6 @@ use bytestring::ByteString;
 use outpost_mqtt::codec;
 use outpost_mqtt::{Packet, Properties, Protocol, PubResponse, Publish, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
 use crate::conn::{self, Connection, MAX_PACKET};
@@ -168,7 +167,7 @@ enum Stall {
 
 #[allow(clippy::too_many_arguments)]
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    mut wr: conn::Writer,
     spec: &PublisherSpec,
     protocol: Protocol,
     inflight_cap: usize,
@@ -317,7 +316,7 @@ async fn write_loop(
 }
 
 async fn read_acks(
-    mut rd: OwnedReadHalf,
+    mut rd: conn::Reader,
     mut rbuf: BytesMut,
     protocol: Protocol,
     state: Arc<Mutex<Inflight>>,

@@ -9,7 +9,6 @@ use hdrhistogram::Histogram;
 use outpost_mqtt::codec;
 use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
 use crate::conn::{self, Connection, MAX_PACKET};
@@ -181,7 +180,7 @@ pub async fn run(
 /// Writes acknowledgements in order, coalescing whatever is queued into one write, and
 /// says DISCONNECT when the reader is done.
 async fn write_acks(
-    mut wr: OwnedWriteHalf,
+    mut wr: conn::Writer,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     protocol: Protocol,
 ) {

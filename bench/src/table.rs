@@ -111,6 +111,29 @@ fn metrics_for(run: &Value) -> Vec<Metric> {
                 goal: Goal::Lower,
             },
         ],
+        "handshake" => vec![
+            Metric {
+                name: "connections / broker CPU-s",
+                pick: |v| num(v, &["per_cpu_s"]),
+                worst: false,
+                goal: Goal::HigherBy(1.0),
+            },
+            Metric {
+                name: "resumed (% of connections)",
+                pick: |v| {
+                    let n = num(v, &["connections"])?;
+                    (n > 0.0).then(|| num(v, &["resumed"]).unwrap_or(0.0) * 100.0 / n)
+                },
+                worst: false,
+                goal: Goal::Info,
+            },
+            Metric {
+                name: "connections/s",
+                pick: |v| num(v, &["rate"]),
+                worst: false,
+                goal: Goal::Info,
+            },
+        ],
         "startup" => vec![
             Metric {
                 name: "exec to CONNACK (ms)",

@@ -69,5 +69,26 @@ pub fn server_config(c: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     };
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"mqtt".to_vec(), b"http/1.1".to_vec()];
+    enable_resumption(&mut config)?;
     Ok(Arc::new(config))
+}
+
+/// Entries of the stateful session cache, which only TLS 1.2 clients without ticket
+/// support use once tickets are on. An entry is the 32-byte session ID (kept twice: map
+/// and eviction order) plus the encoded session, about 90 bytes (master secret, suite,
+/// ALPN, SNI), so about 250 bytes with allocator and table overhead, or about 1 KiB when
+/// it also holds a client's certificate chain. 512 entries bound it at about 128 KiB
+/// (512 KiB with client certificates), enough for every TLS 1.2 device of a site to
+/// reconnect after a network blip without a full handshake.
+pub const SESSION_CACHE_ENTRIES: usize = 512;
+
+/// Lets returning clients skip the certificate signature and key exchange of a full
+/// handshake: TLS 1.3 (and RFC 5077 TLS 1.2) clients get stateless tickets, encrypted with
+/// keys that rotate every 6 hours and cost no memory per client; TLS 1.2 clients without
+/// tickets use a bounded session-ID cache. A reload that rebuilds this config starts a new
+/// ticketer and cache, so clients holding old tickets make one full handshake again.
+fn enable_resumption(config: &mut ServerConfig) -> Result<(), TlsError> {
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+    Ok(())
 }
