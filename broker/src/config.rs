@@ -150,6 +150,7 @@ fn default_listeners() -> Vec<ListenerConfig> {
         websocket: None,
         allow_anonymous: None,
         acl: None,
+        use_identity_as_username: false,
     }]
 }
 fn default_connect_timeout() -> Duration {
@@ -308,6 +309,11 @@ pub struct ListenerConfig {
     /// `[broker] acl` applies. An empty list allows everything here.
     #[serde(default)]
     pub acl: Option<Vec<AclRule>>,
+    /// mTLS: the client certificate's Common Name is the client's user name (for the ACL
+    /// and the log) and no password is asked, as Mosquitto's `use_identity_as_username`.
+    /// Needs `tls.client_ca`, so every client presents a certificate the CA signed.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
 }
 
 impl ListenerConfig {

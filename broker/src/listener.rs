@@ -246,7 +246,7 @@ async fn handle_wrapped(
     let Some(acceptor) = tls else {
         if let Some(path) = websocket {
             Box::pin(serve_websocket(
-                stream, &path, peer, core, settings, connect_by,
+                stream, &path, peer, core, settings, connect_by, None,
             ))
             .await;
         }
@@ -264,11 +264,20 @@ async fn handle_wrapped(
         }
         Err(_) => return,
     };
+    let identity = if settings.identity_as_username {
+        tls.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| tls::common_name(c))
+    } else {
+        None
+    };
     match websocket {
-        None => connection::serve_stream(tls, peer, core, settings, connect_by).await,
+        None => connection::serve_stream(tls, peer, core, settings, connect_by, identity).await,
         Some(path) => {
             Box::pin(serve_websocket(
-                tls, &path, peer, core, settings, connect_by,
+                tls, &path, peer, core, settings, connect_by, identity,
             ))
             .await
         }
@@ -282,12 +291,13 @@ async fn serve_websocket<S>(
     core: BrokerHandle,
     settings: Arc<Settings>,
     connect_by: Instant,
+    identity: Option<String>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let accept = outpost_ws::accept(stream, path, settings.max_packet_size);
     match tokio::time::timeout_at(connect_by.into(), accept).await {
-        Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings, connect_by).await,
+        Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings, connect_by, identity).await,
         Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
         Err(_) => debug!(%peer, "WebSocket handshake timed out"),
     }

@@ -66,6 +66,8 @@ pub struct Settings {
     /// In a listener's own copy: that listener (its configured address), whose
     /// [`ListenerRules`] apply to its clients.
     pub listener: Option<SocketAddr>,
+    /// In a listener's own copy: the client certificate names the user.
+    pub identity_as_username: bool,
 }
 
 /// Anonymous access and topic rules of one listener.
@@ -77,6 +79,8 @@ pub struct ListenerRules {
     pub allow_anonymous: bool,
     /// Topic rules of this listener's clients; `None` uses the broker's.
     pub acl: Option<Vec<AclRule>>,
+    /// The client certificate's Common Name is the user name.
+    pub identity_as_username: bool,
 }
 
 /// The settings a new connection starts with; a reload replaces them. A connection keeps
@@ -176,9 +180,11 @@ impl Settings {
                     bind: l.bind,
                     allow_anonymous: c.anonymous_allowed_on(l),
                     acl: l.acl.clone(),
+                    identity_as_username: l.use_identity_as_username && l.tls.is_some(),
                 })
                 .collect(),
             listener: None,
+            identity_as_username: false,
         }
     }
 
@@ -194,9 +200,14 @@ impl Settings {
     /// anonymous access and identity. Shares `self` when the listener overrides nothing.
     fn for_listener(self: &Arc<Settings>, bind: SocketAddr) -> Arc<Settings> {
         match self.listener_rules.iter().find(|r| r.bind == bind) {
-            Some(r) if r.allow_anonymous != self.allow_anonymous || r.acl.is_some() => {
+            Some(r)
+                if r.allow_anonymous != self.allow_anonymous
+                    || r.acl.is_some()
+                    || r.identity_as_username =>
+            {
                 let mut s = Settings::clone(self);
                 s.allow_anonymous = r.allow_anonymous;
+                s.identity_as_username = r.identity_as_username;
                 s.listener = Some(bind);
                 Arc::new(s)
             }

@@ -92,3 +92,28 @@ fn enable_resumption(config: &mut ServerConfig) -> Result<(), TlsError> {
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     Ok(())
 }
+
+/// The Common Name of a certificate's subject (the last one, as OpenSSL and Mosquitto
+/// take it), if it has one that is text.
+pub(crate) fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_cert::der::{Decode, Tag, Tagged};
+    // id-at-commonName, 2.5.4.3.
+    const CN: x509_cert::der::asn1::ObjectIdentifier =
+        x509_cert::der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");
+    let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+    let mut found = None;
+    for rdn in cert.tbs_certificate.subject.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid == CN
+                && matches!(
+                    atv.value.tag(),
+                    Tag::Utf8String | Tag::PrintableString | Tag::Ia5String
+                )
+                && let Ok(s) = std::str::from_utf8(atv.value.value())
+            {
+                found = Some(s.to_owned());
+            }
+        }
+    }
+    found.filter(|s| !s.is_empty())
+}

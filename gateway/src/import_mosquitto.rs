@@ -56,6 +56,8 @@ struct Listener {
     certfile: Option<String>,
     keyfile: Option<String>,
     require_certificate: bool,
+    /// `use_identity_as_username`: the client certificate's CN is the user name.
+    identity_as_username: bool,
     /// With `per_listener_settings true`: this listener's own `allow_anonymous`.
     allow_anonymous: Option<bool>,
     /// With `per_listener_settings true`: this listener's own `acl_file`, and its rules.
@@ -183,8 +185,9 @@ fn unmapped_reason(key: &str) -> &'static str {
         "plugin" | "auth_plugin" | "plugin_opt" | "global_plugin" => {
             "plugins are not supported; users, password_file and acl cover the built-in auth"
         }
-        "use_identity_as_username" | "use_subject_as_username" => {
-            "certificate identities as user names are not available yet"
+        "use_subject_as_username" => {
+            "the whole subject as a user name is not offered; use_identity_as_username \
+             (the Common Name) is"
         }
         "capath" | "bridge_capath" => {
             "give a CA bundle file (cafile); a hashed CA directory is not read"
@@ -317,6 +320,10 @@ fn read_conf(path: &Path, conf: &mut Conf, depth: usize) -> Result<(), ImportErr
             "require_certificate" => {
                 let l = listener(conf);
                 conf.listeners[l].require_certificate = bool_arg(first, &at, key)?;
+            }
+            "use_identity_as_username" => {
+                let l = listener(conf);
+                conf.listeners[l].identity_as_username = bool_arg(first, &at, key)?;
             }
             "allow_anonymous" => {
                 let v = bool_arg(first, &at, key)?;
@@ -643,12 +650,14 @@ fn render(path: &Path, c: &Conf, acl: &[AclOut]) -> String {
                 l.port
             ));
         }
+        let mut identity = false;
         match (&l.certfile, &l.keyfile) {
             (Some(cert), Some(key)) => {
                 let _ = write!(s, ", tls = {{ cert = {}, key = {}", q(cert), q(key));
                 match (&l.cafile, l.require_certificate) {
                     (Some(ca), true) => {
                         let _ = write!(s, ", client_ca = {}", q(ca));
+                        identity = l.identity_as_username;
                     }
                     (Some(_), false) => notes.push(format!(
                         "listener {bind}: cafile without require_certificate only matters \
@@ -666,6 +675,14 @@ fn render(path: &Path, c: &Conf, acl: &[AclOut]) -> String {
             _ => notes.push(format!(
                 "listener {bind}: certfile and keyfile go together; TLS not imported"
             )),
+        }
+        if identity {
+            s.push_str(", use_identity_as_username = true");
+        } else if l.identity_as_username {
+            notes.push(format!(
+                "listener {bind}: use_identity_as_username needs certfile, keyfile, cafile \
+                 and require_certificate true; not imported"
+            ));
         }
         if let Some(a) = l.allow_anonymous {
             let _ = write!(s, ", allow_anonymous = {a}");
@@ -878,6 +895,29 @@ mod tests {
         assert!(toml.contains("{ bind = \"10.0.0.1:8883\" }"), "{toml}");
         assert!(toml.contains("{ bind = \"127.0.0.1:1884\" }"), "{toml}");
         assert!(toml.contains("{ bind = \"0.0.0.0:9001\" }"), "{toml}");
+    }
+
+    #[test]
+    fn a_certificate_identity_listener_is_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("m.conf");
+        std::fs::write(
+            &conf,
+            "listener 8883\ncafile /c/ca.pem\ncertfile /c/s.pem\nkeyfile /c/s.key\n\
+             require_certificate true\nuse_identity_as_username true\n\
+             listener 8884\nuse_identity_as_username true\n",
+        )
+        .unwrap();
+        let out = import(&conf).unwrap();
+        let first = out.lines().find(|l| l.contains(":8883")).unwrap();
+        assert!(first.contains("client_ca = \"/c/ca.pem\""), "{out}");
+        assert!(first.contains("use_identity_as_username = true"), "{out}");
+        let second = out.lines().find(|l| l.contains(":8884\"")).unwrap();
+        assert!(!second.contains("use_identity_as_username"), "{out}");
+        assert!(
+            out.contains("use_identity_as_username needs certfile"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -564,3 +564,100 @@ fn a_renewed_certificate_is_served_after_reload_without_dropping_tls_clients() {
         broker.log()
     );
 }
+
+/// mTLS names the user (`use_identity_as_username`, as Mosquitto's): a client with a
+/// certificate the listener's CA signed logs in as its Common Name without a password,
+/// whatever user name it sends, and that name's topic rules apply to it.
+#[test]
+fn the_client_certificate_names_the_user_on_an_identity_listener() {
+    if mosquitto_mode() {
+        return;
+    }
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let broker = Broker::outpost_with_full_config(&format!(
+        r#"[broker]
+allow_anonymous = true
+listeners = [
+  {{ bind = "127.0.0.1:0" }},
+  {{ bind = "127.0.0.1:{tls_port}", use_identity_as_username = true, allow_anonymous = false,
+     tls = {{ cert = "{}", key = "{}", client_ca = "{}" }},
+     acl = [{{ user = "sensor-1", topic = "plant/%u/#", access = "write" }}] }},
+]
+"#,
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+        pki.path("ca.pem").display()
+    ));
+    let sub = std::thread::spawn({
+        let port = broker.port().to_string();
+        move || {
+            mosquitto(
+                "mosquitto_sub",
+                &["-p", &port, "-t", "#", "-v", "-W", "4", "-q", "1"],
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let port = tls_port.to_string();
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    for (topic, user) in [
+        ("plant/sensor-1/t", None),
+        ("plant/other/t", None),
+        ("plant/sensor-1/u", Some("admin")),
+    ] {
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "-t",
+            topic,
+            "-m",
+            topic,
+            "-q",
+            "1",
+        ];
+        if let Some(u) = user {
+            args.extend(["-u", u]);
+        }
+        let out = mosquitto("mosquitto_pub", &args);
+        assert!(
+            out.status.success(),
+            "{topic}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            broker.log()
+        );
+    }
+    let got = sub.join().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&got.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    // plant/other/t is outside sensor-1's rule: acknowledged (3.1.1) and not delivered.
+    assert_eq!(
+        lines,
+        [
+            "plant/sensor-1/t plant/sensor-1/t",
+            "plant/sensor-1/u plant/sensor-1/u"
+        ],
+        "{}",
+        broker.log()
+    );
+    let log = broker.log();
+    assert!(log.contains("user=\"sensor-1\""), "{log}");
+    assert!(
+        !log.contains("user=\"admin\""),
+        "the sent user name was used: {log}"
+    );
+}

@@ -43,18 +43,29 @@ pub fn serve_tcp(
     settings: Arc<Settings>,
 ) -> Connection<TcpStream> {
     let deadline = Instant::now() + settings.connect_timeout;
-    Connection::new(stream, peer, Some(Box::new(slot)), core, settings, deadline)
+    Connection::new(
+        stream,
+        peer,
+        Some(Box::new(slot)),
+        core,
+        settings,
+        deadline,
+        None,
+    )
 }
 
 /// Serves a connection over any byte stream (TLS, WebSocket). `connect_by` is when the
 /// CONNECT must have arrived: the connect timeout runs from the TCP accept, across the
-/// TLS and WebSocket handshakes, so stalling each stage does not stretch it.
+/// TLS and WebSocket handshakes, so stalling each stage does not stretch it. `identity`
+/// is the Common Name of the client's certificate (mTLS), the user name on a listener
+/// with `use_identity_as_username`.
 pub async fn serve_stream<S>(
     stream: S,
     peer: SocketAddr,
     core: BrokerHandle,
     settings: Arc<Settings>,
     connect_by: Instant,
+    identity: Option<String>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -66,6 +77,7 @@ pub async fn serve_stream<S>(
         core,
         settings,
         connect_by,
+        identity,
     )
     .await;
 }
@@ -96,11 +108,13 @@ impl<T: Transport> Connection<T> {
         core: BrokerHandle,
         settings: Arc<Settings>,
         connect_by: Instant,
+        identity: Option<String>,
     ) -> Self {
         let opening = Box::pin(async move {
             let mut io = io;
             let mut rbuf = BytesMut::new();
-            let connect = handshake(&mut io, &mut rbuf, peer, &settings, connect_by).await?;
+            let connect =
+                handshake(&mut io, &mut rbuf, peer, &settings, connect_by, identity).await?;
             open(io, rbuf, connect, peer, slot, core, settings).await
         });
         Connection {
@@ -232,6 +246,7 @@ async fn handshake<T: Transport>(
     peer: SocketAddr,
     settings: &Settings,
     connect_by: Instant,
+    identity: Option<String>,
 ) -> Option<Box<Connect>> {
     // A peer that has not authenticated gets a small buffer: `max_connect_size`, not
     // `max_packet_size`.
@@ -248,7 +263,7 @@ async fn handshake<T: Transport>(
         }
     })
     .await;
-    let connect = match first {
+    let mut connect = match first {
         Err(_) => {
             info!(%peer, "connection closed: no CONNECT within broker.connect_timeout");
             return None;
@@ -290,6 +305,20 @@ async fn handshake<T: Transport>(
             return None;
         }
     };
+    if settings.identity_as_username {
+        // mTLS names the user: the certificate the listener's CA signed is the proof, so
+        // no password is asked (Mosquitto's use_identity_as_username).
+        let Some(name) = identity else {
+            info!(%peer, client_id = %connect.client_id,
+                "login refused: the listener takes the user name from the client certificate, \
+                 and this one has no Common Name");
+            refuse(io, ReasonCode::NOT_AUTHORIZED, connect.protocol).await;
+            return None;
+        };
+        connect.username = Some(name);
+        connect.password = None;
+        return Some(connect);
+    }
     if let Err(why) = auth::check(&connect, settings).await {
         let reason = why.reason();
         // Named, not numbered: the operator needs the user and the cause, and the code

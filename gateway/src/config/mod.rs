@@ -315,6 +315,15 @@ impl Config {
                 "must be above zero, e.g. \"60s\"",
             ));
         }
+        for (i, l) in b.listeners.iter().enumerate() {
+            if l.use_identity_as_username && l.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                return Err(invalid(
+                    format!("broker.listeners[{i}].use_identity_as_username"),
+                    "needs tls with client_ca: the user name comes from a client \
+                     certificate that CA signed; add tls = { cert, key, client_ca }",
+                ));
+            }
+        }
         let listener_acls = b.listeners.iter().enumerate().filter_map(|(l, c)| {
             c.acl
                 .as_ref()

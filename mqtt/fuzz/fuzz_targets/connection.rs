@@ -78,6 +78,7 @@ fuzz_target!(|data: &[u8]| {
             handle.clone(),
             Arc::new(settings),
             connect_by,
+            None,
         ));
         let (mut rd, mut wr) = tokio::io::split(client);
         // Read everything the broker sends, so it never blocks on a full pipe.
