@@ -220,7 +220,8 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
     }
     let pki = Pki::new(&["gw-mtls", "collector", "intruder"]);
     let cloud = mtls_cloud(&pki);
-    let broker = gateway(&cloud, &pki, "gw-mtls", "");
+    // The status page's /metrics shows the expiry too (a table after [bridge.tls]).
+    let broker = gateway(&cloud, &pki, "gw-mtls", "[http]\nbind = \"127.0.0.1:0\"");
     assert!(
         broker.wait_for_log("waiting in the spool; using mqtts://", 1, WAIT),
         "{}",
@@ -277,6 +278,22 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
         ],
     );
     assert!(days == "1" || days == "2", "cert_expires_in_days {days:?}");
+    let metrics =
+        outpost_tests::http::get(outpost_tests::http::http_port(&broker), "/metrics", None);
+    let expiry = outpost_tests::http::metric(
+        &metrics.body,
+        "outpost_bridge_client_cert_expiry_timestamp_seconds{bridge=\"cloud\"}",
+    )
+    .unwrap_or_else(|| panic!("no certificate expiry in /metrics:\n{}", metrics.body));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let left_days = (expiry - now) / 86_400.0;
+    assert!(
+        (0.5..=2.5).contains(&left_days),
+        "expiry {expiry} is {left_days} days away"
+    );
 }
 
 #[test]

@@ -337,6 +337,19 @@ fn bridges(o: &mut Out, s: &Sample) {
             o.value(name, &[("bridge", &br.name)], pick(br));
         }
     }
+    if s.bridges.iter().any(|b| b.cert_not_after_s.is_some()) {
+        let name = "outpost_bridge_client_cert_expiry_timestamp_seconds";
+        o.family(
+            name,
+            "gauge",
+            "When the bridge's TLS client certificate expires (unix time, its notAfter).",
+        );
+        for br in &s.bridges {
+            if let Some(t) = br.cert_not_after_s {
+                o.value(name, &[("bridge", &br.name)], t as f64);
+            }
+        }
+    }
     let name = "outpost_bridge_dropped_messages_total";
     o.family(
         name,

@@ -120,6 +120,14 @@ pub struct BridgeSample {
     pub connect_failures: u64,
     /// Spool files set aside as corrupt.
     pub quarantined: u64,
+    /// The cloud address of the current (or last) session.
+    pub address: String,
+    /// notAfter of the TLS client certificate (unix seconds), when there is one.
+    pub cert_not_after_s: Option<i64>,
+    /// Whole days until it expires (negative once expired).
+    pub cert_expires_in_days: Option<i64>,
+    /// `tls.warn_expiry_days`: the page warns from this many days before.
+    pub cert_warn_days: u32,
 }
 
 /// One sensor device.
@@ -396,6 +404,10 @@ impl Sampler {
                         ("spool_full", g(&st.rejected_full)),
                         ("storage", g(&st.rejected_storage)),
                     ],
+                    address: st.address(),
+                    cert_not_after_s: Some(st.cert_not_after.load(Relaxed)).filter(|t| *t != 0),
+                    cert_expires_in_days: st.cert_expires_in_days(now_ms),
+                    cert_warn_days: b.config().tls.unwrap_or_default().warn_expiry_days(),
                     reconnects: g(&st.reconnects),
                     connect_failures: g(&st.connect_failures),
                     quarantined: g(&st.quarantined),
@@ -634,6 +646,10 @@ mod tests {
             reconnects: 0,
             connect_failures: 0,
             quarantined: 0,
+            address: "mqtt://127.0.0.1:1883".into(),
+            cert_not_after_s: None,
+            cert_expires_in_days: None,
+            cert_warn_days: 30,
         }
     }
 

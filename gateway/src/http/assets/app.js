@@ -84,7 +84,15 @@ function renderBridges(s) {
       el("span", "muted", since));
     card.append(h);
     if (b.last_error && !b.connected) card.append(el("p", "error", "Last error: " + b.last_error));
+    if (b.cert_expires_in_days !== null && b.cert_expires_in_days !== undefined) {
+      const days = b.cert_expires_in_days;
+      const text = days < 0 ? "Client certificate EXPIRED " + (-days) + " days ago"
+        : "Client certificate expires in " + days + " days";
+      const warn = days < 0 || (b.cert_warn_days > 0 && days <= b.cert_warn_days);
+      card.append(el("p", warn ? "error cert" : "muted cert", text));
+    }
     const dl = el("dl", "grid");
+    if (b.address) field(dl, "Cloud", b.address);
     field(dl, "Spool", b.spool_messages + " msgs").className = "spool";
     field(dl, "Spool size", bytes(b.spool_bytes) + " of " + bytes(b.spool_max_bytes));
     field(dl, "Oldest waiting", duration(b.oldest_age_s));
