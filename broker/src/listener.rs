@@ -264,15 +264,9 @@ async fn handle_wrapped(
         }
         Err(_) => return,
     };
-    let identity = if settings.identity_as_username {
-        tls.get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| tls::common_name(c))
-    } else {
-        None
-    };
+    // By value and back: a local the async fn itself borrowed would be kept in the task's
+    // state for the connection's life (the generator cannot tell the borrow ended).
+    let (tls, identity) = tls_identity(tls, &settings);
     match websocket {
         None => connection::serve_stream(tls, peer, core, settings, connect_by, identity).await,
         Some(path) => {
@@ -282,6 +276,21 @@ async fn handle_wrapped(
             .await
         }
     }
+}
+
+/// The Common Name of the client's certificate, when the listener takes user names from
+/// certificates.
+fn tls_identity(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    settings: &Settings,
+) -> (tokio_rustls::server::TlsStream<TcpStream>, Option<String>) {
+    let identity = settings
+        .identity_as_username
+        .then(|| tls.get_ref().1.peer_certificates())
+        .flatten()
+        .and_then(|c| c.first())
+        .and_then(tls::common_name);
+    (tls, identity)
 }
 
 async fn serve_websocket<S>(
