@@ -97,6 +97,27 @@ async fn connect_inner(
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
+    handshake(
+        stream,
+        protocol,
+        client_id,
+        keep_alive,
+        clean_start,
+        properties,
+    )
+    .await
+}
+
+/// Completes CONNECT/CONNACK on an open TCP stream (clean start, no properties when
+/// called from outside this module).
+pub async fn handshake(
+    stream: TcpStream,
+    protocol: Protocol,
+    client_id: &str,
+    keep_alive: u16,
+    clean_start: bool,
+    properties: Properties,
+) -> Result<Connection> {
     stream.set_nodelay(true)?;
     let mut conn = Connection {
         stream,

@@ -22,6 +22,7 @@ pub mod limits;
 mod listener;
 pub mod message;
 mod outbound;
+mod park;
 mod retained;
 pub mod router;
 mod session;

@@ -230,6 +230,14 @@ impl OutboundRx {
         Poll::Ready(take(&mut q))
     }
 
+    /// Has `waker` woken by the next push; true if items are already waiting (then
+    /// nothing will push a wake-up for them).
+    pub fn register(&self, waker: &Waker) -> bool {
+        let mut q = lock(&self.0.queue);
+        q.waker = Some(waker.clone());
+        !q.items.is_empty()
+    }
+
     /// Takes everything queued without registering for a wake-up.
     pub fn take_now(&self) -> Vec<Outbound> {
         take(&mut lock(&self.0.queue))
