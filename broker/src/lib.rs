@@ -39,6 +39,7 @@ pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
+pub use park::set_memory_trim;
 pub use settings::{Settings, SharedSettings};
 
 /// Why a durable sink refused a message.

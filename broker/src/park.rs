@@ -10,7 +10,8 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Waker;
 use std::time::Duration;
 
@@ -21,11 +22,29 @@ use tokio::runtime::Handle;
 
 /// Readiness events taken from the set per `epoll_wait`.
 const EVENTS: usize = 256;
+/// Parks that make a wave worth handing freed memory back to the OS for.
+const TRIM_AFTER_PARKS: usize = 1024;
+/// How long after such a wave starts the memory is trimmed (the wave is over by then, or
+/// the next wave trims again).
+const TRIM_DELAY: Duration = Duration::from_secs(2);
+
+static TRIM: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what hands freed heap memory back to the OS (glibc's `malloc_trim(0)`; the
+/// binary owns the allocator, and this crate has no `unsafe`). It runs on a blocking
+/// thread a little after every wave of [`TRIM_AFTER_PARKS`] parked connections: many
+/// connections busy at once (a burst) leave their buffers and tasks freed in the middle
+/// of the heap, where `free` alone never returns them.
+pub fn set_memory_trim(trim: fn()) {
+    let _ = TRIM.set(trim);
+}
 
 /// The parked sockets of one broker; the watching task starts with the first one.
 #[derive(Default)]
 pub struct Lot {
     shared: Mutex<Option<Arc<Shared>>>,
+    /// Parks since the last memory trim was scheduled.
+    parks: AtomicUsize,
 }
 
 impl std::fmt::Debug for Lot {
@@ -77,6 +96,21 @@ impl Lot {
             return Err(e);
         }
         Ok(token)
+    }
+
+    /// Counts a park; every [`TRIM_AFTER_PARKS`] of them schedule a memory trim.
+    pub fn parked(&self) {
+        if self.parks.fetch_add(1, Ordering::Relaxed) + 1 < TRIM_AFTER_PARKS {
+            return;
+        }
+        self.parks.store(0, Ordering::Relaxed);
+        let (Some(trim), Ok(handle)) = (TRIM.get().copied(), Handle::try_current()) else {
+            return;
+        };
+        handle.spawn(async move {
+            tokio::time::sleep(TRIM_DELAY).await;
+            let _ = tokio::task::spawn_blocking(trim).await;
+        });
     }
 
     /// The runtime parked connections resume on (once the lot is in use).

@@ -104,9 +104,12 @@ pub(super) struct Driver<T> {
     closing_armed: bool,
     /// The client or the core gave this connection work since the last park check.
     active: bool,
-    /// Quiet for a whole [`PARK_AFTER`] (or just connected): park at the next idle
+    /// Quiet for a whole [`PARK_AFTER_MS`] (or just connected): park at the next idle
     /// moment.
     park_due: bool,
+    /// The parked state of the last park, kept for the next: a burst of traffic then
+    /// allocates nothing that outlives it, so the heap it used can go back to the OS.
+    parked: Option<Arc<Parked>>,
 }
 
 // The connection's deadline (`conn.deadline`) is keep alive, a partial packet's
@@ -154,6 +157,7 @@ impl<T: Transport> Driver<T> {
             // thousand clients connecting then hold ten thousand parked sockets, not
             // ten thousand tasks whose freed memory the heap keeps.
             park_due: true,
+            parked: None,
         };
         if !rbuf.is_empty() {
             let b = busy(&mut driver.busy);
@@ -507,6 +511,7 @@ impl Wake for Parked {
         let Some((mut d, token)) = lock(&self.state).take() else {
             return;
         };
+        d.parked = Some(self.clone());
         let lot = d.conn.deadlines().lot();
         lot.forget(token, d.io.as_raw_fd());
         let handle = lot.handle();
@@ -545,6 +550,7 @@ fn park_tcp(d: Driver<TcpStream>) {
         keep_alive_ms,
         unflushed,
         closing_armed,
+        parked,
         ..
     } = d;
     // Leaves tokio's reactor; the socket stays non-blocking.
@@ -567,9 +573,12 @@ fn park_tcp(d: Driver<TcpStream>) {
         closing_armed,
         active: false,
         park_due: false,
+        parked: None,
     };
-    let parked = Arc::new(Parked {
-        state: Mutex::new(None),
+    let parked = parked.unwrap_or_else(|| {
+        Arc::new(Parked {
+            state: Mutex::new(None),
+        })
     });
     let waker = Waker::from(parked.clone());
     // Held while the wakers are handed out, so one that fires meanwhile (on another
@@ -595,6 +604,7 @@ fn park_tcp(d: Driver<TcpStream>) {
     } else {
         d.conn.disarm();
     }
+    d.conn.deadlines().lot().parked();
     *state = Some((d, token));
     drop(state);
     if queued {
@@ -613,6 +623,7 @@ fn resume(d: Driver<std::net::TcpStream>, handle: &tokio::runtime::Handle) {
         keep_alive_ms,
         unflushed,
         closing_armed,
+        parked,
         ..
     } = d;
     let _enter = handle.enter();
@@ -629,6 +640,7 @@ fn resume(d: Driver<std::net::TcpStream>, handle: &tokio::runtime::Handle) {
                 closing_armed,
                 active: false,
                 park_due: false,
+                parked,
             };
             handle.spawn(super::Connection::running(d));
         }
