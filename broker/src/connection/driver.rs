@@ -10,6 +10,13 @@
 //! client's DISCONNECT) lives in a [`Busy`] box that exists only while there is such
 //! work: between packets an idle client's task is the socket, its identity and its
 //! deadline, which keeps the task within two of tokio's 128-byte lines.
+//!
+//! A plain TCP client that has had no work for a while (or says nothing after its
+//! CONNACK) goes further: it is parked. Its task ends, its socket leaves tokio for the
+//! broker's parked-socket set (`park.rs`), and its state waits in a [`Parked`] behind a
+//! `Waker` that the socket, the outbound queue and the keep-alive deadline all hold; the
+//! first of them to fire spawns the task again. An idle client then costs neither a task
+//! cell nor tokio's `ScheduledIo` (256 bytes each).
 
 use std::any::Any;
 use std::os::fd::AsRawFd;
@@ -678,4 +685,16 @@ fn lost(conn: Conn, rx: OutboundRx) {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A parked state is taken or put whole, so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A parked client costs this state (in an `Arc`) instead of its task and its tokio
+    /// registration (256 bytes each); at 136 bytes the `Arc` is a 160-byte heap chunk.
+    /// A field that only a running connection needs belongs in `Busy`.
+    #[test]
+    fn parked_state_stays_small() {
+        let size = std::mem::size_of::<super::Parked>();
+        assert!(size <= 136, "parked connection state is {size} bytes");
+    }
 }
