@@ -10,7 +10,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Waker;
 use std::time::Duration;
@@ -23,16 +23,17 @@ use tokio::runtime::Handle;
 /// Readiness events taken from the set per `epoll_wait`.
 const EVENTS: usize = 256;
 /// Parks that make a wave worth handing freed memory back to the OS for.
-const TRIM_AFTER_PARKS: usize = 1024;
+const TRIM_AFTER_PARKS: usize = 256;
 /// How long after such a wave starts the memory is trimmed (the wave is over by then, or
-/// the next wave trims again).
+/// the next wave trims again). At most one trim is pending at a time, so a long wave
+/// trims once per this period however many clients it parks.
 const TRIM_DELAY: Duration = Duration::from_secs(2);
 
 static TRIM: OnceLock<fn()> = OnceLock::new();
 
 /// Sets what hands freed heap memory back to the OS (glibc's `malloc_trim(0)`; the
 /// binary owns the allocator, and this crate has no `unsafe`). It runs on a blocking
-/// thread a little after every wave of [`TRIM_AFTER_PARKS`] parked connections: many
+/// thread a little after a wave of [`TRIM_AFTER_PARKS`] or more parked connections: many
 /// connections busy at once (a burst) leave their buffers and tasks freed in the middle
 /// of the heap, where `free` alone never returns them.
 pub fn set_memory_trim(trim: fn()) {
@@ -45,6 +46,8 @@ pub struct Lot {
     shared: Mutex<Option<Arc<Shared>>>,
     /// Parks since the last memory trim was scheduled.
     parks: AtomicUsize,
+    /// A trim is scheduled and has not run yet.
+    trim_pending: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Lot {
@@ -100,16 +103,21 @@ impl Lot {
 
     /// Counts a park; every [`TRIM_AFTER_PARKS`] of them schedule a memory trim.
     pub fn parked(&self) {
-        if self.parks.fetch_add(1, Ordering::Relaxed) + 1 < TRIM_AFTER_PARKS {
+        if self.parks.fetch_add(1, Ordering::Relaxed) + 1 < TRIM_AFTER_PARKS
+            || self.trim_pending.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         self.parks.store(0, Ordering::Relaxed);
         let (Some(trim), Ok(handle)) = (TRIM.get().copied(), Handle::try_current()) else {
+            self.trim_pending.store(false, Ordering::Release);
             return;
         };
+        let pending = self.trim_pending.clone();
         handle.spawn(async move {
             tokio::time::sleep(TRIM_DELAY).await;
             let _ = tokio::task::spawn_blocking(trim).await;
+            pending.store(false, Ordering::Release);
         });
     }
 

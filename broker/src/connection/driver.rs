@@ -390,6 +390,17 @@ impl<T: Transport> Driver<T> {
                             self.active = false;
                         } else {
                             self.park_due = true;
+                            // A client that went quiet after sending more than a trickle
+                            // kept its read size; quiet now, it gives the buffers back.
+                            if let Some(b) = self.busy.as_mut() {
+                                if b.rbuf.is_empty() && partial_due.is_none() {
+                                    b.rbuf = BytesMut::new();
+                                }
+                                if b.wbuf.is_empty() {
+                                    b.wpos = 0;
+                                    b.wbuf = BytesMut::new();
+                                }
+                            }
                         }
                     }
                     // Nothing expired: look again at the nearest of what is pending.
