@@ -27,6 +27,8 @@ pub struct Deadlines {
     inner: Mutex<Inner>,
     /// Wakes the sweeper when a deadline earlier than its next wake-up is armed.
     earlier: Notify,
+    /// Where quiet connections leave their sockets (they keep their deadline here).
+    lot: crate::park::Lot,
 }
 
 /// Low bits of a key that tell apart connections with the same deadline millisecond.
@@ -56,12 +58,18 @@ impl Deadlines {
             next_id: AtomicU64::new(1),
             inner: Mutex::new(Inner::default()),
             earlier: Notify::new(),
+            lot: crate::park::Lot::default(),
         })
     }
 
     /// The clock deadlines are kept in: milliseconds since this set was made, never 0.
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// The sockets of parked (quiet) connections.
+    pub fn lot(&self) -> &crate::park::Lot {
+        &self.lot
     }
 
     /// A new connection id for [`Self::arm`]. Only its low [`ID_BITS`] bits reach a key,

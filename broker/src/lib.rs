@@ -22,6 +22,7 @@ pub mod limits;
 mod listener;
 pub mod message;
 mod outbound;
+mod park;
 mod retained;
 pub mod router;
 mod session;
@@ -38,6 +39,7 @@ pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
+pub use park::set_memory_trim;
 pub use settings::{Settings, SharedSettings};
 pub use tls::{TlsError, server_config, server_config as tls_server_config};
 

@@ -42,6 +42,15 @@ enum Command {
 const INVALID: u8 = 2;
 
 fn main() -> ExitCode {
+    // Freed heap in the middle of glibc's arenas goes back to the OS only by trimming;
+    // the broker trims after a burst of clients goes quiet again.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    outpost_broker::set_memory_trim(|| {
+        // SAFETY: malloc_trim has no preconditions; it only walks glibc's own arenas.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    });
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Passwd) => return passwd(),

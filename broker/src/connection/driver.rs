@@ -10,16 +10,27 @@
 //! client's DISCONNECT) lives in a [`Busy`] box that exists only while there is such
 //! work: between packets an idle client's task is the socket, its identity and its
 //! deadline, which keeps the task within two of tokio's 128-byte lines.
+//!
+//! A plain TCP client that has had no work for a while (or says nothing after its
+//! CONNACK) goes further: it is parked. Its task ends, its socket leaves tokio for the
+//! broker's parked-socket set (`park.rs`), and its state waits in a [`Parked`] behind a
+//! `Waker` that the socket, the outbound queue and the keep-alive deadline all hold; the
+//! first of them to fire spawns the task again. An idle client then costs neither a task
+//! cell nor tokio's `ScheduledIo` (256 bytes each).
 
-use std::task::{Context, Poll};
+use std::any::Any;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
 use outpost_mqtt::{Disconnect, ReasonCode};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::SendError;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use super::super::core::CoreEvent;
 use super::super::deadlines::Deadlines;
@@ -38,6 +49,13 @@ const WRITE_TRICKLE: usize = 4 * 1024;
 const CLOSE_GRACE_MS: u64 = 5_000;
 /// Rounds of work per poll before yielding, so one busy client cannot hold a worker.
 const ROUNDS_PER_POLL: usize = 32;
+/// A plain TCP connection with no work from its client or the core for between one and
+/// two of these (ms) is parked: its socket waits in `park::Lot` and its task ends, until
+/// a byte, an item from the core or its keep-alive deadline brings it back. Long enough
+/// that a client sending every second or so stays in its task (parking and resuming
+/// cost a few system calls and allocations), short enough that a site of sensors
+/// reporting every minute spends nearly all its time parked.
+const PARK_AFTER_MS: u64 = 5_000;
 
 /// An event for the core that waits for room in its queue.
 struct Stall {
@@ -84,12 +102,6 @@ pub(super) struct Driver<T> {
     pub(super) conn: Conn,
     pub(super) rx: OutboundRx,
     busy: Option<Box<Busy>>,
-    /// This connection's key in the deadlines.
-    timer_id: u32,
-    /// Key of the armed deadline in `Deadlines` (0 when none): keep alive, then the
-    /// close grace period. Re-armed lazily, so it fires at most once per keep-alive
-    /// period instead of moving on every packet.
-    deadline: u64,
     /// When the last bytes arrived (ms on the `Deadlines` clock).
     last_rx: u64,
     /// Keep alive in milliseconds; 0 when the client has none.
@@ -97,12 +109,27 @@ pub(super) struct Driver<T> {
     /// Bytes handed to the transport since its last flush.
     unflushed: bool,
     closing_armed: bool,
+    /// The client or the core gave this connection work since the last park check.
+    active: bool,
+    /// Quiet for a whole [`PARK_AFTER_MS`] (or just connected): park at the next idle
+    /// moment.
+    park_due: bool,
+    /// The parked state of the last park, kept for the next: a burst of traffic then
+    /// allocates nothing that outlives it, so the heap it used can go back to the OS.
+    parked: Option<Arc<Parked>>,
 }
 
-impl<T> Drop for Driver<T> {
-    fn drop(&mut self) {
-        self.conn.deadlines().disarm(self.deadline);
-    }
+// The connection's deadline (`conn.deadline`) is keep alive, a partial packet's
+// timeout, the close grace period or the next park check, whichever is first. It is
+// re-armed lazily, so it fires at most once per keep-alive period or park check
+// instead of moving on every packet.
+
+/// How the connected phase ended.
+pub(super) enum Exit {
+    /// The connection is over; the client's DISCONNECT if it sent one.
+    Closed(Option<Box<Disconnect>>),
+    /// The connection is quiet and may leave its task: see [`park`].
+    Park,
 }
 
 enum Round {
@@ -121,21 +148,23 @@ impl<T: Transport> Driver<T> {
         rbuf: BytesMut,
         keep_alive: Option<Duration>,
     ) -> Driver<T> {
-        let deadlines = conn.deadlines();
-        let last_rx = deadlines.now_ms();
-        let timer_id = deadlines.id();
+        let last_rx = conn.deadlines().now_ms();
         let mut driver = Driver {
             io,
             conn,
             rx,
             busy: None,
-            timer_id,
-            deadline: 0,
             last_rx,
             keep_alive_ms: keep_alive
                 .map_or(0, |k| u32::try_from(k.as_millis()).unwrap_or(u32::MAX)),
             unflushed: false,
             closing_armed: false,
+            active: false,
+            // A client that says nothing after its CONNACK is parked at once: ten
+            // thousand clients connecting then hold ten thousand parked sockets, not
+            // ten thousand tasks whose freed memory the heap keeps.
+            park_due: true,
+            parked: None,
         };
         if !rbuf.is_empty() {
             let b = busy(&mut driver.busy);
@@ -153,7 +182,7 @@ impl<T: Transport> Driver<T> {
 
     /// Runs the connection; ready when it has ended, with the client's DISCONNECT if it
     /// sent one.
-    pub(super) fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Option<Box<Disconnect>>> {
+    pub(super) fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Exit> {
         for _ in 0..ROUNDS_PER_POLL {
             match self.round(cx) {
                 Round::Progress => {}
@@ -161,15 +190,30 @@ impl<T: Transport> Driver<T> {
                     if self.busy.as_ref().is_some_and(|b| b.is_idle()) {
                         self.busy = None;
                     }
+                    if self.park_due && self.can_park() {
+                        return Poll::Ready(Exit::Park);
+                    }
                     return Poll::Pending;
                 }
                 Round::Finished => {
-                    return Poll::Ready(self.busy.as_mut().and_then(|b| b.disconnect.take()));
+                    return Poll::Ready(Exit::Closed(
+                        self.busy.as_mut().and_then(|b| b.disconnect.take()),
+                    ));
                 }
             }
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Whether this connection can leave its task now: a plain TCP socket (the only
+    /// transport whose state is all in the kernel), nothing buffered or in hand, nothing
+    /// waited on but the socket, the outbound queue and the deadline.
+    fn can_park(&self) -> bool {
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<TcpStream>()
+            && self.busy.is_none()
+            && !self.unflushed
+            && self.conn.parkable()
     }
 
     fn wbuf_len(&self) -> usize {
@@ -181,6 +225,7 @@ impl<T: Transport> Driver<T> {
     /// is unblocked only by progress of one that was polled.
     fn round(&mut self, cx: &mut Context<'_>) -> Round {
         let mut progress = false;
+        let mut worked = false;
         match self.poll_write(cx) {
             Poll::Ready(Ok(true)) => progress = true,
             Poll::Ready(Ok(false)) | Poll::Pending => {}
@@ -196,9 +241,8 @@ impl<T: Transport> Driver<T> {
             }
             if !self.closing_armed {
                 self.closing_armed = true;
-                let d = self.conn.deadlines();
-                let at = d.now_ms() + CLOSE_GRACE_MS;
-                self.deadline = d.arm(self.timer_id, self.deadline, at, cx.waker());
+                let at = self.conn.deadlines().now_ms() + CLOSE_GRACE_MS;
+                self.conn.arm(at, cx.waker());
             }
         }
 
@@ -206,19 +250,19 @@ impl<T: Transport> Driver<T> {
             && self.wbuf_len() < WRITE_HIGH_WATER
             && let Poll::Ready(mut items) = self.rx.poll_take(cx)
         {
-            progress = true;
+            worked = true;
             let batch = items.len();
             self.encode_items(&mut items);
             self.rx.recycle(items, batch);
         }
 
         if self.conn.poll_head_publish(cx) {
-            progress = true;
+            worked = true;
             self.conn.release_publishes(&mut busy(&mut self.busy).wbuf);
         }
 
         if let Some(outcome) = self.conn.poll_head_ack(cx) {
-            progress = true;
+            worked = true;
             self.conn
                 .release_acks(outcome, &mut busy(&mut self.busy).wbuf);
         }
@@ -227,7 +271,7 @@ impl<T: Transport> Driver<T> {
             && let Some(stall) = b.stall.as_mut()
             && let Poll::Ready(permit) = stall.permit.as_mut().poll(cx)
         {
-            progress = true;
+            worked = true;
             let event = b.stall.take().map(|s| s.event);
             match (permit, event) {
                 (Ok(permit), Some(event)) => {
@@ -244,7 +288,7 @@ impl<T: Transport> Driver<T> {
         let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
         if !self.conn.winding_down() && !stalled {
             if self.busy.as_ref().is_some_and(|b| b.decode_pending) {
-                progress = true;
+                worked = true;
                 self.decode();
             }
             let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
@@ -259,7 +303,7 @@ impl<T: Transport> Driver<T> {
                 match self.io.poll_read_into(cx, rbuf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Round::Finished,
                     Poll::Ready(Ok(n)) => {
-                        progress = true;
+                        worked = true;
                         let trickle = n < rbuf.capacity() / 2;
                         if fresh.capacity() > 0 {
                             busy(&mut self.busy).rbuf = fresh;
@@ -279,6 +323,15 @@ impl<T: Transport> Driver<T> {
             }
         }
 
+        // Work from the client or the core (not a write, which is the tail of earlier
+        // work) postpones parking.
+        if worked {
+            self.active = true;
+            self.park_due = false;
+            progress = true;
+        }
+        let parks = std::any::TypeId::of::<T>() == std::any::TypeId::of::<TcpStream>();
+
         // The packet being received, if it waits on the client: due by packet_timeout.
         let partial_due = self
             .busy
@@ -286,20 +339,22 @@ impl<T: Transport> Driver<T> {
             .filter(|b| b.partial_since != 0 && b.stall.is_none() && !b.decode_pending)
             .map(|b| b.partial_since + self.conn.packet_timeout_ms());
         if !self.conn.winding_down() {
-            let d = self.conn.deadlines();
             if let Some(due) = partial_due
-                && (self.deadline == 0 || due < Deadlines::due(self.deadline))
+                && (self.conn.deadline == 0 || due < Deadlines::due(self.conn.deadline))
             {
-                self.deadline = d.arm(self.timer_id, self.deadline, due, cx.waker());
-            } else if self.deadline == 0 && self.keep_alive_ms > 0 {
-                let at = self.last_rx + u64::from(self.keep_alive_ms);
-                self.deadline = d.arm(self.timer_id, 0, at, cx.waker());
+                self.conn.arm(due, cx.waker());
+            } else if self.conn.deadline == 0 && (self.keep_alive_ms > 0 || parks) {
+                let k = u64::from(self.keep_alive_ms);
+                let keep_alive = (k > 0).then(|| self.last_rx + k);
+                let check = parks.then(|| self.conn.deadlines().now_ms() + PARK_AFTER_MS);
+                if let Some(at) = keep_alive.into_iter().chain(check).min() {
+                    self.conn.arm(at, cx.waker());
+                }
             }
         }
-        if self.deadline != 0 {
-            let d = self.conn.deadlines();
-            let now = d.now_ms();
-            if now >= Deadlines::due(self.deadline) {
+        if self.conn.deadline != 0 {
+            let now = self.conn.deadlines().now_ms();
+            if now >= Deadlines::due(self.conn.deadline) {
                 progress = true;
                 if self.conn.winding_down() {
                     return Round::Finished;
@@ -313,8 +368,7 @@ impl<T: Transport> Driver<T> {
                         conn_id = self.conn.conn_id,
                         "connection closed: a packet was not completed within broker.packet_timeout"
                     );
-                    d.disarm(self.deadline);
-                    self.deadline = 0;
+                    self.conn.disarm();
                     self.conn.violation(
                         ReasonCode::UNSPECIFIED_ERROR,
                         &mut busy(&mut self.busy).wbuf,
@@ -324,25 +378,44 @@ impl<T: Transport> Driver<T> {
                         conn_id = self.conn.conn_id,
                         "connection closed: keep alive expired"
                     );
-                    d.disarm(self.deadline);
-                    self.deadline = 0;
+                    self.conn.disarm();
                     self.conn.violation(
                         ReasonCode::KEEP_ALIVE_TIMEOUT,
                         &mut busy(&mut self.busy).wbuf,
                     );
                 } else {
-                    // Nothing expired: look again at the nearer of what is pending.
-                    let next = [partial_due, (k > 0).then(|| self.last_rx + k)]
-                        .into_iter()
-                        .flatten()
-                        .min();
-                    self.deadline = match next {
-                        Some(at) => d.arm(self.timer_id, self.deadline, at, cx.waker()),
-                        None => {
-                            d.disarm(self.deadline);
-                            0
+                    // A park check: quiet since the last one, park when next idle.
+                    if parks {
+                        if self.active {
+                            self.active = false;
+                        } else {
+                            self.park_due = true;
+                            // A client that went quiet after sending more than a trickle
+                            // kept its read size; quiet now, it gives the buffers back.
+                            if let Some(b) = self.busy.as_mut() {
+                                if b.rbuf.is_empty() && partial_due.is_none() {
+                                    b.rbuf = BytesMut::new();
+                                }
+                                if b.wbuf.is_empty() {
+                                    b.wpos = 0;
+                                    b.wbuf = BytesMut::new();
+                                }
+                            }
                         }
-                    };
+                    }
+                    // Nothing expired: look again at the nearest of what is pending.
+                    let next = [
+                        partial_due,
+                        (k > 0).then(|| self.last_rx + k),
+                        parks.then_some(now + PARK_AFTER_MS),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                    match next {
+                        Some(at) => self.conn.arm(at, cx.waker()),
+                        None => self.conn.disarm(),
+                    }
                 }
             }
         }
@@ -437,5 +510,211 @@ impl<T: Transport> Driver<T> {
                 break;
             }
         }
+    }
+}
+
+/// A parked connection: its state without a task or a tokio registration. Its waker sits
+/// in the lot (the socket), the outbound queue and the deadlines; the first to fire
+/// takes the state out and resumes it, later ones find it gone.
+struct Parked {
+    state: Mutex<Option<Sleeping>>,
+}
+
+/// What a parked connection keeps: only what outlives its quiet spell (no buffers, no
+/// flags of a running one), so that `Parked` in its `Arc` is one malloc size class
+/// smaller.
+struct Sleeping {
+    io: std::net::TcpStream,
+    keep_alive_ms: u32,
+    /// The socket's slot in the lot.
+    token: u32,
+    conn: Conn,
+    rx: OutboundRx,
+    last_rx: u64,
+}
+
+impl Wake for Parked {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(mut z) = lock(&self.state).take() else {
+            return;
+        };
+        let lot = z.conn.deadlines().lot();
+        lot.forget(z.token as usize, z.io.as_raw_fd());
+        let handle = lot.handle();
+        // The deadline would wake this state, now gone; the task arms its own.
+        z.conn.disarm();
+        match handle {
+            Some(h) => resume(z, self.clone(), &h),
+            None => lost(z.conn, z.rx),
+        }
+    }
+}
+
+/// Moves a quiet connection out of its task (which then ends) into the lot; `Some`
+/// gives the driver back if this transport cannot be parked.
+pub(super) fn park<T: Transport>(driver: Driver<T>) -> Option<Driver<T>> {
+    let any: Box<dyn Any> = Box::new(driver);
+    match any.downcast::<Driver<TcpStream>>() {
+        Ok(d) => {
+            park_tcp(*d);
+            None
+        }
+        Err(any) => any.downcast::<Driver<T>>().ok().map(|mut d| {
+            d.park_due = false;
+            *d
+        }),
+    }
+}
+
+fn park_tcp(d: Driver<TcpStream>) {
+    // `can_park` made sure nothing is buffered (`busy` is gone) or unflushed.
+    let Driver {
+        io,
+        conn,
+        rx,
+        last_rx,
+        keep_alive_ms,
+        parked,
+        ..
+    } = d;
+    // Leaves tokio's reactor; the socket stays non-blocking.
+    let io = match io.into_std() {
+        Ok(io) => io,
+        Err(e) => {
+            warn!(conn_id = conn.conn_id, error = %e, "could not park an idle connection; closing it");
+            lost(conn, rx);
+            return;
+        }
+    };
+    let mut z = Sleeping {
+        io,
+        keep_alive_ms,
+        token: 0,
+        conn,
+        rx,
+        last_rx,
+    };
+    let parked = parked.unwrap_or_else(|| {
+        Arc::new(Parked {
+            state: Mutex::new(None),
+        })
+    });
+    let waker = Waker::from(parked.clone());
+    // Held while the wakers are handed out, so one that fires meanwhile (on another
+    // worker) waits until the state is in place.
+    let mut state = lock(&parked.state);
+    let lot = z.conn.deadlines().lot();
+    let fd = z.io.as_raw_fd();
+    let watched = lot.watch(fd, waker.clone()).and_then(|t| {
+        // Four billion parked sockets do not fit in the fd table; but if they did:
+        u32::try_from(t).map_err(|e| {
+            lot.forget(t, fd);
+            std::io::Error::other(e)
+        })
+    });
+    match watched {
+        Ok(token) => z.token = token,
+        Err(e) => {
+            debug!(error = %e, "parking a connection failed; it keeps its task");
+            drop(state);
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => resume(z, parked.clone(), &h),
+                Err(_) => lost(z.conn, z.rx),
+            }
+            return;
+        }
+    }
+    let queued = z.rx.register(&waker);
+    if z.keep_alive_ms > 0 {
+        let at = z.last_rx + u64::from(z.keep_alive_ms);
+        z.conn.arm(at, &waker);
+    } else {
+        z.conn.disarm();
+    }
+    z.conn.deadlines().lot().parked();
+    *state = Some(z);
+    drop(state);
+    if queued {
+        waker.wake();
+    }
+}
+
+/// Gives a parked connection its tokio registration and task back.
+fn resume(z: Sleeping, parked: Arc<Parked>, handle: &tokio::runtime::Handle) {
+    let Sleeping {
+        io,
+        keep_alive_ms,
+        conn,
+        rx,
+        last_rx,
+        ..
+    } = z;
+    let _enter = handle.enter();
+    match TcpStream::from_std(io) {
+        Ok(io) => {
+            let d = Driver {
+                io,
+                conn,
+                rx,
+                busy: None,
+                last_rx,
+                keep_alive_ms,
+                unflushed: false,
+                closing_armed: false,
+                active: false,
+                park_due: false,
+                parked: Some(parked),
+            };
+            handle.spawn(super::Connection::running(d));
+        }
+        Err(e) => {
+            warn!(conn_id = conn.conn_id, error = %e, "could not resume a parked connection; closing it");
+            lost(conn, rx);
+        }
+    }
+}
+
+/// A connection whose socket was lost while parking or resuming: the core still hears
+/// that it closed (its will is due, as for any connection that ends without
+/// DISCONNECT).
+fn lost(conn: Conn, rx: OutboundRx) {
+    rx.close();
+    if !conn.accepted {
+        return;
+    }
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        let _ = conn
+            .core
+            .send(CoreEvent::Closed {
+                session: conn.session,
+                conn_id: conn.conn_id,
+                disconnect: None,
+                reason: conn.close_reason,
+            })
+            .await;
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A parked state is taken or put whole, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A parked client costs this state (in an `Arc`) instead of its task and its tokio
+    /// registration (256 bytes each); at 120 bytes the `Arc` is a 144-byte heap chunk.
+    /// A field that only a running connection needs stays out of `Sleeping`.
+    #[test]
+    fn parked_state_stays_small() {
+        let size = std::mem::size_of::<super::Parked>();
+        assert!(size <= 120, "parked connection state is {size} bytes");
     }
 }

@@ -123,6 +123,15 @@ impl<T: Transport> Connection<T> {
     }
 }
 
+impl<T> Connection<T> {
+    /// The task of a connection resumed from the parked-socket lot.
+    fn running(driver: Driver<T>) -> Self {
+        Connection {
+            phase: Phase::Running(driver),
+        }
+    }
+}
+
 impl<T: Transport> Future for Connection<T> {
     type Output = ();
 
@@ -135,10 +144,16 @@ impl<T: Transport> Future for Connection<T> {
                     None => this.phase = Phase::Done,
                 },
                 Phase::Running(driver) => {
-                    let disconnect = ready!(driver.poll_run(cx));
+                    let exit = ready!(driver.poll_run(cx));
                     if let Phase::Running(driver) = std::mem::replace(&mut this.phase, Phase::Done)
                     {
-                        this.phase = Phase::Closing(close(driver, disconnect));
+                        this.phase = match exit {
+                            driver::Exit::Closed(d) => Phase::Closing(close(driver, d)),
+                            // Quiet: the task ends, the socket waits in the lot.
+                            driver::Exit::Park => {
+                                driver::park(driver).map_or(Phase::Done, Phase::Running)
+                            }
+                        };
                     }
                 }
                 Phase::Closing(f) => {

@@ -110,10 +110,22 @@ pub(super) struct Conn {
     pub(super) ending: bool,
     /// 5.0 CONNECT had Session Expiry 0: a DISCONNECT may not raise it (3.14.2.2.2).
     connect_expiry_zero: bool,
+    /// This connection's key in the deadlines.
+    pub(super) timer_id: u32,
+    /// Key of the armed deadline in `Deadlines` (0 when none). Kept here rather than in
+    /// the driver so that it is disarmed whenever the connection's state goes, running
+    /// or parked.
+    pub(super) deadline: u64,
     /// A test fault point was reached: abort once the write buffer is flushed
     /// (`broker::fault`).
     #[cfg(debug_assertions)]
     pub(super) abort_after_flush: std::cell::Cell<bool>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.settings.deadlines.disarm(self.deadline);
+    }
 }
 
 impl Conn {
@@ -123,6 +135,7 @@ impl Conn {
         core: BrokerHandle,
         settings: Arc<Settings>,
     ) -> Conn {
+        let timer_id = settings.deadlines.id();
         Conn {
             protocol: connect.protocol,
             accepted: false,
@@ -133,6 +146,8 @@ impl Conn {
             settings,
             unacked_qos1: 0,
             tables: None,
+            timer_id,
+            deadline: 0,
             connect_expiry_zero: connect.protocol.is_v5()
                 && connect.properties.session_expiry_interval.unwrap_or(0) == 0,
             out_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
@@ -164,6 +179,21 @@ impl Conn {
 
     pub(super) fn deadlines(&self) -> &Arc<Deadlines> {
         &self.settings.deadlines
+    }
+
+    /// Arms this connection's deadline at `at` (ms, `Deadlines` clock) for `waker`,
+    /// replacing the one armed before.
+    pub(super) fn arm(&mut self, at: u64, waker: &std::task::Waker) {
+        self.deadline = self
+            .settings
+            .deadlines
+            .arm(self.timer_id, self.deadline, at, waker);
+    }
+
+    /// Forgets this connection's deadline.
+    pub(super) fn disarm(&mut self) {
+        self.settings.deadlines.disarm(self.deadline);
+        self.deadline = 0;
     }
 
     /// Decodes and handles every whole packet in `rbuf`, unless the core's queue fills.
@@ -279,6 +309,17 @@ impl Conn {
     /// lets them out first (within the close grace period).
     pub(super) fn replies_pending(&self) -> bool {
         self.tables.as_ref().is_some_and(|t| !t.acks.is_empty())
+    }
+
+    /// True when nothing waits on a future of this connection's own (a durable commit
+    /// behind an acknowledgement or a held delivery): its socket, its outbound queue and
+    /// its deadline are then all it waits on, and it may be parked.
+    pub(super) fn parkable(&self) -> bool {
+        !self.winding_down()
+            && self
+                .tables
+                .as_ref()
+                .is_none_or(|t| t.acks.is_empty() && t.held.is_empty())
     }
 
     /// Queues a DISCONNECT with `reason` (5.0 only; 3.x just closes).

@@ -1,0 +1,288 @@
+//! Where idle plain-TCP sockets wait for their next byte outside tokio.
+//!
+//! A socket registered with tokio costs a 256-byte `ScheduledIo` (cache-padded, in an
+//! `Arc`) and its task a 256-byte task cell: two thirds of what an idle client cost.
+//! A connection that has been quiet for a while hands its socket to this lot instead:
+//! one `epoll` set (through mio, which tokio already uses) watched by one task, a 16-byte
+//! slot per socket, and no task at all. The first byte, an item from the core or the
+//! keep-alive deadline wakes the connection's `Waker`, which takes the socket back to
+//! tokio and spawns its task again (`connection/driver.rs`).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::Waker;
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Token};
+use tokio::io::unix::AsyncFd;
+use tokio::runtime::Handle;
+
+/// Readiness events taken from the set per `epoll_wait`.
+const EVENTS: usize = 256;
+/// Parks that make a wave worth handing freed memory back to the OS for.
+const TRIM_AFTER_PARKS: usize = 256;
+/// How long after such a wave starts the memory is trimmed (the wave is over by then, or
+/// the next wave trims again). At most one trim is pending at a time, so a long wave
+/// trims once per this period however many clients it parks.
+const TRIM_DELAY: Duration = Duration::from_secs(2);
+
+static TRIM: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what hands freed heap memory back to the OS (glibc's `malloc_trim(0)`; the
+/// binary owns the allocator, and this crate has no `unsafe`). It runs on a blocking
+/// thread a little after a wave of [`TRIM_AFTER_PARKS`] or more parked connections: many
+/// connections busy at once (a burst) leave their buffers and tasks freed in the middle
+/// of the heap, where `free` alone never returns them.
+pub fn set_memory_trim(trim: fn()) {
+    let _ = TRIM.set(trim);
+}
+
+/// The parked sockets of one broker; the watching task starts with the first one.
+#[derive(Default)]
+pub struct Lot {
+    shared: Mutex<Option<Arc<Shared>>>,
+    /// Parks since the last memory trim was scheduled.
+    parks: AtomicUsize,
+    /// A trim is scheduled and has not run yet.
+    trim_pending: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Lot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lot").finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    registry: mio::Registry,
+    /// The runtime the parked connections go back to.
+    handle: Handle,
+    slots: Mutex<Slots>,
+}
+
+/// Token -> waker of the parked connection; freed tokens are reused.
+#[derive(Default)]
+struct Slots {
+    wakers: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl Lot {
+    /// Watches `fd` for readability (data, end of stream or error) and wakes `waker`
+    /// when it comes. A socket that is already readable wakes at once (`EPOLL_CTL_ADD`
+    /// reports the current state), so no byte that came while parking is missed.
+    /// Returns the token to [`Self::forget`] it with.
+    pub fn watch(&self, fd: RawFd, waker: Waker) -> io::Result<usize> {
+        let shared = self.shared()?;
+        let token = {
+            let mut s = lock(&shared.slots);
+            match s.free.pop() {
+                Some(t) => {
+                    s.wakers[t] = Some(waker);
+                    t
+                }
+                None => {
+                    s.wakers.push(Some(waker));
+                    s.wakers.len() - 1
+                }
+            }
+        };
+        if let Err(e) =
+            shared
+                .registry
+                .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
+        {
+            release(&shared, token);
+            return Err(e);
+        }
+        Ok(token)
+    }
+
+    /// Counts a park; every [`TRIM_AFTER_PARKS`] of them schedule a memory trim.
+    pub fn parked(&self) {
+        if self.parks.fetch_add(1, Ordering::Relaxed) + 1 < TRIM_AFTER_PARKS
+            || self.trim_pending.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.parks.store(0, Ordering::Relaxed);
+        let (Some(trim), Ok(handle)) = (TRIM.get().copied(), Handle::try_current()) else {
+            self.trim_pending.store(false, Ordering::Release);
+            return;
+        };
+        let pending = self.trim_pending.clone();
+        handle.spawn(async move {
+            tokio::time::sleep(TRIM_DELAY).await;
+            let _ = tokio::task::spawn_blocking(trim).await;
+            pending.store(false, Ordering::Release);
+        });
+    }
+
+    /// The runtime parked connections resume on (once the lot is in use).
+    pub fn handle(&self) -> Option<Handle> {
+        lock(&self.shared).as_ref().map(|s| s.handle.clone())
+    }
+
+    /// Stops watching `fd` (its connection is taking it back).
+    pub fn forget(&self, token: usize, fd: RawFd) {
+        let Some(shared) = lock(&self.shared).clone() else {
+            return;
+        };
+        // Fails only if the socket is no longer in the set, which is what we want.
+        let _ = shared.registry.deregister(&mut SourceFd(&fd));
+        release(&shared, token);
+    }
+
+    /// The shared set, made (with its watching task) on first use.
+    fn shared(&self) -> io::Result<Arc<Shared>> {
+        let mut slot = lock(&self.shared);
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let handle = Handle::try_current().map_err(io::Error::other)?;
+        let poll = mio::Poll::new()?;
+        let shared = Arc::new(Shared {
+            registry: poll.registry().try_clone()?,
+            handle: handle.clone(),
+            slots: Mutex::new(Slots::default()),
+        });
+        let fd = {
+            let _enter = handle.enter();
+            // Deprecated because a caller could hand in a value whose fd closes or changes
+            // while registered; `mio::Poll` owns its epoll fd for its whole life and
+            // always returns that one, which is what the replacement's `unsafe`
+            // contract asks (this crate forbids `unsafe`).
+            #[allow(deprecated)]
+            AsyncFd::with_interest(poll, tokio::io::Interest::READABLE)?
+        };
+        handle.spawn(watch(fd, Arc::downgrade(&shared)));
+        *slot = Some(shared.clone());
+        Ok(shared)
+    }
+}
+
+fn release(shared: &Shared, token: usize) {
+    let mut s = lock(&shared.slots);
+    if let Some(w) = s.wakers.get_mut(token)
+        && w.take().is_some()
+    {
+        s.free.push(token);
+    }
+}
+
+/// The watching task: wakes the connection of every socket that became readable.
+/// Ends when the broker (its `Lot`) is gone.
+async fn watch(mut fd: AsyncFd<mio::Poll>, shared: Weak<Shared>) {
+    let mut events = Events::with_capacity(EVENTS);
+    let mut due = Vec::new();
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        loop {
+            if let Err(e) = guard
+                .get_inner_mut()
+                .poll(&mut events, Some(Duration::ZERO))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                tracing::error!(error = %e, "parked sockets: epoll_wait failed");
+                return;
+            }
+            let Some(s) = shared.upgrade() else {
+                return;
+            };
+            let mut n = 0;
+            {
+                let slots = lock(&s.slots);
+                for e in events.iter() {
+                    n += 1;
+                    if let Some(Some(w)) = slots.wakers.get(e.token().0) {
+                        due.push(w.clone());
+                    }
+                }
+            }
+            // Woken outside the lock: waking takes the socket out of the set.
+            for w in due.drain(..) {
+                w.wake();
+            }
+            if n < EVENTS {
+                break;
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves the slots consistent, so a poisoned lock is usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    use super::*;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn wakes_on_data_and_not_after_forget() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let lot = Lot::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let token = lot
+            .watch(server.as_raw_fd(), Waker::from(count.clone()))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "woken without data");
+        client.write_all(b"x").unwrap();
+        for _ in 0..100 {
+            if count.0.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "data must wake once");
+        lot.forget(token, server.as_raw_fd());
+        client.write_all(b"y").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "forgotten socket woke");
+    }
+
+    #[tokio::test]
+    async fn a_socket_readable_before_parking_wakes_at_once() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        client.write_all(b"early").unwrap();
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let lot = Lot::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        lot.watch(server.as_raw_fd(), Waker::from(count.clone()))
+            .unwrap();
+        for _ in 0..100 {
+            if count.0.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+}
