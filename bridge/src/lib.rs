@@ -6,6 +6,7 @@
 //! has acknowledged them. QoS 2 keeps persisted packet identifiers and stages so a restart
 //! resends PUBREL, never a second PUBLISH. See `README.md` for the `[[bridge]]` table.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;

@@ -6,6 +6,7 @@
 //! touches a socket, so the broker, the bridge's client side and the load generator
 //! share one implementation that is tested and fuzzed on its own.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod codec;

@@ -8,6 +8,7 @@
 //! can drift apart unnoticed, so this crate is the one both use. What a set-aside file
 //! held differs between them, so saying so in the log is left to the caller.
 
+#![forbid(unsafe_code)]
 pub mod reserve;
 
 use std::path::{Path, PathBuf};

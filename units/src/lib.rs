@@ -5,6 +5,7 @@
 //! (with a different message) in the next. This crate is the one parser they share.
 //! Both also accept plain integers (bytes, seconds) so generated configs stay simple.
 
+#![forbid(unsafe_code)]
 use std::fmt;
 use std::time::Duration;
 

@@ -7,6 +7,7 @@
 //! TLS is not handled here: the adapter wraps whatever stream it is given, plain TCP or
 //! a TLS stream the caller has already set up.
 
+#![forbid(unsafe_code)]
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
