@@ -22,6 +22,18 @@ pub fn is_synchronised(k: KernelClock) -> bool {
     k.state != TIME_ERROR && k.status & STA_UNSYNC == 0
 }
 
+/// Milliseconds since boot (CLOCK_BOOTTIME), a monotonic reference while the wall clock
+/// is unknown.
+pub fn uptime_ms() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, exclusively borrowed timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000)
+}
+
 /// Reads the kernel clock state without changing it (modes = 0 needs no privilege).
 pub fn read_kernel_clock() -> Option<KernelClock> {
     // SAFETY: timex is plain old data; zeroed is a valid value, and modes = 0 only reads.

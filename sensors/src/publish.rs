@@ -100,22 +100,11 @@ fn stamp(obj: &mut Map<String, Json>, clock: &Clock) {
             // A Pi without RTC boots in 1970 or at the last shutdown time: say so instead of guessing.
             obj.insert("ts".into(), Json::Null);
             obj.insert("clock".into(), Json::String("unsynchronised".into()));
-            if let Some(ms) = uptime_ms() {
+            if let Some(ms) = crate::clock::uptime_ms() {
                 obj.insert("uptime_ms".into(), Json::from(ms));
             }
         }
     }
-}
-
-/// Milliseconds since boot (CLOCK_BOOTTIME), a monotonic reference while the wall clock is unknown.
-pub fn uptime_ms() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, exclusively borrowed timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    (rc == 0).then(|| ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000)
 }
 
 /// JSON payload of a reading.
