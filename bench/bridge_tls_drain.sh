@@ -12,7 +12,7 @@
 # sequence number; `mosquitto_pub -l` is not used for it because 2.0.11 exits at end of
 # input with messages unsent: 34,467 of 100,000 arrived in a trial), live traffic is
 # `L<seq> <send time>` lines through `mosquitto_pub -l` at LIVE_RATE. A persistent QoS 1
-# collector at the cloud (`mosquitto_sub -F '%U %t %x'`) stamps arrivals, from which
+# collector at the cloud (`mosquitto_sub -F '%U %t %p'`) stamps arrivals, from which
 # bench/bridge_tls_drain_report.py computes the drain rate (first to last backlog
 # arrival), loss, duplicates and the live messages' latency. OUT=DIR keeps raw files.
 set -euo pipefail
@@ -127,12 +127,12 @@ sleep 3
 
 cloud_start
 CLOUD_UP=$(now)
-mosquitto_sub "${TLS_SUB[@]}" -i collector -c -q 1 -t 'up/#' -F '%U %t %x' > "$WORK/arrivals.txt" & PIDS+=($!)
+mosquitto_sub "${TLS_SUB[@]}" -i collector -c -q 1 -t 'up/#' -F '%U %t %p' > "$WORK/arrivals.txt" & PIDS+=($!)
 SUB_PID=$!
 C0=("$(cpu "$GW_PID")" "$(cpu "$CLOUD_PID")" "$(cpu "$SUB_PID")")
 for _ in $(seq 600); do
     sleep 1
-    got=$(grep -c ' up/bench/' "$WORK/arrivals.txt" || true)
+    got=$(grep -a -c ' up/bench/' "$WORK/arrivals.txt" || true)
     [[ $got -ge $N ]] && break
 done
 echo "backlog arrivals: $got" >&2
@@ -159,10 +159,10 @@ python3 "$ROOT/bench/bridge_tls_drain_report.py" "$WORK/arrivals.txt" "$N" \
 cat "$WORK/accept.log" >&2
 cat "$WORK/accept.json"
 
-# The same, with a collector like the drain's (mosquitto_sub -F '%U %t %x' to a file, on
+# The same, with a collector like the drain's (mosquitto_sub -F '%U %t %p' to a file, on
 # the bench topics) attached as well: during the drain that collector costs more CPU than
 # the cloud itself, and on a small machine it competes with the cloud for the cores.
-mosquitto_sub "${TLS_SUB[@]}" -q 1 -t 'bench/#' -F '%U %t %x' > "$WORK/accept_arrivals.txt" & PIDS+=($!)
+mosquitto_sub "${TLS_SUB[@]}" -q 1 -t 'bench/#' -F '%U %t %p' > "$WORK/accept_arrivals.txt" & PIDS+=($!)
 sleep 0.5
 "$BENCH" load --addr "127.0.0.1:$CLOUD_PORT" --tls-ca "$WORK/ca.pem" --tls-server-name 127.0.0.1 \
     --protocol 5 --broker-pid "$CLOUD_PID" --label tls-accept-with-collector --broker-name mosquitto \

@@ -3,7 +3,8 @@
 
     bridge_tls_drain_report.py ARRIVALS.txt N LIVE_ACCEPTED CLOUD_UP_EPOCH
 
-ARRIVALS.txt is `mosquitto_sub -F '%U %t %x'` at the cloud: backlog messages on up/bench/...
+ARRIVALS.txt is `mosquitto_sub -F '%U %t %p'` at the cloud (or '%U %t %x' with FORMAT=x in
+the environment; hex costs the collector far more CPU): backlog messages on up/bench/...
 carry outpost-bench's header (8 bytes: publisher << 48 | seq), live ones on up/live/...
 `L<seq> <send time>`. LIVE_ACCEPTED is how many live messages the gateway's own broker
 delivered to a local subscriber. Prints one JSON line.
@@ -15,11 +16,34 @@ path, n, live_sent, cloud_up = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 
 fill_seen, live_seen = set(), {}
 fill_first = fill_last = None
 fill_dups = live_dups = 0
-for line in open(path, errors="replace"):
-    parts = line.split()
-    if len(parts) < 3:
-        continue
-    t, topic, raw = float(parts[0]), parts[1], bytes.fromhex(parts[2])
+
+
+def records_hex():
+    for line in open(path, errors="replace"):
+        parts = line.split()
+        if len(parts) >= 3:
+            yield float(parts[0]), parts[1], bytes.fromhex(parts[2])
+
+
+def records_raw():
+    # Binary payloads may hold spaces and newlines, so records are cut by the payloads'
+    # fixed sizes: 64 bytes from outpost-bench, 63 for a live line.
+    data = open(path, "rb").read()
+    i = 0
+    while i < len(data):
+        sp1 = data.index(b" ", i)
+        sp2 = data.index(b" ", sp1 + 1)
+        t, topic = float(data[i:sp1]), data[sp1 + 1:sp2].decode()
+        size = 64 if topic.startswith("up/bench/") else 63
+        raw = data[sp2 + 1:sp2 + 1 + size]
+        if data[sp2 + 1 + size:sp2 + 2 + size] != b"\n":
+            raise SystemExit("unexpected record at byte %d" % i)
+        i = sp2 + 2 + size
+        yield t, topic, raw
+
+
+import os
+for t, topic, raw in (records_hex() if os.environ.get("FORMAT") == "x" else records_raw()):
     if topic.startswith("up/bench/"):
         s = int.from_bytes(raw[:8], "big")
         if s in fill_seen:
