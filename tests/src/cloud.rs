@@ -5,7 +5,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
+use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
+
 use crate::broker::free_port;
+use crate::raw::{RawClient, connect_packet, publish};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -179,4 +184,47 @@ impl CloudSubscriber {
         let _ = self.child.wait();
         self.lines()
     }
+}
+
+/// Publishes `n` messages on `topic` with payloads "0".."n-1" from a raw 3.1.1 client and
+/// waits for every acknowledgement (PUBACK, or PUBREC/PUBREL/PUBCOMP), keeping up to 50
+/// in flight.
+pub async fn publish_acked(port: u16, client: &str, topic: &str, qos: QoS, n: u16) {
+    let (mut c, _) = RawClient::connect(port, connect_packet(Protocol::V3_1_1, client, true)).await;
+    let (mut next, mut done, mut inflight) = (0u16, 0u16, 0u16);
+    while done < n {
+        while next < n && inflight < 50 {
+            c.send(&Packet::Publish(publish(
+                topic,
+                qos,
+                Some(next + 1),
+                next.to_string().as_bytes(),
+            )))
+            .await;
+            next += 1;
+            inflight += 1;
+        }
+        match c.expect_packet(WAIT).await {
+            Packet::PubAck(_) | Packet::PubComp(_) => {
+                done += 1;
+                inflight -= 1;
+            }
+            Packet::PubRec(r) => c.send(&Packet::PubRel(PubResponse::new(r.packet_id))).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    c.disconnect().await;
+}
+
+/// Numeric payloads per topic, in arrival order, from `topic payload` lines.
+pub fn by_topic(lines: &[String]) -> HashMap<String, Vec<u32>> {
+    let mut m: HashMap<String, Vec<u32>> = HashMap::new();
+    for l in lines {
+        if let Some((t, p)) = l.split_once(' ') {
+            m.entry(t.to_owned())
+                .or_default()
+                .push(p.parse().unwrap_or(u32::MAX));
+        }
+    }
+    m
 }

@@ -4,47 +4,15 @@
 //! backlog drains loses nothing and duplicates no QoS 2 message; the gateway's birth and
 //! will reach the cloud.
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
+use outpost_mqtt::{Packet, Protocol, QoS};
 use outpost_tests::broker::{Broker, mosquitto_mode};
-use outpost_tests::cloud::{Cloud, CloudSubscriber};
+use outpost_tests::cloud::{Cloud, CloudSubscriber, by_topic, publish_acked};
 use outpost_tests::raw::{RawClient, connect_packet, publish};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Publishes `n` messages `{topic}` with payloads "0".."n-1" and waits for every
-/// acknowledgement (PUBACK, or PUBREC/PUBREL/PUBCOMP), keeping up to 50 in flight.
-async fn publish_acked(port: u16, client: &str, topic: &str, qos: QoS, n: u16) {
-    let (mut c, _) = RawClient::connect(port, connect_packet(Protocol::V3_1_1, client, true)).await;
-    let mut next = 0u16;
-    let mut done = 0u16;
-    let mut inflight = 0u16;
-    while done < n {
-        while next < n && inflight < 50 {
-            c.send(&Packet::Publish(publish(
-                topic,
-                qos,
-                Some(next + 1),
-                next.to_string().as_bytes(),
-            )))
-            .await;
-            next += 1;
-            inflight += 1;
-        }
-        match c.expect_packet(WAIT).await {
-            Packet::PubAck(_) | Packet::PubComp(_) => {
-                done += 1;
-                inflight -= 1;
-            }
-            Packet::PubRec(r) => c.send(&Packet::PubRel(PubResponse::new(r.packet_id))).await,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    c.disconnect().await;
-}
 
 fn gateway_config(cloud: &Cloud, extra: &str) -> String {
     format!(
@@ -63,19 +31,6 @@ reconnect = {{ min = "100ms", max = "500ms" }}
 "#,
         port = cloud.port
     )
-}
-
-/// Payloads per topic, in arrival order.
-fn by_topic(lines: &[String]) -> HashMap<String, Vec<u32>> {
-    let mut m: HashMap<String, Vec<u32>> = HashMap::new();
-    for l in lines {
-        if let Some((t, p)) = l.split_once(' ') {
-            m.entry(t.to_owned())
-                .or_default()
-                .push(p.parse().unwrap_or(u32::MAX));
-        }
-    }
-    m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,12 @@
 //! broker: nothing the gateway acknowledged is lost (every message reaches one of them),
 //! order is kept at each, and no QoS 2 message reaches any one broker twice.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
 use outpost_tests::broker::{Broker, mosquitto_mode};
-use outpost_tests::cloud::Cloud;
+use outpost_tests::cloud::{Cloud, by_topic};
 use outpost_tests::raw::{RawClient, connect_packet, publish};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -143,19 +143,6 @@ reconnect = {{ min = "100ms", max = "500ms", connect_timeout = "2s" }}
         a = a.port,
         b = b.port
     )
-}
-
-/// Payloads per topic, in arrival order.
-fn by_topic(lines: &[String]) -> HashMap<String, Vec<u32>> {
-    let mut m: HashMap<String, Vec<u32>> = HashMap::new();
-    for l in lines {
-        if let Some((t, p)) = l.split_once(' ') {
-            m.entry(t.to_owned())
-                .or_default()
-                .push(p.parse().unwrap_or(u32::MAX));
-        }
-    }
-    m
 }
 
 async fn wait_log(broker: &Broker, needle: &str, times: usize) {

@@ -6,39 +6,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
+use outpost_mqtt::QoS;
 use outpost_tests::broker::{Broker, mosquitto_mode};
-use outpost_tests::cloud::{Cloud, CloudSubscriber};
-use outpost_tests::raw::{RawClient, connect_packet, publish};
+use outpost_tests::cloud::{Cloud, CloudSubscriber, publish_acked};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn publish_acked(port: u16, topic: &str, qos: QoS, n: u16) {
-    let (mut c, _) = RawClient::connect(port, connect_packet(Protocol::V3_1_1, "pub", true)).await;
-    let (mut next, mut done, mut inflight) = (0u16, 0u16, 0u16);
-    while done < n {
-        while next < n && inflight < 50 {
-            c.send(&Packet::Publish(publish(
-                topic,
-                qos,
-                Some(next + 1),
-                next.to_string().as_bytes(),
-            )))
-            .await;
-            next += 1;
-            inflight += 1;
-        }
-        match c.expect_packet(WAIT).await {
-            Packet::PubAck(_) | Packet::PubComp(_) => {
-                done += 1;
-                inflight -= 1;
-            }
-            Packet::PubRec(r) => c.send(&Packet::PubRel(PubResponse::new(r.packet_id))).await,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    c.disconnect().await;
-}
 
 /// A Mosquitto without QoS 2, down, with a persistent `collector` session on `up/#`.
 fn cloud_without_qos2() -> Cloud {
@@ -88,7 +60,7 @@ async fn all_arrive_as_qos1(protocol: &str, log_says: &str) {
     let mut cloud = cloud_without_qos2();
     let broker = Broker::outpost_with_full_config(&config(&cloud, protocol));
     let n = 300u16;
-    publish_acked(broker.port(), "q2/valve", QoS::ExactlyOnce, n).await;
+    publish_acked(broker.port(), "pub", "q2/valve", QoS::ExactlyOnce, n).await;
     cloud.start();
     let sub = CloudSubscriber::start(&cloud, "collector", "up/#", 100_000, 30);
     let deadline = Instant::now() + WAIT;
