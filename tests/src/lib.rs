@@ -18,6 +18,7 @@ pub mod http;
 pub mod ledger;
 pub mod modbus;
 pub mod netlink;
+pub mod pki;
 pub mod raw;
 
 pub use broker::{Broker, BrokerKind, broker_kind, mosquitto_mode, outpost_bin};

@@ -4,124 +4,14 @@
 //! that identity publish. The certificate is valid for 2 days, inside the default 30-day
 //! warning: the log says so with the file and the date, and `$SYS` shows the days left.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use outpost_tests::broker::{Broker, mosquitto_mode};
 use outpost_tests::cloud::Cloud;
+use outpost_tests::pki::Pki;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl CLI (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A private CA, a server certificate for 127.0.0.1 and client certificates, each valid
-/// for 2 days; readable by the mosquitto user (the cloud drops root).
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new(clients: &[&str]) -> Pki {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        openssl(
-            d,
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=private-ca",
-                ],
-            ]
-            .concat(),
-        );
-        let mut certs = vec![("server", "127.0.0.1", "serverAuth")];
-        certs.extend(clients.iter().map(|c| (*c, *c, "clientAuth")));
-        for (name, cn, eku) in certs {
-            let (key, csr, pem) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-            );
-            openssl(
-                d,
-                &[
-                    &["req"][..],
-                    &ec,
-                    &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")],
-                ]
-                .concat(),
-            );
-            let san = if name == "server" {
-                "subjectAltName=IP:127.0.0.1\n"
-            } else {
-                ""
-            };
-            std::fs::write(
-                d.join(format!("{name}.ext")),
-                format!("{san}extendedKeyUsage={eku}\nbasicConstraints=CA:FALSE\n"),
-            )
-            .unwrap();
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &pem,
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                ],
-            );
-        }
-        for f in std::fs::read_dir(d).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-}
 
 /// A TLS Mosquitto that requires a client certificate and takes its CN as the user name;
 /// only `gw-mtls` may publish, only `collector` may read.
@@ -218,7 +108,11 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new(&["gw-mtls", "collector", "intruder"]);
+    let pki = Pki::new(&[
+        ("gw-mtls", "gw-mtls"),
+        ("collector", "collector"),
+        ("intruder", "intruder"),
+    ]);
     let cloud = mtls_cloud(&pki);
     // The status page's /metrics shows the expiry too (a table after [bridge.tls]).
     let broker = gateway(&cloud, &pki, "gw-mtls", "[http]\nbind = \"127.0.0.1:0\"");
@@ -301,7 +195,11 @@ fn a_certificate_the_cloud_does_not_authorise_gets_nothing_through() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new(&["gw-mtls", "collector", "intruder"]);
+    let pki = Pki::new(&[
+        ("gw-mtls", "gw-mtls"),
+        ("collector", "collector"),
+        ("intruder", "intruder"),
+    ]);
     let cloud = mtls_cloud(&pki);
     // Same CA, another identity: TLS succeeds, the ACL (keyed on the certificate's CN)
     // refuses its messages. With warnings off, nothing is said about expiry.

@@ -5,14 +5,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use outpost_mqtt::{Disconnect, Packet, Properties, Protocol, ReasonCode, codec};
 use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
+use outpost_tests::pki::Pki;
 use outpost_tests::raw::connect_packet;
 use rustls::client::{Resumption, Tls12Resumption};
 use rustls::pki_types::pem::PemObject;
@@ -20,53 +19,6 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion, StreamOwned};
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// A throwaway CA and a server certificate for 127.0.0.1 (ECDSA P-256), from the openssl CLI.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-        openssl(
-            dir.path(),
-            &format!("req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=outpost-test-ca"),
-        );
-        openssl(
-            dir.path(),
-            &format!("req {ec} -keyout server.key -out server.csr -subj /CN=127.0.0.1"),
-        );
-        std::fs::write(
-            dir.path().join("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
-        openssl(
-            dir.path(),
-            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext",
-        );
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-}
-
-fn openssl(dir: &Path, args: &str) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args.split(' '))
-        .output()
-        .expect("openssl CLI (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn tls_broker(pki: &Pki) -> (Broker, u16) {
     let port = free_port();
@@ -157,7 +109,7 @@ fn tls13_client_resumes_with_a_ticket() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new(&[]);
     let (broker, port) = tls_broker(&pki);
     let config = client(
         &pki,
@@ -187,7 +139,7 @@ fn tls12_client_resumes_with_a_ticket_and_with_a_session_id() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new(&[]);
     let (broker, port) = tls_broker(&pki);
     for (how, tls12) in [
         ("ticket", Tls12Resumption::SessionIdOrTickets),
@@ -222,7 +174,7 @@ fn tls13_ticket_survives_many_other_clients() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new(&[]);
     let (broker, port) = tls_broker(&pki);
     let returning = client(
         &pki,

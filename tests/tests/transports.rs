@@ -1,7 +1,7 @@
 //! MQTT over TLS (with and without client certificates) and over WebSocket, on the real
 //! binary. TLS peers are Mosquitto's own clients; certificates come from the openssl CLI.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -10,118 +10,12 @@ use futures_util::{SinkExt, StreamExt};
 use outpost_mqtt::{Packet, Protocol, QoS};
 use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
 use outpost_tests::cli::mosquitto_pub;
+use outpost_tests::pki::Pki;
 use outpost_tests::raw::{connect_packet, sub_opts};
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// A throwaway CA with a server certificate for 127.0.0.1 and a client certificate.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        openssl(
-            d,
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=outpost-test-ca",
-                ],
-            ]
-            .concat(),
-        );
-        for (name, cn, eku) in [
-            ("server", "127.0.0.1", "serverAuth"),
-            ("client", "sensor-1", "clientAuth"),
-        ] {
-            openssl(
-                d,
-                &[
-                    &["req"][..],
-                    &ec,
-                    &[
-                        "-keyout",
-                        &format!("{name}.key"),
-                        "-out",
-                        &format!("{name}.csr"),
-                        "-subj",
-                        &format!("/CN={cn}"),
-                    ],
-                ]
-                .concat(),
-            );
-            let ext = d.join(format!("{name}.ext"));
-            let san = if name == "server" {
-                "subjectAltName=IP:127.0.0.1\n"
-            } else {
-                ""
-            };
-            std::fs::write(
-                &ext,
-                format!("{san}extendedKeyUsage={eku}\nbasicConstraints=CA:FALSE\n"),
-            )
-            .unwrap();
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &format!("{name}.pem"),
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                ],
-            );
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl CLI (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Runs a mosquitto client with a timeout and returns its output.
 fn mosquitto(tool: &str, args: &[&str]) -> Output {
@@ -138,7 +32,7 @@ fn tls_listener_serves_mosquitto_clients() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new(&[("client", "sensor-1")]);
     let tls_port = free_port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
@@ -210,7 +104,7 @@ fn tls_listener_with_client_ca_requires_a_client_certificate() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new(&[("client", "sensor-1")]);
     let tls_port = free_port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
@@ -471,7 +365,10 @@ fn a_renewed_certificate_is_served_after_reload_without_dropping_tls_clients() {
     if mosquitto_mode() {
         return;
     }
-    let (old, new) = (Pki::new(), Pki::new());
+    let (old, new) = (
+        Pki::new(&[("client", "sensor-1")]),
+        Pki::new(&[("client", "sensor-1")]),
+    );
     let live = tempfile::tempdir().unwrap();
     let (cert, key) = (
         live.path().join("server.pem"),
@@ -573,7 +470,7 @@ fn the_client_certificate_names_the_user_on_an_identity_listener() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new(&[("client", "sensor-1")]);
     let tls_port = free_port();
     let broker = Broker::outpost_with_full_config(&format!(
         r#"[broker]
