@@ -29,6 +29,8 @@ write_broker_configs "$OUT" 18830 18831 20
 # The same Mosquitto limits, with its persistence on.
 sed -e 's/^persistence false$/persistence true/' "$OUT/mosquitto.conf" > "$OUT/mosquitto-persistent.conf"
 echo "persistence_location $OUT/mosquitto-state/" >> "$OUT/mosquitto-persistent.conf"
+# Started as root, Mosquitto would drop to its own user and fail to write its database.
+echo "user root" >> "$OUT/mosquitto-persistent.conf"
 
 one() { # broker label -- args...
     local b=$1 label=$2; shift 2

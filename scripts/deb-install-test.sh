@@ -77,7 +77,9 @@ topics = [{ pattern = "sensors/#", direction = "out", qos = 1 }]
 reconnect = { min = "1s", max = "2s" }
 CONF
 mkdir -p "$work/cloud"
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/cloud/\n' "$C" "$work" >"$work/cloud.conf"
+# `user root`: started as root, Mosquitto would drop to its own user, fail to save its
+# database in this private directory and forget the collector's session on restart.
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/cloud/\nuser root\n' "$C" "$work" >"$work/cloud.conf"
 start_cloud() { mosquitto -c "$work/cloud.conf" >>"$work/cloud.log" 2>&1 & cloud=$!; pids+=("$cloud"); wait_port "$C" 10 || fail "cloud"; }
 start_outpost() {
   chroot --userspec=outpost:outpost "$root" env STATE_DIRECTORY=/var/lib/outpost \
@@ -88,6 +90,7 @@ start_outpost() {
 start_cloud
 mosquitto_sub -p "$C" -i debtest-cloud -c -q 1 -t 'sensors/#' -E
 kill "$cloud"; wait "$cloud" 2>/dev/null || true
+[ -s "$work/cloud/mosquitto.db" ] || fail "the cloud did not save its database: $(tail -3 "$work/cloud.log")"
 start_outpost
 ok "outpost runs as user outpost from the package"
 for i in 1 2 3 4 5; do mosquitto_pub -p "$P" -q 1 -t "sensors/up$i" -m "m$i" || fail "publish $i"; done

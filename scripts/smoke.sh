@@ -35,6 +35,9 @@ listener $C 127.0.0.1
 allow_anonymous true
 persistence true
 persistence_location $work/cloud/
+# Started as root, Mosquitto would drop to its own user, fail to save its database in
+# this private directory, and forget the collector's session across the restart below.
+user root
 CONF
 start_cloud() {
   mosquitto -c "$work/cloud.conf" >>"$work/cloud.log" 2>&1 &
@@ -76,6 +79,8 @@ echo "QoS 1 round trip: ok"
 
 # Cloud down: messages are acknowledged only once committed to the spool.
 kill "$cloud_pid"; wait "$cloud_pid" 2>/dev/null || true
+# Without its database the collector's session is gone and the check below races the bridge.
+[ -s "$work/cloud/mosquitto.db" ] || fail "the cloud did not save its database: $(tail -3 "$work/cloud.log")"
 sleep 1
 for i in 1 2 3; do
   mosquitto_pub -p "$P" -q 1 -t "sensors/t$i" -m "spooled-$i" || fail "publish $i refused"
