@@ -5,7 +5,8 @@
 #   MODE=bytes bench/links.sh OUT_DIR     only bytes on the wire per message
 #   N=20000 CAP=120 bench/links.sh        a smaller backlog, a shorter bound per drain
 #   MODE=drain DRAINS="outpost-w1024 mosquitto" bench/links.sh OUT_DIR
-#                                         only these drains (outpost-wW: window W)
+#                                         only these drains (outpost-wW: max_inflight W;
+#                                         outpost-default: no max_inflight line)
 #
 # Needs root (network namespaces), iproute2 (ip, tc), nftables, python3, mosquitto and
 # mosquitto-clients. The link is built as tests/src/netlink.rs builds it: the cloud
@@ -19,8 +20,9 @@
 #    reading is published every second. Reported: messages delivered within CAP seconds,
 #    drain rate, the share of the link's bandwidth carrying message bytes (topic +
 #    payload) between the first and the last backlog arrival, live latency (publish to
-#    cloud arrival), reconnects. Gateways: outpost with its default window (256), outpost
-#    with the window at the link's bandwidth-delay product (1024), Mosquitto's bridge.
+#    cloud arrival), reconnects. Gateways: outpost as configured by default (the window
+#    sized to the link), outpost with a fixed cap of 256 (the old default), Mosquitto's
+#    bridge.
 # 2. bytes: BYTES_N readings at 200/s over a clean link; bytes on the veth (both
 #    directions, so acknowledgements count as a metered link bills them) per message.
 #
@@ -263,7 +265,7 @@ listeners = [{ bind = "127.0.0.1:1883" }]
 [[bridge]]
 name = "cloud"
 address = "mqtt://$address"
-max_inflight = $window
+$( [[ $window == default ]] || echo "max_inflight = $window" )
 topics = [{ pattern = "outpost/#", direction = "out", qos = 1 }]
 reconnect = { min = "100ms", max = "1s" }
 [bridge.status]
@@ -445,8 +447,9 @@ EOF
 }
 
 if [[ $MODE == all || $MODE == drain ]]; then
-    for d in ${DRAINS:-outpost-w256 outpost-w1024 mosquitto}; do
+    for d in ${DRAINS:-outpost-default outpost-w256 mosquitto}; do
         case $d in
+            outpost-default) drain_run "$d" outpost default ;;
             outpost-w*) drain_run "$d" outpost "${d#outpost-w}" ;;
             mosquitto) drain_run mosquitto mosquitto 0 ;;
         esac

@@ -75,8 +75,8 @@ pub struct BridgeConfig {
     /// (AWS IoT Core); a CONNACK Maximum QoS lowers it too.
     #[serde(default = "default_max_qos")]
     pub max_qos: u8,
-    /// Upper bound on unacknowledged messages in flight (default 256); the cloud's Receive
-    /// Maximum lowers it.
+    /// Most unacknowledged messages in flight (default 4096); the cloud's Receive Maximum
+    /// lowers it. Below it the bridge sizes the window to the link (`uplink/window.rs`).
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
     /// Replay rate limit in messages per second for backlog accepted before the current
@@ -354,7 +354,7 @@ fn default_max_qos() -> u8 {
     2
 }
 fn default_max_inflight() -> u16 {
-    256
+    4096
 }
 fn default_dead_letter_after() -> u32 {
     3

@@ -42,6 +42,8 @@ pub struct BridgeStats {
     pub reconnects: AtomicU64,
     /// Connection attempts that failed.
     pub connect_failures: AtomicU64,
+    /// Messages the bridge may have unacknowledged now: the window sized to the link.
+    pub inflight_window: AtomicU64,
     /// Spool files set aside as corrupt.
     pub quarantined: AtomicU64,
     /// When the link last went up or down (unix ms), 0 before the first attempt.
@@ -132,6 +134,7 @@ impl BridgeStats {
             ("rejected/storage", g(&self.rejected_storage)),
             ("reconnects", g(&self.reconnects)),
             ("connect_failures", g(&self.connect_failures)),
+            ("inflight_window", g(&self.inflight_window)),
             ("spool/quarantined", g(&self.quarantined)),
             ("address", self.address()),
         ];

@@ -7,6 +7,7 @@ mod progress;
 mod session;
 mod tls;
 mod transport;
+mod window;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -392,6 +393,24 @@ pub(crate) struct Carry {
     pub careful_through: i64,
 }
 
+/// After the cloud dropped a link: through which row the rows that were out are resent one
+/// at a time, if at all. One drop with messages out is what any flaky link does, and one
+/// at a time would then crawl (a window sized to a slow link is hundreds of round trips).
+/// The same row oldest in flight at two drops in a row is what a poison message does: only
+/// then, to tell which row it is. `last_drop` is the row blamed at the previous loss when
+/// that was a drop too (`Some(None)`: nobody was blamed).
+fn careful_after_drop(
+    last_drop: Option<Option<i64>>,
+    suspect: Option<i64>,
+    out_through: Option<i64>,
+    careful_through: i64,
+    dead_letter_after: u32,
+) -> Option<i64> {
+    let through = out_through?;
+    (dead_letter_after > 0 && through > careful_through && last_drop == Some(suspect))
+        .then_some(through)
+}
+
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     mut shutdown: watch::Receiver<bool>,
@@ -403,6 +422,8 @@ pub(crate) async fn run(
     let mut connected_before = false;
     let mut stopping = false;
     let mut careful_through = careful_through;
+    // The row blamed at the last loss, when that loss was a drop by the cloud.
+    let mut last_drop: Option<Option<i64>> = None;
     let mut repeats = progress::Repeats::default();
     let count = ctx.addresses.len();
     // The address tried next; a failed attempt moves on to the next one in the list.
@@ -453,7 +474,7 @@ pub(crate) async fn run(
                 ctx.stats.set_address(text);
                 let backlog = progress::Backlog::now(&ctx.stats, now_ms());
                 tracing::info!(bridge = %ctx.name, address = %text,
-                    window = limits.window, max_qos = limits.max_qos,
+                    max_window = limits.window, max_qos = limits.max_qos,
                     session_present = limits.session_present,
                     "connected to the cloud; {} waiting in the spool; using {text}", backlog.describe());
                 if moved {
@@ -504,6 +525,7 @@ pub(crate) async fn run(
                     }
                     SessionEnd::Shutdown => break,
                     SessionEnd::Lost(why) => {
+                        last_drop = None;
                         tracing::warn!(bridge = %ctx.name, address = %text, "link lost: {why}");
                         ctx.stats.set_error(format!("link lost: {why}"));
                     }
@@ -524,14 +546,20 @@ pub(crate) async fn run(
                             });
                             0
                         };
-                        if let Some(through) = out_through
-                            && ctx.config.spool.dead_letter_after > 0
-                            && through > careful_through
-                        {
+                        let careful = careful_after_drop(
+                            last_drop,
+                            suspect,
+                            out_through,
+                            careful_through,
+                            ctx.config.spool.dead_letter_after,
+                        );
+                        last_drop = Some(suspect);
+                        if let Some(through) = careful {
                             careful_through = through;
                             tracing::info!(bridge = %ctx.name, through,
-                                "the cloud dropped the link with messages out: they are resent one \
-                                 at a time until acknowledged, to tell a poison message apart");
+                                "the cloud dropped the link twice with the same message oldest in \
+                                 flight: the messages that were out are resent one at a time until \
+                                 acknowledged, to tell a poison message apart");
                         }
                         if refusals == QOS2_REFUSALS {
                             tracing::warn!(bridge = %ctx.name, address = %text,
@@ -592,5 +620,51 @@ pub(crate) async fn run(
     Carry {
         live0,
         careful_through,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::careful_after_drop;
+
+    #[test]
+    fn one_drop_resends_the_window_pipelined() {
+        assert_eq!(careful_after_drop(None, Some(10), Some(90), 0, 3), None);
+        // A drop after a keep-alive loss (not a drop) starts over too.
+        assert_eq!(careful_after_drop(None, Some(10), Some(90), 5, 3), None);
+    }
+
+    #[test]
+    fn the_same_row_blamed_twice_in_a_row_goes_one_at_a_time() {
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), Some(90), 0, 3),
+            Some(90)
+        );
+        // Nobody blamed twice (the status message was out both times) counts as the same.
+        assert_eq!(
+            careful_after_drop(Some(None), None, Some(90), 0, 3),
+            Some(90)
+        );
+    }
+
+    #[test]
+    fn progress_between_drops_or_nothing_out_or_no_poison_guard_never_goes_careful() {
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(11), Some(90), 0, 3),
+            None
+        );
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), None, 0, 3),
+            None
+        );
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), Some(90), 0, 0),
+            None
+        );
+        // Already careful through these rows.
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), Some(90), 90, 3),
+            None
+        );
     }
 }

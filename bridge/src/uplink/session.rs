@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::Ctx;
 use super::packet_ids::PacketIds;
 use super::transport::Io;
+use super::window::Window;
 use crate::LocalPublish;
 use crate::error::SpoolError;
 use crate::rules::RetainMode;
@@ -292,6 +293,8 @@ pub(crate) struct Session<'a> {
     /// out, and a window slot is free.
     birth_after: Option<i64>,
     aliases: TopicAliases,
+    /// How many messages may be out now, sized to the link (at most `limits.window`).
+    window: Window,
 }
 
 async fn opt<T>(f: &mut Option<BoxFuture<T>>) -> T {
@@ -321,6 +324,7 @@ impl<'a> Session<'a> {
         careful_through: i64,
     ) -> Self {
         let now = Instant::now();
+        let window = Window::new(limits.window, now);
         let aliases = TopicAliases::new(if ctx.protocol.is_v5() {
             limits.topic_alias_max
         } else {
@@ -363,6 +367,7 @@ impl<'a> Session<'a> {
             goodbye_pid: None,
             birth_after: None,
             aliases,
+            window,
         }
     }
 
@@ -372,6 +377,7 @@ impl<'a> Session<'a> {
         shutdown: &mut watch::Receiver<bool>,
         live0: &mut mpsc::Receiver<NewMessage>,
     ) -> SessionEnd {
+        self.show_window();
         let end = match self.drive(shutdown, live0).await {
             Ok(()) => SessionEnd::Shutdown,
             Err(SessionEnd::Dropped { why, .. }) => {
@@ -425,9 +431,9 @@ impl<'a> Session<'a> {
     /// unacknowledged: a cloud that refuses our status topic by disconnecting must not
     /// cost us the messages behind it. And since a cloud may drop us without sending the
     /// acknowledgements of what it accepted (Mosquitto does), the oldest row of a full
-    /// window can be innocent: that is why the rows that were out are then resent one at
-    /// a time behind a ping barrier ([`Session::must_wait`]), which makes the next blame
-    /// exact. An innocent row blamed once is acknowledged then, and the count starts over.
+    /// window can be innocent: that is why, when the same row is blamed at two drops in a
+    /// row, the rows that were out are resent one at a time behind a ping barrier
+    /// ([`Session::must_wait`]), which makes the next blame exact. An innocent row blamed once is acknowledged then, and the count starts over.
     fn suspect(&self) -> Option<i64> {
         if self
             .inflight
@@ -695,7 +701,7 @@ impl<'a> Session<'a> {
             Some(id) => id > last,
             None => self.exhausted,
         };
-        if !resumed_out || self.inflight.len() >= self.limits.window {
+        if !resumed_out || self.inflight.len() >= self.window.limit() {
             return Ok(false);
         }
         self.birth_after = None;
@@ -761,7 +767,7 @@ impl<'a> Session<'a> {
         let ctx = self.ctx;
         // One uncontended lock per refill; drop-oldest takes it only when the spool is full.
         let mut marks = ctx.spool.fence().lock();
-        while self.inflight.len() < self.limits.window && self.goodbye_pid.is_none() {
+        while self.inflight.len() < self.window.limit() && self.goodbye_pid.is_none() {
             let Some(front) = self.queue.front() else {
                 break;
             };
@@ -954,7 +960,17 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Publishes the window for `$SYS`, `/metrics` and the status page.
+    fn show_window(&self) {
+        let limit = self.window.limit() as u64;
+        let shown = &self.ctx.stats.inflight_window;
+        if shown.load(std::sync::atomic::Ordering::Relaxed) != limit {
+            shown.store(limit, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     fn forget(&mut self, pid: u16) {
+        self.window.forget(pid);
         self.inflight.remove(&pid);
         self.ids.release(pid);
     }
@@ -1006,6 +1022,9 @@ impl<'a> Session<'a> {
                 } else if publish.qos == QoS::AtMostOnce {
                     self.acked.push(row);
                     BridgeStats::bump(&self.ctx.stats.forwarded);
+                } else if let Some(pid) = publish.packet_id {
+                    self.window
+                        .on_send(pid, Instant::now(), self.inflight.len());
                 }
                 Ok(())
             }
@@ -1139,6 +1158,8 @@ impl<'a> Session<'a> {
         match self.inflight.get(&r.packet_id) {
             Some(Inflight::Row { id, .. }) => {
                 let id = *id;
+                self.window.on_ack(r.packet_id, Instant::now());
+                self.show_window();
                 self.forget(r.packet_id);
                 self.acked.push(id);
                 self.count_ack(id, r.reason);
@@ -1169,6 +1190,9 @@ impl<'a> Session<'a> {
     fn on_pubrec(&mut self, r: PubResponse) -> Result<(), SessionEnd> {
         let pid = r.packet_id;
         self.pubrec_seen = true;
+        // The first answer to a QoS 2 PUBLISH times the round trip; the PUBCOMP does not.
+        self.window.on_ack(pid, Instant::now());
+        self.show_window();
         match self.inflight.get_mut(&pid) {
             Some(Inflight::Row { id, stage }) => {
                 let id = *id;

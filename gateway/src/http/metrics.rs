@@ -257,7 +257,7 @@ fn bridges(o: &mut Out, s: &Sample) {
         return;
     }
     type Pick = fn(&super::sample::BridgeSample) -> f64;
-    let families: [(&str, &str, &str, Pick); 12] = [
+    let families: [(&str, &str, &str, Pick); 13] = [
         (
             "outpost_bridge_connected",
             "gauge",
@@ -317,6 +317,12 @@ fn bridges(o: &mut Out, s: &Sample) {
             "counter",
             "Connection attempts that failed.",
             |b| b.connect_failures as f64,
+        ),
+        (
+            "outpost_bridge_inflight_window_messages",
+            "gauge",
+            "Messages the bridge may have unacknowledged towards the cloud now (sized to the link).",
+            |b| b.inflight_window as f64,
         ),
         (
             "outpost_bridge_spool_quarantined_total",

@@ -118,6 +118,8 @@ pub struct BridgeSample {
     pub reconnects: u64,
     /// Failed connection attempts.
     pub connect_failures: u64,
+    /// Messages the bridge may have unacknowledged now (the window sized to the link).
+    pub inflight_window: u64,
     /// Spool files set aside as corrupt.
     pub quarantined: u64,
     /// The cloud address of the current (or last) session.
@@ -410,6 +412,7 @@ impl Sampler {
                     cert_warn_days: b.config().tls.unwrap_or_default().warn_expiry_days(),
                     reconnects: g(&st.reconnects),
                     connect_failures: g(&st.connect_failures),
+                    inflight_window: g(&st.inflight_window),
                     quarantined: g(&st.quarantined),
                 }
             })
@@ -645,6 +648,7 @@ mod tests {
             rejected: Vec::new(),
             reconnects: 0,
             connect_failures: 0,
+            inflight_window: 0,
             quarantined: 0,
             address: "mqtt://127.0.0.1:1883".into(),
             cert_not_after_s: None,
