@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, installing what the end-to-end tests need first:
-# mosquitto (the "cloud" broker and a reference), mosquitto-clients (mosquitto_pub/sub)
-# and socat (pseudo-terminal pairs for Modbus RTU and serial tests).
+# mosquitto (the "cloud" broker and a reference), mosquitto-clients (mosquitto_pub/sub),
+# socat (pseudo-terminal pairs for Modbus RTU and serial tests), chromium, prometheus
+# (promtool), nftables and iproute2 (shaped links), rabbitmq-server (a cloud without QoS 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,12 +17,27 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The link tests (tests/tests/bridge_links.rs) shape veth pairs in network namespaces.
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 { command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ]; } || need+=(iproute2)
+# A cloud that is not Mosquitto (tests/tests/bridge_rabbitmq.rs): each test starts its own
+# node on free loopback ports.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing test dependencies: ${need[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+  # Packages such as rabbitmq-server start a system service on install; the tests start
+  # their own instances, so keep the package from starting one (policy-rc.d, 101 = deny),
+  # unless the machine already has a policy.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+  fi
+  rc=0
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" || rc=$?
+  [ -z "$policy" ] || $sudo rm -f "$policy"
+  [ "$rc" -eq 0 ] || exit "$rc"
 fi
 # Debian installs mosquitto in /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin"

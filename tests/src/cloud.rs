@@ -134,14 +134,27 @@ impl CloudSubscriber {
         count: usize,
         secs: u32,
     ) -> CloudSubscriber {
-        let out = cloud.dir.path().join(format!("{id}.out"));
+        CloudSubscriber::start_at(cloud.port, cloud.dir.path(), id, filter, count, secs)
+    }
+
+    /// Like [`CloudSubscriber::start`], for any broker on 127.0.0.1:`port`; its output
+    /// goes to a file in `dir`.
+    pub fn start_at(
+        port: u16,
+        dir: &std::path::Path,
+        id: &str,
+        filter: &str,
+        count: usize,
+        secs: u32,
+    ) -> CloudSubscriber {
+        let out = dir.join(format!("{id}.out"));
         let file = std::fs::File::create(&out).unwrap();
         let child = Command::new("mosquitto_sub")
             .args([
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &cloud.port.to_string(),
+                &port.to_string(),
                 "-i",
                 id,
                 "-c",

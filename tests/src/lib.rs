@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod modbus;
 pub mod netlink;
 pub mod pki;
+pub mod rabbit;
 pub mod raw;
 
 pub use broker::{Broker, BrokerKind, broker_kind, mosquitto_mode, outpost_bin};
