@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod clock;
 pub mod config;
 pub mod error;
 pub mod rules;
@@ -202,7 +203,7 @@ fn spawn_stats_publisher(ctx: Arc<uplink::Ctx>, mut stop: watch::Receiver<bool>)
                 _ = tick.tick() => {}
                 _ = uplink::stop_requested(&mut stop) => return,
             }
-            for (key, value) in ctx.stats.snapshot(uplink::now_ms()) {
+            for (key, value) in ctx.stats.snapshot(clock::now_ms()) {
                 let msg = LocalPublish {
                     topic: format!("$SYS/broker/bridge/{}/{key}", ctx.name),
                     payload: Bytes::from(value),
@@ -245,7 +246,7 @@ impl BridgeHandle {
             qos,
             retain: retain && mapped.retain == RetainMode::Keep,
             props: properties.and_then(spool::encode_properties),
-            accepted_ms: uplink::now_ms(),
+            accepted_ms: clock::now_ms(),
         };
         if qos == 0 && !inner.spool_qos0.load(Relaxed) {
             if inner.live0.try_send(msg).is_err() {

@@ -450,7 +450,7 @@ impl Spool {
         through: i64,
         limit: u32,
     ) -> Result<StrikeOutcome, SpoolError> {
-        let now_ms = crate::uplink::now_ms();
+        let now_ms = crate::clock::now_ms();
         self.ask(|reply| Command::Strike {
             row,
             through,

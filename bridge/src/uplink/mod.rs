@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::LocalPublish;
+use crate::clock::now_ms;
 use crate::config::{Address, BridgeConfig};
 use crate::rules::Rules;
 use crate::spool::{NewMessage, Spool, StrikeOutcome};
@@ -29,7 +30,6 @@ use crate::stats::BridgeStats;
 use crate::status::{OfflineReason, Status};
 
 pub use backoff::Backoff;
-pub(crate) use session::now_ms;
 use session::{Limits, MAX_INCOMING_PACKET, Session, SessionEnd};
 pub use tls::{client_cert_not_after, client_config};
 
@@ -99,7 +99,7 @@ impl Ctx {
         if self.stats.connected.swap(up, Relaxed) != up
             || self.stats.link_changed_ms.load(Relaxed) == 0
         {
-            self.stats.link_changed_ms.store(session::now_ms(), Relaxed);
+            self.stats.link_changed_ms.store(now_ms(), Relaxed);
         }
         let msg = LocalPublish {
             topic: self.state_topic(),
@@ -590,7 +590,7 @@ pub(crate) async fn run(
                 ctx.stats.set_error(format!("cannot connect: {why}"));
                 if ctx.stats.link_changed_ms.load(Relaxed) == 0 {
                     // Down since the first attempt: the page says since when.
-                    ctx.stats.link_changed_ms.store(session::now_ms(), Relaxed);
+                    ctx.stats.link_changed_ms.store(now_ms(), Relaxed);
                 }
                 failed_in_row += 1;
                 if count > 1 {

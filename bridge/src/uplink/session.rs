@@ -21,6 +21,7 @@ use super::packet_ids::PacketIds;
 use super::transport::Io;
 use super::window::Window;
 use crate::LocalPublish;
+use crate::clock::now_ms;
 use crate::error::SpoolError;
 use crate::rules::RetainMode;
 use crate::spool::{IncomingOp, NewMessage, Stage, StageUpdate, StoredMessage};
@@ -302,13 +303,6 @@ async fn opt<T>(f: &mut Option<BoxFuture<T>>) -> T {
         Some(f) => f.await,
         None => std::future::pending().await,
     }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn qos_of(v: u8) -> QoS {
