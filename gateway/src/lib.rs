@@ -19,5 +19,6 @@ pub mod import_mosquitto;
 pub mod reload;
 pub mod sensors;
 pub mod service;
+pub mod warnings;
 
 pub use outpost_broker as broker;

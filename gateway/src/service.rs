@@ -30,7 +30,7 @@ pub fn init_logging(level: &str) {
     // The status page shows the last warnings; its layer keeps a few.
     let registry = tracing_subscriber::registry()
         .with(filter)
-        .with(crate::http::warnings::Layer);
+        .with(crate::warnings::Layer);
     // No field prefix: tracing fields become journal fields as they are named
     // (`device` → `DEVICE=`), so `journalctl -u outpost BRIDGE=cloud` or `DEVICE=boiler`
     // works; the default would be `F_BRIDGE=`.

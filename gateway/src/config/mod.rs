@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod http;
 mod span;
+pub use http::HttpConfig;
 pub use span::{line_col, locate};
 
 pub use outpost_broker::config::{
@@ -49,7 +51,7 @@ pub struct Config {
     pub sensors: outpost_sensors::SensorsConfig,
     /// Status page, metrics and health endpoints (`[http]`; off without the table).
     #[serde(default)]
-    pub http: Option<crate::http::HttpConfig>,
+    pub http: Option<HttpConfig>,
 }
 
 /// One thread by default (a current-thread runtime), as Mosquitto: a message then goes

@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use super::Sources;
-use super::warnings::{self, Warning};
+use crate::warnings::{self, Warning};
 
 /// How often the counters are read.
 const PERIOD: Duration = Duration::from_secs(1);
