@@ -32,7 +32,7 @@ pub struct BrokerConfig {
     /// The users of `password_file`, filled by [`BrokerConfig::load_password_file`]
     /// (the TOML never sets it).
     #[serde(skip)]
-    pub password_file_users: Vec<crate::auth::mosquitto::FileEntry>,
+    pub password_file_users: Vec<FileEntry>,
     /// Topic access rules. None: every client may publish and subscribe to anything.
     /// Any: a client may only do what a rule that applies to it allows.
     #[serde(default)]
@@ -230,6 +230,17 @@ impl Default for BrokerConfig {
     }
 }
 
+/// One user line of a Mosquitto password file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// 1-based line number.
+    pub line: usize,
+    /// The user name.
+    pub name: String,
+    /// The hash text after the ':'.
+    pub hash: String,
+}
+
 /// A `password_file` that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordFileError {
@@ -254,26 +265,6 @@ pub enum PasswordFileError {
 }
 
 impl BrokerConfig {
-    /// Reads `password_file` (if set) into `password_file_users`, refusing a line whose
-    /// hash cannot be read so that user's logins do not fail in silence.
-    pub fn load_password_file(&mut self) -> Result<(), PasswordFileError> {
-        let Some(path) = &self.password_file else {
-            self.password_file_users.clear();
-            return Ok(());
-        };
-        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        self.password_file_users =
-            crate::auth::mosquitto::parse_file(&text).map_err(|e| PasswordFileError::Line {
-                path: path.clone(),
-                line: e.line,
-                message: e.message,
-            })?;
-        Ok(())
-    }
-
     /// Whether anonymous clients are accepted, after applying the loopback default.
     /// Whether anonymous clients may connect through `l`.
     pub fn anonymous_allowed_on(&self, l: &ListenerConfig) -> bool {

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use outpost_mqtt::{Connect, ReasonCode};
 
-use super::config::BrokerConfig;
-use super::settings::Settings;
+use super::config::{BrokerConfig, PasswordFileError};
 pub use mosquitto::MosquittoHash;
 
 /// A password hash the broker can verify, parsed once when the users table is made.
@@ -142,22 +141,46 @@ impl Refusal {
     }
 }
 
-/// Checks a CONNECT's credentials; `Err` says why it is refused.
-pub async fn check(c: &Connect, s: &Settings) -> Result<(), Refusal> {
+// Reading the password file is the auth module's job (it knows the hash formats); the
+// method sits on the config type so callers load it where they load the config.
+impl BrokerConfig {
+    /// Reads `password_file` (if set) into `password_file_users`, refusing a line whose
+    /// hash cannot be read so that user's logins do not fail in silence.
+    pub fn load_password_file(&mut self) -> Result<(), PasswordFileError> {
+        let Some(path) = &self.password_file else {
+            self.password_file_users.clear();
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        self.password_file_users =
+            mosquitto::parse_file(&text).map_err(|e| PasswordFileError::Line {
+                path: path.clone(),
+                line: e.line,
+                message: e.message,
+            })?;
+        Ok(())
+    }
+}
+
+/// Checks a CONNECT's credentials against `users`; `Err` says why it is refused.
+pub async fn check(c: &Connect, allow_anonymous: bool, users: &Users) -> Result<(), Refusal> {
     if c.properties.authentication_method.is_some() {
         // 5.0 enhanced authentication is not offered (MQTT-4.12.0-1).
         return Err(Refusal::AuthMethod);
     }
     let Some(name) = &c.username else {
-        return if s.allow_anonymous {
+        return if allow_anonymous {
             Ok(())
         } else {
             Err(Refusal::Anonymous)
         };
     };
-    let Some(cred) = s.users.get(name) else {
+    let Some(cred) = users.get(name) else {
         // A user name nobody configured is anonymous access under another name.
-        return if s.allow_anonymous && s.users.is_empty() {
+        return if allow_anonymous && users.is_empty() {
             Ok(())
         } else {
             Err(Refusal::UnknownUser)

@@ -135,16 +135,7 @@ impl MosquittoHash {
     }
 }
 
-/// One user line of a Mosquitto password file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileEntry {
-    /// 1-based line number.
-    pub line: usize,
-    /// The user name.
-    pub name: String,
-    /// The hash text after the ':'.
-    pub hash: String,
-}
+pub use crate::config::FileEntry;
 
 /// A line of a password file that cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -334,7 +334,7 @@ async fn handshake<T: Transport>(
         connect.password = None;
         return Some(connect);
     }
-    if let Err(why) = auth::check(&connect, settings).await {
+    if let Err(why) = auth::check(&connect, settings.allow_anonymous, &settings.users).await {
         let reason = why.reason();
         // Named, not numbered: the operator needs the user and the cause, and the code
         // the client got for matching its own log.
