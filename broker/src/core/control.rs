@@ -224,7 +224,6 @@ impl Core {
         packet_id: u16,
         refusal: Refusal,
     ) {
-        self.commit_needed = false;
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
@@ -527,6 +526,9 @@ impl Core {
         });
         self.control_after_commit(&tx, suback, kept);
         let now = Instant::now();
+        // Retained messages queued for a persistent session here belong to no publisher's
+        // acknowledgement: what routing them keeps is nobody's to wait for.
+        let mut for_no_publisher = super::route::Routed::default();
         for (filter, entry) in retained_for {
             let before = self.stats.dropped_slow_client + self.stats.dropped_queue_full;
             let matching = self.retained.matching(&filter, now);
@@ -539,7 +541,7 @@ impl Core {
                     retain: true,
                     sub_ids: entry.id.into_iter().collect(),
                 };
-                self.deliver(key, d, now);
+                self.deliver(key, d, now, &mut for_no_publisher);
             }
             let cut = self.stats.dropped_slow_client + self.stats.dropped_queue_full - before;
             if cut > 0 {
@@ -557,10 +559,6 @@ impl Core {
                 );
             }
         }
-        // Retained messages queued for a persistent session here belong to no publisher's
-        // acknowledgement.
-        self.commit_needed = false;
-        self.pending_gate = None;
     }
 
     fn on_unsubscribe(&mut self, key: SessionKey, u: Unsubscribe) {

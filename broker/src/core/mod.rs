@@ -12,6 +12,9 @@ mod sys;
 mod table;
 mod timers;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +27,6 @@ use super::message::Message;
 use super::outbound::OutboundTx;
 use super::retained::RetainedStore;
 use super::router::{Match, SessionKey, SubscriptionTree};
-use super::session::{AckGate, GateWait};
 use super::settings::Settings;
 use super::store::{Loaded, Store};
 use super::sys::Stats;
@@ -156,12 +158,6 @@ pub(crate) struct Core {
     scratch: Vec<Match>,
     /// Retained messages and persistent sessions on disk; `None` with persistence off.
     store: Option<Store>,
-    /// Something the current publish changed was sent to the store, so its
-    /// acknowledgement must wait for the commit.
-    commit_needed: bool,
-    /// The current publish's gate, made when its first delivery to a connected
-    /// persistent session is deferred (`persist.rs`).
-    pending_gate: Option<(Arc<AckGate>, GateWait)>,
     /// Deliveries in flight to persistent sessions that are not written yet: when each is
     /// due to be written, its session and its store id, in order.
     deferred: std::collections::VecDeque<(Instant, SessionKey, u64)>,
@@ -180,33 +176,45 @@ pub(crate) fn spawn(
     store: Option<(Store, Loaded)>,
 ) -> BrokerHandle {
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
-    let (store, loaded) = match store {
-        Some((s, l)) => (Some(s), Some(l)),
-        None => (None, None),
-    };
-    let mut core = Core {
-        settings,
-        sessions: SessionTable::new(),
-        tree: SubscriptionTree::default(),
-        retained: RetainedStore::default(),
-        sinks,
-        inbox: tx.downgrade(),
-        next_conn_id: 1,
-        timers: timers::Timers::default(),
-        scratch: Vec::new(),
-        store,
-        commit_needed: false,
-        pending_gate: None,
-        deferred: std::collections::VecDeque::new(),
-        stats: Stats::default(),
-        started: Instant::now(),
-        users: std::collections::HashMap::new(),
-    };
-    if let Some(loaded) = loaded {
-        core.restore(loaded);
-    }
+    let core = Core::new(settings, sinks, store, tx.downgrade());
     tokio::spawn(core.run(rx));
     BrokerHandle::new(tx)
+}
+
+impl Core {
+    /// A core with the sessions and retained messages `store` held, answering
+    /// acknowledgements that report back through `inbox`.
+    fn new(
+        settings: Arc<Settings>,
+        sinks: Vec<Arc<dyn DurableSink>>,
+        store: Option<(Store, Loaded)>,
+        inbox: mpsc::WeakSender<CoreEvent>,
+    ) -> Core {
+        let (store, loaded) = match store {
+            Some((s, l)) => (Some(s), Some(l)),
+            None => (None, None),
+        };
+        let mut core = Core {
+            settings,
+            sessions: SessionTable::new(),
+            tree: SubscriptionTree::default(),
+            retained: RetainedStore::default(),
+            sinks,
+            inbox,
+            next_conn_id: 1,
+            timers: timers::Timers::default(),
+            scratch: Vec::new(),
+            store,
+            deferred: std::collections::VecDeque::new(),
+            stats: Stats::default(),
+            started: Instant::now(),
+            users: std::collections::HashMap::new(),
+        };
+        if let Some(loaded) = loaded {
+            core.restore(loaded);
+        }
+        core
+    }
 }
 
 impl Core {

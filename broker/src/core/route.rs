@@ -14,7 +14,7 @@ use crate::DurableReceipt;
 use crate::message::Message;
 use crate::outbound::Outbound;
 use crate::router::{Match, SessionKey, SubEntry};
-use crate::session::{AckGate, Delivery, Inflight, Link, Session, SessionSub};
+use crate::session::{AckGate, Delivery, GateWait, Inflight, Link, Session, SessionSub};
 use crate::store::Store;
 
 impl Core {
@@ -25,6 +25,7 @@ impl Core {
     pub(super) fn accept(&mut self, msg: &Arc<Message>) -> (Vec<DurableReceipt>, bool) {
         self.stats.messages_received += 1;
         self.stats.bytes_received += msg.payload.len() as u64;
+        let mut retained_row = false;
         if msg.retain {
             if self
                 .retained
@@ -33,7 +34,7 @@ impl Core {
                 self.retained.update(msg);
                 if let Some(store) = &self.store {
                     store.retain(msg);
-                    self.commit_needed = true;
+                    retained_row = true;
                 }
             } else {
                 // Delivered, not retained: 5.0 clients were refused before this
@@ -52,7 +53,7 @@ impl Core {
                 }
             }
         }
-        let subscribed = self.route(msg);
+        let routed = self.route(msg);
         let mut receipts: Vec<DurableReceipt> = self
             .sinks
             .iter()
@@ -60,10 +61,10 @@ impl Core {
             .filter(|(i, _)| msg.skip_sink != Some(*i))
             .filter_map(|(_, s)| s.offer(msg))
             .collect();
-        let wanted = subscribed || !receipts.is_empty();
+        let wanted = routed.matched || !receipts.is_empty();
         // Kept for a persistent session or as a retained message: the acknowledgement
         // waits until the store has committed it, as it waits for a bridge spool...
-        if std::mem::take(&mut self.commit_needed)
+        if (routed.commit || retained_row)
             && msg.qos != QoS::AtMostOnce
             && let Some(store) = &self.store
         {
@@ -71,7 +72,7 @@ impl Core {
         }
         // ...or, for deliveries in flight to connected persistent sessions, until each is
         // acknowledged by its client or written (`persist.rs`).
-        if let Some((gate, released)) = self.pending_gate.take() {
+        if let Some((gate, released)) = routed.gate {
             drop(gate);
             if msg.qos != QoS::AtMostOnce {
                 receipts.push(Box::pin(async move {
@@ -103,8 +104,10 @@ impl Core {
             .any(|(i, s)| msg.skip_sink != Some(i) && s.wants(&msg.topic))
     }
 
-    /// Delivers or queues `msg` for every matching subscription; false if none matched.
-    pub(super) fn route(&mut self, msg: &Arc<Message>) -> bool {
+    /// Delivers or queues `msg` for every matching subscription, and says what its
+    /// publisher's acknowledgement has to wait for.
+    pub(super) fn route(&mut self, msg: &Arc<Message>) -> Routed {
+        let mut routed = Routed::default();
         let mut matches = std::mem::take(&mut self.scratch);
         matches.clear();
         let sessions = &self.sessions;
@@ -129,17 +132,23 @@ impl Core {
                 }
             }
             if let Some(d) = merge(msg, &matches[i..j]) {
-                self.deliver(first.session, d, now);
+                self.deliver(first.session, d, now, &mut routed);
             }
             i = j;
         }
-        let matched = !matches.is_empty();
+        routed.matched = !matches.is_empty();
         self.scratch = matches;
-        matched
+        routed
     }
 
-    /// Sends or queues one delivery for one session.
-    pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) {
+    /// Sends or queues one delivery for one session, adding what it kept to `routed`.
+    pub(super) fn deliver(
+        &mut self,
+        key: SessionKey,
+        d: Delivery,
+        now: Instant,
+        routed: &mut Routed,
+    ) {
         let limits = QueueLimits {
             messages: self.settings.max_queued_messages,
             bytes: self.settings.max_queued_bytes,
@@ -207,14 +216,14 @@ impl Core {
                             // until PUBREL and a forgetful broker would reuse it.
                             store.put_delivery(f.stored, s.store_id, &f.delivery, Some(packet_id));
                             f.written = true;
-                            self.commit_needed = true;
+                            routed.commit = true;
                             if f.delivery.qos == QoS::ExactlyOnce {
                                 wait = Some(store.receipt());
                             }
                         } else {
                             // Not written yet: a client that acknowledges within the grace
                             // period costs no disk write; the publisher waits for either.
-                            let (gate, _) = self.pending_gate.get_or_insert_with(AckGate::new);
+                            let (gate, _) = routed.gate.get_or_insert_with(AckGate::new);
                             f.gate = Some(gate.clone());
                             if self.deferred.is_empty() {
                                 self.timers.push(now + WRITE_GRACE, Timer::Deferred);
@@ -224,18 +233,19 @@ impl Core {
                     }
                     send_inflight(s, &tx, f, wait);
                     self.stats.messages_sent += 1;
-                } else if let Err(full) =
-                    enqueue(s, d, limits, &mut self.store, &mut self.commit_needed)
-                {
-                    self.stats.count_queue_full(full);
+                } else {
+                    match enqueue(s, d, limits, &mut self.store) {
+                        Ok(written) => routed.commit |= written,
+                        Err(full) => self.stats.count_queue_full(full),
+                    }
                 }
             }
             None => {
-                if (d.qos != QoS::AtMostOnce || queue_qos0)
-                    && let Err(full) =
-                        enqueue(s, d, limits, &mut self.store, &mut self.commit_needed)
-                {
-                    self.stats.count_queue_full(full);
+                if d.qos != QoS::AtMostOnce || queue_qos0 {
+                    match enqueue(s, d, limits, &mut self.store) {
+                        Ok(written) => routed.commit |= written,
+                        Err(full) => self.stats.count_queue_full(full),
+                    }
                 }
             }
         }
@@ -350,15 +360,14 @@ fn send_inflight(
     s.flows().inflight.push_back(f);
 }
 
-/// Queues a delivery for a session that is offline or has no free inflight slot;
-/// returns how many were dropped instead (0 or 1) because the queue is full.
+/// Queues a delivery for a session that is offline or has no free inflight slot: true
+/// when it was also sent to the store, or which bound refused it when the queue is full.
 fn enqueue(
     s: &mut Session,
     d: Delivery,
     limits: QueueLimits,
     store: &mut Option<Store>,
-    commit_needed: &mut bool,
-) -> Result<(), QueueFull> {
+) -> Result<bool, QueueFull> {
     let full = if s.queued_len() >= limits.messages {
         Some(QueueFull::Messages)
     } else if limits.bytes != 0 && s.queued_bytes() + d.queued_size() > limits.bytes {
@@ -383,9 +392,9 @@ fn enqueue(
         }
         return Err(why);
     }
-    let stored = keep(store, s, &d, commit_needed);
+    let stored = keep(store, s, &d);
     s.push_queued(stored, d);
-    Ok(())
+    Ok(stored != 0)
 }
 
 impl crate::sys::Stats {
@@ -396,6 +405,24 @@ impl crate::sys::Stats {
             self.limits.queued_bytes += 1;
         }
     }
+}
+
+/// What routing one message did that its publisher's acknowledgement depends on.
+///
+/// Returned rather than kept on the core, so that routing done for no publisher (`$SYS`,
+/// retained messages sent on subscribe) cannot hold back the next publisher's
+/// acknowledgement: whoever routes decides what to do with it.
+#[must_use = "a publisher's acknowledgement waits for what routing kept"]
+#[derive(Default)]
+pub(super) struct Routed {
+    /// A subscription matched.
+    pub matched: bool,
+    /// A delivery was sent to the store: the acknowledgement waits for its commit.
+    pub commit: bool,
+    /// Deliveries in flight to connected persistent sessions whose write is deferred
+    /// (`persist.rs`): the acknowledgement waits until each is acknowledged by its
+    /// client or written.
+    pub gate: Option<(Arc<AckGate>, GateWait)>,
 }
 
 /// The bounds of one session's queue.
@@ -414,12 +441,11 @@ enum QueueFull {
 
 /// Writes a queued delivery of a persistent session to the store; its row id, or 0 when
 /// the session is not kept there.
-fn keep(store: &mut Option<Store>, s: &Session, d: &Delivery, commit_needed: &mut bool) -> u64 {
+fn keep(store: &mut Option<Store>, s: &Session, d: &Delivery) -> u64 {
     match store {
         Some(store) if s.store_id != 0 => {
             let id = store.new_delivery_id();
             store.put_delivery(id, s.store_id, d, None);
-            *commit_needed = true;
             id
         }
         _ => 0,

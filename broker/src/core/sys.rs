@@ -55,7 +55,8 @@ impl Core {
                 Properties::default(),
                 None,
             );
-            // $SYS messages are not counted as received traffic nor offered to the bridge.
+            // $SYS messages are not counted as received traffic nor offered to the bridge,
+            // and no publisher waits for what routing them keeps.
             self.retained.update(&msg);
             let _ = self.route(&msg);
         }
