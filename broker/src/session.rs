@@ -35,8 +35,8 @@ pub struct Inflight {
     pub delivery: Delivery,
     /// True once PUBREC arrived and PUBREL went out (QoS 2 second half).
     pub released: bool,
-    /// Its id in the broker store when its session is kept there; 0 otherwise.
-    pub stored: u64,
+    /// Its id in the broker store when its session is kept there.
+    pub stored: Option<crate::store::DeliveryId>,
     /// The row is on disk. A message in flight to a connected client is written only if
     /// the client has not acknowledged it within a grace period (`core/persist.rs`).
     pub written: bool,
@@ -107,7 +107,7 @@ impl Delivery {
         self.msg.payload.len()
             + self.msg.topic.len()
             + std::mem::size_of::<Message>()
-            + std::mem::size_of::<(u64, Delivery)>()
+            + std::mem::size_of::<(Option<crate::store::DeliveryId>, Delivery)>()
     }
 }
 
@@ -125,8 +125,8 @@ pub struct Flows {
     /// Outgoing QoS 1/2 messages awaiting acknowledgement, in send order.
     pub inflight: VecDeque<Inflight>,
     /// Messages waiting for a free inflight slot or for the client to reconnect, with
-    /// their row in the broker store (0 when not stored).
-    pub queue: VecDeque<(u64, Delivery)>,
+    /// their row in the broker store when they have one.
+    pub queue: VecDeque<(Option<crate::store::DeliveryId>, Delivery)>,
     /// What the queue holds, as [`Delivery::queued_size`] counts it.
     pub queued_bytes: usize,
     /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL is awaited.
@@ -173,8 +173,8 @@ pub struct Session {
     /// Messages dropped because the queue was full (for throttling the warning; it wraps,
     /// which only means the warning comes again).
     pub dropped: u16,
-    /// Its id in the broker store while it is persistent there; 0 otherwise.
-    pub store_id: u32,
+    /// Its id in the broker store while it is persistent there.
+    pub store_id: Option<crate::store::StoreId>,
 }
 
 impl Session {
@@ -194,7 +194,7 @@ impl Session {
             acl: None,
             generation: 0,
             dropped: 0,
-            store_id: 0,
+            store_id: None,
         }
     }
 
@@ -267,7 +267,7 @@ impl Session {
     }
 
     /// The next queued message with its store row, if any.
-    pub fn pop_queued(&mut self) -> Option<(u64, Delivery)> {
+    pub fn pop_queued(&mut self) -> Option<(Option<crate::store::DeliveryId>, Delivery)> {
         let flows = self.flows.as_mut()?;
         let d = flows.queue.pop_front();
         if let Some((_, d)) = &d {
@@ -278,7 +278,7 @@ impl Session {
     }
 
     /// Queues a delivery at the back, counting its bytes.
-    pub fn push_queued(&mut self, stored: u64, d: Delivery) {
+    pub fn push_queued(&mut self, stored: Option<crate::store::DeliveryId>, d: Delivery) {
         let flows = self.flows();
         flows.queued_bytes += d.queued_size();
         flows.queue.push_back((stored, d));

@@ -334,10 +334,10 @@ impl Core {
         let Some(s) = self.sessions.remove(key) else {
             return;
         };
-        if s.store_id != 0
+        if let Some(sid) = s.store_id
             && let Some(store) = &self.store
         {
-            store.drop_session(s.store_id);
+            store.drop_session(sid);
         }
         for sub in s.subs.values() {
             self.tree.remove(&sub.filter, sub.group.as_deref(), key);

@@ -81,7 +81,7 @@ impl Core {
         let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
         let keep_id = qos == QoS::ExactlyOnce
             && self.store.is_some()
-            && self.sessions.get(key).is_some_and(|s| s.store_id != 0);
+            && self.sessions.get(key).is_some_and(|s| s.store_id.is_some());
         let (receipts, wanted) = if keep_id {
             // The packet id is kept so that a resend after a restart is known as the same
             // message, in one transaction with what routing wrote (QoS 2 deliveries are
@@ -91,8 +91,9 @@ impl Core {
             let store = self.store.as_ref().expect("checked above");
             store.begin_group();
             let (mut receipts, wanted) = self.accept(&msg);
-            if let (Some(store), Some(s)) = (self.store.as_ref(), self.sessions.get(key)) {
-                store.put_qos2(s.store_id, packet_id);
+            let sid = self.sessions.get(key).and_then(|s| s.store_id);
+            if let (Some(store), Some(sid)) = (self.store.as_ref(), sid) {
+                store.put_qos2(sid, packet_id);
                 store.end_group();
                 receipts.push(store.receipt());
             }
@@ -377,8 +378,8 @@ impl Core {
                 // The client has the message: its publisher need not wait for it.
                 f.gate = None;
                 if let Some(store) = &self.store
-                    && f.stored != 0
-                    && sid != 0
+                    && let Some(stored) = f.stored
+                    && let Some(sid) = sid
                 {
                     if !f.written {
                         // Acknowledged inside the write grace, but the client now holds
@@ -390,10 +391,10 @@ impl Core {
                         let mut msg = (*stub.msg).clone();
                         msg.payload = bytes::Bytes::new();
                         stub.msg = std::sync::Arc::new(msg);
-                        store.put_delivery(f.stored, sid, &stub, Some(f.packet_id));
+                        store.put_delivery(stored, sid, &stub, Some(f.packet_id));
                         f.written = true;
                     }
-                    store.released(f.stored);
+                    store.released(stored);
                     kept = true;
                 }
             }
@@ -416,10 +417,10 @@ impl Core {
         let mut comp = Ack::new(AckKind::PubComp, packet_id);
         let mut kept = false;
         if s.end_incoming_qos2(packet_id) {
-            if s.store_id != 0
+            if let Some(sid) = s.store_id
                 && let Some(store) = &self.store
             {
-                store.drop_qos2(s.store_id, packet_id);
+                store.drop_qos2(sid, packet_id);
                 kept = true;
             }
         } else if s.protocol.is_v5() {
@@ -501,10 +502,10 @@ impl Core {
                     filter: inner.clone(),
                 },
             );
-            if s.store_id != 0
+            if let Some(sid) = s.store_id
                 && let Some(store) = &self.store
             {
-                store.put_sub(s.store_id, &f.filter, f.options, sub_id);
+                store.put_sub(sid, &f.filter, f.options, sub_id);
             }
             reason_codes.push(ReasonCode(f.options.qos as u8));
             // Shared subscriptions never receive retained messages on subscribe.
@@ -518,7 +519,7 @@ impl Core {
                 retained_for.push((inner, entry));
             }
         }
-        let kept = self.sessions.get(key).is_some_and(|s| s.store_id != 0);
+        let kept = self.sessions.get(key).is_some_and(|s| s.store_id.is_some());
         let suback = Packet::SubAck(SubAck {
             packet_id: sub.packet_id,
             reason_codes,
@@ -570,10 +571,10 @@ impl Core {
             let s = self.sessions.get_mut(key).expect("connected session");
             let code = match s.subs.remove(f) {
                 Some(sub) => {
-                    if s.store_id != 0
+                    if let Some(sid) = s.store_id
                         && let Some(store) = &self.store
                     {
-                        store.drop_sub(s.store_id, f);
+                        store.drop_sub(sid, f);
                     }
                     self.tree.remove(&sub.filter, sub.group.as_deref(), key);
                     ReasonCode::SUCCESS
@@ -582,7 +583,7 @@ impl Core {
             };
             reason_codes.push(code);
         }
-        let kept = self.sessions.get(key).is_some_and(|s| s.store_id != 0);
+        let kept = self.sessions.get(key).is_some_and(|s| s.store_id.is_some());
         let unsuback = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reason_codes,

@@ -160,7 +160,7 @@ pub(crate) struct Core {
     store: Option<Store>,
     /// Deliveries in flight to persistent sessions that are not written yet: when each is
     /// due to be written, its session and its store id, in order.
-    deferred: std::collections::VecDeque<(Instant, SessionKey, u64)>,
+    deferred: std::collections::VecDeque<(Instant, SessionKey, super::store::DeliveryId)>,
     stats: Stats,
     started: Instant,
     /// User names of connected clients that gave one, and the listener of those that
@@ -315,10 +315,10 @@ impl Core {
             CoreEvent::Qos2Refused { session, packet_id } => {
                 if let Some(s) = self.sessions.get_mut(session)
                     && s.end_incoming_qos2(packet_id)
-                    && s.store_id != 0
+                    && let Some(sid) = s.store_id
                     && let Some(store) = &self.store
                 {
-                    store.drop_qos2(s.store_id, packet_id);
+                    store.drop_qos2(sid, packet_id);
                 }
             }
             CoreEvent::AddSink(sink, done) => {

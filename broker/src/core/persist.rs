@@ -18,7 +18,7 @@ use super::Core;
 use super::timers::Timer;
 use crate::router::{SessionKey, SubEntry};
 use crate::session::{AckGate, Inflight, Session, SessionSub};
-use crate::store::Loaded;
+use crate::store::{DeliveryId, Loaded, StoreId};
 
 /// How long a delivery in flight to a connected persistent session may go unacknowledged
 /// before it is written. A healthy client answers well inside it; it also bounds how long
@@ -59,7 +59,12 @@ impl Core {
 
     /// Writes the session's unwritten delivery `id` (every one with `None`), moving the
     /// gates of what was written into `gates`.
-    fn write_deferred(&mut self, key: SessionKey, id: Option<u64>, gates: &mut Vec<Arc<AckGate>>) {
+    fn write_deferred(
+        &mut self,
+        key: SessionKey,
+        id: Option<DeliveryId>,
+        gates: &mut Vec<Arc<AckGate>>,
+    ) {
         let Some(store) = self.store.as_ref() else {
             return;
         };
@@ -71,18 +76,21 @@ impl Core {
             return;
         };
         for f in flows.inflight.iter_mut() {
-            if f.written || f.stored == 0 || id.is_some_and(|id| id != f.stored) {
+            let Some(stored) = f.stored else {
+                continue;
+            };
+            if f.written || id.is_some_and(|id| id != stored) {
                 continue;
             }
-            if sid == 0 {
+            let Some(sid) = sid else {
                 // The session stopped being persistent (a 5.0 client resumed it with
                 // expiry 0): nothing to keep, nobody to wait for.
                 f.gate = None;
                 continue;
-            }
-            store.put_delivery(f.stored, sid, &f.delivery, Some(f.packet_id));
+            };
+            store.put_delivery(stored, sid, &f.delivery, Some(f.packet_id));
             if f.released {
-                store.released(f.stored);
+                store.released(stored);
             }
             f.written = true;
             gates.extend(f.gate.take());
@@ -115,19 +123,16 @@ impl Core {
             return;
         };
         if s.expiry == 0 {
-            if s.store_id != 0 {
-                store.drop_session(s.store_id);
-                s.store_id = 0;
+            if let Some(sid) = s.store_id.take() {
+                store.drop_session(sid);
             }
             return;
         }
         // A session gets its id when it is first kept and holds it until it ends: a
         // session that ends with its connection is never resumed, so one that is kept
         // has been kept since it was created, with everything it ever held.
-        if s.store_id == 0 {
-            s.store_id = store.new_session_id();
-        }
-        store.put_session(s.store_id, &s.client_id, s.protocol, s.expiry);
+        let sid = *s.store_id.get_or_insert_with(|| store.new_session_id());
+        store.put_session(sid, &s.client_id, s.protocol, s.expiry);
     }
 
     /// Takes in what the store held at start: retained messages, and persistent
@@ -148,7 +153,7 @@ impl Core {
             }
             let mut s = Session::new(client_id, ls.protocol);
             s.expiry = ls.expiry;
-            s.store_id = ls.id;
+            s.store_id = StoreId::new(ls.id);
             let mut subs = Vec::with_capacity(ls.subs.len());
             for (filter, options, id) in ls.subs {
                 let (group, inner) = match outpost_mqtt::topic::parse_shared(&filter) {
@@ -166,6 +171,7 @@ impl Core {
             }
             owed += ls.deliveries.len();
             for (stored, packet_id, released, delivery) in ls.deliveries {
+                let stored = DeliveryId::new(stored);
                 match packet_id {
                     Some(packet_id) => s.flows().inflight.push_back(Inflight {
                         packet_id,

@@ -15,7 +15,7 @@ use crate::message::Message;
 use crate::outbound::Outbound;
 use crate::router::{Match, SessionKey, SubEntry};
 use crate::session::{AckGate, Delivery, GateWait, Inflight, Link, Session, SessionSub};
-use crate::store::Store;
+use crate::store::{DeliveryId, Store};
 
 impl Core {
     /// Accepts a message from any publisher: updates retained state, delivers it to
@@ -198,15 +198,16 @@ impl Core {
                         packet_id,
                         delivery: d,
                         released: false,
-                        stored: 0,
+                        stored: None,
                         written: false,
                         gate: None,
                     };
                     let mut wait = None;
-                    if s.store_id != 0
+                    if let Some(sid) = s.store_id
                         && let Some(store) = self.store.as_mut()
                     {
-                        f.stored = store.new_delivery_id();
+                        let id = store.new_delivery_id();
+                        f.stored = Some(id);
                         if f.delivery.msg.qos == QoS::ExactlyOnce {
                             // QoS 2 is written at once, in the same transaction as its
                             // publisher's packet id (`on_publish`): after a crash the
@@ -214,7 +215,7 @@ impl Core {
                             // twice or never. A QoS 2 delivery also leaves only once its
                             // row is on disk, because its client keeps the packet id
                             // until PUBREL and a forgetful broker would reuse it.
-                            store.put_delivery(f.stored, s.store_id, &f.delivery, Some(packet_id));
+                            store.put_delivery(id, sid, &f.delivery, Some(packet_id));
                             f.written = true;
                             routed.commit = true;
                             if f.delivery.qos == QoS::ExactlyOnce {
@@ -228,7 +229,7 @@ impl Core {
                             if self.deferred.is_empty() {
                                 self.timers.push(now + WRITE_GRACE, Timer::Deferred);
                             }
-                            self.deferred.push_back((now + WRITE_GRACE, key, f.stored));
+                            self.deferred.push_back((now + WRITE_GRACE, key, id));
                         }
                     }
                     send_inflight(s, &tx, f, wait);
@@ -280,10 +281,10 @@ impl Core {
             } else {
                 let packet_id = s.alloc_packet_id();
                 let mut wait = None;
-                if stored != 0
+                if let Some(id) = stored
                     && let Some(store) = &self.store
                 {
-                    store.set_packet_id(stored, packet_id);
+                    store.set_packet_id(id, packet_id);
                     if d.qos == QoS::ExactlyOnce {
                         // The client keeps this id until PUBREL: on disk first.
                         wait = Some(store.receipt());
@@ -294,7 +295,7 @@ impl Core {
                     delivery: d,
                     released: false,
                     stored,
-                    written: stored != 0,
+                    written: stored.is_some(),
                     gate: None,
                 };
                 send_inflight(s, &tx, f, wait);
@@ -394,7 +395,7 @@ fn enqueue(
     }
     let stored = keep(store, s, &d);
     s.push_queued(stored, d);
-    Ok(stored != 0)
+    Ok(stored.is_some())
 }
 
 impl crate::sys::Stats {
@@ -439,25 +440,21 @@ enum QueueFull {
     Bytes,
 }
 
-/// Writes a queued delivery of a persistent session to the store; its row id, or 0 when
-/// the session is not kept there.
-fn keep(store: &mut Option<Store>, s: &Session, d: &Delivery) -> u64 {
-    match store {
-        Some(store) if s.store_id != 0 => {
-            let id = store.new_delivery_id();
-            store.put_delivery(id, s.store_id, d, None);
-            id
-        }
-        _ => 0,
-    }
+/// Writes a queued delivery of a persistent session to the store; its id there, or
+/// `None` when the session is not kept there.
+fn keep(store: &mut Option<Store>, s: &Session, d: &Delivery) -> Option<DeliveryId> {
+    let (store, sid) = (store.as_mut()?, s.store_id?);
+    let id = store.new_delivery_id();
+    store.put_delivery(id, sid, d, None);
+    Some(id)
 }
 
 /// Removes a delivery's row, if it has one.
-pub(super) fn forget(store: &Option<Store>, stored: u64) {
-    if stored != 0
+pub(super) fn forget(store: &Option<Store>, stored: Option<DeliveryId>) {
+    if let Some(id) = stored
         && let Some(store) = store
     {
-        store.drop_delivery(stored);
+        store.drop_delivery(id);
     }
 }
 

@@ -67,6 +67,40 @@ impl From<outpost_sqlite::OpenError> for StoreError {
     }
 }
 
+/// A persistent session's id in the store (never zero; a session that is not kept has
+/// none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StoreId(std::num::NonZeroU32);
+
+impl StoreId {
+    /// The id `raw` as read back from the file; `None` for 0, which no kept session has.
+    pub fn new(raw: u32) -> Option<StoreId> {
+        std::num::NonZeroU32::new(raw).map(StoreId)
+    }
+
+    /// The number stored in the file.
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+/// The id in the store of one message owed to a session (never zero; a delivery that
+/// is not kept has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeliveryId(std::num::NonZeroU64);
+
+impl DeliveryId {
+    /// The id `raw` as read back from the file; `None` for 0, which no kept delivery has.
+    pub fn new(raw: u64) -> Option<DeliveryId> {
+        std::num::NonZeroU64::new(raw).map(DeliveryId)
+    }
+
+    /// The number stored in the file.
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+}
+
 /// One change for the writer, in the order the core made it.
 enum Op {
     PutSession {
@@ -226,21 +260,22 @@ impl Store {
     }
 
     /// A fresh id for a session that becomes persistent.
-    pub fn new_session_id(&mut self) -> u32 {
+    pub fn new_session_id(&mut self) -> StoreId {
         self.next_session = self.next_session.wrapping_add(1).max(1);
-        self.next_session
+        StoreId::new(self.next_session).expect("never zero: max(1) above")
     }
 
     /// A fresh id for a message owed to a session.
-    pub fn new_delivery_id(&mut self) -> u64 {
+    pub fn new_delivery_id(&mut self) -> DeliveryId {
+        // Counts up from the largest id on file (at most i64::MAX, SQLite's bound).
         self.next_delivery += 1;
-        self.next_delivery
+        DeliveryId::new(self.next_delivery).expect("never zero: one above a u64")
     }
 
     /// Writes (or rewrites) a persistent session.
-    pub fn put_session(&self, id: u32, client_id: &Arc<str>, protocol: Protocol, expiry: u32) {
+    pub fn put_session(&self, id: StoreId, client_id: &Arc<str>, protocol: Protocol, expiry: u32) {
         self.send(Op::PutSession {
-            id,
+            id: id.get(),
             client_id: client_id.clone(),
             protocol,
             expiry,
@@ -248,20 +283,20 @@ impl Store {
     }
 
     /// Forgets a session with everything it held.
-    pub fn drop_session(&self, id: u32) {
-        self.send(Op::DropSession(id));
+    pub fn drop_session(&self, id: StoreId) {
+        self.send(Op::DropSession(id.get()));
     }
 
     /// Writes a subscription of a persistent session.
     pub fn put_sub(
         &self,
-        session: u32,
+        session: StoreId,
         filter: &str,
         options: SubscriptionOptions,
         id: Option<u32>,
     ) {
         self.send(Op::PutSub {
-            session,
+            session: session.get(),
             filter: filter.to_owned(),
             options,
             sub_id: id,
@@ -269,9 +304,9 @@ impl Store {
     }
 
     /// Removes a subscription.
-    pub fn drop_sub(&self, session: u32, filter: &str) {
+    pub fn drop_sub(&self, session: StoreId, filter: &str) {
         self.send(Op::DropSub {
-            session,
+            session: session.get(),
             filter: filter.to_owned(),
         });
     }
@@ -279,14 +314,14 @@ impl Store {
     /// Writes a message owed to a session, queued (`packet_id` `None`) or in flight.
     pub fn put_delivery(
         &self,
-        id: u64,
-        session: u32,
+        id: DeliveryId,
+        session: StoreId,
         d: &super::session::Delivery,
         packet_id: Option<u16>,
     ) {
         self.send(Op::PutDelivery {
-            id,
-            session,
+            id: id.get(),
+            session: session.get(),
             msg: d.msg.clone(),
             qos: d.qos,
             retain: d.retain,
@@ -296,28 +331,37 @@ impl Store {
     }
 
     /// A queued message went out with this packet identifier.
-    pub fn set_packet_id(&self, id: u64, packet_id: u16) {
-        self.send(Op::SetPacketId { id, packet_id });
+    pub fn set_packet_id(&self, id: DeliveryId, packet_id: u16) {
+        self.send(Op::SetPacketId {
+            id: id.get(),
+            packet_id,
+        });
     }
 
     /// PUBREC came for this message and PUBREL went out.
-    pub fn released(&self, id: u64) {
-        self.send(Op::Released(id));
+    pub fn released(&self, id: DeliveryId) {
+        self.send(Op::Released(id.get()));
     }
 
     /// The message is no longer owed (acknowledged, expired or refused).
-    pub fn drop_delivery(&self, id: u64) {
-        self.send(Op::DropDelivery(id));
+    pub fn drop_delivery(&self, id: DeliveryId) {
+        self.send(Op::DropDelivery(id.get()));
     }
 
     /// An inbound QoS 2 exchange waits for PUBREL.
-    pub fn put_qos2(&self, session: u32, packet_id: u16) {
-        self.send(Op::PutQos2 { session, packet_id });
+    pub fn put_qos2(&self, session: StoreId, packet_id: u16) {
+        self.send(Op::PutQos2 {
+            session: session.get(),
+            packet_id,
+        });
     }
 
     /// An inbound QoS 2 exchange ended.
-    pub fn drop_qos2(&self, session: u32, packet_id: u16) {
-        self.send(Op::DropQos2 { session, packet_id });
+    pub fn drop_qos2(&self, session: StoreId, packet_id: u16) {
+        self.send(Op::DropQos2 {
+            session: session.get(),
+            packet_id,
+        });
     }
 
     /// Stores a retained message, or clears its topic when the payload is empty.

@@ -116,8 +116,8 @@ async fn what_was_committed_comes_back_in_order_with_its_state() {
     assert_eq!(s.deliveries[0].3.msg.properties.user_properties.len(), 1);
     assert_eq!(s.incoming_qos2, vec![99]);
     // New ids continue above what the file holds.
-    assert!(store.new_delivery_id() > s.deliveries[2].0);
-    assert!(store.new_session_id() > s.id);
+    assert!(store.new_delivery_id().get() > s.deliveries[2].0);
+    assert!(store.new_session_id().get() > s.id);
 }
 
 #[tokio::test]
@@ -307,7 +307,7 @@ async fn a_message_owed_to_many_sessions_is_kept_once_and_goes_with_the_last() {
     let owed: Vec<_> = loaded.sessions.iter().flat_map(|s| &s.deliveries).collect();
     assert_eq!(owed.len(), 40);
     for (id, _, _, d) in &owed {
-        let want = rows.iter().find(|(r, _)| r == id).unwrap().1;
+        let want = rows.iter().find(|(r, _)| r.get() == *id).unwrap().1;
         assert_eq!(d.qos, want, "each delivery keeps its own QoS");
         assert_eq!(d.msg.payload.len(), 1 << 20);
     }
