@@ -26,7 +26,7 @@ pub struct Message {
     /// When the 5.0 Message Expiry Interval runs out.
     pub expires_at: Option<Instant>,
     /// Session that published it, for No Local; `None` for in-process publishers.
-    pub origin: Option<u64>,
+    pub origin: Option<crate::router::SessionKey>,
     /// A durable sink this message must not be offered to: the bridge whose downlink
     /// published it, so `both` rules do not send a message back where it came from.
     pub skip_sink: Option<usize>,
@@ -40,7 +40,7 @@ impl Message {
         qos: QoS,
         retain: bool,
         mut properties: Properties,
-        origin: Option<u64>,
+        origin: Option<crate::router::SessionKey>,
     ) -> Arc<Message> {
         // An interval of 0 has no meaning in the spec; as Mosquitto does, it is no
         // expiry rather than a message dropped as soon as it is acknowledged.

@@ -10,8 +10,35 @@ use std::collections::HashMap;
 
 use outpost_mqtt::SubscriptionOptions;
 
-/// Key of a session in the broker core.
-pub type SessionKey = u64;
+/// Key of a session in the broker core: a slot of the core's session table and the
+/// generation of that slot, so a key that outlived its session finds nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionKey(u64);
+
+impl SessionKey {
+    /// The key of the session in slot `index` at `generation`.
+    pub fn new(generation: u32, index: u32) -> SessionKey {
+        SessionKey((u64::from(generation) << 32) | u64::from(index))
+    }
+
+    /// The slot of the session table.
+    pub fn index(self) -> u32 {
+        self.0 as u32
+    }
+
+    /// The generation of the slot the key was made for.
+    pub fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+impl std::fmt::Display for SessionKey {
+    /// The key as one number (`generation << 32 | index`), as logs and the names of
+    /// in-process subscribers show it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// What a session asked for with one filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,10 +291,16 @@ mod tests {
         }
     }
 
-    fn sessions(t: &mut SubscriptionTree, topic: &str) -> Vec<SessionKey> {
+    /// The key of test session `n`.
+    fn k(n: u32) -> SessionKey {
+        SessionKey::new(0, n)
+    }
+
+    /// The test sessions (`n` of [`k`]) that `topic` reaches, in order.
+    fn sessions(t: &mut SubscriptionTree, topic: &str) -> Vec<u32> {
         let mut out = Vec::new();
         t.matches(topic, &|_| true, &mut out);
-        let mut v: Vec<_> = out.iter().map(|m| m.session).collect();
+        let mut v: Vec<_> = out.iter().map(|m| m.session.index()).collect();
         v.sort();
         v
     }
@@ -275,11 +308,11 @@ mod tests {
     #[test]
     fn wildcards_match_per_spec_examples() {
         let mut t = SubscriptionTree::default();
-        t.insert("sport/tennis/player1/#", None, 1, entry(QoS::AtMostOnce));
-        t.insert("sport/+/player1", None, 2, entry(QoS::AtMostOnce));
-        t.insert("+/+", None, 3, entry(QoS::AtMostOnce));
-        t.insert("#", None, 4, entry(QoS::AtMostOnce));
-        t.insert("/finance", None, 5, entry(QoS::AtMostOnce));
+        t.insert("sport/tennis/player1/#", None, k(1), entry(QoS::AtMostOnce));
+        t.insert("sport/+/player1", None, k(2), entry(QoS::AtMostOnce));
+        t.insert("+/+", None, k(3), entry(QoS::AtMostOnce));
+        t.insert("#", None, k(4), entry(QoS::AtMostOnce));
+        t.insert("/finance", None, k(5), entry(QoS::AtMostOnce));
         assert_eq!(sessions(&mut t, "sport/tennis/player1"), vec![1, 2, 4]);
         assert_eq!(sessions(&mut t, "sport/tennis/player1/ranking"), vec![1, 4]);
         assert_eq!(sessions(&mut t, "/finance"), vec![3, 4, 5]);
@@ -290,20 +323,20 @@ mod tests {
     fn dollar_topics_skip_leading_wildcards() {
         // MQTT-4.7.2-1
         let mut t = SubscriptionTree::default();
-        t.insert("#", None, 1, entry(QoS::AtMostOnce));
-        t.insert("+/broker/uptime", None, 2, entry(QoS::AtMostOnce));
-        t.insert("$SYS/#", None, 3, entry(QoS::AtMostOnce));
+        t.insert("#", None, k(1), entry(QoS::AtMostOnce));
+        t.insert("+/broker/uptime", None, k(2), entry(QoS::AtMostOnce));
+        t.insert("$SYS/#", None, k(3), entry(QoS::AtMostOnce));
         assert_eq!(sessions(&mut t, "$SYS/broker/uptime"), vec![3]);
     }
 
     #[test]
     fn remove_prunes_and_counts() {
         let mut t = SubscriptionTree::default();
-        assert!(!t.insert("a/b", None, 1, entry(QoS::AtMostOnce)));
-        assert!(t.insert("a/b", None, 1, entry(QoS::AtLeastOnce)));
+        assert!(!t.insert("a/b", None, k(1), entry(QoS::AtMostOnce)));
+        assert!(t.insert("a/b", None, k(1), entry(QoS::AtLeastOnce)));
         assert_eq!(t.len(), 1);
-        assert!(t.remove("a/b", None, 1));
-        assert!(!t.remove("a/b", None, 1));
+        assert!(t.remove("a/b", None, k(1)));
+        assert!(!t.remove("a/b", None, k(1)));
         assert!(t.is_empty());
         assert!(t.root.is_empty());
     }
@@ -315,42 +348,42 @@ mod tests {
         // thread's small stack.
         let deep = vec!["a"; 100_000].join("/");
         let mut t = SubscriptionTree::default();
-        t.insert(&deep, None, 1, entry(QoS::AtMostOnce));
-        t.insert(&format!("{deep}/#"), None, 2, entry(QoS::AtMostOnce));
+        t.insert(&deep, None, k(1), entry(QoS::AtMostOnce));
+        t.insert(&format!("{deep}/#"), None, k(2), entry(QoS::AtMostOnce));
         t.insert(
             &vec!["+"; 100_000].join("/"),
             None,
-            3,
+            k(3),
             entry(QoS::AtMostOnce),
         );
-        t.insert("a/b", None, 4, entry(QoS::AtMostOnce));
+        t.insert("a/b", None, k(4), entry(QoS::AtMostOnce));
         assert_eq!(sessions(&mut t, &deep), vec![1, 2, 3]);
-        assert!(t.remove(&deep, None, 1));
+        assert!(t.remove(&deep, None, k(1)));
         assert_eq!(sessions(&mut t, &deep), vec![2, 3]);
-        assert!(t.remove(&format!("{deep}/#"), None, 2));
+        assert!(t.remove(&format!("{deep}/#"), None, k(2)));
         assert_eq!(sessions(&mut t, "a/b"), vec![4]);
         // The `+` chain is still there; it goes when the tree is dropped.
         assert_eq!(t.len(), 2);
         drop(t);
 
         let mut t = SubscriptionTree::default();
-        t.insert(&deep, Some("g"), 7, entry(QoS::AtMostOnce));
-        assert!(t.remove(&deep, Some("g"), 7));
+        t.insert(&deep, Some("g"), k(7), entry(QoS::AtMostOnce));
+        assert!(t.remove(&deep, Some("g"), k(7)));
         assert!(t.root.is_empty());
     }
 
     #[test]
     fn removal_prunes_only_the_branch_it_empties() {
         let mut t = SubscriptionTree::default();
-        t.insert("a/b/c/d", None, 1, entry(QoS::AtMostOnce));
-        t.insert("a/b", None, 2, entry(QoS::AtMostOnce));
-        t.insert("a/x", None, 3, entry(QoS::AtMostOnce));
-        assert!(t.remove("a/b/c/d", None, 1));
+        t.insert("a/b/c/d", None, k(1), entry(QoS::AtMostOnce));
+        t.insert("a/b", None, k(2), entry(QoS::AtMostOnce));
+        t.insert("a/x", None, k(3), entry(QoS::AtMostOnce));
+        assert!(t.remove("a/b/c/d", None, k(1)));
         let b = &t.root.children["a"].children["b"];
         assert!(b.children.is_empty(), "c/d pruned below a/b");
-        assert!(t.remove("a/b", None, 2));
+        assert!(t.remove("a/b", None, k(2)));
         assert!(!t.root.children["a"].children.contains_key("b"));
-        assert!(t.remove("a/x", None, 3));
+        assert!(t.remove("a/x", None, k(3)));
         assert!(t.root.is_empty());
     }
 
@@ -360,27 +393,27 @@ mod tests {
         #[test]
         fn agrees_with_a_brute_force_model(
             ops in proptest::collection::vec(
-                (proptest::bool::ANY, 0u64..4, "(\\+|#|a|b|\\$s|)(/(\\+|a|b|)){0,4}(/#)?"),
+                (proptest::bool::ANY, 0u32..4, "(\\+|#|a|b|\\$s|)(/(\\+|a|b|)){0,4}(/#)?"),
                 1..40,
             ),
             topics in proptest::collection::vec("(a|b|\\$s|)(/(a|b|)){0,5}", 1..8),
         ) {
             let mut t = SubscriptionTree::default();
-            let mut model: std::collections::BTreeSet<(u64, String)> = Default::default();
+            let mut model: std::collections::BTreeSet<(u32, String)> = Default::default();
             for (add, session, filter) in ops {
                 if outpost_mqtt::topic::validate_topic_filter(&filter).is_err() {
                     continue;
                 }
                 if add {
-                    let existed = t.insert(&filter, None, session, entry(QoS::AtMostOnce));
+                    let existed = t.insert(&filter, None, k(session), entry(QoS::AtMostOnce));
                     proptest::prop_assert_eq!(existed, !model.insert((session, filter)));
                 } else {
-                    let removed = t.remove(&filter, None, session);
+                    let removed = t.remove(&filter, None, k(session));
                     proptest::prop_assert_eq!(removed, model.remove(&(session, filter)));
                 }
                 proptest::prop_assert_eq!(t.len(), model.len());
                 for topic in &topics {
-                    let mut want: Vec<u64> = model
+                    let mut want: Vec<u32> = model
                         .iter()
                         .filter(|(_, f)| outpost_mqtt::topic::matches(f, topic))
                         .map(|(s, _)| *s)
@@ -390,7 +423,7 @@ mod tests {
                 }
             }
             for (session, filter) in std::mem::take(&mut model) {
-                proptest::prop_assert!(t.remove(&filter, None, session));
+                proptest::prop_assert!(t.remove(&filter, None, k(session)));
             }
             proptest::prop_assert!(t.root.is_empty());
         }
@@ -399,14 +432,14 @@ mod tests {
     #[test]
     fn shared_groups_round_robin_and_prefer_online() {
         let mut t = SubscriptionTree::default();
-        t.insert("t", Some("g"), 1, entry(QoS::AtMostOnce));
-        t.insert("t", Some("g"), 2, entry(QoS::AtMostOnce));
+        t.insert("t", Some("g"), k(1), entry(QoS::AtMostOnce));
+        t.insert("t", Some("g"), k(2), entry(QoS::AtMostOnce));
         let picks: Vec<_> = (0..4).map(|_| sessions(&mut t, "t")[0]).collect();
         assert_eq!(picks, vec![1, 2, 1, 2]);
         let mut out = Vec::new();
         for _ in 0..3 {
-            t.matches("t", &|s| s == 2, &mut out);
+            t.matches("t", &|s| s == k(2), &mut out);
         }
-        assert!(out.iter().all(|m| m.session == 2 && m.shared));
+        assert!(out.iter().all(|m| m.session == k(2) && m.shared));
     }
 }

@@ -139,7 +139,7 @@ impl Conn {
         Conn {
             protocol: connect.protocol,
             accepted: false,
-            session: 0,
+            session: SessionKey::new(0, 0),
             conn_id: 0,
             close_reason: None,
             core,

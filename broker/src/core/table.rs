@@ -36,11 +36,11 @@ pub(crate) struct SessionTable {
 }
 
 fn index(key: SessionKey) -> usize {
-    (key & 0xFFFF_FFFF) as usize
+    key.index() as usize
 }
 
 fn generation(key: SessionKey) -> u32 {
-    (key >> 32) as u32
+    key.generation()
 }
 
 impl SessionTable {
@@ -178,7 +178,7 @@ impl SessionTable {
 }
 
 fn key(generation: u32, index: u32) -> SessionKey {
-    (u64::from(generation) << 32) | u64::from(index)
+    SessionKey::new(generation, index)
 }
 
 #[cfg(test)]
@@ -226,6 +226,6 @@ mod tests {
         );
         assert!(t.remove(old).is_none());
         assert_eq!(t.key_of("b"), Some(new));
-        assert_ne!(new, 0, "0 never names a session");
+        assert_ne!(new, SessionKey::new(0, 0), "0 never names a session");
     }
 }

@@ -169,7 +169,7 @@ impl Harness {
         if validate_topic_name(topic).is_err() {
             return;
         }
-        let online = move |s: SessionKey| online_mask & (1 << (s % 8)) != 0;
+        let online = move |s: SessionKey| online_mask & (1 << (s.index() % 8)) != 0;
         let mut out = Vec::new();
         self.tree.matches(topic, &online, &mut out);
 
@@ -210,11 +210,11 @@ impl Harness {
         match op {
             Op::Insert { filter, group, session, qos, id } => {
                 let full = full_filter(&filter.build(), group);
-                self.insert(&full, SessionKey::from(*session), entry(*qos, *id));
+                self.insert(&full, SessionKey::new(0, u32::from(*session)), entry(*qos, *id));
             }
             Op::Remove { filter, group, session } => {
                 let full = full_filter(&filter.build(), group);
-                self.remove(&full, SessionKey::from(*session));
+                self.remove(&full, SessionKey::new(0, u32::from(*session)));
             }
             Op::Match { topic, online } => self.check_match(&topic.build(), *online),
             Op::Deep { levels, level, hash, session, remove } => {
@@ -224,7 +224,7 @@ impl Harness {
                 if *hash {
                     filter.push_str(if n == 0 { "#" } else { "/#" });
                 }
-                let session = SessionKey::from(*session);
+                let session = SessionKey::new(0, u32::from(*session));
                 self.insert(&filter, session, entry(0, None));
                 let topic = vec![if level == "+" || level == "#" { "x" } else { level }; n.max(1)]
                     .join("/");
