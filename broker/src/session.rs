@@ -19,7 +19,7 @@ pub enum Link {
     /// A network client: deliveries are encoded by its connection's writer task.
     Network {
         /// Identifies the connection, so events from a replaced one are ignored.
-        conn_id: u64,
+        conn_id: crate::core::ConnId,
         /// The writer task's queue.
         tx: OutboundTx,
     },
@@ -199,7 +199,7 @@ impl Session {
     }
 
     /// The connection id if connected over the network.
-    pub fn conn_id(&self) -> Option<u64> {
+    pub fn conn_id(&self) -> Option<crate::core::ConnId> {
         match &self.link {
             Some(Link::Network { conn_id, .. }) => Some(*conn_id),
             _ => None,

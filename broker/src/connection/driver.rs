@@ -365,7 +365,7 @@ impl<T: Transport> Driver<T> {
                         &self.conn.settings().connections.packet_timeouts,
                     );
                     info!(
-                        conn_id = self.conn.conn_id,
+                        conn_id = %self.conn.conn_id,
                         "connection closed: a packet was not completed within broker.packet_timeout"
                     );
                     self.conn.disarm();
@@ -375,7 +375,7 @@ impl<T: Transport> Driver<T> {
                     );
                 } else if k > 0 && now - self.last_rx >= k {
                     info!(
-                        conn_id = self.conn.conn_id,
+                        conn_id = %self.conn.conn_id,
                         "connection closed: keep alive expired"
                     );
                     self.conn.disarm();
@@ -585,7 +585,7 @@ fn park_tcp(d: Driver<TcpStream>) {
     let io = match io.into_std() {
         Ok(io) => io,
         Err(e) => {
-            warn!(conn_id = conn.conn_id, error = %e, "could not park an idle connection; closing it");
+            warn!(conn_id = %conn.conn_id, error = %e, "could not park an idle connection; closing it");
             lost(conn, rx);
             return;
         }
@@ -672,7 +672,7 @@ fn resume(z: Sleeping, parked: Arc<Parked>, handle: &tokio::runtime::Handle) {
             handle.spawn(super::Connection::running(d));
         }
         Err(e) => {
-            warn!(conn_id = conn.conn_id, error = %e, "could not resume a parked connection; closing it");
+            warn!(conn_id = %conn.conn_id, error = %e, "could not resume a parked connection; closing it");
             lost(conn, rx);
         }
     }

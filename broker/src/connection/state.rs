@@ -89,7 +89,7 @@ pub(super) struct Conn {
     /// Whether the core accepted the CONNECT (and so must hear about the close).
     pub(super) accepted: bool,
     pub(super) session: SessionKey,
-    pub(super) conn_id: u64,
+    pub(super) conn_id: crate::core::ConnId,
     /// Why the broker ended the connection, for the core's log line.
     pub(super) close_reason: Option<ReasonCode>,
     pub(super) core: BrokerHandle,
@@ -140,7 +140,7 @@ impl Conn {
             protocol: connect.protocol,
             accepted: false,
             session: SessionKey::new(0, 0),
-            conn_id: 0,
+            conn_id: crate::core::ConnId::UNACCEPTED,
             close_reason: None,
             core,
             settings,
@@ -212,7 +212,7 @@ impl Conn {
                         &self.settings.connections.packet_too_large,
                     );
                     info!(
-                        conn_id = self.conn_id,
+                        conn_id = %self.conn_id,
                         size,
                         max_packet_size = max,
                         "packet refused: larger than broker.max_packet_size; closing the connection"
@@ -222,7 +222,7 @@ impl Conn {
                 }
                 Err(e) => {
                     info!(
-                        conn_id = self.conn_id,
+                        conn_id = %self.conn_id,
                         error = %e,
                         "malformed packet; closing the connection"
                     );
@@ -238,7 +238,7 @@ impl Conn {
                 // beside their reader, split a DISCONNECT's bytes between the two and
                 // hang. Mosquitto closes silently here too.
                 info!(
-                    conn_id = self.conn_id,
+                    conn_id = %self.conn_id,
                     "second CONNECT; closing the connection"
                 );
                 self.closing = true;

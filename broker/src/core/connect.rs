@@ -81,7 +81,7 @@ impl Core {
         }
 
         let conn_id = self.next_conn_id;
-        self.next_conn_id += 1;
+        self.next_conn_id = conn_id.next();
         let now = Instant::now();
 
         let mut session_present = false;
@@ -178,7 +178,7 @@ impl Core {
         }))));
         self.stats.connects += 1;
         info!(
-            conn_id,
+            %conn_id,
             %peer,
             client_id = %client_id,
             user = connect.username.as_deref().unwrap_or(""),
@@ -233,7 +233,7 @@ impl Core {
     pub(super) fn on_closed(
         &mut self,
         key: SessionKey,
-        conn_id: u64,
+        conn_id: super::ConnId,
         disconnect: Option<Disconnect>,
         reason: Option<ReasonCode>,
     ) {
@@ -264,7 +264,7 @@ impl Core {
             (None, None) => "connection lost",
         };
         info!(
-            conn_id,
+            %conn_id,
             client_id = %s.client_id,
             user = user.as_ref().and_then(|o| o.user.as_deref()).unwrap_or(""),
             reason = why,

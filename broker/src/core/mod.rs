@@ -46,7 +46,7 @@ pub(crate) enum CoreEvent {
         /// Session of the sender.
         session: SessionKey,
         /// Connection of the sender (stale ones are ignored).
-        conn_id: u64,
+        conn_id: ConnId,
         /// The packet.
         packet: Packet,
     },
@@ -58,7 +58,7 @@ pub(crate) enum CoreEvent {
         /// Its session.
         session: SessionKey,
         /// The connection.
-        conn_id: u64,
+        conn_id: ConnId,
         /// The DISCONNECT reason (5.0), or `None` to close without one.
         reason: Option<outpost_mqtt::ReasonCode>,
     },
@@ -67,7 +67,7 @@ pub(crate) enum CoreEvent {
         /// Its session.
         session: SessionKey,
         /// The connection.
-        conn_id: u64,
+        conn_id: ConnId,
         /// DISCONNECT packet if the client sent one, `None` for an abnormal end.
         disconnect: Option<Disconnect>,
         /// Why the broker closed it, when it did.
@@ -113,6 +113,28 @@ pub(crate) enum CoreEvent {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// One network connection of a session, numbered in order from 1: events from a
+/// connection that a takeover has replaced carry an older id and are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnId(u64);
+
+impl ConnId {
+    /// What a connection holds until the core accepts it; never given to one.
+    pub(crate) const UNACCEPTED: ConnId = ConnId(0);
+
+    /// The id of the connection after this one.
+    fn next(self) -> ConnId {
+        ConnId(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    /// The number, as the logs show it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Who a connected client is, where that matters to its topic rules.
 pub(crate) struct ClientOrigin {
     /// Its user name.
@@ -126,7 +148,7 @@ pub(crate) struct Accepted {
     /// The session.
     pub session: SessionKey,
     /// The connection's id, for the log and for stale-event checks.
-    pub conn_id: u64,
+    pub conn_id: ConnId,
 }
 
 /// A CONNECT handed to the core.
@@ -152,7 +174,7 @@ pub(crate) struct Core {
     /// The core's own inbox, for acknowledgements that report back (weak, so the core
     /// still stops when every handle is gone).
     inbox: mpsc::WeakSender<CoreEvent>,
-    next_conn_id: u64,
+    next_conn_id: ConnId,
     timers: timers::Timers,
     /// Reused per publish to avoid an allocation per message.
     scratch: Vec<Match>,
@@ -201,7 +223,7 @@ impl Core {
             retained: RetainedStore::default(),
             sinks,
             inbox,
-            next_conn_id: 1,
+            next_conn_id: ConnId(1),
             timers: timers::Timers::default(),
             scratch: Vec::new(),
             store,
