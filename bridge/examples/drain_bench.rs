@@ -162,7 +162,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             pending.push_back(spool.append(NewMessage {
                 topic: TOPIC.into(),
                 payload: payload.clone(),
-                qos: 1,
+                qos: QoS::AtLeastOnce,
                 retain: false,
                 props: None,
                 accepted_ms: i as i64,

@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             waiting.push_back(spool.append(NewMessage {
                 topic: format!("plant-7/sensors/dev{}/temp", i % 100),
                 payload: payload.clone(),
-                qos: 1,
+                qos: outpost_mqtt::QoS::AtLeastOnce,
                 retain: false,
                 props: None,
                 accepted_ms: i as i64,

@@ -74,7 +74,7 @@ pub struct BridgeConfig {
     /// Highest QoS used towards the cloud (default 2). Set 1 for brokers without QoS 2
     /// (AWS IoT Core); a CONNACK Maximum QoS lowers it too.
     #[serde(default = "default_max_qos")]
-    pub max_qos: u8,
+    pub max_qos: outpost_mqtt::QoS,
     /// Most unacknowledged messages in flight (default 4096); the cloud's Receive Maximum
     /// lowers it. Below it the bridge sizes the window to the link (`uplink/window.rs`).
     #[serde(default = "default_max_inflight")]
@@ -350,8 +350,8 @@ fn default_session_expiry() -> Duration {
 fn default_primary_retry() -> Duration {
     Duration::from_secs(60)
 }
-fn default_max_qos() -> u8 {
-    2
+fn default_max_qos() -> outpost_mqtt::QoS {
+    outpost_mqtt::QoS::ExactlyOnce
 }
 fn default_max_inflight() -> u16 {
     4096
@@ -522,9 +522,6 @@ impl BridgeConfig {
         }
         if self.primary_retry.is_zero() {
             return invalid("primary_retry", "must be above zero, e.g. \"60s\"".into());
-        }
-        if self.max_qos > 2 {
-            return invalid("max_qos", format!("max_qos {} (0, 1 or 2)", self.max_qos));
         }
         if self.max_inflight == 0 {
             return invalid("max_inflight", "max_inflight must be at least 1".into());

@@ -239,7 +239,7 @@ impl BridgeHandle {
     ) -> Option<oneshot::Receiver<Result<(), Rejected>>> {
         let inner = &self.inner;
         let mapped = read(&inner.rules).map_out(topic)?;
-        let qos = (qos as u8).min(mapped.qos);
+        let qos = qos.min(mapped.qos);
         let msg = NewMessage {
             topic: mapped.topic,
             payload: payload.clone(),
@@ -248,7 +248,7 @@ impl BridgeHandle {
             props: properties.and_then(spool::encode_properties),
             accepted_ms: clock::now_ms(),
         };
-        if qos == 0 && !inner.spool_qos0.load(Relaxed) {
+        if qos == QoS::AtMostOnce && !inner.spool_qos0.load(Relaxed) {
             if inner.live0.try_send(msg).is_err() {
                 BridgeStats::bump(&inner.stats.dropped_qos0);
             }

@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 
+use outpost_mqtt::QoS;
 use outpost_mqtt::topic::{matches, validate_topic_filter};
 
 /// Which way a rule carries messages.
@@ -50,7 +51,7 @@ pub struct TopicRule {
     pub direction: Direction,
     /// Highest QoS for this rule (default 1): messages go up at min(published, rule) QoS.
     #[serde(default = "default_qos")]
-    pub qos: u8,
+    pub qos: QoS,
     /// Prefix of the local topic.
     #[serde(default)]
     pub local_prefix: String,
@@ -62,19 +63,13 @@ pub struct TopicRule {
     pub retain: RetainMode,
 }
 
-fn default_qos() -> u8 {
-    1
+fn default_qos() -> QoS {
+    QoS::AtLeastOnce
 }
 
 impl TopicRule {
     /// Check the pattern and prefixes.
     pub fn validate(&self) -> Result<(), String> {
-        if self.qos > 2 {
-            return Err(format!(
-                "topic {:?}: qos {} (0, 1 or 2)",
-                self.pattern, self.qos
-            ));
-        }
         for (what, p) in [
             ("local_prefix", &self.local_prefix),
             ("remote_prefix", &self.remote_prefix),
@@ -120,7 +115,7 @@ pub struct Mapped {
     /// The topic on the other side.
     pub topic: String,
     /// Rule QoS ceiling.
-    pub qos: u8,
+    pub qos: QoS,
     /// Retain handling.
     pub retain: RetainMode,
 }
@@ -189,7 +184,7 @@ impl Rules {
     }
 
     /// Filters (with QoS and retain mode) to subscribe to on the cloud for `in` rules.
-    pub fn remote_subscriptions(&self) -> Vec<(String, u8, RetainMode)> {
+    pub fn remote_subscriptions(&self) -> Vec<(String, QoS, RetainMode)> {
         self.rules
             .iter()
             .filter(|r| r.direction.is_in())
@@ -215,7 +210,7 @@ mod tests {
         TopicRule {
             pattern: pattern.into(),
             direction: dir,
-            qos: 1,
+            qos: QoS::AtLeastOnce,
             local_prefix: lp.into(),
             remote_prefix: rp.into(),
             retain: RetainMode::Keep,
@@ -277,10 +272,10 @@ mod tests {
     #[test]
     fn first_match_wins_and_validation() {
         let mut a = rule("a/#", Direction::Out, "", "first/");
-        a.qos = 2;
+        a.qos = QoS::ExactlyOnce;
         let rules = Rules::new(vec![a, rule("#", Direction::Out, "", "second/")]);
         let m = rules.map_out("a/1").unwrap();
-        assert_eq!((m.topic.as_str(), m.qos), ("first/a/1", 2));
+        assert_eq!((m.topic.as_str(), m.qos), ("first/a/1", QoS::ExactlyOnce));
         assert_eq!(rules.map_out("b").unwrap().topic, "second/b");
         assert!(rule("a/#/b", Direction::Out, "", "").validate().is_err());
         assert!(rule("a", Direction::Out, "x/+/", "").validate().is_err());

@@ -133,9 +133,8 @@ async fn forward_commands(mut sub: crate::broker::LocalSubscription, tx: mpsc::S
 async fn publish_readings(mut rx: mpsc::Receiver<SensorMessage>, broker: BrokerHandle) {
     let mut commits = JoinSet::new();
     while let Some(m) = rx.recv().await {
-        let qos = QoS::from_u8(m.qos).unwrap_or(QoS::AtMostOnce);
         match broker
-            .publish_accepted(&m.topic, m.payload, qos, m.retain, Properties::default())
+            .publish_accepted(&m.topic, m.payload, m.qos, m.retain, Properties::default())
             .await
         {
             Ok(receipt) if receipt.is_final() => {}

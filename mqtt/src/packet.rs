@@ -35,6 +35,36 @@ impl QoS {
     }
 }
 
+/// A QoS in a configuration file is the integer 0, 1 or 2; anything else is refused
+/// where it is read, so no later code needs a fallback.
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for QoS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<QoS, D::Error> {
+        use serde::de::{Error, Unexpected, Visitor};
+
+        struct Qos;
+        impl Visitor<'_> for Qos {
+            type Value = QoS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QoS of 0, 1 or 2")
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<QoS, E> {
+                u8::try_from(v)
+                    .ok()
+                    .and_then(QoS::from_u8)
+                    .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<QoS, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+                }
+            }
+        }
+        d.deserialize_u8(Qos)
+    }
+}
+
 /// The protocol version a connection speaks, from the CONNECT protocol level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {

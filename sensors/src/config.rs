@@ -2,6 +2,7 @@
 
 use crate::error::ConfigError;
 use crate::point::{Area, Codec, DataType, Order};
+use outpost_mqtt::QoS;
 use serde::{Deserialize, Deserializer};
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -266,7 +267,7 @@ pub struct ModbusDevice {
     pub heartbeat: Option<Dur>,
     /// Default MQTT QoS of readings.
     #[serde(default)]
-    pub qos: u8,
+    pub qos: QoS,
     /// Default retain flag of readings.
     #[serde(default)]
     pub retain: bool,
@@ -326,7 +327,7 @@ pub struct ModbusPoint {
     pub heartbeat: Option<Dur>,
     /// QoS (default: the device's).
     #[serde(default)]
-    pub qos: Option<u8>,
+    pub qos: Option<QoS>,
     /// Retain (default: the device's).
     #[serde(default)]
     pub retain: Option<bool>,
@@ -472,7 +473,7 @@ impl ModbusPoint {
         if !self.offset.is_finite() {
             return Err(ConfigError::new(format!("{p}.offset"), "must be finite"));
         }
-        check_report(p, self.deadband, self.deadband_percent, self.qos)?;
+        check_report(p, self.deadband, self.deadband_percent)?;
         if let (Some(lo), Some(hi)) = (self.min, self.max)
             && lo > hi
         {
@@ -652,9 +653,6 @@ impl ModbusDevice {
                 "poll interval must be above zero",
             ));
         }
-        if self.qos > 2 {
-            return Err(ConfigError::new(k("qos"), "must be 0, 1 or 2"));
-        }
         let mut seen = HashMap::new();
         for (i, p) in self.points.iter().enumerate() {
             let pp = k(&format!("points[{i}]"));
@@ -759,7 +757,7 @@ pub struct SerialSensor {
     pub heartbeat: Option<Dur>,
     /// Default QoS.
     #[serde(default)]
-    pub qos: u8,
+    pub qos: QoS,
     /// Default retain.
     #[serde(default)]
     pub retain: bool,
@@ -800,7 +798,7 @@ pub struct SerialPoint {
     pub heartbeat: Option<Dur>,
     /// QoS.
     #[serde(default)]
-    pub qos: Option<u8>,
+    pub qos: Option<QoS>,
     /// Retain.
     #[serde(default)]
     pub retain: Option<bool>,
@@ -884,9 +882,6 @@ impl SerialSensor {
                 "columns/separator apply to csv only",
             ));
         }
-        if self.qos > 2 {
-            return Err(ConfigError::new(k("qos"), "must be 0, 1 or 2"));
-        }
         let mut seen = HashMap::new();
         for (i, p) in self.points.iter().enumerate() {
             let pp = k(&format!("points[{i}]"));
@@ -903,7 +898,7 @@ impl SerialSensor {
                     "scale must be finite and non-zero, offset finite",
                 ));
             }
-            check_report(&pp, p.deadband, p.deadband_percent, p.qos)?;
+            check_report(&pp, p.deadband, p.deadband_percent)?;
             if let Some(prev) = seen.insert(p.topic_name(), i) {
                 return Err(ConfigError::new(
                     format!("{pp}.name"),
@@ -1024,12 +1019,7 @@ fn check_serial(r: &RtuTransport, prefix: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn check_report(
-    p: &str,
-    deadband: Option<f64>,
-    pct: Option<f64>,
-    qos: Option<u8>,
-) -> Result<(), ConfigError> {
+fn check_report(p: &str, deadband: Option<f64>, pct: Option<f64>) -> Result<(), ConfigError> {
     if let Some(d) = deadband
         && !(d.is_finite() && d >= 0.0)
     {
@@ -1051,11 +1041,6 @@ fn check_report(
             format!("{p}.deadband_percent"),
             "use either deadband or deadband_percent",
         ));
-    }
-    if let Some(q) = qos
-        && q > 2
-    {
-        return Err(ConfigError::new(format!("{p}.qos"), "must be 0, 1 or 2"));
     }
     Ok(())
 }

@@ -43,7 +43,7 @@ impl Emitter {
         self.send(SensorMessage {
             topic: topic.to_string(),
             payload: status_payload(status, error, &self.clock),
-            qos: 1,
+            qos: outpost_mqtt::QoS::AtLeastOnce,
             retain: true,
         })
         .await
@@ -54,7 +54,7 @@ impl Emitter {
         self.send(SensorMessage {
             topic: topic.to_string(),
             payload: stopped_payload(reason, &self.clock),
-            qos: 1,
+            qos: outpost_mqtt::QoS::AtLeastOnce,
             retain: true,
         })
         .await
@@ -66,7 +66,7 @@ impl Emitter {
         self.send(SensorMessage {
             topic: topic.to_string(),
             payload: bytes::Bytes::new(),
-            qos: 1,
+            qos: outpost_mqtt::QoS::AtLeastOnce,
             retain: true,
         })
         .await
@@ -119,7 +119,7 @@ pub struct PointOutput {
     /// Engineering unit.
     pub unit: Option<String>,
     /// QoS of readings.
-    pub qos: u8,
+    pub qos: outpost_mqtt::QoS,
     /// Retain flag of readings.
     pub retain: bool,
     /// Lowest good value.
@@ -134,7 +134,7 @@ impl PointOutput {
     pub fn new(
         topic: String,
         unit: Option<String>,
-        qos: u8,
+        qos: outpost_mqtt::QoS,
         retain: bool,
         min: Option<f64>,
         max: Option<f64>,

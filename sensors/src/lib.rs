@@ -502,7 +502,7 @@ async fn handle_command(
         .send(SensorMessage {
             topic: topics.write_result(device, point),
             payload: write_result_payload(Err(&error), id.as_ref(), &emitter.clock),
-            qos: 1,
+            qos: outpost_mqtt::QoS::AtLeastOnce,
             retain: false,
         })
         .await

@@ -13,8 +13,8 @@ pub struct SensorMessage {
     pub topic: String,
     /// Payload (JSON for readings and status).
     pub payload: Bytes,
-    /// QoS 0..=2.
-    pub qos: u8,
+    /// QoS.
+    pub qos: outpost_mqtt::QoS,
     /// Retain flag.
     pub retain: bool,
 }

@@ -306,7 +306,7 @@ impl Stats {
         let msg = |topic: String, payload: String| SensorMessage {
             topic,
             payload: Bytes::from(payload),
-            qos: 0,
+            qos: outpost_mqtt::QoS::AtMostOnce,
             retain: true,
         };
         let mut out = vec![

@@ -73,6 +73,39 @@ fn check_rejects_a_wrong_type_with_its_line() {
 }
 
 #[test]
+fn check_rejects_a_qos_above_2_at_the_value_for_sensors_and_bridge_rules() {
+    outpost_only!();
+    // The QoS is read once, where the file names it: the sensors and the bridge get a QoS,
+    // never a number to fall back from.
+    let sensors = "[sensors]\n[[sensors.modbus]]\nname = \"boiler\"\n\
+        transport = { tcp = { host = \"127.0.0.1\", port = 1502 } }\nunit = 1\n\
+        points = [{ name = \"t\", kind = \"input\", address = 0, type = \"u16\", qos = 3 }]\n";
+    let bridge = "[[bridge]]\nname = \"cloud\"\naddress = \"mqtt://127.0.0.1:1883\"\n\
+        topics = [{ pattern = \"a/#\", direction = \"out\", qos = 3 }]\n";
+    for (file, body, line, key) in [
+        (
+            "sensors.toml",
+            sensors,
+            6,
+            "sensors.modbus[0].points[0].qos",
+        ),
+        ("bridge.toml", bridge, 4, "bridge[0].topics[0].qos"),
+    ] {
+        let (ok, text) = run_check(file, body);
+        assert!(!ok, "QoS 3 was accepted in {file}: {text}");
+        assert!(
+            text.contains(&format!("{file}:{line}:")),
+            "error must name {file} and line {line}: {text}"
+        );
+        assert!(text.contains(key), "error must name the key {key}: {text}");
+        assert!(
+            text.contains("0, 1 or 2"),
+            "error must say what is allowed: {text}"
+        );
+    }
+}
+
+#[test]
 fn check_rejects_a_missing_file_naming_it() {
     outpost_only!();
     let out = Command::new(outpost_bin())

@@ -22,7 +22,7 @@ use outpost_sqlite::reserve;
 use std::sync::mpsc;
 
 use bytes::Bytes;
-use outpost_mqtt::Properties;
+use outpost_mqtt::{Properties, QoS};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::WhenFull;
@@ -40,8 +40,8 @@ pub struct NewMessage {
     pub topic: String,
     /// Payload, shared with the publisher's buffer.
     pub payload: Bytes,
-    /// QoS towards the cloud (0, 1 or 2).
-    pub qos: u8,
+    /// QoS towards the cloud.
+    pub qos: QoS,
     /// RETAIN flag towards the cloud.
     pub retain: bool,
     /// Encoded properties ([`encode_properties`]).
@@ -89,7 +89,7 @@ pub struct StoredMessage {
     /// Payload.
     pub payload: Bytes,
     /// QoS as accepted.
-    pub qos: u8,
+    pub qos: QoS,
     /// RETAIN flag.
     pub retain: bool,
     /// Decoded properties (empty when none or damaged).
@@ -159,7 +159,7 @@ pub struct DeadLetter {
     /// Payload.
     pub payload: Bytes,
     /// QoS as accepted.
-    pub qos: u8,
+    pub qos: QoS,
     /// Accept time, unix milliseconds.
     pub accepted_ms: i64,
     /// When it was set aside, unix milliseconds.

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, mpsc};
 
 use bytes::Bytes;
+use outpost_mqtt::QoS;
 use rusqlite::{Connection, OpenFlags, params};
 
 use super::acked::{IdRanges, Undeleted};
@@ -87,7 +88,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
         id: r.get(0)?,
         topic: r.get(1)?,
         payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-        qos: qos.clamp(0, 2) as u8,
+        qos: stored_qos(qos),
         retain: r.get(4)?,
         properties,
         accepted_ms: r.get(6)?,
@@ -174,7 +175,7 @@ fn dead_letters(conn: &Connection) -> rusqlite::Result<Vec<DeadLetter>> {
             row_id: r.get(0)?,
             topic: r.get(1)?,
             payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-            qos: r.get::<_, i64>(3)?.clamp(0, 2) as u8,
+            qos: stored_qos(r.get(3)?),
             accepted_ms: r.get(4)?,
             dead_ms: r.get(5)?,
             reason: r.get(6)?,
@@ -182,4 +183,14 @@ fn dead_letters(conn: &Connection) -> rusqlite::Result<Vec<DeadLetter>> {
         })
     })?
     .collect()
+}
+
+/// The QoS of a row as the writer stored it (0, 1 or 2); a number out of that range, in a
+/// file damaged some other way, is taken as the nearest QoS.
+fn stored_qos(v: i64) -> QoS {
+    match v {
+        ..=0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
 }

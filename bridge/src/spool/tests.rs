@@ -9,7 +9,7 @@ fn msg(i: usize, payload_len: usize) -> NewMessage {
     NewMessage {
         topic: format!("t/{i}"),
         payload: Bytes::from(vec![b'x'; payload_len]),
-        qos: 1,
+        qos: QoS::AtLeastOnce,
         retain: false,
         props: None,
         accepted_ms: 1_000 + i as i64,
@@ -163,12 +163,15 @@ fn properties_round_trip_through_the_spool() {
         };
         let mut m = msg(0, 3);
         m.props = encode_properties(&props);
-        m.qos = 2;
+        m.qos = QoS::ExactlyOnce;
         m.retain = true;
         spool.append(m).await.unwrap().unwrap();
         let row = &spool.fetch(0, 1).await.unwrap()[0];
         assert_eq!(row.properties, props);
-        assert_eq!((row.qos, row.retain, row.stage), (2, true, Stage::New));
+        assert_eq!(
+            (row.qos, row.retain, row.stage),
+            (QoS::ExactlyOnce, true, Stage::New)
+        );
         close(spool, thread);
     });
 }

@@ -335,7 +335,7 @@ impl State {
                             id,
                             msg.topic,
                             &msg.payload[..],
-                            msg.qos,
+                            msg.qos as u8,
                             msg.retain,
                             msg.props,
                             msg.accepted_ms,

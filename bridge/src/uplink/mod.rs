@@ -279,13 +279,15 @@ async fn handshake(
     let cfg = &ctx.config;
     let mut max_qos = cfg.max_qos;
     if ctx.qos2_refusals.load(Relaxed) >= QOS2_REFUSALS {
-        max_qos = max_qos.min(1);
+        max_qos = max_qos.min(QoS::AtLeastOnce);
     }
-    if let Some(server_max) = p.maximum_qos
+    // The codec takes only 0 or 1 here (a byte flag, MQTT-3.2.2-9).
+    if let Some(server_max) = p.maximum_qos.and_then(QoS::from_u8)
         && server_max < max_qos
     {
-        tracing::warn!(bridge = %ctx.name, server_max,
-            "cloud CONNACK says Maximum QoS {server_max}: QoS 2 messages are downgraded");
+        let announced = server_max as u8;
+        tracing::warn!(bridge = %ctx.name, server_max = announced,
+            "cloud CONNACK says Maximum QoS {announced}: QoS 2 messages are downgraded");
         max_qos = server_max;
     }
     let window = usize::from(
@@ -474,7 +476,7 @@ pub(crate) async fn run(
                 ctx.stats.set_address(text);
                 let backlog = progress::Backlog::now(&ctx.stats, now_ms());
                 tracing::info!(bridge = %ctx.name, address = %text,
-                    max_window = limits.window, max_qos = limits.max_qos,
+                    max_window = limits.window, max_qos = limits.max_qos as u8,
                     session_present = limits.session_present,
                     "connected to the cloud; {} waiting in the spool; using {text}", backlog.describe());
                 if moved {

@@ -108,7 +108,7 @@ fn dropped(why: impl Into<String>) -> SessionEnd {
 /// Limits the cloud announced in CONNACK, combined with configuration.
 pub(crate) struct Limits {
     pub window: usize,
-    pub max_qos: u8,
+    pub max_qos: QoS,
     pub max_packet: usize,
     pub retain_available: bool,
     pub keep_alive: Duration,
@@ -303,10 +303,6 @@ async fn opt<T>(f: &mut Option<BoxFuture<T>>) -> T {
         Some(f) => f.await,
         None => std::future::pending().await,
     }
-}
-
-fn qos_of(v: u8) -> QoS {
-    QoS::from_u8(v).unwrap_or(QoS::AtLeastOnce)
 }
 
 impl<'a> Session<'a> {
@@ -645,7 +641,7 @@ impl<'a> Session<'a> {
             .map(|(filter, qos, retain)| outpost_mqtt::SubscribeFilter {
                 filter,
                 options: outpost_mqtt::SubscriptionOptions {
-                    qos: qos_of(qos.min(self.limits.max_qos.max(1))),
+                    qos: qos.min(self.limits.max_qos.max(QoS::AtLeastOnce)),
                     // Without No Local a `both` rule would echo our own uplink back down.
                     no_local: true,
                     retain_as_published: retain == RetainMode::Keep,
@@ -885,7 +881,7 @@ impl<'a> Session<'a> {
                 );
                 return Ok(Some(Out::PubRel(pid)));
             }
-            (Stage::Published, Some(pid)) if self.limits.max_qos >= 2 => {
+            (Stage::Published, Some(pid)) if self.limits.max_qos == QoS::ExactlyOnce => {
                 self.inflight.insert(
                     pid,
                     Inflight::Row {
@@ -915,19 +911,19 @@ impl<'a> Session<'a> {
             row.properties.message_expiry_interval = Some(expiry - age as u32);
         }
         let qos = row.qos.min(self.limits.max_qos);
-        if qos < row.qos && row.qos == 2 && !self.downgrade_logged {
+        if qos < row.qos && row.qos == QoS::ExactlyOnce && !self.downgrade_logged {
             self.downgrade_logged = true;
-            tracing::warn!(bridge = %self.ctx.name, max_qos = self.limits.max_qos,
-                "cloud (or config) allows no QoS 2: QoS 2 messages go up as QoS {qos}");
+            tracing::warn!(bridge = %self.ctx.name, max_qos = self.limits.max_qos as u8,
+                "cloud (or config) allows no QoS 2: QoS 2 messages go up as QoS {}", qos as u8);
         }
-        if qos == 0 {
+        if qos == QoS::AtMostOnce {
             let publish = self.publish_of(row, QoS::AtMostOnce, None, false);
             return Ok(Some(Out::Publish { row: id, publish }));
         }
         let Some(pid) = self.ids.alloc() else {
             return Err(Box::new(row));
         };
-        let stage = if qos == 2 {
+        let stage = if qos == QoS::ExactlyOnce {
             updates.push(StageUpdate {
                 id,
                 packet_id: pid,
@@ -938,7 +934,7 @@ impl<'a> Session<'a> {
             Stage::New
         };
         self.inflight.insert(pid, Inflight::Row { id, stage });
-        let publish = self.publish_of(row, qos_of(qos), Some(pid), false);
+        let publish = self.publish_of(row, qos, Some(pid), false);
         Ok(Some(Out::Publish { row: id, publish }))
     }
 
@@ -1240,7 +1236,7 @@ impl<'a> Session<'a> {
                     let local = LocalPublish {
                         topic: m.topic,
                         payload: p.payload,
-                        qos: p.qos.min(qos_of(m.qos)),
+                        qos: p.qos.min(m.qos),
                         retain: p.retain && m.retain == RetainMode::Keep,
                     };
                     if self.ctx.local.send(local).await.is_err() {

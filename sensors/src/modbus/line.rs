@@ -498,7 +498,7 @@ impl Line {
             .send(SensorMessage {
                 topic,
                 payload,
-                qos: 1,
+                qos: outpost_mqtt::QoS::AtLeastOnce,
                 retain: false,
             })
             .await
