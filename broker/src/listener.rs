@@ -338,7 +338,8 @@ mod tests {
         let task_size = std::mem::size_of_val(&task);
         let session_size = std::mem::size_of::<crate::session::Session>();
         assert!(task_size <= 152, "connection task is {task_size} bytes");
-        assert!(session_size <= 112, "session is {session_size} bytes");
+        // 120 bytes (the client id inline) is still a 128-byte chunk in the slab's box.
+        assert!(session_size <= 120, "session is {session_size} bytes");
     }
 
     /// A TLS or WebSocket client's task outlives its handshake by hours; the handshake

@@ -71,7 +71,7 @@ impl From<outpost_sqlite::OpenError> for StoreError {
 enum Op {
     PutSession {
         id: u32,
-        client_id: Arc<str>,
+        client_id: Box<str>,
         protocol: Protocol,
         expiry: u32,
     },
@@ -238,10 +238,10 @@ impl Store {
     }
 
     /// Writes (or rewrites) a persistent session.
-    pub fn put_session(&self, id: u32, client_id: &Arc<str>, protocol: Protocol, expiry: u32) {
+    pub fn put_session(&self, id: u32, client_id: &str, protocol: Protocol, expiry: u32) {
         self.send(Op::PutSession {
             id,
-            client_id: client_id.clone(),
+            client_id: client_id.into(),
             protocol,
             expiry,
         });
