@@ -539,14 +539,13 @@ impl Wake for Parked {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let Some(mut z) = lock(&self.state).take() else {
+        let Some(z) = lock(&self.state).take() else {
             return;
         };
+        // Also takes it off the lot's keep-alive wheel; the task arms its own deadline.
         let lot = z.conn.deadlines().lot();
         lot.forget(z.token as usize, z.io.as_raw_fd());
         let handle = lot.handle();
-        // The deadline would wake this state, now gone; the task arms its own.
-        z.conn.disarm();
         match handle {
             Some(h) => resume(z, self.clone(), &h),
             None => lost(z.conn, z.rx),
@@ -607,12 +606,19 @@ fn park_tcp(d: Driver<TcpStream>) {
     // Held while the wakers are handed out, so one that fires meanwhile (on another
     // worker) waits until the state is in place.
     let mut state = lock(&parked.state);
-    let lot = z.conn.deadlines().lot();
+    // The running connection's deadline (keep alive or a park check) goes: the lot keeps
+    // the keep alive of a parked one, in less room.
+    z.conn.disarm();
+    let due = match z.keep_alive_ms {
+        0 => 0,
+        k => z.last_rx + u64::from(k),
+    };
+    let deadlines = z.conn.deadlines().clone();
     let fd = z.io.as_raw_fd();
-    let watched = lot.watch(fd, waker.clone()).and_then(|t| {
+    let watched = deadlines.park(fd, waker.clone(), due).and_then(|t| {
         // Four billion parked sockets do not fit in the fd table; but if they did:
         u32::try_from(t).map_err(|e| {
-            lot.forget(t, fd);
+            deadlines.lot().forget(t, fd);
             std::io::Error::other(e)
         })
     });
@@ -629,13 +635,7 @@ fn park_tcp(d: Driver<TcpStream>) {
         }
     }
     let queued = z.rx.register(&waker);
-    if z.keep_alive_ms > 0 {
-        let at = z.last_rx + u64::from(z.keep_alive_ms);
-        z.conn.arm(at, &waker);
-    } else {
-        z.conn.disarm();
-    }
-    z.conn.deadlines().lot().parked();
+    deadlines.lot().parked();
     *state = Some(z);
     drop(state);
     if queued {
