@@ -109,17 +109,17 @@ impl Deadlines {
     /// Parks a quiet connection's socket `fd` in the lot: `waker` fires when the socket
     /// becomes readable or, unless `due` is 0, once `due` (ms, [`Self::now_ms`] clock)
     /// has passed (at most a second late, well inside the half keep alive of slack that
-    /// MQTT-3.1.2-24 gives). Returns the lot token to forget the socket with.
-    pub fn park(self: &Arc<Self>, fd: RawFd, waker: Waker, due: u64) -> io::Result<usize> {
+    /// MQTT-3.1.2-24 gives). The lot must forget `fd` before it is closed.
+    pub fn park(self: &Arc<Self>, fd: RawFd, waker: Waker, due: u64) -> io::Result<()> {
         // The lot's lock is taken and released before ours: the sweeper takes ours, then
         // the lot's, and sets its next wake-up before letting go of ours, so this check
         // sees either a sweeper that saw the new deadline or the wake-up it chose
         // without it.
-        let token = self.lot.watch(fd, waker, due)?;
+        self.lot.watch(fd, waker, due)?;
         if due != 0 {
             self.sweep_by(lock(&self.inner), crate::park::fires_at(due));
         }
-        Ok(token)
+        Ok(())
     }
 
     /// Makes sure the sweeper looks again by `at`: starts it, or wakes it if it sleeps
@@ -268,25 +268,24 @@ mod tests {
             let (server, _) = l.accept().unwrap();
             server.set_nonblocking(true).unwrap();
             let flag = Arc::new(Flag(AtomicBool::new(false)));
-            let token = d
-                .park(server.as_raw_fd(), Waker::from(flag.clone()), at)
+            d.park(server.as_raw_fd(), Waker::from(flag.clone()), at)
                 .unwrap();
-            parked.push((token, server.as_raw_fd(), flag));
+            parked.push((server.as_raw_fd(), flag));
             held.push((client, server));
         }
         // The first and the third leave the bucket (the last ones move into their places).
         for i in [0, 2] {
-            d.lot().forget(parked[i].0, parked[i].1);
+            d.lot().forget(parked[i].0);
         }
         for _ in 0..300 {
-            if parked[1].2.0.load(Ordering::SeqCst) && parked[3].2.0.load(Ordering::SeqCst) {
+            if parked[1].1.0.load(Ordering::SeqCst) && parked[3].1.0.load(Ordering::SeqCst) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let woken: Vec<bool> = parked
             .iter()
-            .map(|p| p.2.0.load(Ordering::SeqCst))
+            .map(|p| p.1.0.load(Ordering::SeqCst))
             .collect();
         assert_eq!(woken, [false, true, false, true]);
         assert!(

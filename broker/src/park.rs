@@ -70,7 +70,8 @@ struct Shared {
     slots: Mutex<Slots>,
 }
 
-/// Token -> waker of the parked connection; freed tokens are reused.
+/// Token (the socket's fd: unique among open sockets, and dense, so the parked
+/// connection needs no token of its own) -> waker of the parked connection.
 #[derive(Default)]
 struct Slots {
     wakers: Vec<Option<Waker>>,
@@ -81,14 +82,13 @@ struct Slots {
     /// Second -> the tokens whose keep alive runs out in it. The first bucket is the
     /// next to fire.
     wheel: BTreeMap<u32, Vec<u32>>,
-    free: Vec<usize>,
 }
 
 impl Slots {
     /// Puts `token` in the bucket of second `sec`.
     fn add_timer(&mut self, token: usize, sec: u32) {
         let bucket = self.wheel.entry(sec).or_default();
-        // A token is below `wakers.len()`, which the fd table keeps far below 2^32.
+        // A token is an fd, below 2^31.
         let t = u32::try_from(token).unwrap_or(u32::MAX);
         let pos = u32::try_from(bucket.len()).unwrap_or(u32::MAX);
         bucket.push(t);
@@ -143,29 +143,26 @@ impl Lot {
     /// when it comes, or once `due` (ms on the `Deadlines` clock, 0 for never) has
     /// passed: [`Self::take_due`] fires it, at most a second late. A socket that is
     /// already readable wakes at once (`EPOLL_CTL_ADD` reports the current state), so no
-    /// byte that came while parking is missed. Returns the token to [`Self::forget`] it
-    /// with. Callers go through `Deadlines::park`, which makes sure a sweeper is awake
-    /// for `due`.
-    pub(crate) fn watch(&self, fd: RawFd, waker: Waker, due: u64) -> io::Result<usize> {
+    /// byte that came while parking is missed. [`Self::forget`] the socket before it
+    /// is closed. Callers go through `Deadlines::park`, which makes sure a sweeper is
+    /// awake for `due`.
+    pub(crate) fn watch(&self, fd: RawFd, waker: Waker, due: u64) -> io::Result<()> {
+        let token = usize::try_from(fd).map_err(io::Error::other)?;
         let shared = self.shared()?;
-        let token = {
+        {
             let mut s = lock(&shared.slots);
-            let t = match s.free.pop() {
-                Some(t) => {
-                    s.wakers[t] = Some(waker);
-                    t
-                }
-                None => {
-                    s.wakers.push(Some(waker));
-                    s.timer.push((0, 0));
-                    s.wakers.len() - 1
-                }
-            };
-            if due != 0 {
-                s.add_timer(t, bucket_of(due));
+            if s.wakers.len() <= token {
+                s.wakers.resize(token + 1, None);
+                s.timer.resize(token + 1, (0, 0));
             }
-            t
-        };
+            // Not watched already (a socket is forgotten before it closes and its fd is
+            // reused), but if it were, its old deadline goes with its old waker.
+            s.remove_timer(token);
+            s.wakers[token] = Some(waker);
+            if due != 0 {
+                s.add_timer(token, bucket_of(due));
+            }
+        }
         if let Err(e) =
             shared
                 .registry
@@ -174,7 +171,7 @@ impl Lot {
             release(&shared, token);
             return Err(e);
         }
-        Ok(token)
+        Ok(())
     }
 
     /// Counts a park; every [`TRIM_AFTER_PARKS`] of them schedule a memory trim.
@@ -223,13 +220,15 @@ impl Lot {
     }
 
     /// Stops watching `fd` (its connection is taking it back).
-    pub fn forget(&self, token: usize, fd: RawFd) {
+    pub fn forget(&self, fd: RawFd) {
         let Some(shared) = lock(&self.shared).clone() else {
             return;
         };
         // Fails only if the socket is no longer in the set, which is what we want.
         let _ = shared.registry.deregister(&mut SourceFd(&fd));
-        release(&shared, token);
+        if let Ok(token) = usize::try_from(fd) {
+            release(&shared, token);
+        }
     }
 
     /// The shared set, made (with its watching task) on first use.
@@ -266,7 +265,6 @@ fn release(shared: &Shared, token: usize) {
         && w.take().is_some()
     {
         s.remove_timer(token);
-        s.free.push(token);
     }
 }
 
@@ -342,8 +340,7 @@ mod tests {
         server.set_nonblocking(true).unwrap();
         let lot = Lot::default();
         let count = Arc::new(Count(AtomicUsize::new(0)));
-        let token = lot
-            .watch(server.as_raw_fd(), Waker::from(count.clone()), 0)
+        lot.watch(server.as_raw_fd(), Waker::from(count.clone()), 0)
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 0, "woken without data");
@@ -355,7 +352,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "data must wake once");
-        lot.forget(token, server.as_raw_fd());
+        lot.forget(server.as_raw_fd());
         client.write_all(b"y").unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "forgotten socket woke");

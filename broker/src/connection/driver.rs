@@ -526,8 +526,6 @@ struct Parked {
 struct Sleeping {
     io: std::net::TcpStream,
     keep_alive_ms: u32,
-    /// The socket's slot in the lot.
-    token: u32,
     conn: Conn,
     rx: OutboundRx,
     last_rx: u64,
@@ -544,7 +542,7 @@ impl Wake for Parked {
         };
         // Also takes it off the lot's keep-alive wheel; the task arms its own deadline.
         let lot = z.conn.deadlines().lot();
-        lot.forget(z.token as usize, z.io.as_raw_fd());
+        lot.forget(z.io.as_raw_fd());
         let handle = lot.handle();
         match handle {
             Some(h) => resume(z, self.clone(), &h),
@@ -592,7 +590,6 @@ fn park_tcp(d: Driver<TcpStream>) {
     let mut z = Sleeping {
         io,
         keep_alive_ms,
-        token: 0,
         conn,
         rx,
         last_rx,
@@ -615,16 +612,9 @@ fn park_tcp(d: Driver<TcpStream>) {
     };
     let deadlines = z.conn.deadlines().clone();
     let fd = z.io.as_raw_fd();
-    let watched = deadlines.park(fd, waker.clone(), due).and_then(|t| {
-        // Four billion parked sockets do not fit in the fd table; but if they did:
-        u32::try_from(t).map_err(|e| {
-            deadlines.lot().forget(t, fd);
-            std::io::Error::other(e)
-        })
-    });
-    match watched {
-        Ok(token) => z.token = token,
-        Err(e) => {
+    // The socket's fd is its slot in the lot: a parked state holds no token.
+    if let Err(e) = deadlines.park(fd, waker.clone(), due) {
+        {
             debug!(error = %e, "parking a connection failed; it keeps its task");
             drop(state);
             match tokio::runtime::Handle::try_current() {
@@ -710,11 +700,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     /// A parked client costs this state (in an `Arc`) instead of its task and its tokio
-    /// registration (256 bytes each); at 120 bytes the `Arc` is a 144-byte heap chunk.
+    /// registration (256 bytes each); at 104 bytes the `Arc` is a 128-byte heap chunk
+    /// (at 112, as before the socket's fd became its slot in the lot, a 144-byte one).
     /// A field that only a running connection needs stays out of `Sleeping`.
     #[test]
     fn parked_state_stays_small() {
         let size = std::mem::size_of::<super::Parked>();
-        assert!(size <= 120, "parked connection state is {size} bytes");
+        assert!(size <= 104, "parked connection state is {size} bytes");
     }
 }
