@@ -6,9 +6,12 @@
 //! budget spent on timers that almost never fire. Here a connection keeps only its
 //! deadline (a number) and its entry in a B-tree; the sweeper wakes the connection when
 //! the deadline passes and the connection decides (keep-alive expired, or re-arm from
-//! the last packet it saw).
+//! the last packet it saw). A parked connection's keep alive is kept more compactly by
+//! the parked-socket set (`park.rs`), and fired by the same sweeper.
 
 use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
@@ -89,30 +92,51 @@ impl Deadlines {
     pub fn arm(self: &Arc<Self>, id: u32, prev: u64, at: u64, waker: &Waker) -> u64 {
         let at = at.max(1);
         let mut key = (at << ID_BITS) | (u64::from(id) & ((1 << ID_BITS) - 1));
-        let (start, notify) = {
-            let mut inner = lock(&self.inner);
-            if prev != 0 {
-                inner.map.remove(&prev);
-            }
-            // Two connections whose ids agree in the low bits and that share a deadline
-            // millisecond: the later one moves on by a key step (at most a millisecond).
-            while inner.map.contains_key(&key) {
-                key += 1;
-            }
-            inner.map.insert(key, waker.clone());
-            if inner.sweeper_at == 0 {
-                inner.sweeper_at = at;
-                (true, false)
-            } else {
-                (false, at < inner.sweeper_at)
-            }
+        let mut inner = lock(&self.inner);
+        if prev != 0 {
+            inner.map.remove(&prev);
+        }
+        // Two connections whose ids agree in the low bits and that share a deadline
+        // millisecond: the later one moves on by a key step (at most a millisecond).
+        while inner.map.contains_key(&key) {
+            key += 1;
+        }
+        inner.map.insert(key, waker.clone());
+        self.sweep_by(inner, at);
+        key
+    }
+
+    /// Parks a quiet connection's socket `fd` in the lot: `waker` fires when the socket
+    /// becomes readable or, unless `due` is 0, once `due` (ms, [`Self::now_ms`] clock)
+    /// has passed (at most a second late, well inside the half keep alive of slack that
+    /// MQTT-3.1.2-24 gives). The lot must forget `fd` before it is closed.
+    pub fn park(self: &Arc<Self>, fd: RawFd, waker: Waker, due: u64) -> io::Result<()> {
+        // The lot's lock is taken and released before ours: the sweeper takes ours, then
+        // the lot's, and sets its next wake-up before letting go of ours, so this check
+        // sees either a sweeper that saw the new deadline or the wake-up it chose
+        // without it.
+        self.lot.watch(fd, waker, due)?;
+        if due != 0 {
+            self.sweep_by(lock(&self.inner), crate::park::fires_at(due));
+        }
+        Ok(())
+    }
+
+    /// Makes sure the sweeper looks again by `at`: starts it, or wakes it if it sleeps
+    /// past `at`.
+    fn sweep_by(self: &Arc<Self>, mut inner: std::sync::MutexGuard<'_, Inner>, at: u64) {
+        let (start, notify) = if inner.sweeper_at == 0 {
+            inner.sweeper_at = at;
+            (true, false)
+        } else {
+            (false, at < inner.sweeper_at)
         };
+        drop(inner);
         if start {
             tokio::spawn(sweep(Arc::downgrade(self)));
         } else if notify {
             self.earlier.notify_one();
         }
-        key
     }
 
     /// Forgets a deadline by its key (0 for none).
@@ -128,10 +152,19 @@ impl Deadlines {
         let mut inner = lock(&self.inner);
         let later = inner.map.split_off(&((now + 1) << ID_BITS));
         let due = std::mem::replace(&mut inner.map, later);
-        let next = inner.map.keys().next().map(|&k| Self::due(k));
+        let mut wakers: Vec<Waker> = due.into_values().collect();
+        let parked_next = self.lot.take_due(now, &mut wakers);
+        let next = inner
+            .map
+            .keys()
+            .next()
+            .map(|&k| Self::due(k))
+            .into_iter()
+            .chain(parked_next)
+            .min();
         let max_idle = u64::try_from(MAX_IDLE.as_millis()).unwrap_or(u64::MAX);
         inner.sweeper_at = next.unwrap_or(now + max_idle).min(now + max_idle);
-        (due.into_values().collect(), next)
+        (wakers, next)
     }
 }
 
@@ -165,6 +198,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::AtomicBool;
     use std::task::Wake;
 
@@ -213,6 +247,51 @@ mod tests {
         assert_ne!(ka, kb);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(a.0.load(Ordering::SeqCst) && b.0.load(Ordering::SeqCst));
+    }
+
+    /// A parked connection's keep alive lives in the lot's wheel, which the same
+    /// sweeper fires: every socket still parked when its deadline passes is woken, none
+    /// that was taken back (forgotten) before, whatever its place in the shared bucket.
+    #[tokio::test]
+    async fn parked_keep_alives_fire_and_forgotten_ones_do_not() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let d = Deadlines::new();
+        let mut held = Vec::new();
+        let mut parked = Vec::new();
+        // Something far off first, so the sweeper is asleep past the parked deadlines.
+        let late = Waker::from(Arc::new(Flag(AtomicBool::new(false))));
+        d.arm(d.id(), 0, d.now_ms() + 30_000, &late);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let at = d.now_ms() + 100;
+        for _ in 0..4 {
+            let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (server, _) = l.accept().unwrap();
+            server.set_nonblocking(true).unwrap();
+            let flag = Arc::new(Flag(AtomicBool::new(false)));
+            d.park(server.as_raw_fd(), Waker::from(flag.clone()), at)
+                .unwrap();
+            parked.push((server.as_raw_fd(), flag));
+            held.push((client, server));
+        }
+        // The first and the third leave the bucket (the last ones move into their places).
+        for i in [0, 2] {
+            d.lot().forget(parked[i].0);
+        }
+        for _ in 0..300 {
+            if parked[1].1.0.load(Ordering::SeqCst) && parked[3].1.0.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let woken: Vec<bool> = parked
+            .iter()
+            .map(|p| p.1.0.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(woken, [false, true, false, true]);
+        assert!(
+            d.now_ms() >= at,
+            "a parked keep alive must not fire before its deadline"
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,14 @@
 //! slot per socket, and no task at all. The first byte, an item from the core or the
 //! keep-alive deadline wakes the connection's `Waker`, which takes the socket back to
 //! tokio and spawns its task again (`connection/driver.rs`).
+//!
+//! A parked connection's keep-alive deadline is kept here too, beside its slot, rather
+//! than in the B-tree of running connections' deadlines (`deadlines.rs`): there an
+//! entry is 24 bytes in nodes about half full (~46 bytes a client); here it is the
+//! slot's 8-byte position in a wheel of one-second buckets of 4-byte slot numbers
+//! (~14 bytes). The sweeper of `deadlines.rs` fires both.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -63,33 +70,99 @@ struct Shared {
     slots: Mutex<Slots>,
 }
 
-/// Token -> waker of the parked connection; freed tokens are reused.
+/// Token (the socket's fd: unique among open sockets, and dense, so the parked
+/// connection needs no token of its own) -> waker of the parked connection.
 #[derive(Default)]
 struct Slots {
     wakers: Vec<Option<Waker>>,
-    free: Vec<usize>,
+    /// Token -> its keep-alive bucket (a second on the `Deadlines` clock, 0 for none)
+    /// and its place in that bucket, so that a connection taken back leaves its bucket
+    /// at once (a swap-remove), however many share it.
+    timer: Vec<(u32, u32)>,
+    /// Second -> the tokens whose keep alive runs out in it. The first bucket is the
+    /// next to fire.
+    wheel: BTreeMap<u32, Vec<u32>>,
+}
+
+impl Slots {
+    /// Puts `token` in the bucket of second `sec`.
+    fn add_timer(&mut self, token: usize, sec: u32) {
+        let bucket = self.wheel.entry(sec).or_default();
+        // A token is an fd, below 2^31.
+        let t = u32::try_from(token).unwrap_or(u32::MAX);
+        let pos = u32::try_from(bucket.len()).unwrap_or(u32::MAX);
+        bucket.push(t);
+        self.timer[token] = (sec, pos);
+    }
+
+    /// Takes `token` out of its bucket, if it is in one.
+    fn remove_timer(&mut self, token: usize) {
+        let Some(&(sec, pos)) = self.timer.get(token) else {
+            return;
+        };
+        self.timer[token] = (0, 0);
+        if sec == 0 {
+            return;
+        }
+        let Some(bucket) = self.wheel.get_mut(&sec) else {
+            return;
+        };
+        let pos = pos as usize;
+        if bucket.get(pos).is_some_and(|&t| t as usize == token) {
+            bucket.swap_remove(pos);
+            if let Some(&moved) = bucket.get(pos)
+                && let Some(m) = self.timer.get_mut(moved as usize)
+            {
+                m.1 = pos as u32;
+            }
+        }
+        if bucket.is_empty() {
+            self.wheel.remove(&sec);
+        }
+    }
+}
+
+/// The keep-alive bucket of a deadline (ms on the `Deadlines` clock): the second it
+/// falls in, rounded up, so a bucket never fires before any of its deadlines.
+fn bucket_of(due_ms: u64) -> u32 {
+    u32::try_from(due_ms.div_ceil(1000)).unwrap_or(u32::MAX)
+}
+
+/// When a deadline `due` (ms on the `Deadlines` clock) given to [`Lot::watch`] fires.
+pub(crate) fn fires_at(due: u64) -> u64 {
+    bucket_ms(bucket_of(due))
+}
+
+/// When a bucket fires (ms on the `Deadlines` clock).
+fn bucket_ms(sec: u32) -> u64 {
+    u64::from(sec) * 1000
 }
 
 impl Lot {
     /// Watches `fd` for readability (data, end of stream or error) and wakes `waker`
-    /// when it comes. A socket that is already readable wakes at once (`EPOLL_CTL_ADD`
-    /// reports the current state), so no byte that came while parking is missed.
-    /// Returns the token to [`Self::forget`] it with.
-    pub fn watch(&self, fd: RawFd, waker: Waker) -> io::Result<usize> {
+    /// when it comes, or once `due` (ms on the `Deadlines` clock, 0 for never) has
+    /// passed: [`Self::take_due`] fires it, at most a second late. A socket that is
+    /// already readable wakes at once (`EPOLL_CTL_ADD` reports the current state), so no
+    /// byte that came while parking is missed. [`Self::forget`] the socket before it
+    /// is closed. Callers go through `Deadlines::park`, which makes sure a sweeper is
+    /// awake for `due`.
+    pub(crate) fn watch(&self, fd: RawFd, waker: Waker, due: u64) -> io::Result<()> {
+        let token = usize::try_from(fd).map_err(io::Error::other)?;
         let shared = self.shared()?;
-        let token = {
+        {
             let mut s = lock(&shared.slots);
-            match s.free.pop() {
-                Some(t) => {
-                    s.wakers[t] = Some(waker);
-                    t
-                }
-                None => {
-                    s.wakers.push(Some(waker));
-                    s.wakers.len() - 1
-                }
+            if s.wakers.len() <= token {
+                s.wakers.resize(token + 1, None);
+                s.timer.resize(token + 1, (0, 0));
             }
-        };
+            // Not watched already (a socket is forgotten before it closes and its fd is
+            // reused), but if it were, its old deadline goes with its old waker.
+            s.remove_timer(token);
+            s.wakers[token] = Some(waker);
+            if due != 0 {
+                s.add_timer(token, bucket_of(due));
+            }
+        }
         if let Err(e) =
             shared
                 .registry
@@ -98,7 +171,7 @@ impl Lot {
             release(&shared, token);
             return Err(e);
         }
-        Ok(token)
+        Ok(())
     }
 
     /// Counts a park; every [`TRIM_AFTER_PARKS`] of them schedule a memory trim.
@@ -121,19 +194,41 @@ impl Lot {
         });
     }
 
+    /// Adds to `out` the wakers of the parked connections whose keep alive ran out by
+    /// `now` (ms on the `Deadlines` clock); returns when the next one does.
+    pub(crate) fn take_due(&self, now: u64, out: &mut Vec<Waker>) -> Option<u64> {
+        let shared = lock(&self.shared).clone()?;
+        let mut s = lock(&shared.slots);
+        while let Some(entry) = s.wheel.first_entry() {
+            if bucket_ms(*entry.key()) > now {
+                return Some(bucket_ms(*entry.key()));
+            }
+            for t in entry.remove() {
+                let t = t as usize;
+                s.timer[t] = (0, 0);
+                if let Some(Some(w)) = s.wakers.get(t) {
+                    out.push(w.clone());
+                }
+            }
+        }
+        None
+    }
+
     /// The runtime parked connections resume on (once the lot is in use).
     pub fn handle(&self) -> Option<Handle> {
         lock(&self.shared).as_ref().map(|s| s.handle.clone())
     }
 
     /// Stops watching `fd` (its connection is taking it back).
-    pub fn forget(&self, token: usize, fd: RawFd) {
+    pub fn forget(&self, fd: RawFd) {
         let Some(shared) = lock(&self.shared).clone() else {
             return;
         };
         // Fails only if the socket is no longer in the set, which is what we want.
         let _ = shared.registry.deregister(&mut SourceFd(&fd));
-        release(&shared, token);
+        if let Ok(token) = usize::try_from(fd) {
+            release(&shared, token);
+        }
     }
 
     /// The shared set, made (with its watching task) on first use.
@@ -169,7 +264,7 @@ fn release(shared: &Shared, token: usize) {
     if let Some(w) = s.wakers.get_mut(token)
         && w.take().is_some()
     {
-        s.free.push(token);
+        s.remove_timer(token);
     }
 }
 
@@ -245,8 +340,7 @@ mod tests {
         server.set_nonblocking(true).unwrap();
         let lot = Lot::default();
         let count = Arc::new(Count(AtomicUsize::new(0)));
-        let token = lot
-            .watch(server.as_raw_fd(), Waker::from(count.clone()))
+        lot.watch(server.as_raw_fd(), Waker::from(count.clone()), 0)
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 0, "woken without data");
@@ -258,7 +352,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "data must wake once");
-        lot.forget(token, server.as_raw_fd());
+        lot.forget(server.as_raw_fd());
         client.write_all(b"y").unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "forgotten socket woke");
@@ -275,7 +369,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let lot = Lot::default();
         let count = Arc::new(Count(AtomicUsize::new(0)));
-        lot.watch(server.as_raw_fd(), Waker::from(count.clone()))
+        lot.watch(server.as_raw_fd(), Waker::from(count.clone()), 0)
             .unwrap();
         for _ in 0..100 {
             if count.0.load(Ordering::SeqCst) > 0 {

@@ -135,6 +135,23 @@ async fn keep_alive_expires_while_parked_mqtt_3_1_2_24() {
     c.expect_closed(Duration::from_secs(10)).await;
 }
 
+/// MQTT-3.1.2-24 counts from the last packet: a client parked for a third of its
+/// keep-alive window is still connected and answered when it speaks, and one and a half
+/// keep-alive periods of silence after that end it. (A parked client's deadline sits in
+/// the broker's parked-socket set; this checks it neither fires early nor lingers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_client_that_speaks_within_its_keep_alive_stays_connected() {
+    let broker = Broker::start("");
+    let mut c = connect_packet(Protocol::V3_1_1, "park-ka-alive", true);
+    c.keep_alive = 4;
+    let (mut c, _) = RawClient::connect(broker.port(), c).await;
+    // Parked right after the CONNACK; 2 s of the 6 s window pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.send(&Packet::PingReq).await;
+    assert_eq!(c.expect_packet_raw(WAIT).await, Packet::PingResp);
+    c.expect_closed(Duration::from_secs(20)).await;
+}
+
 /// A client that closes its socket while parked is seen to be gone: its will is
 /// published (MQTT-3.1.2-8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

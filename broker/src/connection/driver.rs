@@ -526,8 +526,6 @@ struct Parked {
 struct Sleeping {
     io: std::net::TcpStream,
     keep_alive_ms: u32,
-    /// The socket's slot in the lot.
-    token: u32,
     conn: Conn,
     rx: OutboundRx,
     last_rx: u64,
@@ -539,14 +537,13 @@ impl Wake for Parked {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let Some(mut z) = lock(&self.state).take() else {
+        let Some(z) = lock(&self.state).take() else {
             return;
         };
+        // Also takes it off the lot's keep-alive wheel; the task arms its own deadline.
         let lot = z.conn.deadlines().lot();
-        lot.forget(z.token as usize, z.io.as_raw_fd());
+        lot.forget(z.io.as_raw_fd());
         let handle = lot.handle();
-        // The deadline would wake this state, now gone; the task arms its own.
-        z.conn.disarm();
         match handle {
             Some(h) => resume(z, self.clone(), &h),
             None => lost(z.conn, z.rx),
@@ -593,7 +590,6 @@ fn park_tcp(d: Driver<TcpStream>) {
     let mut z = Sleeping {
         io,
         keep_alive_ms,
-        token: 0,
         conn,
         rx,
         last_rx,
@@ -607,18 +603,18 @@ fn park_tcp(d: Driver<TcpStream>) {
     // Held while the wakers are handed out, so one that fires meanwhile (on another
     // worker) waits until the state is in place.
     let mut state = lock(&parked.state);
-    let lot = z.conn.deadlines().lot();
+    // The running connection's deadline (keep alive or a park check) goes: the lot keeps
+    // the keep alive of a parked one, in less room.
+    z.conn.disarm();
+    let due = match z.keep_alive_ms {
+        0 => 0,
+        k => z.last_rx + u64::from(k),
+    };
+    let deadlines = z.conn.deadlines().clone();
     let fd = z.io.as_raw_fd();
-    let watched = lot.watch(fd, waker.clone()).and_then(|t| {
-        // Four billion parked sockets do not fit in the fd table; but if they did:
-        u32::try_from(t).map_err(|e| {
-            lot.forget(t, fd);
-            std::io::Error::other(e)
-        })
-    });
-    match watched {
-        Ok(token) => z.token = token,
-        Err(e) => {
+    // The socket's fd is its slot in the lot: a parked state holds no token.
+    if let Err(e) = deadlines.park(fd, waker.clone(), due) {
+        {
             debug!(error = %e, "parking a connection failed; it keeps its task");
             drop(state);
             match tokio::runtime::Handle::try_current() {
@@ -629,13 +625,7 @@ fn park_tcp(d: Driver<TcpStream>) {
         }
     }
     let queued = z.rx.register(&waker);
-    if z.keep_alive_ms > 0 {
-        let at = z.last_rx + u64::from(z.keep_alive_ms);
-        z.conn.arm(at, &waker);
-    } else {
-        z.conn.disarm();
-    }
-    z.conn.deadlines().lot().parked();
+    deadlines.lot().parked();
     *state = Some(z);
     drop(state);
     if queued {
@@ -710,11 +700,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     /// A parked client costs this state (in an `Arc`) instead of its task and its tokio
-    /// registration (256 bytes each); at 120 bytes the `Arc` is a 144-byte heap chunk.
+    /// registration (256 bytes each); at 104 bytes the `Arc` is a 128-byte heap chunk
+    /// (at 112, as before the socket's fd became its slot in the lot, a 144-byte one).
     /// A field that only a running connection needs stays out of `Sleeping`.
     #[test]
     fn parked_state_stays_small() {
         let size = std::mem::size_of::<super::Parked>();
-        assert!(size <= 120, "parked connection state is {size} bytes");
+        assert!(size <= 104, "parked connection state is {size} bytes");
     }
 }

@@ -12,7 +12,7 @@ use crate::acl::ClientAcl;
 use crate::message::Message;
 use crate::outbound::{Ack, AckKind, Outbound};
 use crate::router::SessionKey;
-use crate::session::{Link, Session};
+use crate::session::{ClientId, Link, Session};
 
 impl Core {
     pub(super) fn on_connect(&mut self, req: ConnectRequest) {
@@ -34,7 +34,7 @@ impl Core {
         };
 
         let mut assigned = None;
-        let client_id: Arc<str> = if connect.client_id.is_empty() {
+        let client_id: ClientId = if connect.client_id.is_empty() {
             // MQTT-3.1.3-8: 3.1.1 needs clean session for a server-assigned id; 3.1
             // requires an id outright.
             if !v5 && (!connect.clean_start || connect.protocol == Protocol::V3_1) {
@@ -42,11 +42,11 @@ impl Core {
                 let _ = reply.send(None);
                 return;
             }
-            let id: Arc<str> = format!("outpost-{:016x}", rand_u64()).into();
+            let id = format!("outpost-{:016x}", rand_u64());
             if v5 {
-                assigned = Some(id.to_string());
+                assigned = Some(id.clone());
             }
-            id
+            id.into()
         } else {
             connect.client_id.as_str().into()
         };

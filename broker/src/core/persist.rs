@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::Core;
 use super::timers::Timer;
 use crate::router::{SessionKey, SubEntry};
-use crate::session::{AckGate, Inflight, Session, SessionSub};
+use crate::session::{AckGate, ClientId, Inflight, Session, SessionSub};
 use crate::store::{DeliveryId, Loaded, StoreId};
 
 /// How long a delivery in flight to a connected persistent session may go unacknowledged
@@ -147,7 +147,7 @@ impl Core {
         let sessions = loaded.sessions.len();
         let mut owed = 0;
         for ls in loaded.sessions {
-            let client_id: Arc<str> = ls.client_id.into();
+            let client_id = ClientId::from(ls.client_id);
             if self.sessions.key_of(&client_id).is_some() {
                 continue;
             }

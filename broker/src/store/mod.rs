@@ -105,7 +105,7 @@ impl DeliveryId {
 enum Op {
     PutSession {
         id: u32,
-        client_id: Arc<str>,
+        client_id: Box<str>,
         protocol: Protocol,
         expiry: u32,
     },
@@ -273,10 +273,10 @@ impl Store {
     }
 
     /// Writes (or rewrites) a persistent session.
-    pub fn put_session(&self, id: StoreId, client_id: &Arc<str>, protocol: Protocol, expiry: u32) {
+    pub fn put_session(&self, id: StoreId, client_id: &str, protocol: Protocol, expiry: u32) {
         self.send(Op::PutSession {
             id: id.get(),
-            client_id: client_id.clone(),
+            client_id: client_id.into(),
             protocol,
             expiry,
         });

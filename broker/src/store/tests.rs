@@ -40,7 +40,7 @@ async fn what_was_committed_comes_back_in_order_with_its_state() {
         let (mut store, loaded) = Store::open(&path, 0).unwrap();
         assert!(loaded.sessions.is_empty() && loaded.retained.is_empty());
         let sid = store.new_session_id();
-        store.put_session(sid, &Arc::from("c1"), Protocol::V5, 600);
+        store.put_session(sid, "c1", Protocol::V5, 600);
         let opts = SubscriptionOptions {
             qos: QoS::ExactlyOnce,
             no_local: true,
@@ -128,8 +128,8 @@ async fn a_delivery_acknowledged_within_one_batch_and_a_dropped_session_leave_no
         let (mut store, _) = Store::open(&path, 0).unwrap();
         let keep = store.new_session_id();
         let gone = store.new_session_id();
-        store.put_session(keep, &Arc::from("keep"), Protocol::V3_1_1, u32::MAX);
-        store.put_session(gone, &Arc::from("gone"), Protocol::V3_1_1, 60);
+        store.put_session(keep, "keep", Protocol::V3_1_1, u32::MAX);
+        store.put_session(gone, "gone", Protocol::V3_1_1, 60);
         let m = msg("t", b"x", QoS::AtLeastOnce, false);
         let d = store.new_delivery_id();
         store.put_delivery(d, keep, &delivery(&m, QoS::AtLeastOnce, vec![]), Some(1));
@@ -284,7 +284,7 @@ async fn a_message_owed_to_many_sessions_is_kept_once_and_goes_with_the_last() {
         let (mut store, _) = Store::open(&path, 0).unwrap();
         for i in 0..40 {
             let sid = store.new_session_id();
-            store.put_session(sid, &Arc::from(format!("s{i}").as_str()), Protocol::V5, 600);
+            store.put_session(sid, &format!("s{i}"), Protocol::V5, 600);
             let id = store.new_delivery_id();
             // Each session gets the QoS its subscription allows.
             let qos = if i % 2 == 0 {
