@@ -3,6 +3,10 @@
 #
 #   bench/links.sh [OUT_DIR]              everything (drain, then bytes)
 #   MODE=bytes bench/links.sh OUT_DIR     only bytes on the wire per message
+#   MODE=drain LINK=satellite N=20000 ... the drain over satellite (600 ms each way, 0.5%
+#                                         loss, 256 kbit/s) instead of cellular
+#   MODE=flap bench/links.sh OUT_DIR      a site link that flaps: down 5 s every 30 s for
+#                                         FLAP_SECS (300), QoS 1 readings at 50/s throughout
 #   N=20000 CAP=120 bench/links.sh        a smaller backlog, a shorter bound per drain
 #   MODE=drain DRAINS="outpost-w1024 mosquitto" bench/links.sh OUT_DIR
 #                                         only these drains (outpost-wW: max_inflight W;
@@ -34,6 +38,13 @@ N=${N:-100000}
 CAP=${CAP:-200}
 BYTES_N=${BYTES_N:-2000}
 MODE=${MODE:-all}
+LINK=${LINK:-cellular}
+FLAP_SECS=${FLAP_SECS:-300}
+case $LINK in
+    cellular) KBIT=1000 LOSS=10 DELAY=300 ;;
+    satellite) KBIT=256 LOSS=5 DELAY=600 ;;
+    *) echo "LINK is cellular or satellite" >&2; exit 1 ;;
+esac
 OUT=${1:-$ROOT/bench/runs/$(date -u +%F)-links}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -322,13 +333,32 @@ collector_start() { # id file secs
 
 echo "# machine: $(uname -r), $(nproc) cores; outpost $OUTPOST; $(mosquitto -h 2>&1 | head -1)" | tee "$OUT/machine.txt"
 
+# wait_arrivals RAW N SECS: until the collector has N readings of $TOPIC, or SECS pass.
+wait_arrivals() {
+    local deadline=$(( $(date +%s) + $3 ))
+    while (( $(date +%s) < deadline )); do
+        if (( $(grep -c " $TOPIC " "$1" || true) >= $2 )); then break; fi
+        sleep 1
+    done
+}
+# end_run KIND-LABEL RELAY_PID: stop the collector, keep the gateway's log, stop the
+# gateway and the relay.
+end_run() {
+    kill "$COLLECTOR" 2>/dev/null || true
+    wait "$COLLECTOR" 2>/dev/null || true
+    cp "$WORK/gw/log" "$OUT/$1-gateway.log"
+    stop_gateway
+    kill "$2" 2>/dev/null || true
+    wait "$2" 2>/dev/null || true
+}
+
 # ---- 1. drain over cellular -----------------------------------------------------------
 drain_run() { # label kind window
     local label=$1 kind=$2 window=$3
     local raw="$OUT/drain-$label.txt"
-    echo "== drain: $label (N=$N, cellular, CAP=${CAP}s)"
-    shape 1000 10
-    ip netns exec "$GW" python3 "$WORK/relay.py" "$RELAY_PORT" "$CLOUD_IP" 1883 300 &
+    echo "== drain: $label (N=$N, $LINK, CAP=${CAP}s)"
+    shape "$KBIT" "$LOSS"
+    ip netns exec "$GW" python3 "$WORK/relay.py" "$RELAY_PORT" "$CLOUD_IP" 1883 "$DELAY" &
     local relay=$!
     PIDS+=("$relay")
     link_up down
@@ -350,23 +380,14 @@ drain_run() { # label kind window
     ) &
     local live=$!
     PIDS+=("$live")
-    local deadline=$(( $(date +%s) + CAP ))
-    while (( $(date +%s) < deadline )); do
-        if (( $(grep -c " $TOPIC " "$raw" || true) >= N )); then break; fi
-        sleep 1
-    done
+    wait_arrivals "$raw" "$N" "$CAP"
     kill "$live" 2>/dev/null || true
     wait "$live" 2>/dev/null || true
     sleep 2
     local after; after=$(wire_bytes)
     local rc=$(( $(cloud_connects) - connects0 - 1 ))
-    kill "$COLLECTOR" 2>/dev/null || true
-    wait "$COLLECTOR" 2>/dev/null || true
-    cp "$WORK/gw/log" "$OUT/drain-$label-gateway.log"
-    stop_gateway
-    kill "$relay" 2>/dev/null || true
-    wait "$relay" 2>/dev/null || true
-    python3 - "$raw" "$TOPIC" "$N" "$t0" "$before" "$after" 1000 "$rc" "$label" <<'EOF' | tee -a "$OUT/summary.txt"
+    end_run "drain-$label" "$relay"
+    python3 - "$raw" "$TOPIC" "$N" "$t0" "$before" "$after" "$KBIT" "$rc" "$label" <<'EOF' | tee -a "$OUT/summary.txt"
 import sys, statistics
 raw, topic, n, t0 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 tx0, rx0 = map(int, sys.argv[5].split()); tx1, rx1 = map(int, sys.argv[6].split())
@@ -446,6 +467,59 @@ print(f"{label}: {got}/{n} delivered; wire per message: up {up:.1f} B, down {dow
 EOF
 }
 
+# ---- 3. a flapping site link ----------------------------------------------------------
+flap_run() { # label kind
+    local label=$1 kind=$2
+    local raw="$OUT/flap-$label.txt" n=$((FLAP_SECS * 50 + 500))
+    echo "== flap: $label (down 5 s every 30 s for ${FLAP_SECS} s, $n QoS 1 readings at 50/s)"
+    shape 0 0
+    ip netns exec "$GW" python3 "$WORK/relay.py" "$RELAY_PORT" "$CLOUD_IP" 1883 10 &
+    local relay=$!
+    PIDS+=("$relay")
+    link_up up
+    local connects0; connects0=$(cloud_connects)
+    collector_start "flap-$label" "$raw" $((FLAP_SECS + 120))
+    start_gateway "$kind" default "127.0.0.1:$RELAY_PORT"
+    python3 - "$n" >"$WORK/flap.txt" <<'EOF'
+import sys
+for i in range(int(sys.argv[1])):
+    print('{"seq":%d,"value":21.4,"unit":"C","ts":1796601488123,"q":"good"}' % i)
+EOF
+    inns "$GW" python3 "$WORK/pub.py" 127.0.0.1 1883 "$TOPIC" 50 <"$WORK/flap.txt" &
+    local pub=$!
+    PIDS+=("$pub")
+    local flaps=0 t_end=$(( $(date +%s) + FLAP_SECS ))
+    while (( $(date +%s) + 30 <= t_end )); do
+        sleep 25; link_up down; sleep 5; link_up up; flaps=$((flaps + 1))
+    done
+    wait "$pub" || echo "   publisher: not every reading acknowledged by the gateway"
+    wait_arrivals "$raw" "$n" 120
+    sleep 2
+    local rc=$(( $(cloud_connects) - connects0 - 1 ))
+    end_run "flap-$label" "$relay"
+    python3 - "$raw" "$TOPIC" "$n" "$flaps" "$rc" "$label" <<'EOF' | tee -a "$OUT/summary.txt"
+import sys
+raw, topic, n, flaps, reconnects, label = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+seqs = []
+for line in open(raw, errors="replace"):
+    parts = line.rstrip("\n").split(" ", 2)
+    if len(parts) == 3 and parts[1] == topic:
+        try:
+            seqs.append(int(parts[2].split(",")[0].split(":")[1]))
+        except Exception:
+            pass
+seen, firsts = set(), []
+for q in seqs:
+    if q not in seen:
+        seen.add(q); firsts.append(q)
+print(f"{label}: flaps {flaps}; delivered {len(seen)}/{n} unique, lost {n - len(seen & set(range(n)))}, "
+      f"{len(seqs) - len(seen)} duplicates, first arrivals in order: {firsts == sorted(firsts)}; reconnects {reconnects}")
+EOF
+}
+
+if [[ $MODE == flap ]]; then
+    for d in ${FLAPS:-outpost mosquitto}; do flap_run "$d" "$d"; done
+fi
 if [[ $MODE == all || $MODE == drain ]]; then
     for d in ${DRAINS:-outpost-default outpost-w256 mosquitto}; do
         case $d in
@@ -460,5 +534,5 @@ if [[ $MODE == all || $MODE == bytes ]]; then
     bytes_run mosquitto mosquitto
 fi
 cp "$WORK/cloud.log" "$OUT/cloud.log"
-gzip -f "$OUT"/drain-*.txt "$OUT"/bytes-*.txt "$OUT"/*.log 2>/dev/null || true
+gzip -f "$OUT"/drain-*.txt "$OUT"/bytes-*.txt "$OUT"/flap-*.txt "$OUT"/*.log 2>/dev/null || true
 echo "raw outputs (gzip) and summary.txt in $OUT"
