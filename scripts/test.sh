@@ -44,6 +44,8 @@ export PATH="$PATH:/usr/sbin"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# No import cycle between sibling modules in any crate (issue #11).
+python3 scripts/module-cycles.py
 
 # The end-to-end tests run the real binary; build it once with the workspace's features.
 cargo build --workspace --locked --bins

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::CoreEvent;
+use super::events::CoreEvent;
 use super::message::Message;
 use super::router::SessionKey;
 use super::{Rejected, SinkId};

@@ -15,6 +15,7 @@ pub mod config;
 mod connection;
 mod core;
 mod deadlines;
+mod events;
 #[cfg(debug_assertions)]
 mod fault;
 pub mod handle;
@@ -101,7 +102,7 @@ impl Broker {
         store: Option<(store::Store, store::Loaded)>,
     ) -> Broker {
         let settings = Arc::new(settings);
-        let handle = core::spawn(settings.clone(), sinks, store);
+        let handle = BrokerHandle::new(core::spawn(settings.clone(), sinks, store));
         Broker {
             handle,
             settings: SharedSettings::new(settings),

@@ -332,7 +332,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let settings = Arc::new(Settings::from_config(&Default::default()));
-        let core = crate::core::spawn(settings.clone(), vec![], None);
+        let core = crate::BrokerHandle::new(crate::core::spawn(settings.clone(), vec![], None));
         let slot = settings.connections.admit(addr.ip()).unwrap();
         let task = crate::connection::serve_tcp(c, addr, slot, core, settings);
         let task_size = std::mem::size_of_val(&task);
@@ -353,7 +353,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let settings = Arc::new(Settings::from_config(&Default::default()));
-        let core = crate::core::spawn(settings.clone(), vec![], None);
+        let core = crate::BrokerHandle::new(crate::core::spawn(settings.clone(), vec![], None));
         let slot = settings.connections.admit(addr.ip()).unwrap();
         // The future's type, hence its size, is the same whichever acceptor is passed.
         let task = super::handle_wrapped(c, addr, slot, None, None, core, settings);

@@ -1,4 +1,5 @@
-//! The application message as the broker keeps it: shared, immutable, cheap to fan out.
+//! The application message as the broker keeps it: shared, immutable, cheap to fan out;
+//! and a delivery, what one subscriber gets of it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,4 +78,17 @@ impl Message {
             u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
         })
     }
+}
+
+/// What to send to one subscriber for one message.
+#[derive(Clone)]
+pub struct Delivery {
+    /// The message.
+    pub msg: Arc<Message>,
+    /// QoS after the subscription's downgrade.
+    pub qos: QoS,
+    /// RETAIN flag to send (retain-as-published, or a retained message on subscribe).
+    pub retain: bool,
+    /// 5.0 subscription identifiers of every matching subscription.
+    pub sub_ids: Vec<u32>,
 }

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 use futures_util::future::BoxFuture;
 use outpost_mqtt::{Packet, ReasonCode};
 
-use super::session::Delivery;
+use super::message::Delivery;
 
 /// Bytes of QoS 0 messages that may wait for one slow client before new QoS 0 messages
 /// for it are dropped.

@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use outpost_mqtt::{Protocol, QoS, Will};
+use outpost_mqtt::{Protocol, Will};
 
-use super::message::Message;
+use super::message::{Delivery, Message};
 use super::outbound::OutboundTx;
+use crate::store::DeliveryId;
 
 /// Longest client identifier kept inside the session itself.
 const INLINE_ID: usize = 22;
@@ -96,7 +97,7 @@ pub enum Link {
     /// A network client: deliveries are encoded by its connection's writer task.
     Network {
         /// Identifies the connection, so events from a replaced one are ignored.
-        conn_id: crate::core::ConnId,
+        conn_id: crate::events::ConnId,
         /// The writer task's queue.
         tx: OutboundTx,
     },
@@ -164,19 +165,7 @@ impl GateWait {
     }
 }
 
-/// What to send to one subscriber for one message.
-#[derive(Clone)]
-pub struct Delivery {
-    /// The message.
-    pub msg: Arc<Message>,
-    /// QoS after the subscription's downgrade.
-    pub qos: QoS,
-    /// RETAIN flag to send (retain-as-published, or a retained message on subscribe).
-    pub retain: bool,
-    /// 5.0 subscription identifiers of every matching subscription.
-    pub sub_ids: Vec<u32>,
-}
-
+/// A queued delivery is accounted in the session that queues it (with its store row id).
 impl Delivery {
     /// What the delivery holds while queued: payload, topic and the fixed cost of the
     /// message and its queue entry, so empty payloads are not free.
@@ -184,7 +173,7 @@ impl Delivery {
         self.msg.payload.len()
             + self.msg.topic.len()
             + std::mem::size_of::<Message>()
-            + std::mem::size_of::<(Option<crate::store::DeliveryId>, Delivery)>()
+            + std::mem::size_of::<(Option<DeliveryId>, Delivery)>()
     }
 }
 
@@ -276,7 +265,7 @@ impl Session {
     }
 
     /// The connection id if connected over the network.
-    pub fn conn_id(&self) -> Option<crate::core::ConnId> {
+    pub fn conn_id(&self) -> Option<crate::events::ConnId> {
         match &self.link {
             Some(Link::Network { conn_id, .. }) => Some(*conn_id),
             _ => None,

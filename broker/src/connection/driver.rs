@@ -32,8 +32,8 @@ use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::SendError;
 use tracing::{debug, info, warn};
 
-use super::super::core::CoreEvent;
 use super::super::deadlines::Deadlines;
+use super::super::events::CoreEvent;
 use super::super::outbound::{Outbound, OutboundRx};
 use super::super::transport::Transport;
 use super::state::{Conn, Decoded, End};

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::auth;
-use super::core::{ConnectRequest, CoreEvent};
+use super::events::{ConnectRequest, CoreEvent};
 use super::handle::BrokerHandle;
 use super::limits::{ConnectionLimits, ConnectionSlot};
 use super::outbound;

@@ -13,12 +13,12 @@ use outpost_mqtt::{Disconnect, Packet, Properties, Protocol, Publish, QoS, Reaso
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, info};
 
-use super::super::core::CoreEvent;
 use super::super::deadlines::Deadlines;
+use super::super::events::CoreEvent;
 use super::super::handle::BrokerHandle;
+use super::super::message::Delivery;
 use super::super::outbound::{Ack, AckKind, DurableResult, Outbound};
 use super::super::router::SessionKey;
-use super::super::session::Delivery;
 use super::super::settings::Settings;
 
 /// An acknowledgement waiting its turn.
@@ -89,7 +89,7 @@ pub(super) struct Conn {
     /// Whether the core accepted the CONNECT (and so must hear about the close).
     pub(super) accepted: bool,
     pub(super) session: SessionKey,
-    pub(super) conn_id: crate::core::ConnId,
+    pub(super) conn_id: crate::events::ConnId,
     /// Why the broker ended the connection, for the core's log line.
     pub(super) close_reason: Option<ReasonCode>,
     pub(super) core: BrokerHandle,
@@ -140,7 +140,7 @@ impl Conn {
             protocol: connect.protocol,
             accepted: false,
             session: SessionKey::new(0, 0),
-            conn_id: crate::core::ConnId::UNACCEPTED,
+            conn_id: crate::events::ConnId::UNACCEPTED,
             close_reason: None,
             core,
             settings,

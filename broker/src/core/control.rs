@@ -30,10 +30,11 @@ use outpost_mqtt::{
 
 use super::Core;
 use crate::DurableReceipt;
+use crate::message::Delivery;
 use crate::message::Message;
 use crate::outbound::{Ack, AckKind, DurableResult, Outbound, OutboundTx};
 use crate::router::{SessionKey, SubEntry};
-use crate::session::{Delivery, Link, SessionSub};
+use crate::session::{Link, SessionSub};
 
 impl Core {
     pub(super) fn on_packet(&mut self, key: SessionKey, packet: Packet) {

@@ -11,10 +11,11 @@ use super::Core;
 use super::persist::WRITE_GRACE;
 use super::timers::Timer;
 use crate::DurableReceipt;
+use crate::message::Delivery;
 use crate::message::Message;
 use crate::outbound::Outbound;
 use crate::router::{Match, SessionKey, SubEntry};
-use crate::session::{AckGate, Delivery, GateWait, Inflight, Link, Session, SessionSub};
+use crate::session::{AckGate, GateWait, Inflight, Link, Session, SessionSub};
 use crate::store::{DeliveryId, Store};
 
 impl Core {

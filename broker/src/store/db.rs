@@ -17,8 +17,8 @@ use rusqlite::{Connection, params};
 use tracing::{error, warn};
 
 use super::StoreError;
+use crate::message::Delivery;
 use crate::message::Message;
-use crate::session::Delivery;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions (

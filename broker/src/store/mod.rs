@@ -316,7 +316,7 @@ impl Store {
         &self,
         id: DeliveryId,
         session: StoreId,
-        d: &super::session::Delivery,
+        d: &super::message::Delivery,
         packet_id: Option<u16>,
     ) {
         self.send(Op::PutDelivery {

@@ -4,8 +4,8 @@ use bytes::Bytes;
 use outpost_mqtt::{Properties, Protocol, QoS, SubscriptionOptions};
 
 use super::Store;
+use crate::message::Delivery;
 use crate::message::Message;
-use crate::session::Delivery;
 
 fn msg(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Arc<Message> {
     let props = Properties {
