@@ -10,17 +10,14 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context;
 use futures_util::FutureExt;
 use outpost_bridge::{BridgeConfig, BridgeHandle, LocalPublish};
-use outpost_mqtt::Properties;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::warn;
 
 use crate::broker::{BrokerHandle, DurableReceipt, DurableSink, Message, Rejected, SinkId};
+use crate::publish_loop::{Outgoing, Source, publish_in_order};
 
 /// Local publishes waiting from one bridge (downlink, status, counters).
 const DOWNLINK_QUEUE: usize = 1024;
-/// Downlink publishes awaiting another bridge's commit at once.
-const MAX_UNCOMMITTED: usize = 1024;
 
 /// The bridges the gateway runs now, shared with the watchdog and the status line; a
 /// reload replaces the list.
@@ -178,7 +175,16 @@ impl Bridges {
                 id
             }
         };
-        tasks.spawn(publish_local(rx, self.broker.clone(), id));
+        tasks.spawn(publish_in_order(
+            rx,
+            self.broker.clone(),
+            Source {
+                // Not offered back to the bridge it came from.
+                skip: Some(id),
+                not_stored: "downlink message not stored by another bridge",
+                not_published: "bridge message not published locally",
+            },
+        ));
         Ok(())
     }
 
@@ -257,36 +263,13 @@ impl Bridges {
     }
 }
 
-/// Publishes what a bridge hands to the local broker, in order; the message is not
-/// offered back to the bridge it came from.
-async fn publish_local(mut rx: mpsc::Receiver<LocalPublish>, broker: BrokerHandle, me: SinkId) {
-    let mut commits = JoinSet::new();
-    while let Some(m) = rx.recv().await {
-        let accepted = broker
-            .publish_accepted_skipping(
-                &m.topic,
-                m.payload,
-                m.qos,
-                m.retain,
-                Properties::default(),
-                Some(me),
-            )
-            .await;
-        match accepted {
-            Ok(r) if r.is_final() => {}
-            Ok(r) => {
-                let topic = m.topic;
-                commits.spawn(async move {
-                    if let Err(e) = r.durable().await {
-                        warn!(%topic, error = %e, "downlink message not stored by another bridge");
-                    }
-                });
-                while commits.len() >= MAX_UNCOMMITTED {
-                    commits.join_next().await;
-                }
-            }
-            Err(e) => warn!(topic = %m.topic, error = %e, "bridge message not published locally"),
+impl From<LocalPublish> for Outgoing {
+    fn from(m: LocalPublish) -> Outgoing {
+        Outgoing {
+            topic: m.topic,
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
         }
-        while commits.try_join_next().is_some() {}
     }
 }

@@ -16,6 +16,7 @@ pub mod check;
 pub mod config;
 pub mod http;
 pub mod import_mosquitto;
+pub mod publish_loop;
 pub mod reload;
 pub mod sensors;
 pub mod service;

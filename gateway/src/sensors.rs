@@ -1,23 +1,22 @@
 //! Runs the sensor layer inside the gateway: its readings are published through the
 //! broker's in-process API, and `.../set` messages from the broker reach it as commands.
 
-use outpost_mqtt::{Properties, QoS};
+use outpost_mqtt::QoS;
 use std::sync::Arc;
 
 use outpost_sensors::stats::Stats;
 use outpost_sensors::{Command, Reload, ReloadSummary, SensorMessage, SensorsConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
-use tracing::{error, warn};
+use tracing::error;
 
 use crate::broker::BrokerHandle;
+use crate::publish_loop::{Outgoing, Source, publish_in_order};
 
 /// Readings waiting to be published; a full queue slows the pollers, never drops.
 const READINGS_QUEUE: usize = 4096;
 /// Commands waiting for the sensor layer.
 const COMMANDS_QUEUE: usize = 256;
-/// Publishes awaiting their durable commit at once (for bridged sensor topics).
-const MAX_UNCOMMITTED: usize = 1024;
 
 /// Starts the sensor layer if the config has any sensors.
 /// Returns the sensor layer's counters (the watchdog reads each line's sign of life
@@ -95,7 +94,15 @@ async fn start(
         }
     }
     drop(cmd_tx);
-    tasks.spawn(publish_readings(out_rx, broker));
+    tasks.spawn(publish_in_order(
+        out_rx,
+        broker,
+        Source {
+            skip: None,
+            not_stored: "sensor reading not stored for the uplink",
+            not_published: "sensor reading not published",
+        },
+    ));
     let run_stats = Arc::clone(&stats);
     tasks.spawn(async move {
         let run = outpost_sensors::run_with_reload(
@@ -128,29 +135,13 @@ async fn forward_commands(mut sub: crate::broker::LocalSubscription, tx: mpsc::S
     }
 }
 
-/// Publishes readings in the order the layer produced them; durable commits (when a
-/// bridge takes sensor topics) are awaited concurrently, up to a bound.
-async fn publish_readings(mut rx: mpsc::Receiver<SensorMessage>, broker: BrokerHandle) {
-    let mut commits = JoinSet::new();
-    while let Some(m) = rx.recv().await {
-        match broker
-            .publish_accepted(&m.topic, m.payload, m.qos, m.retain, Properties::default())
-            .await
-        {
-            Ok(receipt) if receipt.is_final() => {}
-            Ok(receipt) => {
-                let topic = m.topic;
-                commits.spawn(async move {
-                    if let Err(e) = receipt.durable().await {
-                        warn!(%topic, error = %e, "sensor reading not stored for the uplink");
-                    }
-                });
-                while commits.len() >= MAX_UNCOMMITTED {
-                    commits.join_next().await;
-                }
-            }
-            Err(e) => warn!(topic = %m.topic, error = %e, "sensor reading not published"),
+impl From<SensorMessage> for Outgoing {
+    fn from(m: SensorMessage) -> Outgoing {
+        Outgoing {
+            topic: m.topic,
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
         }
-        while commits.try_join_next().is_some() {}
     }
 }
