@@ -8,9 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::{Packet, Protocol, QoS};
+use outpost_tests::V4Client;
 use outpost_tests::broker::{Broker, mosquitto_mode};
 use outpost_tests::cloud::{Cloud, CloudSubscriber, by_topic, publish_acked};
 use outpost_tests::raw::{RawClient, connect_packet, publish};
+use rumqttc::QoS as Q4;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -569,6 +571,107 @@ reconnect = {{ min = "100ms", max = "500ms" }}
     assert!(
         status.contains("online"),
         "status at the cloud: {status}\n{}",
+        broker.log()
+    );
+}
+
+/// What the cloud sends down an `in` rule reaches local subscribers through the gateway's
+/// publish loop, in order, under the local prefix; and a topic that an `out` rule also
+/// matches is not sent back up to the cloud (it is not offered to the bridge it came
+/// from), so a `both`-style mapping cannot loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_commands_come_down_in_order_and_are_not_echoed_back_up() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cloud = Cloud::new();
+    cloud.start();
+    let broker = Broker::outpost_with_full_config(&format!(
+        r##"gateway_id = "gw-down"
+[broker]
+listeners = [{{ bind = "127.0.0.1:0" }}]
+[[bridge]]
+name = "cloud"
+address = "mqtt://127.0.0.1:{port}"
+topics = [
+  {{ pattern = "cmd/#", direction = "in", qos = 1, local_prefix = "local/", remote_prefix = "gw-down/" }},
+  {{ pattern = "#", direction = "out", qos = 1, local_prefix = "local/", remote_prefix = "gw-down/" }},
+]
+reconnect = {{ min = "100ms", max = "500ms" }}
+[bridge.status]
+enabled = false
+"##,
+        port = cloud.port
+    ));
+    let (mut local, _) = V4Client::connect(broker.port(), "local-sub", |_| {}).await;
+    local
+        .client
+        .subscribe("local/cmd/#", Q4::AtLeastOnce)
+        .await
+        .unwrap();
+    local.expect_suback().await;
+    // Everything on the cloud under the gateway's prefix: the commands, and any echo.
+    let watcher = CloudSubscriber::start(&cloud, "watcher", "gw-down/#", 100_000, 8);
+    // The bridge subscribes on connect; wait until a command makes it through.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &cloud.port.to_string()])
+            .args(["-q", "1", "-t", "gw-down/cmd/probe", "-m", "probe"])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(out.status.success());
+        if local
+            .next_publish(Duration::from_millis(500))
+            .await
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no command came down\n{}",
+            broker.log()
+        );
+    }
+    let n = 50;
+    let lines: String = (0..n).map(|i| format!("{i}\n")).collect();
+    let mut pubber = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &cloud.port.to_string()])
+        .args(["-q", "1", "-t", "gw-down/cmd/valve", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    use std::io::Write as _;
+    pubber
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    assert!(pubber.wait().unwrap().success());
+    // Late copies of the probe may still come down first; count only the valve commands.
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < n && Instant::now() < deadline {
+        if let Some(p) = local.next_publish(Duration::from_millis(500)).await
+            && p.topic == "local/cmd/valve"
+        {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    assert_eq!(got, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
+    // The watcher saw each command once (as published on the cloud), never a copy the
+    // gateway sent back up under the same topic.
+    let seen = watcher.wait();
+    let valve: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.starts_with("gw-down/cmd/valve "))
+        .collect();
+    assert_eq!(
+        valve.len(),
+        n,
+        "echoed back up:\n{seen:?}\n{}",
         broker.log()
     );
 }
