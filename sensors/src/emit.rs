@@ -2,10 +2,10 @@
 
 use crate::clock::Clock;
 use crate::error::SensorsError;
-use crate::point::Value;
-use crate::publish::{
+use crate::messages::{
     DeviceStatus, SensorMessage, reading_payload, status_payload, stopped_payload,
 };
+use crate::point::Value;
 use crate::report::{Policy, Quality, Reporter};
 use crate::stop::Farewell;
 use std::time::Instant;

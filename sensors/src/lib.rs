@@ -17,10 +17,10 @@ pub mod emit;
 pub mod error;
 #[cfg(debug_assertions)]
 mod fault;
+pub mod messages;
 pub mod modbus;
 pub mod plan;
 pub mod point;
-pub mod publish;
 pub mod report;
 pub mod serial;
 pub mod stats;
@@ -28,13 +28,13 @@ pub mod stop;
 
 pub use config::SensorsConfig;
 pub use error::{ConfigError, SensorsError};
-pub use publish::{Command, SensorMessage};
+pub use messages::{Command, SensorMessage};
 pub use stats::Stats;
 pub use stop::{Farewell, Stop};
 
 use clock::Clock;
 use emit::Emitter;
-use publish::{Topics, parse_command_payload, write_result_payload};
+use messages::{Topics, parse_command_payload, write_result_payload};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Counters for `$SYS`: requests, errors by kind, bus utilisation per line.
 
-use crate::publish::{DeviceStatus, SensorMessage};
+use crate::messages::{DeviceStatus, SensorMessage};
 use bytes::Bytes;
 use serde_json::json;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};

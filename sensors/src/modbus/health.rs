@@ -1,6 +1,6 @@
 //! Device health: consecutive failures, exponential backoff, quarantine and recovery.
 
-use crate::publish::DeviceStatus;
+use crate::messages::DeviceStatus;
 use std::time::{Duration, Instant};
 
 /// Backoff and quarantine settings of one device.

@@ -6,9 +6,9 @@ pub mod transport;
 
 use crate::config::{ModbusDevice, SensorsConfig, Transport};
 use crate::emit::{Emitter, PointOutput};
+use crate::messages::Topics;
 use crate::plan::{Limits, Span, plan};
 use crate::point::Value;
-use crate::publish::Topics;
 use crate::report::Policy;
 use crate::stats::{Stats, line_name};
 use health::{Health, HealthPolicy};

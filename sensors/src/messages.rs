@@ -1,4 +1,5 @@
-//! Topics and JSON payloads of readings, device status and write results.
+//! The messages the layer publishes: topics and JSON payloads of readings, device status
+//! and write results (`emit.rs` decides when; the gateway publishes them).
 
 use crate::clock::Clock;
 use crate::point::Value;
