@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use outpost_mqtt::QoS;
 use outpost_tests::broker::{Broker, mosquitto_mode};
 use outpost_tests::cloud::{CloudSubscriber, publish_acked};
-use outpost_tests::rabbit::Rabbit;
+use outpost_tests::rabbit::{Rabbit, RabbitCluster};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -125,5 +125,96 @@ reconnect = {{ min = "200ms", max = "1s" }}
     assert!(
         status.contains("online"),
         "no birth on RabbitMQ: {status:?}\n{log}"
+    );
+}
+
+/// A cluster that loses the node the bridge uses: three RabbitMQ nodes (client-id tracking
+/// needs a majority), the bridge given two of them with `shared_session = true`, a
+/// collector on the third. Node 0 is killed (SIGKILL) while the gateway's backlog drains;
+/// the bridge moves to node 1 with the same client id, and every message the gateway
+/// acknowledged arrives, in order per topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_cluster_losing_the_node_in_use_loses_nothing() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cluster = RabbitCluster::start(3);
+    let sub = CloudSubscriber::start_at(
+        cluster.port(2),
+        cluster.dir(),
+        "collector",
+        "up/#",
+        100_000,
+        WAIT.as_secs() as u32 + 60,
+    );
+    let broker = Broker::outpost_with_full_config(&format!(
+        r#"gateway_id = "gw-rc"
+[broker]
+listeners = [{{ bind = "127.0.0.1:0" }}]
+[[bridge]]
+name = "rabbit"
+address = ["mqtt://127.0.0.1:{a}", "mqtt://127.0.0.1:{b}"]
+shared_session = true
+protocol = "3.1.1"
+topics = [
+  {{ pattern = "q2/#", direction = "out", qos = 2, remote_prefix = "up/" }},
+  {{ pattern = "q1/#", direction = "out", qos = 1, remote_prefix = "up/" }},
+]
+reconnect = {{ min = "200ms", max = "1s" }}
+"#,
+        a = cluster.port(0),
+        b = cluster.port(1)
+    ));
+    let n = 300u16;
+    let first = tokio::spawn({
+        let port = broker.port();
+        async move {
+            publish_acked(port, "pub2", "q2/valve", QoS::ExactlyOnce, n).await;
+        }
+    });
+    // Kill the node in use once part of the stream has crossed it.
+    let deadline = Instant::now() + WAIT;
+    while payloads(&sub.lines(), "up/q2/valve").len() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing arrived through node 0\n--- gateway\n{}\n{}",
+            broker.log(),
+            cluster.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill9(0);
+    first.await.unwrap();
+    publish_acked(broker.port(), "pub1", "q1/temp", QoS::AtLeastOnce, n).await;
+
+    let want: Vec<u32> = (0..u32::from(n)).collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lines = sub.lines();
+        let q2 = first_arrivals(payloads(&lines, "up/q2/valve"));
+        let q1 = first_arrivals(payloads(&lines, "up/q1/temp"));
+        if q2.len() >= want.len() && q1.len() >= want.len() {
+            assert_eq!(q2, want, "QoS 2 traffic across the failover");
+            assert_eq!(q1, want, "QoS 1 traffic after the failover");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} + {} of {n} + {n} arrived\n--- gateway\n{}\n{}",
+            q2.len(),
+            q1.len(),
+            broker.log(),
+            cluster.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = broker.log();
+    assert!(
+        log.contains(&format!("using mqtt://127.0.0.1:{}", cluster.port(1))),
+        "the bridge did not move to node 1\n{log}"
+    );
+    assert!(
+        !log.contains("poison message: "),
+        "a message was set aside\n{log}"
     );
 }
