@@ -1,6 +1,7 @@
 //! The uplink: connect (TCP or TLS), run a session, reconnect with backoff, forever until
 //! shutdown. Also mirrors the link state on the local broker.
 
+mod aliases;
 mod backoff;
 mod packet_ids;
 mod progress;
