@@ -3,6 +3,7 @@
 
 mod aliases;
 mod backoff;
+mod client;
 mod packet_ids;
 mod progress;
 mod session;
@@ -31,7 +32,8 @@ use crate::stats::BridgeStats;
 use crate::status::{OfflineReason, Status};
 
 pub use backoff::Backoff;
-use session::{Limits, MAX_INCOMING_PACKET, Session, SessionEnd};
+use client::{Limits, MAX_INCOMING_PACKET, SessionEnd};
+use session::Session;
 pub use tls::{client_cert_not_after, client_config};
 
 /// A session shorter than this does not reset the backoff (a cloud that accepts and then

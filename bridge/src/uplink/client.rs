@@ -1,0 +1,1842 @@
+//! The uplink's MQTT client as a state machine without I/O, in the style of quinn-proto's
+//! connection: spooled rows, packets from the cloud, commits done and the current time go
+//! in; bytes to write, stage and downlink-id commits to make durable, rows to delete and
+//! downlink deliveries come out. The async driver (`session.rs`) owns the socket, the
+//! spool and the timers and only moves data between them and this type, so the publish
+//! window, QoS 2 staging, careful resend after drops and downlink QoS 2 are tested in
+//! memory (see the tests below).
+//!
+//! Durability rules the driver must keep: what [`Client::poll_commit`] hands out is
+//! applied to the spool before [`Client::on_stages_committed`] is called (the PUBLISH or
+//! PUBREL waiting for it is only then encoded), and rows from [`Client::take_acked`] are
+//! handed to the spool before any stage commit started after them.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use outpost_mqtt::{
+    Disconnect, Packet, Properties, Protocol, PubResponse, Publish, QoS, ReasonCode,
+    codec::{decode, encode, encode_publish},
+};
+
+use super::aliases::TopicAliases;
+use super::packet_ids::PacketIds;
+use super::window::Window;
+use crate::LocalPublish;
+use crate::rules::{RetainMode, Rules};
+use crate::spool::{IncomingOp, NewMessage, Stage, StageUpdate, StoredMessage};
+use crate::stats::BridgeStats;
+use crate::status::{OfflineReason, Status};
+
+/// Largest packet accepted from the cloud (advertised in 5.0 CONNECT).
+pub(crate) const MAX_INCOMING_PACKET: usize = 16 << 20;
+
+/// How a session ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// Shutdown was requested and the goodbye was sent.
+    Shutdown,
+    /// The link failed in a way no message can cause (keep alive, spool, protocol errors);
+    /// reconnect.
+    Lost(String),
+    /// The cloud closed or reset an established link, or sent DISCONNECT; reconnect.
+    Dropped {
+        /// What happened.
+        why: String,
+        /// The row to blame (see `Client::suspect`).
+        suspect: Option<i64>,
+        /// When rows were out unacknowledged: the newest row sent in this session.
+        out_through: Option<i64>,
+        /// A QoS 2 PUBLISH was out and the cloud had answered none with PUBREC in this
+        /// session: what a cloud without QoS 2 does (RabbitMQ, AWS IoT, Mosquitto's
+        /// `max_qos 1` towards 3.1.1 clients), which 3.1.1 has no other way to say.
+        qos2_unanswered: bool,
+    },
+}
+
+pub(crate) fn lost(why: impl Into<String>) -> SessionEnd {
+    SessionEnd::Lost(why.into())
+}
+
+/// False for DISCONNECT reasons that say the link itself is unwelcome (server busy or
+/// going away, session taken over, keep alive, rate limits): such a loss never counts
+/// against the message in flight. Unknown and message-level reasons may be about it.
+fn may_be_about_a_message(reason: ReasonCode) -> bool {
+    !matches!(
+        reason,
+        ReasonCode::NORMAL_DISCONNECTION
+            | ReasonCode::SERVER_UNAVAILABLE
+            | ReasonCode::SERVER_BUSY
+            | ReasonCode::BANNED
+            | ReasonCode::SERVER_SHUTTING_DOWN
+            | ReasonCode::KEEP_ALIVE_TIMEOUT
+            | ReasonCode::SESSION_TAKEN_OVER
+            | ReasonCode::MESSAGE_RATE_TOO_HIGH
+            | ReasonCode::ADMINISTRATIVE_ACTION
+            | ReasonCode::USE_ANOTHER_SERVER
+            | ReasonCode::SERVER_MOVED
+            | ReasonCode::CONNECTION_RATE_EXCEEDED
+            | ReasonCode::MAXIMUM_CONNECT_TIME
+    )
+}
+
+pub(crate) fn dropped(why: impl Into<String>) -> SessionEnd {
+    SessionEnd::Dropped {
+        why: why.into(),
+        suspect: None,
+        out_through: None,
+        qos2_unanswered: false,
+    }
+}
+
+/// Limits the cloud announced in CONNACK, combined with configuration.
+pub(crate) struct Limits {
+    pub window: usize,
+    pub max_qos: QoS,
+    pub max_packet: usize,
+    pub retain_available: bool,
+    pub keep_alive: Duration,
+    pub session_present: bool,
+    /// A fresh session at another broker than the spool's QoS 2 stages were made with.
+    pub moved: bool,
+    /// The cloud's Topic Alias Maximum from CONNACK (0: none; always 0 on 3.1.1).
+    pub topic_alias_max: u16,
+}
+
+/// What the client reads from the link's configuration; borrowed for one session.
+pub(crate) struct Setup<'a> {
+    /// The bridge's name, for logs.
+    pub name: &'a str,
+    /// MQTT version of the link.
+    pub protocol: Protocol,
+    /// Topic rules: downlink mapping and the cloud subscriptions.
+    pub rules: &'a Rules,
+    /// The status messages (birth, clean offline), when `status.enabled`.
+    pub status: Option<&'a Status>,
+    /// Spooled messages from before this session per second (0: no limit).
+    pub replay_rate: u32,
+    /// Counters (forwarded, dropped, the window shown in `$SYS`).
+    pub stats: &'a BridgeStats,
+}
+
+/// The drop-oldest fence as the client sees it (see `spool::fence`): in the driver the
+/// spool's locked marks, in tests nothing is ever claimed.
+pub(crate) trait Claims {
+    /// Row `id` was claimed for dropping: skip it.
+    fn claimed(&self, id: i64, stage: Stage) -> bool;
+    /// Row `id` was taken for sending.
+    fn take(&mut self, id: i64);
+    /// Row `id` was passed over.
+    fn pass(&mut self, id: i64);
+}
+
+impl Claims for crate::spool::Marks {
+    fn claimed(&self, id: i64, stage: Stage) -> bool {
+        crate::spool::Marks::claimed(self, id, stage)
+    }
+    fn take(&mut self, id: i64) {
+        crate::spool::Marks::take(self, id);
+    }
+    fn pass(&mut self, id: i64) {
+        crate::spool::Marks::pass(self, id);
+    }
+}
+
+enum Inflight {
+    /// A spooled row; `stage` is `Released` once PUBREC arrived (QoS 2).
+    Row { id: i64, stage: Stage },
+    /// Birth or offline status (not spooled).
+    Control,
+}
+
+// Outs live briefly in a Vec of at most one window; boxing would allocate per message.
+#[allow(clippy::large_enum_variant)]
+enum Out {
+    Publish {
+        row: i64,
+        publish: Publish,
+    },
+    PubRel(u16),
+    /// The birth, in its place behind the exchanges resumed from the last session.
+    Status(Publish),
+}
+
+/// One session's client state; see the module documentation.
+pub(crate) struct Client<'a> {
+    setup: Setup<'a>,
+    /// Encoded packets for the driver to write ([`Client::transmit`]).
+    wbuf: BytesMut,
+    limits: Limits,
+    ids: PacketIds,
+    inflight: HashMap<u16, Inflight>,
+    queue: VecDeque<StoredMessage>,
+    cursor: i64,
+    exhausted: bool,
+    /// A stage commit is out: nothing more goes into the window until it is done.
+    committing: bool,
+    /// Stage updates to make durable, not yet taken by the driver.
+    commit: Option<Vec<StageUpdate>>,
+    /// What goes on the wire once the stage commit is durable.
+    gated: Vec<Out>,
+    rel_pending: Vec<(u16, i64)>,
+    /// Rows acknowledged (or dropped) since the last hand-off to the spool writer.
+    acked: Vec<i64>,
+    /// QoS 2 ids received from the cloud and not released yet; mirrored in the spool so a
+    /// resent PUBLISH (DUP) after our restart is not delivered twice.
+    incoming_qos2: HashSet<u16>,
+    /// Downlink QoS 2 answers (PUBREC, PUBCOMP) in order, with the id-set change that must
+    /// be durable before each goes out.
+    down_pending: Vec<(Option<IncomingOp>, Packet)>,
+    down_committing: bool,
+    down_commit: Option<Vec<IncomingOp>>,
+    down_gated: Vec<Packet>,
+    /// Downlink messages for the local broker, in order.
+    deliveries: VecDeque<LocalPublish>,
+    /// Rows up to here were out when the cloud last dropped the link: they go up one at a
+    /// time, so that if the cloud drops it again the row to blame is the only one out.
+    careful_through: i64,
+    newest_sent: i64,
+    /// Careful mode: the cloud answered a PINGREQ sent while nothing was out, so it is done
+    /// with everything before and still willing; the next row may go.
+    careful_ready: bool,
+    /// The outstanding PINGREQ is such a barrier.
+    barrier_out: bool,
+    started_ms: i64,
+    replay_next: Instant,
+    replay_wake: Option<Instant>,
+    last_sent: Instant,
+    last_recv: Instant,
+    ping_out: bool,
+    downgrade_logged: bool,
+    /// The cloud answered a QoS 2 PUBLISH with PUBREC in this session.
+    pubrec_seen: bool,
+    goodbye_pid: Option<u16>,
+    /// The birth waits until the rows up to this one, resumed from the last session, are
+    /// out, and a window slot is free.
+    birth_after: Option<i64>,
+    aliases: TopicAliases,
+    /// How many messages may be out now, sized to the link (at most `limits.window`).
+    window: Window,
+    /// A malformed packet came in and a DISCONNECT saying so is in the write buffer.
+    farewell: bool,
+}
+
+impl<'a> Client<'a> {
+    /// The state of a session that just got its CONNACK at `now` (`now_ms` on the wall
+    /// clock, to compare with the rows' accept times).
+    pub(crate) fn new(
+        setup: Setup<'a>,
+        limits: Limits,
+        careful_through: i64,
+        now: Instant,
+        now_ms: i64,
+    ) -> Self {
+        let window = Window::new(limits.window, now);
+        let aliases = TopicAliases::new(if setup.protocol.is_v5() {
+            limits.topic_alias_max
+        } else {
+            0
+        });
+        let client = Client {
+            setup,
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            limits,
+            ids: PacketIds::default(),
+            inflight: HashMap::new(),
+            queue: VecDeque::new(),
+            cursor: 0,
+            exhausted: false,
+            committing: false,
+            commit: None,
+            gated: Vec::new(),
+            rel_pending: Vec::new(),
+            acked: Vec::new(),
+            incoming_qos2: HashSet::new(),
+            down_pending: Vec::new(),
+            down_committing: false,
+            down_commit: None,
+            down_gated: Vec::new(),
+            deliveries: VecDeque::new(),
+            careful_through,
+            newest_sent: 0,
+            careful_ready: false,
+            barrier_out: false,
+            started_ms: now_ms,
+            replay_next: now,
+            replay_wake: None,
+            last_sent: now,
+            last_recv: now,
+            ping_out: false,
+            downgrade_logged: false,
+            pubrec_seen: false,
+            goodbye_pid: None,
+            birth_after: None,
+            aliases,
+            window,
+            farewell: false,
+        };
+        client.show_window();
+        client
+    }
+
+    /// Opens the session: `in_progress` are the spool's rows in a QoS 2 exchange,
+    /// `incoming` the downlink QoS 2 ids remembered from the cloud's session (empty when
+    /// it has none). Subscribes, and sends the birth or schedules it behind the resumed
+    /// exchanges.
+    pub(crate) fn start(
+        &mut self,
+        in_progress: &[StoredMessage],
+        incoming: Vec<u16>,
+        now: Instant,
+    ) -> Result<(), SessionEnd> {
+        if self.limits.moved && !in_progress.is_empty() {
+            let released = in_progress
+                .iter()
+                .filter(|r| r.stage == Stage::Released)
+                .count();
+            tracing::info!(bridge = %self.setup.name, rows = in_progress.len(), released,
+                "moved to another broker: {} QoS 2 messages the previous broker had not \
+                 completed ({released} past PUBREC there) go up here as new messages",
+                in_progress.len());
+        } else if !in_progress.is_empty() && !self.limits.session_present {
+            tracing::warn!(bridge = %self.setup.name, rows = in_progress.len(),
+                "cloud has no session for us: QoS 2 messages in flight are resent and may be duplicated");
+        }
+        // Persisted QoS 2 identifiers stay reserved until their rows come round again.
+        for row in in_progress {
+            if let Some(pid) = row.packet_id {
+                self.ids.reserve(pid);
+            }
+        }
+        self.incoming_qos2.extend(incoming);
+        self.subscribe()?;
+        if let Some(status) = self.setup.status {
+            match in_progress.iter().map(|r| r.id).max() {
+                None => {
+                    let payload = status.birth();
+                    self.send_control(payload, now)?;
+                }
+                // The cloud still holds these QoS 2 exchanges and counts them against its
+                // Receive Maximum until PUBCOMP (section 4.9). Sent first, the birth would
+                // exceed it: Mosquitto refuses it (0x97), leaving the status "offline",
+                // and with max_queued_messages 0 also drops the link, every time.
+                Some(last) => self.birth_after = Some(last),
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the next spool read starts, when the queue wants more rows.
+    pub(crate) fn wants_rows(&self, low_water: usize) -> Option<i64> {
+        (!self.exhausted && self.queue.len() < low_water).then_some(self.cursor)
+    }
+
+    /// Rows read from the spool after [`Client::wants_rows`]; `last` when the read found
+    /// all there was.
+    pub(crate) fn on_rows(&mut self, rows: Vec<StoredMessage>, last: bool) {
+        if last {
+            self.exhausted = true;
+        }
+        if let Some(row) = rows.last() {
+            self.cursor = row.id;
+        }
+        self.queue.extend(rows);
+    }
+
+    /// True when the last read found all there was: the driver waits for new commits.
+    pub(crate) fn exhausted(&self) -> bool {
+        self.exhausted
+    }
+
+    /// New rows were committed to the spool: read again.
+    pub(crate) fn on_more_rows(&mut self) {
+        self.exhausted = false;
+    }
+
+    /// The encoded packets to write; the driver writes them all, clears the buffer and
+    /// calls [`Client::on_flushed`].
+    pub(crate) fn transmit(&mut self) -> &mut BytesMut {
+        &mut self.wbuf
+    }
+
+    /// Everything in [`Client::transmit`] went on the wire at `now`.
+    pub(crate) fn on_flushed(&mut self, now: Instant) {
+        self.wbuf.clear();
+        self.last_sent = now;
+    }
+
+    /// Rows acknowledged or dropped since the last call, for the spool to delete.
+    pub(crate) fn take_acked(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.acked)
+    }
+
+    /// How many rows wait in [`Client::take_acked`].
+    pub(crate) fn acked_len(&self) -> usize {
+        self.acked.len()
+    }
+
+    /// Stage updates to make durable now; answer with [`Client::on_stages_committed`].
+    pub(crate) fn poll_commit(&mut self) -> Option<Vec<StageUpdate>> {
+        self.commit.take()
+    }
+
+    /// The stage updates from [`Client::poll_commit`] are durable: what waited for them
+    /// goes out.
+    pub(crate) fn on_stages_committed(&mut self, now: Instant) -> Result<(), SessionEnd> {
+        self.committing = false;
+        for out in std::mem::take(&mut self.gated) {
+            self.write_out(out, now)?;
+        }
+        Ok(())
+    }
+
+    /// Downlink id-set changes to make durable now; answer with
+    /// [`Client::on_incoming_committed`].
+    pub(crate) fn poll_incoming_commit(&mut self) -> Option<Vec<IncomingOp>> {
+        self.down_commit.take()
+    }
+
+    /// The changes from [`Client::poll_incoming_commit`] are durable: their answers go
+    /// out.
+    pub(crate) fn on_incoming_committed(&mut self) -> Result<(), SessionEnd> {
+        self.down_committing = false;
+        for answer in std::mem::take(&mut self.down_gated) {
+            self.encode(&answer)?;
+        }
+        Ok(())
+    }
+
+    /// The next downlink message for the local broker.
+    pub(crate) fn poll_delivery(&mut self) -> Option<LocalPublish> {
+        self.deliveries.pop_front()
+    }
+
+    /// When the replay rate next lets a row go, if it is what holds the window.
+    pub(crate) fn replay_wake(&self) -> Option<Instant> {
+        self.replay_wake
+    }
+
+    /// The replay wake-up came.
+    pub(crate) fn on_replay_wake(&mut self) {
+        self.replay_wake = None;
+    }
+
+    /// The cloud kept our session (CONNACK Session Present).
+    pub(crate) fn session_present(&self) -> bool {
+        self.limits.session_present
+    }
+
+    /// Messages out without their final answer (rows and status).
+    pub(crate) fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// A malformed packet was answered with a DISCONNECT that should be written before
+    /// the link is closed.
+    pub(crate) fn farewell(&self) -> bool {
+        self.farewell
+    }
+
+    /// How the session ends when the cloud dropped the link: `why`, with the row to blame
+    /// and what was out.
+    pub(crate) fn on_drop(&self, why: String) -> SessionEnd {
+        SessionEnd::Dropped {
+            why,
+            suspect: self.suspect(),
+            out_through: self.rows_out().then_some(self.newest_sent),
+            qos2_unanswered: !self.pubrec_seen && self.qos2_out(),
+        }
+    }
+
+    /// Handles the next whole packet in `rbuf`, received at `now`; false when none is
+    /// complete.
+    pub(crate) fn handle_next(
+        &mut self,
+        rbuf: &mut BytesMut,
+        now: Instant,
+    ) -> Result<bool, SessionEnd> {
+        self.last_recv = now;
+        match decode(rbuf, self.setup.protocol, MAX_INCOMING_PACKET) {
+            Ok(Some(packet)) => {
+                self.handle_packet(packet, now)?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => {
+                if self.setup.protocol.is_v5() {
+                    self.farewell = self
+                        .encode(&Packet::Disconnect(Disconnect {
+                            reason: e.reason_code(),
+                            properties: Properties::default(),
+                        }))
+                        .is_ok();
+                }
+                Err(lost(format!("malformed packet from the cloud: {e}")))
+            }
+        }
+    }
+
+    /// After the cloud dropped the link, takes the final acknowledgements among what it
+    /// sent before closing (`rbuf`); anything else would need an answer we can no longer
+    /// send, and the cloud repeats it on the next session.
+    pub(crate) fn salvage(&mut self, rbuf: &mut BytesMut, now: Instant) {
+        while let Ok(Some(packet)) = decode(rbuf, self.setup.protocol, MAX_INCOMING_PACKET) {
+            let _ = match packet {
+                Packet::PubAck(r) => self.on_puback(r, now),
+                Packet::PubComp(r) => self.on_pubcomp(r),
+                _ => Ok(()),
+            };
+        }
+    }
+
+    /// One packet from the cloud.
+    pub(crate) fn handle_packet(&mut self, packet: Packet, now: Instant) -> Result<(), SessionEnd> {
+        match packet {
+            Packet::PubAck(r) => self.on_puback(r, now),
+            Packet::PubRec(r) => self.on_pubrec(r, now),
+            Packet::PubComp(r) => self.on_pubcomp(r),
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PubRel(r) => {
+                let pid = r.packet_id;
+                // PUBCOMP only once the id is forgotten durably: after PUBCOMP the cloud may
+                // reuse it for a new message, which a stale entry would swallow as a DUP.
+                let op = self
+                    .incoming_qos2
+                    .remove(&pid)
+                    .then_some(IncomingOp::Remove(pid));
+                self.down_pending
+                    .push((op, Packet::PubComp(PubResponse::new(pid))));
+                Ok(())
+            }
+            Packet::PingResp => {
+                self.ping_out = false;
+                if std::mem::take(&mut self.barrier_out) {
+                    self.careful_ready = true;
+                }
+                Ok(())
+            }
+            Packet::SubAck(s) => {
+                self.ids.release(s.packet_id);
+                for (i, code) in s.reason_codes.iter().enumerate() {
+                    if code.is_error() {
+                        tracing::error!(bridge = %self.setup.name, filter = i, reason = code.0,
+                            "cloud refused a downlink subscription");
+                    }
+                }
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                let why = format!(
+                    "cloud sent DISCONNECT (reason 0x{:02x}{})",
+                    d.reason.0,
+                    d.properties
+                        .reason_string
+                        .map(|s| format!(": {s}"))
+                        .unwrap_or_default()
+                );
+                Err(if may_be_about_a_message(d.reason) {
+                    dropped(why)
+                } else {
+                    lost(why)
+                })
+            }
+            other => Err(lost(format!("unexpected packet from the cloud: {other:?}"))),
+        }
+    }
+
+    /// The row to blame for the cloud dropping the link: the oldest one whose PUBLISH went
+    /// out unacknowledged. Only that one, on purpose: the cloud handles packets in order, so
+    /// rows before it were accepted, and rows behind it were most likely never read; blaming
+    /// the whole window would set innocent messages aside, while one suspect per loss keeps
+    /// "the same row at N consecutive losses" meaningful.
+    ///
+    /// Nobody is blamed while a status message (sent first in every session) is still
+    /// unacknowledged: a cloud that refuses our status topic by disconnecting must not
+    /// cost us the messages behind it. And since a cloud may drop us without sending the
+    /// acknowledgements of what it accepted (Mosquitto does), the oldest row of a full
+    /// window can be innocent: that is why, when the same row is blamed at two drops in a
+    /// row, the rows that were out are resent one at a time behind a ping barrier
+    /// ([`Client::must_wait`]), which makes the next blame exact. An innocent row blamed
+    /// once is acknowledged then, and the count starts over.
+    fn suspect(&self) -> Option<i64> {
+        if self
+            .inflight
+            .values()
+            .any(|f| matches!(f, Inflight::Control))
+        {
+            return None;
+        }
+        let unsent = self.unsent_rows();
+        self.inflight
+            .values()
+            .filter_map(|f| match f {
+                // PUBREC came back: its PUBLISH was accepted.
+                Inflight::Row { id, stage } if *stage != Stage::Released => Some(*id),
+                _ => None,
+            })
+            .filter(|id| !unsent.contains(id))
+            .min()
+    }
+
+    /// True when a QoS 2 PUBLISH went on the wire and has no answer.
+    fn qos2_out(&self) -> bool {
+        let unsent = self.unsent_rows();
+        self.inflight.values().any(|f| {
+            matches!(f, Inflight::Row { id, stage } if *stage == Stage::Published && !unsent.contains(id))
+        })
+    }
+
+    /// Rows given a window slot whose PUBLISH still waits for its stage commit.
+    fn unsent_rows(&self) -> HashSet<i64> {
+        self.gated
+            .iter()
+            .filter_map(|o| match o {
+                Out::Publish { row, .. } => Some(*row),
+                Out::PubRel(_) | Out::Status(_) => None,
+            })
+            .collect()
+    }
+
+    /// True when a row's PUBLISH is out and not acknowledged.
+    fn rows_out(&self) -> bool {
+        self.inflight
+            .values()
+            .any(|f| matches!(f, Inflight::Row { stage, .. } if *stage != Stage::Released))
+    }
+
+    fn encode(&mut self, packet: &Packet) -> Result<(), SessionEnd> {
+        encode(packet, self.setup.protocol, &mut self.wbuf)
+            .map_err(|e| lost(format!("encode: {e}")))
+    }
+
+    fn subscribe(&mut self) -> Result<(), SessionEnd> {
+        let subs = self.setup.rules.remote_subscriptions();
+        if subs.is_empty() {
+            return Ok(());
+        }
+        let Some(pid) = self.ids.alloc() else {
+            return Err(lost("no free packet identifier"));
+        };
+        // Subscribe identifiers are freed on SUBACK; they never enter the publish window.
+        let filters = subs
+            .into_iter()
+            .map(|(filter, qos, retain)| outpost_mqtt::SubscribeFilter {
+                filter,
+                options: outpost_mqtt::SubscriptionOptions {
+                    qos: qos.min(self.limits.max_qos.max(QoS::AtLeastOnce)),
+                    // Without No Local a `both` rule would echo our own uplink back down.
+                    no_local: true,
+                    retain_as_published: retain == RetainMode::Keep,
+                    retain_handling: Default::default(),
+                },
+            })
+            .collect();
+        self.encode(&Packet::Subscribe(outpost_mqtt::Subscribe {
+            packet_id: pid,
+            filters,
+            properties: Properties::default(),
+        }))
+    }
+
+    fn send_control(&mut self, payload: bytes::Bytes, now: Instant) -> Result<u16, SessionEnd> {
+        let (pid, publish) = self.status_publish(payload)?;
+        self.write_out(Out::Status(publish), now)?;
+        Ok(pid)
+    }
+
+    /// A status PUBLISH under a fresh identifier, counted in flight.
+    fn status_publish(&mut self, payload: bytes::Bytes) -> Result<(u16, Publish), SessionEnd> {
+        let pid = self
+            .ids
+            .alloc()
+            .ok_or_else(|| lost("no free packet identifier"))?;
+        let topic = self
+            .setup
+            .status
+            .map(|s| s.topic.clone())
+            .unwrap_or_default();
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: self.limits.retain_available,
+            topic: ByteString::from(topic),
+            packet_id: Some(pid),
+            properties: Properties::default(),
+            payload,
+        };
+        self.inflight.insert(pid, Inflight::Control);
+        Ok((pid, publish))
+    }
+
+    /// Queues the deferred birth once the resumed rows ahead of `next` (the next row to
+    /// go, if any) are out; false while it must still wait.
+    fn birth_due(&mut self, next: Option<i64>, outs: &mut Vec<Out>) -> Result<bool, SessionEnd> {
+        let Some(last) = self.birth_after else {
+            return Ok(true);
+        };
+        let resumed_out = match next {
+            Some(id) => id > last,
+            None => self.exhausted,
+        };
+        if !resumed_out || self.inflight.len() >= self.window.limit() {
+            return Ok(false);
+        }
+        self.birth_after = None;
+        let Some(status) = self.setup.status else {
+            return Ok(true);
+        };
+        let payload = status.birth();
+        let (_, publish) = self.status_publish(payload)?;
+        outs.push(Out::Status(publish));
+        Ok(true)
+    }
+
+    /// Start the commit that the oldest downlink answers wait for (one at a time, so their
+    /// order is kept); answers that change nothing go out at once.
+    pub(crate) fn pump_downlink(&mut self) -> Result<(), SessionEnd> {
+        if self.down_committing || self.down_pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.down_pending);
+        let ops: Vec<IncomingOp> = pending.iter().filter_map(|(op, _)| *op).collect();
+        let answers = pending.into_iter().map(|(_, answer)| answer);
+        if ops.is_empty() {
+            for answer in answers {
+                self.encode(&answer)?;
+            }
+        } else {
+            self.down_gated = answers.collect();
+            self.down_committing = true;
+            self.down_commit = Some(ops);
+        }
+        Ok(())
+    }
+
+    /// Move spooled rows into the window at `now` (`now_ms` on the wall clock), asking
+    /// for QoS 2 stages to be persisted first when needed ([`Client::poll_commit`]).
+    pub(crate) fn fill(
+        &mut self,
+        now: Instant,
+        now_ms: i64,
+        marks: &mut dyn Claims,
+    ) -> Result<(), SessionEnd> {
+        if self.committing {
+            return Ok(());
+        }
+        let mut updates = Vec::new();
+        let mut outs = Vec::new();
+        for (pid, id) in self.rel_pending.drain(..) {
+            updates.push(StageUpdate {
+                id,
+                packet_id: pid,
+                stage: Stage::Released,
+            });
+            outs.push(Out::PubRel(pid));
+        }
+        let rate = self.setup.replay_rate;
+        while self.inflight.len() < self.window.limit() && self.goodbye_pid.is_none() {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
+            if marks.claimed(front.id, front.stage) {
+                // drop-oldest deleted it after we read it; it is counted as dropped there.
+                marks.pass(front.id);
+                self.queue.pop_front();
+                continue;
+            }
+            let front_id = front.id;
+            if self.birth_after.is_some_and(|last| front_id > last) {
+                // The resumed rows are out: the birth takes the next slot, before any
+                // new row.
+                if !self.birth_due(Some(front_id), &mut outs)? {
+                    break;
+                }
+                continue;
+            }
+            if self.must_wait(front_id)? {
+                break;
+            }
+            let Some(front) = self.queue.front() else {
+                break;
+            };
+            if rate > 0 && front.accepted_ms < self.started_ms {
+                if now < self.replay_next {
+                    self.replay_wake = Some(self.replay_next);
+                    break;
+                }
+                self.replay_next = self.replay_next.max(now) + Duration::from_secs(1) / rate.max(1);
+            }
+            let Some(row) = self.queue.pop_front() else {
+                break;
+            };
+            marks.take(row.id);
+            match self.prepare(row, now_ms, &mut updates) {
+                Ok(Some(out)) => {
+                    if let Out::Publish { row, .. } = &out {
+                        self.newest_sent = self.newest_sent.max(*row);
+                        self.careful_ready = false;
+                    }
+                    outs.push(out);
+                }
+                Ok(None) => {}
+                Err(row) => {
+                    self.queue.push_front(*row);
+                    break;
+                }
+            }
+        }
+        if self.queue.is_empty() && self.goodbye_pid.is_none() {
+            self.birth_due(None, &mut outs)?;
+        }
+        if updates.is_empty() {
+            for out in outs {
+                self.write_out(out, now)?;
+            }
+        } else {
+            self.committing = true;
+            self.commit = Some(updates);
+            self.gated = outs;
+        }
+        Ok(())
+    }
+
+    /// True when row `id` must wait. While the rows that were out at the last link drop
+    /// are resent, a row goes only when nothing else is out and the cloud has answered a
+    /// PINGREQ sent after that (which this sends when needed): a drop after that can only
+    /// be about this row, not about something before it that the cloud acknowledged and
+    /// then disconnected us for. Free in the normal case (no recent drop, or past those
+    /// rows): the window scan only runs while resending.
+    fn must_wait(&mut self, id: i64) -> Result<bool, SessionEnd> {
+        if self.careful_through == 0
+            || (id > self.careful_through && self.newest_sent > self.careful_through)
+        {
+            return Ok(false);
+        }
+        let publish_out = self.rows_out()
+            || self
+                .inflight
+                .values()
+                .any(|f| matches!(f, Inflight::Control))
+            || self.gated.iter().any(|o| matches!(o, Out::Publish { .. }));
+        if publish_out {
+            return Ok(true);
+        }
+        if self.careful_ready {
+            return Ok(false);
+        }
+        if !self.ping_out {
+            self.ping_out = true;
+            self.barrier_out = true;
+            self.encode(&Packet::PingReq)?;
+        }
+        Ok(true)
+    }
+
+    /// Turn a row into what goes on the wire; `Err(row)` when no identifier is free.
+    fn prepare(
+        &mut self,
+        row: StoredMessage,
+        now_ms: i64,
+        updates: &mut Vec<StageUpdate>,
+    ) -> Result<Option<Out>, Box<StoredMessage>> {
+        let id = row.id;
+        match (row.stage, row.packet_id) {
+            (Stage::Released | Stage::Published, Some(pid)) if self.limits.moved => {
+                // Another broker has (or had) these: this one never saw them, so they go
+                // up here as new exchanges under fresh identifiers.
+                self.ids.release(pid);
+            }
+            (Stage::Released, Some(pid)) => {
+                self.inflight.insert(
+                    pid,
+                    Inflight::Row {
+                        id,
+                        stage: Stage::Released,
+                    },
+                );
+                return Ok(Some(Out::PubRel(pid)));
+            }
+            (Stage::Published, Some(pid)) if self.limits.max_qos == QoS::ExactlyOnce => {
+                self.inflight.insert(
+                    pid,
+                    Inflight::Row {
+                        id,
+                        stage: Stage::Published,
+                    },
+                );
+                let publish = self.publish_of(row, QoS::ExactlyOnce, Some(pid), true);
+                return Ok(Some(Out::Publish { row: id, publish }));
+            }
+            (Stage::Published, Some(pid)) => {
+                // The cloud no longer takes QoS 2 (a QoS 2 PUBLISH would get us disconnected
+                // over and over): send it as QoS 1 under a fresh identifier.
+                self.ids.release(pid);
+            }
+            _ => {}
+        }
+        let mut row = row;
+        if let Some(expiry) = row.properties.message_expiry_interval {
+            let age = ((now_ms - row.accepted_ms).max(0) / 1000) as u64;
+            if age >= u64::from(expiry) {
+                self.acked.push(id);
+                BridgeStats::bump(&self.setup.stats.dropped_expired);
+                tracing::info!(bridge = %self.setup.name, topic = %row.topic, "message expired in the spool");
+                return Ok(None);
+            }
+            row.properties.message_expiry_interval = Some(expiry - age as u32);
+        }
+        let qos = row.qos.min(self.limits.max_qos);
+        if qos < row.qos && row.qos == QoS::ExactlyOnce && !self.downgrade_logged {
+            self.downgrade_logged = true;
+            tracing::warn!(bridge = %self.setup.name, max_qos = self.limits.max_qos as u8,
+                "cloud (or config) allows no QoS 2: QoS 2 messages go up as QoS {}", qos as u8);
+        }
+        if qos == QoS::AtMostOnce {
+            let publish = self.publish_of(row, QoS::AtMostOnce, None, false);
+            return Ok(Some(Out::Publish { row: id, publish }));
+        }
+        let Some(pid) = self.ids.alloc() else {
+            return Err(Box::new(row));
+        };
+        let stage = if qos == QoS::ExactlyOnce {
+            updates.push(StageUpdate {
+                id,
+                packet_id: pid,
+                stage: Stage::Published,
+            });
+            Stage::Published
+        } else {
+            Stage::New
+        };
+        self.inflight.insert(pid, Inflight::Row { id, stage });
+        let publish = self.publish_of(row, qos, Some(pid), false);
+        Ok(Some(Out::Publish { row: id, publish }))
+    }
+
+    fn publish_of(&self, row: StoredMessage, qos: QoS, pid: Option<u16>, dup: bool) -> Publish {
+        Publish {
+            dup,
+            qos,
+            retain: row.retain && self.limits.retain_available,
+            topic: ByteString::from(row.topic),
+            packet_id: pid,
+            properties: row.properties,
+            payload: row.payload,
+        }
+    }
+
+    /// Publishes the window for `$SYS`, `/metrics` and the status page.
+    fn show_window(&self) {
+        let limit = self.window.limit() as u64;
+        let shown = &self.setup.stats.inflight_window;
+        if shown.load(std::sync::atomic::Ordering::Relaxed) != limit {
+            shown.store(limit, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn forget(&mut self, pid: u16) {
+        self.window.forget(pid);
+        self.inflight.remove(&pid);
+        self.ids.release(pid);
+    }
+
+    fn write_out(&mut self, out: Out, now: Instant) -> Result<(), SessionEnd> {
+        match out {
+            Out::PubRel(pid) => self.encode(&Packet::PubRel(PubResponse::new(pid))),
+            Out::Status(mut publish) => {
+                let topic = publish.topic.clone();
+                let sets = self.aliases.apply(&mut publish);
+                let encoded = encode_publish(&publish, self.setup.protocol, &mut self.wbuf);
+                if encoded.is_err() && sets == Some(true) {
+                    self.aliases.withdraw(&topic);
+                }
+                encoded.map_err(|e| lost(format!("encode status: {e}")))
+            }
+            Out::Publish { row, mut publish } => {
+                let topic = publish.topic.clone();
+                let sets = self.aliases.apply(&mut publish);
+                let before = self.wbuf.len();
+                let encoded = encode_publish(&publish, self.setup.protocol, &mut self.wbuf);
+                let size = self.wbuf.len() - before;
+                let refused = match encoded {
+                    Err(e) => Some((
+                        format!("cannot encode: {e}"),
+                        &self.setup.stats.dropped_refused,
+                    )),
+                    Ok(()) if size > self.limits.max_packet => Some((
+                        format!(
+                            "{size} bytes exceed the cloud's Maximum Packet Size {}",
+                            self.limits.max_packet
+                        ),
+                        &self.setup.stats.dropped_too_large,
+                    )),
+                    Ok(()) => None,
+                };
+                if let Some((why, counter)) = refused {
+                    self.wbuf.truncate(before);
+                    if sets == Some(true) {
+                        self.aliases.withdraw(&topic);
+                    }
+                    if let Some(pid) = publish.packet_id {
+                        self.forget(pid);
+                    }
+                    self.acked.push(row);
+                    BridgeStats::bump(counter);
+                    tracing::error!(bridge = %self.setup.name, row, %topic,
+                        payload_bytes = publish.payload.len(), "message dropped: {why}");
+                } else if publish.qos == QoS::AtMostOnce {
+                    self.acked.push(row);
+                    BridgeStats::bump(&self.setup.stats.forwarded);
+                } else if let Some(pid) = publish.packet_id {
+                    self.window.on_send(pid, now, self.inflight.len());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// An unspooled QoS 0 message: straight into the write buffer, or dropped (counted)
+    /// when it cannot go.
+    pub(crate) fn send_live_qos0(&mut self, msg: NewMessage) {
+        let mut publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: msg.retain && self.limits.retain_available,
+            topic: ByteString::from(msg.topic),
+            packet_id: None,
+            properties: msg
+                .props
+                .as_deref()
+                .and_then(crate::spool::decode_properties)
+                .unwrap_or_default(),
+            payload: msg.payload,
+        };
+        let topic = publish.topic.clone();
+        let sets = self.aliases.apply(&mut publish);
+        let before = self.wbuf.len();
+        match encode_publish(&publish, self.setup.protocol, &mut self.wbuf) {
+            Ok(()) if self.wbuf.len() - before <= self.limits.max_packet => {
+                BridgeStats::bump(&self.setup.stats.forwarded);
+            }
+            _ => {
+                self.wbuf.truncate(before);
+                if sets == Some(true) {
+                    self.aliases.withdraw(&topic);
+                }
+                BridgeStats::bump(&self.setup.stats.dropped_qos0);
+            }
+        }
+    }
+
+    /// The keep-alive tick at `now`: a PINGREQ when the link was quiet, an error when the
+    /// cloud has been silent too long.
+    pub(crate) fn keep_alive(&mut self, now: Instant) -> Result<(), SessionEnd> {
+        let ka = self.limits.keep_alive;
+        if ka.is_zero() {
+            return Ok(());
+        }
+        let since_recv = now.saturating_duration_since(self.last_recv);
+        if since_recv > ka + ka / 2 {
+            return Err(lost(
+                "keep alive timeout: no packet from the cloud (half-open link?)",
+            ));
+        }
+        if !self.ping_out
+            && (now.saturating_duration_since(self.last_sent) >= ka || since_recv >= ka)
+        {
+            self.ping_out = true;
+            self.encode(&Packet::PingReq)?;
+        }
+        Ok(())
+    }
+
+    fn on_puback(&mut self, r: PubResponse, now: Instant) -> Result<(), SessionEnd> {
+        match self.inflight.get(&r.packet_id) {
+            Some(Inflight::Row { id, .. }) => {
+                let id = *id;
+                self.window.on_ack(r.packet_id, now);
+                self.show_window();
+                self.forget(r.packet_id);
+                self.acked.push(id);
+                self.count_ack(id, r.reason);
+            }
+            Some(Inflight::Control) => {
+                self.forget(r.packet_id);
+                if r.reason.is_error() {
+                    let topic = self.setup.status.map(|s| s.topic.as_str()).unwrap_or("");
+                    tracing::warn!(bridge = %self.setup.name, topic,
+                        reason = format!("0x{:02x}", r.reason.0),
+                        "cloud refused the gateway status message: the status topic there may be stale; check the cloud's ACL and quotas");
+                }
+            }
+            None => tracing::debug!(pid = r.packet_id, "PUBACK for an unknown packet id"),
+        }
+        Ok(())
+    }
+
+    fn count_ack(&self, row: i64, reason: ReasonCode) {
+        if reason.is_error() {
+            BridgeStats::bump(&self.setup.stats.dropped_refused);
+            tracing::warn!(bridge = %self.setup.name, row, reason = format!("0x{:02x}", reason.0),
+                "cloud refused a message (error reason code): dropped, counted in dropped/refused");
+        } else {
+            BridgeStats::bump(&self.setup.stats.forwarded);
+        }
+    }
+
+    fn on_pubrec(&mut self, r: PubResponse, now: Instant) -> Result<(), SessionEnd> {
+        let pid = r.packet_id;
+        self.pubrec_seen = true;
+        // The first answer to a QoS 2 PUBLISH times the round trip; the PUBCOMP does not.
+        self.window.on_ack(pid, now);
+        self.show_window();
+        match self.inflight.get_mut(&pid) {
+            Some(Inflight::Row { id, stage }) => {
+                let id = *id;
+                if r.reason.is_error() {
+                    self.forget(pid);
+                    self.acked.push(id);
+                    self.count_ack(id, r.reason);
+                } else if *stage == Stage::Published {
+                    // PUBREL goes out only after "released" is durable: a crash before that
+                    // resends PUBLISH (DUP) with the same id, which the cloud deduplicates.
+                    *stage = Stage::Released;
+                    self.rel_pending.push((pid, id));
+                } else if !self.rel_pending.iter().any(|(p, _)| *p == pid)
+                    && !self
+                        .gated
+                        .iter()
+                        .any(|o| matches!(o, Out::PubRel(p) if *p == pid))
+                {
+                    self.encode(&Packet::PubRel(PubResponse::new(pid)))?;
+                }
+                Ok(())
+            }
+            _ => {
+                tracing::debug!(pid, "PUBREC for an unknown packet id");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_pubcomp(&mut self, r: PubResponse) -> Result<(), SessionEnd> {
+        if let Some(Inflight::Row { id, .. }) = self.inflight.get(&r.packet_id) {
+            let id = *id;
+            self.forget(r.packet_id);
+            self.acked.push(id);
+            if r.reason == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND {
+                tracing::info!(bridge = %self.setup.name, pid = r.packet_id,
+                    "PUBCOMP: cloud had already completed this QoS 2 message");
+            }
+            BridgeStats::bump(&self.setup.stats.forwarded);
+        }
+        Ok(())
+    }
+
+    fn on_publish(&mut self, p: Publish) -> Result<(), SessionEnd> {
+        let pid = p.packet_id;
+        let duplicate =
+            p.qos == QoS::ExactlyOnce && pid.is_some_and(|id| self.incoming_qos2.contains(&id));
+        if !duplicate {
+            match self.setup.rules.map_in(&p.topic) {
+                Some(m) => self.deliveries.push_back(LocalPublish {
+                    topic: m.topic,
+                    payload: p.payload,
+                    qos: p.qos.min(m.qos),
+                    retain: p.retain && m.retain == RetainMode::Keep,
+                }),
+                None => tracing::debug!(topic = %p.topic, "downlink message matches no `in` rule"),
+            }
+        }
+        match (p.qos, pid) {
+            (QoS::AtLeastOnce, Some(id)) => self.encode(&Packet::PubAck(PubResponse::new(id))),
+            (QoS::ExactlyOnce, Some(id)) => {
+                // Delivered first, remembered durably second, PUBREC last: a crash in between
+                // can at worst deliver twice, never lose the message.
+                let op =
+                    (!duplicate && self.incoming_qos2.insert(id)).then_some(IncomingOp::Add(id));
+                self.down_pending
+                    .push((op, Packet::PubRec(PubResponse::new(id))));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts the goodbye: the clean offline status, when statuses are on. True when one
+    /// went into the write buffer; wait for [`Client::goodbye_pending`] to turn false.
+    pub(crate) fn start_goodbye(&mut self, now: Instant) -> Result<bool, SessionEnd> {
+        let Some(status) = self.setup.status else {
+            return Ok(false);
+        };
+        let payload = status.offline(OfflineReason::Clean);
+        self.goodbye_pid = Some(self.send_control(payload, now)?);
+        Ok(true)
+    }
+
+    /// The clean offline status is still unacknowledged.
+    pub(crate) fn goodbye_pending(&self) -> bool {
+        self.goodbye_pid
+            .is_some_and(|pid| self.inflight.contains_key(&pid))
+    }
+
+    /// The DISCONNECT that ends the session cleanly (so the will is not published).
+    pub(crate) fn disconnect(&mut self) -> Result<(), SessionEnd> {
+        self.encode(&Packet::Disconnect(Disconnect {
+            reason: ReasonCode::NORMAL_DISCONNECTION,
+            properties: Properties::default(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client driven in memory: a spool of rows as a map (stage commits and deletes
+    //! applied when the client asks, as the driver does), packets from the cloud encoded
+    //! and fed in, what the client writes decoded back, and a clock that only moves when
+    //! a test moves it. A link drop is the end of one `Client` and the start of another
+    //! over the same spool, as the reconnect loop does.
+    use super::*;
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+
+    use crate::rules::{Direction, TopicRule};
+
+    const NOW_MS: i64 = 1_800_000_000_000;
+
+    /// Nothing is claimed for dropping in these tests (drop-oldest has its own).
+    struct NoClaims;
+
+    impl Claims for NoClaims {
+        fn claimed(&self, _: i64, _: Stage) -> bool {
+            false
+        }
+        fn take(&mut self, _: i64) {}
+        fn pass(&mut self, _: i64) {}
+    }
+
+    /// The spool as far as the client can tell: rows by id.
+    #[derive(Default)]
+    struct Spool {
+        rows: BTreeMap<i64, StoredMessage>,
+        incoming: HashSet<u16>,
+    }
+
+    impl Spool {
+        fn add(&mut self, id: i64, qos: QoS) {
+            self.rows.insert(
+                id,
+                StoredMessage {
+                    id,
+                    topic: format!("site/boiler/{id}"),
+                    payload: Bytes::from(format!("reading {id}")),
+                    qos,
+                    retain: false,
+                    properties: Properties::default(),
+                    accepted_ms: NOW_MS - 1_000,
+                    packet_id: None,
+                    stage: Stage::New,
+                },
+            );
+        }
+
+        fn in_progress(&self) -> Vec<StoredMessage> {
+            self.rows
+                .values()
+                .filter(|r| r.stage != Stage::New)
+                .cloned()
+                .collect()
+        }
+
+        fn row(&self, id: i64) -> &StoredMessage {
+            &self.rows[&id]
+        }
+    }
+
+    /// One connection to the cloud: the client and the bytes it wrote since the last look.
+    struct Link<'a> {
+        client: Client<'a>,
+        now: Instant,
+    }
+
+    impl<'a> Link<'a> {
+        /// A new session over `spool`, as the driver opens it.
+        fn open(
+            setup: Setup<'a>,
+            spool: &Spool,
+            limits: Limits,
+            careful_through: i64,
+            now: Instant,
+        ) -> Self {
+            let incoming = if limits.session_present {
+                spool.incoming.iter().copied().collect()
+            } else {
+                Vec::new()
+            };
+            let mut client = Client::new(setup, limits, careful_through, now, NOW_MS);
+            client.start(&spool.in_progress(), incoming, now).unwrap();
+            client.on_rows(spool.rows.values().cloned().collect(), true);
+            Link { client, now }
+        }
+
+        /// One turn of the driver: fill the window, let the spool apply what the client
+        /// asks (deletes first, then stages), and return what went on the wire.
+        fn turn(&mut self, spool: &mut Spool) -> Vec<Packet> {
+            self.client.fill(self.now, NOW_MS, &mut NoClaims).unwrap();
+            self.client.pump_downlink().unwrap();
+            self.apply(spool);
+            self.wire()
+        }
+
+        /// Like [`Link::turn`], but the stage commit it asks for never becomes durable
+        /// (the gateway loses power): returns what went on the wire before that.
+        fn turn_without_commit(&mut self, spool: &mut Spool) -> (Vec<Packet>, Vec<StageUpdate>) {
+            self.client.fill(self.now, NOW_MS, &mut NoClaims).unwrap();
+            for id in self.client.take_acked() {
+                spool.rows.remove(&id);
+            }
+            let updates = self.client.poll_commit().unwrap_or_default();
+            (self.wire(), updates)
+        }
+
+        fn apply(&mut self, spool: &mut Spool) {
+            for id in self.client.take_acked() {
+                spool.rows.remove(&id);
+            }
+            if let Some(updates) = self.client.poll_commit() {
+                for u in updates {
+                    let row = spool.rows.get_mut(&u.id).expect("stage for a spooled row");
+                    row.stage = u.stage;
+                    row.packet_id = Some(u.packet_id);
+                }
+                self.client.on_stages_committed(self.now).unwrap();
+            }
+            if let Some(ops) = self.client.poll_incoming_commit() {
+                for op in ops {
+                    match op {
+                        IncomingOp::Add(id) => spool.incoming.insert(id),
+                        IncomingOp::Remove(id) => spool.incoming.remove(&id),
+                    };
+                }
+                self.client.on_incoming_committed().unwrap();
+            }
+        }
+
+        /// Decodes what the client wrote since the last look.
+        fn wire(&mut self) -> Vec<Packet> {
+            let mut out = Vec::new();
+            let buf = self.client.transmit();
+            while let Some(p) = decode(buf, Protocol::V5, MAX_INCOMING_PACKET).unwrap() {
+                out.push(p);
+            }
+            assert!(buf.is_empty(), "a partial packet was written");
+            self.client.on_flushed(self.now);
+            out
+        }
+
+        /// The cloud sends `packets`.
+        fn receive(&mut self, packets: &[Packet]) -> Result<(), SessionEnd> {
+            let mut rbuf = BytesMut::new();
+            for p in packets {
+                encode(p, Protocol::V5, &mut rbuf).unwrap();
+            }
+            while self.client.handle_next(&mut rbuf, self.now)? {}
+            Ok(())
+        }
+    }
+
+    fn limits(session_present: bool, moved: bool) -> Limits {
+        Limits {
+            window: 16,
+            max_qos: QoS::ExactlyOnce,
+            max_packet: 1 << 20,
+            retain_available: true,
+            keep_alive: Duration::from_secs(60),
+            session_present,
+            moved,
+            topic_alias_max: 0,
+        }
+    }
+
+    fn setup<'a>(rules: &'a Rules, stats: &'a BridgeStats) -> Setup<'a> {
+        Setup {
+            name: "cloud",
+            protocol: Protocol::V5,
+            rules,
+            status: None,
+            replay_rate: 0,
+            stats,
+        }
+    }
+
+    /// The PUBLISHes among `packets`, by the row their payload names.
+    fn publishes(packets: &[Packet]) -> Vec<(i64, Publish)> {
+        packets
+            .iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => {
+                    let text = std::str::from_utf8(&p.payload).unwrap();
+                    let row = text.strip_prefix("reading ").unwrap().parse().unwrap();
+                    Some((row, p.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ack(p: &Publish) -> Packet {
+        Packet::PubAck(PubResponse::new(p.packet_id.unwrap()))
+    }
+
+    #[test]
+    fn qos1_rows_unacknowledged_at_a_drop_go_again_and_acknowledged_ones_do_not() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let mut spool = Spool::default();
+        for id in 1..=4 {
+            spool.add(id, QoS::AtLeastOnce);
+        }
+        let now = Instant::now();
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+        let sent = publishes(&link.turn(&mut spool));
+        assert_eq!(
+            sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(
+            sent.iter()
+                .all(|(_, p)| p.qos == QoS::AtLeastOnce && !p.dup)
+        );
+        link.receive(&[ack(&sent[0].1), ack(&sent[1].1)]).unwrap();
+        link.turn(&mut spool);
+        // The link drops: the oldest unanswered row is the one to blame.
+        match link.client.on_drop("connection reset".into()) {
+            SessionEnd::Dropped {
+                suspect,
+                out_through,
+                qos2_unanswered,
+                ..
+            } => {
+                assert_eq!(suspect, Some(3));
+                assert_eq!(out_through, Some(4));
+                assert!(!qos2_unanswered);
+            }
+            other => panic!("{other:?}"),
+        }
+        link.apply(&mut spool);
+        assert_eq!(spool.rows.keys().copied().collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(
+            stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits(true, false), 0, now);
+        let again = publishes(&link.turn(&mut spool));
+        assert_eq!(again.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [3, 4]);
+        assert!(again.iter().all(|(_, p)| p.qos == QoS::AtLeastOnce));
+        link.receive(&[ack(&again[0].1), ack(&again[1].1)]).unwrap();
+        assert!(link.turn(&mut spool).is_empty());
+        assert!(spool.rows.is_empty(), "acknowledged rows are deleted");
+    }
+
+    #[test]
+    fn qos2_publish_and_pubrel_wait_for_their_stage_to_be_durable() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let mut spool = Spool::default();
+        spool.add(1, QoS::ExactlyOnce);
+        let now = Instant::now();
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+        // Power fails before "published" is durable: nothing went out, the row is new.
+        let (wire, updates) = link.turn_without_commit(&mut spool);
+        assert!(
+            wire.is_empty(),
+            "PUBLISH before its stage was durable: {wire:?}"
+        );
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].stage, Stage::Published);
+        assert_eq!(spool.row(1).stage, Stage::New);
+
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+        let sent = publishes(&link.turn(&mut spool));
+        assert_eq!(sent.len(), 1);
+        let pid = sent[0].1.packet_id.unwrap();
+        assert_eq!((sent[0].1.qos, sent[0].1.dup), (QoS::ExactlyOnce, false));
+        assert_eq!(spool.row(1).stage, Stage::Published);
+        assert_eq!(spool.row(1).packet_id, Some(pid));
+        // PUBREC: the PUBREL waits for "released" to be durable.
+        link.receive(&[Packet::PubRec(PubResponse::new(pid))])
+            .unwrap();
+        let (wire, updates) = link.turn_without_commit(&mut spool);
+        assert!(
+            wire.is_empty(),
+            "PUBREL before its stage was durable: {wire:?}"
+        );
+        assert_eq!(updates[0].stage, Stage::Released);
+        // Power failed there: the next session resends the PUBLISH (DUP, same id), which
+        // the cloud deduplicates.
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits(true, false), 0, now);
+        let again = link.turn(&mut spool);
+        assert_eq!(again.len(), 1);
+        let Packet::Publish(p) = &again[0] else {
+            panic!("{again:?}")
+        };
+        assert_eq!(
+            (p.packet_id, p.dup, p.qos),
+            (Some(pid), true, QoS::ExactlyOnce)
+        );
+        link.receive(&[Packet::PubRec(PubResponse::new(pid))])
+            .unwrap();
+        assert_eq!(
+            link.turn(&mut spool),
+            [Packet::PubRel(PubResponse::new(pid))]
+        );
+        assert_eq!(spool.row(1).stage, Stage::Released);
+        link.receive(&[Packet::PubComp(PubResponse::new(pid))])
+            .unwrap();
+        link.turn(&mut spool);
+        assert!(spool.rows.is_empty());
+    }
+
+    /// Two QoS 2 rows out when the link drops: row 1 had its PUBREC (and PUBREL went),
+    /// row 2 had no answer.
+    fn qos2_exchanges_cut_by_a_drop(rules: &Rules, stats: &BridgeStats) -> (Spool, u16, u16) {
+        let mut spool = Spool::default();
+        spool.add(1, QoS::ExactlyOnce);
+        spool.add(2, QoS::ExactlyOnce);
+        let now = Instant::now();
+        let mut link = Link::open(setup(rules, stats), &spool, limits(false, false), 0, now);
+        let sent = publishes(&link.turn(&mut spool));
+        assert_eq!(sent.len(), 2);
+        let (p1, p2) = (sent[0].1.packet_id.unwrap(), sent[1].1.packet_id.unwrap());
+        link.receive(&[Packet::PubRec(PubResponse::new(p1))])
+            .unwrap();
+        assert_eq!(
+            link.turn(&mut spool),
+            [Packet::PubRel(PubResponse::new(p1))]
+        );
+        match link.client.on_drop("connection reset".into()) {
+            SessionEnd::Dropped {
+                suspect,
+                qos2_unanswered,
+                ..
+            } => {
+                // Row 1's PUBLISH was accepted (PUBREC): only row 2 can be to blame.
+                assert_eq!(suspect, Some(2));
+                // The cloud answered a QoS 2 PUBLISH in this session: it has QoS 2.
+                assert!(!qos2_unanswered);
+            }
+            other => panic!("{other:?}"),
+        }
+        link.apply(&mut spool);
+        assert_eq!(spool.row(1).stage, Stage::Released);
+        assert_eq!(spool.row(2).stage, Stage::Published);
+        (spool, p1, p2)
+    }
+
+    #[test]
+    fn qos2_resumes_with_pubrel_after_pubrec_and_with_publish_dup_before_it() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let (mut spool, p1, p2) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+        let mut link = Link::open(
+            setup(&rules, &stats),
+            &spool,
+            limits(true, false),
+            0,
+            Instant::now(),
+        );
+        let wire = link.turn(&mut spool);
+        // MQTT-4.3.3: once PUBREL was sent the PUBLISH is never sent again; unacknowledged
+        // PUBLISH and PUBREL are resent under their original identifiers (MQTT-4.4.0-1).
+        assert_eq!(wire.len(), 2, "{wire:?}");
+        assert_eq!(wire[0], Packet::PubRel(PubResponse::new(p1)));
+        let Packet::Publish(p) = &wire[1] else {
+            panic!("{wire:?}")
+        };
+        assert_eq!(
+            (p.packet_id, p.dup, p.qos),
+            (Some(p2), true, QoS::ExactlyOnce)
+        );
+        assert_eq!(p.payload, "reading 2");
+        link.receive(&[
+            Packet::PubComp(PubResponse::new(p1)),
+            Packet::PubRec(PubResponse::new(p2)),
+        ])
+        .unwrap();
+        assert_eq!(
+            link.turn(&mut spool),
+            [Packet::PubRel(PubResponse::new(p2))]
+        );
+        link.receive(&[Packet::PubComp(PubResponse::new(p2))])
+            .unwrap();
+        assert!(link.turn(&mut spool).is_empty());
+        assert!(spool.rows.is_empty());
+        assert_eq!(
+            stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn qos2_rows_go_as_new_exchanges_at_another_broker() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let (mut spool, _, _) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+        let mut link = Link::open(
+            setup(&rules, &stats),
+            &spool,
+            limits(false, true),
+            0,
+            Instant::now(),
+        );
+        // The new broker never saw either: no PUBREL, and each PUBLISH starts an exchange
+        // (DUP 0, MQTT-4.3.3-2) whose stage is made durable before it goes.
+        let (wire, updates) = link.turn_without_commit(&mut spool);
+        assert!(wire.is_empty(), "{wire:?}");
+        assert_eq!(updates.len(), 2);
+        assert!(updates.iter().all(|u| u.stage == Stage::Published));
+        let mut link = Link::open(
+            setup(&rules, &stats),
+            &spool,
+            limits(false, true),
+            0,
+            Instant::now(),
+        );
+        let wire = link.turn(&mut spool);
+        assert!(
+            !wire.iter().any(|p| matches!(p, Packet::PubRel(_))),
+            "{wire:?}"
+        );
+        let sent = publishes(&wire);
+        assert_eq!(sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1, 2]);
+        assert!(
+            sent.iter()
+                .all(|(_, p)| p.qos == QoS::ExactlyOnce && !p.dup)
+        );
+        for (row, p) in &sent {
+            assert_eq!(spool.row(*row).packet_id, p.packet_id);
+        }
+    }
+
+    #[test]
+    fn qos2_in_flight_is_sent_as_qos1_once_the_cloud_takes_no_qos2() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let (mut spool, p1, _) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+        let mut limits = limits(true, false);
+        limits.max_qos = QoS::AtLeastOnce;
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits, 0, Instant::now());
+        let wire = link.turn(&mut spool);
+        // Row 1 is past PUBREC: only its PUBREL is due. Row 2 goes as QoS 1.
+        assert_eq!(wire[0], Packet::PubRel(PubResponse::new(p1)));
+        let sent = publishes(&wire);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, 2);
+        assert_eq!(sent[0].1.qos, QoS::AtLeastOnce);
+    }
+
+    #[test]
+    fn after_repeated_drops_rows_go_one_at_a_time_behind_a_ping() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let mut spool = Spool::default();
+        for id in 1..=8 {
+            spool.add(id, QoS::AtLeastOnce);
+        }
+        // Rows through 3 were out at the drops that made the link careful.
+        let mut link = Link::open(
+            setup(&rules, &stats),
+            &spool,
+            limits(true, false),
+            3,
+            Instant::now(),
+        );
+        let mut order = Vec::new();
+        for _ in 0..20 {
+            let wire = link.turn(&mut spool);
+            let sent = publishes(&wire);
+            if sent.len() > 1 {
+                // Past the careful rows the window opens again (behind one last barrier,
+                // so nothing before is still in question).
+                assert!(sent[0].0 > 3, "{sent:?}");
+                assert!(order.iter().eq([1, 2, 3].iter()), "{order:?}");
+                order.extend(sent.iter().map(|(r, _)| *r));
+                break;
+            }
+            match (wire.as_slice(), sent.first()) {
+                ([Packet::PingReq], None) => link.receive(&[Packet::PingResp]).unwrap(),
+                (_, Some((row, p))) => {
+                    assert_eq!(wire.len(), 1, "alone on the wire: {wire:?}");
+                    // Nothing else goes while it is out.
+                    assert!(link.turn(&mut spool).is_empty());
+                    order.push(*row);
+                    link.receive(&[ack(p)]).unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(order, [1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_drop_with_the_status_unacknowledged_blames_no_row() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let status = Status::new("outpost", "gw-01", "cloud", std::time::UNIX_EPOCH);
+        let mut spool = Spool::default();
+        spool.add(1, QoS::AtLeastOnce);
+        let mut s = setup(&rules, &stats);
+        s.status = Some(&status);
+        let mut link = Link::open(s, &spool, limits(false, false), 0, Instant::now());
+        let wire = link.turn(&mut spool);
+        let Packet::Publish(birth) = &wire[0] else {
+            panic!("{wire:?}")
+        };
+        assert_eq!(birth.topic, "outpost/gw-01/status");
+        assert_eq!(publishes(&wire[1..]).len(), 1);
+        match link.client.on_drop("reset".into()) {
+            SessionEnd::Dropped { suspect, .. } => assert_eq!(suspect, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
+        let rules = Rules::new(vec![TopicRule {
+            pattern: "#".into(),
+            direction: Direction::In,
+            qos: QoS::ExactlyOnce,
+            local_prefix: "cmd/".into(),
+            remote_prefix: "gw-01/cmd/".into(),
+            retain: RetainMode::Keep,
+        }]);
+        let stats = BridgeStats::default();
+        let mut spool = Spool::default();
+        let now = Instant::now();
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+        let wire = link.turn(&mut spool);
+        assert!(
+            matches!(wire.as_slice(), [Packet::Subscribe(_)]),
+            "{wire:?}"
+        );
+        let command = Publish {
+            dup: false,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: ByteString::from("gw-01/cmd/valve"),
+            packet_id: Some(7),
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"open"),
+        };
+        link.receive(&[Packet::Publish(command.clone())]).unwrap();
+        let delivered = link.client.poll_delivery().expect("delivered locally");
+        assert_eq!(
+            (delivered.topic.as_str(), &delivered.payload[..]),
+            ("cmd/valve", &b"open"[..])
+        );
+        // PUBREC only once id 7 is remembered durably.
+        link.client.pump_downlink().unwrap();
+        assert!(link.wire().is_empty());
+        let ops = link.client.poll_incoming_commit().unwrap();
+        assert_eq!(ops, [IncomingOp::Add(7)]);
+        spool.incoming.insert(7);
+        link.client.on_incoming_committed().unwrap();
+        assert_eq!(link.wire(), [Packet::PubRec(PubResponse::new(7))]);
+        // The link drops before PUBREL; the cloud resends the PUBLISH (DUP) in the same
+        // session: answered, not delivered again.
+        let mut link = Link::open(setup(&rules, &stats), &spool, limits(true, false), 0, now);
+        link.turn(&mut spool);
+        let mut dup = command;
+        dup.dup = true;
+        link.receive(&[Packet::Publish(dup)]).unwrap();
+        assert!(link.client.poll_delivery().is_none(), "delivered twice");
+        assert_eq!(link.turn(&mut spool), [Packet::PubRec(PubResponse::new(7))]);
+        link.receive(&[Packet::PubRel(PubResponse::new(7))])
+            .unwrap();
+        assert_eq!(
+            link.turn(&mut spool),
+            [Packet::PubComp(PubResponse::new(7))]
+        );
+        assert!(spool.incoming.is_empty());
+    }
+
+    #[test]
+    fn keep_alive_pings_a_quiet_link_and_gives_up_on_a_silent_cloud() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let spool = Spool::default();
+        let start = Instant::now();
+        let mut link = Link::open(
+            setup(&rules, &stats),
+            &spool,
+            limits(false, false),
+            0,
+            start,
+        );
+        link.client
+            .keep_alive(start + Duration::from_secs(30))
+            .unwrap();
+        assert!(link.wire().is_empty());
+        link.client
+            .keep_alive(start + Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(link.wire(), [Packet::PingReq]);
+        // One PINGREQ out at a time.
+        link.client
+            .keep_alive(start + Duration::from_secs(80))
+            .unwrap();
+        assert!(link.wire().is_empty());
+        assert!(matches!(
+            link.client.keep_alive(start + Duration::from_secs(91)),
+            Err(SessionEnd::Lost(_))
+        ));
+    }
+
+    #[test]
+    fn a_malformed_packet_ends_the_session_with_a_disconnect_saying_so() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let spool = Spool::default();
+        let mut link = Link::open(
+            setup(&rules, &stats),
+            &spool,
+            limits(false, false),
+            0,
+            Instant::now(),
+        );
+        // A PUBACK whose remaining length runs past its end of the varint.
+        let mut rbuf = BytesMut::from(&[0x40u8, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(
+            link.client.handle_next(&mut rbuf, link.now),
+            Err(SessionEnd::Lost(_))
+        ));
+        assert!(link.client.farewell());
+        assert!(matches!(link.wire().as_slice(), [Packet::Disconnect(_)]));
+    }
+
+    #[test]
+    fn only_message_level_disconnect_reasons_can_blame_a_message() {
+        for about_a_message in [
+            ReasonCode::PACKET_TOO_LARGE,
+            ReasonCode::PAYLOAD_FORMAT_INVALID,
+            ReasonCode::TOPIC_NAME_INVALID,
+            ReasonCode::NOT_AUTHORIZED,
+            ReasonCode::MALFORMED_PACKET,
+            ReasonCode::UNSPECIFIED_ERROR,
+            ReasonCode(0xFE),
+        ] {
+            assert!(
+                may_be_about_a_message(about_a_message),
+                "{about_a_message:?}"
+            );
+        }
+        for about_the_link in [
+            ReasonCode::SESSION_TAKEN_OVER,
+            ReasonCode::SERVER_SHUTTING_DOWN,
+            ReasonCode::SERVER_BUSY,
+            ReasonCode::KEEP_ALIVE_TIMEOUT,
+            ReasonCode::MESSAGE_RATE_TOO_HIGH,
+            ReasonCode::NORMAL_DISCONNECTION,
+        ] {
+            assert!(
+                !may_be_about_a_message(about_the_link),
+                "{about_the_link:?}"
+            );
+        }
+    }
+}
