@@ -1698,6 +1698,39 @@ mod tests {
     }
 
     #[test]
+    fn the_birth_waits_behind_resumed_qos2_exchanges_and_for_a_free_slot() {
+        // The cloud counts resumed QoS 2 exchanges against its Receive Maximum until
+        // PUBCOMP: a birth sent first would exceed it (Mosquitto answers 0x97).
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let status = Status::new("outpost", "gw-01", "cloud", std::time::UNIX_EPOCH);
+        let (mut spool, p1, p2) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+        spool.add(3, QoS::AtLeastOnce);
+        let mut s = setup(&rules, &stats);
+        s.status = Some(&status);
+        let mut limits = limits(true, false);
+        limits.window = 2; // the cloud's Receive Maximum
+        let mut link = Link::open(s, &spool, limits, 0, Instant::now());
+        let is_birth =
+            |p: &Packet| matches!(p, Packet::Publish(p) if p.topic == "outpost/gw-01/status");
+        let wire = link.turn(&mut spool);
+        assert_eq!(wire[0], Packet::PubRel(PubResponse::new(p1)));
+        assert!(matches!(&wire[1], Packet::Publish(p) if p.packet_id == Some(p2) && p.dup));
+        assert_eq!(wire.len(), 2, "the window is full: {wire:?}");
+        link.receive(&[Packet::PubComp(PubResponse::new(p1))])
+            .unwrap();
+        // A slot is free: the birth takes it, before row 3.
+        let wire = link.turn(&mut spool);
+        assert_eq!(wire.len(), 1, "{wire:?}");
+        assert!(is_birth(&wire[0]), "{wire:?}");
+        let Packet::Publish(birth) = &wire[0] else {
+            unreachable!()
+        };
+        link.receive(&[ack(birth)]).unwrap();
+        let sent = publishes(&link.turn(&mut spool));
+        assert_eq!(sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
     fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
         let rules = Rules::new(vec![TopicRule {
             pattern: "#".into(),
