@@ -22,6 +22,7 @@ use outpost_mqtt::{
 };
 
 use super::aliases::TopicAliases;
+use super::downlink::Downlink;
 use super::packet_ids::PacketIds;
 use super::window::Window;
 use crate::LocalPublish;
@@ -183,17 +184,8 @@ pub(crate) struct Client<'a> {
     rel_pending: Vec<(u16, i64)>,
     /// Rows acknowledged (or dropped) since the last hand-off to the spool writer.
     acked: Vec<i64>,
-    /// QoS 2 ids received from the cloud and not released yet; mirrored in the spool so a
-    /// resent PUBLISH (DUP) after our restart is not delivered twice.
-    incoming_qos2: HashSet<u16>,
-    /// Downlink QoS 2 answers (PUBREC, PUBCOMP) in order, with the id-set change that must
-    /// be durable before each goes out.
-    down_pending: Vec<(Option<IncomingOp>, Packet)>,
-    down_committing: bool,
-    down_commit: Option<Vec<IncomingOp>>,
-    down_gated: Vec<Packet>,
-    /// Downlink messages for the local broker, in order.
-    deliveries: VecDeque<LocalPublish>,
+    /// The receiving side: downlink deliveries and their answers.
+    downlink: Downlink,
     /// Rows up to here were out when the cloud last dropped the link: they go up one at a
     /// time, so that if the cloud drops it again the row to blame is the only one out.
     careful_through: i64,
@@ -253,12 +245,7 @@ impl<'a> Client<'a> {
             gated: Vec::new(),
             rel_pending: Vec::new(),
             acked: Vec::new(),
-            incoming_qos2: HashSet::new(),
-            down_pending: Vec::new(),
-            down_committing: false,
-            down_commit: None,
-            down_gated: Vec::new(),
-            deliveries: VecDeque::new(),
+            downlink: Downlink::default(),
             careful_through,
             newest_sent: 0,
             careful_ready: false,
@@ -310,7 +297,7 @@ impl<'a> Client<'a> {
                 self.ids.reserve(pid);
             }
         }
-        self.incoming_qos2.extend(incoming);
+        self.downlink = Downlink::new(incoming);
         self.subscribe()?;
         if let Some(status) = self.setup.status {
             match in_progress.iter().map(|r| r.id).max() {
@@ -395,14 +382,13 @@ impl<'a> Client<'a> {
     /// Downlink id-set changes to make durable now; answer with
     /// [`Client::on_incoming_committed`].
     pub(crate) fn poll_incoming_commit(&mut self) -> Option<Vec<IncomingOp>> {
-        self.down_commit.take()
+        self.downlink.poll_commit()
     }
 
     /// The changes from [`Client::poll_incoming_commit`] are durable: their answers go
     /// out.
     pub(crate) fn on_incoming_committed(&mut self) -> Result<(), SessionEnd> {
-        self.down_committing = false;
-        for answer in std::mem::take(&mut self.down_gated) {
+        for answer in self.downlink.on_committed() {
             self.encode(&answer)?;
         }
         Ok(())
@@ -410,7 +396,7 @@ impl<'a> Client<'a> {
 
     /// The next downlink message for the local broker.
     pub(crate) fn poll_delivery(&mut self) -> Option<LocalPublish> {
-        self.deliveries.pop_front()
+        self.downlink.poll_delivery()
     }
 
     /// When the replay rate next lets a row go, if it is what holds the window.
@@ -499,15 +485,7 @@ impl<'a> Client<'a> {
             Packet::PubComp(r) => self.on_pubcomp(r),
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubRel(r) => {
-                let pid = r.packet_id;
-                // PUBCOMP only once the id is forgotten durably: after PUBCOMP the cloud may
-                // reuse it for a new message, which a stale entry would swallow as a DUP.
-                let op = self
-                    .incoming_qos2
-                    .remove(&pid)
-                    .then_some(IncomingOp::Remove(pid));
-                self.down_pending
-                    .push((op, Packet::PubComp(PubResponse::new(pid))));
+                self.downlink.on_pubrel(r.packet_id);
                 Ok(())
             }
             Packet::PingResp => {
@@ -696,20 +674,8 @@ impl<'a> Client<'a> {
     /// Start the commit that the oldest downlink answers wait for (one at a time, so their
     /// order is kept); answers that change nothing go out at once.
     pub(crate) fn pump_downlink(&mut self) -> Result<(), SessionEnd> {
-        if self.down_committing || self.down_pending.is_empty() {
-            return Ok(());
-        }
-        let pending = std::mem::take(&mut self.down_pending);
-        let ops: Vec<IncomingOp> = pending.iter().filter_map(|(op, _)| *op).collect();
-        let answers = pending.into_iter().map(|(_, answer)| answer);
-        if ops.is_empty() {
-            for answer in answers {
-                self.encode(&answer)?;
-            }
-        } else {
-            self.down_gated = answers.collect();
-            self.down_committing = true;
-            self.down_commit = Some(ops);
+        for answer in self.downlink.pump() {
+            self.encode(&answer)?;
         }
         Ok(())
     }
@@ -1136,32 +1102,9 @@ impl<'a> Client<'a> {
     }
 
     fn on_publish(&mut self, p: Publish) -> Result<(), SessionEnd> {
-        let pid = p.packet_id;
-        let duplicate =
-            p.qos == QoS::ExactlyOnce && pid.is_some_and(|id| self.incoming_qos2.contains(&id));
-        if !duplicate {
-            match self.setup.rules.map_in(&p.topic) {
-                Some(m) => self.deliveries.push_back(LocalPublish {
-                    topic: m.topic,
-                    payload: p.payload,
-                    qos: p.qos.min(m.qos),
-                    retain: p.retain && m.retain == RetainMode::Keep,
-                }),
-                None => tracing::debug!(topic = %p.topic, "downlink message matches no `in` rule"),
-            }
-        }
-        match (p.qos, pid) {
-            (QoS::AtLeastOnce, Some(id)) => self.encode(&Packet::PubAck(PubResponse::new(id))),
-            (QoS::ExactlyOnce, Some(id)) => {
-                // Delivered first, remembered durably second, PUBREC last: a crash in between
-                // can at worst deliver twice, never lose the message.
-                let op =
-                    (!duplicate && self.incoming_qos2.insert(id)).then_some(IncomingOp::Add(id));
-                self.down_pending
-                    .push((op, Packet::PubRec(PubResponse::new(id))));
-                Ok(())
-            }
-            _ => Ok(()),
+        match self.downlink.on_publish(p, self.setup.rules) {
+            Some(answer) => self.encode(&answer),
+            None => Ok(()),
         }
     }
 

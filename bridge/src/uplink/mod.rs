@@ -4,6 +4,7 @@
 mod aliases;
 mod backoff;
 mod client;
+mod downlink;
 mod packet_ids;
 mod progress;
 mod session;
