@@ -11,7 +11,7 @@
 //! PUBREL waiting for it is only then encoded), and rows from [`Client::take_acked`] are
 //! handed to the spool before any stage commit started after them.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -23,6 +23,7 @@ use outpost_mqtt::{
 
 use super::aliases::TopicAliases;
 use super::downlink::Downlink;
+use super::inflight::{Inflight, Outstanding};
 use super::packet_ids::PacketIds;
 use super::window::Window;
 use crate::LocalPublish;
@@ -145,13 +146,6 @@ impl Claims for crate::spool::Marks {
     }
 }
 
-enum Inflight {
-    /// A spooled row; `stage` is `Released` once PUBREC arrived (QoS 2).
-    Row { id: i64, stage: Stage },
-    /// Birth or offline status (not spooled).
-    Control,
-}
-
 // Outs live briefly in a Vec of at most one window; boxing would allocate per message.
 #[allow(clippy::large_enum_variant)]
 enum Out {
@@ -171,7 +165,7 @@ pub(crate) struct Client<'a> {
     wbuf: BytesMut,
     limits: Limits,
     ids: PacketIds,
-    inflight: HashMap<u16, Inflight>,
+    inflight: Outstanding,
     queue: VecDeque<StoredMessage>,
     cursor: i64,
     exhausted: bool,
@@ -236,7 +230,7 @@ impl<'a> Client<'a> {
             wbuf: BytesMut::with_capacity(64 * 1024),
             limits,
             ids: PacketIds::default(),
-            inflight: HashMap::new(),
+            inflight: Outstanding::default(),
             queue: VecDeque::new(),
             cursor: 0,
             exhausted: false,
@@ -539,31 +533,12 @@ impl<'a> Client<'a> {
     /// ([`Client::must_wait`]), which makes the next blame exact. An innocent row blamed
     /// once is acknowledged then, and the count starts over.
     fn suspect(&self) -> Option<i64> {
-        if self
-            .inflight
-            .values()
-            .any(|f| matches!(f, Inflight::Control))
-        {
-            return None;
-        }
-        let unsent = self.unsent_rows();
-        self.inflight
-            .values()
-            .filter_map(|f| match f {
-                // PUBREC came back: its PUBLISH was accepted.
-                Inflight::Row { id, stage } if *stage != Stage::Released => Some(*id),
-                _ => None,
-            })
-            .filter(|id| !unsent.contains(id))
-            .min()
+        self.inflight.suspect(&self.unsent_rows())
     }
 
     /// True when a QoS 2 PUBLISH went on the wire and has no answer.
     fn qos2_out(&self) -> bool {
-        let unsent = self.unsent_rows();
-        self.inflight.values().any(|f| {
-            matches!(f, Inflight::Row { id, stage } if *stage == Stage::Published && !unsent.contains(id))
-        })
+        self.inflight.qos2_out(&self.unsent_rows())
     }
 
     /// Rows given a window slot whose PUBLISH still waits for its stage commit.
@@ -579,9 +554,7 @@ impl<'a> Client<'a> {
 
     /// True when a row's PUBLISH is out and not acknowledged.
     fn rows_out(&self) -> bool {
-        self.inflight
-            .values()
-            .any(|f| matches!(f, Inflight::Row { stage, .. } if *stage != Stage::Released))
+        self.inflight.rows_out()
     }
 
     fn encode(&mut self, packet: &Packet) -> Result<(), SessionEnd> {
@@ -781,10 +754,7 @@ impl<'a> Client<'a> {
             return Ok(false);
         }
         let publish_out = self.rows_out()
-            || self
-                .inflight
-                .values()
-                .any(|f| matches!(f, Inflight::Control))
+            || self.inflight.status_out()
             || self.gated.iter().any(|o| matches!(o, Out::Publish { .. }));
         if publish_out {
             return Ok(true);
@@ -904,7 +874,7 @@ impl<'a> Client<'a> {
 
     fn forget(&mut self, pid: u16) {
         self.window.forget(pid);
-        self.inflight.remove(&pid);
+        self.inflight.remove(pid);
         self.ids.release(pid);
     }
 
@@ -1019,9 +989,8 @@ impl<'a> Client<'a> {
     }
 
     fn on_puback(&mut self, r: PubResponse, now: Instant) -> Result<(), SessionEnd> {
-        match self.inflight.get(&r.packet_id) {
+        match self.inflight.get(r.packet_id) {
             Some(Inflight::Row { id, .. }) => {
-                let id = *id;
                 self.window.on_ack(r.packet_id, now);
                 self.show_window();
                 self.forget(r.packet_id);
@@ -1058,17 +1027,15 @@ impl<'a> Client<'a> {
         // The first answer to a QoS 2 PUBLISH times the round trip; the PUBCOMP does not.
         self.window.on_ack(pid, now);
         self.show_window();
-        match self.inflight.get_mut(&pid) {
-            Some(Inflight::Row { id, stage }) => {
-                let id = *id;
+        match self.inflight.get(pid) {
+            Some(Inflight::Row { id, .. }) => {
                 if r.reason.is_error() {
                     self.forget(pid);
                     self.acked.push(id);
                     self.count_ack(id, r.reason);
-                } else if *stage == Stage::Published {
+                } else if self.inflight.release(pid) {
                     // PUBREL goes out only after "released" is durable: a crash before that
                     // resends PUBLISH (DUP) with the same id, which the cloud deduplicates.
-                    *stage = Stage::Released;
                     self.rel_pending.push((pid, id));
                 } else if !self.rel_pending.iter().any(|(p, _)| *p == pid)
                     && !self
@@ -1088,8 +1055,7 @@ impl<'a> Client<'a> {
     }
 
     fn on_pubcomp(&mut self, r: PubResponse) -> Result<(), SessionEnd> {
-        if let Some(Inflight::Row { id, .. }) = self.inflight.get(&r.packet_id) {
-            let id = *id;
+        if let Some(Inflight::Row { id, .. }) = self.inflight.get(r.packet_id) {
             self.forget(r.packet_id);
             self.acked.push(id);
             if r.reason == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND {
@@ -1122,7 +1088,7 @@ impl<'a> Client<'a> {
     /// The clean offline status is still unacknowledged.
     pub(crate) fn goodbye_pending(&self) -> bool {
         self.goodbye_pid
-            .is_some_and(|pid| self.inflight.contains_key(&pid))
+            .is_some_and(|pid| self.inflight.contains(pid))
     }
 
     /// The DISCONNECT that ends the session cleanly (so the will is not published).

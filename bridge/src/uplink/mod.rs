@@ -5,6 +5,7 @@ mod aliases;
 mod backoff;
 mod client;
 mod downlink;
+mod inflight;
 mod packet_ids;
 mod progress;
 mod session;
