@@ -1640,6 +1640,74 @@ mod tests {
     }
 
     #[test]
+    fn a_backlog_from_before_the_session_goes_at_the_replay_rate_on_the_given_clock() {
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let mut spool = Spool::default();
+        for id in 1..=3 {
+            spool.add(id, QoS::AtLeastOnce); // accepted before the session started
+        }
+        let mut s = setup(&rules, &stats);
+        s.replay_rate = 2; // one every 500 ms
+        let t0 = Instant::now();
+        let mut link = Link::open(s, &spool, limits(false, false), 0, t0);
+        let rows = |wire: &[Packet]| publishes(wire).iter().map(|(r, _)| *r).collect::<Vec<_>>();
+        assert_eq!(rows(&link.turn(&mut spool)), [1]);
+        assert_eq!(
+            link.client.replay_wake(),
+            Some(t0 + Duration::from_millis(500))
+        );
+        link.now = t0 + Duration::from_millis(499);
+        assert!(link.turn(&mut spool).is_empty(), "too early");
+        link.now = t0 + Duration::from_millis(500);
+        link.client.on_replay_wake();
+        assert_eq!(rows(&link.turn(&mut spool)), [2]);
+        link.now = t0 + Duration::from_millis(1_000);
+        link.client.on_replay_wake();
+        assert_eq!(rows(&link.turn(&mut spool)), [3]);
+    }
+
+    #[test]
+    fn rows_drop_oldest_claimed_are_passed_over_and_the_rest_taken() {
+        #[derive(Default)]
+        struct Fence {
+            claimed: HashSet<i64>,
+            taken: Vec<i64>,
+            passed: Vec<i64>,
+        }
+        impl Claims for Fence {
+            fn claimed(&self, id: i64, stage: Stage) -> bool {
+                stage == Stage::New && self.claimed.contains(&id)
+            }
+            fn take(&mut self, id: i64) {
+                self.taken.push(id);
+            }
+            fn pass(&mut self, id: i64) {
+                self.passed.push(id);
+            }
+        }
+        let (rules, stats) = (Rules::default(), BridgeStats::default());
+        let mut spool = Spool::default();
+        for id in 1..=3 {
+            spool.add(id, QoS::AtLeastOnce);
+        }
+        let mut link = Link::open(
+            setup(&rules, &stats),
+            &spool,
+            limits(false, false),
+            0,
+            Instant::now(),
+        );
+        let mut fence = Fence {
+            claimed: HashSet::from([2]),
+            ..Default::default()
+        };
+        link.client.fill(link.now, NOW_MS, &mut fence).unwrap();
+        let sent = publishes(&link.wire());
+        assert_eq!(sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!((fence.taken, fence.passed), (vec![1, 3], vec![2]));
+    }
+
+    #[test]
     fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
         let rules = Rules::new(vec![TopicRule {
             pattern: "#".into(),
