@@ -22,6 +22,7 @@ use outpost_mqtt::{
 };
 
 use super::aliases::TopicAliases;
+use super::careful::{Careful, Gate};
 use super::downlink::Downlink;
 use super::inflight::{Inflight, Outstanding};
 use super::packet_ids::PacketIds;
@@ -180,15 +181,8 @@ pub(crate) struct Client<'a> {
     acked: Vec<i64>,
     /// The receiving side: downlink deliveries and their answers.
     downlink: Downlink,
-    /// Rows up to here were out when the cloud last dropped the link: they go up one at a
-    /// time, so that if the cloud drops it again the row to blame is the only one out.
-    careful_through: i64,
-    newest_sent: i64,
-    /// Careful mode: the cloud answered a PINGREQ sent while nothing was out, so it is done
-    /// with everything before and still willing; the next row may go.
-    careful_ready: bool,
-    /// The outstanding PINGREQ is such a barrier.
-    barrier_out: bool,
+    /// Careful one-at-a-time resend of the rows that were out at the last drops.
+    careful: Careful,
     started_ms: i64,
     replay_next: Instant,
     replay_wake: Option<Instant>,
@@ -240,10 +234,7 @@ impl<'a> Client<'a> {
             rel_pending: Vec::new(),
             acked: Vec::new(),
             downlink: Downlink::default(),
-            careful_through,
-            newest_sent: 0,
-            careful_ready: false,
-            barrier_out: false,
+            careful: Careful::new(careful_through),
             started_ms: now_ms,
             replay_next: now,
             replay_wake: None,
@@ -425,7 +416,7 @@ impl<'a> Client<'a> {
         SessionEnd::Dropped {
             why,
             suspect: self.suspect(),
-            out_through: self.rows_out().then_some(self.newest_sent),
+            out_through: self.rows_out().then_some(self.careful.newest_sent()),
             qos2_unanswered: !self.pubrec_seen && self.qos2_out(),
         }
     }
@@ -484,9 +475,7 @@ impl<'a> Client<'a> {
             }
             Packet::PingResp => {
                 self.ping_out = false;
-                if std::mem::take(&mut self.barrier_out) {
-                    self.careful_ready = true;
-                }
+                self.careful.on_pingresp();
                 Ok(())
             }
             Packet::SubAck(s) => {
@@ -714,8 +703,7 @@ impl<'a> Client<'a> {
             match self.prepare(row, now_ms, &mut updates) {
                 Ok(Some(out)) => {
                     if let Out::Publish { row, .. } = &out {
-                        self.newest_sent = self.newest_sent.max(*row);
-                        self.careful_ready = false;
+                        self.careful.on_publish(*row);
                     }
                     outs.push(out);
                 }
@@ -741,33 +729,28 @@ impl<'a> Client<'a> {
         Ok(())
     }
 
-    /// True when row `id` must wait. While the rows that were out at the last link drop
-    /// are resent, a row goes only when nothing else is out and the cloud has answered a
-    /// PINGREQ sent after that (which this sends when needed): a drop after that can only
-    /// be about this row, not about something before it that the cloud acknowledged and
-    /// then disconnected us for. Free in the normal case (no recent drop, or past those
-    /// rows): the window scan only runs while resending.
+    /// True when row `id` must wait: while the rows that were out at the last link drops
+    /// are resent, one at a time behind a ping barrier (see `careful.rs`), which this
+    /// sends when due. Free in the normal case (no recent drop, or past those rows): the
+    /// window scan only runs while resending.
     fn must_wait(&mut self, id: i64) -> Result<bool, SessionEnd> {
-        if self.careful_through == 0
-            || (id > self.careful_through && self.newest_sent > self.careful_through)
-        {
-            return Ok(false);
+        let gate = self.careful.gate(id, || {
+            self.rows_out()
+                || self.inflight.status_out()
+                || self.gated.iter().any(|o| matches!(o, Out::Publish { .. }))
+        });
+        match gate {
+            Gate::Go => Ok(false),
+            Gate::Wait => Ok(true),
+            Gate::Barrier => {
+                if !self.ping_out {
+                    self.ping_out = true;
+                    self.careful.on_barrier_sent();
+                    self.encode(&Packet::PingReq)?;
+                }
+                Ok(true)
+            }
         }
-        let publish_out = self.rows_out()
-            || self.inflight.status_out()
-            || self.gated.iter().any(|o| matches!(o, Out::Publish { .. }));
-        if publish_out {
-            return Ok(true);
-        }
-        if self.careful_ready {
-            return Ok(false);
-        }
-        if !self.ping_out {
-            self.ping_out = true;
-            self.barrier_out = true;
-            self.encode(&Packet::PingReq)?;
-        }
-        Ok(true)
     }
 
     /// Turn a row into what goes on the wire; `Err(row)` when no identifier is free.

@@ -3,6 +3,7 @@
 
 mod aliases;
 mod backoff;
+mod careful;
 mod client;
 mod downlink;
 mod inflight;
