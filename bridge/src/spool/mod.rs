@@ -29,7 +29,7 @@ use crate::config::WhenFull;
 use crate::error::{RejectReason, Rejected, SpoolError};
 use crate::stats::BridgeStats;
 
-pub(crate) use fence::Fence;
+pub(crate) use fence::{Fence, Marks};
 pub use props::{decode as decode_properties, encode as encode_properties};
 pub use store::ROW_OVERHEAD;
 

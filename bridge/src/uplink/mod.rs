@@ -1,7 +1,12 @@
 //! The uplink: connect (TCP or TLS), run a session, reconnect with backoff, forever until
 //! shutdown. Also mirrors the link state on the local broker.
 
+mod aliases;
 mod backoff;
+mod careful;
+mod client;
+mod downlink;
+mod inflight;
 mod packet_ids;
 mod progress;
 mod session;
@@ -30,7 +35,8 @@ use crate::stats::BridgeStats;
 use crate::status::{OfflineReason, Status};
 
 pub use backoff::Backoff;
-use session::{Limits, MAX_INCOMING_PACKET, Session, SessionEnd};
+use client::{Limits, MAX_INCOMING_PACKET, SessionEnd};
+use session::Session;
 pub use tls::{client_cert_not_after, client_config};
 
 /// A session shorter than this does not reset the backoff (a cloud that accepts and then
@@ -40,7 +46,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Drops of a 3.1.1 link with an unanswered QoS 2 PUBLISH out, in a row, that make the
 /// bridge conclude the cloud has no QoS 2. Two, not one: any link may fail once while a
 /// QoS 2 message is out, but the second time that message is the only one out (it is
-/// resent alone, see `Session::must_wait`).
+/// resent alone, see `Client::must_wait` in `client.rs`).
 const QOS2_REFUSALS: u32 = 2;
 
 /// Everything a link needs, shared by the reconnect loop and its sessions.

@@ -1,0 +1,747 @@
+//! The client driven in memory: a spool of rows as a map (stage commits and deletes
+//! applied when the client asks, as the driver does), packets from the cloud encoded
+//! and fed in, what the client writes decoded back, and a clock that only moves when
+//! a test moves it. A link drop is the end of one `Client` and the start of another
+//! over the same spool, as the reconnect loop does.
+use super::*;
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::rules::{Direction, TopicRule};
+
+const NOW_MS: i64 = 1_800_000_000_000;
+
+/// Nothing is claimed for dropping in these tests (drop-oldest has its own).
+struct NoClaims;
+
+impl Claims for NoClaims {
+    fn claimed(&self, _: i64, _: Stage) -> bool {
+        false
+    }
+    fn take(&mut self, _: i64) {}
+    fn pass(&mut self, _: i64) {}
+}
+
+/// The spool as far as the client can tell: rows by id.
+#[derive(Default)]
+struct Spool {
+    rows: BTreeMap<i64, StoredMessage>,
+    incoming: HashSet<u16>,
+}
+
+impl Spool {
+    fn add(&mut self, id: i64, qos: QoS) {
+        self.rows.insert(
+            id,
+            StoredMessage {
+                id,
+                topic: format!("site/boiler/{id}"),
+                payload: Bytes::from(format!("reading {id}")),
+                qos,
+                retain: false,
+                properties: Properties::default(),
+                accepted_ms: NOW_MS - 1_000,
+                packet_id: None,
+                stage: Stage::New,
+            },
+        );
+    }
+
+    fn in_progress(&self) -> Vec<StoredMessage> {
+        self.rows
+            .values()
+            .filter(|r| r.stage != Stage::New)
+            .cloned()
+            .collect()
+    }
+
+    fn row(&self, id: i64) -> &StoredMessage {
+        &self.rows[&id]
+    }
+}
+
+/// One connection to the cloud: the client and the bytes it wrote since the last look.
+struct Link<'a> {
+    client: Client<'a>,
+    now: Instant,
+}
+
+impl<'a> Link<'a> {
+    /// A new session over `spool`, as the driver opens it.
+    fn open(
+        setup: Setup<'a>,
+        spool: &Spool,
+        limits: Limits,
+        careful_through: i64,
+        now: Instant,
+    ) -> Self {
+        let incoming = if limits.session_present {
+            spool.incoming.iter().copied().collect()
+        } else {
+            Vec::new()
+        };
+        let mut client = Client::new(setup, limits, careful_through, now, NOW_MS);
+        client.start(&spool.in_progress(), incoming, now).unwrap();
+        client.on_rows(spool.rows.values().cloned().collect(), true);
+        Link { client, now }
+    }
+
+    /// One turn of the driver: fill the window, let the spool apply what the client
+    /// asks (deletes first, then stages), and return what went on the wire.
+    fn turn(&mut self, spool: &mut Spool) -> Vec<Packet> {
+        self.client.fill(self.now, NOW_MS, &mut NoClaims).unwrap();
+        self.client.pump_downlink().unwrap();
+        self.apply(spool);
+        self.wire()
+    }
+
+    /// Like [`Link::turn`], but the stage commit it asks for never becomes durable
+    /// (the gateway loses power): returns what went on the wire before that.
+    fn turn_without_commit(&mut self, spool: &mut Spool) -> (Vec<Packet>, Vec<StageUpdate>) {
+        self.client.fill(self.now, NOW_MS, &mut NoClaims).unwrap();
+        for id in self.client.take_acked() {
+            spool.rows.remove(&id);
+        }
+        let updates = self.client.poll_commit().unwrap_or_default();
+        (self.wire(), updates)
+    }
+
+    fn apply(&mut self, spool: &mut Spool) {
+        for id in self.client.take_acked() {
+            spool.rows.remove(&id);
+        }
+        if let Some(updates) = self.client.poll_commit() {
+            for u in updates {
+                let row = spool.rows.get_mut(&u.id).expect("stage for a spooled row");
+                row.stage = u.stage;
+                row.packet_id = Some(u.packet_id);
+            }
+            self.client.on_stages_committed(self.now).unwrap();
+        }
+        if let Some(ops) = self.client.poll_incoming_commit() {
+            for op in ops {
+                match op {
+                    IncomingOp::Add(id) => spool.incoming.insert(id),
+                    IncomingOp::Remove(id) => spool.incoming.remove(&id),
+                };
+            }
+            self.client.on_incoming_committed().unwrap();
+        }
+    }
+
+    /// Decodes what the client wrote since the last look.
+    fn wire(&mut self) -> Vec<Packet> {
+        let mut out = Vec::new();
+        let buf = self.client.transmit();
+        while let Some(p) = decode(buf, Protocol::V5, MAX_INCOMING_PACKET).unwrap() {
+            out.push(p);
+        }
+        assert!(buf.is_empty(), "a partial packet was written");
+        self.client.on_flushed(self.now);
+        out
+    }
+
+    /// The cloud sends `packets`.
+    fn receive(&mut self, packets: &[Packet]) -> Result<(), SessionEnd> {
+        let mut rbuf = BytesMut::new();
+        for p in packets {
+            encode(p, Protocol::V5, &mut rbuf).unwrap();
+        }
+        while self.client.handle_next(&mut rbuf, self.now)? {}
+        Ok(())
+    }
+}
+
+fn limits(session_present: bool, moved: bool) -> Limits {
+    Limits {
+        window: 16,
+        max_qos: QoS::ExactlyOnce,
+        max_packet: 1 << 20,
+        retain_available: true,
+        keep_alive: Duration::from_secs(60),
+        session_present,
+        moved,
+        topic_alias_max: 0,
+    }
+}
+
+fn setup<'a>(rules: &'a Rules, stats: &'a BridgeStats) -> Setup<'a> {
+    Setup {
+        name: "cloud",
+        protocol: Protocol::V5,
+        rules,
+        status: None,
+        replay_rate: 0,
+        stats,
+    }
+}
+
+/// The PUBLISHes among `packets`, by the row their payload names.
+fn publishes(packets: &[Packet]) -> Vec<(i64, Publish)> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => {
+                let text = std::str::from_utf8(&p.payload).unwrap();
+                let row = text.strip_prefix("reading ").unwrap().parse().unwrap();
+                Some((row, p.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn ack(p: &Publish) -> Packet {
+    Packet::PubAck(PubResponse::new(p.packet_id.unwrap()))
+}
+
+#[test]
+fn qos1_rows_unacknowledged_at_a_drop_go_again_and_acknowledged_ones_do_not() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    for id in 1..=4 {
+        spool.add(id, QoS::AtLeastOnce);
+    }
+    let now = Instant::now();
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+    let sent = publishes(&link.turn(&mut spool));
+    assert_eq!(
+        sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(
+        sent.iter()
+            .all(|(_, p)| p.qos == QoS::AtLeastOnce && !p.dup)
+    );
+    link.receive(&[ack(&sent[0].1), ack(&sent[1].1)]).unwrap();
+    link.turn(&mut spool);
+    // The link drops: the oldest unanswered row is the one to blame.
+    match link.client.on_drop("connection reset".into()) {
+        SessionEnd::Dropped {
+            suspect,
+            out_through,
+            qos2_unanswered,
+            ..
+        } => {
+            assert_eq!(suspect, Some(3));
+            assert_eq!(out_through, Some(4));
+            assert!(!qos2_unanswered);
+        }
+        other => panic!("{other:?}"),
+    }
+    link.apply(&mut spool);
+    assert_eq!(spool.rows.keys().copied().collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(
+        stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(true, false), 0, now);
+    let again = publishes(&link.turn(&mut spool));
+    assert_eq!(again.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [3, 4]);
+    assert!(again.iter().all(|(_, p)| p.qos == QoS::AtLeastOnce));
+    link.receive(&[ack(&again[0].1), ack(&again[1].1)]).unwrap();
+    assert!(link.turn(&mut spool).is_empty());
+    assert!(spool.rows.is_empty(), "acknowledged rows are deleted");
+}
+
+#[test]
+fn qos2_publish_and_pubrel_wait_for_their_stage_to_be_durable() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    spool.add(1, QoS::ExactlyOnce);
+    let now = Instant::now();
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+    // Power fails before "published" is durable: nothing went out, the row is new.
+    let (wire, updates) = link.turn_without_commit(&mut spool);
+    assert!(
+        wire.is_empty(),
+        "PUBLISH before its stage was durable: {wire:?}"
+    );
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0].stage, Stage::Published);
+    assert_eq!(spool.row(1).stage, Stage::New);
+
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+    let sent = publishes(&link.turn(&mut spool));
+    assert_eq!(sent.len(), 1);
+    let pid = sent[0].1.packet_id.unwrap();
+    assert_eq!((sent[0].1.qos, sent[0].1.dup), (QoS::ExactlyOnce, false));
+    assert_eq!(spool.row(1).stage, Stage::Published);
+    assert_eq!(spool.row(1).packet_id, Some(pid));
+    // PUBREC: the PUBREL waits for "released" to be durable.
+    link.receive(&[Packet::PubRec(PubResponse::new(pid))])
+        .unwrap();
+    let (wire, updates) = link.turn_without_commit(&mut spool);
+    assert!(
+        wire.is_empty(),
+        "PUBREL before its stage was durable: {wire:?}"
+    );
+    assert_eq!(updates[0].stage, Stage::Released);
+    // Power failed there: the next session resends the PUBLISH (DUP, same id), which
+    // the cloud deduplicates.
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(true, false), 0, now);
+    let again = link.turn(&mut spool);
+    assert_eq!(again.len(), 1);
+    let Packet::Publish(p) = &again[0] else {
+        panic!("{again:?}")
+    };
+    assert_eq!(
+        (p.packet_id, p.dup, p.qos),
+        (Some(pid), true, QoS::ExactlyOnce)
+    );
+    link.receive(&[Packet::PubRec(PubResponse::new(pid))])
+        .unwrap();
+    assert_eq!(
+        link.turn(&mut spool),
+        [Packet::PubRel(PubResponse::new(pid))]
+    );
+    assert_eq!(spool.row(1).stage, Stage::Released);
+    link.receive(&[Packet::PubComp(PubResponse::new(pid))])
+        .unwrap();
+    link.turn(&mut spool);
+    assert!(spool.rows.is_empty());
+}
+
+/// Two QoS 2 rows out when the link drops: row 1 had its PUBREC (and PUBREL went),
+/// row 2 had no answer.
+fn qos2_exchanges_cut_by_a_drop(rules: &Rules, stats: &BridgeStats) -> (Spool, u16, u16) {
+    let mut spool = Spool::default();
+    spool.add(1, QoS::ExactlyOnce);
+    spool.add(2, QoS::ExactlyOnce);
+    let now = Instant::now();
+    let mut link = Link::open(setup(rules, stats), &spool, limits(false, false), 0, now);
+    let sent = publishes(&link.turn(&mut spool));
+    assert_eq!(sent.len(), 2);
+    let (p1, p2) = (sent[0].1.packet_id.unwrap(), sent[1].1.packet_id.unwrap());
+    link.receive(&[Packet::PubRec(PubResponse::new(p1))])
+        .unwrap();
+    assert_eq!(
+        link.turn(&mut spool),
+        [Packet::PubRel(PubResponse::new(p1))]
+    );
+    match link.client.on_drop("connection reset".into()) {
+        SessionEnd::Dropped {
+            suspect,
+            qos2_unanswered,
+            ..
+        } => {
+            // Row 1's PUBLISH was accepted (PUBREC): only row 2 can be to blame.
+            assert_eq!(suspect, Some(2));
+            // The cloud answered a QoS 2 PUBLISH in this session: it has QoS 2.
+            assert!(!qos2_unanswered);
+        }
+        other => panic!("{other:?}"),
+    }
+    link.apply(&mut spool);
+    assert_eq!(spool.row(1).stage, Stage::Released);
+    assert_eq!(spool.row(2).stage, Stage::Published);
+    (spool, p1, p2)
+}
+
+#[test]
+fn qos2_resumes_with_pubrel_after_pubrec_and_with_publish_dup_before_it() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let (mut spool, p1, p2) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(true, false),
+        0,
+        Instant::now(),
+    );
+    let wire = link.turn(&mut spool);
+    // MQTT-4.3.3: once PUBREL was sent the PUBLISH is never sent again; unacknowledged
+    // PUBLISH and PUBREL are resent under their original identifiers (MQTT-4.4.0-1).
+    assert_eq!(wire.len(), 2, "{wire:?}");
+    assert_eq!(wire[0], Packet::PubRel(PubResponse::new(p1)));
+    let Packet::Publish(p) = &wire[1] else {
+        panic!("{wire:?}")
+    };
+    assert_eq!(
+        (p.packet_id, p.dup, p.qos),
+        (Some(p2), true, QoS::ExactlyOnce)
+    );
+    assert_eq!(p.payload, "reading 2");
+    link.receive(&[
+        Packet::PubComp(PubResponse::new(p1)),
+        Packet::PubRec(PubResponse::new(p2)),
+    ])
+    .unwrap();
+    assert_eq!(
+        link.turn(&mut spool),
+        [Packet::PubRel(PubResponse::new(p2))]
+    );
+    link.receive(&[Packet::PubComp(PubResponse::new(p2))])
+        .unwrap();
+    assert!(link.turn(&mut spool).is_empty());
+    assert!(spool.rows.is_empty());
+    assert_eq!(
+        stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+#[test]
+fn qos2_rows_go_as_new_exchanges_at_another_broker() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let (mut spool, _, _) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(false, true),
+        0,
+        Instant::now(),
+    );
+    // The new broker never saw either: no PUBREL, and each PUBLISH starts an exchange
+    // (DUP 0, MQTT-4.3.3-2) whose stage is made durable before it goes.
+    let (wire, updates) = link.turn_without_commit(&mut spool);
+    assert!(wire.is_empty(), "{wire:?}");
+    assert_eq!(updates.len(), 2);
+    assert!(updates.iter().all(|u| u.stage == Stage::Published));
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(false, true),
+        0,
+        Instant::now(),
+    );
+    let wire = link.turn(&mut spool);
+    assert!(
+        !wire.iter().any(|p| matches!(p, Packet::PubRel(_))),
+        "{wire:?}"
+    );
+    let sent = publishes(&wire);
+    assert_eq!(sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1, 2]);
+    assert!(
+        sent.iter()
+            .all(|(_, p)| p.qos == QoS::ExactlyOnce && !p.dup)
+    );
+    for (row, p) in &sent {
+        assert_eq!(spool.row(*row).packet_id, p.packet_id);
+    }
+}
+
+#[test]
+fn qos2_in_flight_is_sent_as_qos1_once_the_cloud_takes_no_qos2() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let (mut spool, p1, _) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+    let mut limits = limits(true, false);
+    limits.max_qos = QoS::AtLeastOnce;
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits, 0, Instant::now());
+    let wire = link.turn(&mut spool);
+    // Row 1 is past PUBREC: only its PUBREL is due. Row 2 goes as QoS 1.
+    assert_eq!(wire[0], Packet::PubRel(PubResponse::new(p1)));
+    let sent = publishes(&wire);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, 2);
+    assert_eq!(sent[0].1.qos, QoS::AtLeastOnce);
+}
+
+#[test]
+fn after_repeated_drops_rows_go_one_at_a_time_behind_a_ping() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    for id in 1..=8 {
+        spool.add(id, QoS::AtLeastOnce);
+    }
+    // Rows through 3 were out at the drops that made the link careful.
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(true, false),
+        3,
+        Instant::now(),
+    );
+    let mut order = Vec::new();
+    for _ in 0..20 {
+        let wire = link.turn(&mut spool);
+        let sent = publishes(&wire);
+        if sent.len() > 1 {
+            // Past the careful rows the window opens again (behind one last barrier,
+            // so nothing before is still in question).
+            assert!(sent[0].0 > 3, "{sent:?}");
+            assert!(order.iter().eq([1, 2, 3].iter()), "{order:?}");
+            order.extend(sent.iter().map(|(r, _)| *r));
+            break;
+        }
+        match (wire.as_slice(), sent.first()) {
+            ([Packet::PingReq], None) => link.receive(&[Packet::PingResp]).unwrap(),
+            (_, Some((row, p))) => {
+                assert_eq!(wire.len(), 1, "alone on the wire: {wire:?}");
+                // Nothing else goes while it is out.
+                assert!(link.turn(&mut spool).is_empty());
+                order.push(*row);
+                link.receive(&[ack(p)]).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(order, [1, 2, 3, 4, 5, 6, 7, 8]);
+}
+
+#[test]
+fn a_drop_with_the_status_unacknowledged_blames_no_row() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let status = Status::new("outpost", "gw-01", "cloud", std::time::UNIX_EPOCH);
+    let mut spool = Spool::default();
+    spool.add(1, QoS::AtLeastOnce);
+    let mut s = setup(&rules, &stats);
+    s.status = Some(&status);
+    let mut link = Link::open(s, &spool, limits(false, false), 0, Instant::now());
+    let wire = link.turn(&mut spool);
+    let Packet::Publish(birth) = &wire[0] else {
+        panic!("{wire:?}")
+    };
+    assert_eq!(birth.topic, "outpost/gw-01/status");
+    assert_eq!(publishes(&wire[1..]).len(), 1);
+    match link.client.on_drop("reset".into()) {
+        SessionEnd::Dropped { suspect, .. } => assert_eq!(suspect, None),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_birth_waits_behind_resumed_qos2_exchanges_and_for_a_free_slot() {
+    // The cloud counts resumed QoS 2 exchanges against its Receive Maximum until
+    // PUBCOMP: a birth sent first would exceed it (Mosquitto answers 0x97).
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let status = Status::new("outpost", "gw-01", "cloud", std::time::UNIX_EPOCH);
+    let (mut spool, p1, p2) = qos2_exchanges_cut_by_a_drop(&rules, &stats);
+    spool.add(3, QoS::AtLeastOnce);
+    let mut s = setup(&rules, &stats);
+    s.status = Some(&status);
+    let mut limits = limits(true, false);
+    limits.window = 2; // the cloud's Receive Maximum
+    let mut link = Link::open(s, &spool, limits, 0, Instant::now());
+    let is_birth =
+        |p: &Packet| matches!(p, Packet::Publish(p) if p.topic == "outpost/gw-01/status");
+    let wire = link.turn(&mut spool);
+    assert_eq!(wire[0], Packet::PubRel(PubResponse::new(p1)));
+    assert!(matches!(&wire[1], Packet::Publish(p) if p.packet_id == Some(p2) && p.dup));
+    assert_eq!(wire.len(), 2, "the window is full: {wire:?}");
+    link.receive(&[Packet::PubComp(PubResponse::new(p1))])
+        .unwrap();
+    // A slot is free: the birth takes it, before row 3.
+    let wire = link.turn(&mut spool);
+    assert_eq!(wire.len(), 1, "{wire:?}");
+    assert!(is_birth(&wire[0]), "{wire:?}");
+    let Packet::Publish(birth) = &wire[0] else {
+        unreachable!()
+    };
+    link.receive(&[ack(birth)]).unwrap();
+    let sent = publishes(&link.turn(&mut spool));
+    assert_eq!(sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [3]);
+}
+
+#[test]
+fn a_backlog_from_before_the_session_goes_at_the_replay_rate_on_the_given_clock() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    for id in 1..=3 {
+        spool.add(id, QoS::AtLeastOnce); // accepted before the session started
+    }
+    let mut s = setup(&rules, &stats);
+    s.replay_rate = 2; // one every 500 ms
+    let t0 = Instant::now();
+    let mut link = Link::open(s, &spool, limits(false, false), 0, t0);
+    let rows = |wire: &[Packet]| publishes(wire).iter().map(|(r, _)| *r).collect::<Vec<_>>();
+    assert_eq!(rows(&link.turn(&mut spool)), [1]);
+    assert_eq!(
+        link.client.replay_wake(),
+        Some(t0 + Duration::from_millis(500))
+    );
+    link.now = t0 + Duration::from_millis(499);
+    assert!(link.turn(&mut spool).is_empty(), "too early");
+    link.now = t0 + Duration::from_millis(500);
+    link.client.on_replay_wake();
+    assert_eq!(rows(&link.turn(&mut spool)), [2]);
+    link.now = t0 + Duration::from_millis(1_000);
+    link.client.on_replay_wake();
+    assert_eq!(rows(&link.turn(&mut spool)), [3]);
+}
+
+#[test]
+fn rows_drop_oldest_claimed_are_passed_over_and_the_rest_taken() {
+    #[derive(Default)]
+    struct Fence {
+        claimed: HashSet<i64>,
+        taken: Vec<i64>,
+        passed: Vec<i64>,
+    }
+    impl Claims for Fence {
+        fn claimed(&self, id: i64, stage: Stage) -> bool {
+            stage == Stage::New && self.claimed.contains(&id)
+        }
+        fn take(&mut self, id: i64) {
+            self.taken.push(id);
+        }
+        fn pass(&mut self, id: i64) {
+            self.passed.push(id);
+        }
+    }
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    for id in 1..=3 {
+        spool.add(id, QoS::AtLeastOnce);
+    }
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(false, false),
+        0,
+        Instant::now(),
+    );
+    let mut fence = Fence {
+        claimed: HashSet::from([2]),
+        ..Default::default()
+    };
+    link.client.fill(link.now, NOW_MS, &mut fence).unwrap();
+    let sent = publishes(&link.wire());
+    assert_eq!(sent.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1, 3]);
+    assert_eq!((fence.taken, fence.passed), (vec![1, 3], vec![2]));
+}
+
+#[test]
+fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
+    let rules = Rules::new(vec![TopicRule {
+        pattern: "#".into(),
+        direction: Direction::In,
+        qos: QoS::ExactlyOnce,
+        local_prefix: "cmd/".into(),
+        remote_prefix: "gw-01/cmd/".into(),
+        retain: RetainMode::Keep,
+    }]);
+    let stats = BridgeStats::default();
+    let mut spool = Spool::default();
+    let now = Instant::now();
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+    let wire = link.turn(&mut spool);
+    assert!(
+        matches!(wire.as_slice(), [Packet::Subscribe(_)]),
+        "{wire:?}"
+    );
+    let command = Publish {
+        dup: false,
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        topic: ByteString::from("gw-01/cmd/valve"),
+        packet_id: Some(7),
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"open"),
+    };
+    link.receive(&[Packet::Publish(command.clone())]).unwrap();
+    let delivered = link.client.poll_delivery().expect("delivered locally");
+    assert_eq!(
+        (delivered.topic.as_str(), &delivered.payload[..]),
+        ("cmd/valve", &b"open"[..])
+    );
+    // PUBREC only once id 7 is remembered durably.
+    link.client.pump_downlink().unwrap();
+    assert!(link.wire().is_empty());
+    let ops = link.client.poll_incoming_commit().unwrap();
+    assert_eq!(ops, [IncomingOp::Add(7)]);
+    spool.incoming.insert(7);
+    link.client.on_incoming_committed().unwrap();
+    assert_eq!(link.wire(), [Packet::PubRec(PubResponse::new(7))]);
+    // The link drops before PUBREL; the cloud resends the PUBLISH (DUP) in the same
+    // session: answered, not delivered again.
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(true, false), 0, now);
+    link.turn(&mut spool);
+    let mut dup = command;
+    dup.dup = true;
+    link.receive(&[Packet::Publish(dup)]).unwrap();
+    assert!(link.client.poll_delivery().is_none(), "delivered twice");
+    assert_eq!(link.turn(&mut spool), [Packet::PubRec(PubResponse::new(7))]);
+    link.receive(&[Packet::PubRel(PubResponse::new(7))])
+        .unwrap();
+    assert_eq!(
+        link.turn(&mut spool),
+        [Packet::PubComp(PubResponse::new(7))]
+    );
+    assert!(spool.incoming.is_empty());
+}
+
+#[test]
+fn keep_alive_pings_a_quiet_link_and_gives_up_on_a_silent_cloud() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let spool = Spool::default();
+    let start = Instant::now();
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(false, false),
+        0,
+        start,
+    );
+    link.client
+        .keep_alive(start + Duration::from_secs(30))
+        .unwrap();
+    assert!(link.wire().is_empty());
+    link.client
+        .keep_alive(start + Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(link.wire(), [Packet::PingReq]);
+    // One PINGREQ out at a time.
+    link.client
+        .keep_alive(start + Duration::from_secs(80))
+        .unwrap();
+    assert!(link.wire().is_empty());
+    assert!(matches!(
+        link.client.keep_alive(start + Duration::from_secs(91)),
+        Err(SessionEnd::Lost(_))
+    ));
+}
+
+#[test]
+fn a_malformed_packet_ends_the_session_with_a_disconnect_saying_so() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let spool = Spool::default();
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(false, false),
+        0,
+        Instant::now(),
+    );
+    // A PUBACK whose remaining length runs past its end of the varint.
+    let mut rbuf = BytesMut::from(&[0x40u8, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+    assert!(matches!(
+        link.client.handle_next(&mut rbuf, link.now),
+        Err(SessionEnd::Lost(_))
+    ));
+    assert!(link.client.farewell());
+    assert!(matches!(link.wire().as_slice(), [Packet::Disconnect(_)]));
+}
+
+#[test]
+fn only_message_level_disconnect_reasons_can_blame_a_message() {
+    for about_a_message in [
+        ReasonCode::PACKET_TOO_LARGE,
+        ReasonCode::PAYLOAD_FORMAT_INVALID,
+        ReasonCode::TOPIC_NAME_INVALID,
+        ReasonCode::NOT_AUTHORIZED,
+        ReasonCode::MALFORMED_PACKET,
+        ReasonCode::UNSPECIFIED_ERROR,
+        ReasonCode(0xFE),
+    ] {
+        assert!(
+            may_be_about_a_message(about_a_message),
+            "{about_a_message:?}"
+        );
+    }
+    for about_the_link in [
+        ReasonCode::SESSION_TAKEN_OVER,
+        ReasonCode::SERVER_SHUTTING_DOWN,
+        ReasonCode::SERVER_BUSY,
+        ReasonCode::KEEP_ALIVE_TIMEOUT,
+        ReasonCode::MESSAGE_RATE_TOO_HIGH,
+        ReasonCode::NORMAL_DISCONNECTION,
+    ] {
+        assert!(
+            !may_be_about_a_message(about_the_link),
+            "{about_the_link:?}"
+        );
+    }
+}
