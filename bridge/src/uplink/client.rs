@@ -11,7 +11,7 @@
 //! PUBREL waiting for it is only then encoded), and rows from [`Client::take_acked`] are
 //! handed to the spool before any stage commit started after them.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -201,6 +201,9 @@ pub(crate) struct Client<'a> {
     window: Window,
     /// A malformed packet came in and a DISCONNECT saying so is in the write buffer.
     farewell: bool,
+    /// QoS 1 rows the previous connection of this session left without PUBACK, by row,
+    /// with the identifiers they went out under (reserved until they go again).
+    resend: HashMap<i64, u16>,
 }
 
 impl<'a> Client<'a> {
@@ -248,6 +251,7 @@ impl<'a> Client<'a> {
             aliases,
             window,
             farewell: false,
+            resend: HashMap::new(),
         };
         client.show_window();
         client
@@ -392,6 +396,25 @@ impl<'a> Client<'a> {
     /// The replay wake-up came.
     pub(crate) fn on_replay_wake(&mut self) {
         self.replay_wake = None;
+    }
+
+    /// QoS 1 rows the last connection left without PUBACK (`(row, packet id)`): when the
+    /// cloud kept the session at the same broker, they go again under the same
+    /// identifiers with DUP set (MQTT-4.4.0-1, MQTT-3.3.1-1). Call before [`Client::start`].
+    pub(crate) fn resume_qos1(&mut self, rows: Vec<(i64, u16)>) {
+        if !self.limits.session_present || self.limits.moved {
+            return;
+        }
+        for (row, pid) in rows {
+            self.ids.reserve(pid);
+            self.resend.insert(row, pid);
+        }
+    }
+
+    /// QoS 1 rows out without PUBACK now, with their identifiers, for the next
+    /// connection's [`Client::resume_qos1`].
+    pub(crate) fn unacked_qos1(&self) -> Vec<(i64, u16)> {
+        self.inflight.qos1_rows()
     }
 
     /// The cloud kept our session (CONNACK Session Present).
@@ -670,6 +693,9 @@ impl<'a> Client<'a> {
             };
             if marks.claimed(front.id, front.stage) {
                 // drop-oldest deleted it after we read it; it is counted as dropped there.
+                if let Some(pid) = self.resend.remove(&front.id) {
+                    self.ids.release(pid);
+                }
                 marks.pass(front.id);
                 self.queue.pop_front();
                 continue;
@@ -799,6 +825,9 @@ impl<'a> Client<'a> {
         if let Some(expiry) = row.properties.message_expiry_interval {
             let age = ((now_ms - row.accepted_ms).max(0) / 1000) as u64;
             if age >= u64::from(expiry) {
+                if let Some(pid) = self.resend.remove(&id) {
+                    self.ids.release(pid);
+                }
                 self.acked.push(id);
                 BridgeStats::bump(&self.setup.stats.dropped_expired);
                 tracing::info!(bridge = %self.setup.name, topic = %row.topic, "message expired in the spool");
@@ -815,6 +844,20 @@ impl<'a> Client<'a> {
         if qos == QoS::AtMostOnce {
             let publish = self.publish_of(row, QoS::AtMostOnce, None, false);
             return Ok(Some(Out::Publish { row: id, publish }));
+        }
+        if let Some(pid) = self.resend.remove(&id) {
+            if qos == QoS::AtLeastOnce {
+                self.inflight.insert(
+                    pid,
+                    Inflight::Row {
+                        id,
+                        stage: Stage::New,
+                    },
+                );
+                let publish = self.publish_of(row, qos, Some(pid), true);
+                return Ok(Some(Out::Publish { row: id, publish }));
+            }
+            self.ids.release(pid);
         }
         let Some(pid) = self.ids.alloc() else {
             return Err(Box::new(row));

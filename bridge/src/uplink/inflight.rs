@@ -64,6 +64,17 @@ impl Outstanding {
         }
     }
 
+    /// QoS 1 rows out without their PUBACK, with the identifiers they went out under.
+    pub(crate) fn qos1_rows(&self) -> Vec<(i64, u16)> {
+        self.by_pid
+            .iter()
+            .filter_map(|(pid, f)| match f {
+                Inflight::Row { id, stage } if *stage == Stage::New => Some((*id, *pid)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// True when a status message is out.
     pub(crate) fn status_out(&self) -> bool {
         self.by_pid.values().any(|f| matches!(f, Inflight::Control))

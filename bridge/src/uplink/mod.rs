@@ -432,6 +432,8 @@ pub(crate) async fn run(
     let mut careful_through = careful_through;
     // The row blamed at the last loss, when that loss was a drop by the cloud.
     let mut last_drop: Option<Option<i64>> = None;
+    // QoS 1 rows the last connection left without PUBACK, with their packet ids.
+    let mut qos1_out: Vec<(i64, u16)> = Vec::new();
     let mut repeats = progress::Repeats::default();
     let count = ctx.addresses.len();
     // The address tried next; a failed attempt moves on to the next one in the list.
@@ -503,12 +505,16 @@ pub(crate) async fn run(
                 let mut back_to_primary = false;
                 let end = {
                     let session = Session::new(&ctx, io, rbuf, limits, careful_through)
+                        .resume_qos1(std::mem::take(&mut qos1_out))
                         .run(&mut leave_rx, &mut live0);
                     tokio::pin!(session);
                     let mut leaving = false;
                     loop {
                         tokio::select! {
-                            end = &mut session => break end,
+                            (end, unacked) = &mut session => {
+                                qos1_out = unacked;
+                                break end;
+                            }
                             _ = stop_requested(&mut shutdown), if !leaving => {
                                 leaving = true;
                                 leave.send_replace(true);

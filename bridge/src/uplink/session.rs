@@ -83,11 +83,13 @@ impl<'a> Session<'a> {
     }
 
     /// Run until the link fails or shutdown completes.
+    /// Also returns the QoS 1 rows left without PUBACK, with their packet ids, for the
+    /// next connection's [`Session::resume_qos1`].
     pub(crate) async fn run(
         mut self,
         shutdown: &mut watch::Receiver<bool>,
         live0: &mut mpsc::Receiver<NewMessage>,
-    ) -> SessionEnd {
+    ) -> (SessionEnd, Vec<(i64, u16)>) {
         let end = match self.drive(shutdown, live0).await {
             Ok(()) => SessionEnd::Shutdown,
             Err(SessionEnd::Dropped { why, .. }) => {
@@ -100,7 +102,14 @@ impl<'a> Session<'a> {
         // Queued after the deletes: acknowledged rows stay spared from drop-oldest until
         // their delete is applied, so none is counted both forwarded and dropped.
         self.ctx.spool.untake_all();
-        end
+        (end, self.client.unacked_qos1())
+    }
+
+    /// QoS 1 rows the last connection left without PUBACK: sent again under the same
+    /// packet ids when the cloud kept the session (see [`Client::resume_qos1`]).
+    pub(crate) fn resume_qos1(mut self, rows: Vec<(i64, u16)>) -> Self {
+        self.client.resume_qos1(rows);
+        self
     }
 
     /// After the cloud dropped the link, read what it sent before closing: a write that

@@ -76,12 +76,26 @@ impl<'a> Link<'a> {
         careful_through: i64,
         now: Instant,
     ) -> Self {
+        Link::open_resuming(setup, spool, limits, careful_through, now, Vec::new())
+    }
+
+    /// [`Link::open`] after a connection that left the QoS 1 rows `unacked` without
+    /// PUBACK, as the driver carries them from one connection to the next.
+    fn open_resuming(
+        setup: Setup<'a>,
+        spool: &Spool,
+        limits: Limits,
+        careful_through: i64,
+        now: Instant,
+        unacked: Vec<(i64, u16)>,
+    ) -> Self {
         let incoming = if limits.session_present {
             spool.incoming.iter().copied().collect()
         } else {
             Vec::new()
         };
         let mut client = Client::new(setup, limits, careful_through, now, NOW_MS);
+        client.resume_qos1(unacked);
         client.start(&spool.in_progress(), incoming, now).unwrap();
         client.on_rows(spool.rows.values().cloned().collect(), true);
         Link { client, now }
@@ -244,6 +258,62 @@ fn qos1_rows_unacknowledged_at_a_drop_go_again_and_acknowledged_ones_do_not() {
     link.receive(&[ack(&again[0].1), ack(&again[1].1)]).unwrap();
     assert!(link.turn(&mut spool).is_empty());
     assert!(spool.rows.is_empty(), "acknowledged rows are deleted");
+}
+
+/// MQTT-4.4.0-1: on a session the cloud kept, unacknowledged PUBLISHes go again under
+/// their original packet identifiers, with DUP set (MQTT-3.3.1-1); on a session it lost,
+/// they are new exchanges.
+#[test]
+fn qos1_rows_cut_by_a_drop_go_again_under_their_ids_with_dup_on_a_kept_session() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    for id in 1..=3 {
+        spool.add(id, QoS::AtLeastOnce);
+    }
+    let now = Instant::now();
+    let mut link = Link::open(setup(&rules, &stats), &spool, limits(false, false), 0, now);
+    let sent = publishes(&link.turn(&mut spool));
+    assert_eq!(sent.len(), 3);
+    link.receive(&[ack(&sent[0].1)]).unwrap();
+    link.turn(&mut spool);
+    let mut unacked = link.client.unacked_qos1();
+    unacked.sort_unstable();
+    let pid_of = |row: i64| sent.iter().find(|(r, _)| *r == row).unwrap().1.packet_id;
+    assert_eq!(
+        unacked,
+        [(2, pid_of(2).unwrap()), (3, pid_of(3).unwrap())],
+        "rows 2 and 3 are out"
+    );
+
+    let mut kept = Link::open_resuming(
+        setup(&rules, &stats),
+        &spool,
+        limits(true, false),
+        0,
+        now,
+        unacked.clone(),
+    );
+    let again = publishes(&kept.turn(&mut spool));
+    assert_eq!(again.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [2, 3]);
+    for (row, p) in &again {
+        assert_eq!(p.packet_id, pid_of(*row), "row {row} keeps its packet id");
+        assert!(p.dup, "row {row} is a redelivery");
+    }
+
+    let mut lost = Link::open_resuming(
+        setup(&rules, &stats),
+        &spool,
+        limits(false, false),
+        0,
+        now,
+        unacked,
+    );
+    let fresh = publishes(&lost.turn(&mut spool));
+    assert_eq!(fresh.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [2, 3]);
+    assert!(
+        fresh.iter().all(|(_, p)| !p.dup),
+        "a new session: new exchanges"
+    );
 }
 
 #[test]
