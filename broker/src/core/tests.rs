@@ -19,6 +19,8 @@ use crate::store::Store;
 /// A core with persistence on, and what keeps it working while a test runs.
 struct Harness {
     core: Core,
+    /// The fake clock: the time every event is handed to the core with.
+    now: Instant,
     /// Receives what the core sends itself; kept so that its weak sender stays valid.
     _inbox: mpsc::Receiver<CoreEvent>,
     _dir: tempfile::TempDir,
@@ -31,9 +33,17 @@ impl Harness {
         let dir = tempfile::tempdir().expect("temporary directory");
         let store = Store::open(&dir.path().join("broker.sqlite"), 0).expect("store opens");
         let (tx, inbox) = mpsc::channel(16);
-        let core = Core::new(Arc::new(settings), Vec::new(), Some(store), tx.downgrade());
+        let now = Instant::now();
+        let core = Core::new(
+            Arc::new(settings),
+            Vec::new(),
+            Some(store),
+            tx.downgrade(),
+            now,
+        );
         Harness {
             core,
+            now,
             _inbox: inbox,
             _dir: dir,
         }
@@ -43,22 +53,25 @@ impl Harness {
     fn connect(&mut self, client_id: &str, clean: bool) -> (Accepted, OutboundRx) {
         let (tx, rx) = crate::outbound::channel(None);
         let (reply, mut answer) = oneshot::channel();
-        self.core.on_connect(ConnectRequest {
-            connect: Box::new(Connect {
-                protocol: Protocol::V3_1_1,
-                clean_start: clean,
-                keep_alive: 60,
-                properties: Properties::default(),
-                client_id: client_id.to_owned(),
-                will: None,
-                username: None,
-                password: None,
-            }),
-            peer: "127.0.0.1:1".parse().expect("address"),
-            listener: None,
-            tx,
-            reply,
-        });
+        self.core.on_connect(
+            ConnectRequest {
+                connect: Box::new(Connect {
+                    protocol: Protocol::V3_1_1,
+                    clean_start: clean,
+                    keep_alive: 60,
+                    properties: Properties::default(),
+                    client_id: client_id.to_owned(),
+                    will: None,
+                    username: None,
+                    password: None,
+                }),
+                peer: "127.0.0.1:1".parse().expect("address"),
+                listener: None,
+                tx,
+                reply,
+            },
+            self.now,
+        );
         let accepted = answer
             .try_recv()
             .expect("the core answers a CONNECT at once")
@@ -79,12 +92,13 @@ impl Harness {
             properties: Properties::default(),
         };
         self.core
-            .on_packet(who.session, Packet::Subscribe(subscribe));
+            .on_packet(who.session, Packet::Subscribe(subscribe), self.now);
     }
 
     /// The client's connection drops without DISCONNECT.
     fn drop_connection(&mut self, who: &Accepted) {
-        self.core.on_closed(who.session, who.conn_id, None, None);
+        self.core
+            .on_closed(who.session, who.conn_id, None, None, self.now);
     }
 }
 
@@ -107,7 +121,7 @@ async fn a_sys_message_queued_for_an_offline_session_holds_back_no_later_publish
     h.drop_connection(&watcher);
 
     // $SYS at QoS 0 is queued (and written) for the offline persistent session.
-    h.core.publish_sys(Instant::now());
+    h.core.publish_sys(h.now);
     let queued = h
         .core
         .sessions
@@ -119,7 +133,9 @@ async fn a_sys_message_queued_for_an_offline_session_holds_back_no_later_publish
     );
 
     // An unrelated QoS 1 message that nobody keeps: its PUBACK has nothing to wait for.
-    let (receipts, wanted) = h.core.accept(&message("plain/topic", QoS::AtLeastOnce));
+    let (receipts, wanted) = h
+        .core
+        .accept(&message("plain/topic", QoS::AtLeastOnce), h.now);
     assert!(!wanted, "nobody subscribes to the topic");
     assert_eq!(
         receipts.len(),
@@ -135,14 +151,14 @@ async fn a_message_queued_for_an_offline_persistent_session_waits_for_the_commit
     h.subscribe(&sub, "kept/#", QoS::AtLeastOnce);
     h.drop_connection(&sub);
 
-    let (receipts, wanted) = h.core.accept(&message("kept/1", QoS::AtLeastOnce));
+    let (receipts, wanted) = h.core.accept(&message("kept/1", QoS::AtLeastOnce), h.now);
     assert!(wanted);
     assert_eq!(receipts.len(), 1, "the PUBACK waits for the store's commit");
     for r in receipts {
         r.await.expect("the store commits");
     }
     // The next message, for nobody, waits for nothing.
-    let (receipts, _) = h.core.accept(&message("other", QoS::AtLeastOnce));
+    let (receipts, _) = h.core.accept(&message("other", QoS::AtLeastOnce), h.now);
     assert_eq!(receipts.len(), 0);
 }
 
@@ -151,7 +167,7 @@ async fn retained_messages_sent_on_subscribe_hold_back_no_later_publishers_ack()
     let mut h = Harness::new(|_| {});
     let mut retained = (*message("state/1", QoS::AtLeastOnce)).clone();
     retained.retain = true;
-    let (receipts, _) = h.core.accept(&Arc::new(retained));
+    let (receipts, _) = h.core.accept(&Arc::new(retained), h.now);
     assert_eq!(receipts.len(), 1, "a retained message waits for its row");
 
     // A persistent subscriber whose inflight window is full gets the retained message
@@ -170,6 +186,6 @@ async fn retained_messages_sent_on_subscribe_hold_back_no_later_publishers_ack()
         .map_or(0, |s| s.queued_len());
     assert_eq!(queued, 1, "the retained message is queued");
 
-    let (receipts, _) = h.core.accept(&message("other", QoS::AtLeastOnce));
+    let (receipts, _) = h.core.accept(&message("other", QoS::AtLeastOnce), h.now);
     assert_eq!(receipts.len(), 0);
 }

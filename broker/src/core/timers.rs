@@ -65,7 +65,7 @@ impl Core {
                         && s.link.is_none()
                         && let Some(w) = s.will.take()
                     {
-                        self.publish_will(key, w);
+                        self.publish_will(key, w, now);
                     }
                 }
                 Timer::Expire { key, generation } => {
@@ -76,24 +76,25 @@ impl Core {
                     {
                         // A will still pending is due when the session ends.
                         if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
-                            self.publish_will(key, w);
+                            self.publish_will(key, w, now);
                         }
                         self.end_session(key);
                     }
                 }
                 Timer::Sys => {
                     self.publish_sys(now);
-                    self.schedule_sys();
+                    self.schedule_sys(now);
                 }
                 Timer::Deferred => self.flush_deferred(now, false),
             }
         }
     }
 
-    pub(super) fn schedule_sys(&mut self) {
+    /// Schedules the next `$SYS` publication, one interval after `now`.
+    pub(super) fn schedule_sys(&mut self, now: Instant) {
         let every = self.settings.sys_interval;
         if !every.is_zero() {
-            self.timers.push(Instant::now() + every, Timer::Sys);
+            self.timers.push(now + every, Timer::Sys);
         }
     }
 }
