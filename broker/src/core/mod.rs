@@ -106,6 +106,7 @@ impl Core {
         if let Some(loaded) = loaded {
             core.restore(loaded, now);
         }
+        core.schedule_sys(now);
         core
     }
 }
@@ -113,7 +114,6 @@ impl Core {
 impl Core {
     async fn run(mut self, mut rx: mpsc::Receiver<CoreEvent>) {
         let mut batch = Vec::with_capacity(64);
-        self.schedule_sys(Instant::now());
         // One timer for the life of the core, moved only when the next deadline changes:
         // a fresh `sleep_until` per wake-up would insert into and remove from the timer
         // wheel on every batch of messages.
@@ -121,7 +121,7 @@ impl Core {
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
         loop {
-            let deadline = self.timers.next_deadline();
+            let deadline = self.poll_timeout();
             if deadline != armed {
                 if let Some(t) = deadline {
                     sleep.as_mut().reset(t.into());
@@ -154,7 +154,7 @@ impl Core {
                 () = &mut sleep, if armed.is_some() => {
                     // A fired timer must be reset before it can fire again.
                     armed = None;
-                    self.fire_timers(Instant::now());
+                    self.handle_timeout(Instant::now());
                 }
             }
         }
