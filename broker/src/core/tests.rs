@@ -1,6 +1,7 @@
 //! The core driven in memory, with a real store in a temporary directory and a fake
 //! clock: what a publisher's acknowledgement waits for after routing, session expiry,
-//! delayed wills, the write grace of persistence, and takeover.
+//! delayed wills, the write grace of persistence, takeover, message expiry, Receive
+//! Maximum and shared subscriptions.
 //!
 //! The clock is an `Instant` taken once plus offsets the test advances; the core is
 //! handed it with every event and woken at each deadline it asks for, as the task in
@@ -155,6 +156,18 @@ impl Harness {
 
     /// A client publishes `topic` with `qos` and packet id `packet_id`.
     fn publish(&mut self, who: &Accepted, topic: &str, qos: QoS, packet_id: u16) {
+        self.publish_with(who, topic, qos, packet_id, Properties::default());
+    }
+
+    /// A client publishes `topic` with these PUBLISH properties.
+    fn publish_with(
+        &mut self,
+        who: &Accepted,
+        topic: &str,
+        qos: QoS,
+        packet_id: u16,
+        properties: Properties,
+    ) {
         self.packet(
             who,
             Packet::Publish(Publish {
@@ -163,8 +176,20 @@ impl Harness {
                 retain: false,
                 topic: topic.into(),
                 packet_id: (qos != QoS::AtMostOnce).then_some(packet_id),
-                properties: Properties::default(),
+                properties,
                 payload: Bytes::from_static(b"x"),
+            }),
+        );
+    }
+
+    /// A client acknowledges a QoS 1 delivery.
+    fn puback(&mut self, who: &Accepted, packet_id: u16) {
+        self.packet(
+            who,
+            Packet::PubAck(PubResponse {
+                packet_id,
+                reason: ReasonCode::SUCCESS,
+                properties: Properties::default(),
             }),
         );
     }
@@ -435,7 +460,7 @@ async fn a_client_back_before_its_session_expires_resumes_it_and_the_old_deadlin
     assert!(
         items.iter().any(|i| matches!(i, Outbound::Control(p)
             if matches!(&**p, Packet::ConnAck(c) if c.session_present))),
-        "Session Present 1 (MQTT-3.2.2-2)"
+        "Session Present 1 (MQTT-3.2.2-3)"
     );
     assert!(
         items.iter().any(
@@ -665,4 +690,133 @@ async fn a_takeover_cancels_the_first_connections_delayed_will_mqtt_3_1_3_9() {
     h.advance_to(Duration::from_secs(60));
     assert!(publishes(&watcher_rx).is_empty());
     assert_eq!(h.core.stats.wills, 0);
+}
+
+// ---- Message Expiry Interval (MQTT 5.0) ----
+
+#[tokio::test]
+async fn a_queued_message_past_its_expiry_interval_is_not_delivered_mqtt_3_3_2_5() {
+    let mut h = Harness::new(|_| {});
+    let (reader, _) = h.connect_v5("reader", 3600, None);
+    h.subscribe(&reader, "m/#", QoS::AtLeastOnce);
+    h.drop_connection(&reader);
+    let (publisher, _) = h.connect_v5("publisher", 0, None);
+    for (topic, expiry) in [("m/short", 5), ("m/long", 60)] {
+        let properties = Properties {
+            message_expiry_interval: Some(expiry),
+            ..Default::default()
+        };
+        h.publish_with(&publisher, topic, QoS::AtLeastOnce, 1, properties);
+    }
+
+    // MQTT-3.3.2-5: once the interval has passed before onward delivery started, the
+    // copy for that subscriber is deleted. The clock the expiry counts on is the one the
+    // core was handed with the PUBLISH.
+    h.advance_to(Duration::from_secs(5));
+    let (_, rx) = h.connect_v5("reader", 3600, None);
+    let topics: Vec<String> = publishes(&rx).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(topics, vec!["m/long".to_owned()], "only the unexpired one");
+}
+
+#[tokio::test]
+async fn a_queued_message_inside_its_expiry_interval_is_delivered_mqtt_3_3_2_5() {
+    let mut h = Harness::new(|_| {});
+    let (reader, _) = h.connect_v5("reader", 3600, None);
+    h.subscribe(&reader, "m/#", QoS::AtLeastOnce);
+    h.drop_connection(&reader);
+    let (publisher, _) = h.connect_v5("publisher", 0, None);
+    let properties = Properties {
+        message_expiry_interval: Some(5),
+        ..Default::default()
+    };
+    h.publish_with(&publisher, "m/short", QoS::AtLeastOnce, 1, properties);
+
+    h.advance_to(Duration::from_secs(5) - Duration::from_millis(1));
+    let (_, rx) = h.connect_v5("reader", 3600, None);
+    let topics: Vec<String> = publishes(&rx).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(topics, vec!["m/short".to_owned()], "1 ms before it expires");
+}
+
+// ---- Receive Maximum (MQTT 5.0) ----
+
+#[tokio::test]
+async fn no_more_unacknowledged_qos_1_publishes_than_the_clients_receive_maximum_mqtt_3_3_4_9() {
+    let mut h = Harness::new(|_| {});
+    let (reader, rx) = h.connect_with(Connect {
+        protocol: Protocol::V5,
+        clean_start: true,
+        keep_alive: 60,
+        properties: Properties {
+            receive_maximum: Some(2),
+            ..Default::default()
+        },
+        client_id: "reader".to_owned(),
+        will: None,
+        username: None,
+        password: None,
+    });
+    h.subscribe(&reader, "rm/#", QoS::AtLeastOnce);
+    rx.take_now();
+    for i in 0..5 {
+        let _ = h
+            .core
+            .accept(&message(&format!("rm/{i}"), QoS::AtLeastOnce), h.now);
+    }
+    let first = publishes(&rx);
+    assert_eq!(
+        first.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        ["rm/0", "rm/1"],
+        "two in flight, the rest held back"
+    );
+    // Each PUBACK frees one slot for the next message held back, in order.
+    h.puback(&reader, first[0].1.expect("packet id"));
+    let next = publishes(&rx);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].0, "rm/2");
+    h.puback(&reader, first[1].1.expect("packet id"));
+    h.puback(&reader, next[0].1.expect("packet id"));
+    let rest: Vec<String> = publishes(&rx).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(rest, ["rm/3", "rm/4"]);
+}
+
+// ---- Shared subscriptions (MQTT 5.0, 4.8.2) ----
+
+#[tokio::test]
+async fn a_shared_subscription_gives_each_message_to_one_member_in_turn_and_skips_offline_ones() {
+    let mut h = Harness::new(|_| {});
+    let (a, a_rx) = h.connect_v5("member-a", 3600, None);
+    let (b, b_rx) = h.connect_v5("member-b", 3600, None);
+    h.subscribe(&a, "$share/workers/jobs/#", QoS::AtLeastOnce);
+    h.subscribe(&b, "$share/workers/jobs/#", QoS::AtLeastOnce);
+    a_rx.take_now();
+    b_rx.take_now();
+
+    for i in 0..4 {
+        let _ = h
+            .core
+            .accept(&message(&format!("jobs/{i}"), QoS::AtLeastOnce), h.now);
+    }
+    let to_a: Vec<String> = publishes(&a_rx).into_iter().map(|(t, _)| t).collect();
+    let to_b: Vec<String> = publishes(&b_rx).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(to_a.len(), 2, "to a: {to_a:?}, to b: {to_b:?}");
+    assert_eq!(to_b.len(), 2, "to a: {to_a:?}, to b: {to_b:?}");
+    let mut all: Vec<String> = to_a.iter().chain(&to_b).cloned().collect();
+    all.sort();
+    assert_eq!(all, ["jobs/0", "jobs/1", "jobs/2", "jobs/3"], "each once");
+
+    // A member whose connection dropped (its session kept) is passed over while another
+    // is connected.
+    h.drop_connection(&b);
+    for i in 4..6 {
+        let _ = h
+            .core
+            .accept(&message(&format!("jobs/{i}"), QoS::AtLeastOnce), h.now);
+    }
+    let to_a: Vec<String> = publishes(&a_rx).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(to_a, ["jobs/4", "jobs/5"]);
+    assert_eq!(
+        h.core.sessions.get(b.session).map_or(0, |s| s.queued_len()),
+        0,
+        "nothing queued for the offline member"
+    );
 }
