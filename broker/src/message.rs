@@ -34,14 +34,49 @@ pub struct Message {
 }
 
 impl Message {
-    /// Builds a message, turning a Message Expiry Interval into a deadline.
+    /// Builds a message, turning a Message Expiry Interval into a deadline counted from
+    /// the clock (read only when the message has an expiry).
     pub fn new(
+        topic: ByteString,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: Properties,
+        origin: Option<crate::router::SessionKey>,
+    ) -> Arc<Message> {
+        Self::build(
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            origin,
+            Instant::now,
+        )
+    }
+
+    /// Builds a message received at `now`: the core's constructor, which never reads the
+    /// clock itself, so that it can be driven with a fake one.
+    pub(crate) fn new_at(
+        topic: ByteString,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: Properties,
+        origin: Option<crate::router::SessionKey>,
+        now: Instant,
+    ) -> Arc<Message> {
+        Self::build(topic, payload, qos, retain, properties, origin, || now)
+    }
+
+    fn build(
         topic: ByteString,
         payload: Bytes,
         qos: QoS,
         retain: bool,
         mut properties: Properties,
         origin: Option<crate::router::SessionKey>,
+        now: impl FnOnce() -> Instant,
     ) -> Arc<Message> {
         // An interval of 0 has no meaning in the spec; as Mosquitto does, it is no
         // expiry rather than a message dropped as soon as it is acknowledged.
@@ -49,7 +84,7 @@ impl Message {
             .message_expiry_interval
             .take()
             .filter(|&s| s > 0)
-            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
+            .map(|s| now() + Duration::from_secs(u64::from(s)));
         properties.topic_alias = None;
         properties.subscription_identifiers.clear();
         Arc::new(Message {

@@ -15,7 +15,7 @@ use crate::router::SessionKey;
 use crate::session::{ClientId, Link, Session};
 
 impl Core {
-    pub(super) fn on_connect(&mut self, req: ConnectRequest) {
+    pub(super) fn on_connect(&mut self, req: ConnectRequest, now: Instant) {
         let ConnectRequest {
             connect,
             peer,
@@ -82,18 +82,17 @@ impl Core {
 
         let conn_id = self.next_conn_id;
         self.next_conn_id = conn_id.next();
-        let now = Instant::now();
 
         let mut session_present = false;
         if let Some(key) = self.sessions.key_of(&client_id) {
             // A session with expiry 0 (3.1.1 clean session) ends with its connection, so
             // a takeover never resumes it (MQTT-3.1.2-6, MQTT-3.2.2-3).
             let ends = connect.clean_start || self.sessions.get(key).is_some_and(|s| s.expiry == 0);
-            self.take_over(key, ends);
+            self.take_over(key, ends, now);
             if ends {
                 // A delayed will still pending is due when its session ends (MQTT-3.1.3-9).
                 if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
-                    self.publish_will(key, w);
+                    self.publish_will(key, w, now);
                 }
                 self.end_session(key);
             } else {
@@ -208,7 +207,7 @@ impl Core {
     }
 
     /// Closes the current connection of a session that a new CONNECT claims.
-    fn take_over(&mut self, key: SessionKey, clean_start: bool) {
+    fn take_over(&mut self, key: SessionKey, clean_start: bool, now: Instant) {
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
@@ -225,7 +224,7 @@ impl Core {
             if let Some(w) = will
                 && (delay == 0 || clean_start)
             {
-                self.publish_will(key, w);
+                self.publish_will(key, w, now);
             }
         }
     }
@@ -236,6 +235,7 @@ impl Core {
         conn_id: super::ConnId,
         disconnect: Option<Disconnect>,
         reason: Option<ReasonCode>,
+        now: Instant,
     ) {
         let Some(s) = self.sessions.get_mut(key) else {
             return;
@@ -282,7 +282,7 @@ impl Core {
 
         if expiry == 0 {
             if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
-                self.publish_will(key, w);
+                self.publish_will(key, w, now);
             }
             self.end_session(key);
             return;
@@ -290,11 +290,10 @@ impl Core {
         self.persist_session(key);
         // Offline now: what it still owes the client is written at once.
         self.flush_session(key);
-        let now = Instant::now();
         match will_delay {
             Some(0) => {
                 if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
-                    self.publish_will(key, w);
+                    self.publish_will(key, w, now);
                 }
             }
             Some(delay) => {
@@ -311,21 +310,28 @@ impl Core {
         }
     }
 
-    pub(super) fn publish_will(&mut self, key: SessionKey, will: Box<outpost_mqtt::Will>) {
+    /// Publishes a session's will at `now`.
+    pub(super) fn publish_will(
+        &mut self,
+        key: SessionKey,
+        will: Box<outpost_mqtt::Will>,
+        now: Instant,
+    ) {
         let mut will = *will;
         // Will Delay Interval is a will property only; PUBLISH may not carry it.
         will.properties.will_delay_interval = None;
         self.stats.wills += 1;
-        let msg = Message::new(
+        let msg = Message::new_at(
             will.topic,
             will.payload,
             will.qos,
             will.retain,
             will.properties,
             Some(key),
+            now,
         );
         // A will is not acknowledged to anyone, so durable receipts are not awaited.
-        let _ = self.accept(&msg);
+        let _ = self.accept(&msg, now);
     }
 
     /// Removes a session and everything it subscribed to.
@@ -346,15 +352,12 @@ impl Core {
 }
 
 /// A random value for assigned client identifiers, without pulling in an RNG crate:
-/// std's hasher is seeded randomly per process.
+/// std's hasher keys are random per process and step with every `RandomState`, so each
+/// call gives a new value without reading the clock.
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    h.write_u8(0);
     h.finish()
 }
 

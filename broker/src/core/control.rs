@@ -37,14 +37,15 @@ use crate::router::{SessionKey, SubEntry};
 use crate::session::{Link, SessionSub};
 
 impl Core {
-    pub(super) fn on_packet(&mut self, key: SessionKey, packet: Packet) {
+    /// Handles a packet from a connected client, received at `now`.
+    pub(super) fn on_packet(&mut self, key: SessionKey, packet: Packet, now: Instant) {
         match packet {
-            Packet::Publish(p) => self.on_publish(key, p),
-            Packet::PubAck(r) => self.on_complete(key, r.packet_id, AckKind::PubAck),
-            Packet::PubComp(r) => self.on_complete(key, r.packet_id, AckKind::PubComp),
-            Packet::PubRec(r) => self.on_pubrec(key, r),
+            Packet::Publish(p) => self.on_publish(key, p, now),
+            Packet::PubAck(r) => self.on_complete(key, r.packet_id, AckKind::PubAck, now),
+            Packet::PubComp(r) => self.on_complete(key, r.packet_id, AckKind::PubComp, now),
+            Packet::PubRec(r) => self.on_pubrec(key, r, now),
             Packet::PubRel(r) => self.on_pubrel(key, r.packet_id),
-            Packet::Subscribe(s) => self.on_subscribe(key, s),
+            Packet::Subscribe(s) => self.on_subscribe(key, s, now),
             Packet::Unsubscribe(u) => self.on_unsubscribe(key, u),
             // The connection task handles or rejects everything else.
             _ => {}
@@ -58,7 +59,7 @@ impl Core {
         }
     }
 
-    fn on_publish(&mut self, key: SessionKey, p: Publish) {
+    fn on_publish(&mut self, key: SessionKey, p: Publish, now: Instant) {
         let Some(tx) = self.link_tx(key) else {
             return;
         };
@@ -79,7 +80,15 @@ impl Core {
             self.refuse_publish(key, &tx, qos, packet_id, refusal);
             return;
         }
-        let msg = Message::new(p.topic, p.payload, p.qos, p.retain, p.properties, Some(key));
+        let msg = Message::new_at(
+            p.topic,
+            p.payload,
+            p.qos,
+            p.retain,
+            p.properties,
+            Some(key),
+            now,
+        );
         let keep_id = qos == QoS::ExactlyOnce
             && self.store.is_some()
             && self.sessions.get(key).is_some_and(|s| s.store_id.is_some());
@@ -91,7 +100,7 @@ impl Core {
             // PUBREC waits for that commit (`accept` adds the store's receipt).
             let store = self.store.as_ref().expect("checked above");
             store.begin_group();
-            let (mut receipts, wanted) = self.accept(&msg);
+            let (mut receipts, wanted) = self.accept(&msg, now);
             let sid = self.sessions.get(key).and_then(|s| s.store_id);
             if let (Some(store), Some(sid)) = (self.store.as_ref(), sid) {
                 store.put_qos2(sid, packet_id);
@@ -100,7 +109,7 @@ impl Core {
             }
             (receipts, wanted)
         } else {
-            self.accept(&msg)
+            self.accept(&msg, now)
         };
         if qos == QoS::AtMostOnce {
             return;
@@ -327,7 +336,7 @@ impl Core {
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) ends an outgoing exchange.
-    fn on_complete(&mut self, key: SessionKey, packet_id: u16, kind: AckKind) {
+    fn on_complete(&mut self, key: SessionKey, packet_id: u16, kind: AckKind, now: Instant) {
         if !self.ack_fits(key, packet_id, kind) {
             return;
         }
@@ -339,11 +348,11 @@ impl Core {
             if f.written {
                 super::route::forget(&self.store, f.stored);
             }
-            self.pump(key, Instant::now());
+            self.pump(key, now);
         }
     }
 
-    fn on_pubrec(&mut self, key: SessionKey, r: PubResponse) {
+    fn on_pubrec(&mut self, key: SessionKey, r: PubResponse, now: Instant) {
         let Some(tx) = self.link_tx(key) else {
             return;
         };
@@ -360,7 +369,7 @@ impl Core {
                 if f.written {
                     super::route::forget(&self.store, f.stored);
                 }
-                self.pump(key, Instant::now());
+                self.pump(key, now);
             }
             return;
         }
@@ -433,7 +442,7 @@ impl Core {
         self.ack_after_commit(&tx, comp, kept);
     }
 
-    fn on_subscribe(&mut self, key: SessionKey, sub: Subscribe) {
+    fn on_subscribe(&mut self, key: SessionKey, sub: Subscribe, now: Instant) {
         let Some(tx) = self.link_tx(key) else {
             return;
         };
@@ -527,7 +536,6 @@ impl Core {
             properties: Properties::default(),
         });
         self.control_after_commit(&tx, suback, kept);
-        let now = Instant::now();
         // Retained messages queued for a persistent session here belong to no publisher's
         // acknowledgement: what routing them keeps is nobody's to wait for.
         let mut for_no_publisher = super::route::Routed::default();

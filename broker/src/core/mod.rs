@@ -68,19 +68,20 @@ pub(crate) fn spawn(
     store: Option<(Store, Loaded)>,
 ) -> mpsc::Sender<CoreEvent> {
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
-    let core = Core::new(settings, sinks, store, tx.downgrade());
+    let core = Core::new(settings, sinks, store, tx.downgrade(), Instant::now());
     tokio::spawn(core.run(rx));
     tx
 }
 
 impl Core {
-    /// A core with the sessions and retained messages `store` held, answering
-    /// acknowledgements that report back through `inbox`.
+    /// A core started at `now` with the sessions and retained messages `store` held,
+    /// answering acknowledgements that report back through `inbox`.
     fn new(
         settings: Arc<Settings>,
         sinks: Vec<Arc<dyn DurableSink>>,
         store: Option<(Store, Loaded)>,
         inbox: mpsc::WeakSender<CoreEvent>,
+        now: Instant,
     ) -> Core {
         let (store, loaded) = match store {
             Some((s, l)) => (Some(s), Some(l)),
@@ -99,12 +100,13 @@ impl Core {
             store,
             deferred: std::collections::VecDeque::new(),
             stats: Stats::default(),
-            started: Instant::now(),
+            started: now,
             users: std::collections::HashMap::new(),
         };
         if let Some(loaded) = loaded {
-            core.restore(loaded);
+            core.restore(loaded, now);
         }
+        core.schedule_sys(now);
         core
     }
 }
@@ -112,7 +114,6 @@ impl Core {
 impl Core {
     async fn run(mut self, mut rx: mpsc::Receiver<CoreEvent>) {
         let mut batch = Vec::with_capacity(64);
-        self.schedule_sys();
         // One timer for the life of the core, moved only when the next deadline changes:
         // a fresh `sleep_until` per wake-up would insert into and remove from the timer
         // wheel on every batch of messages.
@@ -120,7 +121,7 @@ impl Core {
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
         loop {
-            let deadline = self.timers.next_deadline();
+            let deadline = self.poll_timeout();
             if deadline != armed {
                 if let Some(t) = deadline {
                     sleep.as_mut().reset(t.into());
@@ -132,40 +133,45 @@ impl Core {
                     if n == 0 {
                         break;
                     }
+                    // The one clock read per batch: the core takes the time as an input
+                    // and never reads the clock itself, so it can be driven with a fake
+                    // one (tests.rs), and a batch costs one read, not one per message.
+                    let now = Instant::now();
                     for ev in batch.drain(..) {
                         if let CoreEvent::Shutdown(done) = ev {
                             self.shutdown();
                             // Deliveries not acknowledged yet are written, and dropping the
                             // store waits for its last commit: what a session is owed is on
                             // disk before the process exits.
-                            self.flush_deferred(Instant::now(), true);
+                            self.flush_deferred(now, true);
                             self.store = None;
                             let _ = done.send(());
                             return;
                         }
-                        self.handle(ev);
+                        self.handle_event(ev, now);
                     }
                 }
                 () = &mut sleep, if armed.is_some() => {
                     // A fired timer must be reset before it can fire again.
                     armed = None;
-                    self.fire_timers(Instant::now());
+                    self.handle_timeout(Instant::now());
                 }
             }
         }
         self.shutdown();
     }
 
-    fn handle(&mut self, ev: CoreEvent) {
+    /// Handles one event that arrived at `now`.
+    fn handle_event(&mut self, ev: CoreEvent, now: Instant) {
         match ev {
-            CoreEvent::Connect(req) => self.on_connect(req),
+            CoreEvent::Connect(req) => self.on_connect(req, now),
             CoreEvent::Packet {
                 session,
                 conn_id,
                 packet,
             } => {
                 if self.sessions.get(session).and_then(|s| s.conn_id()) == Some(conn_id) {
-                    self.on_packet(session, packet);
+                    self.on_packet(session, packet, now);
                 }
             }
             CoreEvent::CloseAfterReplies {
@@ -188,10 +194,10 @@ impl Core {
                 conn_id,
                 disconnect,
                 reason,
-            } => self.on_closed(session, conn_id, disconnect, reason),
+            } => self.on_closed(session, conn_id, disconnect, reason, now),
             CoreEvent::LocalPublish { msg, done } => {
                 self.stats.local_publishes += 1;
-                let (receipts, _) = self.accept(&msg);
+                let (receipts, _) = self.accept(&msg, now);
                 let _ = done.send(receipts);
             }
             CoreEvent::LocalSubscribe {
@@ -222,7 +228,7 @@ impl Core {
                 let _ = done.send(());
             }
             CoreEvent::Snapshot(done) => {
-                let _ = done.send(self.sys_snapshot(Instant::now()));
+                let _ = done.send(self.sys_snapshot(now));
             }
             CoreEvent::Shutdown(_) => unreachable!("handled in run"),
         }

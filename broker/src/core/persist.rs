@@ -136,14 +136,13 @@ impl Core {
     }
 
     /// Takes in what the store held at start: retained messages, and persistent
-    /// sessions as if their clients had just disconnected (their expiry starts now, as
-    /// in Mosquitto).
-    pub(super) fn restore(&mut self, loaded: Loaded) {
+    /// sessions as if their clients had just disconnected at `now` (their expiry starts
+    /// then, as in Mosquitto).
+    pub(super) fn restore(&mut self, loaded: Loaded, now: Instant) {
         let retained = loaded.retained.len();
         for msg in loaded.retained {
             self.retained.restore(msg);
         }
-        let now = Instant::now();
         let sessions = loaded.sessions.len();
         let mut owed = 0;
         for ls in loaded.sessions {

@@ -23,7 +23,11 @@ impl Core {
     /// subscribers, and offers it to the durable sinks. Returns the receipts its
     /// publisher's acknowledgement must wait for, and whether a subscription matched or
     /// a sink took it (see [`Core::sinks_want`] for the rest).
-    pub(super) fn accept(&mut self, msg: &Arc<Message>) -> (Vec<DurableReceipt>, bool) {
+    pub(super) fn accept(
+        &mut self,
+        msg: &Arc<Message>,
+        now: Instant,
+    ) -> (Vec<DurableReceipt>, bool) {
         self.stats.messages_received += 1;
         self.stats.bytes_received += msg.payload.len() as u64;
         let mut retained_row = false;
@@ -54,7 +58,7 @@ impl Core {
                 }
             }
         }
-        let routed = self.route(msg);
+        let routed = self.route(msg, now);
         let mut receipts: Vec<DurableReceipt> = self
             .sinks
             .iter()
@@ -107,7 +111,7 @@ impl Core {
 
     /// Delivers or queues `msg` for every matching subscription, and says what its
     /// publisher's acknowledgement has to wait for.
-    pub(super) fn route(&mut self, msg: &Arc<Message>) -> Routed {
+    pub(super) fn route(&mut self, msg: &Arc<Message>, now: Instant) -> Routed {
         let mut routed = Routed::default();
         let mut matches = std::mem::take(&mut self.scratch);
         matches.clear();
@@ -121,7 +125,6 @@ impl Core {
         // every subscription identifier (MQTT-3.3.5-1, 3.3.4 in 5.0); shared ones are
         // delivered on their own.
         matches.sort_unstable_by_key(|m| (m.shared, m.session));
-        let now = Instant::now();
         let mut i = 0;
         while i < matches.len() {
             let first = matches[i];

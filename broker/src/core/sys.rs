@@ -47,18 +47,19 @@ impl Core {
     /// Publishes the statistics as retained `$SYS` messages.
     pub(super) fn publish_sys(&mut self, now: Instant) {
         for (name, value) in self.sys_snapshot(now).entries() {
-            let msg = Message::new(
+            let msg = Message::new_at(
                 format!("$SYS/broker/{name}").into(),
                 Bytes::from(value),
                 QoS::AtMostOnce,
                 true,
                 Properties::default(),
                 None,
+                now,
             );
             // $SYS messages are not counted as received traffic nor offered to the bridge,
             // and no publisher waits for what routing them keeps.
             self.retained.update(&msg);
-            let _ = self.route(&msg);
+            let _ = self.route(&msg, now);
         }
     }
 }

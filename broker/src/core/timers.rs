@@ -1,4 +1,10 @@
-//! Delayed work of the core: delayed wills, session expiry and `$SYS` publishing.
+//! Delayed work of the core: delayed wills, session expiry, `$SYS` publishing and
+//! deferred writes.
+//!
+//! The core owns no timer of the runtime: it says when it next needs to be woken
+//! ([`Core::poll_timeout`]) and is told the time when that comes
+//! ([`Core::handle_timeout`]), as quinn-proto's connection is. The task around it
+//! sleeps; tests advance a fake clock instead.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -37,11 +43,13 @@ pub(crate) struct Timers {
 }
 
 impl Timers {
+    /// Schedules `t` at `at`.
     pub(crate) fn push(&mut self, at: Instant, t: Timer) {
         self.heap.push(Reverse((at, t)));
     }
 
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+    /// The earliest deadline.
+    fn next_deadline(&self) -> Option<Instant> {
         self.heap.peek().map(|Reverse((at, _))| *at)
     }
 
@@ -55,7 +63,17 @@ impl Timers {
 }
 
 impl Core {
-    pub(super) fn fire_timers(&mut self, now: Instant) {
+    /// When the core next has something to do on its own: the earliest of the pending
+    /// wills, session expiries, `$SYS` and deferred writes, or `None` with none pending.
+    /// Call [`Core::handle_timeout`] once the clock reaches it. A deadline whose work went
+    /// away (its client reconnected) stays until it passes, and then does nothing.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    /// Does everything due at `now`: publishes delayed wills, ends expired sessions,
+    /// publishes `$SYS`, writes deferred deliveries.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
         // Bounded: only timers already due are handled; new ones land in the future.
         while let Some(t) = self.timers.pop_due(now) {
             match t {
@@ -65,7 +83,7 @@ impl Core {
                         && s.link.is_none()
                         && let Some(w) = s.will.take()
                     {
-                        self.publish_will(key, w);
+                        self.publish_will(key, w, now);
                     }
                 }
                 Timer::Expire { key, generation } => {
@@ -76,24 +94,25 @@ impl Core {
                     {
                         // A will still pending is due when the session ends.
                         if let Some(w) = self.sessions.get_mut(key).and_then(|s| s.will.take()) {
-                            self.publish_will(key, w);
+                            self.publish_will(key, w, now);
                         }
                         self.end_session(key);
                     }
                 }
                 Timer::Sys => {
                     self.publish_sys(now);
-                    self.schedule_sys();
+                    self.schedule_sys(now);
                 }
                 Timer::Deferred => self.flush_deferred(now, false),
             }
         }
     }
 
-    pub(super) fn schedule_sys(&mut self) {
+    /// Schedules the next `$SYS` publication, one interval after `now`.
+    pub(super) fn schedule_sys(&mut self, now: Instant) {
         let every = self.settings.sys_interval;
         if !every.is_zero() {
-            self.timers.push(Instant::now() + every, Timer::Sys);
+            self.timers.push(now + every, Timer::Sys);
         }
     }
 }
