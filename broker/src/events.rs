@@ -10,8 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::message::Message;
 use crate::outbound::OutboundTx;
-use crate::router::SessionKey;
 use crate::settings::Settings;
+use crate::subscriptions::SessionKey;
 use crate::{DurableReceipt, DurableSink, SinkId};
 
 /// What connections and the in-process API tell the core.

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::events::CoreEvent;
 use super::message::Message;
-use super::router::SessionKey;
+use super::subscriptions::SessionKey;
 use super::{Rejected, SinkId};
 
 /// Deliveries an in-process subscriber may have pending before new ones are dropped.

@@ -27,7 +27,7 @@ pub struct Message {
     /// When the 5.0 Message Expiry Interval runs out.
     pub expires_at: Option<Instant>,
     /// Session that published it, for No Local; `None` for in-process publishers.
-    pub origin: Option<crate::router::SessionKey>,
+    pub origin: Option<crate::subscriptions::SessionKey>,
     /// A durable sink this message must not be offered to: the bridge whose downlink
     /// published it, so `both` rules do not send a message back where it came from.
     pub skip_sink: Option<usize>,
@@ -42,7 +42,7 @@ impl Message {
         qos: QoS,
         retain: bool,
         properties: Properties,
-        origin: Option<crate::router::SessionKey>,
+        origin: Option<crate::subscriptions::SessionKey>,
     ) -> Arc<Message> {
         Self::build(
             topic,
@@ -63,7 +63,7 @@ impl Message {
         qos: QoS,
         retain: bool,
         properties: Properties,
-        origin: Option<crate::router::SessionKey>,
+        origin: Option<crate::subscriptions::SessionKey>,
         now: Instant,
     ) -> Arc<Message> {
         Self::build(topic, payload, qos, retain, properties, origin, || now)
@@ -75,7 +75,7 @@ impl Message {
         qos: QoS,
         retain: bool,
         mut properties: Properties,
-        origin: Option<crate::router::SessionKey>,
+        origin: Option<crate::subscriptions::SessionKey>,
         now: impl FnOnce() -> Instant,
     ) -> Arc<Message> {
         // An interval of 0 has no meaning in the spec; as Mosquitto does, it is no

@@ -18,8 +18,8 @@ use super::super::events::CoreEvent;
 use super::super::handle::BrokerHandle;
 use super::super::message::Delivery;
 use super::super::outbound::{Ack, AckKind, DurableResult, Outbound};
-use super::super::router::SessionKey;
 use super::super::settings::Settings;
+use super::super::subscriptions::SessionKey;
 
 /// An acknowledgement waiting its turn.
 enum PendingAck {

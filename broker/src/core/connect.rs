@@ -11,8 +11,8 @@ use super::{ConnectRequest, Core};
 use crate::acl::ClientAcl;
 use crate::message::Message;
 use crate::outbound::{Ack, AckKind, Outbound};
-use crate::router::SessionKey;
 use crate::session::{ClientId, Link, Session};
+use crate::subscriptions::SessionKey;
 
 impl Core {
     pub(super) fn on_connect(&mut self, req: ConnectRequest, now: Instant) {

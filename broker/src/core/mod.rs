@@ -4,11 +4,14 @@
 //! locks on the routing path and a simple story for takeover, wills and expiry. The
 //! expensive per-byte work, decoding and encoding, happens in the connection tasks.
 
+mod ack;
 mod connect;
-mod control;
+mod packet;
 mod persist;
+mod publish;
 mod route;
-mod sys;
+mod subscribe;
+mod sys_publish;
 mod table;
 mod timers;
 
@@ -23,9 +26,9 @@ use tokio::sync::mpsc;
 use super::acl::ClientAcl;
 pub(crate) use super::events::{Accepted, ClientOrigin, ConnId, ConnectRequest, CoreEvent};
 use super::retained::RetainedStore;
-use super::router::{Match, SessionKey, SubscriptionTree};
 use super::settings::Settings;
 use super::store::{Loaded, Store};
+use super::subscriptions::{Match, SessionKey, SubscriptionTree};
 use super::sys::Stats;
 use super::{DurableSink, SinkId};
 use table::SessionTable;

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use super::Core;
 use super::timers::Timer;
-use crate::router::{SessionKey, SubEntry};
 use crate::session::{AckGate, ClientId, Inflight, Session, SessionSub};
 use crate::store::{DeliveryId, Loaded, StoreId};
+use crate::subscriptions::{SessionKey, SubEntry};
 
 /// How long a delivery in flight to a connected persistent session may go unacknowledged
 /// before it is written. A healthy client answers well inside it; it also bounds how long

@@ -14,9 +14,9 @@ use crate::DurableReceipt;
 use crate::message::Delivery;
 use crate::message::Message;
 use crate::outbound::Outbound;
-use crate::router::{Match, SessionKey, SubEntry};
 use crate::session::{AckGate, GateWait, Inflight, Link, Session, SessionSub};
 use crate::store::{DeliveryId, Store};
+use crate::subscriptions::{Match, SessionKey, SubEntry};
 
 impl Core {
     /// Accepts a message from any publisher: updates retained state, delivers it to

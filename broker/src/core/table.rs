@@ -14,8 +14,8 @@ use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
-use crate::router::SessionKey;
 use crate::session::Session;
+use crate::subscriptions::SessionKey;
 
 /// One slab slot.
 struct Slot {

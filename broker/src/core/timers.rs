@@ -11,7 +11,7 @@ use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use super::Core;
-use crate::router::SessionKey;
+use crate::subscriptions::SessionKey;
 
 /// Something due at a point in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

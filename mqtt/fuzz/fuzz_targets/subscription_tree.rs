@@ -1,4 +1,4 @@
-//! The broker's subscription tree (`outpost_gateway::broker::router::SubscriptionTree`)
+//! The broker's subscription tree (`outpost_gateway::broker::subscriptions::SubscriptionTree`)
 //! under arbitrary insert / remove / match operations, checked against a model that is
 //! a plain set of subscriptions matched one by one with `outpost_mqtt::topic::matches`:
 //!
@@ -23,7 +23,7 @@ use std::sync::{Mutex, OnceLock};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use outpost_gateway::broker::router::{SessionKey, SubEntry, SubscriptionTree};
+use outpost_gateway::broker::subscriptions::{SessionKey, SubEntry, SubscriptionTree};
 use outpost_mqtt::topic::{matches, parse_shared, validate_topic_filter, validate_topic_name};
 use outpost_mqtt::{QoS, SubscriptionOptions};
 
