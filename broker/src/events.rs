@@ -6,6 +6,8 @@
 use std::sync::Arc;
 
 use outpost_mqtt::{Connect, Disconnect, Packet, QoS};
+use tokio::sync::mpsc::OwnedPermit;
+use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::message::Message;
@@ -142,4 +144,41 @@ pub(crate) struct ConnectRequest {
     pub tx: OutboundTx,
     /// Answered with the session and connection ids, or `None` if refused.
     pub reply: oneshot::Sender<Option<Accepted>>,
+}
+
+/// The core's inbox as the network connections use it: the internal pipe, apart from the
+/// public in-process API ([`crate::BrokerHandle`]), which wraps the same queue.
+#[derive(Clone)]
+pub(crate) struct CoreInbox(mpsc::Sender<CoreEvent>);
+
+/// The core has stopped: nothing more can be sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CoreStopped;
+
+impl CoreInbox {
+    /// Wraps the sender the core was spawned with.
+    pub(crate) fn new(tx: mpsc::Sender<CoreEvent>) -> CoreInbox {
+        CoreInbox(tx)
+    }
+
+    /// Sends `ev`, waiting for room in the queue.
+    pub(crate) async fn send(&self, ev: CoreEvent) -> Result<(), CoreStopped> {
+        self.0.send(ev).await.map_err(|_| CoreStopped)
+    }
+
+    /// Queues an event without waiting; `Full` hands it back so the caller can wait
+    /// for room with [`Self::reserve_owned`] (the connection futures poll, not await).
+    // The event comes back by value so the caller boxes it only on the rare full path.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn try_send(&self, ev: CoreEvent) -> Result<(), TrySendError<CoreEvent>> {
+        self.0.try_send(ev)
+    }
+
+    /// Waits for room in the core's queue, holding it until the permit is used.
+    pub(crate) fn reserve_owned(
+        &self,
+    ) -> impl std::future::Future<Output = Result<OwnedPermit<CoreEvent>, SendError<()>>> + Send + 'static
+    {
+        self.0.clone().reserve_owned()
+    }
 }

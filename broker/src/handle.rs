@@ -8,13 +8,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use outpost_mqtt::{Properties, QoS};
-use tokio::sync::mpsc::{
-    OwnedPermit,
-    error::{SendError, TrySendError},
-};
 use tokio::sync::{mpsc, oneshot};
 
-use super::events::CoreEvent;
+use super::events::{CoreEvent, CoreInbox};
 use super::message::Message;
 use super::subscriptions::SessionKey;
 use super::{Rejected, SinkId};
@@ -48,35 +44,25 @@ fn invalid(topic: &str, e: outpost_mqtt::topic::TopicError) -> PublishError {
     }
 }
 
-/// A cheap, cloneable handle to the broker core.
+/// A cheap, cloneable handle to the broker core: the in-process API the gateway's sensors
+/// and bridges use.
 #[derive(Clone)]
 pub struct BrokerHandle {
-    tx: mpsc::Sender<CoreEvent>,
+    inbox: CoreInbox,
 }
 
 impl BrokerHandle {
-    pub(crate) fn new(tx: mpsc::Sender<CoreEvent>) -> BrokerHandle {
-        BrokerHandle { tx }
+    pub(crate) fn new(inbox: CoreInbox) -> BrokerHandle {
+        BrokerHandle { inbox }
     }
 
-    pub(crate) async fn send(&self, ev: CoreEvent) -> Result<(), PublishError> {
-        self.tx.send(ev).await.map_err(|_| PublishError::Stopped)
+    /// The core's inbox, for the listeners' connections.
+    pub(crate) fn inbox(&self) -> CoreInbox {
+        self.inbox.clone()
     }
 
-    /// Queues an event without waiting; `Full` hands it back so the caller can wait
-    /// for room with [`Self::reserve_owned`] (the connection futures poll, not await).
-    // The event comes back by value so the caller boxes it only on the rare full path.
-    #[allow(clippy::result_large_err)]
-    pub(crate) fn try_send(&self, ev: CoreEvent) -> Result<(), TrySendError<CoreEvent>> {
-        self.tx.try_send(ev)
-    }
-
-    /// Waits for room in the core's queue, holding it until the permit is used.
-    pub(crate) fn reserve_owned(
-        &self,
-    ) -> impl std::future::Future<Output = Result<OwnedPermit<CoreEvent>, SendError<()>>> + Send + 'static
-    {
-        self.tx.clone().reserve_owned()
+    async fn send(&self, ev: CoreEvent) -> Result<(), PublishError> {
+        self.inbox.send(ev).await.map_err(|_| PublishError::Stopped)
     }
 
     /// Publishes a message and resolves once the broker has accepted it (and, for
@@ -157,7 +143,7 @@ impl BrokerHandle {
         Ok(LocalSubscription {
             rx,
             key,
-            core: self.tx.clone(),
+            core: self.inbox.clone(),
         })
     }
 
@@ -221,7 +207,7 @@ impl Receipt {
 pub struct LocalSubscription {
     rx: mpsc::Receiver<Arc<Message>>,
     key: SessionKey,
-    core: mpsc::Sender<CoreEvent>,
+    core: CoreInbox,
 }
 
 impl LocalSubscription {

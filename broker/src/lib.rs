@@ -27,6 +27,7 @@ mod park;
 mod retained;
 mod session;
 mod settings;
+mod sink;
 pub mod store;
 pub mod subscriptions;
 pub mod sys;
@@ -36,56 +37,13 @@ mod transport;
 use std::sync::Arc;
 
 pub use auth::{Users, hash_password, verify as verify_password};
-pub use connection::serve_stream;
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
 pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
 pub use park::set_memory_trim;
 pub use settings::{Settings, SharedSettings};
+pub use sink::{DurableReceipt, DurableSink, Rejected, SinkId};
 pub use tls::{TlsError, server_config, server_config as tls_server_config};
-
-/// Why a durable sink refused a message.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{reason}")]
-pub struct Rejected {
-    /// Human-readable reason, logged and sent as a 5.0 reason string.
-    pub reason: String,
-    /// The 5.0 PUBACK/PUBREC reason code to answer with (0x97 Quota exceeded for a full
-    /// spool, 0x80 for a failure); 3.x publishers get no acknowledgement at all.
-    pub code: outpost_mqtt::ReasonCode,
-}
-
-impl Rejected {
-    /// A refusal for a reason other than a full store.
-    pub fn failure(reason: impl Into<String>) -> Rejected {
-        Rejected {
-            reason: reason.into(),
-            code: outpost_mqtt::ReasonCode::UNSPECIFIED_ERROR,
-        }
-    }
-}
-
-/// What a durable sink hands back for a message it took: resolves once the message is
-/// committed, or with the reason it was refused.
-pub type DurableReceipt = futures_util::future::BoxFuture<'static, Result<(), Rejected>>;
-
-/// Something that must make a message durable before its publisher is acknowledged
-/// (the bridge spool). `offer` is called on the core task for every accepted message,
-/// so it must be cheap and must not block: return `None` when the sink does not want
-/// the message, so messages it does not match are not slowed at all.
-pub trait DurableSink: Send + Sync + 'static {
-    /// Offers a message; `Some` resolves once it is committed or refused.
-    fn offer(&self, msg: &Message) -> Option<DurableReceipt>;
-
-    /// Whether the sink takes messages on `topic` at all, durably or not; asked only for
-    /// messages no subscription matched, to tell a 5.0 publisher 0x10 (No matching
-    /// subscribers) truthfully.
-    fn wants(&self, topic: &str) -> bool;
-}
-
-/// Identifies a registered durable sink, so a sink's own downlink publishes can skip it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SinkId(pub(crate) usize);
 
 /// Starts the broker core and returns its handle; listeners are attached with
 /// [`listener::serve`] through [`Broker::serve`].
@@ -102,7 +60,11 @@ impl Broker {
         store: Option<(store::Store, store::Loaded)>,
     ) -> Broker {
         let settings = Arc::new(settings);
-        let handle = BrokerHandle::new(core::spawn(settings.clone(), sinks, store));
+        let handle = BrokerHandle::new(events::CoreInbox::new(core::spawn(
+            settings.clone(),
+            sinks,
+            store,
+        )));
         Broker {
             handle,
             settings: SharedSettings::new(settings),
@@ -118,7 +80,7 @@ impl Broker {
     pub fn serve(&self, listeners: Vec<BoundListener>) -> Vec<ServingListener> {
         listeners
             .into_iter()
-            .map(|l| listener::spawn_accept_loop(l, self.handle.clone(), self.settings.clone()))
+            .map(|l| listener::spawn_accept_loop(l, self.handle.inbox(), self.settings.clone()))
             .collect()
     }
 
@@ -136,4 +98,21 @@ impl Broker {
         self.settings.set(new);
         Ok(())
     }
+}
+
+/// Serves one client connection over any byte stream (what the TLS and WebSocket
+/// listeners do after their handshake; the connection fuzz target drives it over an
+/// in-memory pipe). `connect_by` is when the CONNECT must have arrived; `identity` is the
+/// client certificate's Common Name, for `use_identity_as_username`.
+pub async fn serve_stream<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    broker: BrokerHandle,
+    settings: Arc<Settings>,
+    connect_by: std::time::Instant,
+    identity: Option<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    connection::serve_stream(stream, peer, broker.inbox(), settings, connect_by, identity).await
 }

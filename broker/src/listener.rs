@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::connection;
-use super::handle::BrokerHandle;
+use super::events::CoreInbox;
 use super::limits::ConnectionSlot;
 use super::settings::{Settings, SharedSettings};
 use super::tls;
@@ -164,7 +164,7 @@ pub async fn bind_listeners(configs: &[ListenerConfig]) -> Result<Vec<BoundListe
 /// Accepts connections until stopped, one task per connection.
 pub fn spawn_accept_loop(
     l: BoundListener,
-    core: BrokerHandle,
+    core: CoreInbox,
     settings: SharedSettings,
 ) -> ServingListener {
     let transport = l.transport();
@@ -218,7 +218,7 @@ fn spawn_connection(
     slot: ConnectionSlot,
     tls: Option<TlsAcceptor>,
     websocket: Option<String>,
-    core: BrokerHandle,
+    core: CoreInbox,
     settings: Arc<Settings>,
 ) {
     match (tls, websocket) {
@@ -238,7 +238,7 @@ async fn handle_wrapped(
     _slot: ConnectionSlot,
     tls: Option<TlsAcceptor>,
     websocket: Option<String>,
-    core: BrokerHandle,
+    core: CoreInbox,
     settings: Arc<Settings>,
 ) {
     // One deadline for the TLS and WebSocket handshakes and the CONNECT together.
@@ -297,7 +297,7 @@ async fn serve_websocket<S>(
     stream: S,
     path: &str,
     peer: SocketAddr,
-    core: BrokerHandle,
+    core: CoreInbox,
     settings: Arc<Settings>,
     connect_by: Instant,
     identity: Option<String>,
@@ -332,7 +332,8 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let settings = Arc::new(Settings::from_config(&Default::default()));
-        let core = crate::BrokerHandle::new(crate::core::spawn(settings.clone(), vec![], None));
+        let core =
+            crate::events::CoreInbox::new(crate::core::spawn(settings.clone(), vec![], None));
         let slot = settings.connections.admit(addr.ip()).unwrap();
         let task = crate::connection::serve_tcp(c, addr, slot, core, settings);
         let task_size = std::mem::size_of_val(&task);
@@ -353,7 +354,8 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let settings = Arc::new(Settings::from_config(&Default::default()));
-        let core = crate::BrokerHandle::new(crate::core::spawn(settings.clone(), vec![], None));
+        let core =
+            crate::events::CoreInbox::new(crate::core::spawn(settings.clone(), vec![], None));
         let slot = settings.connections.admit(addr.ip()).unwrap();
         // The future's type, hence its size, is the same whichever acceptor is passed.
         let task = super::handle_wrapped(c, addr, slot, None, None, core, settings);

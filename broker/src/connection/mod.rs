@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::auth;
+use super::events::CoreInbox;
 use super::events::{ConnectRequest, CoreEvent};
-use super::handle::BrokerHandle;
 use super::limits::{ConnectionLimits, ConnectionSlot};
 use super::outbound;
 use super::settings::Settings;
@@ -39,7 +39,7 @@ pub fn serve_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
-    core: BrokerHandle,
+    core: CoreInbox,
     settings: Arc<Settings>,
 ) -> Connection<TcpStream> {
     let deadline = Instant::now() + settings.connect_timeout;
@@ -59,10 +59,10 @@ pub fn serve_tcp(
 /// TLS and WebSocket handshakes, so stalling each stage does not stretch it. `identity`
 /// is the Common Name of the client's certificate (mTLS), the user name on a listener
 /// with `use_identity_as_username`.
-pub async fn serve_stream<S>(
+pub(crate) async fn serve_stream<S>(
     stream: S,
     peer: SocketAddr,
-    core: BrokerHandle,
+    core: CoreInbox,
     settings: Arc<Settings>,
     connect_by: Instant,
     identity: Option<String>,
@@ -105,7 +105,7 @@ impl<T: Transport> Connection<T> {
         io: T,
         peer: SocketAddr,
         slot: Option<Box<ConnectionSlot>>,
-        core: BrokerHandle,
+        core: CoreInbox,
         settings: Arc<Settings>,
         connect_by: Instant,
         identity: Option<String>,
@@ -174,7 +174,7 @@ async fn open<T: Transport>(
     connect: Box<Connect>,
     peer: SocketAddr,
     slot: Option<Box<ConnectionSlot>>,
-    core: BrokerHandle,
+    core: CoreInbox,
     settings: Arc<Settings>,
 ) -> Option<Driver<T>> {
     let keep_alive = effective_keep_alive(&connect, &settings);

@@ -15,7 +15,7 @@ use tracing::{debug, info};
 
 use super::super::deadlines::Deadlines;
 use super::super::events::CoreEvent;
-use super::super::handle::BrokerHandle;
+use super::super::events::CoreInbox;
 use super::super::message::Delivery;
 use super::super::outbound::{Ack, AckKind, DurableResult, Outbound};
 use super::super::settings::Settings;
@@ -92,7 +92,7 @@ pub(super) struct Conn {
     pub(super) conn_id: crate::events::ConnId,
     /// Why the broker ended the connection, for the core's log line.
     pub(super) close_reason: Option<ReasonCode>,
-    pub(super) core: BrokerHandle,
+    pub(super) core: CoreInbox,
     settings: Arc<Settings>,
     /// QoS 1 PUBLISHes received and not yet acknowledged.
     unacked_qos1: u32,
@@ -132,7 +132,7 @@ impl Conn {
     /// State for a client that sent `connect`; not yet accepted by the core.
     pub(super) fn new(
         connect: &outpost_mqtt::Connect,
-        core: BrokerHandle,
+        core: CoreInbox,
         settings: Arc<Settings>,
     ) -> Conn {
         let timer_id = settings.deadlines.id();
