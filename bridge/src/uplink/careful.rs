@@ -4,6 +4,24 @@
 //! barrier), so a drop after it can only be about this row, not about something before it
 //! that the cloud acknowledged and then disconnected us for.
 
+/// After the cloud dropped a link: through which row the rows that were out are resent one
+/// at a time, if at all. One drop with messages out is what any flaky link does, and one
+/// at a time would then crawl (a window sized to a slow link is hundreds of round trips).
+/// The same row oldest in flight at two drops in a row is what a poison message does: only
+/// then, to tell which row it is. `last_drop` is the row blamed at the previous loss when
+/// that was a drop too (`Some(None)`: nobody was blamed).
+pub(crate) fn careful_after_drop(
+    last_drop: Option<Option<i64>>,
+    suspect: Option<i64>,
+    out_through: Option<i64>,
+    careful_through: i64,
+    dead_letter_after: u32,
+) -> Option<i64> {
+    let through = out_through?;
+    (dead_letter_after > 0 && through > careful_through && last_drop == Some(suspect))
+        .then_some(through)
+}
+
 /// What a row must do before it may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Gate {
@@ -117,5 +135,46 @@ mod tests {
             Gate::Go
         );
         assert_eq!(c.newest_sent(), 3);
+    }
+
+    #[test]
+    fn one_drop_resends_the_window_pipelined() {
+        assert_eq!(careful_after_drop(None, Some(10), Some(90), 0, 3), None);
+        // A drop after a keep-alive loss (not a drop) starts over too.
+        assert_eq!(careful_after_drop(None, Some(10), Some(90), 5, 3), None);
+    }
+
+    #[test]
+    fn the_same_row_blamed_twice_in_a_row_goes_one_at_a_time() {
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), Some(90), 0, 3),
+            Some(90)
+        );
+        // Nobody blamed twice (the status message was out both times) counts as the same.
+        assert_eq!(
+            careful_after_drop(Some(None), None, Some(90), 0, 3),
+            Some(90)
+        );
+    }
+
+    #[test]
+    fn progress_between_drops_or_nothing_out_or_no_poison_guard_never_goes_careful() {
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(11), Some(90), 0, 3),
+            None
+        );
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), None, 0, 3),
+            None
+        );
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), Some(90), 0, 0),
+            None
+        );
+        // Already careful through these rows.
+        assert_eq!(
+            careful_after_drop(Some(Some(10)), Some(10), Some(90), 90, 3),
+            None
+        );
     }
 }
