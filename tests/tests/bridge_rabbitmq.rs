@@ -30,6 +30,31 @@ fn first_arrivals(got: Vec<u32>) -> Vec<u32> {
     got.into_iter().filter(|p| seen.insert(*p)).collect()
 }
 
+/// Waits until 0..n arrived on both `up/q2/valve` and `up/q1/temp` and asserts each topic's
+/// first arrivals are exactly 0..n in order; `logs` explains a timeout.
+async fn all_in_order(sub: &CloudSubscriber, n: u16, logs: impl Fn() -> String) {
+    let want: Vec<u32> = (0..u32::from(n)).collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lines = sub.lines();
+        let q2 = first_arrivals(payloads(&lines, "up/q2/valve"));
+        let q1 = first_arrivals(payloads(&lines, "up/q1/temp"));
+        if q2.len() >= want.len() && q1.len() >= want.len() {
+            assert_eq!(q2, want, "QoS 2 traffic: order or content");
+            assert_eq!(q1, want, "QoS 1 traffic: order or content");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} + {} of {n} + {n} arrived\n{}",
+            q2.len(),
+            q1.len(),
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_without_qos2_gets_everything_spooled_during_its_outage_in_order() {
     if mosquitto_mode() {
@@ -72,27 +97,14 @@ reconnect = {{ min = "200ms", max = "1s" }}
         100_000,
         WAIT.as_secs() as u32,
     );
-    let want: Vec<u32> = (0..u32::from(n)).collect();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let lines = sub.lines();
-        let q2 = first_arrivals(payloads(&lines, "up/q2/valve"));
-        let q1 = first_arrivals(payloads(&lines, "up/q1/temp"));
-        if q2.len() >= want.len() && q1.len() >= want.len() {
-            assert_eq!(q2, want, "QoS 2 traffic: order or content");
-            assert_eq!(q1, want, "QoS 1 traffic: order or content");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} + {} of {n} + {n} arrived\n--- gateway\n{}\n--- rabbitmq\n{}",
-            q2.len(),
-            q1.len(),
+    all_in_order(&sub, n, || {
+        format!(
+            "--- gateway\n{}\n--- rabbitmq\n{}",
             broker.log(),
             rabbit.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        )
+    })
+    .await;
 
     // Live traffic after the drain goes straight through.
     publish_acked(broker.port(), "pub3", "q1/live", QoS::AtLeastOnce, 50).await;
@@ -187,27 +199,10 @@ reconnect = {{ min = "200ms", max = "1s" }}
     first.await.unwrap();
     publish_acked(broker.port(), "pub1", "q1/temp", QoS::AtLeastOnce, n).await;
 
-    let want: Vec<u32> = (0..u32::from(n)).collect();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let lines = sub.lines();
-        let q2 = first_arrivals(payloads(&lines, "up/q2/valve"));
-        let q1 = first_arrivals(payloads(&lines, "up/q1/temp"));
-        if q2.len() >= want.len() && q1.len() >= want.len() {
-            assert_eq!(q2, want, "QoS 2 traffic across the failover");
-            assert_eq!(q1, want, "QoS 1 traffic after the failover");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} + {} of {n} + {n} arrived\n--- gateway\n{}\n{}",
-            q2.len(),
-            q1.len(),
-            broker.log(),
-            cluster.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    all_in_order(&sub, n, || {
+        format!("--- gateway\n{}\n{}", broker.log(), cluster.log())
+    })
+    .await;
     let log = broker.log();
     assert!(
         log.contains(&format!("using mqtt://127.0.0.1:{}", cluster.port(1))),
