@@ -103,25 +103,22 @@ fn local(port: u16, tool: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-#[test]
-fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires() {
-    if mosquitto_mode() {
-        return;
-    }
-    let pki = Pki::new(&[
+/// The gateway's identity, the cloud-side collector's, and one the cloud's ACL refuses.
+fn three_identities() -> Pki {
+    Pki::new(&[
         ("gw-mtls", "gw-mtls"),
         ("collector", "collector"),
         ("intruder", "intruder"),
-    ]);
-    let cloud = mtls_cloud(&pki);
-    // The status page's /metrics shows the expiry too (a table after [bridge.tls]).
-    let broker = gateway(&cloud, &pki, "gw-mtls", "[http]\nbind = \"127.0.0.1:0\"");
+    ])
+}
+
+/// Waits for the bridge's TLS link, then publishes `q1/meter0..2` retained at QoS 1.
+fn connected_then_three_retained(broker: &Broker) {
     assert!(
         broker.wait_for_log("waiting in the spool; using mqtts://", 1, WAIT),
         "{}",
         broker.log()
     );
-    // Retained, so the collector gets them whenever its subscription lands.
     for n in 0..3 {
         local(
             broker.port(),
@@ -137,6 +134,19 @@ fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires(
             ],
         );
     }
+}
+
+#[test]
+fn bridge_authenticates_with_its_client_certificate_and_warns_before_it_expires() {
+    if mosquitto_mode() {
+        return;
+    }
+    let pki = three_identities();
+    let cloud = mtls_cloud(&pki);
+    // The status page's /metrics shows the expiry too (a table after [bridge.tls]).
+    let broker = gateway(&cloud, &pki, "gw-mtls", "[http]\nbind = \"127.0.0.1:0\"");
+    // Retained, so the collector gets them whenever its subscription lands.
+    connected_then_three_retained(&broker);
     let sub = collector(&cloud, &pki, "up/#", 3, 20);
     let out = sub.wait_with_output().unwrap();
     let got = String::from_utf8_lossy(&out.stdout);
@@ -195,35 +205,12 @@ fn a_certificate_the_cloud_does_not_authorise_gets_nothing_through() {
     if mosquitto_mode() {
         return;
     }
-    let pki = Pki::new(&[
-        ("gw-mtls", "gw-mtls"),
-        ("collector", "collector"),
-        ("intruder", "intruder"),
-    ]);
+    let pki = three_identities();
     let cloud = mtls_cloud(&pki);
     // Same CA, another identity: TLS succeeds, the ACL (keyed on the certificate's CN)
     // refuses its messages. With warnings off, nothing is said about expiry.
     let broker = gateway(&cloud, &pki, "intruder", "warn_expiry_days = 0");
-    assert!(
-        broker.wait_for_log("waiting in the spool; using mqtts://", 1, WAIT),
-        "{}",
-        broker.log()
-    );
-    for n in 0..3 {
-        local(
-            broker.port(),
-            "mosquitto_pub",
-            &[
-                "-t",
-                &format!("q1/meter{n}"),
-                "-q",
-                "1",
-                "-r",
-                "-m",
-                &n.to_string(),
-            ],
-        );
-    }
+    connected_then_three_retained(&broker);
     // The cloud answers each with PUBACK "not authorised" (0x87): counted, not retried.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
