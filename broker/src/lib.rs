@@ -22,6 +22,7 @@ pub mod handle;
 pub mod limits;
 mod listener;
 pub mod message;
+mod net;
 mod outbound;
 mod park;
 mod retained;
@@ -50,6 +51,7 @@ pub use tls::{TlsError, server_config, server_config as tls_server_config};
 pub struct Broker {
     handle: BrokerHandle,
     settings: SharedSettings,
+    runtime: net::Runtime,
 }
 
 impl Broker {
@@ -68,6 +70,7 @@ impl Broker {
         Broker {
             handle,
             settings: SharedSettings::new(settings),
+            runtime: net::Runtime::new(),
         }
     }
 
@@ -80,7 +83,14 @@ impl Broker {
     pub fn serve(&self, listeners: Vec<BoundListener>) -> Vec<ServingListener> {
         listeners
             .into_iter()
-            .map(|l| listener::spawn_accept_loop(l, self.handle.inbox(), self.settings.clone()))
+            .map(|l| {
+                listener::spawn_accept_loop(
+                    l,
+                    self.handle.inbox(),
+                    self.settings.clone(),
+                    self.runtime.clone(),
+                )
+            })
             .collect()
     }
 
@@ -92,27 +102,35 @@ impl Broker {
         let old = self.settings.get();
         let mut new = Settings::from_config(config);
         new.connections = old.connections.clone();
-        new.deadlines = old.deadlines.clone();
         let new = Arc::new(new);
         self.handle.reload(new.clone()).await?;
         self.settings.set(new);
         Ok(())
     }
-}
 
-/// Serves one client connection over any byte stream (what the TLS and WebSocket
-/// listeners do after their handshake; the connection fuzz target drives it over an
-/// in-memory pipe). `connect_by` is when the CONNECT must have arrived; `identity` is the
-/// client certificate's Common Name, for `use_identity_as_username`.
-pub async fn serve_stream<S>(
-    stream: S,
-    peer: std::net::SocketAddr,
-    broker: BrokerHandle,
-    settings: Arc<Settings>,
-    connect_by: std::time::Instant,
-    identity: Option<String>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    connection::serve_stream(stream, peer, broker.inbox(), settings, connect_by, identity).await
+    /// Serves one client connection over any byte stream (what the TLS and WebSocket
+    /// listeners do after their handshake; the connection fuzz target drives it over an
+    /// in-memory pipe), with this broker's keep-alive deadlines. `connect_by` is when the
+    /// CONNECT must have arrived; `identity` is the client certificate's Common Name, for
+    /// `use_identity_as_username`. Spawn the returned future as the connection's task.
+    pub fn serve_stream<S>(
+        &self,
+        stream: S,
+        peer: std::net::SocketAddr,
+        settings: Arc<Settings>,
+        connect_by: std::time::Instant,
+        identity: Option<String>,
+    ) -> impl std::future::Future<Output = ()> + Send + use<S>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        connection::serve_stream(
+            stream,
+            peer,
+            self.handle.inbox(),
+            self.runtime.context(settings),
+            connect_by,
+            identity,
+        )
+    }
 }

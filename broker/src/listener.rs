@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 use super::connection;
 use super::events::CoreInbox;
 use super::limits::ConnectionSlot;
+use super::net::{ConnContext, Runtime};
 use super::settings::{Settings, SharedSettings};
 use super::tls;
 use crate::config::ListenerConfig;
@@ -166,18 +167,20 @@ pub fn spawn_accept_loop(
     l: BoundListener,
     core: CoreInbox,
     settings: SharedSettings,
+    runtime: Runtime,
 ) -> ServingListener {
     let transport = l.transport();
     let tls = l.tls.clone();
     let local_addr = l.local_addr;
     let config = l.config.clone();
     let accept = tokio::spawn(async move {
+        let mut context = None;
         loop {
             match l.socket.accept().await {
                 Ok((stream, peer)) => {
-                    let settings = settings.get_for(l.config.bind);
+                    let ctx = runtime.context_for(&mut context, settings.get_for(l.config.bind));
                     // Over a bound: closed before a byte is read (counted and logged).
-                    let Ok(slot) = settings.connections.admit(peer.ip()) else {
+                    let Ok(slot) = ctx.settings.connections.admit(peer.ip()) else {
                         drop(stream);
                         continue;
                     };
@@ -189,7 +192,7 @@ pub fn spawn_accept_loop(
                         l.tls.as_ref().map(TlsCell::get),
                         l.websocket.clone(),
                         core.clone(),
-                        settings,
+                        ctx,
                     );
                 }
                 Err(e) => {
@@ -219,14 +222,14 @@ fn spawn_connection(
     tls: Option<TlsAcceptor>,
     websocket: Option<String>,
     core: CoreInbox,
-    settings: Arc<Settings>,
+    ctx: Arc<ConnContext>,
 ) {
     match (tls, websocket) {
         (None, None) => {
-            tokio::spawn(connection::serve_tcp(stream, peer, slot, core, settings));
+            tokio::spawn(connection::serve_tcp(stream, peer, slot, core, ctx));
         }
         (tls, ws) => {
-            tokio::spawn(handle_wrapped(stream, peer, slot, tls, ws, core, settings));
+            tokio::spawn(handle_wrapped(stream, peer, slot, tls, ws, core, ctx));
         }
     }
 }
@@ -239,14 +242,14 @@ async fn handle_wrapped(
     tls: Option<TlsAcceptor>,
     websocket: Option<String>,
     core: CoreInbox,
-    settings: Arc<Settings>,
+    ctx: Arc<ConnContext>,
 ) {
     // One deadline for the TLS and WebSocket handshakes and the CONNECT together.
-    let connect_by = Instant::now() + settings.connect_timeout;
+    let connect_by = Instant::now() + ctx.settings.connect_timeout;
     let Some(acceptor) = tls else {
         if let Some(path) = websocket {
             Box::pin(serve_websocket(
-                stream, &path, peer, core, settings, connect_by, None,
+                stream, &path, peer, core, ctx, connect_by, None,
             ))
             .await;
         }
@@ -266,12 +269,12 @@ async fn handle_wrapped(
     };
     // By value and back: a local the async fn itself borrowed would be kept in the task's
     // state for the connection's life (the generator cannot tell the borrow ended).
-    let (tls, identity) = tls_identity(tls, &settings);
+    let (tls, identity) = tls_identity(tls, &ctx.settings);
     match websocket {
-        None => connection::serve_stream(tls, peer, core, settings, connect_by, identity).await,
+        None => connection::serve_stream(tls, peer, core, ctx, connect_by, identity).await,
         Some(path) => {
             Box::pin(serve_websocket(
-                tls, &path, peer, core, settings, connect_by, identity,
+                tls, &path, peer, core, ctx, connect_by, identity,
             ))
             .await
         }
@@ -298,15 +301,15 @@ async fn serve_websocket<S>(
     path: &str,
     peer: SocketAddr,
     core: CoreInbox,
-    settings: Arc<Settings>,
+    ctx: Arc<ConnContext>,
     connect_by: Instant,
     identity: Option<String>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let accept = outpost_ws::accept(stream, path, settings.max_packet_size);
+    let accept = outpost_ws::accept(stream, path, ctx.settings.max_packet_size);
     match tokio::time::timeout_at(connect_by.into(), accept).await {
-        Ok(Ok(s)) => connection::serve_stream(s, peer, core, settings, connect_by, identity).await,
+        Ok(Ok(s)) => connection::serve_stream(s, peer, core, ctx, connect_by, identity).await,
         Ok(Err(e)) => info!(%peer, error = %e, "WebSocket handshake failed"),
         Err(_) => debug!(%peer, "WebSocket handshake timed out"),
     }
@@ -335,7 +338,8 @@ mod tests {
         let core =
             crate::events::CoreInbox::new(crate::core::spawn(settings.clone(), vec![], None));
         let slot = settings.connections.admit(addr.ip()).unwrap();
-        let task = crate::connection::serve_tcp(c, addr, slot, core, settings);
+        let ctx = crate::net::Runtime::new().context(settings);
+        let task = crate::connection::serve_tcp(c, addr, slot, core, ctx);
         let task_size = std::mem::size_of_val(&task);
         let session_size = std::mem::size_of::<crate::session::Session>();
         assert!(task_size <= 152, "connection task is {task_size} bytes");
@@ -357,8 +361,9 @@ mod tests {
         let core =
             crate::events::CoreInbox::new(crate::core::spawn(settings.clone(), vec![], None));
         let slot = settings.connections.admit(addr.ip()).unwrap();
+        let ctx = crate::net::Runtime::new().context(settings);
         // The future's type, hence its size, is the same whichever acceptor is passed.
-        let task = super::handle_wrapped(c, addr, slot, None, None, core, settings);
+        let task = super::handle_wrapped(c, addr, slot, None, None, core, ctx);
         let task_size = std::mem::size_of_val(&task);
         // 1,712 bytes in a debug build (13,128 with the handshake inline); a handshake
         // future creeping back inline would be several KiB.

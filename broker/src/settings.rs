@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::deadlines::Deadlines;
 use super::limits::ConnectionLimits;
 
 use crate::auth::Users;
@@ -59,8 +58,6 @@ pub struct Settings {
     pub connections: Arc<ConnectionLimits>,
     /// `$SYS` publish interval; zero disables.
     pub sys_interval: Duration,
-    /// Keep-alive and close deadlines of this broker's connections.
-    pub deadlines: Arc<Deadlines>,
     /// What individual listeners decide for themselves (`per_listener_settings`).
     pub listener_rules: Vec<ListenerRules>,
     /// In a listener's own copy: that listener (its configured address), whose
@@ -172,7 +169,6 @@ impl Settings {
             max_queued_bytes: usize::try_from(c.max_queued_bytes.0).unwrap_or(usize::MAX),
             connections: ConnectionLimits::new(c.max_connections, c.max_connections_per_address),
             sys_interval: c.sys_interval,
-            deadlines: Deadlines::new(),
             listener_rules: c
                 .listeners
                 .iter()

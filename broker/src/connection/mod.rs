@@ -28,6 +28,7 @@ use super::auth;
 use super::events::CoreInbox;
 use super::events::{ConnectRequest, CoreEvent};
 use super::limits::{ConnectionLimits, ConnectionSlot};
+use super::net::ConnContext;
 use super::outbound;
 use super::settings::Settings;
 use super::transport::{self, StreamIo, Transport};
@@ -40,15 +41,15 @@ pub fn serve_tcp(
     peer: SocketAddr,
     slot: ConnectionSlot,
     core: CoreInbox,
-    settings: Arc<Settings>,
+    ctx: Arc<ConnContext>,
 ) -> Connection<TcpStream> {
-    let deadline = Instant::now() + settings.connect_timeout;
+    let deadline = Instant::now() + ctx.settings.connect_timeout;
     Connection::new(
         stream,
         peer,
         Some(Box::new(slot)),
         core,
-        settings,
+        ctx,
         deadline,
         None,
     )
@@ -63,7 +64,7 @@ pub(crate) async fn serve_stream<S>(
     stream: S,
     peer: SocketAddr,
     core: CoreInbox,
-    settings: Arc<Settings>,
+    ctx: Arc<ConnContext>,
     connect_by: Instant,
     identity: Option<String>,
 ) where
@@ -75,7 +76,7 @@ pub(crate) async fn serve_stream<S>(
         peer,
         None,
         core,
-        settings,
+        ctx,
         connect_by,
         identity,
     )
@@ -106,16 +107,23 @@ impl<T: Transport> Connection<T> {
         peer: SocketAddr,
         slot: Option<Box<ConnectionSlot>>,
         core: CoreInbox,
-        settings: Arc<Settings>,
+        ctx: Arc<ConnContext>,
         connect_by: Instant,
         identity: Option<String>,
     ) -> Self {
         let opening = Box::pin(async move {
             let mut io = io;
             let mut rbuf = BytesMut::new();
-            let connect =
-                handshake(&mut io, &mut rbuf, peer, &settings, connect_by, identity).await?;
-            open(io, rbuf, connect, peer, slot, core, settings).await
+            let connect = handshake(
+                &mut io,
+                &mut rbuf,
+                peer,
+                &ctx.settings,
+                connect_by,
+                identity,
+            )
+            .await?;
+            open(io, rbuf, connect, peer, slot, core, ctx).await
         });
         Connection {
             phase: Phase::Opening(opening),
@@ -175,12 +183,12 @@ async fn open<T: Transport>(
     peer: SocketAddr,
     slot: Option<Box<ConnectionSlot>>,
     core: CoreInbox,
-    settings: Arc<Settings>,
+    ctx: Arc<ConnContext>,
 ) -> Option<Driver<T>> {
-    let keep_alive = effective_keep_alive(&connect, &settings);
-    let listener = settings.listener;
+    let keep_alive = effective_keep_alive(&connect, &ctx.settings);
+    let listener = ctx.settings.listener;
     let (tx, rx) = outbound::channel(slot);
-    let mut conn = Conn::new(&connect, core.clone(), settings);
+    let mut conn = Conn::new(&connect, core.clone(), ctx);
     let (reply, accepted) = tokio::sync::oneshot::channel();
     let request = ConnectRequest {
         connect,

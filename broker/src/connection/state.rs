@@ -17,6 +17,7 @@ use super::super::deadlines::Deadlines;
 use super::super::events::CoreEvent;
 use super::super::events::CoreInbox;
 use super::super::message::Delivery;
+use super::super::net::ConnContext;
 use super::super::outbound::{Ack, AckKind, DurableResult, Outbound};
 use super::super::settings::Settings;
 use super::super::subscriptions::SessionKey;
@@ -93,7 +94,8 @@ pub(super) struct Conn {
     /// Why the broker ended the connection, for the core's log line.
     pub(super) close_reason: Option<ReasonCode>,
     pub(super) core: CoreInbox,
-    settings: Arc<Settings>,
+    /// Its settings and the broker's deadlines, behind one pointer.
+    ctx: Arc<ConnContext>,
     /// QoS 1 PUBLISHes received and not yet acknowledged.
     unacked_qos1: u32,
     tables: Option<Box<Tables>>,
@@ -124,7 +126,7 @@ pub(super) struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.settings.deadlines.disarm(self.deadline);
+        self.ctx.deadlines.disarm(self.deadline);
     }
 }
 
@@ -133,9 +135,9 @@ impl Conn {
     pub(super) fn new(
         connect: &outpost_mqtt::Connect,
         core: CoreInbox,
-        settings: Arc<Settings>,
+        ctx: Arc<ConnContext>,
     ) -> Conn {
-        let timer_id = settings.deadlines.id();
+        let timer_id = ctx.deadlines.id();
         Conn {
             protocol: connect.protocol,
             accepted: false,
@@ -143,7 +145,7 @@ impl Conn {
             conn_id: crate::events::ConnId::UNACCEPTED,
             close_reason: None,
             core,
-            settings,
+            ctx,
             unacked_qos1: 0,
             tables: None,
             timer_id,
@@ -166,33 +168,33 @@ impl Conn {
         self.closing || self.ending
     }
 
-    /// The broker's connection deadlines (keep alive, close grace).
     /// The broker's settings.
     pub(super) fn settings(&self) -> &Settings {
-        &self.settings
+        &self.ctx.settings
     }
 
     /// How long a started packet may take to arrive in full, in ms.
     pub(super) fn packet_timeout_ms(&self) -> u64 {
-        u64::try_from(self.settings.packet_timeout.as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.ctx.settings.packet_timeout.as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// The broker's connection deadlines (keep alive, close grace).
     pub(super) fn deadlines(&self) -> &Arc<Deadlines> {
-        &self.settings.deadlines
+        &self.ctx.deadlines
     }
 
     /// Arms this connection's deadline at `at` (ms, `Deadlines` clock) for `waker`,
     /// replacing the one armed before.
     pub(super) fn arm(&mut self, at: u64, waker: &std::task::Waker) {
         self.deadline = self
-            .settings
+            .ctx
             .deadlines
             .arm(self.timer_id, self.deadline, at, waker);
     }
 
     /// Forgets this connection's deadline.
     pub(super) fn disarm(&mut self) {
-        self.settings.deadlines.disarm(self.deadline);
+        self.ctx.deadlines.disarm(self.deadline);
         self.deadline = 0;
     }
 
@@ -202,14 +204,14 @@ impl Conn {
         rbuf: &mut BytesMut,
         wbuf: &mut BytesMut,
     ) -> Result<Decoded, End> {
-        let max = self.settings.max_packet_size;
+        let max = self.ctx.settings.max_packet_size;
         loop {
             let packet = match outpost_mqtt::decode(rbuf, self.protocol, max) {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(Decoded::Done),
                 Err(outpost_mqtt::DecodeError::PacketTooLarge { size, max }) => {
                     crate::limits::ConnectionLimits::count(
-                        &self.settings.connections.packet_too_large,
+                        &self.ctx.settings.connections.packet_too_large,
                     );
                     info!(
                         conn_id = %self.conn_id,
@@ -399,7 +401,7 @@ impl Conn {
                 let inflight = self.unacked_qos1 as usize
                     + pending.map_or(0, HashSet::len)
                     + usize::from(p.qos == QoS::AtLeastOnce || new_qos2);
-                if inflight > usize::from(self.settings.receive_maximum) {
+                if inflight > usize::from(self.ctx.settings.receive_maximum) {
                     // MQTT-3.3.4-9: more unacknowledged QoS 1/2 PUBLISHes than our
                     // Receive Maximum.
                     return Err(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
@@ -427,7 +429,7 @@ impl Conn {
                 Ok(())
             };
         };
-        if alias == 0 || alias > self.settings.topic_alias_maximum {
+        if alias == 0 || alias > self.ctx.settings.topic_alias_maximum {
             return Err(ReasonCode::TOPIC_ALIAS_INVALID);
         }
         let aliases = self.tables.get_or_insert_with(Default::default);

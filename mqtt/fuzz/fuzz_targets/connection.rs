@@ -1,8 +1,8 @@
 //! One client connection through the whole broker, without a socket: a fresh broker
 //! core (`Broker::start`, no store, no sinks) and a connection task
-//! (`outpost_gateway::broker::serve_stream`, the entry point the TLS and WebSocket
-//! listeners use) on one end of an in-memory duplex stream, arbitrary bytes written
-//! into the other end. That runs the handshake (CONNECT first, authentication), the
+//! (`Broker::serve_stream`, the path the TLS and WebSocket listeners take after their
+//! handshake) on one end of an in-memory duplex stream, arbitrary bytes written into the
+//! other end. That runs the handshake (CONNECT first, authentication), the
 //! per-connection state machine (`connection/state.rs`: decoding, topic aliases,
 //! Receive Maximum, ack ordering, Maximum Packet Size on the way out) and the core's
 //! handling of what it forwards (sessions, subscriptions, routing back to the same
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use outpost_gateway::broker::{Broker, Settings, serve_stream};
+use outpost_gateway::broker::{Broker, Settings};
 use outpost_gateway::config::BrokerConfig;
 use outpost_mqtt::Packet;
 use outpost_mqtt_fuzz::{PROTOCOLS, connect, wire};
@@ -72,14 +72,8 @@ fuzz_target!(|data: &[u8]| {
         let (client, server) = tokio::io::duplex(16 * 1024);
         let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
         let connect_by = Instant::now() + settings.connect_timeout;
-        let conn = tokio::spawn(serve_stream(
-            server,
-            peer,
-            handle.clone(),
-            Arc::new(settings),
-            connect_by,
-            None,
-        ));
+        let conn =
+            tokio::spawn(broker.serve_stream(server, peer, Arc::new(settings), connect_by, None));
         let (mut rd, mut wr) = tokio::io::split(client);
         // Read everything the broker sends, so it never blocks on a full pipe.
         let reader = tokio::spawn(async move {
