@@ -12,19 +12,15 @@
 mod acl;
 pub mod auth;
 pub mod config;
-mod connection;
 mod core;
-mod deadlines;
 mod events;
 #[cfg(debug_assertions)]
 mod fault;
 pub mod handle;
 pub mod limits;
-mod listener;
 pub mod message;
 mod net;
 mod outbound;
-mod park;
 mod retained;
 mod session;
 mod settings;
@@ -32,22 +28,20 @@ mod sink;
 pub mod store;
 pub mod subscriptions;
 pub mod sys;
-mod tls;
-mod transport;
 
 use std::sync::Arc;
 
 pub use auth::{Users, hash_password, verify as verify_password};
 pub use handle::{BrokerHandle, LocalSubscription, PublishError, Receipt};
-pub use listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
 pub use message::Message;
-pub use park::set_memory_trim;
+pub use net::listener::{BoundListener, ListenError, ServingListener, bind_listeners, check_tls};
+pub use net::park::set_memory_trim;
+pub use net::tls::{TlsError, server_config, server_config as tls_server_config};
 pub use settings::{Settings, SharedSettings};
 pub use sink::{DurableReceipt, DurableSink, Rejected, SinkId};
-pub use tls::{TlsError, server_config, server_config as tls_server_config};
 
-/// Starts the broker core and returns its handle; listeners are attached with
-/// [`listener::serve`] through [`Broker::serve`].
+/// Starts the broker core and returns its handle; listeners are attached through
+/// [`Broker::serve`] (`net::listener::spawn_accept_loop`).
 pub struct Broker {
     handle: BrokerHandle,
     settings: SharedSettings,
@@ -84,7 +78,7 @@ impl Broker {
         listeners
             .into_iter()
             .map(|l| {
-                listener::spawn_accept_loop(
+                net::listener::spawn_accept_loop(
                     l,
                     self.handle.inbox(),
                     self.settings.clone(),
@@ -124,7 +118,7 @@ impl Broker {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
-        connection::serve_stream(
+        net::connection::serve_stream(
             stream,
             peer,
             self.handle.inbox(),

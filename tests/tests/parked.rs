@@ -1,6 +1,6 @@
 //! Quiet plain-TCP clients are parked: their task ends and their socket waits in the
 //! broker's parked-socket set until a byte, an item from the core or the keep-alive
-//! deadline brings them back (`broker/src/park.rs`). A client that says nothing after
+//! deadline brings them back (`broker/src/net/park.rs`). A client that says nothing after
 //! its CONNACK is parked at once, so each test below pauses after connecting and then
 //! checks that what wakes a parked client still works: its own packets, the core's
 //! deliveries and takeovers, and keep alive.

@@ -1,12 +1,31 @@
-//! What the broker's connections share at run time, beside their settings: the
-//! keep-alive and close deadlines with their sweeper, and through them the parked-socket
-//! set. [`Settings`] stays plain data resolved from the config file; the objects here
-//! are made once per broker and outlive every reload.
+//! The broker's network side: everything between a socket and the core's inbox.
+//!
+//! - [`listener`]: binding and accepting (TCP, TLS, WebSocket plain or over TLS), one
+//!   task per connection;
+//! - [`tls`]: the rustls server configuration and client-certificate names;
+//! - [`transport`]: the byte pipe under a connection (plain TCP through readiness, TLS
+//!   and WebSocket through `AsyncRead`), as poll functions;
+//! - [`connection`]: the per-connection task (handshake, the connected phase's driver,
+//!   the protocol state, close);
+//! - [`park`]: the lot where idle plain-TCP sockets wait outside tokio;
+//! - [`deadlines`]: keep-alive and close deadlines of every connection, one sweeper.
+//!
+//! What these share at run time lives here too: a broker's [`Runtime`] (its
+//! deadlines, and through them the parked-socket lot) and each connection's
+//! [`ConnContext`]. [`Settings`] stays plain data resolved from the config file; the
+//! runtime is made once per broker and outlives every reload.
+
+pub(crate) mod connection;
+mod deadlines;
+pub(crate) mod listener;
+pub(crate) mod park;
+pub(crate) mod tls;
+mod transport;
 
 use std::sync::Arc;
 
-use crate::deadlines::Deadlines;
 use crate::settings::Settings;
+use deadlines::Deadlines;
 
 /// The run-time objects of one broker's connections (made by [`crate::Broker::start`],
 /// kept across reloads).

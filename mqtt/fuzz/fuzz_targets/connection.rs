@@ -3,9 +3,9 @@
 //! (`Broker::serve_stream`, the path the TLS and WebSocket listeners take after their
 //! handshake) on one end of an in-memory duplex stream, arbitrary bytes written into the
 //! other end. That runs the handshake (CONNECT first, authentication), the
-//! per-connection state machine (`connection/state.rs`: decoding, topic aliases,
-//! Receive Maximum, ack ordering, Maximum Packet Size on the way out) and the core's
-//! handling of what it forwards (sessions, subscriptions, routing back to the same
+//! per-connection state machine (`broker/src/net/connection/state.rs`: decoding, topic
+//! aliases, Receive Maximum, ack ordering, Maximum Packet Size on the way out) and the
+//! core's handling of what it forwards (sessions, subscriptions, routing back to the same
 //! client, retained messages, wills, close).
 //!
 //! It must not panic, and the connection must end once the client has sent everything

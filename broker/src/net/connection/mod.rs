@@ -24,14 +24,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::auth;
-use super::events::CoreInbox;
-use super::events::{ConnectRequest, CoreEvent};
-use super::limits::{ConnectionLimits, ConnectionSlot};
-use super::net::ConnContext;
-use super::outbound;
-use super::settings::Settings;
-use super::transport::{self, StreamIo, Transport};
+use crate::auth;
+use crate::events::CoreInbox;
+use crate::events::{ConnectRequest, CoreEvent};
+use crate::limits::{ConnectionLimits, ConnectionSlot};
+use crate::net::ConnContext;
+use crate::net::transport::{self, StreamIo, Transport};
+use crate::outbound;
+use crate::settings::Settings;
 use driver::Driver;
 use state::Conn;
 

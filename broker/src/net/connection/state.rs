@@ -13,14 +13,14 @@ use outpost_mqtt::{Disconnect, Packet, Properties, Protocol, Publish, QoS, Reaso
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, info};
 
-use super::super::deadlines::Deadlines;
-use super::super::events::CoreEvent;
-use super::super::events::CoreInbox;
-use super::super::message::Delivery;
-use super::super::net::ConnContext;
-use super::super::outbound::{Ack, AckKind, DurableResult, Outbound};
-use super::super::settings::Settings;
-use super::super::subscriptions::SessionKey;
+use crate::events::CoreEvent;
+use crate::events::CoreInbox;
+use crate::message::Delivery;
+use crate::net::ConnContext;
+use crate::net::deadlines::Deadlines;
+use crate::outbound::{Ack, AckKind, DurableResult, Outbound};
+use crate::settings::Settings;
+use crate::subscriptions::SessionKey;
 
 /// An acknowledgement waiting its turn.
 enum PendingAck {

@@ -10,12 +10,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::connection;
-use super::events::CoreInbox;
-use super::limits::ConnectionSlot;
-use super::net::{ConnContext, Runtime};
-use super::settings::{Settings, SharedSettings};
 use super::tls;
+use super::{ConnContext, Runtime};
 use crate::config::ListenerConfig;
+use crate::events::CoreInbox;
+use crate::limits::ConnectionSlot;
+use crate::settings::{Settings, SharedSettings};
 
 /// A TLS acceptor that a reload can replace: connections accepted afterwards get the
 /// new certificate, those already running keep their session.
@@ -328,7 +328,7 @@ mod tests {
     /// so a future above 152 bytes costs a whole extra line per client. A regression here usually means a field that only busy
     /// connections need was added inline; put it behind a lazily allocated box (`Busy`
     /// in `connection/driver.rs`, `Tables` in `connection/state.rs`, `Flows` in
-    /// `session.rs`).
+    /// `broker/src/session.rs`).
     #[tokio::test]
     async fn idle_connection_state_stays_small() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -339,7 +339,7 @@ mod tests {
             crate::events::CoreInbox::new(crate::core::spawn(settings.clone(), vec![], None));
         let slot = settings.connections.admit(addr.ip()).unwrap();
         let ctx = crate::net::Runtime::new().context(settings);
-        let task = crate::connection::serve_tcp(c, addr, slot, core, ctx);
+        let task = crate::net::connection::serve_tcp(c, addr, slot, core, ctx);
         let task_size = std::mem::size_of_val(&task);
         let session_size = std::mem::size_of::<crate::session::Session>();
         assert!(task_size <= 152, "connection task is {task_size} bytes");

@@ -13,7 +13,7 @@
 //!
 //! A plain TCP client that has had no work for a while (or says nothing after its
 //! CONNACK) goes further: it is parked. Its task ends, its socket leaves tokio for the
-//! broker's parked-socket set (`park.rs`), and its state waits in a [`Parked`] behind a
+//! broker's parked-socket set (`net/park.rs`), and its state waits in a [`Parked`] behind a
 //! `Waker` that the socket, the outbound queue and the keep-alive deadline all hold; the
 //! first of them to fire spawns the task again. An idle client then costs neither a task
 //! cell nor tokio's `ScheduledIo` (256 bytes each).
@@ -32,11 +32,11 @@ use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::SendError;
 use tracing::{debug, info, warn};
 
-use super::super::deadlines::Deadlines;
-use super::super::events::CoreEvent;
-use super::super::outbound::{Outbound, OutboundRx};
-use super::super::transport::Transport;
 use super::state::{Conn, Decoded, End};
+use crate::events::CoreEvent;
+use crate::net::deadlines::Deadlines;
+use crate::net::transport::Transport;
+use crate::outbound::{Outbound, OutboundRx};
 
 /// Stop taking items from the core while this much is waiting to be written.
 const WRITE_HIGH_WATER: usize = 256 * 1024;

@@ -31,7 +31,7 @@ pub struct Deadlines {
     /// Wakes the sweeper when a deadline earlier than its next wake-up is armed.
     earlier: Notify,
     /// Where quiet connections leave their sockets (they keep their deadline here).
-    lot: crate::park::Lot,
+    lot: super::park::Lot,
 }
 
 /// Low bits of a key that tell apart connections with the same deadline millisecond.
@@ -61,7 +61,7 @@ impl Deadlines {
             next_id: AtomicU64::new(1),
             inner: Mutex::new(Inner::default()),
             earlier: Notify::new(),
-            lot: crate::park::Lot::default(),
+            lot: super::park::Lot::default(),
         })
     }
 
@@ -71,7 +71,7 @@ impl Deadlines {
     }
 
     /// The sockets of parked (quiet) connections.
-    pub fn lot(&self) -> &crate::park::Lot {
+    pub fn lot(&self) -> &super::park::Lot {
         &self.lot
     }
 
@@ -117,7 +117,7 @@ impl Deadlines {
         // without it.
         self.lot.watch(fd, waker, due)?;
         if due != 0 {
-            self.sweep_by(lock(&self.inner), crate::park::fires_at(due));
+            self.sweep_by(lock(&self.inner), super::park::fires_at(due));
         }
         Ok(())
     }
