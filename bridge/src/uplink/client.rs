@@ -4,95 +4,50 @@
 //! downlink deliveries come out. The async driver (`session.rs`) owns the socket, the
 //! spool and the timers and only moves data between them and this type, so the publish
 //! window, QoS 2 staging, careful resend after drops and downlink QoS 2 are tested in
-//! memory (see the tests below).
+//! memory (see `client/tests.rs`).
+//!
+//! This file is the surface the driver calls; the work is done by concern in `client/`:
+//! `send.rs` (rows into the window, PUBLISHes encoded), `qos2.rs` (QoS 2 stages and what
+//! waits for them), `acks.rs` (PUBACK, PUBREC, PUBCOMP), `control.rs` (SUBSCRIBE and the
+//! status messages), `end.rs` (how a session ends).
 //!
 //! Durability rules the driver must keep: what [`Client::poll_commit`] hands out is
 //! applied to the spool before [`Client::on_stages_committed`] is called (the PUBLISH or
 //! PUBREL waiting for it is only then encoded), and rows from [`Client::take_acked`] are
 //! handed to the spool before any stage commit started after them.
 
+mod acks;
+mod control;
+mod end;
+mod qos2;
+mod send;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use bytestring::ByteString;
 use outpost_mqtt::{
-    Disconnect, Packet, Properties, Protocol, PubResponse, Publish, QoS, ReasonCode,
-    codec::{decode, encode, encode_publish},
+    Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
+    codec::{decode, encode},
 };
 
 use super::aliases::TopicAliases;
-use super::careful::{Careful, Gate};
+use super::careful::Careful;
 use super::downlink::Downlink;
-use super::inflight::{Inflight, Outstanding};
+use super::inflight::Outstanding;
 use super::packet_ids::PacketIds;
 use super::window::Window;
 use crate::LocalPublish;
-use crate::rules::{RetainMode, Rules};
-use crate::spool::{IncomingOp, NewMessage, Stage, StageUpdate, StoredMessage};
+use crate::rules::Rules;
+use crate::spool::{IncomingOp, Stage, StageUpdate, StoredMessage};
 use crate::stats::BridgeStats;
 use crate::status::{OfflineReason, Status};
+use end::may_be_about_a_message;
+pub(crate) use end::{SessionEnd, dropped, lost};
+use qos2::Staging;
 
 /// Largest packet accepted from the cloud (advertised in 5.0 CONNECT).
 pub(crate) const MAX_INCOMING_PACKET: usize = 16 << 20;
-
-/// How a session ended.
-#[derive(Debug)]
-pub(crate) enum SessionEnd {
-    /// Shutdown was requested and the goodbye was sent.
-    Shutdown,
-    /// The link failed in a way no message can cause (keep alive, spool, protocol errors);
-    /// reconnect.
-    Lost(String),
-    /// The cloud closed or reset an established link, or sent DISCONNECT; reconnect.
-    Dropped {
-        /// What happened.
-        why: String,
-        /// The row to blame (see `Client::suspect`).
-        suspect: Option<i64>,
-        /// When rows were out unacknowledged: the newest row sent in this session.
-        out_through: Option<i64>,
-        /// A QoS 2 PUBLISH was out and the cloud had answered none with PUBREC in this
-        /// session: what a cloud without QoS 2 does (RabbitMQ, AWS IoT, Mosquitto's
-        /// `max_qos 1` towards 3.1.1 clients), which 3.1.1 has no other way to say.
-        qos2_unanswered: bool,
-    },
-}
-
-pub(crate) fn lost(why: impl Into<String>) -> SessionEnd {
-    SessionEnd::Lost(why.into())
-}
-
-/// False for DISCONNECT reasons that say the link itself is unwelcome (server busy or
-/// going away, session taken over, keep alive, rate limits): such a loss never counts
-/// against the message in flight. Unknown and message-level reasons may be about it.
-fn may_be_about_a_message(reason: ReasonCode) -> bool {
-    !matches!(
-        reason,
-        ReasonCode::NORMAL_DISCONNECTION
-            | ReasonCode::SERVER_UNAVAILABLE
-            | ReasonCode::SERVER_BUSY
-            | ReasonCode::BANNED
-            | ReasonCode::SERVER_SHUTTING_DOWN
-            | ReasonCode::KEEP_ALIVE_TIMEOUT
-            | ReasonCode::SESSION_TAKEN_OVER
-            | ReasonCode::MESSAGE_RATE_TOO_HIGH
-            | ReasonCode::ADMINISTRATIVE_ACTION
-            | ReasonCode::USE_ANOTHER_SERVER
-            | ReasonCode::SERVER_MOVED
-            | ReasonCode::CONNECTION_RATE_EXCEEDED
-            | ReasonCode::MAXIMUM_CONNECT_TIME
-    )
-}
-
-pub(crate) fn dropped(why: impl Into<String>) -> SessionEnd {
-    SessionEnd::Dropped {
-        why: why.into(),
-        suspect: None,
-        out_through: None,
-        qos2_unanswered: false,
-    }
-}
 
 /// Limits the cloud announced in CONNACK, combined with configuration.
 pub(crate) struct Limits {
@@ -170,13 +125,8 @@ pub(crate) struct Client<'a> {
     queue: VecDeque<StoredMessage>,
     cursor: i64,
     exhausted: bool,
-    /// A stage commit is out: nothing more goes into the window until it is done.
-    committing: bool,
-    /// Stage updates to make durable, not yet taken by the driver.
-    commit: Option<Vec<StageUpdate>>,
-    /// What goes on the wire once the stage commit is durable.
-    gated: Vec<Out>,
-    rel_pending: Vec<(u16, i64)>,
+    /// QoS 2 stages being made durable, and what waits for them.
+    staging: Staging,
     /// Rows acknowledged (or dropped) since the last hand-off to the spool writer.
     acked: Vec<i64>,
     /// The receiving side: downlink deliveries and their answers.
@@ -231,10 +181,7 @@ impl<'a> Client<'a> {
             queue: VecDeque::new(),
             cursor: 0,
             exhausted: false,
-            committing: false,
-            commit: None,
-            gated: Vec::new(),
-            rel_pending: Vec::new(),
+            staging: Staging::default(),
             acked: Vec::new(),
             downlink: Downlink::default(),
             careful: Careful::new(careful_through),
@@ -355,14 +302,13 @@ impl<'a> Client<'a> {
 
     /// Stage updates to make durable now; answer with [`Client::on_stages_committed`].
     pub(crate) fn poll_commit(&mut self) -> Option<Vec<StageUpdate>> {
-        self.commit.take()
+        self.staging.poll_commit()
     }
 
     /// The stage updates from [`Client::poll_commit`] are durable: what waited for them
     /// goes out.
     pub(crate) fn on_stages_committed(&mut self, now: Instant) -> Result<(), SessionEnd> {
-        self.committing = false;
-        for out in std::mem::take(&mut self.gated) {
+        for out in self.staging.committed() {
             self.write_out(out, now)?;
         }
         Ok(())
@@ -555,13 +501,7 @@ impl<'a> Client<'a> {
 
     /// Rows given a window slot whose PUBLISH still waits for its stage commit.
     fn unsent_rows(&self) -> HashSet<i64> {
-        self.gated
-            .iter()
-            .filter_map(|o| match o {
-                Out::Publish { row, .. } => Some(*row),
-                Out::PubRel(_) | Out::Status(_) => None,
-            })
-            .collect()
+        self.staging.unsent_rows()
     }
 
     /// True when a row's PUBLISH is out and not acknowledged.
@@ -574,88 +514,6 @@ impl<'a> Client<'a> {
             .map_err(|e| lost(format!("encode: {e}")))
     }
 
-    fn subscribe(&mut self) -> Result<(), SessionEnd> {
-        let subs = self.setup.rules.remote_subscriptions();
-        if subs.is_empty() {
-            return Ok(());
-        }
-        let Some(pid) = self.ids.alloc() else {
-            return Err(lost("no free packet identifier"));
-        };
-        // Subscribe identifiers are freed on SUBACK; they never enter the publish window.
-        let filters = subs
-            .into_iter()
-            .map(|(filter, qos, retain)| outpost_mqtt::SubscribeFilter {
-                filter,
-                options: outpost_mqtt::SubscriptionOptions {
-                    qos: qos.min(self.limits.max_qos.max(QoS::AtLeastOnce)),
-                    // Without No Local a `both` rule would echo our own uplink back down.
-                    no_local: true,
-                    retain_as_published: retain == RetainMode::Keep,
-                    retain_handling: Default::default(),
-                },
-            })
-            .collect();
-        self.encode(&Packet::Subscribe(outpost_mqtt::Subscribe {
-            packet_id: pid,
-            filters,
-            properties: Properties::default(),
-        }))
-    }
-
-    fn send_control(&mut self, payload: bytes::Bytes, now: Instant) -> Result<u16, SessionEnd> {
-        let (pid, publish) = self.status_publish(payload)?;
-        self.write_out(Out::Status(publish), now)?;
-        Ok(pid)
-    }
-
-    /// A status PUBLISH under a fresh identifier, counted in flight.
-    fn status_publish(&mut self, payload: bytes::Bytes) -> Result<(u16, Publish), SessionEnd> {
-        let pid = self
-            .ids
-            .alloc()
-            .ok_or_else(|| lost("no free packet identifier"))?;
-        let topic = self
-            .setup
-            .status
-            .map(|s| s.topic.clone())
-            .unwrap_or_default();
-        let publish = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: self.limits.retain_available,
-            topic: ByteString::from(topic),
-            packet_id: Some(pid),
-            properties: Properties::default(),
-            payload,
-        };
-        self.inflight.insert(pid, Inflight::Control);
-        Ok((pid, publish))
-    }
-
-    /// Queues the deferred birth once the resumed rows ahead of `next` (the next row to
-    /// go, if any) are out; false while it must still wait.
-    fn birth_due(&mut self, next: Option<i64>, outs: &mut Vec<Out>) -> Result<bool, SessionEnd> {
-        let Some(last) = self.birth_after else {
-            return Ok(true);
-        };
-        let resumed_out = match next {
-            Some(id) => id > last,
-            None => self.exhausted,
-        };
-        if !resumed_out || self.inflight.len() >= self.window.limit() {
-            return Ok(false);
-        }
-        self.birth_after = None;
-        let Some(status) = self.setup.status else {
-            return Ok(true);
-        };
-        let payload = status.birth();
-        let (_, publish) = self.status_publish(payload)?;
-        outs.push(Out::Status(publish));
-        Ok(true)
-    }
-
     /// Start the commit that the oldest downlink answers wait for (one at a time, so their
     /// order is kept); answers that change nothing go out at once.
     pub(crate) fn pump_downlink(&mut self) -> Result<(), SessionEnd> {
@@ -663,230 +521,6 @@ impl<'a> Client<'a> {
             self.encode(&answer)?;
         }
         Ok(())
-    }
-
-    /// Move spooled rows into the window at `now` (`now_ms` on the wall clock), asking
-    /// for QoS 2 stages to be persisted first when needed ([`Client::poll_commit`]).
-    pub(crate) fn fill(
-        &mut self,
-        now: Instant,
-        now_ms: i64,
-        marks: &mut dyn Claims,
-    ) -> Result<(), SessionEnd> {
-        if self.committing {
-            return Ok(());
-        }
-        let mut updates = Vec::new();
-        let mut outs = Vec::new();
-        for (pid, id) in self.rel_pending.drain(..) {
-            updates.push(StageUpdate {
-                id,
-                packet_id: pid,
-                stage: Stage::Released,
-            });
-            outs.push(Out::PubRel(pid));
-        }
-        let rate = self.setup.replay_rate;
-        while self.inflight.len() < self.window.limit() && self.goodbye_pid.is_none() {
-            let Some(front) = self.queue.front() else {
-                break;
-            };
-            if marks.claimed(front.id, front.stage) {
-                // drop-oldest deleted it after we read it; it is counted as dropped there.
-                if let Some(pid) = self.resend.remove(&front.id) {
-                    self.ids.release(pid);
-                }
-                marks.pass(front.id);
-                self.queue.pop_front();
-                continue;
-            }
-            let front_id = front.id;
-            if self.birth_after.is_some_and(|last| front_id > last) {
-                // The resumed rows are out: the birth takes the next slot, before any
-                // new row.
-                if !self.birth_due(Some(front_id), &mut outs)? {
-                    break;
-                }
-                continue;
-            }
-            if self.must_wait(front_id)? {
-                break;
-            }
-            let Some(front) = self.queue.front() else {
-                break;
-            };
-            if rate > 0 && front.accepted_ms < self.started_ms {
-                if now < self.replay_next {
-                    self.replay_wake = Some(self.replay_next);
-                    break;
-                }
-                self.replay_next = self.replay_next.max(now) + Duration::from_secs(1) / rate.max(1);
-            }
-            let Some(row) = self.queue.pop_front() else {
-                break;
-            };
-            marks.take(row.id);
-            match self.prepare(row, now_ms, &mut updates) {
-                Ok(Some(out)) => {
-                    if let Out::Publish { row, .. } = &out {
-                        self.careful.on_publish(*row);
-                    }
-                    outs.push(out);
-                }
-                Ok(None) => {}
-                Err(row) => {
-                    self.queue.push_front(*row);
-                    break;
-                }
-            }
-        }
-        if self.queue.is_empty() && self.goodbye_pid.is_none() {
-            self.birth_due(None, &mut outs)?;
-        }
-        if updates.is_empty() {
-            for out in outs {
-                self.write_out(out, now)?;
-            }
-        } else {
-            self.committing = true;
-            self.commit = Some(updates);
-            self.gated = outs;
-        }
-        Ok(())
-    }
-
-    /// True when row `id` must wait: while the rows that were out at the last link drops
-    /// are resent, one at a time behind a ping barrier (see `careful.rs`), which this
-    /// sends when due. Free in the normal case (no recent drop, or past those rows): the
-    /// window scan only runs while resending.
-    fn must_wait(&mut self, id: i64) -> Result<bool, SessionEnd> {
-        let gate = self.careful.gate(id, || {
-            self.rows_out()
-                || self.inflight.status_out()
-                || self.gated.iter().any(|o| matches!(o, Out::Publish { .. }))
-        });
-        match gate {
-            Gate::Go => Ok(false),
-            Gate::Wait => Ok(true),
-            Gate::Barrier => {
-                if !self.ping_out {
-                    self.ping_out = true;
-                    self.careful.on_barrier_sent();
-                    self.encode(&Packet::PingReq)?;
-                }
-                Ok(true)
-            }
-        }
-    }
-
-    /// Turn a row into what goes on the wire; `Err(row)` when no identifier is free.
-    fn prepare(
-        &mut self,
-        row: StoredMessage,
-        now_ms: i64,
-        updates: &mut Vec<StageUpdate>,
-    ) -> Result<Option<Out>, Box<StoredMessage>> {
-        let id = row.id;
-        match (row.stage, row.packet_id) {
-            (Stage::Released | Stage::Published, Some(pid)) if self.limits.moved => {
-                // Another broker has (or had) these: this one never saw them, so they go
-                // up here as new exchanges under fresh identifiers.
-                self.ids.release(pid);
-            }
-            (Stage::Released, Some(pid)) => {
-                self.inflight.insert(
-                    pid,
-                    Inflight::Row {
-                        id,
-                        stage: Stage::Released,
-                    },
-                );
-                return Ok(Some(Out::PubRel(pid)));
-            }
-            (Stage::Published, Some(pid)) if self.limits.max_qos == QoS::ExactlyOnce => {
-                self.inflight.insert(
-                    pid,
-                    Inflight::Row {
-                        id,
-                        stage: Stage::Published,
-                    },
-                );
-                let publish = self.publish_of(row, QoS::ExactlyOnce, Some(pid), true);
-                return Ok(Some(Out::Publish { row: id, publish }));
-            }
-            (Stage::Published, Some(pid)) => {
-                // The cloud no longer takes QoS 2 (a QoS 2 PUBLISH would get us disconnected
-                // over and over): send it as QoS 1 under a fresh identifier.
-                self.ids.release(pid);
-            }
-            _ => {}
-        }
-        let mut row = row;
-        if let Some(expiry) = row.properties.message_expiry_interval {
-            let age = ((now_ms - row.accepted_ms).max(0) / 1000) as u64;
-            if age >= u64::from(expiry) {
-                if let Some(pid) = self.resend.remove(&id) {
-                    self.ids.release(pid);
-                }
-                self.acked.push(id);
-                BridgeStats::bump(&self.setup.stats.dropped_expired);
-                tracing::info!(bridge = %self.setup.name, topic = %row.topic, "message expired in the spool");
-                return Ok(None);
-            }
-            row.properties.message_expiry_interval = Some(expiry - age as u32);
-        }
-        let qos = row.qos.min(self.limits.max_qos);
-        if qos < row.qos && row.qos == QoS::ExactlyOnce && !self.downgrade_logged {
-            self.downgrade_logged = true;
-            tracing::warn!(bridge = %self.setup.name, max_qos = self.limits.max_qos as u8,
-                "cloud (or config) allows no QoS 2: QoS 2 messages go up as QoS {}", qos as u8);
-        }
-        if qos == QoS::AtMostOnce {
-            let publish = self.publish_of(row, QoS::AtMostOnce, None, false);
-            return Ok(Some(Out::Publish { row: id, publish }));
-        }
-        if let Some(pid) = self.resend.remove(&id) {
-            if qos == QoS::AtLeastOnce {
-                self.inflight.insert(
-                    pid,
-                    Inflight::Row {
-                        id,
-                        stage: Stage::New,
-                    },
-                );
-                let publish = self.publish_of(row, qos, Some(pid), true);
-                return Ok(Some(Out::Publish { row: id, publish }));
-            }
-            self.ids.release(pid);
-        }
-        let Some(pid) = self.ids.alloc() else {
-            return Err(Box::new(row));
-        };
-        let stage = if qos == QoS::ExactlyOnce {
-            updates.push(StageUpdate {
-                id,
-                packet_id: pid,
-                stage: Stage::Published,
-            });
-            Stage::Published
-        } else {
-            Stage::New
-        };
-        self.inflight.insert(pid, Inflight::Row { id, stage });
-        let publish = self.publish_of(row, qos, Some(pid), false);
-        Ok(Some(Out::Publish { row: id, publish }))
-    }
-
-    fn publish_of(&self, row: StoredMessage, qos: QoS, pid: Option<u16>, dup: bool) -> Publish {
-        Publish {
-            dup,
-            qos,
-            retain: row.retain && self.limits.retain_available,
-            topic: ByteString::from(row.topic),
-            packet_id: pid,
-            properties: row.properties,
-            payload: row.payload,
-        }
     }
 
     /// Publishes the window for `$SYS`, `/metrics` and the status page.
@@ -902,94 +536,6 @@ impl<'a> Client<'a> {
         self.window.forget(pid);
         self.inflight.remove(pid);
         self.ids.release(pid);
-    }
-
-    fn write_out(&mut self, out: Out, now: Instant) -> Result<(), SessionEnd> {
-        match out {
-            Out::PubRel(pid) => self.encode(&Packet::PubRel(PubResponse::new(pid))),
-            Out::Status(mut publish) => {
-                let topic = publish.topic.clone();
-                let sets = self.aliases.apply(&mut publish);
-                let encoded = encode_publish(&publish, self.setup.protocol, &mut self.wbuf);
-                if encoded.is_err() && sets == Some(true) {
-                    self.aliases.withdraw(&topic);
-                }
-                encoded.map_err(|e| lost(format!("encode status: {e}")))
-            }
-            Out::Publish { row, mut publish } => {
-                let topic = publish.topic.clone();
-                let sets = self.aliases.apply(&mut publish);
-                let before = self.wbuf.len();
-                let encoded = encode_publish(&publish, self.setup.protocol, &mut self.wbuf);
-                let size = self.wbuf.len() - before;
-                let refused = match encoded {
-                    Err(e) => Some((
-                        format!("cannot encode: {e}"),
-                        &self.setup.stats.dropped_refused,
-                    )),
-                    Ok(()) if size > self.limits.max_packet => Some((
-                        format!(
-                            "{size} bytes exceed the cloud's Maximum Packet Size {}",
-                            self.limits.max_packet
-                        ),
-                        &self.setup.stats.dropped_too_large,
-                    )),
-                    Ok(()) => None,
-                };
-                if let Some((why, counter)) = refused {
-                    self.wbuf.truncate(before);
-                    if sets == Some(true) {
-                        self.aliases.withdraw(&topic);
-                    }
-                    if let Some(pid) = publish.packet_id {
-                        self.forget(pid);
-                    }
-                    self.acked.push(row);
-                    BridgeStats::bump(counter);
-                    tracing::error!(bridge = %self.setup.name, row, %topic,
-                        payload_bytes = publish.payload.len(), "message dropped: {why}");
-                } else if publish.qos == QoS::AtMostOnce {
-                    self.acked.push(row);
-                    BridgeStats::bump(&self.setup.stats.forwarded);
-                } else if let Some(pid) = publish.packet_id {
-                    self.window.on_send(pid, now, self.inflight.len());
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// An unspooled QoS 0 message: straight into the write buffer, or dropped (counted)
-    /// when it cannot go.
-    pub(crate) fn send_live_qos0(&mut self, msg: NewMessage) {
-        let mut publish = Publish {
-            dup: false,
-            qos: QoS::AtMostOnce,
-            retain: msg.retain && self.limits.retain_available,
-            topic: ByteString::from(msg.topic),
-            packet_id: None,
-            properties: msg
-                .props
-                .as_deref()
-                .and_then(crate::spool::decode_properties)
-                .unwrap_or_default(),
-            payload: msg.payload,
-        };
-        let topic = publish.topic.clone();
-        let sets = self.aliases.apply(&mut publish);
-        let before = self.wbuf.len();
-        match encode_publish(&publish, self.setup.protocol, &mut self.wbuf) {
-            Ok(()) if self.wbuf.len() - before <= self.limits.max_packet => {
-                BridgeStats::bump(&self.setup.stats.forwarded);
-            }
-            _ => {
-                self.wbuf.truncate(before);
-                if sets == Some(true) {
-                    self.aliases.withdraw(&topic);
-                }
-                BridgeStats::bump(&self.setup.stats.dropped_qos0);
-            }
-        }
     }
 
     /// The keep-alive tick at `now`: a PINGREQ when the link was quiet, an error when the
@@ -1010,85 +556,6 @@ impl<'a> Client<'a> {
         {
             self.ping_out = true;
             self.encode(&Packet::PingReq)?;
-        }
-        Ok(())
-    }
-
-    fn on_puback(&mut self, r: PubResponse, now: Instant) -> Result<(), SessionEnd> {
-        match self.inflight.get(r.packet_id) {
-            Some(Inflight::Row { id, .. }) => {
-                self.window.on_ack(r.packet_id, now);
-                self.show_window();
-                self.forget(r.packet_id);
-                self.acked.push(id);
-                self.count_ack(id, r.reason);
-            }
-            Some(Inflight::Control) => {
-                self.forget(r.packet_id);
-                if r.reason.is_error() {
-                    let topic = self.setup.status.map(|s| s.topic.as_str()).unwrap_or("");
-                    tracing::warn!(bridge = %self.setup.name, topic,
-                        reason = format!("0x{:02x}", r.reason.0),
-                        "cloud refused the gateway status message: the status topic there may be stale; check the cloud's ACL and quotas");
-                }
-            }
-            None => tracing::debug!(pid = r.packet_id, "PUBACK for an unknown packet id"),
-        }
-        Ok(())
-    }
-
-    fn count_ack(&self, row: i64, reason: ReasonCode) {
-        if reason.is_error() {
-            BridgeStats::bump(&self.setup.stats.dropped_refused);
-            tracing::warn!(bridge = %self.setup.name, row, reason = format!("0x{:02x}", reason.0),
-                "cloud refused a message (error reason code): dropped, counted in dropped/refused");
-        } else {
-            BridgeStats::bump(&self.setup.stats.forwarded);
-        }
-    }
-
-    fn on_pubrec(&mut self, r: PubResponse, now: Instant) -> Result<(), SessionEnd> {
-        let pid = r.packet_id;
-        self.pubrec_seen = true;
-        // The first answer to a QoS 2 PUBLISH times the round trip; the PUBCOMP does not.
-        self.window.on_ack(pid, now);
-        self.show_window();
-        match self.inflight.get(pid) {
-            Some(Inflight::Row { id, .. }) => {
-                if r.reason.is_error() {
-                    self.forget(pid);
-                    self.acked.push(id);
-                    self.count_ack(id, r.reason);
-                } else if self.inflight.release(pid) {
-                    // PUBREL goes out only after "released" is durable: a crash before that
-                    // resends PUBLISH (DUP) with the same id, which the cloud deduplicates.
-                    self.rel_pending.push((pid, id));
-                } else if !self.rel_pending.iter().any(|(p, _)| *p == pid)
-                    && !self
-                        .gated
-                        .iter()
-                        .any(|o| matches!(o, Out::PubRel(p) if *p == pid))
-                {
-                    self.encode(&Packet::PubRel(PubResponse::new(pid)))?;
-                }
-                Ok(())
-            }
-            _ => {
-                tracing::debug!(pid, "PUBREC for an unknown packet id");
-                Ok(())
-            }
-        }
-    }
-
-    fn on_pubcomp(&mut self, r: PubResponse) -> Result<(), SessionEnd> {
-        if let Some(Inflight::Row { id, .. }) = self.inflight.get(r.packet_id) {
-            self.forget(r.packet_id);
-            self.acked.push(id);
-            if r.reason == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND {
-                tracing::info!(bridge = %self.setup.name, pid = r.packet_id,
-                    "PUBCOMP: cloud had already completed this QoS 2 message");
-            }
-            BridgeStats::bump(&self.setup.stats.forwarded);
         }
         Ok(())
     }

@@ -7,8 +7,10 @@ use super::*;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use bytestring::ByteString;
+use outpost_mqtt::PubResponse;
 
-use crate::rules::{Direction, TopicRule};
+use crate::rules::{Direction, RetainMode, TopicRule};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 
