@@ -2,14 +2,15 @@
 //! connection: spooled rows, packets from the cloud, commits done and the current time go
 //! in; bytes to write, stage and downlink-id commits to make durable, rows to delete and
 //! downlink deliveries come out. The async driver (`session.rs`) owns the socket, the
-//! spool and the timers and only moves data between them and this type, so the publish
+//! spool and the clock and only moves data between them and this type, so the publish
 //! window, QoS 2 staging, careful resend after drops and downlink QoS 2 are tested in
 //! memory (see `client/tests.rs`).
 //!
 //! This file is the surface the driver calls; the work is done by concern in `client/`:
 //! `send.rs` (rows into the window, PUBLISHes encoded), `qos2.rs` (QoS 2 stages and what
 //! waits for them), `acks.rs` (PUBACK, PUBREC, PUBCOMP), `control.rs` (SUBSCRIBE and the
-//! status messages), `end.rs` (how a session ends).
+//! status messages), `timers.rs` (keep alive, replay rate, goodbye), `end.rs` (how a
+//! session ends).
 //!
 //! Durability rules the driver must keep: what [`Client::poll_commit`] hands out is
 //! applied to the spool before [`Client::on_stages_committed`] is called (the PUBLISH or
@@ -21,6 +22,7 @@ mod control;
 mod end;
 mod qos2;
 mod send;
+mod timers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -45,6 +47,8 @@ use crate::status::{OfflineReason, Status};
 use end::may_be_about_a_message;
 pub(crate) use end::{SessionEnd, dropped, lost};
 use qos2::Staging;
+pub(crate) use timers::Timer;
+use timers::{GOODBYE_TIMEOUT, TimerTable};
 
 /// Largest packet accepted from the cloud (advertised in 5.0 CONNECT).
 pub(crate) const MAX_INCOMING_PACKET: usize = 16 << 20;
@@ -135,7 +139,8 @@ pub(crate) struct Client<'a> {
     careful: Careful,
     started_ms: i64,
     replay_next: Instant,
-    replay_wake: Option<Instant>,
+    /// When the keep-alive, replay and goodbye timers fire.
+    timers: TimerTable,
     last_sent: Instant,
     last_recv: Instant,
     ping_out: bool,
@@ -143,6 +148,8 @@ pub(crate) struct Client<'a> {
     /// The cloud answered a QoS 2 PUBLISH with PUBREC in this session.
     pubrec_seen: bool,
     goodbye_pid: Option<u16>,
+    /// The cloud did not acknowledge the clean offline status in time: go without it.
+    goodbye_timed_out: bool,
     /// The birth waits until the rows up to this one, resumed from the last session, are
     /// out, and a window slot is free.
     birth_after: Option<i64>,
@@ -172,7 +179,7 @@ impl<'a> Client<'a> {
         } else {
             0
         });
-        let client = Client {
+        let mut client = Client {
             setup,
             wbuf: BytesMut::with_capacity(64 * 1024),
             limits,
@@ -187,13 +194,14 @@ impl<'a> Client<'a> {
             careful: Careful::new(careful_through),
             started_ms: now_ms,
             replay_next: now,
-            replay_wake: None,
+            timers: TimerTable::default(),
             last_sent: now,
             last_recv: now,
             ping_out: false,
             downgrade_logged: false,
             pubrec_seen: false,
             goodbye_pid: None,
+            goodbye_timed_out: false,
             birth_after: None,
             aliases,
             window,
@@ -201,6 +209,7 @@ impl<'a> Client<'a> {
             resend: HashMap::new(),
         };
         client.show_window();
+        client.arm_keep_alive();
         client
     }
 
@@ -288,6 +297,14 @@ impl<'a> Client<'a> {
     pub(crate) fn on_flushed(&mut self, now: Instant) {
         self.wbuf.clear();
         self.last_sent = now;
+        if self.goodbye_pid.is_some()
+            && !self.goodbye_timed_out
+            && self.timers.get(Timer::Goodbye).is_none()
+        {
+            // The offline status is on the wire: its acknowledgement has this long.
+            self.timers.set(Timer::Goodbye, now + GOODBYE_TIMEOUT);
+        }
+        self.arm_keep_alive();
     }
 
     /// Rows acknowledged or dropped since the last call, for the spool to delete.
@@ -334,14 +351,17 @@ impl<'a> Client<'a> {
         self.downlink.poll_delivery()
     }
 
-    /// When the replay rate next lets a row go, if it is what holds the window.
-    pub(crate) fn replay_wake(&self) -> Option<Instant> {
-        self.replay_wake
+    /// When [`Client::handle_timeout`] is next due: the driver sleeps until then.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_timeout()
     }
 
-    /// The replay wake-up came.
-    pub(crate) fn on_replay_wake(&mut self) {
-        self.replay_wake = None;
+    /// The time is `now`: a PINGREQ when the link was quiet one Keep Alive interval, the
+    /// end of the session when the cloud was silent one and a half (see `timers.rs`), the
+    /// next row when the replay rate lets it go, the goodbye given up when the cloud does
+    /// not acknowledge the offline status in time.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionEnd> {
+        self.expire_timers(now)
     }
 
     /// QoS 1 rows the last connection left without PUBACK (`(row, packet id)`): when the
@@ -398,6 +418,7 @@ impl<'a> Client<'a> {
         now: Instant,
     ) -> Result<bool, SessionEnd> {
         self.last_recv = now;
+        self.arm_keep_alive();
         match decode(rbuf, self.setup.protocol, MAX_INCOMING_PACKET) {
             Ok(Some(packet)) => {
                 self.handle_packet(packet, now)?;
@@ -445,6 +466,7 @@ impl<'a> Client<'a> {
             Packet::PingResp => {
                 self.ping_out = false;
                 self.careful.on_pingresp();
+                self.arm_keep_alive();
                 Ok(())
             }
             Packet::SubAck(s) => {
@@ -538,28 +560,6 @@ impl<'a> Client<'a> {
         self.ids.release(pid);
     }
 
-    /// The keep-alive tick at `now`: a PINGREQ when the link was quiet, an error when the
-    /// cloud has been silent too long.
-    pub(crate) fn keep_alive(&mut self, now: Instant) -> Result<(), SessionEnd> {
-        let ka = self.limits.keep_alive;
-        if ka.is_zero() {
-            return Ok(());
-        }
-        let since_recv = now.saturating_duration_since(self.last_recv);
-        if since_recv > ka + ka / 2 {
-            return Err(lost(
-                "keep alive timeout: no packet from the cloud (half-open link?)",
-            ));
-        }
-        if !self.ping_out
-            && (now.saturating_duration_since(self.last_sent) >= ka || since_recv >= ka)
-        {
-            self.ping_out = true;
-            self.encode(&Packet::PingReq)?;
-        }
-        Ok(())
-    }
-
     fn on_publish(&mut self, p: Publish) -> Result<(), SessionEnd> {
         match self.downlink.on_publish(p, self.setup.rules) {
             Some(answer) => self.encode(&answer),
@@ -575,13 +575,18 @@ impl<'a> Client<'a> {
         };
         let payload = status.offline(OfflineReason::Clean);
         self.goodbye_pid = Some(self.send_control(payload, now)?);
+        // Keep alive stops: the goodbye has its own deadline, from when the status is
+        // on the wire.
+        self.arm_keep_alive();
         Ok(true)
     }
 
-    /// The clean offline status is still unacknowledged.
+    /// The clean offline status is still unacknowledged, and its time is not up.
     pub(crate) fn goodbye_pending(&self) -> bool {
-        self.goodbye_pid
-            .is_some_and(|pid| self.inflight.contains(pid))
+        !self.goodbye_timed_out
+            && self
+                .goodbye_pid
+                .is_some_and(|pid| self.inflight.contains(pid))
     }
 
     /// The DISCONNECT that ends the session cleanly (so the will is not published).

@@ -1,6 +1,8 @@
 //! The I/O driver of one connected session with the cloud: the socket, the spool reads and
-//! commits, the local broker and the timers, around the sans-I/O [`Client`] that holds
-//! the protocol state (the publish window, QoS 2 stages, careful resend, downlink).
+//! commits, the local broker and the clock, around the sans-I/O [`Client`] that holds
+//! the protocol state (the publish window, QoS 2 stages, careful resend, downlink) and
+//! its timers (keep alive, replay rate, goodbye): the driver sleeps until
+//! [`Client::poll_timeout`] and calls [`Client::handle_timeout`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,8 +29,6 @@ const ACK_BATCH: usize = 4096;
 const ACK_FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// How long a write may block before the link counts as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for the cloud to acknowledge the clean offline status.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to read what the cloud sent before it dropped the link.
 const SALVAGE_TIME: Duration = Duration::from_millis(200);
 
@@ -49,6 +49,14 @@ pub(crate) struct Session<'a> {
 async fn opt<T>(f: &mut Option<BoxFuture<T>>) -> T {
     match f {
         Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no timer to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }
@@ -174,7 +182,7 @@ impl<'a> Session<'a> {
                     async move { spool.fetch(after, FETCH_LIMIT).await },
                 ));
             }
-            let replay_wake = self.client.replay_wake();
+            let timeout = self.client.poll_timeout();
             let exhausted = self.client.exhausted();
             tokio::select! {
                 r = self.io.read_buf(&mut self.rbuf) => {
@@ -206,13 +214,8 @@ impl<'a> Session<'a> {
                     self.client.on_more_rows();
                 }
                 Some(msg) = live0.recv() => self.client.send_live_qos0(msg),
-                _ = tick.tick() => {
-                    self.send_acked();
-                    self.client.keep_alive(Instant::now())?;
-                }
-                _ = async { if let Some(at) = replay_wake { tokio::time::sleep_until(at.into()).await } }, if replay_wake.is_some() => {
-                    self.client.on_replay_wake();
-                }
+                _ = tick.tick() => self.send_acked(),
+                _ = sleep_until(timeout) => self.client.handle_timeout(Instant::now())?,
                 _ = super::stop_requested(shutdown) => return self.goodbye().await,
             }
         }
@@ -308,18 +311,18 @@ impl<'a> Session<'a> {
     async fn goodbye(&mut self) -> Result<(), SessionEnd> {
         if self.client.start_goodbye(Instant::now())? {
             self.flush().await?;
-            let deadline = tokio::time::Instant::now() + GOODBYE_TIMEOUT;
+            // Bounded by the client's goodbye timer, set when the status went out.
             while self.client.goodbye_pending() {
-                match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
-                    Ok(Ok(n)) if n > 0 => {
-                        self.on_bytes().await?;
-                        self.flush().await?;
-                    }
-                    Ok(_) => return Err(lost("connection closed during shutdown")),
-                    Err(_) => {
-                        tracing::warn!(bridge = %self.ctx.name, "cloud did not acknowledge the offline status in time");
-                        break;
-                    }
+                let timeout = self.client.poll_timeout();
+                tokio::select! {
+                    r = self.io.read_buf(&mut self.rbuf) => match r {
+                        Ok(n) if n > 0 => {
+                            self.on_bytes().await?;
+                            self.flush().await?;
+                        }
+                        _ => return Err(lost("connection closed during shutdown")),
+                    },
+                    _ = sleep_until(timeout) => self.client.handle_timeout(Instant::now())?,
                 }
             }
         }

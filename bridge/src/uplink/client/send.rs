@@ -10,7 +10,7 @@ use outpost_mqtt::{Packet, PubResponse, Publish, QoS, codec::encode_publish};
 
 use super::super::careful::Gate;
 use super::super::inflight::Inflight;
-use super::{Claims, Client, Out, SessionEnd, lost};
+use super::{Claims, Client, Out, SessionEnd, Timer, lost};
 use crate::spool::{NewMessage, Stage, StageUpdate, StoredMessage};
 use crate::stats::BridgeStats;
 
@@ -60,7 +60,7 @@ impl Client<'_> {
             };
             if rate > 0 && front.accepted_ms < self.started_ms {
                 if now < self.replay_next {
-                    self.replay_wake = Some(self.replay_next);
+                    self.timers.set(Timer::Replay, self.replay_next);
                     break;
                 }
                 self.replay_next = self.replay_next.max(now) + Duration::from_secs(1) / rate.max(1);
@@ -110,6 +110,7 @@ impl Client<'_> {
                     self.ping_out = true;
                     self.careful.on_barrier_sent();
                     self.encode(&Packet::PingReq)?;
+                    self.arm_keep_alive();
                 }
                 Ok(true)
             }

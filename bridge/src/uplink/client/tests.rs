@@ -11,6 +11,8 @@ use bytestring::ByteString;
 use outpost_mqtt::PubResponse;
 
 use crate::rules::{Direction, RetainMode, TopicRule};
+use crate::spool::NewMessage;
+use timers::GOODBYE_TIMEOUT;
 
 const NOW_MS: i64 = 1_800_000_000_000;
 
@@ -146,7 +148,8 @@ impl<'a> Link<'a> {
         }
     }
 
-    /// Decodes what the client wrote since the last look.
+    /// Decodes what the client wrote since the last look; like the driver, tells the
+    /// client it went out only when there was something.
     fn wire(&mut self) -> Vec<Packet> {
         let mut out = Vec::new();
         let buf = self.client.transmit();
@@ -154,8 +157,18 @@ impl<'a> Link<'a> {
             out.push(p);
         }
         assert!(buf.is_empty(), "a partial packet was written");
-        self.client.on_flushed(self.now);
+        if !out.is_empty() {
+            self.client.on_flushed(self.now);
+        }
         out
+    }
+
+    /// The clock moves to `now` and the client's timers due by then fire; what went on
+    /// the wire.
+    fn tick(&mut self, now: Instant) -> Result<Vec<Packet>, SessionEnd> {
+        self.now = now;
+        self.client.handle_timeout(now)?;
+        Ok(self.wire())
     }
 
     /// The cloud sends `packets`.
@@ -621,16 +634,22 @@ fn a_backlog_from_before_the_session_goes_at_the_replay_rate_on_the_given_clock(
     let rows = |wire: &[Packet]| publishes(wire).iter().map(|(r, _)| *r).collect::<Vec<_>>();
     assert_eq!(rows(&link.turn(&mut spool)), [1]);
     assert_eq!(
-        link.client.replay_wake(),
+        link.client.poll_timeout(),
         Some(t0 + Duration::from_millis(500))
     );
     link.now = t0 + Duration::from_millis(499);
     assert!(link.turn(&mut spool).is_empty(), "too early");
-    link.now = t0 + Duration::from_millis(500);
-    link.client.on_replay_wake();
+    assert!(
+        link.tick(t0 + Duration::from_millis(500))
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(rows(&link.turn(&mut spool)), [2]);
-    link.now = t0 + Duration::from_millis(1_000);
-    link.client.on_replay_wake();
+    assert!(
+        link.tick(t0 + Duration::from_millis(1_000))
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(rows(&link.turn(&mut spool)), [3]);
 }
 
@@ -735,10 +754,74 @@ fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
     assert!(spool.incoming.is_empty());
 }
 
+/// Keep alive of the [`limits`] the tests use.
+const KA: Duration = Duration::from_secs(60);
+const MS: Duration = Duration::from_millis(1);
+
+/// A link over an empty spool, without status messages or subscriptions: nothing goes
+/// on the wire unless the keep-alive sends it.
+fn quiet_link<'a>(rules: &'a Rules, stats: &'a BridgeStats, start: Instant) -> Link<'a> {
+    let mut link = Link::open(
+        setup(rules, stats),
+        &Spool::default(),
+        limits(false, false),
+        0,
+        start,
+    );
+    assert!(link.wire().is_empty());
+    link
+}
+
 #[test]
-fn keep_alive_pings_a_quiet_link_and_gives_up_on_a_silent_cloud() {
+fn a_pingreq_goes_after_one_keep_alive_of_silence_and_not_before() {
+    // MQTT-3.1.2-23 (3.1.1; MQTT-3.1.2-20 in 5.0): with nothing else to send within the
+    // Keep Alive interval, the client MUST send a PINGREQ.
     let (rules, stats) = (Rules::default(), BridgeStats::default());
-    let spool = Spool::default();
+    let start = Instant::now();
+    let mut link = quiet_link(&rules, &stats, start);
+    assert_eq!(link.client.poll_timeout(), Some(start + KA));
+    assert!(link.tick(start + KA / 2).unwrap().is_empty());
+    assert!(
+        link.tick(start + KA - MS).unwrap().is_empty(),
+        "no PINGREQ before the link was quiet one keep alive"
+    );
+    assert_eq!(link.tick(start + KA).unwrap(), [Packet::PingReq]);
+    // One PINGREQ out at a time.
+    assert!(link.tick(start + KA + KA / 4).unwrap().is_empty());
+}
+
+#[test]
+fn a_link_whose_pingresp_does_not_come_is_closed_after_one_and_a_half_keep_alive() {
+    // A client that gets no PINGRESP in a reasonable time after its PINGREQ should close
+    // the connection (3.1.2.10); the time taken is the server's own for a silent client,
+    // one and a half Keep Alive intervals without a packet (MQTT-3.1.2-24 in 3.1.1,
+    // MQTT-3.1.2-22 in 5.0).
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let start = Instant::now();
+    let mut link = quiet_link(&rules, &stats, start);
+    assert_eq!(link.tick(start + KA).unwrap(), [Packet::PingReq]);
+    assert!(link.tick(start + KA + KA / 2 - MS).unwrap().is_empty());
+    match link.tick(start + KA + KA / 2) {
+        Err(SessionEnd::Lost(why)) => assert!(why.contains("keep alive"), "{why}"),
+        other => panic!("the link stays up without PINGRESP: {other:?}"),
+    }
+
+    // The same, answered: the link stays, and the next PINGREQ is one keep alive after
+    // the last one went.
+    let mut link = quiet_link(&rules, &stats, start);
+    assert_eq!(link.tick(start + KA).unwrap(), [Packet::PingReq]);
+    link.now = start + KA + Duration::from_secs(1);
+    link.receive(&[Packet::PingResp]).unwrap();
+    assert!(link.tick(start + KA + KA / 2).unwrap().is_empty());
+    assert!(link.tick(start + 2 * KA - MS).unwrap().is_empty());
+    assert_eq!(link.tick(start + 2 * KA).unwrap(), [Packet::PingReq]);
+}
+
+#[test]
+fn traffic_both_ways_puts_the_pingreq_off() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    spool.add(1, QoS::AtLeastOnce);
     let start = Instant::now();
     let mut link = Link::open(
         setup(&rules, &stats),
@@ -747,23 +830,81 @@ fn keep_alive_pings_a_quiet_link_and_gives_up_on_a_silent_cloud() {
         0,
         start,
     );
-    link.client
-        .keep_alive(start + Duration::from_secs(30))
-        .unwrap();
-    assert!(link.wire().is_empty());
-    link.client
-        .keep_alive(start + Duration::from_secs(60))
-        .unwrap();
-    assert_eq!(link.wire(), [Packet::PingReq]);
-    // One PINGREQ out at a time.
-    link.client
-        .keep_alive(start + Duration::from_secs(80))
-        .unwrap();
-    assert!(link.wire().is_empty());
+    let sent = publishes(&link.turn(&mut spool));
+    assert_eq!(sent.len(), 1);
+    // Out at 30 s: the cloud is still silent since the start, so a PINGREQ (which it
+    // must answer) stays due at one keep alive.
+    link.now = start + Duration::from_secs(30);
+    link.client.send_live_qos0(NewMessage {
+        topic: "site/boiler/live".into(),
+        payload: Bytes::from_static(b"21.5"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        props: None,
+        accepted_ms: NOW_MS,
+    });
+    assert_eq!(link.wire().len(), 1);
+    assert_eq!(link.client.poll_timeout(), Some(start + KA));
+    // In at 45 s: now both ways had traffic since 30 s.
+    link.now = start + Duration::from_secs(45);
+    link.receive(&[ack(&sent[0].1)]).unwrap();
+    let due = start + Duration::from_secs(30) + KA;
+    assert_eq!(link.client.poll_timeout(), Some(due));
+    assert!(
+        link.tick(start + KA).unwrap().is_empty(),
+        "a PINGREQ at the old deadline"
+    );
+    assert!(link.tick(due - MS).unwrap().is_empty());
+    assert_eq!(link.tick(due).unwrap(), [Packet::PingReq]);
+    // The cloud spoke at 45 s: it is given up on one and a half keep alive after that.
+    assert!(
+        link.tick(start + Duration::from_secs(45) + KA + KA / 2 - MS)
+            .is_ok()
+    );
     assert!(matches!(
-        link.client.keep_alive(start + Duration::from_secs(91)),
+        link.tick(start + Duration::from_secs(45) + KA + KA / 2),
         Err(SessionEnd::Lost(_))
     ));
+}
+
+#[test]
+fn the_goodbye_waits_so_long_for_the_offline_status_to_be_acknowledged() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let status = Status::new("outpost", "gw-01", "cloud", std::time::UNIX_EPOCH);
+    let mut spool = Spool::default();
+    let mut s = setup(&rules, &stats);
+    s.status = Some(&status);
+    let start = Instant::now();
+    let mut link = Link::open(s, &spool, limits(false, false), 0, start);
+    let wire = link.turn(&mut spool);
+    let Packet::Publish(birth) = &wire[0] else {
+        panic!("{wire:?}")
+    };
+    link.receive(&[ack(birth)]).unwrap();
+    // Shutdown just before a PINGREQ would be due: the goodbye's deadline rules now.
+    let bye = start + KA - MS;
+    link.now = bye;
+    assert!(link.client.start_goodbye(bye).unwrap());
+    assert!(matches!(&link.wire()[..], [Packet::Publish(p)] if p.topic == birth.topic));
+    assert!(link.client.goodbye_pending());
+    // Writing more during the wait does not move the deadline.
+    link.now = bye + Duration::from_secs(1);
+    link.client.send_live_qos0(NewMessage {
+        topic: "site/boiler/live".into(),
+        payload: Bytes::from_static(b"21.5"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        props: None,
+        accepted_ms: NOW_MS,
+    });
+    assert_eq!(link.wire().len(), 1);
+    assert!(link.tick(bye + GOODBYE_TIMEOUT - MS).unwrap().is_empty());
+    assert!(link.client.goodbye_pending());
+    assert!(link.tick(bye + GOODBYE_TIMEOUT).unwrap().is_empty());
+    assert!(
+        !link.client.goodbye_pending(),
+        "the goodbye waits past its time"
+    );
 }
 
 #[test]
