@@ -817,6 +817,29 @@ fn a_link_whose_pingresp_does_not_come_is_closed_after_one_and_a_half_keep_alive
     assert!(link.tick(start + KA + KA / 2).unwrap().is_empty());
     assert!(link.tick(start + 2 * KA - MS).unwrap().is_empty());
     assert_eq!(link.tick(start + 2 * KA).unwrap(), [Packet::PingReq]);
+
+    // Any packet from the cloud is a sign of life, not only PINGRESP: a slow PUBACK
+    // after the PINGREQ keeps the link for one and a half keep alive from then.
+    let mut spool = Spool::default();
+    spool.add(1, QoS::AtLeastOnce);
+    let mut link = Link::open(
+        setup(&rules, &stats),
+        &spool,
+        limits(false, false),
+        0,
+        start,
+    );
+    let sent = publishes(&link.turn(&mut spool));
+    assert_eq!(link.tick(start + KA).unwrap(), [Packet::PingReq]);
+    let answered = start + KA + Duration::from_secs(1);
+    link.now = answered;
+    link.receive(&[ack(&sent[0].1)]).unwrap();
+    assert!(link.tick(start + KA + KA / 2).is_ok());
+    assert!(link.tick(answered + KA + KA / 2 - MS).is_ok());
+    assert!(matches!(
+        link.tick(answered + KA + KA / 2),
+        Err(SessionEnd::Lost(_))
+    ));
 }
 
 #[test]
