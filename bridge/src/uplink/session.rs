@@ -102,7 +102,7 @@ impl<'a> Session<'a> {
             Ok(()) => SessionEnd::Shutdown,
             Err(SessionEnd::Dropped { why, .. }) => {
                 self.salvage_acks().await;
-                self.client.on_drop(why)
+                self.client.handle_drop(why)
             }
             Err(end) => end,
         };
@@ -196,24 +196,24 @@ impl<'a> Session<'a> {
                     self.fetch = None;
                     let rows = rows.map_err(|e| lost(format!("spool: {e}")))?;
                     let last = rows.len() < FETCH_LIMIT;
-                    self.client.on_rows(rows, last);
+                    self.client.handle_rows(rows, last);
                 }
                 done = opt(&mut self.down_gate) => {
                     self.down_gate = None;
                     done.map_err(|e| lost(format!("spool: {e}")))?;
-                    self.client.on_incoming_committed()?;
+                    self.client.handle_incoming_committed()?;
                 }
                 done = opt(&mut self.gate) => {
                     self.gate = None;
                     done.map_err(|e| lost(format!("spool: {e}")))?;
-                    self.client.on_stages_committed(Instant::now())?;
+                    self.client.handle_stages_committed(Instant::now())?;
                 }
                 changed = self.committed.changed(), if exhausted => {
                     changed.map_err(|_| lost("spool writer stopped"))?;
                     self.committed.borrow_and_update();
-                    self.client.on_more_rows();
+                    self.client.handle_more_rows();
                 }
-                Some(msg) = live0.recv() => self.client.send_live_qos0(msg),
+                Some(msg) = live0.recv() => self.client.handle_live_qos0(msg),
                 _ = tick.tick() => self.send_acked(),
                 _ = sleep_until(timeout) => self.client.handle_timeout(Instant::now())?,
                 _ = super::stop_requested(shutdown) => return self.goodbye().await,
@@ -258,18 +258,18 @@ impl<'a> Session<'a> {
 
     /// Hand acknowledged rows to the spool writer.
     fn send_acked(&mut self) {
-        let acked = self.client.take_acked();
+        let acked = self.client.poll_acked();
         if !acked.is_empty() {
             self.ctx.spool.delete_many(acked);
         }
     }
 
     async fn flush(&mut self) -> Result<(), SessionEnd> {
-        if self.client.transmit().is_empty() {
+        if self.client.poll_transmit().is_empty() {
             return Ok(());
         }
         let io = &mut self.io;
-        let wbuf = &*self.client.transmit();
+        let wbuf = &*self.client.poll_transmit();
         let write = async move {
             io.write_all(wbuf).await?;
             // TLS and WebSocket buffer inside; a flush puts the bytes on the wire.
@@ -280,7 +280,7 @@ impl<'a> Session<'a> {
             Ok(Err(e)) => return Err(dropped(format!("write: {e}"))),
             Err(_) => return Err(lost("write timed out")),
         }
-        self.client.on_flushed(Instant::now());
+        self.client.handle_flushed(Instant::now());
         Ok(())
     }
 
@@ -309,7 +309,7 @@ impl<'a> Session<'a> {
     /// Publish the clean offline status, wait (bounded) for its ack while still taking
     /// acknowledgements of the window, then DISCONNECT so the will is not published.
     async fn goodbye(&mut self) -> Result<(), SessionEnd> {
-        if self.client.start_goodbye(Instant::now())? {
+        if self.client.handle_shutdown(Instant::now())? {
             self.flush().await?;
             // Bounded by the client's goodbye timer, set when the status went out.
             while self.client.goodbye_pending() {

@@ -35,6 +35,22 @@ impl Client<'_> {
         Ok(())
     }
 
+    /// Publishes the window for `$SYS`, `/metrics` and the status page.
+    pub(super) fn show_window(&self) {
+        let limit = self.window.limit() as u64;
+        let shown = &self.setup.stats.inflight_window;
+        if shown.load(std::sync::atomic::Ordering::Relaxed) != limit {
+            shown.store(limit, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// `pid` has its final answer (or was never sent): out of the window and free.
+    pub(super) fn forget(&mut self, pid: u16) {
+        self.window.forget(pid);
+        self.inflight.remove(pid);
+        self.ids.release(pid);
+    }
+
     fn count_ack(&self, row: i64, reason: ReasonCode) {
         if reason.is_error() {
             BridgeStats::bump(&self.setup.stats.dropped_refused);

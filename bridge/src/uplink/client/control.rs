@@ -5,13 +5,37 @@
 use std::time::Instant;
 
 use bytestring::ByteString;
-use outpost_mqtt::{Packet, Properties, Publish, QoS};
+use outpost_mqtt::{Packet, Properties, Publish, QoS, SubAck};
 
 use super::super::inflight::Inflight;
 use super::{Client, Out, SessionEnd, lost};
 use crate::rules::RetainMode;
+use crate::spool::StoredMessage;
 
 impl Client<'_> {
+    /// At the start of a session: the birth goes now, or once the rows `in_progress`
+    /// (resumed QoS 2 exchanges) are out.
+    pub(super) fn birth_or_schedule(
+        &mut self,
+        in_progress: &[StoredMessage],
+        now: Instant,
+    ) -> Result<(), SessionEnd> {
+        if let Some(status) = self.setup.status {
+            match in_progress.iter().map(|r| r.id).max() {
+                None => {
+                    let payload = status.birth();
+                    self.send_control(payload, now)?;
+                }
+                // The cloud still holds these QoS 2 exchanges and counts them against its
+                // Receive Maximum until PUBCOMP (section 4.9). Sent first, the birth would
+                // exceed it: Mosquitto refuses it (0x97), leaving the status "offline",
+                // and with max_queued_messages 0 also drops the link, every time.
+                Some(last) => self.birth_after = Some(last),
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn subscribe(&mut self) -> Result<(), SessionEnd> {
         let subs = self.setup.rules.remote_subscriptions();
         if subs.is_empty() {
@@ -39,6 +63,18 @@ impl Client<'_> {
             filters,
             properties: Properties::default(),
         }))
+    }
+
+    /// The cloud answered the SUBSCRIBE: its identifier is free again, and refused
+    /// filters are logged (the link goes on without them).
+    pub(super) fn on_suback(&mut self, s: SubAck) {
+        self.ids.release(s.packet_id);
+        for (i, code) in s.reason_codes.iter().enumerate() {
+            if code.is_error() {
+                tracing::error!(bridge = %self.setup.name, filter = i, reason = code.0,
+                    "cloud refused a downlink subscription");
+            }
+        }
     }
 
     pub(super) fn send_control(

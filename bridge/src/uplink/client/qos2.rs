@@ -101,6 +101,31 @@ impl Staging {
 }
 
 impl Client<'_> {
+    /// At the start of a session: the spool's rows in a QoS 2 exchange keep their
+    /// identifiers reserved until they come round again (and are resumed or sent anew,
+    /// see [`Client::resume_qos2`]).
+    pub(super) fn resume_stages(&mut self, in_progress: &[StoredMessage]) {
+        if self.limits.moved && !in_progress.is_empty() {
+            let released = in_progress
+                .iter()
+                .filter(|r| r.stage == Stage::Released)
+                .count();
+            tracing::info!(bridge = %self.setup.name, rows = in_progress.len(), released,
+                "moved to another broker: {} QoS 2 messages the previous broker had not \
+                 completed ({released} past PUBREC there) go up here as new messages",
+                in_progress.len());
+        } else if !in_progress.is_empty() && !self.limits.session_present {
+            tracing::warn!(bridge = %self.setup.name, rows = in_progress.len(),
+                "cloud has no session for us: QoS 2 messages in flight are resent and may be duplicated");
+        }
+        // Persisted QoS 2 identifiers stay reserved until their rows come round again.
+        for row in in_progress {
+            if let Some(pid) = row.packet_id {
+                self.ids.reserve(pid);
+            }
+        }
+    }
+
     /// A row the spool has in a QoS 2 exchange: `Ok` with what resumes it at the same
     /// broker (the PUBREL past PUBREC, else the PUBLISH again with DUP), `Err(row)` when
     /// it goes up as a new message instead (another broker, or no QoS 2 any more), its

@@ -10,14 +10,36 @@ use outpost_mqtt::{Packet, PubResponse, Publish, QoS, codec::encode_publish};
 
 use super::super::careful::Gate;
 use super::super::inflight::Inflight;
-use super::{Claims, Client, Out, SessionEnd, Timer, lost};
+use super::{Client, Out, SessionEnd, Timer, lost};
 use crate::spool::{NewMessage, Stage, StageUpdate, StoredMessage};
 use crate::stats::BridgeStats;
 
+/// The drop-oldest fence as the client sees it (see `spool::fence`): in the driver the
+/// spool's locked marks, in tests nothing is ever claimed.
+pub(crate) trait Claims {
+    /// Row `id` was claimed for dropping: skip it.
+    fn claimed(&self, id: i64, stage: Stage) -> bool;
+    /// Row `id` was taken for sending.
+    fn take(&mut self, id: i64);
+    /// Row `id` was passed over.
+    fn pass(&mut self, id: i64);
+}
+
+impl Claims for crate::spool::Marks {
+    fn claimed(&self, id: i64, stage: Stage) -> bool {
+        crate::spool::Marks::claimed(self, id, stage)
+    }
+    fn take(&mut self, id: i64) {
+        crate::spool::Marks::take(self, id);
+    }
+    fn pass(&mut self, id: i64) {
+        crate::spool::Marks::pass(self, id);
+    }
+}
+
 impl Client<'_> {
-    /// Move spooled rows into the window at `now` (`now_ms` on the wall clock), asking
-    /// for QoS 2 stages to be persisted first when needed ([`Client::poll_commit`]).
-    pub(crate) fn fill(
+    /// Moves spooled rows into the window; see [`Client::fill`].
+    pub(super) fn fill_window(
         &mut self,
         now: Instant,
         now_ms: i64,
@@ -259,9 +281,8 @@ impl Client<'_> {
         }
     }
 
-    /// An unspooled QoS 0 message: straight into the write buffer, or dropped (counted)
-    /// when it cannot go.
-    pub(crate) fn send_live_qos0(&mut self, msg: NewMessage) {
+    /// Encodes an unspooled QoS 0 message; see [`Client::handle_live_qos0`].
+    pub(super) fn encode_live_qos0(&mut self, msg: NewMessage) {
         let mut publish = Publish {
             dup: false,
             qos: QoS::AtMostOnce,

@@ -3,16 +3,22 @@
 //! and fed in, what the client writes decoded back, and a clock that only moves when
 //! a test moves it. A link drop is the end of one `Client` and the start of another
 //! over the same spool, as the reconnect loop does.
-use super::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use bytes::Bytes;
 use bytestring::ByteString;
 use outpost_mqtt::PubResponse;
 
-use crate::rules::{Direction, RetainMode, TopicRule};
-use crate::spool::NewMessage;
-use timers::GOODBYE_TIMEOUT;
+use super::end::may_be_about_a_message;
+use super::send::Claims;
+use super::timers::GOODBYE_TIMEOUT;
+use super::*;
+use crate::rules::{Direction, RetainMode, Rules, TopicRule};
+use crate::spool::{NewMessage, Stage};
+use crate::stats::BridgeStats;
+use crate::status::Status;
+use outpost_mqtt::{Protocol, QoS};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 
@@ -101,7 +107,7 @@ impl<'a> Link<'a> {
         let mut client = Client::new(setup, limits, careful_through, now, NOW_MS);
         client.resume_qos1(unacked);
         client.start(&spool.in_progress(), incoming, now).unwrap();
-        client.on_rows(spool.rows.values().cloned().collect(), true);
+        client.handle_rows(spool.rows.values().cloned().collect(), true);
         Link { client, now }
     }
 
@@ -118,7 +124,7 @@ impl<'a> Link<'a> {
     /// (the gateway loses power): returns what went on the wire before that.
     fn turn_without_commit(&mut self, spool: &mut Spool) -> (Vec<Packet>, Vec<StageUpdate>) {
         self.client.fill(self.now, NOW_MS, &mut NoClaims).unwrap();
-        for id in self.client.take_acked() {
+        for id in self.client.poll_acked() {
             spool.rows.remove(&id);
         }
         let updates = self.client.poll_commit().unwrap_or_default();
@@ -126,7 +132,7 @@ impl<'a> Link<'a> {
     }
 
     fn apply(&mut self, spool: &mut Spool) {
-        for id in self.client.take_acked() {
+        for id in self.client.poll_acked() {
             spool.rows.remove(&id);
         }
         if let Some(updates) = self.client.poll_commit() {
@@ -135,7 +141,7 @@ impl<'a> Link<'a> {
                 row.stage = u.stage;
                 row.packet_id = Some(u.packet_id);
             }
-            self.client.on_stages_committed(self.now).unwrap();
+            self.client.handle_stages_committed(self.now).unwrap();
         }
         if let Some(ops) = self.client.poll_incoming_commit() {
             for op in ops {
@@ -144,7 +150,7 @@ impl<'a> Link<'a> {
                     IncomingOp::Remove(id) => spool.incoming.remove(&id),
                 };
             }
-            self.client.on_incoming_committed().unwrap();
+            self.client.handle_incoming_committed().unwrap();
         }
     }
 
@@ -152,13 +158,13 @@ impl<'a> Link<'a> {
     /// client it went out only when there was something.
     fn wire(&mut self) -> Vec<Packet> {
         let mut out = Vec::new();
-        let buf = self.client.transmit();
+        let buf = self.client.poll_transmit();
         while let Some(p) = decode(buf, Protocol::V5, MAX_INCOMING_PACKET).unwrap() {
             out.push(p);
         }
         assert!(buf.is_empty(), "a partial packet was written");
         if !out.is_empty() {
-            self.client.on_flushed(self.now);
+            self.client.handle_flushed(self.now);
         }
         out
     }
@@ -246,7 +252,7 @@ fn qos1_rows_unacknowledged_at_a_drop_go_again_and_acknowledged_ones_do_not() {
     link.receive(&[ack(&sent[0].1), ack(&sent[1].1)]).unwrap();
     link.turn(&mut spool);
     // The link drops: the oldest unanswered row is the one to blame.
-    match link.client.on_drop("connection reset".into()) {
+    match link.client.handle_drop("connection reset".into()) {
         SessionEnd::Dropped {
             suspect,
             out_through,
@@ -406,7 +412,7 @@ fn qos2_exchanges_cut_by_a_drop(rules: &Rules, stats: &BridgeStats) -> (Spool, u
         link.turn(&mut spool),
         [Packet::PubRel(PubResponse::new(p1))]
     );
-    match link.client.on_drop("connection reset".into()) {
+    match link.client.handle_drop("connection reset".into()) {
         SessionEnd::Dropped {
             suspect,
             qos2_unanswered,
@@ -581,7 +587,7 @@ fn a_drop_with_the_status_unacknowledged_blames_no_row() {
     };
     assert_eq!(birth.topic, "outpost/gw-01/status");
     assert_eq!(publishes(&wire[1..]).len(), 1);
-    match link.client.on_drop("reset".into()) {
+    match link.client.handle_drop("reset".into()) {
         SessionEnd::Dropped { suspect, .. } => assert_eq!(suspect, None),
         other => panic!("{other:?}"),
     }
@@ -734,7 +740,7 @@ fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
     let ops = link.client.poll_incoming_commit().unwrap();
     assert_eq!(ops, [IncomingOp::Add(7)]);
     spool.incoming.insert(7);
-    link.client.on_incoming_committed().unwrap();
+    link.client.handle_incoming_committed().unwrap();
     assert_eq!(link.wire(), [Packet::PubRec(PubResponse::new(7))]);
     // The link drops before PUBREL; the cloud resends the PUBLISH (DUP) in the same
     // session: answered, not delivered again.
@@ -864,7 +870,7 @@ fn traffic_both_ways_puts_the_pingreq_off() {
     assert_eq!(link.client.poll_timeout(), Some(start + KA));
     // Out at 45 s: both ways had traffic since 30 s.
     link.now = start + Duration::from_secs(45);
-    link.client.send_live_qos0(NewMessage {
+    link.client.handle_live_qos0(NewMessage {
         topic: "site/boiler/live".into(),
         payload: Bytes::from_static(b"21.5"),
         qos: QoS::AtMostOnce,
@@ -904,12 +910,12 @@ fn the_goodbye_waits_so_long_for_the_offline_status_to_be_acknowledged() {
     // Shutdown just before a PINGREQ would be due: the goodbye's deadline rules now.
     let bye = start + KA - MS;
     link.now = bye;
-    assert!(link.client.start_goodbye(bye).unwrap());
+    assert!(link.client.handle_shutdown(bye).unwrap());
     assert!(matches!(&link.wire()[..], [Packet::Publish(p)] if p.topic == birth.topic));
     assert!(link.client.goodbye_pending());
     // Writing more during the wait does not move the deadline.
     link.now = bye + Duration::from_secs(1);
-    link.client.send_live_qos0(NewMessage {
+    link.client.handle_live_qos0(NewMessage {
         topic: "site/boiler/live".into(),
         payload: Bytes::from_static(b"21.5"),
         qos: QoS::AtMostOnce,
