@@ -46,7 +46,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Drops of a 3.1.1 link with an unanswered QoS 2 PUBLISH out, in a row, that make the
 /// bridge conclude the cloud has no QoS 2. Two, not one: any link may fail once while a
 /// QoS 2 message is out, but the second time that message is the only one out (it is
-/// resent alone, see `Client::must_wait` in `client.rs`).
+/// resent alone, see `Client::must_wait` in `client/send.rs`).
 const QOS2_REFUSALS: u32 = 2;
 
 /// Everything a link needs, shared by the reconnect loop and its sessions.

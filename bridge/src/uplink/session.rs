@@ -1,6 +1,8 @@
 //! The I/O driver of one connected session with the cloud: the socket, the spool reads and
-//! commits, the local broker and the timers, around the sans-I/O [`Client`] that holds
-//! the protocol state (the publish window, QoS 2 stages, careful resend, downlink).
+//! commits, the local broker and the clock, around the sans-I/O [`Client`] that holds
+//! the protocol state (the publish window, QoS 2 stages, careful resend, downlink) and
+//! its timers (keep alive, replay rate, goodbye): the driver sleeps until
+//! [`Client::poll_timeout`] and calls [`Client::handle_timeout`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,8 +29,6 @@ const ACK_BATCH: usize = 4096;
 const ACK_FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// How long a write may block before the link counts as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for the cloud to acknowledge the clean offline status.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to read what the cloud sent before it dropped the link.
 const SALVAGE_TIME: Duration = Duration::from_millis(200);
 
@@ -49,6 +49,14 @@ pub(crate) struct Session<'a> {
 async fn opt<T>(f: &mut Option<BoxFuture<T>>) -> T {
     match f {
         Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no timer to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }
@@ -94,7 +102,7 @@ impl<'a> Session<'a> {
             Ok(()) => SessionEnd::Shutdown,
             Err(SessionEnd::Dropped { why, .. }) => {
                 self.salvage_acks().await;
-                self.client.on_drop(why)
+                self.client.handle_drop(why)
             }
             Err(end) => end,
         };
@@ -174,7 +182,7 @@ impl<'a> Session<'a> {
                     async move { spool.fetch(after, FETCH_LIMIT).await },
                 ));
             }
-            let replay_wake = self.client.replay_wake();
+            let timeout = self.client.poll_timeout();
             let exhausted = self.client.exhausted();
             tokio::select! {
                 r = self.io.read_buf(&mut self.rbuf) => {
@@ -188,31 +196,26 @@ impl<'a> Session<'a> {
                     self.fetch = None;
                     let rows = rows.map_err(|e| lost(format!("spool: {e}")))?;
                     let last = rows.len() < FETCH_LIMIT;
-                    self.client.on_rows(rows, last);
+                    self.client.handle_rows(rows, last);
                 }
                 done = opt(&mut self.down_gate) => {
                     self.down_gate = None;
                     done.map_err(|e| lost(format!("spool: {e}")))?;
-                    self.client.on_incoming_committed()?;
+                    self.client.handle_incoming_committed()?;
                 }
                 done = opt(&mut self.gate) => {
                     self.gate = None;
                     done.map_err(|e| lost(format!("spool: {e}")))?;
-                    self.client.on_stages_committed(Instant::now())?;
+                    self.client.handle_stages_committed(Instant::now())?;
                 }
                 changed = self.committed.changed(), if exhausted => {
                     changed.map_err(|_| lost("spool writer stopped"))?;
                     self.committed.borrow_and_update();
-                    self.client.on_more_rows();
+                    self.client.handle_more_rows();
                 }
-                Some(msg) = live0.recv() => self.client.send_live_qos0(msg),
-                _ = tick.tick() => {
-                    self.send_acked();
-                    self.client.keep_alive(Instant::now())?;
-                }
-                _ = async { if let Some(at) = replay_wake { tokio::time::sleep_until(at.into()).await } }, if replay_wake.is_some() => {
-                    self.client.on_replay_wake();
-                }
+                Some(msg) = live0.recv() => self.client.handle_live_qos0(msg),
+                _ = tick.tick() => self.send_acked(),
+                _ = sleep_until(timeout) => self.client.handle_timeout(Instant::now())?,
                 _ = super::stop_requested(shutdown) => return self.goodbye().await,
             }
         }
@@ -255,18 +258,18 @@ impl<'a> Session<'a> {
 
     /// Hand acknowledged rows to the spool writer.
     fn send_acked(&mut self) {
-        let acked = self.client.take_acked();
+        let acked = self.client.poll_acked();
         if !acked.is_empty() {
             self.ctx.spool.delete_many(acked);
         }
     }
 
     async fn flush(&mut self) -> Result<(), SessionEnd> {
-        if self.client.transmit().is_empty() {
+        if self.client.poll_transmit().is_empty() {
             return Ok(());
         }
         let io = &mut self.io;
-        let wbuf = &*self.client.transmit();
+        let wbuf = &*self.client.poll_transmit();
         let write = async move {
             io.write_all(wbuf).await?;
             // TLS and WebSocket buffer inside; a flush puts the bytes on the wire.
@@ -277,7 +280,7 @@ impl<'a> Session<'a> {
             Ok(Err(e)) => return Err(dropped(format!("write: {e}"))),
             Err(_) => return Err(lost("write timed out")),
         }
-        self.client.on_flushed(Instant::now());
+        self.client.handle_flushed(Instant::now());
         Ok(())
     }
 
@@ -306,20 +309,20 @@ impl<'a> Session<'a> {
     /// Publish the clean offline status, wait (bounded) for its ack while still taking
     /// acknowledgements of the window, then DISCONNECT so the will is not published.
     async fn goodbye(&mut self) -> Result<(), SessionEnd> {
-        if self.client.start_goodbye(Instant::now())? {
+        if self.client.handle_shutdown(Instant::now())? {
             self.flush().await?;
-            let deadline = tokio::time::Instant::now() + GOODBYE_TIMEOUT;
+            // Bounded by the client's goodbye timer, set when the status went out.
             while self.client.goodbye_pending() {
-                match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
-                    Ok(Ok(n)) if n > 0 => {
-                        self.on_bytes().await?;
-                        self.flush().await?;
-                    }
-                    Ok(_) => return Err(lost("connection closed during shutdown")),
-                    Err(_) => {
-                        tracing::warn!(bridge = %self.ctx.name, "cloud did not acknowledge the offline status in time");
-                        break;
-                    }
+                let timeout = self.client.poll_timeout();
+                tokio::select! {
+                    r = self.io.read_buf(&mut self.rbuf) => match r {
+                        Ok(n) if n > 0 => {
+                            self.on_bytes().await?;
+                            self.flush().await?;
+                        }
+                        _ => return Err(lost("connection closed during shutdown")),
+                    },
+                    _ = sleep_until(timeout) => self.client.handle_timeout(Instant::now())?,
                 }
             }
         }
