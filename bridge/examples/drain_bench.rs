@@ -153,6 +153,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 path: path.clone(),
                 max_bytes: u64::MAX / 2,
                 when_full: WhenFull::RejectNew,
+                commit_window: outpost_sqlite::commit_window::DEFAULT_WINDOW,
             },
             Arc::new(BridgeStats::default()),
         )?;

@@ -266,6 +266,11 @@ pub struct SpoolConfig {
     /// 0 never sets a message aside).
     #[serde(default = "default_dead_letter_after")]
     pub dead_letter_after: u32,
+    /// Longest a message may wait for others to share its commit, so that a steady stream
+    /// writes a few pages per commit rather than per message (default 100ms, at most 5s;
+    /// "0s" commits each at once). A client that waits for each PUBACK is not held.
+    #[serde(default = "default_commit_window", deserialize_with = "commit_window")]
+    pub commit_window: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -276,6 +281,7 @@ impl Default for SpoolConfig {
             when_full: WhenFull::default(),
             qos0: false,
             dead_letter_after: default_dead_letter_after(),
+            commit_window: default_commit_window(),
         }
     }
 }
@@ -356,6 +362,23 @@ fn default_max_qos() -> outpost_mqtt::QoS {
 fn default_max_inflight() -> u16 {
     4096
 }
+fn default_commit_window() -> Duration {
+    outpost_sqlite::commit_window::DEFAULT_WINDOW
+}
+
+/// A duration of at most [`outpost_sqlite::commit_window::MAX_WINDOW`].
+fn commit_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let w = outpost_units::duration(d)?;
+    let max = outpost_sqlite::commit_window::MAX_WINDOW;
+    if w > max {
+        return Err(serde::de::Error::custom(format_args!(
+            "a commit window of {w:?} would hold every acknowledgement that long; \
+             use at most {max:?} (or \"0s\" to commit each message at once)"
+        )));
+    }
+    Ok(w)
+}
+
 fn default_dead_letter_after() -> u32 {
     3
 }

@@ -116,6 +116,7 @@ pub async fn start(
             .unwrap_or_else(|| state_dir.join(format!("bridge-{}.sqlite", config.name))),
         max_bytes: config.spool.max_bytes,
         when_full: config.spool.when_full,
+        commit_window: config.spool.commit_window,
     };
     let spool_stats = stats.clone();
     let (spool, _writer) = tokio::task::spawn_blocking(move || Spool::open(opts, spool_stats))
@@ -348,12 +349,16 @@ impl BridgeHandle {
         if config.spool.when_full != old.spool.when_full {
             needs_restart.push("spool.when_full");
         }
+        if config.spool.commit_window != old.spool.commit_window {
+            needs_restart.push("spool.commit_window");
+        }
         if config.stats_interval != old.stats_interval {
             needs_restart.push("stats_interval");
         }
         config.spool.path = old.spool.path.clone();
         config.spool.max_bytes = old.spool.max_bytes;
         config.spool.when_full = old.spool.when_full;
+        config.spool.commit_window = old.spool.commit_window;
         config.stats_interval = old.stats_interval;
 
         // Stop the running link first: two links with one client id would take the cloud

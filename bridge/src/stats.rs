@@ -19,6 +19,9 @@ pub struct BridgeStats {
     pub forwarded: AtomicU64,
     /// Messages taken into the spool.
     pub spooled: AtomicU64,
+    /// Transactions the spool committed (each one at least a page written and synced):
+    /// `spooled` over this is the messages per commit that the commit window buys.
+    pub spool_commits: AtomicU64,
     /// Oldest rows deleted to make room (`drop-oldest`).
     pub dropped_spool_full: AtomicU64,
     /// Messages larger than the cloud's Maximum Packet Size.
@@ -122,6 +125,7 @@ impl BridgeStats {
             ("spool/bytes", g(&self.spool_bytes)),
             ("spool/oldest_age_seconds", age.to_string()),
             ("spooled", g(&self.spooled)),
+            ("spool/commits", g(&self.spool_commits)),
             ("forwarded", g(&self.forwarded)),
             ("dropped/spool_full", g(&self.dropped_spool_full)),
             ("dropped/too_large", g(&self.dropped_too_large)),

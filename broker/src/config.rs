@@ -136,6 +136,12 @@ pub struct BrokerConfig {
     /// cut; acknowledgements for such messages wait until they are on disk.
     #[serde(default = "default_persistence")]
     pub persistence: bool,
+    /// Longest a change to `broker.sqlite` may wait for others to share its commit, so
+    /// that a steady stream writes a few pages per commit rather than per message
+    /// (default 100ms, at most 5s; "0s" commits each at once). A client that waits for
+    /// each PUBACK is not held.
+    #[serde(default = "default_commit_window", deserialize_with = "commit_window")]
+    pub commit_window: Duration,
 }
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -216,6 +222,23 @@ fn default_max_topic_levels() -> usize {
 fn default_max_topic_length() -> usize {
     65_535
 }
+fn default_commit_window() -> Duration {
+    outpost_sqlite::commit_window::DEFAULT_WINDOW
+}
+
+/// A duration of at most [`outpost_sqlite::commit_window::MAX_WINDOW`].
+fn commit_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let w = outpost_units::duration(d)?;
+    let max = outpost_sqlite::commit_window::MAX_WINDOW;
+    if w > max {
+        return Err(serde::de::Error::custom(format_args!(
+            "a commit window of {w:?} would hold every acknowledgement that long; \
+             use at most {max:?} (or \"0s\" to commit each change at once)"
+        )));
+    }
+    Ok(w)
+}
+
 fn default_persistence() -> bool {
     true
 }

@@ -67,6 +67,8 @@ pub struct SysSnapshot {
     pub store_messages_written: u64,
     /// Messages the store refused.
     pub store_refused: u64,
+    /// Transactions the store committed.
+    pub store_commits: u64,
     /// The store refuses what it would keep.
     pub store_refusing: bool,
     /// Connections refused by `max_connections`.
@@ -120,6 +122,9 @@ impl SysSnapshot {
                 "store/messages_written",
                 self.store_messages_written.to_string(),
             ),
+            // Transactions committed: messages written over this is what the commit window
+            // (broker.commit_window) saves the card.
+            ("store/commits", self.store_commits.to_string()),
             ("retained messages/bytes", self.retained_bytes.to_string()),
             // What the configured bounds refused (broker.max_*), one counter per bound.
             ("limits/topic_levels", st.limits.topic_levels.to_string()),

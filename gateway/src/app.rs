@@ -32,8 +32,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         // Opening reads every kept message back, which may take a moment on a large file;
         // it blocks nothing else that is running yet.
         Some(
-            Store::open(&path, config.broker.max_store_size.0)
-                .context("opening the broker store")?,
+            Store::open_windowed(
+                &path,
+                config.broker.max_store_size.0,
+                config.broker.commit_window,
+            )
+            .context("opening the broker store")?,
         )
     } else {
         None

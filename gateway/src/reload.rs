@@ -8,7 +8,7 @@
 //! | `[[broker.listeners]]` | added ones open, removed ones stop accepting, changed ones are rebound; TLS files of unchanged ones are read again (a renewed certificate) |
 //! | `[[bridge]]` | added ones start, changed ones reconnect with their spool intact, removed ones stop and keep their spool file |
 //! | `[sensors]` | lines whose settings changed restart, new ones start, removed devices' retained status is cleared; the others keep polling |
-//! | `gateway_id`, `state_dir`, `topic_prefix`, `worker_threads`, `broker.persistence`, `broker.max_store_size`, `broker.max_connections*`, `[http]` | logged as needing a restart; the old value stays |
+//! | `gateway_id`, `state_dir`, `topic_prefix`, `worker_threads`, `broker.persistence`, `broker.max_store_size`, `broker.commit_window`, `broker.max_connections*`, `[http]` | logged as needing a restart; the old value stays |
 //!
 //! A file that does not parse or validate changes nothing: the error (file, line,
 //! column, key) is logged and the gateway keeps running on the configuration it has.
@@ -340,6 +340,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "broker.max_store_size",
     );
     check(
+        old.broker.commit_window != new.broker.commit_window,
+        "broker.commit_window",
+    );
+    check(
         old.broker.max_connections != new.broker.max_connections,
         "broker.max_connections",
     );
@@ -359,6 +363,7 @@ fn keep_restart_only(mut new: Config, old: &Config) -> Config {
     new.worker_threads = old.worker_threads;
     new.broker.persistence = old.broker.persistence;
     new.broker.max_store_size = old.broker.max_store_size;
+    new.broker.commit_window = old.broker.commit_window;
     new.broker.max_connections = old.broker.max_connections;
     new.broker.max_connections_per_address = old.broker.max_connections_per_address;
     new.http = old.http.clone();

@@ -9,6 +9,7 @@
 //! held differs between them, so saying so in the log is left to the caller.
 
 #![forbid(unsafe_code)]
+pub mod commit_window;
 pub mod reserve;
 
 use std::path::{Path, PathBuf};

@@ -106,6 +106,35 @@ fn check_rejects_a_qos_above_2_at_the_value_for_sensors_and_bridge_rules() {
 }
 
 #[test]
+fn check_rejects_a_commit_window_over_five_seconds_for_the_broker_and_a_spool() {
+    outpost_only!();
+    // Every acknowledgement of a steady stream would wait that long.
+    let broker = "[broker]\nlisteners = [{ bind = \"127.0.0.1:0\" }]\ncommit_window = \"10s\"\n";
+    let bridge = "[[bridge]]\nname = \"cloud\"\naddress = \"mqtt://127.0.0.1:1883\"\n\
+        topics = [{ pattern = \"a/#\", direction = \"out\", qos = 1 }]\n\
+        [bridge.spool]\ncommit_window = \"1h\"\n";
+    for (file, body, line, key) in [
+        ("broker.toml", broker, 3, "broker.commit_window"),
+        ("spool.toml", bridge, 6, "bridge[0].spool.commit_window"),
+    ] {
+        let (ok, text) = run_check(file, body);
+        assert!(!ok, "the window was accepted in {file}: {text}");
+        assert!(
+            text.contains(&format!("{file}:{line}:")),
+            "error must name {file} and line {line}: {text}"
+        );
+        assert!(text.contains(key), "error must name the key {key}: {text}");
+        assert!(
+            text.contains("at most 5s"),
+            "error must say the bound: {text}"
+        );
+    }
+    let ok_body = broker.replace("10s", "250ms");
+    let (ok, text) = run_check("fine.toml", &ok_body);
+    assert!(ok, "250ms was refused: {text}");
+}
+
+#[test]
 fn check_rejects_a_missing_file_naming_it() {
     outpost_only!();
     let out = Command::new(outpost_bin())

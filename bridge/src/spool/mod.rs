@@ -197,6 +197,20 @@ pub(crate) enum Command {
     Flush(Reply<Result<(), SpoolError>>),
 }
 
+impl Command {
+    /// Someone waits on this one and nothing more is expected soon: commit without
+    /// waiting out the commit window.
+    fn is_urgent(&self) -> bool {
+        matches!(
+            self,
+            Command::Flush(_)
+                | Command::Untake
+                | Command::Strike { .. }
+                | Command::ClearIncoming { .. }
+        )
+    }
+}
+
 /// Settings of a spool.
 #[derive(Debug, Clone)]
 pub struct SpoolOptions {
@@ -206,6 +220,9 @@ pub struct SpoolOptions {
     pub max_bytes: u64,
     /// Policy at the bound.
     pub when_full: WhenFull,
+    /// Longest wait of a message for others to share its commit
+    /// (`outpost_sqlite::commit_window`); zero commits at once.
+    pub commit_window: std::time::Duration,
 }
 
 /// Handle to the spool writer; cheap to clone.

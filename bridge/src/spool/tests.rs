@@ -17,12 +17,22 @@ fn msg(i: usize, payload_len: usize) -> NewMessage {
 }
 
 fn open(dir: &Path, max_bytes: u64, when_full: WhenFull) -> (Spool, SpoolThread, Arc<BridgeStats>) {
+    open_windowed(dir, max_bytes, when_full, std::time::Duration::ZERO)
+}
+
+fn open_windowed(
+    dir: &Path,
+    max_bytes: u64,
+    when_full: WhenFull,
+    commit_window: std::time::Duration,
+) -> (Spool, SpoolThread, Arc<BridgeStats>) {
     let stats = Arc::new(BridgeStats::default());
     let (spool, thread) = Spool::open(
         SpoolOptions {
             path: dir.join("spool.sqlite"),
             max_bytes,
             when_full,
+            commit_window,
         },
         stats.clone(),
     )
@@ -40,6 +50,42 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// Appends `n` messages one every `every`, each without waiting for the last one's commit
+/// (as a sensor stream does), and returns the spool's commits for them.
+fn paced_commits(window: std::time::Duration, n: usize, every: std::time::Duration) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (spool, thread, stats) =
+            open_windowed(dir.path(), 1 << 30, WhenFull::RejectNew, window);
+        let mut tick = tokio::time::interval(every);
+        let mut rxs = Vec::new();
+        for i in 0..n {
+            tick.tick().await;
+            rxs.push(spool.append(msg(i, 64)));
+        }
+        for rx in rxs {
+            rx.await.unwrap().unwrap();
+        }
+        assert_eq!(stats.spooled.load(Relaxed), n as u64);
+        assert_eq!(stats.spool_messages.load(Relaxed), n as u64);
+        let commits = stats.spool_commits.load(Relaxed);
+        close(spool, thread);
+        commits
+    })
+}
+
+#[test]
+fn a_steady_stream_shares_commits_within_the_commit_window() {
+    // 150 messages at 200/s: with no window each is committed alone (a page written per
+    // message); with 100 ms a probe finds the stream and then about 20 share a commit.
+    let ms = std::time::Duration::from_millis;
+    let alone = paced_commits(std::time::Duration::ZERO, 150, ms(5));
+    let shared = paced_commits(ms(100), 150, ms(5));
+    eprintln!("commits for 150 messages: {alone} without a window, {shared} with 100 ms");
+    assert!(alone >= 100, "{alone} commits without a window");
+    assert!(shared <= 30, "{shared} commits with a 100 ms window");
 }
 
 #[test]
@@ -216,6 +262,7 @@ fn full_disk_refuses_with_a_reason_keeps_committed_rows_and_recovers() {
                 path: dir.path().join("spool.sqlite"),
                 max_bytes: 1 << 30,
                 when_full: WhenFull::RejectNew,
+                commit_window: std::time::Duration::ZERO,
             },
             stats.clone(),
             &|c| c.query_row("PRAGMA max_page_count = 40", [], |_| Ok(())),
@@ -563,6 +610,7 @@ fn open_on_small_disk(
             path: dir.join("spool.sqlite"),
             max_bytes: 1 << 30,
             when_full: WhenFull::RejectNew,
+            commit_window: std::time::Duration::ZERO,
         },
         stats.clone(),
         &deletes_need_space,

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use outpost_sqlite::commit_window::{CommitWindow, gather};
 use outpost_sqlite::reserve::Reserve;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 use tokio::sync::{oneshot, watch};
@@ -30,6 +31,8 @@ const STILL_FULL_EVERY: Duration = Duration::from_secs(60);
 pub(super) struct Writer {
     conn: Connection,
     st: State,
+    /// How long a batch may wait for more messages (`spool.commit_window`).
+    window: CommitWindow,
 }
 
 /// What the writer shares with the handles and the reader, and the disk reserve.
@@ -152,6 +155,7 @@ impl Writer {
     ) -> Self {
         Writer {
             conn,
+            window: CommitWindow::new(opts.commit_window),
             st: State {
                 opts,
                 stats,
@@ -189,16 +193,21 @@ impl Writer {
                     Err(_) => break,
                 }
             };
+            let gathered = first.is_some();
             if let Some(first) = first {
-                batch.push(first);
-                while batch.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(c) => batch.push(c),
-                        Err(_) => break,
-                    }
-                }
+                gather(
+                    &rx,
+                    first,
+                    &mut batch,
+                    MAX_GROUP,
+                    &mut self.window,
+                    Command::is_urgent,
+                );
             }
             self.process(&mut batch);
+            if gathered {
+                self.window.on_commit(Instant::now());
+            }
         }
         if self.st.has_writes() {
             // Last chance for acknowledged rows whose delete failed.
@@ -732,6 +741,7 @@ impl State {
             self.shared_undeleted.lock().clear();
         }
         let stats = &self.stats;
+        stats.spool_commits.fetch_add(1, Relaxed);
         stats
             .spooled
             .fetch_add(group.appended.len() as u64, Relaxed);

@@ -35,6 +35,7 @@ impl Core {
             store_failed_writes: load(|c| &c.failed_batches),
             store_messages_written: load(|c| &c.deliveries_written),
             store_refused: load(|c| &c.refused),
+            store_commits: load(|c| &c.commits),
             store_refusing: self.store.as_ref().is_some_and(|s| s.is_refusing()),
             refused_connections: conns.refused_total.load(Ordering::Relaxed),
             refused_connections_per_address: conns.refused_per_address.load(Ordering::Relaxed),

@@ -21,6 +21,7 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytestring::ByteString;
 use futures_util::FutureExt;
@@ -158,6 +159,8 @@ pub struct Counters {
     pub failed_batches: AtomicU64,
     /// Rows of messages owed to sessions that reached the disk.
     pub deliveries_written: AtomicU64,
+    /// Transactions committed (each at least a page written and synced).
+    pub commits: AtomicU64,
     /// The last write failed, or the file is over its quota: new content is refused
     /// until the writer recovers.
     pub refusing: AtomicBool,
@@ -179,8 +182,20 @@ pub struct Store {
 impl Store {
     /// Opens the store at `path`, reads back what it holds and starts its writer. A
     /// file that does not exist yet is created only when there is something to keep.
-    /// `quota` bounds the bytes its live pages may take (0: no bound).
+    /// `quota` bounds the bytes its live pages may take (0: no bound). Every batch of
+    /// changes is committed at once; [`Store::open_windowed`] lets a steady stream share
+    /// commits.
     pub fn open(path: &Path, quota: u64) -> Result<(Store, Loaded), StoreError> {
+        Store::open_windowed(path, quota, Duration::ZERO)
+    }
+
+    /// As [`Store::open`], with changes waiting up to `window` for others to share their
+    /// commit (`outpost_sqlite::commit_window`).
+    pub fn open_windowed(
+        path: &Path,
+        quota: u64,
+        window: Duration,
+    ) -> Result<(Store, Loaded), StoreError> {
         let (conn, loaded) = if path.exists() {
             let conn = db::open(path)?;
             match db::load(&conn) {
@@ -211,12 +226,11 @@ impl Store {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let counters = Arc::new(Counters::default());
-        let thread = writer::spawn(conn, rx, path.to_owned(), quota, counters.clone()).map_err(
-            |source| StoreError::Io {
+        let thread = writer::spawn(conn, rx, path.to_owned(), quota, window, counters.clone())
+            .map_err(|source| StoreError::Io {
                 path: path.to_owned(),
                 source,
-            },
-        )?;
+            })?;
         let store = Store {
             tx,
             group: std::cell::RefCell::new(None),

@@ -14,6 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use outpost_mqtt::QoS;
+use outpost_sqlite::commit_window::{CommitWindow, gather};
 use outpost_sqlite::reserve::{FileReserve, Reserve};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -37,11 +38,12 @@ pub(super) fn spawn(
     rx: Receiver<Op>,
     path: PathBuf,
     quota: u64,
+    window: Duration,
     counters: Arc<Counters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("broker-store".into())
-        .spawn(move || Writer::new(conn, path, quota, counters).run(rx))
+        .spawn(move || Writer::new(conn, path, quota, window, counters).run(rx))
 }
 
 /// The writer's state between batches.
@@ -60,6 +62,8 @@ struct Writer {
     last_report: Option<Instant>,
     /// Bytes the file's live pages may take (`broker.max_store_size`); 0 for no bound.
     quota: u64,
+    /// How long a batch may wait for more changes (`broker.commit_window`).
+    window: CommitWindow,
     /// The last write failed (a full disk, a failing card).
     failing: bool,
     /// The file holds more than `quota`.
@@ -72,7 +76,13 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(conn: Option<Connection>, path: PathBuf, quota: u64, counters: Arc<Counters>) -> Writer {
+    fn new(
+        conn: Option<Connection>,
+        path: PathBuf,
+        quota: u64,
+        window: Duration,
+        counters: Arc<Counters>,
+    ) -> Writer {
         let mut w = Writer {
             conn: None,
             path,
@@ -82,6 +92,7 @@ impl Writer {
             carried: Vec::new(),
             last_report: None,
             quota,
+            window: CommitWindow::new(window),
             failing: false,
             over_quota: false,
             tainted: false,
@@ -127,14 +138,16 @@ impl Writer {
                 }
             };
             batch.append(&mut self.carried);
-            batch.extend(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
+            let gathered = first.is_some();
+            if let Some(first) = first {
+                gather(&rx, first, &mut batch, MAX_BATCH, &mut self.window, |_| {
+                    false
+                });
             }
             self.write(&mut batch, &mut syncs);
+            if gathered {
+                self.window.on_commit(Instant::now());
+            }
         }
     }
 
@@ -247,6 +260,7 @@ impl Writer {
                 self.counters
                     .deliveries_written
                     .fetch_add(written, Ordering::Relaxed);
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 if written > 0 || !self.carried.is_empty() || self.over_quota {
                     self.check_quota();
                 }

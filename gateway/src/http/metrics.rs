@@ -171,7 +171,7 @@ fn broker(o: &mut Out, s: &Sample) {
     for (name, help, v) in gauges {
         o.one(name, "gauge", help, v as f64);
     }
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 10] = [
         (
             "outpost_broker_messages_received_total",
             "Application messages accepted from any publisher.",
@@ -207,6 +207,12 @@ fn broker(o: &mut Out, s: &Sample) {
             "outpost_broker_store_messages_written_total",
             "Deliveries to persistent sessions written to the store.",
             sys.store_messages_written,
+        ),
+        (
+            "outpost_broker_store_commits_total",
+            "Transactions the broker store committed (broker.commit_window sets how many \
+             messages share one).",
+            sys.store_commits,
         ),
         (
             "outpost_broker_store_refused_messages_total",
@@ -257,7 +263,7 @@ fn bridges(o: &mut Out, s: &Sample) {
         return;
     }
     type Pick = fn(&super::sample::BridgeSample) -> f64;
-    let families: [(&str, &str, &str, Pick); 13] = [
+    let families: [(&str, &str, &str, Pick); 14] = [
         (
             "outpost_bridge_connected",
             "gauge",
@@ -299,6 +305,13 @@ fn bridges(o: &mut Out, s: &Sample) {
             "counter",
             "Messages taken into the spool.",
             |b| b.spooled as f64,
+        ),
+        (
+            "outpost_bridge_spool_commits_total",
+            "counter",
+            "Transactions the spool committed; spooled messages over commits is the messages \
+             per commit (spool.commit_window), which sets the flash written per message.",
+            |b| b.spool_commits as f64,
         ),
         (
             "outpost_bridge_forwarded_messages_total",

@@ -108,6 +108,8 @@ pub struct BridgeSample {
     pub dead_letters: u64,
     /// Messages taken into the spool in all.
     pub spooled: u64,
+    /// Transactions the spool committed in all.
+    pub spool_commits: u64,
     /// Messages forwarded in all.
     pub forwarded: u64,
     /// Messages dropped, by reason.
@@ -393,6 +395,7 @@ impl Sampler {
                     time_to_empty_s: (drain_rate > 0.0).then(|| spool_messages as f64 / drain_rate),
                     dead_letters: g(&st.dead_letters),
                     spooled: g(&st.spooled),
+                    spool_commits: g(&st.spool_commits),
                     forwarded,
                     dropped: vec![
                         ("spool_full", g(&st.dropped_spool_full)),
@@ -643,6 +646,7 @@ mod tests {
             time_to_empty_s: None,
             dead_letters: 0,
             spooled: 0,
+            spool_commits: 0,
             forwarded: 0,
             dropped: Vec::new(),
             rejected: Vec::new(),
