@@ -20,7 +20,11 @@
 //!   come meanwhile, the stream has a pace of its own; if not, the next probe waits twice
 //!   as long (from [`FIRST_BACKOFF`] up to [`MAX_BACKOFF`]), so a client that waits for each
 //!   acknowledgement pays one window now and then, not every time;
-//! - a lone change whose batch ended in quiet halves the mean: the stream has stopped.
+//! - a probe finds a stream only if changes keep coming to the end of its window: a client
+//!   that sent one burst and waits (whose burst may come in two parts when Nagle's
+//!   algorithm holds the rest until the kernel's delayed ACK) is not one;
+//! - a batch that ended in quiet before its window was over halves the mean: the stream has
+//!   slowed or stopped.
 //!
 //! PostgreSQL's `commit_delay`/`commit_siblings` and Kafka's `linger.ms` make the same
 //! trade; the probe is BBR's way of finding out what only trying shows. Sans-I/O: the writer
@@ -163,32 +167,38 @@ impl CommitWindow {
         let Some(first) = self.first.take() else {
             return;
         };
+        let end = first + self.window;
+        let last = self.last.unwrap_or(first);
         let lone = self.arrivals == 1;
         if self.probing {
-            if lone {
-                // Nothing came while it was held: the changes wait for their answers.
+            // A stream keeps coming to the end of the window. A client that sent one burst
+            // and waits for its acknowledgements may show two arrivals (with Nagle's
+            // algorithm, the rest of its burst comes when the kernel's delayed ACK lets
+            // it), then nothing.
+            let stream = self.arrivals >= 3 && last >= first + self.window * 3 / 4;
+            if stream {
+                self.backoff = FIRST_BACKOFF;
+            } else {
                 self.next_probe = Some(now + self.backoff);
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-            } else {
-                self.backoff = FIRST_BACKOFF;
+                // What it saw is no pace to wait for.
+                self.gap = Duration::ZERO;
+                self.dev = Duration::ZERO;
+                self.sampled = false;
             }
             self.near = 0;
-        } else if lone {
-            if self.sampled
-                && self
-                    .last
-                    .is_some_and(|l| l + self.quiet() < first + self.window)
-            {
-                // Ended in quiet with nothing after it: the stream has slowed or stopped.
+        } else {
+            if last + self.quiet() < end {
+                // Ended in quiet before the window was over: the stream has slowed or
+                // stopped (or never was one), so wait less next time.
                 self.gap /= 2;
                 self.dev /= 2;
             }
-            let near = self
-                .previous_first
-                .is_some_and(|p| first.saturating_duration_since(p) < self.window);
+            let near = lone
+                && self
+                    .previous_first
+                    .is_some_and(|p| first.saturating_duration_since(p) < self.window);
             self.near = if near { self.near.saturating_add(1) } else { 0 };
-        } else {
-            self.near = 0;
         }
         self.previous_first = Some(first);
         self.changes = 0;
@@ -291,6 +301,10 @@ mod tests {
         Paced(Duration),
         /// A burst of this many changes, then nothing until the commit acknowledges them.
         Clocked(usize),
+        /// As `Clocked`, from a client with Nagle's algorithm on: the first change of a
+        /// burst comes at once, the rest once its segment is acknowledged (by our commit's
+        /// PUBACK, or else the kernel's delayed ACK 40 ms later).
+        ClockedNagle(usize),
         /// Every 10 ms from a client with Nagle's algorithm on, as seen after our PUBACKs
         /// put the kernel into delayed-ACK mode: after a commit, one change comes on time;
         /// the next ones wait for the ACK of its segment, 45 ms later, and come together.
@@ -319,7 +333,13 @@ mod tests {
     /// a 150 µs round trip to the client.
     fn simulate(window: Duration, source: Source, changes: usize) -> Run {
         let fsync = 3 * MS;
-        let rtt = Duration::from_micros(150);
+        // The round trip varies (100 to 227 µs, a fixed pseudo-random sequence) so that
+        // nothing in the run falls into lockstep with the commits.
+        let mut seed = 0x2545_f491_u32;
+        let mut rtt = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            Duration::from_micros(100 + u64::from(seed >> 25))
+        };
         let mut cw = CommitWindow::new(window);
         let t0 = Instant::now();
         let mut now = t0;
@@ -331,6 +351,8 @@ mod tests {
         let mut commits = Vec::new();
         let mut last_commit: Option<Instant> = None;
         let mut since_commit = 0;
+        // The rest of a Nagle client's burst waits for the ACK of its first segment.
+        let mut nagle_held = false;
         while sent < changes {
             now = now.max(next.expect("a change is due"));
             let first = now;
@@ -342,6 +364,18 @@ mod tests {
                 since_commit += 1;
                 next = match source {
                     Source::Paced(every) => Some(t0 + every * sent as u32),
+                    Source::ClockedNagle(burst) => {
+                        in_burst += 1;
+                        if in_burst == 1 && burst > 1 {
+                            nagle_held = true;
+                            Some(now + 40 * MS)
+                        } else if in_burst < burst {
+                            Some(now)
+                        } else {
+                            in_burst = 0;
+                            None
+                        }
+                    }
                     Source::Nagle => {
                         let due = t0 + 10 * MS * sent as u32;
                         let held_until = last_commit.map(|c| c + 45 * MS);
@@ -376,9 +410,14 @@ mod tests {
             last_commit = Some(now);
             since_commit = 0;
             commits.push(n);
+            let rtt = rtt();
             if next.is_none() {
                 next = Some(now + rtt);
+            } else if nagle_held {
+                // Our PUBACK carried the ACK the rest of the burst was waiting for.
+                next = next.map(|a| a.min(now + rtt));
             }
+            nagle_held = false;
         }
         Run {
             commits,
@@ -470,6 +509,21 @@ mod tests {
     }
 
     #[test]
+    fn a_client_with_nagle_that_waits_for_its_burst_s_acknowledgements_is_not_held() {
+        // mosquitto_pub -l with twenty in flight: the burst comes in two parts, 40 ms
+        // apart unless a commit acknowledges the first. That is no stream: failed probes
+        // back off, and it keeps nearly its rate without a window.
+        let run = simulate(100 * MS, Source::ClockedNagle(20), 60_000);
+        let unheld = simulate(Duration::ZERO, Source::ClockedNagle(20), 60_000);
+        assert!(
+            run.rate >= 0.8 * unheld.rate,
+            "{:.0} changes/s against {:.0} without a window",
+            run.rate,
+            unheld.rate
+        );
+    }
+
+    #[test]
     fn the_window_bounds_every_wait() {
         for source in [
             Source::Paced(MS),
@@ -477,6 +531,7 @@ mod tests {
             Source::Paced(60 * MS),
             Source::Clocked(1),
             Source::Clocked(20),
+            Source::ClockedNagle(20),
             Source::Nagle,
         ] {
             let run = simulate(50 * MS, source, 3_000);
