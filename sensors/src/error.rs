@@ -220,3 +220,42 @@ pub enum CommandError {
     #[error("value must be a number, boolean or string")]
     BadValueType,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // These texts are published as quality reasons and device errors, which dashboards
+    // and alert rules match on: the typed errors must read as the old strings did.
+    #[test]
+    fn reasons_read_as_published_before() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let cases: [(ReadingError, &str); 6] = [
+            (OutOfRange(120.5).into(), "out of range: 120.5"),
+            (
+                ReadingError::Exception(ExceptionCode::IllegalDataAddress),
+                "exception: Illegal data address",
+            ),
+            (LinkError::Timeout.into(), "timeout"),
+            (
+                LinkError::Connect(Arc::new(refused)).into(),
+                "connect failed: connection refused",
+            ),
+            (
+                FieldError::Unparsable("x1".into()).into(),
+                "unparsable \"x1\"",
+            ),
+            (
+                FrameError::BadChecksum {
+                    expected: 0x4A,
+                    actual: 0x0b,
+                }
+                .into(),
+                "bad checksum: expected 4A, computed 0B",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+    }
+}
