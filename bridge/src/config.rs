@@ -579,7 +579,7 @@ impl BridgeConfig {
         }
         for (i, rule) in self.topics.iter().enumerate() {
             if let Err(e) = rule.validate() {
-                return invalid(&format!("topics[{i}]"), e);
+                return invalid(&format!("topics[{i}]"), e.to_string());
             }
         }
         if self.status.prefix.contains(['+', '#']) {

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use outpost_mqtt::QoS;
-use outpost_mqtt::topic::{matches, validate_topic_filter};
+use outpost_mqtt::topic::{TopicError, matches, validate_topic_filter};
 
 /// Which way a rule carries messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -63,39 +63,66 @@ pub struct TopicRule {
     pub retain: RetainMode,
 }
 
+/// Why a topic rule is refused; shown as the config error of its `topics[i]` entry.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RuleError {
+    /// A prefix holds `+`, `#` or U+0000 (prefixes are topic text, not filters).
+    #[error("topic {pattern:?}: {what} {prefix:?} contains a wildcard")]
+    WildcardPrefix {
+        /// The rule's pattern.
+        pattern: String,
+        /// "local_prefix" or "remote_prefix".
+        what: &'static str,
+        /// The prefix as written.
+        prefix: String,
+    },
+    /// An empty pattern maps one full topic name to another, so both must be given.
+    #[error("topic with empty pattern needs both prefixes (full topic names)")]
+    EmptyPatternNeedsPrefixes,
+    /// The pattern is not a valid topic filter.
+    #[error("topic {pattern:?}: {cause}")]
+    BadPattern {
+        /// The rule's pattern.
+        pattern: String,
+        /// What is wrong with it.
+        cause: TopicError,
+    },
+    /// A `$share/` filter: a bridge subscribes for itself, never as a share member.
+    #[error("topic {0:?}: shared filters cannot be bridged")]
+    SharedPattern(String),
+}
+
 fn default_qos() -> QoS {
     QoS::AtLeastOnce
 }
 
 impl TopicRule {
     /// Check the pattern and prefixes.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RuleError> {
         for (what, p) in [
             ("local_prefix", &self.local_prefix),
             ("remote_prefix", &self.remote_prefix),
         ] {
             if p.contains(['+', '#', '\0']) {
-                return Err(format!(
-                    "topic {:?}: {what} {p:?} contains a wildcard",
-                    self.pattern
-                ));
+                return Err(RuleError::WildcardPrefix {
+                    pattern: self.pattern.clone(),
+                    what,
+                    prefix: p.clone(),
+                });
             }
         }
         if self.pattern.is_empty() {
             if self.local_prefix.is_empty() || self.remote_prefix.is_empty() {
-                return Err(
-                    "topic with empty pattern needs both prefixes (full topic names)".into(),
-                );
+                return Err(RuleError::EmptyPatternNeedsPrefixes);
             }
             return Ok(());
         }
-        validate_topic_filter(&self.pattern)
-            .map_err(|e| format!("topic {:?}: {e}", self.pattern))?;
+        validate_topic_filter(&self.pattern).map_err(|cause| RuleError::BadPattern {
+            pattern: self.pattern.clone(),
+            cause,
+        })?;
         if self.pattern.starts_with("$share/") {
-            return Err(format!(
-                "topic {:?}: shared filters cannot be bridged",
-                self.pattern
-            ));
+            return Err(RuleError::SharedPattern(self.pattern.clone()));
         }
         Ok(())
     }
@@ -280,5 +307,40 @@ mod tests {
         assert!(rule("a/#/b", Direction::Out, "", "").validate().is_err());
         assert!(rule("a", Direction::Out, "x/+/", "").validate().is_err());
         assert!(rule("", Direction::Out, "x", "").validate().is_err());
+    }
+
+    #[test]
+    fn refused_rules_name_the_case_and_say_why() {
+        let e = rule("a/#/b", Direction::Out, "", "")
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            e,
+            RuleError::BadPattern {
+                pattern: "a/#/b".into(),
+                cause: TopicError::MisplacedWildcard
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "topic \"a/#/b\": misplaced wildcard in topic filter"
+        );
+        let e = rule("a", Direction::Out, "x/+/", "")
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "topic \"a\": local_prefix \"x/+/\" contains a wildcard"
+        );
+        let e = rule("", Direction::Out, "x", "").validate().unwrap_err();
+        assert_eq!(e, RuleError::EmptyPatternNeedsPrefixes);
+        let e = rule("$share/g/t", Direction::Out, "", "")
+            .validate()
+            .unwrap_err();
+        assert_eq!(e, RuleError::SharedPattern("$share/g/t".into()));
+        assert_eq!(
+            e.to_string(),
+            "topic \"$share/g/t\": shared filters cannot be bridged"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Turns observations into published messages: range checks, report policy, payloads.
 
 use crate::clock::Clock;
-use crate::error::SensorsError;
+use crate::error::{OutOfRange, ReadingError, SensorsError};
 use crate::messages::{
     DeviceStatus, SensorMessage, reading_payload, status_payload, stopped_payload,
 };
@@ -152,11 +152,11 @@ impl PointOutput {
     }
 
     /// Range check against min/max.
-    pub fn check_range(&self, v: &Value) -> Result<(), String> {
+    pub fn check_range(&self, v: &Value) -> Result<(), OutOfRange> {
         if let Some(x) = v.as_f64()
             && (self.min.is_some_and(|m| x < m) || self.max.is_some_and(|m| x > m))
         {
-            return Err(format!("out of range: {x}"));
+            return Err(OutOfRange(x));
         }
         Ok(())
     }
@@ -164,13 +164,14 @@ impl PointOutput {
     /// Records a reading (or a failure) and returns the message to publish, if any.
     pub fn observe(
         &mut self,
-        reading: Result<Value, String>,
+        reading: Result<Value, ReadingError>,
         now: Instant,
         clock: &Clock,
     ) -> Option<SensorMessage> {
-        let (value, quality) = match reading.and_then(|v| self.check_range(&v).map(|()| v)) {
+        let checked = reading.and_then(|v| self.check_range(&v).map(|()| v).map_err(Into::into));
+        let (value, quality) = match checked {
             Ok(v) => (Some(v), Quality::Good),
-            Err(reason) => (None, Quality::Bad(reason)),
+            Err(reason) => (None, Quality::Bad(reason.to_string())),
         };
         self.offer(value, quality, now, clock)
     }

@@ -495,7 +495,7 @@ async fn handle_command(
             Ok(()) => return Ok(()),
             Err(e) => (e.to_string(), id),
         },
-        Err(e) => (e, None),
+        Err(e) => (e.to_string(), None),
     };
     tracing::info!(device, point, %error, "write refused");
     emitter

@@ -2,6 +2,7 @@
 //! and write results (`emit.rs` decides when; the gateway publishes them).
 
 use crate::clock::Clock;
+use crate::error::CommandError;
 use crate::point::Value;
 use crate::report::Quality;
 use bytes::Bytes;
@@ -161,13 +162,13 @@ pub fn stopped_payload(reason: &str, clock: &Clock) -> Bytes {
 
 /// JSON payload of a write result.
 pub fn write_result_payload(
-    result: Result<&Value, &str>,
+    result: Result<&Value, &dyn std::fmt::Display>,
     id: Option<&Json>,
     clock: &Clock,
 ) -> Bytes {
     let mut obj = match result {
         Ok(v) => json!({"ok": true, "value": v.to_json()}),
-        Err(e) => json!({"ok": false, "error": e}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
     };
     if let Json::Object(map) = &mut obj {
         if let Some(id) = id {
@@ -179,11 +180,11 @@ pub fn write_result_payload(
 }
 
 /// Parses a command payload into (value, correlation id).
-pub fn parse_command_payload(payload: &[u8]) -> Result<(Value, Option<Json>), String> {
-    let text = std::str::from_utf8(payload).map_err(|_| "payload is not UTF-8".to_string())?;
+pub fn parse_command_payload(payload: &[u8]) -> Result<(Value, Option<Json>), CommandError> {
+    let text = std::str::from_utf8(payload).map_err(|_| CommandError::NotUtf8)?;
     let text = text.trim();
     if text.is_empty() {
-        return Err("empty payload".into());
+        return Err(CommandError::Empty);
     }
     let json: Json = match serde_json::from_str(text) {
         Ok(j) => j,
@@ -191,9 +192,7 @@ pub fn parse_command_payload(payload: &[u8]) -> Result<(Value, Option<Json>), St
     };
     let (v, id) = match json {
         Json::Object(mut m) => {
-            let v = m
-                .remove("value")
-                .ok_or("object payload needs a \"value\" key")?;
+            let v = m.remove("value").ok_or(CommandError::NoValueKey)?;
             (v, m.remove("id"))
         }
         other => (other, None),
@@ -204,10 +203,10 @@ pub fn parse_command_payload(payload: &[u8]) -> Result<(Value, Option<Json>), St
             (Some(i), _, _) => Value::Int(i),
             (None, Some(u), _) => Value::UInt(u),
             (_, _, Some(f)) => Value::Float(f),
-            _ => return Err("unrepresentable number".into()),
+            _ => return Err(CommandError::UnrepresentableNumber),
         },
         Json::String(s) => Value::Text(s),
-        _ => return Err("value must be a number, boolean or string".into()),
+        _ => return Err(CommandError::BadValueType),
     };
     Ok((value, id))
 }
@@ -276,8 +275,21 @@ mod tests {
             parse_command_payload(b"on").unwrap().0,
             Value::Text("on".into())
         );
-        assert!(parse_command_payload(b"{}").is_err());
-        assert!(parse_command_payload(b"[1]").is_err());
-        assert!(parse_command_payload(&[0xff]).is_err());
+        assert_eq!(
+            parse_command_payload(b"{}").unwrap_err(),
+            CommandError::NoValueKey
+        );
+        assert_eq!(
+            parse_command_payload(b"[1]").unwrap_err().to_string(),
+            "value must be a number, boolean or string"
+        );
+        assert_eq!(
+            parse_command_payload(&[0xff]).unwrap_err(),
+            CommandError::NotUtf8
+        );
+        assert_eq!(
+            parse_command_payload(b" ").unwrap_err(),
+            CommandError::Empty
+        );
     }
 }

@@ -203,6 +203,43 @@ pub enum DecodeError {
     OutOfRange(String),
 }
 
+/// Why a commanded value cannot be written to a point; sent back in the write result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WriteValueError {
+    /// A bit takes true/false, on/off or 1/0 (the value as given).
+    #[error("expected a boolean, got {0}")]
+    NotABool(String),
+    /// A string point takes a string.
+    #[error("expected a string")]
+    ExpectedString,
+    /// The string does not fit the point's registers (their size in bytes).
+    #[error("string longer than {0} bytes")]
+    StringTooLong(usize),
+    /// A `bit` point shares its register; write the register instead.
+    #[error("bit points are written through their register")]
+    BitPoint,
+    /// A numeric point takes a number.
+    #[error("expected a number")]
+    ExpectedNumber,
+    /// NaN or an infinity.
+    #[error("not a number")]
+    NotANumber,
+    /// Undoing `scale`/`offset` gives no finite number (a zero scale).
+    #[error("value cannot be unscaled")]
+    CannotUnscale,
+    /// The raw value does not fit the register type (its name in lower case).
+    #[error("{value} out of range for {ty}")]
+    OutOfRangeFor {
+        /// The engineering value asked for.
+        value: f64,
+        /// The register type.
+        ty: String,
+    },
+    /// The point's type has no integer range (not expected for register types).
+    #[error("not an integer type")]
+    NotAnInteger,
+}
+
 /// How one point's registers are interpreted.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Codec {
@@ -335,15 +372,15 @@ impl Codec {
     }
 
     /// Encodes an engineering value into registers, reversing scale/offset and checking range.
-    pub fn encode_registers(&self, value: &Value) -> Result<Vec<u16>, String> {
+    pub fn encode_registers(&self, value: &Value) -> Result<Vec<u16>, WriteValueError> {
         match self.ty {
             DataType::String => {
                 let Value::Text(t) = value else {
-                    return Err("expected a string".into());
+                    return Err(WriteValueError::ExpectedString);
                 };
                 let cap = self.length as usize * 2;
                 if t.len() > cap {
-                    return Err(format!("string longer than {cap} bytes"));
+                    return Err(WriteValueError::StringTooLong(cap));
                 }
                 let mut bytes = t.as_bytes().to_vec();
                 bytes.resize(cap, 0);
@@ -363,28 +400,31 @@ impl Codec {
                 let b = value_to_bool(value)?;
                 return Ok(vec![u16::from(b)]);
             }
-            DataType::Bit => return Err("bit points are written through their register".into()),
+            DataType::Bit => return Err(WriteValueError::BitPoint),
             _ => {}
         }
-        let eng = value.as_f64().ok_or("expected a number")?;
+        let eng = value.as_f64().ok_or(WriteValueError::ExpectedNumber)?;
         if !eng.is_finite() {
-            return Err("not a number".into());
+            return Err(WriteValueError::NotANumber);
         }
         let raw = (eng - self.offset) / self.scale;
         if !raw.is_finite() {
-            return Err("value cannot be unscaled".into());
+            return Err(WriteValueError::CannotUnscale);
         }
         let bytes: Vec<u8> = match self.ty {
             DataType::F32 => {
                 if raw.abs() > f64::from(f32::MAX) {
-                    return Err(format!("{eng} out of range for f32"));
+                    return Err(WriteValueError::OutOfRangeFor {
+                        value: eng,
+                        ty: "f32".into(),
+                    });
                 }
                 (raw as f32).to_be_bytes().to_vec()
             }
             DataType::F64 => raw.to_be_bytes().to_vec(),
             ty => {
                 let r = raw.round();
-                let (lo, hi) = ty.int_range().ok_or("not an integer type")?;
+                let (lo, hi) = ty.int_range().ok_or(WriteValueError::NotAnInteger)?;
                 // 2^63/2^64 are not representable exactly; `>=` on the upper bound of 64-bit types keeps casts exact.
                 let too_big = if matches!(ty, DataType::U64 | DataType::I64) {
                     r >= hi
@@ -392,7 +432,10 @@ impl Codec {
                     r > hi
                 };
                 if r < lo || too_big {
-                    return Err(format!("{eng} out of range for {ty:?}").to_lowercase());
+                    return Err(WriteValueError::OutOfRangeFor {
+                        value: eng,
+                        ty: format!("{ty:?}").to_lowercase(),
+                    });
                 }
                 match ty {
                     DataType::U16 => (r as u16).to_be_bytes().to_vec(),
@@ -423,7 +466,7 @@ impl Codec {
 }
 
 /// Interprets a command value as a bit.
-pub fn value_to_bool(value: &Value) -> Result<bool, String> {
+pub fn value_to_bool(value: &Value) -> Result<bool, WriteValueError> {
     match value {
         Value::Bool(b) => Ok(*b),
         Value::Int(0) => Ok(false),
@@ -433,9 +476,9 @@ pub fn value_to_bool(value: &Value) -> Result<bool, String> {
         Value::Text(t) => match t.to_ascii_lowercase().as_str() {
             "true" | "on" | "1" => Ok(true),
             "false" | "off" | "0" => Ok(false),
-            _ => Err(format!("expected a boolean, got {t:?}")),
+            _ => Err(WriteValueError::NotABool(format!("{t:?}"))),
         },
-        other => Err(format!("expected a boolean, got {other}")),
+        other => Err(WriteValueError::NotABool(other.to_string())),
     }
 }
 
@@ -632,8 +675,14 @@ mod tests {
         c.scale = 0.1;
         assert_eq!(c.encode_registers(&Value::Float(21.5)).unwrap(), vec![215]);
         assert!(c.encode_registers(&Value::Float(-1.0)).is_err());
-        assert!(c.encode_registers(&Value::Float(6553.6)).is_err());
-        assert!(c.encode_registers(&Value::Float(f64::NAN)).is_err());
+        let e = c.encode_registers(&Value::Float(6553.6)).unwrap_err();
+        assert_eq!(e.to_string(), "6553.6 out of range for u16");
+        assert_eq!(
+            c.encode_registers(&Value::Float(f64::NAN)),
+            Err(WriteValueError::NotANumber)
+        );
+        let e = value_to_bool(&Value::Text("maybe".into())).unwrap_err();
+        assert_eq!(e.to_string(), "expected a boolean, got \"maybe\"");
         let s = Codec {
             length: 2,
             ..Codec::plain(DataType::String, Order::Abcd)
@@ -642,6 +691,9 @@ mod tests {
             s.encode_registers(&Value::Text("hi".into())).unwrap(),
             vec![0x6869, 0]
         );
-        assert!(s.encode_registers(&Value::Text("hello".into())).is_err());
+        assert_eq!(
+            s.encode_registers(&Value::Text("hello".into())),
+            Err(WriteValueError::StringTooLong(4))
+        );
     }
 }

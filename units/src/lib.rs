@@ -18,15 +18,13 @@ pub struct ByteSize(pub u64);
 
 impl ByteSize {
     /// Parses "512MiB", "1.5 MB", "1024" and friends; units are case-insensitive.
-    pub fn parse(s: &str) -> Result<ByteSize, String> {
+    pub fn parse(s: &str) -> Result<ByteSize, SizeError> {
         let s = s.trim();
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let num: f64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size; write e.g. \"512MiB\" or 1048576"))?;
+        let num: f64 = num.parse().map_err(|_| SizeError::NotASize(s.to_owned()))?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1_000,
@@ -38,17 +36,37 @@ impl ByteSize {
             "t" | "tb" => 1_000_000_000_000,
             "tib" => 1 << 40,
             other => {
-                return Err(format!(
-                    "unknown size unit `{other}` in `{s}`; use B, KB, KiB, MB, MiB, GB, GiB, TB or TiB"
-                ));
+                return Err(SizeError::UnknownUnit {
+                    unit: other.to_owned(),
+                    text: s.to_owned(),
+                });
             }
         };
         let bytes = num * mult as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("size `{s}` is out of range"));
+            return Err(SizeError::OutOfRange(s.to_owned()));
         }
         Ok(ByteSize(bytes as u64))
     }
+}
+
+/// Why a size string was refused; the message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// The number part is missing or is not a number.
+    #[error("`{0}` is not a size; write e.g. \"512MiB\" or 1048576")]
+    NotASize(String),
+    /// The unit after the number is not one this parser knows.
+    #[error("unknown size unit `{unit}` in `{text}`; use B, KB, KiB, MB, MiB, GB, GiB, TB or TiB")]
+    UnknownUnit {
+        /// The unit as written, lowercased.
+        unit: String,
+        /// The whole size as written.
+        text: String,
+    },
+    /// The size does not fit in 64 bits of bytes.
+    #[error("size `{0}` is out of range")]
+    OutOfRange(String),
 }
 
 impl<'de> Deserialize<'de> for ByteSize {
@@ -138,9 +156,15 @@ mod tests {
     #[test]
     fn size_errors_say_what_to_write() {
         let e = ByteSize::parse("lots").unwrap_err();
-        assert!(e.contains("is not a size") && e.contains("512MiB"), "{e}");
-        let e = ByteSize::parse("12 parsecs").unwrap_err();
+        assert_eq!(e, SizeError::NotASize("lots".into()));
+        assert_eq!(
+            e.to_string(),
+            "`lots` is not a size; write e.g. \"512MiB\" or 1048576"
+        );
+        let e = ByteSize::parse("12 parsecs").unwrap_err().to_string();
         assert!(e.contains("unknown size unit `parsecs`"), "{e}");
+        let e = ByteSize::parse("99999999999TiB").unwrap_err();
+        assert_eq!(e.to_string(), "size `99999999999TiB` is out of range");
     }
 
     #[test]

@@ -187,7 +187,7 @@ fn connect_packet(ctx: &Ctx, reset: bool) -> Packet {
 }
 
 /// Opens the transport (TCP, TLS, WebSocket) to `addr`.
-async fn open(ctx: &Ctx, addr: &Address) -> Result<Box<dyn transport::Io>, String> {
+async fn open(ctx: &Ctx, addr: &Address) -> Result<Box<dyn transport::Io>, ConnectError> {
     let tls = ctx.tls.as_ref().map(|c| {
         (
             c,
@@ -199,14 +199,73 @@ async fn open(ctx: &Ctx, addr: &Address) -> Result<Box<dyn transport::Io>, Strin
     });
     transport::connect(addr, tls)
         .await
-        .map_err(|e| format!("connect {}:{}: {e}", addr.host, addr.port))
+        .map_err(|cause| ConnectError::Open {
+            host: addr.host.clone(),
+            port: addr.port,
+            cause,
+        })
+}
+
+/// Why an attempt to connect to the cloud failed; logged, and shown on the status page
+/// as the bridge's last error.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    /// TCP, TLS or the WebSocket handshake failed.
+    #[error("connect {host}:{port}: {cause}")]
+    Open {
+        host: String,
+        port: u16,
+        cause: std::io::Error,
+    },
+    /// Our own CONNECT or DISCONNECT did not encode (a config the codec refuses).
+    #[error("encode {packet}: {cause}")]
+    Encode {
+        packet: &'static str,
+        cause: outpost_mqtt::EncodeError,
+    },
+    /// Sending CONNECT or DISCONNECT failed.
+    #[error("write {packet}: {cause}")]
+    Write {
+        packet: &'static str,
+        cause: std::io::Error,
+    },
+    /// Reading the answer to CONNECT failed.
+    #[error("read CONNACK: {0}")]
+    ReadConnAck(std::io::Error),
+    /// The cloud closed the connection without answering CONNECT.
+    #[error("connection closed before CONNACK")]
+    ClosedBeforeConnAck,
+    /// The cloud answered CONNECT with another packet (MQTT-3.2.0-1).
+    #[error("expected CONNACK, got {0:?}")]
+    NotConnAck(Box<Packet>),
+    /// The answer to CONNECT did not decode.
+    #[error("bad CONNACK: {0}")]
+    BadConnAck(outpost_mqtt::DecodeError),
+    /// The cloud refused with an error reason code, and maybe a reason string.
+    #[error(
+        "cloud refused the connection (reason 0x{code:02x}{})",
+        .reason_string.as_deref().map(|s| format!(": {s}")).unwrap_or_default()
+    )]
+    Refused {
+        code: u8,
+        reason_string: Option<String>,
+    },
+    /// The task that records the address in use did not finish.
+    #[error("recording the address in use: {0}")]
+    AddressTask(tokio::task::JoinError),
+    /// The address in use could not be written (durably) beside the spool.
+    #[error("recording the address in use beside the spool: {0}")]
+    AddressWrite(std::io::Error),
+    /// No CONNACK within `reconnect.connect_timeout`.
+    #[error("connect timed out")]
+    TimedOut,
 }
 
 /// Ends whatever session `addr` kept for our client id: a clean-start CONNECT with no
 /// expiry, then DISCONNECT. What the broker still held from an earlier stay (QoS 2
 /// exchanges it never saw completed, messages queued for us) is history by now: those
 /// messages went to another broker meanwhile.
-async fn reset_session(ctx: &Ctx, addr: &Address) -> Result<(), String> {
+async fn reset_session(ctx: &Ctx, addr: &Address) -> Result<(), ConnectError> {
     let (mut io, _, _) = mqtt_connect(ctx, addr, true).await?;
     let mut buf = BytesMut::new();
     encode(
@@ -217,13 +276,16 @@ async fn reset_session(ctx: &Ctx, addr: &Address) -> Result<(), String> {
         ctx.protocol,
         &mut buf,
     )
-    .map_err(|e| format!("encode DISCONNECT: {e}"))?;
-    io.write_all(&buf)
-        .await
-        .map_err(|e| format!("write DISCONNECT: {e}"))?;
-    io.flush()
-        .await
-        .map_err(|e| format!("write DISCONNECT: {e}"))?;
+    .map_err(|cause| ConnectError::Encode {
+        packet: "DISCONNECT",
+        cause,
+    })?;
+    let write = |cause| ConnectError::Write {
+        packet: "DISCONNECT",
+        cause,
+    };
+    io.write_all(&buf).await.map_err(write)?;
+    io.flush().await.map_err(write)?;
     let _ = io.shutdown().await;
     Ok(())
 }
@@ -232,45 +294,44 @@ async fn mqtt_connect(
     ctx: &Ctx,
     addr: &Address,
     reset: bool,
-) -> Result<(Box<dyn transport::Io>, BytesMut, Box<outpost_mqtt::ConnAck>), String> {
+) -> Result<(Box<dyn transport::Io>, BytesMut, Box<outpost_mqtt::ConnAck>), ConnectError> {
     let mut io = open(ctx, addr).await?;
     let mut buf = BytesMut::with_capacity(4096);
-    encode(&connect_packet(ctx, reset), ctx.protocol, &mut buf)
-        .map_err(|e| format!("encode CONNECT: {e}"))?;
-    io.write_all(&buf)
-        .await
-        .map_err(|e| format!("write CONNECT: {e}"))?;
+    encode(&connect_packet(ctx, reset), ctx.protocol, &mut buf).map_err(|cause| {
+        ConnectError::Encode {
+            packet: "CONNECT",
+            cause,
+        }
+    })?;
+    let write = |cause| ConnectError::Write {
+        packet: "CONNECT",
+        cause,
+    };
+    io.write_all(&buf).await.map_err(write)?;
     // TLS and WebSocket buffer inside; a flush puts CONNECT on the wire.
-    io.flush()
-        .await
-        .map_err(|e| format!("write CONNECT: {e}"))?;
+    io.flush().await.map_err(write)?;
     buf.clear();
     let connack = loop {
         if io
             .read_buf(&mut buf)
             .await
-            .map_err(|e| format!("read CONNACK: {e}"))?
+            .map_err(ConnectError::ReadConnAck)?
             == 0
         {
-            return Err("connection closed before CONNACK".into());
+            return Err(ConnectError::ClosedBeforeConnAck);
         }
         match decode(&mut buf, ctx.protocol, MAX_INCOMING_PACKET) {
             Ok(Some(Packet::ConnAck(c))) => break Box::new(c),
-            Ok(Some(other)) => return Err(format!("expected CONNACK, got {other:?}")),
+            Ok(Some(other)) => return Err(ConnectError::NotConnAck(Box::new(other))),
             Ok(None) => continue,
-            Err(e) => return Err(format!("bad CONNACK: {e}")),
+            Err(e) => return Err(ConnectError::BadConnAck(e)),
         }
     };
     if connack.reason.is_error() {
-        return Err(format!(
-            "cloud refused the connection (reason 0x{:02x}{})",
-            connack.reason.0,
-            connack
-                .properties
-                .reason_string
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default()
-        ));
+        return Err(ConnectError::Refused {
+            code: connack.reason.0,
+            reason_string: connack.properties.reason_string,
+        });
     }
     Ok((io, buf, connack))
 }
@@ -279,7 +340,7 @@ async fn handshake(
     ctx: &Ctx,
     addr: &Address,
     moved: bool,
-) -> Result<(Box<dyn transport::Io>, BytesMut, Limits), String> {
+) -> Result<(Box<dyn transport::Io>, BytesMut, Limits), ConnectError> {
     let (io, buf, connack) = mqtt_connect(ctx, addr, false).await?;
     let p = &connack.properties;
     let cfg = &ctx.config;
@@ -340,7 +401,7 @@ async fn primary_reachable(ctx: &Ctx) -> bool {
 
 /// The address the spool's QoS 2 stages belong to, kept beside the spool file.
 mod last_address {
-    use super::Ctx;
+    use super::{ConnectError, Ctx};
 
     fn path(ctx: &Ctx) -> std::path::PathBuf {
         let mut p = ctx.spool.path().as_os_str().to_owned();
@@ -363,7 +424,7 @@ mod last_address {
     }
 
     /// Records `address` durably (write, fsync, rename, fsync the directory).
-    pub(super) async fn write(ctx: &Ctx, address: &str) -> Result<(), String> {
+    pub(super) async fn write(ctx: &Ctx, address: &str) -> Result<(), ConnectError> {
         let path = path(ctx);
         let text = address.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -381,8 +442,8 @@ mod last_address {
             Ok::<_, std::io::Error>(())
         })
         .await
-        .map_err(|e| format!("recording the address in use: {e}"))?
-        .map_err(|e| format!("recording the address in use beside the spool: {e}"))
+        .map_err(ConnectError::AddressTask)?
+        .map_err(ConnectError::AddressWrite)
     }
 }
 
@@ -445,8 +506,8 @@ pub(crate) async fn run(
                     // know which broker the spool's QoS 2 stages belong to.
                     last_address::write(&ctx, text).await?;
                 }
-                Ok::<_, String>(conn)
-            }) => r.unwrap_or_else(|_| Err("connect timed out".into())),
+                Ok::<_, ConnectError>(conn)
+            }) => r.unwrap_or(Err(ConnectError::TimedOut)),
             _ = stop_requested(&mut shutdown) => {
                 stopping = true;
                 continue;
@@ -580,7 +641,7 @@ pub(crate) async fn run(
                 let why = if count > 1 {
                     format!("{text}: {why}")
                 } else {
-                    why
+                    why.to_string()
                 };
                 repeats.failed(&ctx.name, &why);
                 ctx.stats.set_error(format!("cannot connect: {why}"));

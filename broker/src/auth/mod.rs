@@ -10,7 +10,7 @@ use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use outpost_mqtt::{Connect, ReasonCode};
 
 use super::config::{BrokerConfig, PasswordFileError};
-pub use mosquitto::MosquittoHash;
+pub use mosquitto::{MosquittoHash, MosquittoHashError};
 
 /// A password hash the broker can verify, parsed once when the users table is made.
 #[derive(Debug, Clone)]
@@ -21,25 +21,21 @@ pub enum Credential {
     Mosquitto(MosquittoHash),
     /// A hash that did not parse; logins as this user are refused with this reason.
     /// Config validation refuses such a file first, so this is a second line only.
-    Unreadable(String),
+    Unreadable(CredentialError),
 }
 
 impl Credential {
     /// Parses a hash as written in `password_hash` or a Mosquitto password file.
-    pub fn parse(s: &str) -> Result<Credential, String> {
+    pub fn parse(s: &str) -> Result<Credential, CredentialError> {
         if MosquittoHash::is_mosquitto(s) {
-            return MosquittoHash::parse(s).map(Credential::Mosquitto);
+            return Ok(Credential::Mosquitto(MosquittoHash::parse(s)?));
         }
-        let h = PasswordHash::new(s).map_err(|e| {
-            format!("not a PHC hash string ({e}); expected \"$argon2id$v=19$m=...\"")
-        })?;
+        let h = PasswordHash::new(s).map_err(CredentialError::NotPhc)?;
         argon2::Algorithm::try_from(h.algorithm)
-            .map_err(|_| format!("the algorithm {:?} is not argon2", h.algorithm.as_str()))?;
-        argon2::Params::try_from(&h).map_err(|e| format!("bad argon2 parameters ({e})"))?;
+            .map_err(|_| CredentialError::NotArgon2(h.algorithm.as_str().to_owned()))?;
+        argon2::Params::try_from(&h).map_err(CredentialError::Argon2Params)?;
         if h.hash.is_none() {
-            return Err(
-                "the PHC string is incomplete: it has no hash part (a line cut short?)".into(),
-            );
+            return Err(CredentialError::NoHashPart);
         }
         Ok(Credential::Argon2(s.to_owned()))
     }
@@ -53,6 +49,31 @@ impl Credential {
         }
     }
 }
+
+/// Why a configured password hash cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// A `$6$`/`$7$` hash that does not parse.
+    #[error(transparent)]
+    Mosquitto(#[from] MosquittoHashError),
+    /// Not a PHC string at all.
+    #[error("not a PHC hash string ({0}); expected \"$argon2id$v=19$m=...\"")]
+    NotPhc(argon2::password_hash::Error),
+    /// A PHC string for another algorithm (the name as written).
+    #[error("the algorithm {0:?} is not argon2")]
+    NotArgon2(String),
+    /// An argon2 PHC string whose parameters argon2 refuses.
+    #[error("bad argon2 parameters ({0})")]
+    Argon2Params(argon2::password_hash::Error),
+    /// A PHC string without the hash part.
+    #[error("the PHC string is incomplete: it has no hash part (a line cut short?)")]
+    NoHashPart,
+}
+
+/// Hashing a new password failed (the system's random source, in practice).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HashPasswordError(argon2::password_hash::Error);
 
 /// Users and their credentials: made from the config, never changed afterwards (a new
 /// config makes a new table). Cheap to clone.
@@ -125,7 +146,7 @@ pub enum Refusal {
         /// The user.
         user: String,
         /// The parse error.
-        why: String,
+        why: CredentialError,
     },
 }
 
@@ -216,14 +237,14 @@ pub fn verify(password: &[u8], hash: &str) -> bool {
 }
 
 /// Hashes a password into a PHC string for the config file.
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str) -> Result<String, HashPasswordError> {
     use argon2::password_hash::{PasswordHasher, SaltString};
     use rand_core::OsRng;
     let salt = SaltString::generate(&mut OsRng);
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(HashPasswordError)
 }
 
 #[cfg(test)]
@@ -252,7 +273,7 @@ mod tests {
             ("$7$101$AAAA", "parts"),
             ("plain", "PHC"),
         ] {
-            let e = Credential::parse(bad).unwrap_err();
+            let e = Credential::parse(bad).unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
     }

@@ -48,6 +48,39 @@ impl std::fmt::Debug for MosquittoHash {
     }
 }
 
+/// Why a Mosquitto hash cannot be read; shown in config errors and refused logins.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MosquittoHashError {
+    /// The salt or the digest is not standard base64.
+    #[error("the {what} is not base64 ({cause})")]
+    NotBase64 {
+        /// "salt" or "hash".
+        what: &'static str,
+        /// The decoder's complaint.
+        cause: base64::DecodeError,
+    },
+    /// The digest decodes to the wrong length (usually a line cut short).
+    #[error("the hash decodes to {0} bytes; SHA-512 gives 64 (a truncated line?)")]
+    DigestLength(usize),
+    /// A `$6$` hash without the `$` between salt and digest.
+    #[error("a $6$ hash is $6$<salt>$<hash>; this one has no second '$'")]
+    Sha512NoHash,
+    /// A `$6$` hash with more than salt and digest.
+    #[error("a $6$ hash is $6$<salt>$<hash>; this one has more parts")]
+    Sha512ExtraParts,
+    /// A `$7$` hash without exactly iterations, salt and digest.
+    #[error(
+        "a $7$ hash is $7$<iterations>$<salt>$<hash>; this one has a different number of parts"
+    )]
+    Pbkdf2Parts,
+    /// The `$7$` iteration count is not a number in the accepted range.
+    #[error("the iteration count {0:?} is not a number from 1 to {max}", max = MAX_ITERATIONS)]
+    Iterations(String),
+    /// Neither `$6$` nor `$7$`.
+    #[error("not a Mosquitto hash ($6$ or $7$)")]
+    NotMosquitto,
+}
+
 impl MosquittoHash {
     /// True if `s` looks like a Mosquitto hash (so its errors should be about that format).
     pub fn is_mosquitto(s: &str) -> bool {
@@ -55,29 +88,26 @@ impl MosquittoHash {
     }
 
     /// Parses `$6$salt$hash` or `$7$iterations$salt$hash`; the error says what is wrong.
-    pub fn parse(s: &str) -> Result<MosquittoHash, String> {
-        let b64 = |what: &str, v: &str| {
+    pub fn parse(s: &str) -> Result<MosquittoHash, MosquittoHashError> {
+        let b64 = |what: &'static str, v: &str| {
             STANDARD
                 .decode(v)
-                .map_err(|e| format!("the {what} is not base64 ({e})"))
+                .map_err(|cause| MosquittoHashError::NotBase64 { what, cause })
         };
         let digest = |v: &str| {
             let h = b64("hash", v)?;
             if h.len() == 64 {
                 Ok(h)
             } else {
-                Err(format!(
-                    "the hash decodes to {} bytes; SHA-512 gives 64 (a truncated line?)",
-                    h.len()
-                ))
+                Err(MosquittoHashError::DigestLength(h.len()))
             }
         };
         if let Some(rest) = s.strip_prefix("$6$") {
             let (salt, hash) = rest
                 .split_once('$')
-                .ok_or("a $6$ hash is $6$<salt>$<hash>; this one has no second '$'")?;
+                .ok_or(MosquittoHashError::Sha512NoHash)?;
             if hash.contains('$') {
-                return Err("a $6$ hash is $6$<salt>$<hash>; this one has more parts".into());
+                return Err(MosquittoHashError::Sha512ExtraParts);
             }
             return Ok(MosquittoHash::Sha512 {
                 salt: b64("salt", salt)?,
@@ -89,26 +119,20 @@ impl MosquittoHash {
             let (Some(it), Some(salt), Some(hash), None) =
                 (parts.next(), parts.next(), parts.next(), parts.next())
             else {
-                return Err(
-                    "a $7$ hash is $7$<iterations>$<salt>$<hash>; this one has a different \
-                     number of parts"
-                        .into(),
-                );
+                return Err(MosquittoHashError::Pbkdf2Parts);
             };
             let iterations: u32 = it
                 .parse()
                 .ok()
                 .filter(|n| (1..=MAX_ITERATIONS).contains(n))
-                .ok_or_else(|| {
-                    format!("the iteration count {it:?} is not a number from 1 to {MAX_ITERATIONS}")
-                })?;
+                .ok_or_else(|| MosquittoHashError::Iterations(it.to_owned()))?;
             return Ok(MosquittoHash::Pbkdf2Sha512 {
                 iterations,
                 salt: b64("salt", salt)?,
                 hash: digest(hash)?,
             });
         }
-        Err("not a Mosquitto hash ($6$ or $7$)".into())
+        Err(MosquittoHashError::NotMosquitto)
     }
 
     /// True if `password` matches, compared in constant time.
@@ -224,7 +248,7 @@ mod tests {
             ("$6$AAAA$AAAA", "decodes to 3 bytes"),
             ("$5$x$y", "not a Mosquitto hash"),
         ] {
-            let e = MosquittoHash::parse(h).unwrap_err();
+            let e = MosquittoHash::parse(h).unwrap_err().to_string();
             assert!(e.contains(want), "{h}: {e}");
         }
     }

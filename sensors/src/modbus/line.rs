@@ -3,10 +3,10 @@
 use super::health::{Health, StatusChange};
 use super::transport::{Endpoint, Link, connect, describe_transport_error};
 use crate::emit::{Emitter, PointOutput};
-use crate::error::SensorsError;
+use crate::error::{LinkError, OutOfRange, ReadingError, SensorsError};
 use crate::messages::{SensorMessage, write_result_payload};
 use crate::plan::Read;
-use crate::point::{Area, Codec, DataType, Value, value_to_bool};
+use crate::point::{Area, Codec, DataType, Value, WriteValueError, value_to_bool};
 use crate::stats::LineStats;
 use crate::stop::Stop;
 use std::borrow::Cow;
@@ -97,7 +97,36 @@ pub struct WriteJob {
 enum Outcome {
     Data(Response),
     Exception(ExceptionCode),
-    Failed(String),
+    Failed(LinkError),
+}
+
+/// Why a write command failed; its text is sent back on the point's write-result topic.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The job names a point the device does not have.
+    #[error("no such point")]
+    NoSuchPoint,
+    /// The point has no `writable = true`.
+    #[error("point is not writable")]
+    NotWritable,
+    /// Discrete inputs and input registers cannot be written (Modbus has no function).
+    #[error("read-only area")]
+    ReadOnlyArea,
+    /// The value does not fit the point.
+    #[error(transparent)]
+    Value(#[from] WriteValueError),
+    /// The value is outside the point's `min`/`max`.
+    #[error(transparent)]
+    OutOfRange(#[from] OutOfRange),
+    /// The device answered with a Modbus exception.
+    #[error("exception: {0}")]
+    Exception(ExceptionCode),
+    /// The device did not answer.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// Publishing the device's new status failed (the gateway is stopping).
+    #[error(transparent)]
+    Sensors(#[from] SensorsError),
 }
 
 /// The scheduler of one line.
@@ -261,7 +290,7 @@ impl Line {
             Endpoint::Rtu(s) => timeout + s.wire_time(frame_bytes(&req)),
             Endpoint::Tcp { .. } => timeout,
         };
-        let mut last = String::from("no attempt");
+        let mut last = LinkError::NoAttempt;
         for _ in 0..=retries {
             tokio::time::sleep_until(self.bus_free_at.into()).await;
             let started = Instant::now();
@@ -270,7 +299,7 @@ impl Line {
                     Ok(c) => self.conn = Some(c),
                     Err(e) => {
                         LineStats::bump(&self.stats.transport_errors);
-                        last = format!("connect failed: {e}");
+                        last = LinkError::Connect(Arc::new(e));
                         self.bus_free_at = Instant::now() + self.inter_frame;
                         continue;
                     }
@@ -297,18 +326,16 @@ impl Line {
                     LineStats::bump(&self.stats.transport_errors);
                     last = match e {
                         tokio_modbus::Error::Transport(io) => {
-                            describe_transport_error(conn, &self.endpoint, &io)
+                            describe_transport_error(conn, &self.endpoint, io)
                         }
-                        tokio_modbus::Error::Protocol(_) => {
-                            "unexpected response (wrong unit or function)".to_string()
-                        }
+                        tokio_modbus::Error::Protocol(_) => LinkError::WrongResponse,
                     };
                     // After a decode error the framed stream may be desynchronised: start afresh.
                     self.conn = None;
                 }
                 Err(_) => {
                     LineStats::bump(&self.stats.timeouts);
-                    last = "timeout".to_string();
+                    last = LinkError::Timeout;
                     if matches!(self.endpoint, Endpoint::Tcp { .. }) {
                         // A late TCP reply would carry a stale transaction id; reconnect instead.
                         self.conn = None;
@@ -360,7 +387,7 @@ impl Line {
                     tracing::warn!(device = %self.devices[dev].name, start = read.start, count = read.count, "coalesced read refused; splitting");
                     self.split(dev, ri, now);
                 } else {
-                    let reason = format!("exception: {code}");
+                    let reason = ReadingError::Exception(code);
                     let d = &mut self.devices[dev];
                     for &p in &read.points {
                         msgs.extend(d.points[p].out.observe(
@@ -375,7 +402,8 @@ impl Line {
             Outcome::Failed(reason) => {
                 let d = &mut self.devices[dev];
                 tracing::debug!(device = %d.name, %reason, "poll failed");
-                let change = d.health.on_failure(&reason, now);
+                let change = d.health.on_failure(&reason.to_string(), now);
+                let reason = ReadingError::Link(reason);
                 for p in &mut d.points {
                     msgs.extend(p.out.observe(Err(reason.clone()), now, &self.emitter.clock));
                 }
@@ -427,7 +455,7 @@ impl Line {
             Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) => (None, Some(b)),
             other => {
                 LineStats::bump(&self.stats.transport_errors);
-                let reason = format!("unexpected response {other:?}");
+                let reason = ReadingError::UnexpectedResponse(format!("{other:?}"));
                 for &p in &read.points {
                     msgs.extend(d.points[p].out.observe(Err(reason.clone()), now, &clock));
                 }
@@ -440,13 +468,13 @@ impl Line {
             let value = if let Some(b) = &bits {
                 b.get(off)
                     .map(|v| Value::Bool(*v))
-                    .ok_or_else(|| "short response".to_string())
+                    .ok_or(ReadingError::ShortResponse)
             } else {
                 let w = words.as_deref().unwrap_or(&[]);
                 let slice = w.get(off..).unwrap_or(&[]);
-                pt.codec.decode_registers(slice).map_err(|e| e.to_string())
+                pt.codec.decode_registers(slice).map_err(ReadingError::from)
             };
-            let value = value.and_then(|v| pt.out.check_range(&v).map(|()| v));
+            let value = value.and_then(|v| pt.out.check_range(&v).map(|()| v).map_err(Into::into));
             if value.is_err() {
                 LineStats::bump(&self.stats.value_errors);
             }
@@ -490,7 +518,7 @@ impl Line {
             }
         }
         let payload = write_result_payload(
-            result.as_ref().map_err(String::as_str),
+            result.as_ref().map_err(|e| e as &dyn std::fmt::Display),
             job.id.as_ref(),
             &self.emitter.clock,
         );
@@ -506,34 +534,30 @@ impl Line {
 
     /// Writes the job's value; the value the device was given (after scaling to its
     /// registers and back, so a rounded value is reported as written, not as asked).
-    async fn execute_write(&mut self, job: &WriteJob) -> Result<Value, String> {
+    async fn execute_write(&mut self, job: &WriteJob) -> Result<Value, WriteError> {
         let (req, written) = {
             let pt = self.devices[job.device]
                 .points
                 .get(job.point)
-                .ok_or("no such point")?;
+                .ok_or(WriteError::NoSuchPoint)?;
             if !pt.writable {
-                return Err("point is not writable".into());
+                return Err(WriteError::NotWritable);
             }
             build_write(pt, &job.value)?
         };
         match self.transact(job.device, req).await {
             Outcome::Data(_) => {
                 let change = self.devices[job.device].health.on_success();
-                self.publish_status(job.device, change)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.publish_status(job.device, change).await?;
                 Ok(written)
             }
-            Outcome::Exception(code) => Err(format!("exception: {code}")),
+            Outcome::Exception(code) => Err(WriteError::Exception(code)),
             Outcome::Failed(reason) => {
                 let change = self.devices[job.device]
                     .health
-                    .on_failure(&reason, Instant::now());
-                self.publish_status(job.device, change)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Err(reason)
+                    .on_failure(&reason.to_string(), Instant::now());
+                self.publish_status(job.device, change).await?;
+                Err(WriteError::Link(reason))
             }
         }
     }
@@ -558,7 +582,7 @@ pub fn frame_bytes(req: &Request<'_>) -> u64 {
 /// Builds the write request for a point (FC 5/15 for coils, 6/16 for registers), with
 /// the value it really writes: what the registers decode to (an integer register takes
 /// `1.5` as `2`).
-pub fn build_write(pt: &LinePoint, value: &Value) -> Result<(Request<'static>, Value), String> {
+pub fn build_write(pt: &LinePoint, value: &Value) -> Result<(Request<'static>, Value), WriteError> {
     match pt.area {
         Area::Coil => {
             let b = value_to_bool(value)?;
@@ -585,7 +609,7 @@ pub fn build_write(pt: &LinePoint, value: &Value) -> Result<(Request<'static>, V
             };
             Ok((req, written))
         }
-        Area::Discrete | Area::Input => Err("read-only area".into()),
+        Area::Discrete | Area::Input => Err(WriteError::ReadOnlyArea),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Opening Modbus connections: TCP or an RTU serial port, metered for bus statistics.
 
 use crate::config::{Parity, RtuTransport};
+use crate::error::LinkError;
 use crate::stats::LineStats;
 use std::io;
 use std::pin::Pin;
@@ -195,20 +196,20 @@ pub async fn connect(
 
 /// Describes a transport error of a call on `link` as a user reads it: a peer that closed
 /// the connection is named as such, not by the errno tokio-modbus happened to pick up.
-pub fn describe_transport_error(link: &Link, endpoint: &Endpoint, e: &io::Error) -> String {
+pub fn describe_transport_error(link: &Link, endpoint: &Endpoint, e: io::Error) -> LinkError {
     let tcp = matches!(endpoint, Endpoint::Tcp { .. });
     if link.ended.load(Ordering::Relaxed) {
         return if tcp {
-            "connection closed by device".to_string()
+            LinkError::ClosedByDevice
         } else {
-            "serial port closed".to_string()
+            LinkError::SerialPortClosed
         };
     }
     match e.kind() {
-        io::ErrorKind::ConnectionReset if tcp => "connection reset by device".to_string(),
+        io::ErrorKind::ConnectionReset if tcp => LinkError::ResetByDevice,
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted if tcp => {
-            "connection closed by device".to_string()
+            LinkError::ClosedByDevice
         }
-        _ => format!("transport error: {e}"),
+        _ => LinkError::Transport(Arc::new(e)),
     }
 }

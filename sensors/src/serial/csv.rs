@@ -2,6 +2,7 @@
 
 use super::kv::truncate;
 use super::parsed::{Parsed, parse_scalar};
+use crate::error::{FieldError, FrameError};
 
 /// Parses one record; a wrong column count marks every column bad.
 pub fn parse(line: &str, columns: &[String], separator: char) -> Parsed {
@@ -9,12 +10,11 @@ pub fn parse(line: &str, columns: &[String], separator: char) -> Parsed {
     if cells.len() != columns.len() {
         return Parsed::Error {
             fields: columns.to_vec(),
-            reason: format!(
-                "expected {} columns, got {}: {:?}",
-                columns.len(),
-                cells.len(),
-                truncate(line)
-            ),
+            reason: FrameError::Columns {
+                expected: columns.len(),
+                got: cells.len(),
+                line: truncate(line),
+            },
         };
     }
     Parsed::Fields(
@@ -26,7 +26,7 @@ pub fn parse(line: &str, columns: &[String], separator: char) -> Parsed {
                 (
                     c.clone(),
                     if v.is_empty() {
-                        Err("empty value".to_string())
+                        Err(FieldError::EmptyValue)
                     } else {
                         Ok(parse_scalar(v))
                     },

@@ -2,6 +2,7 @@
 
 use super::kv::truncate;
 use super::parsed::Parsed;
+use crate::error::{FieldError, FrameError};
 use crate::point::Value;
 use serde_json::Value as Json;
 
@@ -13,15 +14,18 @@ pub fn parse(line: &str) -> Parsed {
             flatten("", &map, &mut out, 0);
             Parsed::Fields(out)
         }
-        Ok(_) => Parsed::error("JSON line is not an object"),
-        Err(e) => Parsed::error(format!("invalid JSON ({e}): {:?}", truncate(line))),
+        Ok(_) => Parsed::error(FrameError::JsonNotObject),
+        Err(e) => Parsed::error(FrameError::InvalidJson {
+            error: e.to_string(),
+            line: truncate(line),
+        }),
     }
 }
 
 fn flatten(
     prefix: &str,
     map: &serde_json::Map<String, Json>,
-    out: &mut Vec<(String, Result<Value, String>)>,
+    out: &mut Vec<(String, Result<Value, FieldError>)>,
     depth: usize,
 ) {
     for (k, v) in map {
@@ -37,7 +41,7 @@ fn flatten(
                 .map(Value::Int)
                 .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN)))),
             Json::String(s) => Ok(Value::Text(s.clone())),
-            Json::Null => Err("null".to_string()),
+            Json::Null => Err(FieldError::Null),
             Json::Object(inner) if depth < 4 => {
                 flatten(&name, inner, out, depth + 1);
                 continue;
@@ -60,7 +64,7 @@ mod tests {
         assert!(f.contains(&("t".into(), Ok(Value::Float(21.5)))));
         assert!(f.contains(&("n".into(), Ok(Value::Int(3)))));
         assert!(f.contains(&("env.hum".into(), Ok(Value::Int(40)))));
-        assert!(f.contains(&("bad".into(), Err("null".into()))));
+        assert!(f.contains(&("bad".into(), Err(FieldError::Null))));
         assert!(!f.iter().any(|(n, _)| n == "arr"));
         assert!(matches!(parse("[1,2]"), Parsed::Error { .. }));
         assert!(matches!(parse("{oops"), Parsed::Error { .. }));

@@ -1,6 +1,7 @@
 //! `key=value` pairs separated by spaces, commas or semicolons.
 
 use super::parsed::{Parsed, parse_scalar};
+use crate::error::{FieldError, FrameError};
 
 /// Parses one line of pairs; tokens without `=` are skipped, a line without any pair is an error.
 pub fn parse(line: &str) -> Parsed {
@@ -10,7 +11,7 @@ pub fn parse(line: &str) -> Parsed {
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| {
             let v = if v.is_empty() {
-                Err("empty value".to_string())
+                Err(FieldError::EmptyValue)
             } else {
                 Ok(parse_scalar(v))
             };
@@ -18,7 +19,7 @@ pub fn parse(line: &str) -> Parsed {
         })
         .collect();
     if fields.is_empty() {
-        return Parsed::error(format!("unparsable line: {:?}", truncate(line)));
+        return Parsed::error(FrameError::UnparsableLine(truncate(line)));
     }
     Parsed::Fields(fields)
 }
@@ -53,7 +54,7 @@ mod tests {
                 ("hum".into(), Ok(Value::Int(40))),
                 ("ok".into(), Ok(Value::Bool(true))),
                 ("name".into(), Ok(Value::Text("abc".into()))),
-                ("x".into(), Err("empty value".into())),
+                ("x".into(), Err(FieldError::EmptyValue)),
             ])
         );
         assert!(matches!(parse("no pairs here"), Parsed::Error { .. }));

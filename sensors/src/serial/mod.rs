@@ -9,7 +9,7 @@ pub mod parsed;
 
 use crate::config::{Format, Framing, SerialPoint, SerialSensor};
 use crate::emit::{Emitter, PointOutput};
-use crate::error::SensorsError;
+use crate::error::{FrameError, ReadingError, SensorsError};
 use crate::messages::{DeviceStatus, SensorMessage, Topics};
 use crate::modbus::transport::open_serial;
 use crate::point::Value;
@@ -27,16 +27,15 @@ use tokio::io::AsyncReadExt;
 /// Parses one frame with the sensor's format.
 pub fn parse_frame(cfg: &SerialSensor, frame: &[u8]) -> Parsed {
     let Ok(text) = std::str::from_utf8(frame) else {
-        const NOT_UTF8: &str = "frame is not UTF-8 text";
         if cfg.format == Format::Kv {
             // The keys that survive the damage name the points this line was carrying.
             let lossy = String::from_utf8_lossy(frame);
             return Parsed::Error {
                 fields: kv::keys(&lossy),
-                reason: NOT_UTF8.into(),
+                reason: FrameError::NotUtf8,
             };
         }
-        return Parsed::error(NOT_UTF8);
+        return Parsed::error(FrameError::NotUtf8);
     };
     let text = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
     if text.is_empty() {
@@ -83,13 +82,6 @@ pub struct SerialTask {
 
 /// At most one warning per sensor this often for frames that name no point.
 const FRAME_WARN_EVERY: Duration = Duration::from_secs(60);
-
-/// Why an overlong line was dropped, with the limit that dropped it.
-pub fn too_long_reason(limit: usize) -> String {
-    format!(
-        "line longer than frame_length = {limit} bytes; dropped (raise frame_length if the device sends longer lines)"
-    )
-}
 
 impl std::fmt::Debug for SerialTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,13 +164,13 @@ impl SerialTask {
                     let Some(f) = self.fields.get_mut(&name) else {
                         continue;
                     };
-                    let result = result.and_then(|v| {
+                    let result = result.map_err(ReadingError::from).and_then(|v| {
                         let number = v.as_f64().is_some() && !matches!(v, Value::Bool(_));
                         if f.numeric && !number {
-                            return Err(format!("not a number: {}", quoted(&v)));
+                            return Err(ReadingError::NotANumber(quoted(&v)));
                         }
                         f.numeric |= number;
-                        f.codec.apply_scale(v).map_err(|e| e.to_string())
+                        Ok(f.codec.apply_scale(v)?)
                     });
                     if result.is_err() {
                         LineStats::bump(&self.stats.value_errors);
@@ -199,7 +191,7 @@ impl SerialTask {
                 // points go stale (`stale_after`) if good frames stop coming.
                 for (name, f) in &mut self.fields {
                     if fields.contains(name) {
-                        msgs.extend(f.out.observe(Err(reason.clone()), now, &clock));
+                        msgs.extend(f.out.observe(Err(reason.clone().into()), now, &clock));
                     }
                 }
             }
@@ -207,7 +199,7 @@ impl SerialTask {
         msgs
     }
 
-    fn warn_frame(&mut self, reason: &str, now: Instant) {
+    fn warn_frame(&mut self, reason: &FrameError, now: Instant) {
         if self
             .frame_warned
             .is_some_and(|t| now.duration_since(t) < FRAME_WARN_EVERY)
@@ -343,7 +335,7 @@ impl SerialTask {
                                     for frame in framer.push(&buf[..n]) {
                                         let parsed = match frame {
                                             Frame::Data(d) => parse_frame(&self.cfg, &d),
-                                            Frame::TooLong => Parsed::error(too_long_reason(limit)),
+                                            Frame::TooLong => Parsed::error(FrameError::TooLong(limit)),
                                         };
                                         for m in self.handle(parsed, now) {
                                             self.emitter.send(m).await?;
@@ -366,10 +358,7 @@ impl SerialTask {
                     let clock = self.emitter.clock.clone();
                     let mut msgs = Vec::new();
                     for f in self.fields.values_mut() {
-                        msgs.extend(
-                            f.out
-                                .observe(Err("device disconnected".into()), now, &clock),
-                        );
+                        msgs.extend(f.out.observe(Err(ReadingError::Disconnected), now, &clock));
                     }
                     for m in msgs {
                         self.emitter.send(m).await?;
@@ -498,7 +487,7 @@ mod tests {
 
     #[test]
     fn the_overlong_line_message_names_the_configured_limit() {
-        let reason = too_long_reason(64);
+        let reason = FrameError::TooLong(64).to_string();
         assert!(reason.contains("frame_length = 64 bytes"), "{reason}");
     }
 }

@@ -1,6 +1,7 @@
 //! NMEA 0183: position, speed and fix quality from GGA and RMC, with checksum verification.
 
 use super::parsed::Parsed;
+use crate::error::{FieldError, FrameError};
 use crate::point::Value;
 
 const GGA_FIELDS: &[&str] = &[
@@ -24,14 +25,14 @@ const RMC_FIELDS: &[&str] = &[
 pub fn parse(line: &str, allow_missing_checksum: bool) -> Parsed {
     let line = line.trim();
     let Some(body) = line.strip_prefix('$').or_else(|| line.strip_prefix('!')) else {
-        return Parsed::error("not an NMEA sentence");
+        return Parsed::error(FrameError::NotNmea);
     };
     let (data, checksum) = match body.rsplit_once('*') {
         Some((d, c)) => (d, Some(c)),
         None => (body, None),
     };
     let kind = sentence_kind(data);
-    let affected = |reason: String| Parsed::Error {
+    let affected = |reason: FrameError| Parsed::Error {
         fields: match kind {
             Some("GGA") => GGA_FIELDS.iter().map(|s| s.to_string()).collect(),
             Some("RMC") => RMC_FIELDS.iter().map(|s| s.to_string()).collect(),
@@ -42,19 +43,17 @@ pub fn parse(line: &str, allow_missing_checksum: bool) -> Parsed {
     match checksum {
         Some(c) => {
             let Ok(expected) = u8::from_str_radix(c.trim(), 16) else {
-                return affected(format!("malformed checksum {c:?}"));
+                return affected(FrameError::MalformedChecksum(c.to_owned()));
             };
             if c.trim().len() != 2 {
-                return affected(format!("malformed checksum {c:?}"));
+                return affected(FrameError::MalformedChecksum(c.to_owned()));
             }
             let actual = data.bytes().fold(0u8, |acc, b| acc ^ b);
             if actual != expected {
-                return affected(format!(
-                    "bad checksum: expected {expected:02X}, computed {actual:02X}"
-                ));
+                return affected(FrameError::BadChecksum { expected, actual });
             }
         }
-        None if !allow_missing_checksum => return affected("missing checksum".into()),
+        None if !allow_missing_checksum => return affected(FrameError::MissingChecksum),
         None => {}
     }
     let f: Vec<&str> = data.split(',').collect();
@@ -79,51 +78,51 @@ fn field<'a>(f: &[&'a str], i: usize) -> &'a str {
     f.get(i).copied().unwrap_or("")
 }
 
-fn num(f: &[&str], i: usize, name: &str) -> (String, Result<Value, String>) {
+fn num(f: &[&str], i: usize, name: &str) -> (String, Result<Value, FieldError>) {
     let s = field(f, i);
     let v = if s.is_empty() {
-        Err("empty field".to_string())
+        Err(FieldError::EmptyField)
     } else {
         s.parse::<f64>()
             .map(Value::Float)
-            .map_err(|_| format!("unparsable {s:?}"))
+            .map_err(|_| FieldError::Unparsable(s.to_owned()))
     };
     (name.to_string(), v)
 }
 
-fn int(f: &[&str], i: usize, name: &str) -> (String, Result<Value, String>) {
+fn int(f: &[&str], i: usize, name: &str) -> (String, Result<Value, FieldError>) {
     let s = field(f, i);
     let v = s.parse::<i64>().map(Value::Int).map_err(|_| {
         if s.is_empty() {
-            "empty field".to_string()
+            FieldError::EmptyField
         } else {
-            format!("unparsable {s:?}")
+            FieldError::Unparsable(s.to_owned())
         }
     });
     (name.to_string(), v)
 }
 
 /// `ddmm.mmmm` + hemisphere to signed decimal degrees.
-fn coord(value: &str, hemi: &str, max_deg: f64) -> Result<Value, String> {
+fn coord(value: &str, hemi: &str, max_deg: f64) -> Result<Value, FieldError> {
     if value.is_empty() {
-        return Err("no fix".into());
+        return Err(FieldError::NoFix);
     }
     let raw: f64 = value
         .parse()
-        .map_err(|_| format!("unparsable coordinate {value:?}"))?;
+        .map_err(|_| FieldError::UnparsableCoordinate(value.to_owned()))?;
     let deg = (raw / 100.0).trunc();
     let min = raw - deg * 100.0;
     if !(0.0..60.0).contains(&min) {
-        return Err(format!("bad minutes in {value:?}"));
+        return Err(FieldError::BadMinutes(value.to_owned()));
     }
     let mut v = deg + min / 60.0;
     if v > max_deg {
-        return Err(format!("coordinate out of range {value:?}"));
+        return Err(FieldError::CoordinateOutOfRange(value.to_owned()));
     }
     match hemi {
         "N" | "E" => {}
         "S" | "W" => v = -v,
-        _ => return Err(format!("bad hemisphere {hemi:?}")),
+        _ => return Err(FieldError::BadHemisphere(hemi.to_owned())),
     }
     Ok(Value::Float(v))
 }
@@ -145,7 +144,7 @@ fn rmc(f: &[&str]) -> Parsed {
     let valid = match field(f, 2) {
         "A" => Ok(Value::Bool(true)),
         "V" => Ok(Value::Bool(false)),
-        other => Err(format!("bad status {other:?}")),
+        other => Err(FieldError::BadStatus(other.to_owned())),
     };
     let (_, speed) = num(f, 7, "speed_knots");
     let mps = speed
@@ -174,7 +173,7 @@ mod tests {
             Parsed::Fields(v) => v
                 .iter()
                 .find(|(n, _)| n == name)
-                .map(|(_, r)| r.clone())
+                .map(|(_, r)| r.clone().map_err(|e| e.to_string()))
                 .unwrap_or(Err("absent".into())),
             other => panic!("not fields: {other:?}"),
         }
@@ -219,7 +218,7 @@ mod tests {
         );
         match p {
             Parsed::Error { fields, reason } => {
-                assert!(reason.starts_with("bad checksum"), "{reason}");
+                assert_eq!(reason.to_string(), "bad checksum: expected 48, computed 47");
                 assert!(fields.contains(&"latitude".to_string()));
             }
             other => panic!("{other:?}"),

@@ -1,12 +1,13 @@
 //! The common result of the line parsers.
 
+use crate::error::{FieldError, FrameError};
 use crate::point::Value;
 
 /// What one frame yielded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     /// Named fields, each a value or the reason it is bad.
-    Fields(Vec<(String, Result<Value, String>)>),
+    Fields(Vec<(String, Result<Value, FieldError>)>),
     /// A frame the parser recognises but does not publish (e.g. NMEA GSV).
     Ignored,
     /// An unusable frame; `fields` names the points it affects (empty: it names none, and
@@ -15,16 +16,16 @@ pub enum Parsed {
         /// Affected fields.
         fields: Vec<String>,
         /// Why.
-        reason: String,
+        reason: FrameError,
     },
 }
 
 impl Parsed {
     /// An error that names no field.
-    pub fn error(reason: impl Into<String>) -> Self {
+    pub fn error(reason: FrameError) -> Self {
         Parsed::Error {
             fields: Vec::new(),
-            reason: reason.into(),
+            reason,
         }
     }
 }

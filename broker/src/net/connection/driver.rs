@@ -57,6 +57,17 @@ const ROUNDS_PER_POLL: usize = 32;
 /// reporting every minute spends nearly all its time parked.
 const PARK_AFTER_MS: u64 = 5_000;
 
+/// Why writing to the client's socket ended the connection.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    /// The socket refused the bytes or the flush.
+    #[error("writing to the client failed: {0}")]
+    Io(std::io::Error),
+    /// The socket took no bytes: the client is gone.
+    #[error("the client's socket took no bytes (it is closed)")]
+    Closed,
+}
+
 /// An event for the core that waits for room in its queue.
 struct Stall {
     event: Box<CoreEvent>,
@@ -229,7 +240,10 @@ impl<T: Transport> Driver<T> {
         match self.poll_write(cx) {
             Poll::Ready(Ok(true)) => progress = true,
             Poll::Ready(Ok(false)) | Poll::Pending => {}
-            Poll::Ready(Err(())) => return Round::Finished,
+            Poll::Ready(Err(e)) => {
+                debug!(conn_id = %self.conn.conn_id, error = %e, "connection closed");
+                return Round::Finished;
+            }
         }
         if self.conn.winding_down() {
             if self.conn.closing
@@ -428,7 +442,7 @@ impl<T: Transport> Driver<T> {
     }
 
     /// Writes what is buffered and flushes it; `Ok(true)` when bytes moved.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ()>> {
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, WriteError>> {
         let mut moved = false;
         if let Some(b) = self.busy.as_mut()
             && b.wpos < b.wbuf.len()
@@ -447,7 +461,8 @@ impl<T: Transport> Driver<T> {
                         }
                     }
                 }
-                Poll::Ready(_) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Err(WriteError::Closed)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(WriteError::Io(e))),
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -461,7 +476,7 @@ impl<T: Transport> Driver<T> {
                         std::process::abort();
                     }
                 }
-                Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(WriteError::Io(e))),
                 Poll::Pending => {}
             }
         }
