@@ -266,7 +266,13 @@ impl<T: Transport> Driver<T> {
         {
             worked = true;
             let batch = items.len();
+            let held = self.conn.replies_pending();
             self.encode_items(&mut items);
+            if !held && self.conn.replies_pending() {
+                // An acknowledgement now waits for a commit: let the client's TCP see
+                // its bytes acknowledged meanwhile.
+                self.io.ack_now();
+            }
             self.rx.recycle(items, batch);
         }
 
