@@ -182,19 +182,9 @@ impl OutboundTx {
         self.push(item, false)
     }
 
-    /// Queues a QoS 0 delivery unless the client is too far behind; false if dropped.
-    pub fn send_qos0(&self, delivery: Delivery) -> bool {
-        self.push(
-            Outbound::Publish {
-                delivery,
-                packet_id: None,
-                dup: false,
-            },
-            true,
-        )
-    }
-
-    fn push(&self, item: Outbound, bounded: bool) -> bool {
+    /// Queues an item; false if the connection is gone, or if `bounded` and the item is
+    /// a QoS 0 delivery for a client too far behind (then it is dropped).
+    pub(crate) fn push(&self, item: Outbound, bounded: bool) -> bool {
         let waker = {
             let mut q = lock(&self.0.queue);
             if q.closed {

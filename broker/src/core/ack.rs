@@ -34,34 +34,40 @@ impl Core {
     /// session's state is kept on disk (`kept`); at once otherwise. Every acknowledgement
     /// that promises something about state on disk goes through here (see the ordering
     /// note at the top of this file).
-    fn ack_after_commit(&self, tx: &OutboundTx, ack: Ack, kept: bool) {
+    fn ack_after_commit(&mut self, tx: &OutboundTx, ack: Ack, kept: bool) {
         match self.store.as_ref().filter(|_| kept) {
             Some(store) => {
-                tx.send(Outbound::AckAfter {
-                    wait: store.receipt(),
-                    // Not committed: the client is not told, so it sends its packet again
-                    // after reconnecting and the change is made again.
-                    ack: Box::new(move |outcome: DurableResult| outcome.is_ok().then_some(ack)),
-                });
+                self.out.send(
+                    tx,
+                    Outbound::AckAfter {
+                        wait: store.receipt(),
+                        // Not committed: the client is not told, so it sends its packet again
+                        // after reconnecting and the change is made again.
+                        ack: Box::new(move |outcome: DurableResult| outcome.is_ok().then_some(ack)),
+                    },
+                );
             }
             None => {
-                tx.send(Outbound::Ack(ack));
+                self.out.send(tx, Outbound::Ack(ack));
             }
         }
     }
 
     /// Sends a SUBACK or UNSUBACK once the session's subscription rows are committed,
     /// when they are kept on disk (`kept`); at once otherwise.
-    pub(super) fn control_after_commit(&self, tx: &OutboundTx, packet: Packet, kept: bool) {
+    pub(super) fn control_after_commit(&mut self, tx: &OutboundTx, packet: Packet, kept: bool) {
         match self.store.as_ref().filter(|_| kept) {
             Some(store) => {
-                tx.send(Outbound::ControlAfter {
-                    wait: store.receipt(),
-                    packet: Box::new(packet),
-                });
+                self.out.send(
+                    tx,
+                    Outbound::ControlAfter {
+                        wait: store.receipt(),
+                        packet: Box::new(packet),
+                    },
+                );
             }
             None => {
-                tx.send(Outbound::Control(Box::new(packet)));
+                self.out.send(tx, Outbound::Control(Box::new(packet)));
             }
         }
     }
@@ -93,7 +99,8 @@ impl Core {
                  flight; closing the connection"
             );
             if let Some(tx) = self.link_tx(key) {
-                tx.send(Outbound::Disconnect(ReasonCode::PROTOCOL_ERROR));
+                self.out
+                    .send(&tx, Outbound::Disconnect(ReasonCode::PROTOCOL_ERROR));
             }
         }
         fits

@@ -24,13 +24,19 @@ impl Core {
             reply,
         } = req;
         let v5 = connect.protocol.is_v5();
-        let refuse = |reason: ReasonCode| {
-            tx.send(Outbound::Control(Box::new(Packet::ConnAck(ConnAck {
-                session_present: false,
-                reason,
-                properties: Properties::default(),
-            }))));
-            tx.send(Outbound::Close);
+        let refuse = |out: &mut super::transmit::Transmits, reason: ReasonCode, reply| {
+            out.send(
+                &tx,
+                Outbound::Control(Box::new(Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason,
+                    properties: Properties::default(),
+                }))),
+            );
+            out.send(&tx, Outbound::Close);
+            // Answered after its CONNACK and close are queued: the connection takes them
+            // from its queue once it hears back.
+            out.answer(reply, None);
         };
 
         let mut assigned = None;
@@ -38,8 +44,11 @@ impl Core {
             // MQTT-3.1.3-8: 3.1.1 needs clean session for a server-assigned id; 3.1
             // requires an id outright.
             if !v5 && (!connect.clean_start || connect.protocol == Protocol::V3_1) {
-                refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
-                let _ = reply.send(None);
+                refuse(
+                    &mut self.out,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    reply,
+                );
                 return;
             }
             let id = format!("outpost-{:016x}", rand_u64());
@@ -75,8 +84,7 @@ impl Core {
                  (persistent ones included); raise it or lower max_session_expiry"
             );
             // 5.0: 0x97 Quota exceeded; 3.1.1: 3 Server unavailable.
-            refuse(ReasonCode::QUOTA_EXCEEDED);
-            let _ = reply.send(None);
+            refuse(&mut self.out, ReasonCode::QUOTA_EXCEEDED, reply);
             return;
         }
 
@@ -170,11 +178,14 @@ impl Core {
                 properties.server_keep_alive = Some(self.settings.max_keepalive);
             }
         }
-        tx.send(Outbound::Control(Box::new(Packet::ConnAck(ConnAck {
-            session_present,
-            reason: ReasonCode::SUCCESS,
-            properties,
-        }))));
+        self.out.send(
+            &tx,
+            Outbound::Control(Box::new(Packet::ConnAck(ConnAck {
+                session_present,
+                reason: ReasonCode::SUCCESS,
+                properties,
+            }))),
+        );
         self.stats.connects += 1;
         info!(
             %conn_id,
@@ -190,20 +201,29 @@ impl Core {
         let s = self.sessions.get_mut(key).expect("session exists");
         for f in s.inflight() {
             if f.released {
-                tx.send(Outbound::Ack(Ack::new(AckKind::PubRel, f.packet_id)));
+                self.out
+                    .send(&tx, Outbound::Ack(Ack::new(AckKind::PubRel, f.packet_id)));
             } else {
-                tx.send(Outbound::Publish {
-                    delivery: f.delivery.clone(),
-                    packet_id: Some(f.packet_id),
-                    dup: true,
-                });
+                self.out.send(
+                    &tx,
+                    Outbound::Publish {
+                        delivery: f.delivery.clone(),
+                        packet_id: Some(f.packet_id),
+                        dup: true,
+                    },
+                );
             }
         }
         self.pump(key, now);
-        let _ = reply.send(Some(super::Accepted {
-            session: key,
-            conn_id,
-        }));
+        // After everything queued for the connection above: it takes that from its
+        // queue once it hears back.
+        self.out.answer(
+            reply,
+            Some(super::Accepted {
+                session: key,
+                conn_id,
+            }),
+        );
     }
 
     /// Closes the current connection of a session that a new CONNECT claims.
@@ -213,7 +233,8 @@ impl Core {
         };
         if let Some(Link::Network { tx, .. }) = s.link.take() {
             info!(client_id = %s.client_id, "session taken over by a new connection");
-            tx.send(Outbound::Disconnect(ReasonCode::SESSION_TAKEN_OVER));
+            self.out
+                .send(&tx, Outbound::Disconnect(ReasonCode::SESSION_TAKEN_OVER));
             // The old connection ended without DISCONNECT: its will is due. A delayed will
             // is cancelled by the new connection (MQTT-3.1.3-9) unless the session ends now.
             let will = s.will.take();

@@ -14,6 +14,7 @@ mod subscribe;
 mod sys_publish;
 mod table;
 mod timers;
+mod transmit;
 
 #[cfg(test)]
 mod tests;
@@ -21,13 +22,14 @@ mod tests;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::acl::ClientAcl;
 pub(crate) use super::events::{Accepted, ClientOrigin, ConnId, ConnectRequest, CoreEvent};
 use super::retained::RetainedStore;
 use super::settings::Settings;
-use super::store::{Loaded, Store};
+pub(crate) use super::store::Op as StoreOp;
+use super::store::{Loaded, Store, StoreWriter};
 use super::subscriptions::{Match, SessionKey, SubscriptionTree};
 use super::sys::Stats;
 use super::{DurableSink, SinkId};
@@ -51,7 +53,14 @@ pub(crate) struct Core {
     /// Reused per publish to avoid an allocation per message.
     scratch: Vec<Match>,
     /// Retained messages and persistent sessions on disk; `None` with persistence off.
+    /// The core only makes the changes; the task hands them to the writer
+    /// ([`Core::poll_store_op`]).
     store: Option<Store>,
+    /// What is to be sent to connections ([`Core::poll_transmit`]).
+    out: transmit::Transmits,
+    /// Set by `Shutdown`: the core has stopped, and who asked waits for this once the
+    /// last outputs are out ([`Core::poll_stopped`]).
+    stopped: Option<Stopped>,
     /// Deliveries in flight to persistent sessions that are not written yet: when each is
     /// due to be written, its session and its store id, in order.
     deferred: std::collections::VecDeque<(Instant, SessionKey, super::store::DeliveryId)>,
@@ -71,9 +80,20 @@ pub(crate) fn spawn(
     store: Option<(Store, Loaded)>,
 ) -> mpsc::Sender<CoreEvent> {
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let mut store = store;
+    // The task owns the queue into the store's writer thread; the core only makes changes.
+    let writer = store.as_mut().and_then(|(s, _)| s.take_writer());
     let core = Core::new(settings, sinks, store, tx.downgrade(), Instant::now());
-    tokio::spawn(core.run(rx));
+    tokio::spawn(run(core, writer, rx));
     tx
+}
+
+/// Whether the core has handed out its last outputs after stopping.
+enum Stopped {
+    /// Who asked for the stop, not told yet.
+    Pending(oneshot::Sender<()>),
+    /// Told.
+    Told,
 }
 
 impl Core {
@@ -101,6 +121,8 @@ impl Core {
             timers: timers::Timers::default(),
             scratch: Vec::new(),
             store,
+            out: transmit::Transmits::default(),
+            stopped: None,
             deferred: std::collections::VecDeque::new(),
             stats: Stats::default(),
             started: now,
@@ -114,58 +136,100 @@ impl Core {
     }
 }
 
-impl Core {
-    async fn run(mut self, mut rx: mpsc::Receiver<CoreEvent>) {
-        let mut batch = Vec::with_capacity(64);
-        // One timer for the life of the core, moved only when the next deadline changes:
-        // a fresh `sleep_until` per wake-up would insert into and remove from the timer
-        // wheel on every batch of messages.
-        let sleep = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(sleep);
-        let mut armed: Option<Instant> = None;
-        loop {
-            let deadline = self.poll_timeout();
-            if deadline != armed {
-                if let Some(t) = deadline {
-                    sleep.as_mut().reset(t.into());
-                }
-                armed = deadline;
+/// The task around the core: it hands the core events and the time, wakes it at the
+/// deadlines it asks for, and after each batch sends what the core made: store changes
+/// to the writer thread, then items to connections. The core itself does no I/O.
+async fn run(mut core: Core, writer: Option<StoreWriter>, mut rx: mpsc::Receiver<CoreEvent>) {
+    let mut batch = Vec::with_capacity(64);
+    // One timer for the life of the core, moved only when the next deadline changes:
+    // a fresh `sleep_until` per wake-up would insert into and remove from the timer
+    // wheel on every batch of messages.
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
+    loop {
+        let deadline = core.poll_timeout();
+        if deadline != armed {
+            if let Some(t) = deadline {
+                sleep.as_mut().reset(t.into());
             }
-            tokio::select! {
-                n = rx.recv_many(&mut batch, 64) => {
-                    if n == 0 {
-                        break;
-                    }
-                    // The one clock read per batch: the core takes the time as an input
-                    // and never reads the clock itself, so it can be driven with a fake
-                    // one (tests.rs), and a batch costs one read, not one per message.
-                    let now = Instant::now();
-                    for ev in batch.drain(..) {
-                        if let CoreEvent::Shutdown(done) = ev {
-                            self.shutdown();
-                            // Deliveries not acknowledged yet are written, and dropping the
-                            // store waits for its last commit: what a session is owed is on
-                            // disk before the process exits.
-                            self.flush_deferred(now, true);
-                            self.store = None;
-                            let _ = done.send(());
-                            return;
-                        }
-                        self.handle_event(ev, now);
-                    }
+            armed = deadline;
+        }
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 64) => {
+                // The one clock read per batch: the core takes the time as an input
+                // and never reads the clock itself, so it can be driven with a fake
+                // one (tests.rs), and a batch costs one read, not one per message.
+                let now = Instant::now();
+                if n == 0 {
+                    // Every sender is gone: stop as if told to, with nobody to answer.
+                    let (done, _) = oneshot::channel();
+                    core.handle_event(CoreEvent::Shutdown(done), now);
                 }
-                () = &mut sleep, if armed.is_some() => {
-                    // A fired timer must be reset before it can fire again.
-                    armed = None;
-                    self.handle_timeout(Instant::now());
+                for ev in batch.drain(..) {
+                    core.handle_event(ev, now);
                 }
+            }
+            () = &mut sleep, if armed.is_some() => {
+                // A fired timer must be reset before it can fire again.
+                armed = None;
+                core.handle_timeout(Instant::now());
             }
         }
-        self.shutdown();
+        transmit(&mut core, writer.as_ref());
+        if let Some(done) = core.poll_stopped() {
+            // Dropping the writer waits for its last commit: what a session is owed is
+            // on disk before whoever asked for the stop hears back.
+            drop(writer);
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Sends what the core made: store changes first, so the writer starts its commit, then
+/// items to connections (an acknowledgement that waits for a commit waits on its
+/// receipt, whichever goes first).
+fn transmit(core: &mut Core, writer: Option<&StoreWriter>) {
+    while let Some(op) = core.poll_store_op() {
+        // The core makes store changes only with a store, whose writer the task holds.
+        if let Some(w) = writer {
+            w.send(op);
+        }
+    }
+    while let Some(t) = core.poll_transmit() {
+        if let Some(dropped) = t.send() {
+            core.handle_dropped(dropped);
+        }
+    }
+}
+
+impl Core {
+    /// The next change for the store's writer, in the order the core made them; `None`
+    /// once all are out (or without persistence). Call after every
+    /// [`Core::handle_event`] and [`Core::handle_timeout`] until `None`.
+    pub(crate) fn poll_store_op(&mut self) -> Option<StoreOp> {
+        self.store.as_mut()?.poll_op()
+    }
+
+    /// Once after a `Shutdown` event: who asked, to be answered when the outputs made
+    /// so far are out and the store's writer has committed them. The core handles no
+    /// events after it.
+    pub(crate) fn poll_stopped(&mut self) -> Option<oneshot::Sender<()>> {
+        if !matches!(self.stopped, Some(Stopped::Pending(_))) {
+            return None;
+        }
+        match self.stopped.replace(Stopped::Told) {
+            Some(Stopped::Pending(done)) => Some(done),
+            _ => None,
+        }
     }
 
     /// Handles one event that arrived at `now`.
     fn handle_event(&mut self, ev: CoreEvent, now: Instant) {
+        if self.stopped.is_some() {
+            return;
+        }
         match ev {
             CoreEvent::Connect(req) => self.on_connect(req, now),
             CoreEvent::Packet {
@@ -186,10 +250,13 @@ impl Core {
                     self.sessions.get(session).and_then(|s| s.link.as_ref())
                     && *c == conn_id
                 {
-                    tx.send(match reason {
-                        Some(r) => super::outbound::Outbound::Disconnect(r),
-                        None => super::outbound::Outbound::Close,
-                    });
+                    self.out.send(
+                        tx,
+                        match reason {
+                            Some(r) => super::outbound::Outbound::Disconnect(r),
+                            None => super::outbound::Outbound::Close,
+                        },
+                    );
                 }
             }
             CoreEvent::Closed {
@@ -233,7 +300,13 @@ impl Core {
             CoreEvent::Snapshot(done) => {
                 let _ = done.send(self.sys_snapshot(now));
             }
-            CoreEvent::Shutdown(_) => unreachable!("handled in run"),
+            CoreEvent::Shutdown(done) => {
+                self.shutdown();
+                // Deliveries not acknowledged yet are written: what a session is owed is
+                // on disk before the process exits (the task waits for the commit).
+                self.flush_deferred(now, true);
+                self.stopped = Some(Stopped::Pending(done));
+            }
         }
     }
 
@@ -265,9 +338,12 @@ impl Core {
     fn shutdown(&mut self) {
         for s in self.sessions.values_mut() {
             if let Some(super::session::Link::Network { tx, .. }) = s.link.take() {
-                tx.send(super::outbound::Outbound::Disconnect(
-                    outpost_mqtt::ReasonCode::SERVER_SHUTTING_DOWN,
-                ));
+                self.out.send(
+                    &tx,
+                    super::outbound::Outbound::Disconnect(
+                        outpost_mqtt::ReasonCode::SERVER_SHUTTING_DOWN,
+                    ),
+                );
             }
         }
     }

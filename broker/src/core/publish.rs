@@ -26,7 +26,8 @@ impl Core {
             // MQTT-4.3.3-9 (3.1.1: 4.3.3-2): a re-sent PUBLISH before PUBREL is the same
             // message; acknowledge it again without delivering a second copy. It queues
             // behind the first one's PUBREC, so it cannot leave before that is committed.
-            tx.send(Outbound::Ack(Ack::new(AckKind::PubRec, packet_id)));
+            self.out
+                .send(&tx, Outbound::Ack(Ack::new(AckKind::PubRec, packet_id)));
             return;
         }
         let qos = p.qos;
@@ -87,7 +88,7 @@ impl Core {
             reason_string: reason_string.map(String::into_boxed_str),
         };
         if receipts.is_empty() {
-            tx.send(Outbound::Ack(make_ack(success, None)));
+            self.out.send(&tx, Outbound::Ack(make_ack(success, None)));
             return;
         }
         let inbox = (qos == QoS::ExactlyOnce).then(|| self.inbox.clone());
@@ -107,16 +108,19 @@ impl Core {
             }
             outcome
         };
-        tx.send(Outbound::AckAfter {
-            wait: wait.boxed(),
-            ack: Box::new(move |outcome: DurableResult| match outcome {
-                Ok(()) => Some(make_ack(success, None)),
-                // 5.0 publishers learn why; 3.x has no way to say no, so the message is
-                // left unacknowledged and the client will send it again.
-                Err(e) if v5 => Some(make_ack(e.code, Some(e.reason))),
-                Err(_) => None,
-            }),
-        });
+        self.out.send(
+            &tx,
+            Outbound::AckAfter {
+                wait: wait.boxed(),
+                ack: Box::new(move |outcome: DurableResult| match outcome {
+                    Ok(()) => Some(make_ack(success, None)),
+                    // 5.0 publishers learn why; 3.x has no way to say no, so the message is
+                    // left unacknowledged and the client will send it again.
+                    Err(e) if v5 => Some(make_ack(e.code, Some(e.reason))),
+                    Err(_) => None,
+                }),
+            },
+        );
     }
 
     /// Why the broker will not take this PUBLISH, if it will not.
@@ -216,7 +220,7 @@ impl Core {
             s.end_incoming_qos2(packet_id);
         }
         if v5 || refusal != Refusal::StoreFull {
-            tx.send(Outbound::Ack(ack));
+            self.out.send(tx, Outbound::Ack(ack));
         }
     }
 }

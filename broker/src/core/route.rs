@@ -190,11 +190,10 @@ impl Core {
             }
             Some(Link::Network { tx, .. }) => {
                 if d.qos == QoS::AtMostOnce {
-                    if tx.send_qos0(d) {
-                        self.stats.messages_sent += 1;
-                    } else {
-                        self.stats.dropped_slow_client += 1;
-                    }
+                    // Counted as sent; a drop for a slow client is told back when the
+                    // task sends it (`Core::handle_dropped`).
+                    self.out.send_qos0(tx, d);
+                    self.stats.messages_sent += 1;
                 } else if !s.has_queued() && s.inflight_len() < usize::from(s.send_quota) {
                     let tx = tx.clone();
                     let packet_id = s.alloc_packet_id();
@@ -236,7 +235,7 @@ impl Core {
                             self.deferred.push_back((now + WRITE_GRACE, key, id));
                         }
                     }
-                    send_inflight(s, &tx, f, wait);
+                    send_inflight(&mut self.out, s, &tx, f, wait);
                     self.stats.messages_sent += 1;
                 } else {
                     match enqueue(s, d, limits, &mut self.store) {
@@ -277,11 +276,14 @@ impl Core {
             if d.qos == QoS::AtMostOnce {
                 // QoS 0 is done once it is handed to the connection.
                 forget(&self.store, stored);
-                tx.send(Outbound::Publish {
-                    delivery: d,
-                    packet_id: None,
-                    dup: false,
-                });
+                self.out.send(
+                    &tx,
+                    Outbound::Publish {
+                        delivery: d,
+                        packet_id: None,
+                        dup: false,
+                    },
+                );
             } else {
                 let packet_id = s.alloc_packet_id();
                 let mut wait = None;
@@ -302,7 +304,7 @@ impl Core {
                     written: stored.is_some(),
                     gate: None,
                 };
-                send_inflight(s, &tx, f, wait);
+                send_inflight(&mut self.out, s, &tx, f, wait);
             }
         }
     }
@@ -345,23 +347,25 @@ impl Core {
 
 /// Sends a delivery that takes an inflight slot, after `wait` (its commit) if given.
 fn send_inflight(
+    out: &mut super::transmit::Transmits,
     s: &mut Session,
     tx: &crate::outbound::OutboundTx,
     f: Inflight,
     wait: Option<DurableReceipt>,
 ) {
-    match wait {
-        Some(wait) => tx.send(Outbound::PublishAfter {
+    let item = match wait {
+        Some(wait) => Outbound::PublishAfter {
             wait,
             delivery: f.delivery.clone(),
             packet_id: f.packet_id,
-        }),
-        None => tx.send(Outbound::Publish {
+        },
+        None => Outbound::Publish {
             delivery: f.delivery.clone(),
             packet_id: Some(f.packet_id),
             dup: false,
-        }),
+        },
     };
+    out.send(tx, item);
     s.flows().inflight.push_back(f);
 }
 

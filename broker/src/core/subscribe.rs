@@ -29,7 +29,8 @@ impl Core {
             };
             if group.is_some() && f.options.no_local {
                 // MQTT-3.8.3-4: No Local on a shared subscription is a protocol error.
-                tx.send(Outbound::Disconnect(ReasonCode::PROTOCOL_ERROR));
+                self.out
+                    .send(&tx, Outbound::Disconnect(ReasonCode::PROTOCOL_ERROR));
                 return;
             }
             if self
@@ -113,9 +114,15 @@ impl Core {
         // acknowledgement: what routing them keeps is nobody's to wait for.
         let mut for_no_publisher = super::route::Routed::default();
         for (filter, entry) in retained_for {
-            let before = self.stats.dropped_slow_client + self.stats.dropped_queue_full;
+            let before = self.stats.dropped_queue_full;
             let matching = self.retained.matching(&filter, now);
-            let total = matching.len();
+            let client_id = self
+                .sessions
+                .get(key)
+                .map_or_else(String::new, |s| s.client_id.to_string());
+            // Told once the QoS 0 ones a slow client's backlog refuses are known
+            // (`transmit.rs`), with those a full session queue refused here.
+            self.out.begin_retained(client_id, filter, matching.len());
             for msg in matching {
                 // MQTT-3.3.1-8: retained messages sent on subscribe carry RETAIN=1.
                 let d = Delivery {
@@ -126,21 +133,8 @@ impl Core {
                 };
                 self.deliver(key, d, now, &mut for_no_publisher);
             }
-            let cut = self.stats.dropped_slow_client + self.stats.dropped_queue_full - before;
-            if cut > 0 {
-                // The bounds: QoS 0 ones what the client's socket backlog holds (8 MiB),
-                // QoS 1/2 ones its session queue (max_queued_messages/_bytes). Counted in
-                // $SYS/broker/messages/dropped/{slow_client,queue_full}.
-                tracing::warn!(
-                    client_id = %self.sessions.get(key).map_or("", |s| &s.client_id),
-                    filter = %filter,
-                    retained = total,
-                    not_sent = cut,
-                    "a new subscription matched more retained messages than the client's \
-                     backlog holds; the rest were not sent (subscribe to narrower filters, \
-                     or at QoS 1 with a larger broker.max_queued_messages)"
-                );
-            }
+            self.out
+                .end_retained(self.stats.dropped_queue_full - before);
         }
     }
 

@@ -25,7 +25,7 @@ use super::{Accepted, ConnectRequest, Core, CoreEvent};
 use crate::message::Message;
 use crate::outbound::{Ack, AckKind, DurableResult, Outbound, OutboundRx};
 use crate::settings::Settings;
-use crate::store::Store;
+use crate::store::{Store, StoreWriter};
 
 /// A core with persistence on, and what keeps it working while a test runs.
 struct Harness {
@@ -34,6 +34,8 @@ struct Harness {
     start: Instant,
     /// The fake clock: the time every event is handed to the core with.
     now: Instant,
+    /// The queue into the store's writer thread, which the task around the core holds.
+    writer: Option<StoreWriter>,
     /// Receives what the core sends itself; kept so that its weak sender stays valid.
     _inbox: mpsc::Receiver<CoreEvent>,
     _dir: tempfile::TempDir,
@@ -44,13 +46,15 @@ impl Harness {
         let mut settings = Settings::from_config(&Default::default());
         configure(&mut settings);
         let dir = tempfile::tempdir().expect("temporary directory");
-        let store = Store::open(&dir.path().join("broker.sqlite"), 0).expect("store opens");
+        let (mut store, loaded) =
+            Store::open(&dir.path().join("broker.sqlite"), 0).expect("store opens");
+        let writer = store.take_writer();
         let (tx, inbox) = mpsc::channel(16);
         let now = Instant::now();
         let core = Core::new(
             Arc::new(settings),
             Vec::new(),
-            Some(store),
+            Some((store, loaded)),
             tx.downgrade(),
             now,
         );
@@ -58,6 +62,7 @@ impl Harness {
             core,
             start: now,
             now,
+            writer,
             _inbox: inbox,
             _dir: dir,
         }
@@ -75,6 +80,7 @@ impl Harness {
                 Some(at) if at <= target => {
                     self.now = self.now.max(at);
                     self.core.handle_timeout(self.now);
+                    self.flush();
                 }
                 _ => {
                     self.now = target;
@@ -85,9 +91,24 @@ impl Harness {
         panic!("the core asked to be woken more than 100,000 times");
     }
 
-    /// Hands the core one event at the current time.
+    /// Hands the core one event at the current time, and its outputs on.
     fn event(&mut self, ev: CoreEvent) {
         self.core.handle_event(ev, self.now);
+        self.flush();
+    }
+
+    /// Sends what the core made, as its task does: store changes to the writer thread,
+    /// items to the connections' queues.
+    fn flush(&mut self) {
+        super::transmit(&mut self.core, self.writer.as_ref());
+    }
+
+    /// Routes a message from an in-process publisher at the current time: the receipts
+    /// its completion waits for, and whether anything wanted it.
+    fn accept(&mut self, msg: &Arc<Message>) -> (Vec<crate::DurableReceipt>, bool) {
+        let accepted = self.core.accept(msg, self.now);
+        self.flush();
+        accepted
     }
 
     /// Connects a 3.1.1 client; `clean` false makes its session persistent.
@@ -195,9 +216,12 @@ impl Harness {
     }
 
     /// Delivery rows the store has committed so far (after everything handed to it now).
-    async fn deliveries_written(&self) -> u64 {
+    async fn deliveries_written(&mut self) -> u64 {
         let store = self.core.store.as_ref().expect("persistence is on");
-        bounded(store.receipt()).await.expect("the store commits");
+        let committed = store.receipt();
+        self.flush();
+        bounded(committed).await.expect("the store commits");
+        let store = self.core.store.as_ref().expect("persistence is on");
         store.counters().deliveries_written.load(Ordering::Relaxed)
     }
 
@@ -220,6 +244,7 @@ impl Harness {
         };
         self.core
             .on_packet(who.session, Packet::Subscribe(subscribe), self.now);
+        self.flush();
     }
 
     /// The client's connection drops without DISCONNECT.
@@ -331,6 +356,7 @@ async fn a_sys_message_queued_for_an_offline_session_holds_back_no_later_publish
 
     // $SYS at QoS 0 is queued (and written) for the offline persistent session.
     h.core.publish_sys(h.now);
+    h.flush();
     let queued = h
         .core
         .sessions
@@ -342,9 +368,7 @@ async fn a_sys_message_queued_for_an_offline_session_holds_back_no_later_publish
     );
 
     // An unrelated QoS 1 message that nobody keeps: its PUBACK has nothing to wait for.
-    let (receipts, wanted) = h
-        .core
-        .accept(&message("plain/topic", QoS::AtLeastOnce), h.now);
+    let (receipts, wanted) = h.accept(&message("plain/topic", QoS::AtLeastOnce));
     assert!(!wanted, "nobody subscribes to the topic");
     assert_eq!(
         receipts.len(),
@@ -360,14 +384,14 @@ async fn a_message_queued_for_an_offline_persistent_session_waits_for_the_commit
     h.subscribe(&sub, "kept/#", QoS::AtLeastOnce);
     h.drop_connection(&sub);
 
-    let (receipts, wanted) = h.core.accept(&message("kept/1", QoS::AtLeastOnce), h.now);
+    let (receipts, wanted) = h.accept(&message("kept/1", QoS::AtLeastOnce));
     assert!(wanted);
     assert_eq!(receipts.len(), 1, "the PUBACK waits for the store's commit");
     for r in receipts {
         r.await.expect("the store commits");
     }
     // The next message, for nobody, waits for nothing.
-    let (receipts, _) = h.core.accept(&message("other", QoS::AtLeastOnce), h.now);
+    let (receipts, _) = h.accept(&message("other", QoS::AtLeastOnce));
     assert_eq!(receipts.len(), 0);
 }
 
@@ -376,7 +400,7 @@ async fn retained_messages_sent_on_subscribe_hold_back_no_later_publishers_ack()
     let mut h = Harness::new(|_| {});
     let mut retained = (*message("state/1", QoS::AtLeastOnce)).clone();
     retained.retain = true;
-    let (receipts, _) = h.core.accept(&Arc::new(retained), h.now);
+    let (receipts, _) = h.accept(&Arc::new(retained));
     assert_eq!(receipts.len(), 1, "a retained message waits for its row");
 
     // A persistent subscriber whose inflight window is full gets the retained message
@@ -395,7 +419,7 @@ async fn retained_messages_sent_on_subscribe_hold_back_no_later_publishers_ack()
         .map_or(0, |s| s.queued_len());
     assert_eq!(queued, 1, "the retained message is queued");
 
-    let (receipts, _) = h.core.accept(&message("other", QoS::AtLeastOnce), h.now);
+    let (receipts, _) = h.accept(&message("other", QoS::AtLeastOnce));
     assert_eq!(receipts.len(), 0);
 }
 
@@ -416,7 +440,7 @@ async fn a_session_with_expiry_10_s_is_kept_until_10_s_pass_and_then_ends_mqtt_3
     );
     // MQTT-3.1.2-23: the session state is kept after the connection closes while the
     // Session Expiry Interval has not passed; messages for it are queued meanwhile.
-    let _ = h.core.accept(&message("news/1", QoS::AtLeastOnce), h.now);
+    let _ = h.accept(&message("news/1", QoS::AtLeastOnce));
 
     h.advance_to(Duration::from_secs(10) - Duration::from_millis(1));
     assert!(h.holds_session("sleeper"), "kept 1 ms before expiry");
@@ -452,7 +476,7 @@ async fn a_client_back_before_its_session_expires_resumes_it_and_the_old_deadlin
     let (sleeper, _) = h.connect_v5("sleeper", 10, None);
     h.subscribe(&sleeper, "news/#", QoS::AtLeastOnce);
     h.drop_connection(&sleeper);
-    let _ = h.core.accept(&message("news/1", QoS::AtLeastOnce), h.now);
+    let _ = h.accept(&message("news/1", QoS::AtLeastOnce));
 
     h.advance_to(Duration::from_secs(9));
     let (again, rx) = h.connect_v5("sleeper", 10, None);
@@ -667,7 +691,7 @@ async fn a_second_connect_with_the_same_client_id_closes_the_first_connection_mq
     // its close does not end the session nor disconnect the second one.
     h.publish(&first, "t/stale", QoS::AtMostOnce, 0);
     h.drop_connection(&first);
-    let _ = h.core.accept(&message("t/fresh", QoS::AtMostOnce), h.now);
+    let _ = h.accept(&message("t/fresh", QoS::AtMostOnce));
     assert_eq!(
         publishes(&second_rx),
         vec![("t/fresh".to_owned(), None)],
@@ -758,9 +782,7 @@ async fn no_more_unacknowledged_qos_1_publishes_than_the_clients_receive_maximum
     h.subscribe(&reader, "rm/#", QoS::AtLeastOnce);
     rx.take_now();
     for i in 0..5 {
-        let _ = h
-            .core
-            .accept(&message(&format!("rm/{i}"), QoS::AtLeastOnce), h.now);
+        let _ = h.accept(&message(&format!("rm/{i}"), QoS::AtLeastOnce));
     }
     let first = publishes(&rx);
     assert_eq!(
@@ -792,9 +814,7 @@ async fn a_shared_subscription_gives_each_message_to_one_member_in_turn_and_skip
     b_rx.take_now();
 
     for i in 0..4 {
-        let _ = h
-            .core
-            .accept(&message(&format!("jobs/{i}"), QoS::AtLeastOnce), h.now);
+        let _ = h.accept(&message(&format!("jobs/{i}"), QoS::AtLeastOnce));
     }
     let to_a: Vec<String> = publishes(&a_rx).into_iter().map(|(t, _)| t).collect();
     let to_b: Vec<String> = publishes(&b_rx).into_iter().map(|(t, _)| t).collect();
@@ -808,9 +828,7 @@ async fn a_shared_subscription_gives_each_message_to_one_member_in_turn_and_skip
     // is connected.
     h.drop_connection(&b);
     for i in 4..6 {
-        let _ = h
-            .core
-            .accept(&message(&format!("jobs/{i}"), QoS::AtLeastOnce), h.now);
+        let _ = h.accept(&message(&format!("jobs/{i}"), QoS::AtLeastOnce));
     }
     let to_a: Vec<String> = publishes(&a_rx).into_iter().map(|(t, _)| t).collect();
     assert_eq!(to_a, ["jobs/4", "jobs/5"]);

@@ -1,8 +1,9 @@
 //! Persistence: retained messages and persistent sessions survive a restart or a crash.
 //!
-//! The core never waits on the disk. It sends what changed (a session, a subscription,
-//! a message owed to a session, a retained message) down one ordered queue to a writer
-//! thread that commits whatever has gathered in one SQLite transaction (group commit).
+//! The core never waits on the disk. What changed (a session, a subscription, a message
+//! owed to a session, a retained message) goes, in the order the core made it, down one
+//! queue to a writer thread that commits whatever has gathered in one SQLite
+//! transaction (group commit).
 //! When a publisher's message was kept for a persistent session or as a retained message,
 //! its PUBACK/PUBREC waits for a receipt from that queue, exactly as it waits for the
 //! bridge spool: what the broker has acknowledged is on disk. Clients with clean
@@ -103,7 +104,7 @@ impl DeliveryId {
 }
 
 /// One change for the writer, in the order the core made it.
-enum Op {
+pub(crate) enum Op {
     PutSession {
         id: u32,
         client_id: Box<str>,
@@ -170,13 +171,48 @@ pub struct Counters {
 
 /// The core's side of the store.
 pub struct Store {
-    tx: std::sync::mpsc::Sender<Op>,
+    /// Where changes go: the writer thread, or, once the core's task has taken that
+    /// ([`Store::take_writer`]), `ops`, for the task to hand over
+    /// ([`Store::poll_op`]): the core itself then does no I/O.
+    writer: Option<StoreWriter>,
+    /// Changes made since the task last took them, in order.
+    ops: std::cell::RefCell<std::collections::VecDeque<Op>>,
     /// Changes gathered between [`Store::begin_group`] and [`Store::end_group`].
     group: std::cell::RefCell<Option<Vec<Op>>>,
     next_session: u32,
     next_delivery: u64,
     counters: Arc<Counters>,
+}
+
+/// The queue into the writer thread. Dropping it lets the writer commit what is left
+/// and waits for it to stop.
+pub struct StoreWriter {
+    tx: std::sync::mpsc::Sender<Op>,
+    counters: Arc<Counters>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StoreWriter {
+    /// Hands one change to the writer.
+    pub(crate) fn send(&self, op: Op) {
+        // The writer only stops when this side is dropped, or if it panicked; then the
+        // broker carries on from memory and the failure counter says why.
+        if self.tx.send(op).is_err() {
+            self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer commit what is left and stop; waiting for it
+        // here is what makes a clean shutdown lose nothing that was queued.
+        let (tx, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Store {
@@ -232,12 +268,16 @@ impl Store {
                 source,
             })?;
         let store = Store {
-            tx,
+            writer: Some(StoreWriter {
+                tx,
+                counters: counters.clone(),
+                thread: Some(thread),
+            }),
+            ops: Default::default(),
             group: std::cell::RefCell::new(None),
             next_session: loaded.max_session_id,
             next_delivery: loaded.max_delivery_id,
             counters,
-            thread: Some(thread),
         };
         Ok((store, loaded))
     }
@@ -266,11 +306,22 @@ impl Store {
             group.push(op);
             return;
         }
-        // The writer only stops when this side is dropped, or if it panicked; then the
-        // broker carries on from memory and the failure counter says why.
-        if self.tx.send(op).is_err() {
-            self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        match &self.writer {
+            Some(writer) => writer.send(op),
+            None => self.ops.borrow_mut().push_back(op),
         }
+    }
+
+    /// Takes the queue into the writer thread: from here on changes wait in this store,
+    /// in order, until [`Store::poll_op`] hands them out (the broker core's task sends
+    /// them on; the core only makes them).
+    pub(crate) fn take_writer(&mut self) -> Option<StoreWriter> {
+        self.writer.take()
+    }
+
+    /// The oldest change not handed out yet (after [`Store::take_writer`]).
+    pub(crate) fn poll_op(&mut self) -> Option<Op> {
+        self.ops.get_mut().pop_front()
     }
 
     /// A fresh id for a session that becomes persistent.
@@ -418,18 +469,6 @@ impl Store {
     /// What the writer has done since start.
     pub fn counters(&self) -> &Counters {
         &self.counters
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        // Closing the queue lets the writer commit what is left and stop; waiting for it
-        // here is what makes a clean shutdown lose nothing that was queued.
-        let (tx, _) = std::sync::mpsc::channel();
-        drop(std::mem::replace(&mut self.tx, tx));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
