@@ -21,7 +21,8 @@ use outpost_mqtt::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::persist::WRITE_GRACE;
-use super::{Accepted, ConnectRequest, Core, CoreEvent};
+use super::transmit::Transmit;
+use super::{Accepted, ConnectRequest, Core, CoreEvent, StoreOp};
 use crate::message::Message;
 use crate::outbound::{Ack, AckKind, DurableResult, Outbound, OutboundRx};
 use crate::settings::Settings;
@@ -836,5 +837,282 @@ async fn a_shared_subscription_gives_each_message_to_one_member_in_turn_and_skip
         h.core.sessions.get(b.session).map_or(0, |s| s.queued_len()),
         0,
         "nothing queued for the offline member"
+    );
+}
+
+// ---- Outputs: what the core hands its task, in order ----
+
+/// Everything the core has for the store's writer now, in order.
+fn store_ops(h: &mut Harness) -> Vec<StoreOp> {
+    std::iter::from_fn(|| h.core.poll_store_op()).collect()
+}
+
+/// Everything the core has for connections now, in order.
+fn transmits(h: &mut Harness) -> Vec<Transmit> {
+    std::iter::from_fn(|| h.core.poll_transmit()).collect()
+}
+
+/// The store id of a client's session.
+fn store_id(h: &Harness, who: &Accepted) -> u32 {
+    h.core
+        .sessions
+        .get(who.session)
+        .and_then(|s| s.store_id)
+        .expect("a persistent session has a store id")
+        .get()
+}
+
+/// Splits `[PutDelivery, Sync]`, checking the delivery row: for session `sid`, on
+/// `topic`, with `packet_id` (`None`: queued, not sent yet).
+fn delivery_then_sync(
+    ops: Vec<StoreOp>,
+    sid: u32,
+    topic: &str,
+    packet_id: Option<u16>,
+) -> oneshot::Sender<bool> {
+    let kinds: Vec<&str> = ops.iter().map(op_kind).collect();
+    assert_eq!(
+        kinds,
+        ["PutDelivery", "Sync"],
+        "exactly these, in this order"
+    );
+    let mut ops = ops.into_iter();
+    match ops.next() {
+        Some(StoreOp::PutDelivery {
+            session,
+            msg,
+            qos,
+            packet_id: p,
+            ..
+        }) => {
+            assert_eq!(session, sid, "the row belongs to the subscriber's session");
+            assert_eq!(&*msg.topic, topic);
+            assert_eq!(qos, QoS::AtLeastOnce);
+            assert_eq!(p, packet_id);
+        }
+        _ => unreachable!("checked above"),
+    }
+    match ops.next() {
+        Some(StoreOp::Sync(committed)) => committed,
+        _ => unreachable!("checked above"),
+    }
+}
+
+fn op_kind(op: &StoreOp) -> &'static str {
+    match op {
+        StoreOp::PutSession { .. } => "PutSession",
+        StoreOp::DropSession(_) => "DropSession",
+        StoreOp::PutSub { .. } => "PutSub",
+        StoreOp::DropSub { .. } => "DropSub",
+        StoreOp::PutDelivery { .. } => "PutDelivery",
+        StoreOp::SetPacketId { .. } => "SetPacketId",
+        StoreOp::Released(_) => "Released",
+        StoreOp::DropDelivery(_) => "DropDelivery",
+        StoreOp::PutQos2 { .. } => "PutQos2",
+        StoreOp::DropQos2 { .. } => "DropQos2",
+        StoreOp::PutRetained(_) => "PutRetained",
+        StoreOp::DropRetained(_) => "DropRetained",
+        StoreOp::Group(_) => "Group",
+        StoreOp::Sync(_) => "Sync",
+    }
+}
+
+#[tokio::test]
+async fn a_qos_1_publish_for_an_offline_persistent_session_yields_its_row_then_a_sync_and_the_puback_waits_for_that_sync()
+ {
+    let mut h = Harness::new(|s| s.sys_interval = Duration::ZERO);
+    let (keeper, _) = h.connect("keeper", false);
+    h.subscribe(&keeper, "kept/#", QoS::AtLeastOnce);
+    h.drop_connection(&keeper);
+    let sid = store_id(&h, &keeper);
+    let (publisher, publisher_rx) = h.connect("publisher", true);
+    publisher_rx.take_now();
+
+    for (packet_id, committed) in [(7, true), (8, false)] {
+        let publish = Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "kept/1".into(),
+            packet_id: Some(packet_id),
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"x"),
+        });
+        // Handed to the core without the harness sending its outputs on.
+        h.core.handle_event(
+            CoreEvent::Packet {
+                session: publisher.session,
+                conn_id: publisher.conn_id,
+                packet: publish,
+            },
+            h.now,
+        );
+        // The message is queued for the offline session and its row written (no packet
+        // id: it has not gone out yet), then a sync whose answer says it is on disk.
+        let sync = delivery_then_sync(store_ops(&mut h), sid, "kept/1", None);
+        // One thing for a connection: the publisher's PUBACK, held back until then.
+        let out = transmits(&mut h);
+        assert_eq!(out.len(), 1, "only the publisher's acknowledgement");
+        assert!(out.into_iter().all(|t| t.send().is_none()));
+        let (mut wait, ack) = pending_ack(&publisher_rx);
+        assert!(
+            (&mut wait).now_or_never().is_none(),
+            "the PUBACK waits while the row is not committed"
+        );
+
+        let _ = sync.send(committed);
+        let outcome = (&mut wait)
+            .now_or_never()
+            .expect("the PUBACK is free once the sync is answered");
+        match ack(outcome) {
+            Some(ack) => {
+                assert!(committed, "acknowledged although the row was not committed");
+                assert_eq!((ack.kind, ack.packet_id), (AckKind::PubAck, packet_id));
+            }
+            // 3.1.1 cannot say no: the client is left to send it again.
+            None => assert!(!committed, "not acknowledged although committed"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn shutdown_disconnects_everyone_writes_the_deliveries_still_in_their_grace_and_stops() {
+    let mut h = Harness::new(|s| s.sys_interval = Duration::ZERO);
+    let (keeper, keeper_rx, packet_id, publisher_rx) = one_delivery_in_flight(&mut h);
+    let sid = store_id(&h, &keeper);
+    let (mut wait, ack) = pending_ack(&publisher_rx);
+    assert!(
+        store_ops(&mut h).is_empty(),
+        "inside the write grace the delivery is not written"
+    );
+
+    let (done, mut told) = oneshot::channel();
+    h.core.handle_event(CoreEvent::Shutdown(done), h.now);
+    // The final flush: the delivery still unacknowledged is written now, with its packet
+    // id, and a sync follows whose answer frees its publisher.
+    let sync = delivery_then_sync(store_ops(&mut h), sid, "d/1", Some(packet_id));
+    let out = transmits(&mut h);
+    assert_eq!(out.len(), 2, "one item for each of the two connections");
+    assert!(out.into_iter().all(|t| t.send().is_none()));
+    for rx in [&keeper_rx, &publisher_rx] {
+        let items = rx.take_now();
+        assert!(
+            matches!(items[..], [Outbound::Disconnect(r)] if r == ReasonCode::SERVER_SHUTTING_DOWN),
+            "each client is told 0x8B and closed"
+        );
+    }
+
+    let stopped = h.core.poll_stopped().expect("the core has stopped");
+    assert!(h.core.poll_stopped().is_none(), "and says so once");
+    // Nothing more is handled: a late PUBLISH makes no output.
+    h.core.handle_event(
+        CoreEvent::Packet {
+            session: keeper.session,
+            conn_id: keeper.conn_id,
+            packet: Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: "d/2".into(),
+                packet_id: Some(9),
+                properties: Properties::default(),
+                payload: Bytes::from_static(b"x"),
+            }),
+        },
+        h.now,
+    );
+    assert!(store_ops(&mut h).is_empty() && transmits(&mut h).is_empty());
+
+    // The publisher waited on the delivery; it is freed by the final commit, not before.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!((&mut wait).now_or_never().is_none());
+    let _ = sync.send(true);
+    let ack = ack(bounded(wait).await).expect("acknowledged after the final commit");
+    assert_eq!((ack.kind, ack.packet_id), (AckKind::PubAck, 7));
+    // The task answers whoever asked once the writer is done.
+    let _ = stopped.send(());
+    assert!(told.try_recv().is_ok());
+}
+
+#[tokio::test]
+async fn a_connect_is_answered_only_after_its_connack_is_queued() {
+    let mut h = Harness::new(|s| s.sys_interval = Duration::ZERO);
+    // Accepted, and refused (3.1.1 needs Clean Session for an empty client id,
+    // MQTT-3.1.3-8): the connection takes its CONNACK from its queue once answered
+    // (`connection/mod.rs`), so the answer must come last.
+    for (client_id, accepted) in [("first", true), ("", false)] {
+        let (tx, rx) = crate::outbound::channel(None);
+        let (reply, mut answer) = oneshot::channel();
+        let connect = Connect {
+            protocol: Protocol::V3_1_1,
+            clean_start: false,
+            keep_alive: 60,
+            properties: Properties::default(),
+            client_id: client_id.to_owned(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        h.core.handle_event(
+            CoreEvent::Connect(ConnectRequest {
+                connect: Box::new(connect),
+                peer: "127.0.0.1:1".parse().expect("address"),
+                listener: None,
+                tx,
+                reply,
+            }),
+            h.now,
+        );
+        assert!(answer.try_recv().is_err(), "not answered while handling it");
+        let out = transmits(&mut h);
+        let answer_at = out
+            .iter()
+            .position(|t| matches!(t, Transmit::Answer { .. }))
+            .expect("an answer");
+        assert_eq!(answer_at, out.len() - 1, "the answer comes last");
+        for t in out {
+            // What the connection finds when it hears back.
+            if matches!(t, Transmit::Answer { .. }) {
+                assert!(
+                    matches!(rx.take_now().first(), Some(Outbound::Control(p)) if matches!(**p, Packet::ConnAck(_))),
+                    "the CONNACK is queued before the answer"
+                );
+            }
+            assert!(t.send().is_none());
+        }
+        let got = answer.try_recv().expect("answered");
+        assert_eq!(got.is_some(), accepted);
+    }
+}
+
+#[tokio::test]
+async fn qos_0_messages_a_slow_client_has_no_room_for_are_counted_as_dropped_not_sent() {
+    let mut h = Harness::new(|s| s.sys_interval = Duration::ZERO);
+    let (reader, _reader_rx) = h.connect("reader", true);
+    h.subscribe(&reader, "big/#", QoS::AtMostOnce);
+    let sent_before = h.core.stats.messages_sent;
+    // 1 MiB each, never read: the 8 MiB backlog (QOS0_BACKLOG_LIMIT) holds 7 of them
+    // with their overhead, and refuses the rest.
+    let payload = Bytes::from(vec![0u8; 1 << 20]);
+    for i in 0..10 {
+        let msg = Message::new(
+            format!("big/{i}").into(),
+            payload.clone(),
+            QoS::AtMostOnce,
+            false,
+            Properties::default(),
+            None,
+        );
+        let _ = h.accept(&msg);
+    }
+    let dropped = h.core.stats.dropped_slow_client;
+    let sent = h.core.stats.messages_sent - sent_before;
+    assert_eq!(sent + dropped, 10, "each counted once");
+    assert_eq!(
+        dropped,
+        10 - (crate::outbound::QOS0_BACKLOG_LIMIT as u64 >> 20) + 1,
+        "those past the backlog are counted as dropped"
     );
 }
