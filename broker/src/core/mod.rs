@@ -3,6 +3,13 @@
 //! Keeping the state in one place (as Mosquitto does in its single thread) means no
 //! locks on the routing path and a simple story for takeover, wills and expiry. The
 //! expensive per-byte work, decoding and encoding, happens in the connection tasks.
+//!
+//! The core itself does no I/O and never reads the clock: events and the time go in
+//! ([`Core::handle_event`], [`Core::handle_timeout`]), and what it decided comes out as
+//! values the task around it polls: store changes ([`Core::poll_store_op`]), items for
+//! connections ([`Core::poll_transmit`]), its next deadline ([`Core::poll_timeout`]) and,
+//! after `Shutdown`, that it has stopped ([`Core::poll_stopped`]). The task ([`run`]) only
+//! waits, reads the clock and does the sends.
 
 mod ack;
 mod connect;

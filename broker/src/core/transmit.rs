@@ -160,7 +160,7 @@ impl Core {
     /// A droppable QoS 0 delivery was not sent: its client is too far behind.
     pub(crate) fn handle_dropped(&mut self, d: Droppable) {
         // Counted as sent when it was queued.
-        self.stats.messages_sent -= 1;
+        self.stats.messages_sent = self.stats.messages_sent.saturating_sub(1);
         self.stats.dropped_slow_client += 1;
         if let Some(r) = d.retained.and_then(|i| self.out.reports.get_mut(i)) {
             r.cut += 1;
