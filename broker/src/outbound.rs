@@ -1,6 +1,7 @@
 //! What the broker core asks a connection to send.
 //!
-//! The core never waits on a client: it appends to the connection's queue and wakes its
+//! The core never waits on a client: what it made for a connection is appended to the
+//! connection's queue (by the core's task, all of a batch under one lock) and wakes its
 //! task, which encodes and writes at the client's pace. QoS 1/2 traffic is bounded by the
 //! inflight window; QoS 0 traffic is bounded by counting the bytes queued per connection
 //! and dropping (and counting) QoS 0 messages for a client that does not keep up.
@@ -177,34 +178,50 @@ pub fn channel(slot: Option<Box<super::limits::ConnectionSlot>>) -> (OutboundTx,
 }
 
 impl OutboundTx {
-    /// Queues an item; false if the connection is gone.
-    pub fn send(&self, item: Outbound) -> bool {
-        self.push(item, false)
-    }
-
-    /// Queues an item; false if the connection is gone, or if `bounded` and the item is
-    /// a QoS 0 delivery for a client too far behind (then it is dropped).
-    pub(crate) fn push(&self, item: Outbound, bounded: bool) -> bool {
+    /// Queues `items` in order under one lock, with at most one wake-up. An item that
+    /// carries a `D` is a QoS 0 delivery that is dropped instead, and its `D` handed to
+    /// `dropped`, when the client is too far behind (or gone).
+    pub(crate) fn push_all<D>(
+        &self,
+        items: impl Iterator<Item = (Outbound, Option<D>)>,
+        mut dropped: impl FnMut(D),
+    ) {
+        let mut q = lock(&self.0.queue);
+        if q.closed {
+            // Gone: nothing is queued, and what is dropped is dropped outside the lock.
+            drop(q);
+            items.filter_map(|(_, d)| d).for_each(dropped);
+            return;
+        }
         let waker = {
-            let mut q = lock(&self.0.queue);
-            if q.closed {
-                return false;
-            }
-            if let Some(size) = qos0_size(&item) {
-                let size = u32::try_from(size).unwrap_or(u32::MAX);
-                if bounded && q.backlog.saturating_add(size) as usize > QOS0_BACKLOG_LIMIT {
-                    return false;
+            let mut pushed = false;
+            for (item, bounded) in items {
+                if let Some(size) = qos0_size(&item) {
+                    let size = u32::try_from(size).unwrap_or(u32::MAX);
+                    if let Some(d) = bounded
+                        && q.backlog.saturating_add(size) as usize > QOS0_BACKLOG_LIMIT
+                    {
+                        dropped(d);
+                        continue;
+                    }
+                    q.backlog = q.backlog.saturating_add(size);
                 }
-                q.backlog = q.backlog.saturating_add(size);
+                q.items.push(item);
+                pushed = true;
             }
-            q.items.push(item);
-            q.waker.take()
+            let waker = if pushed { q.waker.take() } else { None };
+            drop(q);
+            waker
         };
         // Woken outside the lock: the task may run at once on another thread.
         if let Some(w) = waker {
             w.wake();
         }
-        true
+    }
+
+    /// Tells queues apart while they live (the address of their shared state).
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
     }
 }
 

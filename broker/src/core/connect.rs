@@ -36,7 +36,7 @@ impl Core {
             out.send(&tx, Outbound::Close);
             // Answered after its CONNACK and close are queued: the connection takes them
             // from its queue once it hears back.
-            out.answer(reply, None);
+            out.answer(&tx, reply, None);
         };
 
         let mut assigned = None;
@@ -218,6 +218,7 @@ impl Core {
         // After everything queued for the connection above: it takes that from its
         // queue once it hears back.
         self.out.answer(
+            &tx,
             reply,
             Some(super::Accepted {
                 session: key,

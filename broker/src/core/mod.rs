@@ -195,7 +195,7 @@ async fn run(mut core: Core, writer: Option<StoreWriter>, mut rx: mpsc::Receiver
 }
 
 /// Sends what the core made: store changes first, so the writer starts its commit, then
-/// items to connections (an acknowledgement that waits for a commit waits on its
+/// each connection's items (an acknowledgement that waits for a commit waits on its
 /// receipt, whichever goes first).
 fn transmit(core: &mut Core, writer: Option<&StoreWriter>) {
     while let Some(op) = core.poll_store_op() {
@@ -205,9 +205,7 @@ fn transmit(core: &mut Core, writer: Option<&StoreWriter>) {
         }
     }
     while let Some(t) = core.poll_transmit() {
-        if let Some(dropped) = t.send() {
-            core.handle_dropped(dropped);
-        }
+        t.send();
     }
 }
 

@@ -191,7 +191,7 @@ impl Core {
             Some(Link::Network { tx, .. }) => {
                 if d.qos == QoS::AtMostOnce {
                     // Counted as sent; a drop for a slow client is told back when the
-                    // task sends it (`Core::handle_dropped`).
+                    // task sends it (`transmit.rs`).
                     self.out.send_qos0(tx, d);
                     self.stats.messages_sent += 1;
                 } else if !s.has_queued() && s.inflight_len() < usize::from(s.send_quota) {

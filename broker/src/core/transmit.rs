@@ -1,13 +1,14 @@
-//! What the core asks to be sent to connections, as values: it queues them here while it
+//! What the core asks to be sent to connections, as values: it gathers them here while it
 //! handles events, and the task around it takes them ([`Core::poll_transmit`]) and does
 //! the sends, as quinn-proto's connection hands out its datagrams. Tests read them the
 //! same way, without a connection.
 //!
-//! One queue for every connection keeps the order the core made things in: a CONNACK
-//! is queued for its connection before the CONNECT is answered, so the connection finds
-//! it once it hears back (`connection/mod.rs`).
-
-use std::collections::VecDeque;
+//! Items are gathered per connection, in the order the core made them: the task then
+//! queues each connection's items under one lock with one wake-up, instead of one of
+//! each per item. The answer to a CONNECT travels with its connection's items and is
+//! given after they are queued, so the connection finds its CONNACK once it hears back
+//! (`connection/mod.rs`). The order between different connections was never promised:
+//! each is its own task.
 
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -16,26 +17,13 @@ use super::{Accepted, Core};
 use crate::message::Delivery;
 use crate::outbound::{Outbound, OutboundTx};
 
-/// One thing for a connection, in the order the core made it.
-pub(crate) enum Transmit {
-    /// An item for a connection's queue.
-    Queue {
-        /// The connection's queue.
-        to: OutboundTx,
-        /// The item.
-        item: Outbound,
-        /// A QoS 0 delivery that is dropped instead when its client is too far behind.
-        droppable: Option<Droppable>,
-    },
-    /// The answer to a CONNECT (`None`: refused), given after what the core queued for
-    /// the connection while handling it.
-    Answer {
-        /// Where the connection waits for it.
-        reply: oneshot::Sender<Option<Accepted>>,
-        /// The session and connection ids, or `None` if refused.
-        accepted: Option<Accepted>,
-    },
-}
+/// Room kept for items and connections after a drain; a burst beyond it gives the rest
+/// back.
+const KEEP: usize = 1 << 14;
+/// No next item.
+const END: u32 = u32::MAX;
+/// Slots of the cache in front of the map of connections (a power of two).
+const CACHE_SLOTS: usize = 64;
 
 /// What the drop of a QoS 0 delivery for a slow client is reported with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,26 +32,80 @@ pub(crate) struct Droppable {
     retained: Option<usize>,
 }
 
-impl Transmit {
-    /// Does the send; the delivery back when a droppable QoS 0 one was dropped (its
-    /// client does not keep up), to be told to [`Core::handle_dropped`].
-    pub(crate) fn send(self) -> Option<Droppable> {
-        match self {
-            Transmit::Queue {
-                to,
-                item,
-                droppable,
-            } => match droppable {
-                Some(d) => (!to.push(item, true)).then_some(d),
-                None => {
-                    to.send(item);
-                    None
+/// An item, and what its drop is reported with if it is a QoS 0 delivery that may be
+/// dropped for a slow client; `None` once taken.
+type Slot = Option<(Outbound, Option<Droppable>)>;
+
+/// One connection with something to send since the task last took everything.
+struct Dest {
+    /// Its queue; `None` once sent.
+    to: Option<OutboundTx>,
+    /// Its first and last items (indices into [`Transmits::items`]).
+    first: u32,
+    last: u32,
+    /// The answer to its CONNECT, given after its items are queued.
+    answer: Option<(oneshot::Sender<Option<Accepted>>, Option<Accepted>)>,
+}
+
+/// Everything the core has for one connection, to be sent with [`Transmit::send`].
+pub(crate) struct Transmit<'a> {
+    dest: &'a mut Dest,
+    items: &'a mut [Slot],
+    links: &'a [u32],
+    /// Where the drops are told back to the core (read at its next poll).
+    drops: &'a mut Vec<Droppable>,
+}
+
+impl Transmit<'_> {
+    /// The items, in order.
+    #[cfg(test)]
+    pub(crate) fn items(&self) -> impl Iterator<Item = &Outbound> {
+        let mut i = self.dest.first;
+        let (items, links) = (&*self.items, self.links);
+        std::iter::from_fn(move || {
+            while i != END {
+                let at = i as usize;
+                i = links[at];
+                if let Some((item, _)) = &items[at] {
+                    return Some(item);
                 }
-            },
-            Transmit::Answer { reply, accepted } => {
-                let _ = reply.send(accepted);
-                None
             }
+            None
+        })
+    }
+
+    /// Whether it carries the answer to the connection's CONNECT.
+    #[cfg(test)]
+    pub(crate) fn answers_connect(&self) -> bool {
+        self.dest.answer.is_some()
+    }
+
+    /// Queues the items on the connection (under one lock, with one wake-up), then
+    /// answers its CONNECT if this carries the answer. A QoS 0 delivery its client has no
+    /// room for is dropped, and counted at the core's next poll.
+    pub(crate) fn send(self) {
+        let Transmit {
+            dest,
+            items,
+            links,
+            drops,
+        } = self;
+        if let Some(to) = dest.to.take() {
+            let mut i = dest.first;
+            let taken = std::iter::from_fn(|| {
+                while i != END {
+                    let at = i as usize;
+                    i = links[at];
+                    if let Some(item) = items[at].take() {
+                        return Some(item);
+                    }
+                }
+                None
+            });
+            to.push_all(taken, |d| drops.push(d));
+        }
+        if let Some((reply, accepted)) = dest.answer.take() {
+            let _ = reply.send(accepted);
         }
     }
 }
@@ -79,53 +121,150 @@ struct RetainedReport {
     cut: u64,
 }
 
-/// The transmits not taken yet, and what the drops among them are reported to.
+/// Hashes a queue's address: the multiply spreads the bits that differ (the middle
+/// ones) over the whole word, and the fold brings them down to the bits the table uses.
 #[derive(Default)]
+struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        let m = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = m ^ (m >> 29);
+    }
+}
+
+/// What the core made for connections since the task last took everything, in order,
+/// and what the drops among it are reported to. Nothing here is allocated per message:
+/// the vectors and the map keep their room from one batch to the next.
 pub(super) struct Transmits {
-    queue: VecDeque<Transmit>,
+    /// Every item, in the order made.
+    items: Vec<Slot>,
+    /// For each item, the next one for the same connection ([`END`]: none).
+    links: Vec<u32>,
+    /// Connections with something, in the order of their first item; `[0, next)` were
+    /// handed out.
+    dests: Vec<Dest>,
+    next: usize,
+    /// A connection's entry in `dests`, by its queue's address.
+    index: std::collections::HashMap<usize, u32, std::hash::BuildHasherDefault<AddrHasher>>,
+    /// In front of `index`: the entry last found through each slot, checked against the
+    /// entry's own queue (a hit costs a multiply and a compare, not a map lookup).
+    cache: [u32; CACHE_SLOTS],
+    /// Drops told back by [`Transmit::send`], counted at the next poll.
+    drops: Vec<Droppable>,
     /// Set while retained messages are sent on subscribe: the report their QoS 0 drops
     /// count towards.
     retained: Option<usize>,
     reports: Vec<RetainedReport>,
 }
 
+impl Default for Transmits {
+    fn default() -> Transmits {
+        Transmits {
+            items: Vec::new(),
+            links: Vec::new(),
+            dests: Vec::new(),
+            next: 0,
+            index: Default::default(),
+            cache: [END; CACHE_SLOTS],
+            drops: Vec::new(),
+            retained: None,
+            reports: Vec::new(),
+        }
+    }
+}
+
 impl Transmits {
+    /// The entry of the connection `to` that the task has not taken yet; a new one if
+    /// there is none.
+    fn dest(&mut self, to: &OutboundTx) -> usize {
+        let id = to.id();
+        let slot = ((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            >> (64 - CACHE_SLOTS.trailing_zeros())) as usize;
+        let cached = self.cache[slot] as usize;
+        if cached >= self.next
+            && let Some(d) = self.dests.get(cached)
+            && d.to.as_ref().is_some_and(|t| t.id() == id)
+        {
+            return cached;
+        }
+        if let Some(&i) = self.index.get(&id)
+            && i as usize >= self.next
+        {
+            self.cache[slot] = i;
+            return i as usize;
+        }
+        // New, or taken already (a test that sends between events): a new entry, which
+        // the task takes after the older one.
+        let i = self.dests.len();
+        self.dests.push(Dest {
+            to: Some(to.clone()),
+            first: END,
+            last: END,
+            answer: None,
+        });
+        let i32 = u32::try_from(i).unwrap_or(END);
+        self.index.insert(id, i32);
+        self.cache[slot] = i32;
+        i
+    }
+
+    /// Appends `item` to the connection `to`'s items.
+    fn push(&mut self, to: &OutboundTx, item: Outbound, droppable: Option<Droppable>) {
+        let d = self.dest(to);
+        let at = u32::try_from(self.items.len()).unwrap_or(END);
+        self.items.push(Some((item, droppable)));
+        self.links.push(END);
+        let dest = &mut self.dests[d];
+        match dest.last {
+            END => dest.first = at,
+            last => self.links[last as usize] = at,
+        }
+        dest.last = at;
+    }
+
     /// Queues `item` for the connection `to`.
     pub(super) fn send(&mut self, to: &OutboundTx, item: Outbound) {
-        self.queue.push_back(Transmit::Queue {
-            to: to.clone(),
-            item,
-            droppable: None,
-        });
+        self.push(to, item, None);
     }
 
     /// Queues a QoS 0 delivery, to be dropped if its client is too far behind.
     pub(super) fn send_qos0(&mut self, to: &OutboundTx, delivery: Delivery) {
-        self.queue.push_back(Transmit::Queue {
-            to: to.clone(),
-            item: Outbound::Publish {
-                delivery,
-                packet_id: None,
-                dup: false,
-            },
-            droppable: Some(Droppable {
-                retained: self.retained,
-            }),
-        });
+        let droppable = Droppable {
+            retained: self.retained,
+        };
+        let item = Outbound::Publish {
+            delivery,
+            packet_id: None,
+            dup: false,
+        };
+        self.push(to, item, Some(droppable));
     }
 
-    /// Queues the answer to a CONNECT.
+    /// Answers the CONNECT of the connection `to` once what is queued for it is out.
     pub(super) fn answer(
         &mut self,
+        to: &OutboundTx,
         reply: oneshot::Sender<Option<Accepted>>,
         accepted: Option<Accepted>,
     ) {
-        self.queue.push_back(Transmit::Answer { reply, accepted });
+        let d = self.dest(to);
+        self.dests[d].answer = Some((reply, accepted));
     }
 
     /// From here to [`Transmits::end_retained`], QoS 0 drops count towards a report on
-    /// the retained messages `client_id`'s new subscription `filter` matched (`total`),
-    /// `cut` of which were already refused.
+    /// the retained messages (`total`) that `client_id`'s new subscription `filter`
+    /// matched.
     pub(super) fn begin_retained(&mut self, client_id: String, filter: String, total: usize) {
         self.retained = Some(self.reports.len());
         self.reports.push(RetainedReport {
@@ -143,27 +282,68 @@ impl Transmits {
             r.cut += cut;
         }
     }
+
+    /// Everything was taken: start over, keeping the room within bounds.
+    fn reset(&mut self) {
+        if self.dests.is_empty() {
+            return;
+        }
+        // Anything not sent (a test that only looked) is dropped here.
+        self.items.clear();
+        self.links.clear();
+        self.dests.clear();
+        self.index.clear();
+        self.next = 0;
+        if self.items.capacity() > KEEP {
+            self.items.shrink_to(KEEP);
+            self.links.shrink_to(KEEP);
+        }
+        if self.dests.capacity() > KEEP {
+            self.dests.shrink_to(KEEP);
+            self.index.shrink_to(KEEP);
+        }
+    }
 }
 
 impl Core {
-    /// The next thing to send to a connection, in order; `None` once everything is out.
-    /// Call after every [`Core::handle_event`] and [`Core::handle_timeout`] until `None`.
-    pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
-        let next = self.out.queue.pop_front();
-        if next.is_none() && !self.out.reports.is_empty() {
+    /// What is to be sent to the next connection; `None` once everything is out. Call
+    /// after every [`Core::handle_event`] and [`Core::handle_timeout`] until `None`,
+    /// sending each ([`Transmit::send`]).
+    pub(crate) fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
+        self.count_drops();
+        if self.out.next < self.out.dests.len() {
+            let out = &mut self.out;
+            let i = out.next;
+            out.next += 1;
+            return Some(Transmit {
+                dest: &mut out.dests[i],
+                items: &mut out.items,
+                links: &out.links,
+                drops: &mut out.drops,
+            });
+        }
+        self.out.reset();
+        if !self.out.reports.is_empty() {
             // Everything is out, so every drop has been told.
             self.report_retained_cuts();
         }
-        next
+        None
     }
 
-    /// A droppable QoS 0 delivery was not sent: its client is too far behind.
-    pub(crate) fn handle_dropped(&mut self, d: Droppable) {
-        // Counted as sent when it was queued.
-        self.stats.messages_sent = self.stats.messages_sent.saturating_sub(1);
-        self.stats.dropped_slow_client += 1;
-        if let Some(r) = d.retained.and_then(|i| self.out.reports.get_mut(i)) {
-            r.cut += 1;
+    /// Counts the QoS 0 deliveries the last [`Transmit::send`] dropped because their
+    /// clients are too far behind.
+    fn count_drops(&mut self) {
+        if self.out.drops.is_empty() {
+            return;
+        }
+        let out = &mut self.out;
+        for d in out.drops.drain(..) {
+            // Counted as sent when it was queued.
+            self.stats.messages_sent = self.stats.messages_sent.saturating_sub(1);
+            self.stats.dropped_slow_client += 1;
+            if let Some(r) = d.retained.and_then(|i| out.reports.get_mut(i)) {
+                r.cut += 1;
+            }
         }
     }
 
