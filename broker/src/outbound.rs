@@ -178,27 +178,44 @@ pub fn channel(slot: Option<Box<super::limits::ConnectionSlot>>) -> (OutboundTx,
 }
 
 impl OutboundTx {
-    /// Queues `items` in order under one lock, with at most one wake-up. An item that
-    /// carries a `D` is a QoS 0 delivery that is dropped instead, and its `D` handed to
-    /// `dropped`, when the client is too far behind (or gone).
-    pub(crate) fn push_all<D>(
+    /// Queues `items` in order under one lock, with at most one wake-up, leaving `items`
+    /// empty (with room: when the connection's queue is empty the two are swapped, so
+    /// nothing is copied). `droppable` marks, by index in `items`, the QoS 0 deliveries
+    /// that are dropped instead, and their `D` handed to `dropped`, when the client is
+    /// too far behind (or gone); it is left empty too.
+    pub(crate) fn push_all<D: Copy>(
         &self,
-        items: impl Iterator<Item = (Outbound, Option<D>)>,
+        items: &mut Vec<Outbound>,
+        droppable: &mut Vec<(u32, D)>,
         mut dropped: impl FnMut(D),
     ) {
         let mut q = lock(&self.0.queue);
         if q.closed {
             // Gone: nothing is queued, and what is dropped is dropped outside the lock.
             drop(q);
-            items.filter_map(|(_, d)| d).for_each(dropped);
+            droppable.drain(..).for_each(|(_, d)| dropped(d));
+            items.clear();
             return;
         }
-        let waker = {
-            let mut pushed = false;
-            for (item, bounded) in items {
+        let mut pushed = false;
+        let added: usize = items.iter().filter_map(qos0_size).sum();
+        let added = u32::try_from(added).unwrap_or(u32::MAX);
+        if droppable.is_empty() || q.backlog.saturating_add(added) as usize <= QOS0_BACKLOG_LIMIT {
+            // Everything fits (then so does every prefix: nothing would be dropped).
+            q.backlog = q.backlog.saturating_add(added);
+            pushed = !items.is_empty();
+            if q.items.is_empty() {
+                std::mem::swap(&mut q.items, items);
+            } else {
+                q.items.append(items);
+            }
+        } else {
+            let mut marks = droppable.iter().peekable();
+            for (i, item) in items.drain(..).enumerate() {
+                let mark = marks.next_if(|(at, _)| *at as usize == i).map(|&(_, d)| d);
                 if let Some(size) = qos0_size(&item) {
                     let size = u32::try_from(size).unwrap_or(u32::MAX);
-                    if let Some(d) = bounded
+                    if let Some(d) = mark
                         && q.backlog.saturating_add(size) as usize > QOS0_BACKLOG_LIMIT
                     {
                         dropped(d);
@@ -209,10 +226,10 @@ impl OutboundTx {
                 q.items.push(item);
                 pushed = true;
             }
-            let waker = if pushed { q.waker.take() } else { None };
-            drop(q);
-            waker
-        };
+        }
+        droppable.clear();
+        let waker = if pushed { q.waker.take() } else { None };
+        drop(q);
         // Woken outside the lock: the task may run at once on another thread.
         if let Some(w) = waker {
             w.wake();

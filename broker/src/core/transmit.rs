@@ -17,13 +17,15 @@ use super::{Accepted, Core};
 use crate::message::Delivery;
 use crate::outbound::{Outbound, OutboundTx};
 
-/// Room kept for items and connections after a drain; a burst beyond it gives the rest
-/// back.
-const KEEP: usize = 1 << 14;
-/// No next item.
-const END: u32 = u32::MAX;
+/// Connections' entries kept, with their room, after everything was taken: a fan-out
+/// to more connections than this in one batch of events gives the rest back.
+const KEEP_DESTS: usize = 256;
+/// Items a kept entry may keep room for.
+const KEEP_ITEMS: usize = 64;
 /// Slots of the cache in front of the map of connections (a power of two).
 const CACHE_SLOTS: usize = 64;
+/// An empty cache slot.
+const NONE: u32 = u32::MAX;
 
 /// What the drop of a QoS 0 delivery for a slow client is reported with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,17 +34,17 @@ pub(crate) struct Droppable {
     retained: Option<usize>,
 }
 
-/// An item, and what its drop is reported with if it is a QoS 0 delivery that may be
-/// dropped for a slow client; `None` once taken.
-type Slot = Option<(Outbound, Option<Droppable>)>;
-
-/// One connection with something to send since the task last took everything.
+/// What the core made for one connection since the task last took everything.
+#[derive(Default)]
 struct Dest {
     /// Its queue; `None` once sent.
     to: Option<OutboundTx>,
-    /// Its first and last items (indices into [`Transmits::items`]).
-    first: u32,
-    last: u32,
+    /// The items, in order. Handed to the connection whole: when its queue is empty the
+    /// two vectors are swapped, and this one comes back empty with the queue's room.
+    items: Vec<Outbound>,
+    /// The QoS 0 deliveries among `items` that may be dropped for a slow client, by
+    /// index, with what their drop is reported with.
+    droppable: Vec<(u32, Droppable)>,
     /// The answer to its CONNECT, given after its items are queued.
     answer: Option<(oneshot::Sender<Option<Accepted>>, Option<Accepted>)>,
 }
@@ -50,8 +52,6 @@ struct Dest {
 /// Everything the core has for one connection, to be sent with [`Transmit::send`].
 pub(crate) struct Transmit<'a> {
     dest: &'a mut Dest,
-    items: &'a mut [Slot],
-    links: &'a [u32],
     /// Where the drops are told back to the core (read at its next poll).
     drops: &'a mut Vec<Droppable>,
 }
@@ -60,18 +60,7 @@ impl Transmit<'_> {
     /// The items, in order.
     #[cfg(test)]
     pub(crate) fn items(&self) -> impl Iterator<Item = &Outbound> {
-        let mut i = self.dest.first;
-        let (items, links) = (&*self.items, self.links);
-        std::iter::from_fn(move || {
-            while i != END {
-                let at = i as usize;
-                i = links[at];
-                if let Some((item, _)) = &items[at] {
-                    return Some(item);
-                }
-            }
-            None
-        })
+        self.dest.items.iter()
     }
 
     /// Whether it carries the answer to the connection's CONNECT.
@@ -84,25 +73,9 @@ impl Transmit<'_> {
     /// answers its CONNECT if this carries the answer. A QoS 0 delivery its client has no
     /// room for is dropped, and counted at the core's next poll.
     pub(crate) fn send(self) {
-        let Transmit {
-            dest,
-            items,
-            links,
-            drops,
-        } = self;
+        let Transmit { dest, drops } = self;
         if let Some(to) = dest.to.take() {
-            let mut i = dest.first;
-            let taken = std::iter::from_fn(|| {
-                while i != END {
-                    let at = i as usize;
-                    i = links[at];
-                    if let Some(item) = items[at].take() {
-                        return Some(item);
-                    }
-                }
-                None
-            });
-            to.push_all(taken, |d| drops.push(d));
+            to.push_all(&mut dest.items, &mut dest.droppable, |d| drops.push(d));
         }
         if let Some((reply, accepted)) = dest.answer.take() {
             let _ = reply.send(accepted);
@@ -143,17 +116,14 @@ impl std::hash::Hasher for AddrHasher {
     }
 }
 
-/// What the core made for connections since the task last took everything, in order,
-/// and what the drops among it are reported to. Nothing here is allocated per message:
-/// the vectors and the map keep their room from one batch to the next.
+/// What the core made for connections since the task last took everything, and what
+/// the drops among it are reported to. Nothing here is allocated per message: entries,
+/// vectors and the map keep their room from one batch to the next.
 pub(super) struct Transmits {
-    /// Every item, in the order made.
-    items: Vec<Slot>,
-    /// For each item, the next one for the same connection ([`END`]: none).
-    links: Vec<u32>,
-    /// Connections with something, in the order of their first item; `[0, next)` were
-    /// handed out.
+    /// `[next, active)` wait for the task, in the order of each connection's first
+    /// item; `[0, next)` were handed out; the rest are kept for reuse.
     dests: Vec<Dest>,
+    active: usize,
     next: usize,
     /// A connection's entry in `dests`, by its queue's address.
     index: std::collections::HashMap<usize, u32, std::hash::BuildHasherDefault<AddrHasher>>,
@@ -171,12 +141,11 @@ pub(super) struct Transmits {
 impl Default for Transmits {
     fn default() -> Transmits {
         Transmits {
-            items: Vec::new(),
-            links: Vec::new(),
             dests: Vec::new(),
+            active: 0,
             next: 0,
             index: Default::default(),
-            cache: [END; CACHE_SLOTS],
+            cache: [NONE; CACHE_SLOTS],
             drops: Vec::new(),
             retained: None,
             reports: Vec::new(),
@@ -187,55 +156,41 @@ impl Default for Transmits {
 impl Transmits {
     /// The entry of the connection `to` that the task has not taken yet; a new one if
     /// there is none.
-    fn dest(&mut self, to: &OutboundTx) -> usize {
+    fn dest(&mut self, to: &OutboundTx) -> &mut Dest {
         let id = to.id();
         let slot = ((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             >> (64 - CACHE_SLOTS.trailing_zeros())) as usize;
+        let live = |i: usize, dests: &[Dest], next: usize, active: usize| {
+            i >= next && i < active && dests[i].to.as_ref().is_some_and(|t| t.id() == id)
+        };
         let cached = self.cache[slot] as usize;
-        if cached >= self.next
-            && let Some(d) = self.dests.get(cached)
-            && d.to.as_ref().is_some_and(|t| t.id() == id)
-        {
-            return cached;
+        if live(cached, &self.dests, self.next, self.active) {
+            return &mut self.dests[cached];
         }
         if let Some(&i) = self.index.get(&id)
-            && i as usize >= self.next
+            && live(i as usize, &self.dests, self.next, self.active)
         {
             self.cache[slot] = i;
-            return i as usize;
+            return &mut self.dests[i as usize];
         }
         // New, or taken already (a test that sends between events): a new entry, which
         // the task takes after the older one.
-        let i = self.dests.len();
-        self.dests.push(Dest {
-            to: Some(to.clone()),
-            first: END,
-            last: END,
-            answer: None,
-        });
-        let i32 = u32::try_from(i).unwrap_or(END);
+        let i = self.active;
+        if i == self.dests.len() {
+            self.dests.push(Dest::default());
+        }
+        self.active += 1;
+        let i32 = u32::try_from(i).unwrap_or(NONE);
         self.index.insert(id, i32);
         self.cache[slot] = i32;
-        i
-    }
-
-    /// Appends `item` to the connection `to`'s items.
-    fn push(&mut self, to: &OutboundTx, item: Outbound, droppable: Option<Droppable>) {
-        let d = self.dest(to);
-        let at = u32::try_from(self.items.len()).unwrap_or(END);
-        self.items.push(Some((item, droppable)));
-        self.links.push(END);
-        let dest = &mut self.dests[d];
-        match dest.last {
-            END => dest.first = at,
-            last => self.links[last as usize] = at,
-        }
-        dest.last = at;
+        let dest = &mut self.dests[i];
+        dest.to = Some(to.clone());
+        dest
     }
 
     /// Queues `item` for the connection `to`.
     pub(super) fn send(&mut self, to: &OutboundTx, item: Outbound) {
-        self.push(to, item, None);
+        self.dest(to).items.push(item);
     }
 
     /// Queues a QoS 0 delivery, to be dropped if its client is too far behind.
@@ -248,7 +203,10 @@ impl Transmits {
             packet_id: None,
             dup: false,
         };
-        self.push(to, item, Some(droppable));
+        let dest = self.dest(to);
+        let at = u32::try_from(dest.items.len()).unwrap_or(u32::MAX);
+        dest.items.push(item);
+        dest.droppable.push((at, droppable));
     }
 
     /// Answers the CONNECT of the connection `to` once what is queued for it is out.
@@ -258,8 +216,7 @@ impl Transmits {
         reply: oneshot::Sender<Option<Accepted>>,
         accepted: Option<Accepted>,
     ) {
-        let d = self.dest(to);
-        self.dests[d].answer = Some((reply, accepted));
+        self.dest(to).answer = Some((reply, accepted));
     }
 
     /// From here to [`Transmits::end_retained`], QoS 0 drops count towards a report on
@@ -285,23 +242,27 @@ impl Transmits {
 
     /// Everything was taken: start over, keeping the room within bounds.
     fn reset(&mut self) {
-        if self.dests.is_empty() {
+        if self.active == 0 {
             return;
         }
-        // Anything not sent (a test that only looked) is dropped here.
-        self.items.clear();
-        self.links.clear();
-        self.dests.clear();
+        for d in &mut self.dests[..self.active] {
+            // Anything not sent (a test that only looked) is dropped here.
+            d.to = None;
+            d.answer = None;
+            d.items.clear();
+            d.droppable.clear();
+            if d.items.capacity() > KEEP_ITEMS {
+                d.items = Vec::new();
+                d.droppable = Vec::new();
+            }
+        }
+        self.dests.truncate(KEEP_DESTS);
         self.index.clear();
+        if self.index.capacity() > KEEP_DESTS * 4 {
+            self.index.shrink_to(KEEP_DESTS);
+        }
+        self.active = 0;
         self.next = 0;
-        if self.items.capacity() > KEEP {
-            self.items.shrink_to(KEEP);
-            self.links.shrink_to(KEEP);
-        }
-        if self.dests.capacity() > KEEP {
-            self.dests.shrink_to(KEEP);
-            self.index.shrink_to(KEEP);
-        }
     }
 }
 
@@ -311,14 +272,12 @@ impl Core {
     /// sending each ([`Transmit::send`]).
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
         self.count_drops();
-        if self.out.next < self.out.dests.len() {
+        if self.out.next < self.out.active {
             let out = &mut self.out;
             let i = out.next;
             out.next += 1;
             return Some(Transmit {
                 dest: &mut out.dests[i],
-                items: &mut out.items,
-                links: &out.links,
                 drops: &mut out.drops,
             });
         }
