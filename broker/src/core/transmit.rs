@@ -7,7 +7,7 @@
 //! queues each connection's items under one lock with one wake-up, instead of one of
 //! each per item. The answer to a CONNECT travels with its connection's items and is
 //! given after they are queued, so the connection finds its CONNACK once it hears back
-//! (`connection/mod.rs`). The order between different connections was never promised:
+//! (`net/connection/mod.rs`). The order between different connections was never promised:
 //! each is its own task.
 
 use tokio::sync::oneshot;
