@@ -11,7 +11,15 @@
 #                    one publisher, and for outpost also ten publishers sharing the N)
 #   PACED_N=6000     messages per paced scenario, sent at RATE messages/s
 #   RATE=100         the paced rate (the endurance question: 100 messages/s)
+#   MODES="burst burst10 paced paced_many"
+#                    paced: one publisher sends RATE messages/s (mosquitto_pub, 20 in
+#                    flight at most); paced_many: CLIENTS publishers share RATE, as a site
+#                    of sensors does (100 devices reporting once a second)
+#   CLIENTS=100
 #   SCENARIOS="spool session"   GATEWAYS="outpost mosquitto"
+#   WINDOWS="default"  Outpost's commit window (`broker.commit_window`,
+#                    `bridge.spool.commit_window`) for each Outpost run, e.g. "0s 100ms 1s";
+#                    "default" leaves the key out
 #   OUT=bench/runs/<date>-flash-writes
 #   OUTPOST_BIN=path
 #
@@ -46,6 +54,8 @@ PACED_N=${PACED_N:-6000}
 RATE=${RATE:-100}
 SCENARIOS=${SCENARIOS:-"spool session"}
 GATEWAYS=${GATEWAYS:-"outpost mosquitto"}
+WINDOWS=${WINDOWS:-default}
+CLIENTS=${CLIENTS:-100}
 PAYLOAD=64
 TOPIC=sensors/boiler/temperature
 OUT=${OUT:-$ROOT/bench/runs/$(date -u +%Y-%m-%d)-flash-writes}
@@ -85,7 +95,7 @@ trap cleanup EXIT
     echo "outpost: $OUTPOST ($(stat -c %s "$OUTPOST") bytes)"
     dirty=""; [[ -n $(git status --porcelain 2>/dev/null) ]] && dirty=" plus uncommitted changes"
     echo "git: $(git rev-parse --short HEAD)$dirty"
-    echo "N=$N PACED_N=$PACED_N RATE=$RATE payload=$PAYLOAD topic=$TOPIC"
+    echo "N=$N PACED_N=$PACED_N RATE=$RATE CLIENTS=$CLIENTS payload=$PAYLOAD topic=$TOPIC"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 
@@ -130,7 +140,9 @@ read_io() { # read_io PID: /proc/PID/io as JSON
     python3 -c 'import json,sys; print(json.dumps({k: int(v) for k, v in (l.split(": ") for l in open(f"/proc/{sys.argv[1]}/io"))}))' "$1"
 }
 
-outpost_config() { # outpost_config spool|session STATE_DIR
+outpost_config() { # outpost_config spool|session STATE_DIR WINDOW
+    local window_line=""
+    [[ $3 == default ]] || window_line="commit_window = \"$3\""
     cat <<EOF
 gateway_id = "gw-bench"
 state_dir = "$2"
@@ -142,6 +154,7 @@ allow_anonymous = true
 # Keep every message for the offline session (defaults: 10,000 messages, 64 MiB).
 max_queued_messages = 1000000
 max_queued_bytes = "0"
+$window_line
 EOF
     if [[ $1 == spool ]]; then
         cat <<EOF
@@ -150,6 +163,8 @@ name = "cloud"
 address = "mqtt://127.0.0.1:$DEAD_PORT"
 topics = [{ pattern = "sensors/#", direction = "out", qos = 1, remote_prefix = "plant-7/" }]
 reconnect = { min = "5s", max = "30s" }
+[bridge.spool]
+$window_line
 EOF
     fi
 }
@@ -190,6 +205,22 @@ for i, line in enumerate(open(path)):
         time.sleep(delay)
     sys.stdout.write(line)
     sys.stdout.flush()
+EOF
+
+cat > "$WORK/pace_many.py" <<'EOF'
+import sys, time
+rate, path, fifos = float(sys.argv[1]), sys.argv[2], sys.argv[3:]
+outs = [open(f, "w") for f in fifos]
+start = time.monotonic()
+for i, line in enumerate(open(path)):
+    delay = start + i / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    out = outs[i % len(outs)]
+    out.write(line)
+    out.flush()
+for o in outs:
+    o.close()
 EOF
 
 # count_kept GATEWAY SCENARIO STATE TAG EXPECTED: messages on disk once the broker has exited.
@@ -236,14 +267,15 @@ PY
 
 RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
-# run GATEWAY SCENARIO MODE(burst|paced) COUNT
+# run GATEWAY SCENARIO MODE(burst|burst10|paced|paced_many) COUNT [WINDOW]
 run() {
-    local gw=$1 scen=$2 mode=$3 n=$4 tag="$1-$2-$3-n$4"
+    local gw=$1 scen=$2 mode=$3 n=$4 window=${5:-default}
+    local tag="$1-$2-$3-n$4-w$window"
     local state=$WORK/state-$tag
     rm -rf "$state"; mkdir -p "$state"
     local cmd
     if [[ $gw == outpost ]]; then
-        outpost_config "$scen" "$state" > "$WORK/$tag.conf"
+        outpost_config "$scen" "$state" "$window" > "$WORK/$tag.conf"
         cmd=("$OUTPOST" --config "$WORK/$tag.conf")
     else
         mosquitto_config "$scen" "$state" > "$WORK/$tag.conf"
@@ -286,6 +318,19 @@ run() {
             pubs+=($!)
         done
         for i in "${pubs[@]}"; do wait "$i"; done
+    elif [[ $mode == paced_many ]]; then
+        # CLIENTS mosquitto_pub processes, each fed its share of the lines in turn, at
+        # RATE messages/s in all.
+        local fifos=() pubs=() i
+        for ((i = 0; i < CLIENTS; i++)); do
+            mkfifo "$WORK/fifo$i"
+            timeout 900 mosquitto_pub -p "$PORT" -i "pub$i" -q 1 -t "$TOPIC" -l < "$WORK/fifo$i" &
+            pubs+=($!)
+            fifos+=("$WORK/fifo$i")
+        done
+        python3 "$WORK/pace_many.py" "$RATE" <(head -n "$n" "$WORK/payloads") "${fifos[@]}"
+        for i in "${pubs[@]}"; do wait "$i"; done
+        rm -f "${fifos[@]}"
     else
         python3 "$WORK/pace.py" "$RATE" <(head -n "$n" "$WORK/payloads") \
             | timeout 900 mosquitto_pub -p "$PORT" -i pub -q 1 -t "$TOPIC" -l
@@ -301,10 +346,10 @@ run() {
     local kept; kept=$(count_kept "$gw" "$scen" "$state" "$tag" "$((n + 1))")
     echo "$tag: kept $kept of $((n + 1)) (warm-up included)" >&2
     python3 - "$WORK/$tag.io.json" "$gw" "$scen" "$mode" "$n" "$t0" "$t1" "$io_start" \
-        "$io_before_stop" "$files" "$files_after" "$PAYLOAD" "$TOPIC" "$kept" >> "$RESULTS" <<'EOF'
+        "$io_before_stop" "$files" "$files_after" "$PAYLOAD" "$TOPIC" "$kept" "$window" >> "$RESULTS" <<'EOF'
 import json, sys
 (path, gw, scen, mode, n, t0, t1, io_start, io_stop, files, files_after,
- payload, topic, kept) = sys.argv[1:]
+ payload, topic, kept, window) = sys.argv[1:]
 end = json.load(open(path))
 n = int(n)
 start, stop = json.loads(io_start), json.loads(io_stop)
@@ -315,6 +360,7 @@ remaining = 2 + len(topic) + 2 + int(payload)
 own = 1 + (1 if remaining < 128 else 2) + remaining
 row = {
     "gateway": gw, "scenario": scen, "mode": mode, "messages": n,
+    "commit_window": window if gw == "outpost" else None,
     "kept_after_restart": int(kept) if kept.isdigit() else kept,
     "seconds": round(float(t1) - float(t0), 3),
     "message_bytes": own, "payload": int(payload), "topic_bytes": len(topic),
@@ -337,31 +383,40 @@ print(json.dumps(row))
 EOF
     tail -1 "$RESULTS" | python3 -c 'import json, sys
 r = json.loads(sys.stdin.read())
-print("{gateway} {scenario} {mode} n={messages}: write_bytes/msg={write_bytes_per_message} wchar/msg={wchar_per_message} ({seconds} s)".format(**r), file=sys.stderr)'
+print("{gateway} {scenario} {mode} n={messages} window={commit_window}: write_bytes/msg={write_bytes_per_message} wchar/msg={wchar_per_message} ({seconds} s)".format(**r), file=sys.stderr)'
 }
 
+MODES=${MODES:-"burst burst10 paced paced_many"}
 for scen in $SCENARIOS; do
-    for gw in $GATEWAYS; do
-        run "$gw" "$scen" burst "$N"
+    for mode in $MODES; do
+        for gw in $GATEWAYS; do
+            if [[ $gw == outpost ]]; then
+                count=$N; [[ $mode == paced* ]] && count=$PACED_N
+                for w in $WINDOWS; do run outpost "$scen" "$mode" "$count" "$w"; done
+            elif [[ $mode == burst ]]; then
+                # Mosquitto writes only at its save: one burst shows its bytes per message.
+                run "$gw" "$scen" burst "$N"
+            fi
+        done
     done
-    [[ " $GATEWAYS " == *" outpost "* ]] || continue
-    run outpost "$scen" burst10 "$N"
-    run outpost "$scen" paced "$PACED_N"
 done
 
 python3 - "$RESULTS" > "$OUT/table.md" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| gateway | kept as | load | messages | kept (after exit, warm-up incl.) | message bytes | write_bytes per message (before stop / with shutdown) | × message bytes | wchar per message | one-time set-up bytes | files at exit |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+print("| gateway | commit window | kept as | load | messages | msg/s | kept (after exit, warm-up incl.) | message bytes | write_bytes per message (before stop / with shutdown) | × message bytes | wchar per message | one-time set-up bytes | files at exit |")
+print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 for r in rows:
     kept = {"spool": "bridge spool, cloud down", "session": "offline persistent session"}[r["scenario"]]
     load = {"burst": "1 publisher, as fast as acked",
             "burst10": "10 publishers, as fast as acked"}.get(r["mode"], "paced")
-    if r["mode"] == "paced":
+    if r["mode"] == "paced_many":
+        load = f"{r['messages'] / r['seconds']:.0f} msg/s from many publishers"
+    elif r["mode"] == "paced":
         load = f"{r['messages'] / r['seconds']:.0f} msg/s"
     n = r["messages"]
-    print(f"| {r['gateway']} | {kept} | {load} | {n:,} | {r['kept_after_restart']} | {r['message_bytes']} | "
+    window = r.get("commit_window") or "—"
+    print(f"| {r['gateway']} | {window} | {kept} | {load} | {n:,} | {n / r['seconds']:,.0f} | {r['kept_after_restart']} | {r['message_bytes']} | "
           f"{r['write_bytes_before_stop'] / n:,.1f} / {r['write_bytes_per_message']:,.1f} | "
           f"{r['ratio_to_message_bytes']} | {r['wchar_per_message']:,.1f} | {r['write_bytes_setup']:,} | {r['files_after_exit']} |")
 EOF

@@ -6,6 +6,8 @@
 #                                           per point = 1,000 changes/s, 20 s
 #   DEVICES=2 POINTS=10 bench/sensor_latency.sh      100 changes/s
 #   EVERY_MS=20 RATE=25 ... bench/sensor_latency.sh  shorter poll
+#   WINDOW=0s bench/sensor_latency.sh       the spool's commit_window (default: the key is
+#                                           left out, so Outpost's default applies)
 #
 # Devices: bench/modbus_counter_sim.py (Modbus TCP on loopback; each holding register is
 # a counter whose change times are known exactly). Outpost polls them ([[sensors.modbus]],
@@ -20,6 +22,7 @@ POINTS=${POINTS:-20}
 EVERY_MS=${EVERY_MS:-100}
 RATE=${RATE:-5}
 SECS=${SECS:-20}
+WINDOW=${WINDOW:-}
 export PATH=$PATH:/usr/sbin
 OUTPOST=${OUTPOST_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/outpost}
 WORK=$(mktemp -d)
@@ -76,6 +79,7 @@ for p in "${PORTS[@]}"; do wait_port "$p"; done
     printf '[[bridge]]\nname = "cloud"\naddress = "mqtt://127.0.0.1:%s"\n' "$CLOUD_PORT"
     printf 'topics = [{ pattern = "outpost/+/sensors/#", direction = "out", qos = 1 }]\n'
     printf 'reconnect = { min = "200ms", max = "1s" }\n'
+    [[ -z $WINDOW ]] || printf '[bridge.spool]\ncommit_window = "%s"\n' "$WINDOW"
 } > "$WORK/outpost.toml"
 "$OUTPOST" --config "$WORK/outpost.toml" > "$WORK/outpost.log" 2>&1 & GW_PID=$!
 PIDS+=("$GW_PID")
