@@ -34,12 +34,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::acl::ClientAcl;
 pub(crate) use super::events::{Accepted, ClientOrigin, ConnId, ConnectRequest, CoreEvent};
 use super::retained::RetainedStore;
+use super::session::AckGate;
 use super::settings::Settings;
 pub(crate) use super::store::Op as StoreOp;
 use super::store::{Loaded, Store, StoreWriter};
 use super::subscriptions::{Match, SessionKey, SubscriptionTree};
 use super::sys::Stats;
-use super::{DurableSink, SinkId};
+use super::{DurableReceipt, DurableSink, SinkId};
 use table::SessionTable;
 
 /// Capacity of the queue from connections into the core; a full queue slows the
@@ -68,6 +69,9 @@ pub(crate) struct Core {
     /// Set by `Shutdown`: the core has stopped, and who asked waits for this once the
     /// last outputs are out ([`Core::poll_stopped`]).
     stopped: Option<Stopped>,
+    /// Acknowledgement gates to release once the store has committed what they wait for
+    /// ([`Core::poll_release`]).
+    releases: Vec<(DurableReceipt, Vec<Arc<AckGate>>)>,
     /// Deliveries in flight to persistent sessions that are not written yet: when each is
     /// due to be written, its session and its store id, in order.
     deferred: std::collections::VecDeque<(Instant, SessionKey, super::store::DeliveryId)>,
@@ -130,6 +134,7 @@ impl Core {
             store,
             out: transmit::Transmits::default(),
             stopped: None,
+            releases: Vec::new(),
             deferred: std::collections::VecDeque::new(),
             stats: Stats::default(),
             started: now,
@@ -207,6 +212,20 @@ fn transmit(core: &mut Core, writer: Option<&StoreWriter>) {
     while let Some(t) = core.poll_transmit() {
         t.send();
     }
+    spawn_releases(core);
+}
+
+/// Waits for each commit the core handed out on a task of its own, then releases (or, if
+/// the commit failed, fails) the acknowledgements behind it.
+fn spawn_releases(core: &mut Core) {
+    while let Some((committed, gates)) = core.poll_release() {
+        tokio::spawn(async move {
+            if committed.await.is_err() {
+                gates.iter().for_each(|g| g.fail());
+            }
+            drop(gates);
+        });
+    }
 }
 
 impl Core {
@@ -215,6 +234,13 @@ impl Core {
     /// [`Core::handle_event`] and [`Core::handle_timeout`] until `None`.
     pub(crate) fn poll_store_op(&mut self) -> Option<StoreOp> {
         self.store.as_mut()?.poll_op()
+    }
+
+    /// A commit to wait for and the acknowledgement gates to release when it is done
+    /// (or to fail, if it could not be made); `None` once all are out. The task awaits
+    /// each on a task of its own, so the core never waits for the disk.
+    pub(crate) fn poll_release(&mut self) -> Option<(DurableReceipt, Vec<Arc<AckGate>>)> {
+        self.releases.pop()
     }
 
     /// Once after a `Shutdown` event: who asked, to be answered when the outputs made

@@ -98,18 +98,13 @@ impl Core {
     }
 
     /// Releases `gates` once everything written so far is committed.
-    fn release_after_commit(&self, gates: Vec<Arc<AckGate>>) {
+    fn release_after_commit(&mut self, gates: Vec<Arc<AckGate>>) {
         if gates.is_empty() {
             return;
         }
         if let Some(store) = &self.store {
             let committed = store.receipt();
-            tokio::spawn(async move {
-                if committed.await.is_err() {
-                    gates.iter().for_each(|g| g.fail());
-                }
-                drop(gates);
-            });
+            self.releases.push((committed, gates));
         }
     }
 

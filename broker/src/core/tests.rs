@@ -854,6 +854,7 @@ fn send_transmits(h: &mut Harness) -> Vec<usize> {
         sent.push(t.items().count());
         t.send();
     }
+    super::spawn_releases(&mut h.core);
     sent
 }
 
