@@ -313,6 +313,14 @@ impl BridgeHandle {
         }
     }
 
+    /// Folds the spool's WAL into its file; call last on a clean stop, once the broker
+    /// offers nothing more.
+    pub async fn checkpoint(&self) {
+        if let Err(e) = self.inner.spool.checkpoint().await {
+            tracing::warn!(bridge = %self.inner.name, "spool checkpoint at the stop failed: {e}");
+        }
+    }
+
     /// Applies a changed `[[bridge]]` table (same name) without touching the spool:
     /// the uplink publishes its clean offline status, disconnects, and a new one
     /// connects with the new settings and sends what the spool holds, in order. Messages

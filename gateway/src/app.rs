@@ -102,6 +102,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     })
     .await;
     running.broker().handle().shutdown().await;
+    // Nothing offers the spools more now. Their rows' second copy (the checkpoint's) is
+    // written at this stop, not left in the WAL for the next start.
+    running.bridges().checkpoint_spools().await;
     // Let writers flush the DISCONNECTs before the runtime goes away.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     Ok(())

@@ -261,6 +261,13 @@ impl Bridges {
             b.shutdown().await;
         }
     }
+
+    /// Folds every spool's WAL into its file: after the broker stopped, the last writes.
+    pub async fn checkpoint_spools(&self) {
+        for b in self.running.snapshot() {
+            b.checkpoint().await;
+        }
+    }
 }
 
 impl From<LocalPublish> for Outgoing {

@@ -77,6 +77,47 @@ async fn cloud_outage_loses_nothing_keeps_order_and_qos2_arrives_once() {
     assert_eq!(log.matches("cannot connect").count(), 1, "{log}");
 }
 
+/// A clean stop folds the spool's WAL into its file: the rows' second copy is written
+/// then (flash writes are counted where they happen, and a file copied off the card stands
+/// alone), and the restarted gateway still sends every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_folds_the_spool_into_its_file_and_the_restart_sends_it_all() {
+    if mosquitto_mode() {
+        return;
+    }
+    let mut cloud = Cloud::down_with_collector();
+    let mut broker = Broker::outpost_with_full_config(&gateway_config(&cloud, ""));
+    let n = 150u16;
+    publish_acked(broker.port(), "pub-ckpt", "q1/ckpt", QoS::AtLeastOnce, n).await;
+    assert!(broker.stop_gracefully().is_some(), "{}", broker.log());
+
+    let spool = broker.state_dir().join("bridge-cloud.sqlite");
+    let wal = broker.state_dir().join("bridge-cloud.sqlite-wal");
+    let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert_eq!(
+        wal_len, 0,
+        "the WAL is folded into the file at a clean stop"
+    );
+    // The file alone, without its WAL and shared-memory files, holds every row.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(&spool, copy.path().join("spool.sqlite")).unwrap();
+    let rows: i64 = rusqlite::Connection::open(copy.path().join("spool.sqlite"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, i64::from(n));
+
+    broker.restart();
+    cloud.start();
+    let got = CloudSubscriber::start(&cloud, "collector", "up/#", usize::from(n), 20).wait();
+    assert_eq!(
+        by_topic(&got).get("up/q1/ckpt"),
+        Some(&(0..u32::from(n)).collect::<Vec<_>>()),
+        "all, in order, once\n{}",
+        broker.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_kill9_while_draining_loses_nothing_and_duplicates_no_qos2() {
     if mosquitto_mode() {

@@ -195,6 +195,8 @@ pub(crate) enum Command {
     /// The uplink session ended; its deletes were queued before this.
     Untake,
     Flush(Reply<Result<(), SpoolError>>),
+    /// Commit what is queued, then fold the WAL into the file.
+    Checkpoint(Reply<Result<(), SpoolError>>),
 }
 
 impl Command {
@@ -204,6 +206,7 @@ impl Command {
         matches!(
             self,
             Command::Flush(_)
+                | Command::Checkpoint(_)
                 | Command::Untake
                 | Command::Strike { .. }
                 | Command::ClearIncoming { .. }
@@ -529,6 +532,13 @@ impl Spool {
     /// Resolves once everything queued before it is committed.
     pub async fn flush(&self) -> Result<(), SpoolError> {
         self.ask(Command::Flush).await
+    }
+
+    /// Resolves once everything queued before it is committed and the WAL is folded into
+    /// the file: the last step of a clean stop, so the rows' second copy (the checkpoint's)
+    /// is written now rather than at the next start, and the file stands alone.
+    pub async fn checkpoint(&self) -> Result<(), SpoolError> {
+        self.ask(Command::Checkpoint).await
     }
 
     /// Highest committed row id, updated after every commit.

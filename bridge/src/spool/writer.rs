@@ -268,7 +268,7 @@ impl Writer {
             }
             Err(e) => {
                 let full = is_disk_full(&e);
-                self.st.after_failure(e, group, bytes0, count0);
+                self.st.after_failure(&self.conn, e, group, bytes0, count0);
                 if full {
                     if self.st.enter_full(&self.conn) {
                         // The reserve is free now: the deletes (and stage changes to come)
@@ -773,10 +773,17 @@ impl State {
             let _ =
                 reply.send(outcome.ok_or_else(|| self.sqlite_error(rusqlite::Error::InvalidQuery)));
         }
-        self.serve_reads(group.reads);
+        self.serve_reads(conn, group.reads);
     }
 
-    fn after_failure(&mut self, e: rusqlite::Error, group: Group, bytes0: u64, count0: u64) {
+    fn after_failure(
+        &mut self,
+        conn: &Connection,
+        e: rusqlite::Error,
+        group: Group,
+        bytes0: u64,
+        count0: u64,
+    ) {
         // The transaction rolled back: restore the counters it had moved, and spare the
         // rows whose acknowledged deletes were lost with it.
         self.bytes = bytes0;
@@ -831,7 +838,7 @@ impl State {
         for (reply, _) in group.struck {
             let _ = reply.send(Err(failure()));
         }
-        self.serve_reads(group.reads);
+        self.serve_reads(conn, group.reads);
     }
 
     fn publish_totals(&self, conn: &Connection) {
@@ -843,10 +850,17 @@ impl State {
         }
     }
 
-    fn serve_reads(&self, reads: Vec<Command>) {
+    fn serve_reads(&self, conn: &Connection, reads: Vec<Command>) {
         for cmd in reads {
-            if let Command::Flush(reply) = cmd {
-                let _ = reply.send(Ok(()));
+            match cmd {
+                Command::Flush(reply) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Checkpoint(reply) => {
+                    let done = checkpoint_truncate(conn).map_err(|e| self.sqlite_error(e));
+                    let _ = reply.send(done);
+                }
+                _ => {}
             }
         }
     }
