@@ -2,9 +2,10 @@
 //! acknowledgements, up to a window later for changes that keep coming on their own.
 //!
 //! Why it matters on an SD card: in WAL mode with `synchronous=FULL` every commit appends
-//! whole pages (4 KiB + a 24-byte frame header, so two pages of the OS page cache) to the
-//! WAL and syncs them. A commit that holds one 96-byte message writes about 8 KiB; one that
-//! holds twenty writes about the same. So at a steady trickle (a site's sensors publishing
+//! whole pages (plus a 24-byte frame header each) to the WAL and syncs them, and the kernel
+//! counts every 4 KiB block of its page cache that a commit touches. With 4 KiB pages a
+//! commit that holds one 96-byte message writes about 8 KiB; with [`crate::PAGE_SIZE`]'s
+//! 1 KiB pages about 4 KiB; one that holds ten writes about the same. So at a steady trickle (a site's sensors publishing
 //! 100 readings a second) the bytes written per message fall with the messages per commit,
 //! and only waiting can raise those.
 //!

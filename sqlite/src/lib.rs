@@ -17,6 +17,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
+/// Page size of a new file, in bytes.
+///
+/// Flash wears by the bytes written, and with `synchronous=FULL` every commit appends each
+/// page it changed to the WAL (plus a 24-byte frame header) and syncs it. A trickle of small
+/// messages changes one or two pages a commit, so the page size, not the message, sets what
+/// a commit writes: a 4 KiB page makes a 4,120-byte frame that always spans two 4 KiB blocks
+/// of the page cache, a 1 KiB page a 1,048-byte frame that mostly stays inside one. Rows here
+/// are small (a spooled 64-byte message is about 130 bytes), so 1 KiB pages still hold
+/// several; a large message goes to overflow pages at about 2 % more bytes than with 4 KiB.
+pub const PAGE_SIZE: u32 = 1024;
+
 /// Why a file could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -56,6 +67,68 @@ pub struct Opened {
     pub conn: Connection,
     /// Set when the file at the path was damaged and a new one was started.
     pub set_aside: Option<SetAside>,
+    /// Set when the file had pages of another size than [`PAGE_SIZE`] (an earlier release
+    /// made it): what was done about it, for the caller to log.
+    pub page_size_change: Option<PageSizeChange>,
+}
+
+/// Most live data a file made with other pages is rewritten with [`PAGE_SIZE`]-byte pages
+/// at open: `VACUUM` copies it (twice the space for a moment, about a second per 16 MiB on
+/// an SD card), which a drained spool or a store of retained messages pays once, and a
+/// spool holding a long outage's backlog should not pay before it sends.
+pub const REWRITE_LIMIT: u64 = 16 << 20;
+
+/// What became of a file whose pages were not [`PAGE_SIZE`] bytes.
+#[derive(Debug)]
+pub enum PageSizeChange {
+    /// Rewritten with [`PAGE_SIZE`]-byte pages.
+    Rewritten {
+        /// Its page size before.
+        from: u32,
+    },
+    /// Kept as it is: more live data than [`REWRITE_LIMIT`].
+    TooBig {
+        /// Its page size.
+        page_size: u32,
+        /// Its live data, in bytes.
+        bytes: u64,
+    },
+    /// Kept as it is: the rewrite failed (most likely no room for the copy).
+    Failed {
+        /// Its page size.
+        page_size: u32,
+        /// What SQLite said.
+        error: rusqlite::Error,
+    },
+}
+
+impl PageSizeChange {
+    /// True when the rewrite was tried and failed.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, PageSizeChange::Failed { .. })
+    }
+}
+
+impl std::fmt::Display for PageSizeChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PageSizeChange::Rewritten { from } => write!(
+                f,
+                "rewritten with {PAGE_SIZE}-byte pages (it had {from}-byte pages), \
+                 so each commit writes fewer bytes to flash"
+            ),
+            PageSizeChange::TooBig { page_size, bytes } => write!(
+                f,
+                "keeps its {page_size}-byte pages: {bytes} bytes of data is more than is \
+                 rewritten at start ({REWRITE_LIMIT}); it is rewritten at a start when it holds less"
+            ),
+            PageSizeChange::Failed { page_size, error } => write!(
+                f,
+                "keeps its {page_size}-byte pages: rewriting it with {PAGE_SIZE}-byte pages \
+                 failed ({error}); check the free space beside it, it is tried again at the next start"
+            ),
+        }
+    }
 }
 
 /// True for SQLite errors that mean the file itself is damaged.
@@ -84,23 +157,29 @@ pub fn open(path: &Path, schema: &str, cache_kib: Option<u32>) -> Result<Opened,
         source,
     };
     match try_open(path, schema, cache_kib) {
-        Ok(conn) => Ok(Opened {
+        Ok((conn, page_size_change)) => Ok(Opened {
             conn,
             set_aside: None,
+            page_size_change,
         }),
         Err(cause) if is_corruption(&cause) => {
             let aside = set_aside(path)?;
-            let conn = try_open(path, schema, cache_kib).map_err(sqlite)?;
+            let (conn, page_size_change) = try_open(path, schema, cache_kib).map_err(sqlite)?;
             Ok(Opened {
                 conn,
                 set_aside: Some(SetAside { path: aside, cause }),
+                page_size_change,
             })
         }
         Err(e) => Err(sqlite(e)),
     }
 }
 
-fn try_open(path: &Path, schema: &str, cache_kib: Option<u32>) -> rusqlite::Result<Connection> {
+fn try_open(
+    path: &Path,
+    schema: &str,
+    cache_kib: Option<u32>,
+) -> rusqlite::Result<(Connection, Option<PageSizeChange>)> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -108,12 +187,11 @@ fn try_open(path: &Path, schema: &str, cache_kib: Option<u32>) -> rusqlite::Resu
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Only a new file takes it (an existing one keeps the page size it was made with).
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     // WAL + FULL: callers acknowledge a client only after a commit here, and in WAL mode
     // NORMAL may lose the last commits on power loss.
-    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::InvalidQuery);
-    }
+    set_wal(&conn)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     if let Some(kib) = cache_kib {
         // A negative cache_size is in KiB rather than pages, so it means the same whatever
@@ -128,8 +206,51 @@ fn try_open(path: &Path, schema: &str, cache_kib: Option<u32>) -> rusqlite::Resu
             Some(format!("quick_check: {check}")),
         ));
     }
+    let page_size_change = adopt_page_size(&conn)?;
     conn.execute_batch(schema)?;
-    Ok(conn)
+    Ok((conn, page_size_change))
+}
+
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidQuery);
+    }
+    Ok(())
+}
+
+/// Rewrites a small file made with other pages with [`PAGE_SIZE`]-byte ones. `VACUUM`
+/// cannot change the page size in WAL mode, so the file leaves it for the rewrite (a
+/// rollback journal keeps the rewrite atomic: a crash during it leaves the old file) and
+/// returns to it after. Only an error returning to WAL mode is the caller's.
+fn adopt_page_size(conn: &Connection) -> rusqlite::Result<Option<PageSizeChange>> {
+    let (page_size, live_pages): (i64, i64) = conn.query_row(
+        "SELECT page_size, page_count - freelist_count \
+         FROM pragma_page_size, pragma_page_count, pragma_freelist_count",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let Ok(page_size) = u32::try_from(page_size) else {
+        return Ok(None);
+    };
+    if page_size == PAGE_SIZE {
+        return Ok(None);
+    }
+    let bytes = u64::from(page_size) * u64::try_from(live_pages).unwrap_or(0);
+    if bytes > REWRITE_LIMIT {
+        return Ok(Some(PageSizeChange::TooBig { page_size, bytes }));
+    }
+    let rewrite = || -> rusqlite::Result<()> {
+        let _: String = conn.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+        conn.execute_batch("VACUUM")
+    };
+    let outcome = rewrite();
+    set_wal(conn)?;
+    Ok(Some(match outcome {
+        Ok(()) => PageSizeChange::Rewritten { from: page_size },
+        Err(error) => PageSizeChange::Failed { page_size, error },
+    }))
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -215,6 +336,101 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    fn page_size(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A file as an earlier release made it: 4 KiB pages, WAL mode, a row `kept` and
+    /// `ballast` bytes of padding.
+    fn file_with_4k_pages(path: &Path, ballast: usize) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(
+            "PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; \
+             CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); \
+             INSERT INTO t (v) VALUES ('kept');",
+        )
+        .unwrap();
+        if ballast > 0 {
+            conn.execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [ballast as i64])
+                .unwrap();
+        }
+    }
+
+    fn first_row(conn: &Connection) -> String {
+        conn.query_row("SELECT v FROM t ORDER BY id LIMIT 1", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_file_has_small_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = open(&dir.path().join("new.sqlite"), SCHEMA, None).unwrap();
+        assert_eq!(page_size(&fresh.conn), i64::from(PAGE_SIZE));
+        assert!(fresh.page_size_change.is_none());
+    }
+
+    #[test]
+    fn a_small_file_with_4k_pages_is_rewritten_with_small_ones_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        file_with_4k_pages(&path, 100_000);
+        let opened = open(&path, SCHEMA, None).unwrap();
+        assert!(opened.set_aside.is_none());
+        match &opened.page_size_change {
+            Some(PageSizeChange::Rewritten { from: 4096 }) => {}
+            other => panic!("expected a rewrite from 4096, got {other:?}"),
+        }
+        assert_eq!(page_size(&opened.conn), i64::from(PAGE_SIZE));
+        assert_eq!(first_row(&opened.conn), "kept");
+        let mode: String = opened
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal", "back in WAL mode after the rewrite");
+        opened
+            .conn
+            .execute("INSERT INTO t (v) VALUES ('new')", [])
+            .unwrap();
+        drop(opened);
+        // Done once: the next start finds small pages and changes nothing.
+        let again = open(&path, SCHEMA, None).unwrap();
+        assert!(again.page_size_change.is_none());
+        let n: i64 = again
+            .conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn a_big_file_with_4k_pages_keeps_them_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        file_with_4k_pages(&path, REWRITE_LIMIT as usize + (1 << 20));
+        let opened = open(&path, SCHEMA, None).unwrap();
+        let change = opened
+            .page_size_change
+            .as_ref()
+            .expect("a change to report");
+        match change {
+            PageSizeChange::TooBig {
+                page_size: 4096,
+                bytes,
+            } => {
+                assert!(*bytes > REWRITE_LIMIT, "{bytes}")
+            }
+            other => panic!("expected TooBig, got {other:?}"),
+        }
+        assert!(!change.is_failure());
+        assert!(
+            change.to_string().contains("keeps its 4096-byte pages"),
+            "{change}"
+        );
+        assert_eq!(page_size(&opened.conn), 4096);
+        assert_eq!(first_row(&opened.conn), "kept");
     }
 
     /// A file of garbage at `dir/db.sqlite`: its path and bytes.

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
-/// Largest reserve: about what a WAL holds at SQLite's automatic checkpoint (1000 pages of
-/// 4 KiB), so that one checkpoint can always complete once the reserve is released.
+/// Largest reserve: about what a WAL holds at SQLite's automatic checkpoint (1000 pages, of
+/// 4 KiB in a file an earlier release made), so that one checkpoint can always complete once
+/// the reserve is released.
 pub const RESERVE_BYTES: u64 = 4 << 20;
 /// Smallest reserve tried when a small file system has no room for a bigger one.
 const MIN_RESERVE_BYTES: u64 = 512 << 10;

@@ -461,6 +461,58 @@ async fn a_damaged_store_is_set_aside_and_the_broker_still_starts() {
     assert_eq!(got[0].payload, "fresh");
 }
 
+fn page_size(store: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(store)
+        .unwrap()
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// An appliance upgraded in place keeps its state directory: a store an earlier release made
+/// with 4 KiB pages is rewritten with small ones at the first start (fewer bytes written per
+/// commit), and keeps what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_from_an_earlier_release_is_rewritten_with_small_pages_and_keeps_its_messages() {
+    outpost_only!();
+    let mut broker = Broker::start("");
+    acked(
+        broker.port(),
+        "pst-pg",
+        "pst/pg/retained",
+        "kept",
+        Q4::AtLeastOnce,
+        true,
+    )
+    .await;
+    assert!(broker.stop_gracefully().is_some());
+    let store = broker.state_dir().join("broker.sqlite");
+    assert_eq!(page_size(&store), 1024, "a new store has 1 KiB pages");
+    // What an earlier release left: the same rows, in 4 KiB pages.
+    rusqlite::Connection::open(&store)
+        .unwrap()
+        .execute_batch(
+            "PRAGMA journal_mode = DELETE; PRAGMA page_size = 4096; VACUUM; \
+             PRAGMA journal_mode = WAL;",
+        )
+        .unwrap();
+    assert_eq!(page_size(&store), 4096);
+
+    broker.restart();
+    let sub = MosquittoSub::start(broker.port(), "pst/pg/#", 1, 1, 3, false).await;
+    let got = sub.messages().await;
+    assert_eq!(got.len(), 1, "the retained message is still there");
+    assert_eq!(got[0].payload, "kept");
+    assert!(
+        broker
+            .log()
+            .contains("rewritten with 1024-byte pages (it had 4096-byte pages)"),
+        "the log says what happened: {}",
+        broker.log()
+    );
+    assert!(broker.stop_gracefully().is_some());
+    assert_eq!(page_size(&store), 1024);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_subscriber_that_never_acknowledges_gets_its_message_after_kill_9() {
     outpost_only!();

@@ -12,8 +12,9 @@ use crate::error::SpoolError;
 pub const ROW_OVERHEAD: u64 = 32;
 
 /// Size the WAL is cut back to after it restarts (`PRAGMA journal_size_limit`): about what
-/// it holds at SQLite's automatic checkpoint (1000 pages of 4 KiB), so a burst that grew it
-/// further gives the space back, while the steady state is not truncated and regrown.
+/// it holds at SQLite's automatic checkpoint (1000 pages: 1 MiB in a file made with today's
+/// 1 KiB pages, 4 MiB in one an earlier release made with 4 KiB pages), so a burst that grew
+/// it further gives the space back, while the steady state is not truncated and regrown.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
 const SCHEMA: &str = "
@@ -74,6 +75,13 @@ pub fn open(path: &Path) -> Result<(Connection, Option<PathBuf>), SpoolError> {
             path: path.to_path_buf(),
             source,
         })?;
+    match &opened.page_size_change {
+        Some(change) if change.is_failure() => {
+            tracing::warn!(spool = %path.display(), "spool file {change}")
+        }
+        Some(change) => tracing::info!(spool = %path.display(), "spool file {change}"),
+        None => {}
+    }
     let aside = opened.set_aside.map(|aside| {
         tracing::error!(
             spool = %path.display(),

@@ -265,7 +265,7 @@ fn full_disk_refuses_with_a_reason_keeps_committed_rows_and_recovers() {
                 commit_window: std::time::Duration::ZERO,
             },
             stats.clone(),
-            &|c| c.query_row("PRAGMA max_page_count = 40", [], |_| Ok(())),
+            &|c| c.query_row("PRAGMA max_page_count = 160", [], |_| Ok(())),
             None,
         )
         .expect("open spool");
@@ -571,7 +571,7 @@ impl reserve::Reserve for PageReserve {
     }
 
     fn size(&self) -> u64 {
-        self.pages as u64 * 4096
+        self.pages as u64 * u64::from(outpost_sqlite::PAGE_SIZE)
     }
 
     fn describe(&self) -> String {
@@ -655,7 +655,7 @@ fn storage_text(e: &Rejected) -> &str {
 fn a_full_disk_releases_the_reserve_so_acked_rows_are_deleted_and_the_spool_accepts_again() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let (spool, thread, stats, _) = open_on_small_disk(dir.path(), 200, 40);
+        let (spool, thread, stats, _) = open_on_small_disk(dir.path(), 800, 160);
         let (ids, refusal) = fill_disk(&spool).await;
         assert!(storage_text(&refusal).contains("full"), "{refusal:?}");
         assert!(ids.len() > 50, "{} messages fit", ids.len());
@@ -699,7 +699,7 @@ fn failed_deletes_are_kept_not_resent_and_retried_once_space_is_back() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         // No room for any reserve: nothing can be released when the disk fills.
-        let (spool, thread, stats, capacity) = open_on_small_disk(dir.path(), 120, 0);
+        let (spool, thread, stats, capacity) = open_on_small_disk(dir.path(), 480, 0);
         let (ids, _) = fill_disk(&spool).await;
         let total = ids.len();
         let (acked, rest) = ids.split_at(total / 2);
@@ -714,7 +714,7 @@ fn failed_deletes_are_kept_not_resent_and_retried_once_space_is_back() {
         let first = fetched_ids(&spool, 3).await;
         assert_eq!(first, rest[..3]);
         // Someone frees space: the kept deletes go through without being sent again.
-        capacity.fetch_add(60, Relaxed);
+        capacity.fetch_add(240, Relaxed);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         while stats.spool_messages.load(Relaxed) != rest.len() as u64 {
             assert!(

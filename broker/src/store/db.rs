@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use outpost_mqtt::{Packet, Protocol, Publish, QoS, RetainHandling, SubscriptionOptions};
 use rusqlite::{Connection, params};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::StoreError;
 use crate::message::Delivery;
@@ -247,6 +247,13 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
         path: path.to_owned(),
         source,
     })?;
+    match &opened.page_size_change {
+        Some(change) if change.is_failure() => {
+            warn!(store = %path.display(), "broker store {change}")
+        }
+        Some(change) => info!(store = %path.display(), "broker store {change}"),
+        None => {}
+    }
     if let Some(aside) = &opened.set_aside {
         error!(
             store = %path.display(),
