@@ -13,6 +13,7 @@
 //! not drain rate: they are reported beside it, and the end-to-end rate with them.
 //!
 //! `cargo run --profile profiling -p outpost-bridge --example drain_bench -- [N] [WINDOW]`
+//! (`DRAIN_COMMIT_WINDOW=0s` sets the draining bridge's `spool.commit_window`)
 
 use std::collections::VecDeque;
 use std::process::{Command, Stdio};
@@ -187,8 +188,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let config: BridgeConfig = toml::from_str(&format!(
         "name = \"bench\"\naddress = \"mqtt://127.0.0.1:{port}\"\nprotocol = \"3.1.1\"\nmax_inflight = {window}\n\
-         topics = [{{ pattern = \"#\", direction = \"out\", qos = 1 }}]\n[spool]\npath = \"{}\"\n[status]\nenabled = false\n",
-        path.display()
+         topics = [{{ pattern = \"#\", direction = \"out\", qos = 1 }}]\n[spool]\npath = \"{}\"\n{}[status]\nenabled = false\n",
+        path.display(),
+        // DRAIN_COMMIT_WINDOW=0s measures the drain without the spool's commit window.
+        std::env::var("DRAIN_COMMIT_WINDOW")
+            .map(|w| format!("commit_window = \"{w}\"\n"))
+            .unwrap_or_default()
     ))?;
     let (local, mut local_rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move { while local_rx.recv().await.is_some() {} });
