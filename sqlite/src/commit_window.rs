@@ -3,11 +3,12 @@
 //!
 //! Why it matters on an SD card: in WAL mode with `synchronous=FULL` every commit appends
 //! whole pages (plus a 24-byte frame header each) to the WAL and syncs them, and the kernel
-//! counts every 4 KiB block of its page cache that a commit touches. With 4 KiB pages a
-//! commit that holds one 96-byte message writes about 8 KiB; with [`crate::PAGE_SIZE`]'s
-//! 1 KiB pages about 4 KiB; one that holds ten writes about the same. So at a steady trickle (a site's sensors publishing
-//! 100 readings a second) the bytes written per message fall with the messages per commit,
-//! and only waiting can raise those.
+//! counts every 4 KiB block of its page cache that a commit touches. A spool committing one
+//! 96-byte message at a time wrote 8.6 KB per message with 4 KiB pages and 5.6 KB with
+//! [`crate::PAGE_SIZE`]'s 1 KiB pages (BENCHMARKS.md, tenth session); a commit that holds
+//! ten writes little more than one that holds one. So at a steady trickle (a site's sensors
+//! publishing 100 readings a second) the bytes written per message fall with the messages
+//! per commit, and only waiting can raise those.
 //!
 //! Waiting costs nothing when changes come by themselves, but a client that sends its next
 //! message only after the acknowledgement of the last one (or of its last window of them)

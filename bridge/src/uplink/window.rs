@@ -7,10 +7,10 @@
 //! room), and once a queue shows (the round trip grows with the window: a modem's buffer)
 //! it holds the bandwidth-delay product plus a quarter, plus what the link carries in
 //! 5 ms: enough to keep the link and the cloud broker busy through jitter, not so much
-//! that live messages wait behind a standing queue. That is
-//! TCP Vegas's idea, counted in messages and timed by PUBACK/PUBREC. Every 30 s under
-//! load it drains to a few messages for one round trip to measure the round trip without
-//! a queue again (BBR's ProbeRTT), so a path that got longer is not mistaken for a queue.
+//! that live messages wait behind a standing queue. That is TCP Vegas's idea, counted in
+//! messages and timed by PUBACK/PUBREC. Every 30 s under load it drains to a few messages
+//! for one round trip to measure the round trip without a queue again (BBR's ProbeRTT), so
+//! a path that got longer is not mistaken for a queue.
 //!
 //! Sans-I/O: the session reports sends and acknowledgements with the time; `limit` is the
 //! window. The configured `max_inflight` and the cloud's Receive Maximum bound it.
@@ -292,6 +292,7 @@ mod tests {
         let start = Instant::now();
         let mut w = Window::new(65_535, start);
         let (rate, window, queue) = drain(&mut w, &link, start, 20.0);
+        eprintln!("rate {rate:.0}/s window {window} mean queueing {queue:.4} s");
         assert!(rate >= 0.95 * link.rate, "delivered {rate:.0}/s");
         // A product of 40, a quarter more (50), and 5 ms of the link's rate (100): enough
         // queued that a cloud broker which reads in batches never waits for the next
