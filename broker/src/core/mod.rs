@@ -7,8 +7,9 @@
 //! The core itself does no I/O and never reads the clock: events and the time go in
 //! ([`Core::handle_event`], [`Core::handle_timeout`]), and what it decided comes out as
 //! values the task around it polls: store changes ([`Core::poll_store_op`]), items for
-//! connections ([`Core::poll_transmit`]), its next deadline ([`Core::poll_timeout`]) and,
-//! after `Shutdown`, that it has stopped ([`Core::poll_stopped`]). The task ([`run`]) only
+//! connections ([`Core::poll_transmit`]), answers to the in-process API
+//! ([`Core::poll_reply`]), its next deadline ([`Core::poll_timeout`]) and, after
+//! `Shutdown`, that it has stopped ([`Core::poll_stopped`]). The task ([`run`]) only
 //! waits, reads the clock and does the sends.
 
 mod ack;
@@ -16,6 +17,7 @@ mod connect;
 mod packet;
 mod persist;
 mod publish;
+mod reply;
 mod route;
 mod subscribe;
 mod sys_publish;
@@ -72,6 +74,8 @@ pub(crate) struct Core {
     /// Acknowledgement gates to release once the store has committed what they wait for
     /// ([`Core::poll_release`]).
     releases: Vec<(DurableReceipt, Vec<Arc<AckGate>>)>,
+    /// Answers to the in-process API, in the order the events came ([`Core::poll_reply`]).
+    replies: std::collections::VecDeque<reply::Reply>,
     /// Deliveries in flight to persistent sessions that are not written yet: when each is
     /// due to be written, its session and its store id, in order.
     deferred: std::collections::VecDeque<(Instant, SessionKey, super::store::DeliveryId)>,
@@ -135,6 +139,7 @@ impl Core {
             out: transmit::Transmits::default(),
             stopped: None,
             releases: Vec::new(),
+            replies: std::collections::VecDeque::new(),
             deferred: std::collections::VecDeque::new(),
             stats: Stats::default(),
             started: now,
@@ -201,7 +206,7 @@ async fn run(mut core: Core, writer: Option<StoreWriter>, mut rx: mpsc::Receiver
 
 /// Sends what the core made: store changes first, so the writer starts its commit, then
 /// each connection's items (an acknowledgement that waits for a commit waits on its
-/// receipt, whichever goes first).
+/// receipt, whichever goes first), then the in-process API's answers.
 fn transmit(core: &mut Core, writer: Option<&StoreWriter>) {
     while let Some(op) = core.poll_store_op() {
         // The core makes store changes only with a store, whose writer the task holds.
@@ -213,6 +218,9 @@ fn transmit(core: &mut Core, writer: Option<&StoreWriter>) {
         t.send();
     }
     spawn_releases(core);
+    while let Some(r) = core.poll_reply() {
+        r.send();
+    }
 }
 
 /// Waits for each commit the core handed out on a task of its own, then releases (or, if
@@ -241,6 +249,12 @@ impl Core {
     /// each on a task of its own, so the core never waits for the disk.
     pub(crate) fn poll_release(&mut self) -> Option<(DurableReceipt, Vec<Arc<AckGate>>)> {
         self.releases.pop()
+    }
+
+    /// The next answer to the in-process API, in the order the events came; `None` once
+    /// all are out. The task sends them after the connections' items.
+    pub(crate) fn poll_reply(&mut self) -> Option<reply::Reply> {
+        self.replies.pop_front()
     }
 
     /// Once after a `Shutdown` event: who asked, to be answered when the outputs made
@@ -299,7 +313,8 @@ impl Core {
             CoreEvent::LocalPublish { msg, done } => {
                 self.stats.local_publishes += 1;
                 let (receipts, _) = self.accept(&msg, now);
-                let _ = done.send(receipts);
+                self.replies
+                    .push_back(reply::Reply::Published(done, receipts));
             }
             CoreEvent::LocalSubscribe {
                 filter,
@@ -308,7 +323,7 @@ impl Core {
                 done,
             } => {
                 let key = self.local_subscribe(&filter, qos, tx);
-                let _ = done.send(key);
+                self.replies.push_back(reply::Reply::Subscribed(done, key));
             }
             CoreEvent::LocalUnsubscribe(key) => self.end_session(key),
             CoreEvent::Qos2Refused { session, packet_id } => {
@@ -322,14 +337,17 @@ impl Core {
             }
             CoreEvent::AddSink(sink, done) => {
                 self.sinks.push(sink);
-                let _ = done.send(SinkId(self.sinks.len() - 1));
+                let id = SinkId(self.sinks.len() - 1);
+                self.replies.push_back(reply::Reply::SinkAdded(done, id));
             }
             CoreEvent::Reload(settings, done) => {
                 self.reload(settings);
-                let _ = done.send(());
+                self.replies.push_back(reply::Reply::Reloaded(done));
             }
             CoreEvent::Snapshot(done) => {
-                let _ = done.send(self.sys_snapshot(now));
+                let snapshot = Box::new(self.sys_snapshot(now));
+                self.replies
+                    .push_back(reply::Reply::Snapshot(done, snapshot));
             }
             CoreEvent::Shutdown(done) => {
                 self.shutdown();

@@ -1128,3 +1128,76 @@ async fn qos_0_messages_a_slow_client_has_no_room_for_are_counted_as_dropped_not
         "those past the backlog are counted as dropped"
     );
 }
+
+#[tokio::test]
+async fn an_in_process_publish_is_answered_after_its_deliveries_are_queued_and_a_local_subscribe_after_it_is_made()
+ {
+    let mut h = Harness::new(|s| s.sys_interval = Duration::ZERO);
+    let (sub, rx) = h.connect("subscriber", true);
+    h.subscribe(&sub, "t", QoS::AtMostOnce);
+    rx.take_now();
+
+    let (done, mut answer) = oneshot::channel();
+    h.core.handle_event(
+        CoreEvent::LocalPublish {
+            msg: message("t", QoS::AtMostOnce),
+            done,
+        },
+        h.now,
+    );
+    assert!(answer.try_recv().is_err(), "not answered while handling it");
+    assert!(
+        publishes(&rx).is_empty(),
+        "nothing queued while handling it"
+    );
+    let t = h.core.poll_transmit().expect("the subscriber's delivery");
+    t.send();
+    assert!(h.core.poll_transmit().is_none(), "nothing else");
+    assert!(
+        answer.try_recv().is_err(),
+        "not answered before the replies"
+    );
+    h.core.poll_reply().expect("the publish's answer").send();
+    assert!(h.core.poll_reply().is_none(), "one answer per event");
+    assert_eq!(
+        answer.try_recv().expect("answered").len(),
+        0,
+        "no durable sink, so no receipt to wait for"
+    );
+    assert_eq!(publishes(&rx), vec![("t".to_owned(), None)]);
+
+    // Answers come out in the order their events came.
+    let (local_tx, mut local_rx) = mpsc::channel(4);
+    let (subscribed, mut key) = oneshot::channel();
+    h.core.handle_event(
+        CoreEvent::LocalSubscribe {
+            filter: "t".to_owned(),
+            qos: QoS::AtMostOnce,
+            tx: local_tx,
+            done: subscribed,
+        },
+        h.now,
+    );
+    let (snapshot, mut stats) = oneshot::channel();
+    h.core.handle_event(CoreEvent::Snapshot(snapshot), h.now);
+    assert!(key.try_recv().is_err() && stats.try_recv().is_err());
+    h.core.poll_reply().expect("the subscribe's answer").send();
+    assert!(key.try_recv().is_ok(), "the subscription's key first");
+    assert!(stats.try_recv().is_err(), "the snapshot after it");
+    h.core.poll_reply().expect("the snapshot").send();
+    let stats = stats.try_recv().expect("the snapshot's answer");
+    assert_eq!(
+        stats.stats.local_publishes, 1,
+        "the publish above was counted"
+    );
+
+    // The subscription is in place once answered: the next publish reaches it.
+    h.accept(&message("t", QoS::AtMostOnce));
+    assert_eq!(
+        &*local_rx
+            .try_recv()
+            .expect("delivered to the local subscriber")
+            .topic,
+        "t"
+    );
+}
