@@ -58,7 +58,11 @@ fuzz_target!(|data: &[u8]| {
         stream.extend(wire(&Packet::Connect(Box::new(c)), protocol));
     }
     stream.extend_from_slice(rest);
-    let chunk = if chunk == 0 { stream.len().max(1) } else { chunk };
+    let chunk = if chunk == 0 {
+        stream.len().max(1)
+    } else {
+        chunk
+    };
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()

@@ -96,12 +96,31 @@ enum Group {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Insert { filter: Name, group: Option<Group>, session: u8, qos: u8, id: Option<u32> },
-    Remove { filter: Name, group: Option<Group>, session: u8 },
-    Match { topic: Name, online: u8 },
+    Insert {
+        filter: Name,
+        group: Option<Group>,
+        session: u8,
+        qos: u8,
+        id: Option<u32>,
+    },
+    Remove {
+        filter: Name,
+        group: Option<Group>,
+        session: u8,
+    },
+    Match {
+        topic: Name,
+        online: u8,
+    },
     /// A filter of `levels` levels of `level`, optionally ending in `#`; inserted, then
     /// matched against the topic of as many levels, then removed if `remove`.
-    Deep { levels: u32, level: Level, hash: bool, session: u8, remove: bool },
+    Deep {
+        levels: u32,
+        level: Level,
+        hash: bool,
+        session: u8,
+        remove: bool,
+    },
 }
 
 /// The model: (full filter as subscribed, group, session) -> nothing. The full filter
@@ -147,7 +166,9 @@ struct Harness {
 
 impl Harness {
     fn insert(&mut self, full: &str, session: SessionKey, e: SubEntry) {
-        let Some((group, inner)) = split(full) else { return };
+        let Some((group, inner)) = split(full) else {
+            return;
+        };
         if inner.split('/').count() > max_deep_levels() as usize {
             return;
         }
@@ -158,7 +179,9 @@ impl Harness {
     }
 
     fn remove(&mut self, full: &str, session: SessionKey) {
-        let Some((group, inner)) = split(full) else { return };
+        let Some((group, inner)) = split(full) else {
+            return;
+        };
         let removed = self.tree.remove(&inner, group.as_deref(), session);
         let was = self.model.subs.remove(&(full.to_owned(), group, session));
         assert_eq!(removed, was, "remove({full:?}, {session})");
@@ -173,7 +196,11 @@ impl Harness {
         let mut out = Vec::new();
         self.tree.matches(topic, &online, &mut out);
 
-        let mut got: Vec<SessionKey> = out.iter().filter(|m| !m.shared).map(|m| m.session).collect();
+        let mut got: Vec<SessionKey> = out
+            .iter()
+            .filter(|m| !m.shared)
+            .map(|m| m.session)
+            .collect();
         got.sort_unstable();
         let mut want = Vec::new();
         // (group, inner filter) -> members, for the shared subscriptions that match.
@@ -186,7 +213,10 @@ impl Harness {
                 None => want.push(*session),
                 Some(g) => {
                     let inner = parse_shared(full).map_or(full.as_str(), |(_, i)| i);
-                    groups.entry((g.as_str(), inner)).or_default().push(*session);
+                    groups
+                        .entry((g.as_str(), inner))
+                        .or_default()
+                        .push(*session);
                 }
             }
         }
@@ -194,30 +224,57 @@ impl Harness {
         assert_eq!(got, want, "non-shared matches of {topic:?}");
 
         let picks: Vec<SessionKey> = out.iter().filter(|m| m.shared).map(|m| m.session).collect();
-        assert_eq!(picks.len(), groups.len(), "one pick per matching shared group for {topic:?}");
+        assert_eq!(
+            picks.len(),
+            groups.len(),
+            "one pick per matching shared group for {topic:?}"
+        );
         for p in &picks {
             assert!(
                 groups.values().any(|members| members.contains(p)),
                 "shared pick {p} is no member of a matching group for {topic:?}"
             );
         }
-        if groups.values().all(|members| members.iter().all(|&m| online(m))) {
+        if groups
+            .values()
+            .all(|members| members.iter().all(|&m| online(m)))
+        {
             assert!(picks.iter().all(|&p| online(p)));
         }
     }
 
     fn run(&mut self, op: &Op) {
         match op {
-            Op::Insert { filter, group, session, qos, id } => {
+            Op::Insert {
+                filter,
+                group,
+                session,
+                qos,
+                id,
+            } => {
                 let full = full_filter(&filter.build(), group);
-                self.insert(&full, SessionKey::new(0, u32::from(*session)), entry(*qos, *id));
+                self.insert(
+                    &full,
+                    SessionKey::new(0, u32::from(*session)),
+                    entry(*qos, *id),
+                );
             }
-            Op::Remove { filter, group, session } => {
+            Op::Remove {
+                filter,
+                group,
+                session,
+            } => {
                 let full = full_filter(&filter.build(), group);
                 self.remove(&full, SessionKey::new(0, u32::from(*session)));
             }
             Op::Match { topic, online } => self.check_match(&topic.build(), *online),
-            Op::Deep { levels, level, hash, session, remove } => {
+            Op::Deep {
+                levels,
+                level,
+                hash,
+                session,
+                remove,
+            } => {
                 let n = (*levels % (max_deep_levels() + 1)) as usize;
                 let level = level.as_str();
                 let mut filter = vec![level; n].join("/");
@@ -226,8 +283,15 @@ impl Harness {
                 }
                 let session = SessionKey::new(0, u32::from(*session));
                 self.insert(&filter, session, entry(0, None));
-                let topic = vec![if level == "+" || level == "#" { "x" } else { level }; n.max(1)]
-                    .join("/");
+                let topic = vec![
+                    if level == "+" || level == "#" {
+                        "x"
+                    } else {
+                        level
+                    };
+                    n.max(1)
+                ]
+                .join("/");
                 self.check_match(&topic, 0xFF);
                 if *remove {
                     self.remove(&filter, session);
@@ -250,7 +314,10 @@ fn worker() -> &'static Mutex<(SyncSender<Vec<Op>>, Receiver<()>)> {
             .stack_size(STACK)
             .spawn(move || {
                 for ops in inputs {
-                    let mut h = Harness { tree: SubscriptionTree::default(), model: Model::default() };
+                    let mut h = Harness {
+                        tree: SubscriptionTree::default(),
+                        model: Model::default(),
+                    };
                     for op in &ops {
                         h.run(op);
                     }
