@@ -387,6 +387,11 @@ impl Broker {
         self.port = port;
     }
 
+    /// The broker process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The TCP port the broker listens on (loopback).
     pub fn port(&self) -> u16 {
         self.port

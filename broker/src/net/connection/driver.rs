@@ -38,7 +38,11 @@ use crate::net::deadlines::Deadlines;
 use crate::net::transport::Transport;
 use crate::outbound::{Outbound, OutboundRx};
 
-/// Stop taking items from the core while this much is waiting to be written.
+/// Stop taking items from the core, and stop reading the client's packets, while this
+/// much is waiting to be written. Every packet read may owe the client a reply (PINGRESP,
+/// SUBACK, PUBACK, …): a client that sends without reading what it is owed would
+/// otherwise grow the broker's memory without bound, so its own packets wait in its
+/// socket (and TCP's flow control slows it) until it reads.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// A write buffer above this size is released once it drains.
 const WRITE_BUF_KEEP: usize = 16 * 1024;
@@ -231,14 +235,30 @@ impl<T: Transport> Driver<T> {
         self.busy.as_ref().map_or(0, |b| b.wbuf.len())
     }
 
+    /// Whether the client's packets wait unread: it is not reading what it is owed
+    /// ([`WRITE_HIGH_WATER`]), or too many of its publishes wait for their
+    /// acknowledgements ([`Conn::replies_backlogged`]). Whatever unblocks it (a write,
+    /// an acknowledgement released) is polled every round, so reading resumes by itself.
+    fn read_paused(&self) -> bool {
+        self.wbuf_len() >= WRITE_HIGH_WATER || self.conn.replies_backlogged()
+    }
+
     /// Polls every source once. Each source that returns `Pending` has registered the
     /// waker; a source skipped for a condition (closing, a full write buffer, a stall)
     /// is unblocked only by progress of one that was polled.
     fn round(&mut self, cx: &mut Context<'_>) -> Round {
         let mut progress = false;
         let mut worked = false;
+        let paused = self.read_paused();
         match self.poll_write(cx) {
-            Poll::Ready(Ok(true)) => progress = true,
+            Poll::Ready(Ok(true)) => {
+                progress = true;
+                if paused {
+                    // Its packets wait unread while it catches up; a client taking
+                    // what it is owed is alive, so its keep-alive counts from here.
+                    self.last_rx = self.conn.deadlines().now_ms();
+                }
+            }
             Poll::Ready(Ok(false)) | Poll::Pending => {}
             Poll::Ready(Err(e)) => {
                 debug!(conn_id = %self.conn.conn_id, error = %e, "connection closed");
@@ -306,13 +326,13 @@ impl<T: Transport> Driver<T> {
         }
 
         let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
-        if !self.conn.winding_down() && !stalled {
+        if !self.conn.winding_down() && !stalled && !self.read_paused() {
             if self.busy.as_ref().is_some_and(|b| b.decode_pending) {
                 worked = true;
                 self.decode();
             }
             let stalled = self.busy.as_ref().is_some_and(|b| b.stall.is_some());
-            if !self.conn.winding_down() && !stalled {
+            if !self.conn.winding_down() && !stalled && !self.read_paused() {
                 // Read into the busy part's buffer if there is one, else into a fresh
                 // one that allocates only if bytes actually came.
                 let mut fresh = BytesMut::new();

@@ -22,6 +22,13 @@ use crate::outbound::{Ack, AckKind, DurableResult, Outbound};
 use crate::settings::Settings;
 use crate::subscriptions::SessionKey;
 
+/// Replies a client may be owed before its packets wait unread
+/// ([`Conn::replies_backlogged`]). A 5.0 client is held to the broker's Receive Maximum
+/// (at most 65,535) by an error; this bounds a 3.x client, which has none, and the
+/// acknowledgements and SUBACKs of any client that wait for a commit. Large enough that a
+/// client pipelining its publishes is not slowed while the commit window gathers them.
+const REPLIES_BACKLOG: usize = 4096;
+
 /// An acknowledgement waiting its turn.
 enum PendingAck {
     Waiting {
@@ -313,6 +320,16 @@ impl Conn {
         self.tables.as_ref().is_some_and(|t| !t.acks.is_empty())
     }
 
+    /// True when so many of the client's packets wait for their replies that reading
+    /// more would only grow memory: acknowledgements held for a commit, or (3.x, which
+    /// has no Receive Maximum to refuse with) QoS 1 PUBLISHes not yet acknowledged.
+    /// Reading resumes as the replies leave, which needs nothing more from the client.
+    pub(super) fn replies_backlogged(&self) -> bool {
+        let held = self.tables.as_ref().map_or(0, |t| t.acks.len());
+        held >= REPLIES_BACKLOG
+            || (!self.protocol.is_v5() && self.unacked_qos1 as usize >= REPLIES_BACKLOG)
+    }
+
     /// True when nothing waits on a future of this connection's own (a durable commit
     /// behind an acknowledgement or a held delivery): its socket, its outbound queue and
     /// its deadline are then all it waits on, and it may be parked.
@@ -439,7 +456,10 @@ impl Conn {
                 None => return Err(ReasonCode::PROTOCOL_ERROR),
             }
         } else {
-            aliases.inbound.insert(alias, p.topic.clone());
+            // A copy: the topic shares the buffer its packet was read into, which the
+            // alias would otherwise keep alive (up to the largest packet allowed) for as
+            // long as the connection lasts.
+            aliases.inbound.insert(alias, ByteString::from(&*p.topic));
         }
         Ok(())
     }
