@@ -224,8 +224,9 @@ impl SerialTask {
         tracing::warn!(
             device,
             "device {device} has sent more than {MAX_DISCOVERED_FIELDS} distinct field names \
-             (the latest: {:?}); new ones are ignored from now on. If the device really has \
-             this many, list the ones to publish as `points` in its [[sensors.serial]] section",
+             (the latest: {:?}); new ones are ignored from now on. To choose which fields \
+             are published, list them as `points` in its [[sensors.serial]] section; if the \
+             names look like noise, check the port's `baud`, `format` and `framing`",
             kv::truncate(name)
         );
     }
