@@ -70,6 +70,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         broker: running.broker().handle(),
         bridges: running.bridges().running(),
         sensor_lines: running.sensor_lines(),
+        sensor_devices: running.sensor_devices(),
         sensors_base: (!sensors.modbus.is_empty() || !sensors.serial.is_empty()).then(|| {
             format!(
                 "{}/{gateway_id}/sensors",

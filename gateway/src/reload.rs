@@ -33,6 +33,7 @@ pub struct Running {
     listeners: Vec<ServingListener>,
     bridges: Bridges,
     sensor_lines: service::SensorLines,
+    sensor_devices: service::SensorDevices,
     /// Stops the sensor layer, before the bridges so its devices' offline status still
     /// goes up to the cloud.
     sensors_stop: watch::Sender<bool>,
@@ -59,6 +60,7 @@ impl Running {
             listeners,
             bridges,
             sensor_lines: service::SensorLines::default(),
+            sensor_devices: service::SensorDevices::default(),
             sensors_stop,
             sensor_tasks: JoinSet::new(),
             sensors: None,
@@ -84,7 +86,14 @@ impl Running {
         self.sensor_lines.clone()
     }
 
+    /// The configured sensor devices, kept current across reloads.
+    pub fn sensor_devices(&self) -> service::SensorDevices {
+        self.sensor_devices.clone()
+    }
+
     async fn start_sensors(&mut self, config: &Config) {
+        self.sensor_devices
+            .set(service::SensorDevices::of(&config.sensors()));
         let started = crate::sensors::spawn_reloadable(
             config.sensors(),
             config.gateway_id(),
@@ -114,6 +123,8 @@ impl Running {
             return Ok(());
         };
         let r = layer.reload(config.sensors()).await?;
+        self.sensor_devices
+            .set(service::SensorDevices::of(&config.sensors()));
         for (what, names) in [
             ("started", &r.started),
             ("restarted", &r.restarted),

@@ -112,6 +112,34 @@ impl SensorLines {
     }
 }
 
+/// The names of the configured sensor devices, kept current across reloads: the status
+/// line counts only these, so a LAN client publishing `{base}/<anything>/status` cannot
+/// grow the supervisor's memory.
+#[derive(Clone, Default)]
+pub struct SensorDevices(std::sync::Arc<std::sync::RwLock<std::collections::BTreeSet<String>>>);
+
+impl SensorDevices {
+    /// The devices of a `[sensors]` section.
+    pub fn of(sensors: &outpost_sensors::SensorsConfig) -> std::collections::BTreeSet<String> {
+        sensors
+            .modbus
+            .iter()
+            .map(|d| d.name.clone())
+            .chain(sensors.serial.iter().map(|s| s.name.clone()))
+            .collect()
+    }
+
+    /// The current set.
+    pub fn get(&self) -> std::collections::BTreeSet<String> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces it.
+    pub fn set(&self, names: std::collections::BTreeSet<String>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+}
+
 /// Topic of the watchdog's round trip through the broker core. Wildcard subscriptions of
 /// clients never match a `$` topic, and no bridge rule takes it.
 const PROBE_TOPIC: &str = "$outpost/watchdog";
@@ -128,6 +156,8 @@ pub struct Watched {
     pub sensor_lines: SensorLines,
     /// `{prefix}/{gateway_id}/sensors`, when sensors are configured.
     pub sensors_base: Option<String>,
+    /// The configured sensor devices: the only ones the status line counts.
+    pub sensor_devices: SensorDevices,
 }
 
 /// Feeds the systemd watchdog (when `WATCHDOG_USEC` is set for this process) only while
@@ -186,8 +216,10 @@ pub async fn spawn_supervisor(w: Watched) -> Option<tokio::task::JoinHandle<()>>
                 }
             }
             if let Some(s) = &mut sensors {
+                let configured = w.sensor_devices.get();
+                view.keep_only(&configured);
                 while let Some(m) = drain(s) {
-                    view.sensor_seen(&m.topic, &m.payload);
+                    view.sensor_seen(&m.topic, &m.payload, &configured);
                 }
             }
             let status = view.line(&w.bridges.snapshot());
@@ -267,15 +299,25 @@ fn drain(sub: &mut LocalSubscription) -> Option<std::sync::Arc<crate::broker::Me
 #[derive(Default)]
 struct StatusView {
     clients: String,
-    /// device -> online
+    /// device -> online; configured devices only, so at most as many as the config names.
     sensors: std::collections::BTreeMap<String, bool>,
 }
 
 impl StatusView {
-    fn sensor_seen(&mut self, topic: &str, payload: &[u8]) {
+    /// Records a device's status message. Any LAN client may publish to a status topic,
+    /// so a name that is not configured is ignored rather than remembered forever.
+    fn sensor_seen(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        configured: &std::collections::BTreeSet<String>,
+    ) {
         let Some(device) = topic.rsplit('/').nth(1) else {
             return;
         };
+        if !configured.contains(device) {
+            return;
+        }
         let online = serde_json::from_slice::<serde_json::Value>(payload)
             .ok()
             .and_then(|v| {
@@ -285,6 +327,11 @@ impl StatusView {
             })
             .unwrap_or(false);
         self.sensors.insert(device.to_owned(), online);
+    }
+
+    /// Forgets devices a reload removed.
+    fn keep_only(&mut self, configured: &std::collections::BTreeSet<String>) {
+        self.sensors.retain(|d, _| configured.contains(d));
     }
 
     /// e.g. `clients 3; uplink cloud: connected, spool 0; sensors 2/2 online`.
@@ -354,5 +401,48 @@ pub fn raise_fd_limit() {
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {
         tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn online() -> &'static [u8] {
+        br#"{"status":"online","error":null}"#
+    }
+
+    #[test]
+    fn the_status_view_remembers_only_configured_devices() {
+        let configured: BTreeSet<String> = ["boiler".to_owned()].into();
+        let mut view = StatusView::default();
+        view.sensor_seen("outpost/gw/sensors/boiler/status", online(), &configured);
+        // Any LAN client may publish under the status wildcard; none of it is kept.
+        for i in 0..1000 {
+            let topic = format!("outpost/gw/sensors/rogue{i}/status");
+            view.sensor_seen(&topic, online(), &configured);
+        }
+        assert_eq!(view.sensors.len(), 1);
+        assert_eq!(view.line(&[]), "clients 0; sensors 1/1 online");
+    }
+
+    #[test]
+    fn a_device_a_reload_removed_leaves_the_status_view() {
+        let both: BTreeSet<String> = ["boiler".to_owned(), "meter".to_owned()].into();
+        let mut view = StatusView::default();
+        view.sensor_seen("outpost/gw/sensors/boiler/status", online(), &both);
+        view.sensor_seen("outpost/gw/sensors/meter/status", online(), &both);
+        assert_eq!(view.line(&[]), "clients 0; sensors 2/2 online");
+        view.keep_only(&["meter".to_owned()].into());
+        assert_eq!(view.line(&[]), "clients 0; sensors 1/1 online");
+    }
+
+    #[test]
+    fn the_configured_devices_are_the_modbus_and_serial_names() {
+        let sensors: outpost_sensors::SensorsConfig =
+            toml::from_str("[[serial]]\nname = \"meter\"\nport = \"/dev/null\"\nformat = \"kv\"\n")
+                .unwrap();
+        assert_eq!(SensorDevices::of(&sensors), ["meter".to_owned()].into());
     }
 }

@@ -22,9 +22,19 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-/// What a frame or message may hold beyond one largest MQTT packet: a client may batch
-/// several packets in one frame (MQTT-6.0.0-2), but not hold the broker's memory hostage.
+/// What a frame or message may hold beyond one largest MQTT packet: a peer may batch
+/// several packets in one frame (MQTT-6.0.0-2), but not hold our memory hostage.
 const BATCH_SLACK: usize = 64 * 1024;
+
+/// The limits for a peer whose packets may be up to `max_packet_size` bytes: tungstenite's
+/// own (64 MiB a message, 16 MiB a frame) would let the peer make us buffer that much
+/// before the MQTT codec ever sees the packet's length.
+fn limited(config: WebSocketConfig, max_packet_size: usize) -> WebSocketConfig {
+    let limit = max_packet_size.saturating_add(BATCH_SLACK);
+    config
+        .max_frame_size(Some(limit))
+        .max_message_size(Some(limit))
+}
 
 /// tungstenite allocates its read buffer up front (128 KiB by default); a broker with
 /// many WebSocket clients on a small board cannot spend that on each.
@@ -55,11 +65,10 @@ where
         }
         Ok(resp)
     };
-    let limit = max_packet_size.saturating_add(BATCH_SLACK);
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_frame_size(Some(limit))
-        .max_message_size(Some(limit));
+    let config = limited(
+        WebSocketConfig::default().read_buffer_size(READ_BUFFER),
+        max_packet_size,
+    );
     let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
         .await
         .map_err(io_err)?;
@@ -85,7 +94,11 @@ fn choose_subprotocol(req: &Request) -> Option<&'static str> {
 }
 
 /// WebSocket handshake over `stream` for `url`, offering the `mqtt` subprotocol.
-pub async fn connect<S>(url: &str, stream: S) -> io::Result<WsStream<S>>
+///
+/// As in [`accept`], a frame or message from the server larger than `max_packet_size`
+/// (the largest packet we take) plus a little room for batching is refused as soon as
+/// its header announces it: the read fails and the caller drops the link.
+pub async fn connect<S>(url: &str, stream: S, max_packet_size: usize) -> io::Result<WsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -95,17 +108,27 @@ where
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
-    let (ws, _response) = tokio_tungstenite::client_async(request, stream)
-        .await
-        .map_err(io_err)?;
+    let config = limited(WebSocketConfig::default(), max_packet_size);
+    let (ws, _response) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            .await
+            .map_err(io_err)?;
     Ok(WsStream::new(ws))
 }
 
 /// Unwraps tungstenite's I/O errors so callers see the socket's own error kind (a reset
-/// stays `ConnectionReset`); anything else becomes `Other` with tungstenite's message.
+/// stays `ConnectionReset`); a frame over the limit is `InvalidData` saying which limit;
+/// anything else becomes `Other` with tungstenite's message.
 fn io_err(e: WsError) -> io::Error {
     match e {
         WsError::Io(e) => e,
+        WsError::Capacity(c) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the peer sent a WebSocket frame larger than the largest MQTT packet we take \
+                 plus {BATCH_SLACK} bytes: {c}"
+            ),
+        ),
         other => io::Error::other(other),
     }
 }
@@ -189,8 +212,10 @@ mod tests {
     #[tokio::test]
     async fn bytes_cross_in_both_directions() {
         let (c, s) = tokio::io::duplex(4096);
-        let (client, server) =
-            tokio::join!(connect("ws://localhost/mqtt", c), accept(s, "/mqtt", 1024));
+        let (client, server) = tokio::join!(
+            connect("ws://localhost/mqtt", c, 1024),
+            accept(s, "/mqtt", 1024)
+        );
         let (mut client, mut server) = (client.unwrap(), server.unwrap());
         client.write_all(b"\x10\x02ab").await.unwrap();
         client.flush().await.unwrap();
@@ -216,8 +241,10 @@ mod tests {
     #[tokio::test]
     async fn a_frame_beyond_the_packet_limit_is_refused() {
         let (c, s) = tokio::io::duplex(1 << 20);
-        let (client, server) =
-            tokio::join!(connect("ws://localhost/mqtt", c), accept(s, "/mqtt", 1024));
+        let (client, server) = tokio::join!(
+            connect("ws://localhost/mqtt", c, 1 << 20),
+            accept(s, "/mqtt", 1024)
+        );
         let (mut client, mut server) = (client.unwrap(), server.unwrap());
         let big = vec![0u8; 1024 + BATCH_SLACK + 1];
         let send = async {
@@ -227,6 +254,48 @@ mod tests {
         let mut buf = [0; 16];
         let (_, read) = tokio::join!(send, server.read(&mut buf));
         assert!(read.is_err(), "an oversized frame was taken: {read:?}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_from_the_server_beyond_our_packet_limit_is_refused() {
+        // The bridge's side: a cloud (or whatever answers at its address) must not make
+        // it buffer tungstenite's 64 MiB; the read fails once the header says too much.
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let (client, server) = tokio::join!(
+            connect("ws://localhost/mqtt", c, 1024),
+            accept(s, "/mqtt", 1 << 20)
+        );
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let big = vec![0u8; 1024 + BATCH_SLACK + 1];
+        let send = async {
+            let _ = server.write_all(&big).await;
+            let _ = server.flush().await;
+        };
+        let mut buf = [0; 16];
+        let (_, read) = tokio::join!(send, client.read(&mut buf));
+        let e = read.expect_err("an oversized frame was taken");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(
+            e.to_string()
+                .contains("larger than the largest MQTT packet"),
+            "{e}"
+        );
+        // Up to the limit is taken.
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let (client, server) = tokio::join!(
+            connect("ws://localhost/mqtt", c, 1024),
+            accept(s, "/mqtt", 1 << 20)
+        );
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let fits = vec![7u8; 1024 + BATCH_SLACK];
+        let send = async {
+            server.write_all(&fits).await.unwrap();
+            server.flush().await.unwrap();
+        };
+        let mut got = vec![0u8; fits.len()];
+        let (_, read) = tokio::join!(send, client.read_exact(&mut got));
+        read.unwrap();
+        assert_eq!(got, fits);
     }
 
     /// The raw HTTP answer to an upgrade offering `protocols`.
@@ -278,7 +347,7 @@ mod tests {
     async fn another_path_is_refused() {
         let (c, s) = tokio::io::duplex(4096);
         let (client, server) = tokio::join!(
-            connect("ws://localhost/elsewhere", c),
+            connect("ws://localhost/elsewhere", c, 1024),
             accept(s, "/mqtt", 1024)
         );
         assert!(client.is_err() && server.is_err());

@@ -53,6 +53,10 @@ use timers::{GOODBYE_TIMEOUT, Timer, TimerTable};
 /// Largest packet accepted from the cloud (advertised in 5.0 CONNECT).
 pub(crate) const MAX_INCOMING_PACKET: usize = 16 << 20;
 
+/// QoS 1 and 2 PUBLISHes the cloud may have open towards us (advertised in 5.0
+/// CONNECT); one more is refused rather than remembered (MQTT-3.3.4-9).
+pub(crate) const RECEIVE_MAXIMUM: u16 = 256;
+
 // Outs live briefly in a Vec of at most one window; boxing would allocate per message.
 #[allow(clippy::large_enum_variant)]
 enum Out {
@@ -207,17 +211,10 @@ impl<'a> Client<'a> {
                 Ok(true)
             }
             Ok(None) => Ok(false),
-            Err(e) => {
-                if self.setup.protocol.is_v5() {
-                    self.farewell = self
-                        .encode(&Packet::Disconnect(Disconnect {
-                            reason: e.reason_code(),
-                            properties: Properties::default(),
-                        }))
-                        .is_ok();
-                }
-                Err(lost(format!("malformed packet from the cloud: {e}")))
-            }
+            Err(e) => Err(self.protocol_error(
+                e.reason_code(),
+                format!("malformed packet from the cloud: {e}"),
+            )),
         }
     }
 
@@ -453,6 +450,29 @@ impl<'a> Client<'a> {
 
     // Shared by the parts in `client/`.
     fn on_publish(&mut self, p: Publish) -> Result<(), SessionEnd> {
+        if self.setup.protocol.is_v5() {
+            // Our CONNECT announces no Topic Alias Maximum, so the cloud may send no alias
+            // at all (MQTT-3.1.2-27, MQTT-3.3.2-11); taken as it came, the empty topic of
+            // an aliased PUBLISH would go through the `in` rules as a topic of its own.
+            if let Some(alias) = p.properties.topic_alias {
+                return Err(self.protocol_error(
+                    ReasonCode::TOPIC_ALIAS_INVALID,
+                    format!(
+                        "the cloud sent Topic Alias {alias}, but the bridge accepts none \
+                         (its CONNECT announces no Topic Alias Maximum)"
+                    ),
+                ));
+            }
+            if self.downlink.exceeds(&p, RECEIVE_MAXIMUM) {
+                return Err(self.protocol_error(
+                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                    format!(
+                        "the cloud sent more than {RECEIVE_MAXIMUM} QoS 1/2 PUBLISHes we had \
+                         not completed, our Receive Maximum"
+                    ),
+                ));
+            }
+        }
         match self.downlink.on_publish(p, self.setup.rules) {
             Some(answer) => self.encode(&answer),
             None => Ok(()),

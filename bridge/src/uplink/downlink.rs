@@ -32,6 +32,9 @@ pub(crate) struct Downlink {
     gated: Vec<Packet>,
     /// Messages for the local broker, in order.
     deliveries: VecDeque<LocalPublish>,
+    /// QoS 2 exchanges the cloud opened on this connection whose PUBCOMP has not gone
+    /// out: what the cloud's Receive Maximum quota counts (QoS 1 is answered at once).
+    open: HashSet<u16>,
 }
 
 impl Downlink {
@@ -42,6 +45,17 @@ impl Downlink {
             incoming_qos2: incoming.into_iter().collect(),
             ..Default::default()
         }
+    }
+
+    /// True when taking `p` would leave more than `max` QoS 1 and QoS 2 exchanges open
+    /// on this connection (a repeat of an open QoS 2 exchange opens none).
+    pub(crate) fn exceeds(&self, p: &Publish, max: u16) -> bool {
+        let opens = match (p.qos, p.packet_id) {
+            (QoS::AtMostOnce, _) => false,
+            (QoS::ExactlyOnce, Some(id)) => !self.open.contains(&id),
+            _ => true,
+        };
+        opens && self.open.len() >= usize::from(max)
     }
 
     /// A PUBLISH from the cloud: queued for the local broker through the `in` rules
@@ -65,6 +79,7 @@ impl Downlink {
         match (p.qos, pid) {
             (QoS::AtLeastOnce, Some(id)) => Some(Packet::PubAck(PubResponse::new(id))),
             (QoS::ExactlyOnce, Some(id)) => {
+                self.open.insert(id);
                 let op =
                     (!duplicate && self.incoming_qos2.insert(id)).then_some(IncomingOp::Add(id));
                 self.pending
@@ -93,8 +108,9 @@ impl Downlink {
         }
         let pending = std::mem::take(&mut self.pending);
         let ops: Vec<IncomingOp> = pending.iter().filter_map(|(op, _)| *op).collect();
-        let answers = pending.into_iter().map(|(_, answer)| answer).collect();
+        let answers: Vec<Packet> = pending.into_iter().map(|(_, answer)| answer).collect();
         if ops.is_empty() {
+            self.closed(&answers);
             return answers;
         }
         self.gated = answers;
@@ -111,7 +127,18 @@ impl Downlink {
     /// The changes from [`Downlink::poll_commit`] are durable: returns their answers.
     pub(crate) fn on_committed(&mut self) -> Vec<Packet> {
         self.committing = false;
-        std::mem::take(&mut self.gated)
+        let answers = std::mem::take(&mut self.gated);
+        self.closed(&answers);
+        answers
+    }
+
+    /// The exchanges whose PUBCOMP is among `answers` are over: the cloud may open more.
+    fn closed(&mut self, answers: &[Packet]) {
+        for a in answers {
+            if let Packet::PubComp(r) = a {
+                self.open.remove(&r.packet_id);
+            }
+        }
     }
 
     /// The next message for the local broker.

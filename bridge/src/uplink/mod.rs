@@ -163,7 +163,7 @@ fn connect_packet(ctx: &Ctx, reset: bool) -> Packet {
         } else {
             cfg.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32
         });
-        properties.receive_maximum = Some(256);
+        properties.receive_maximum = Some(client::RECEIVE_MAXIMUM);
         properties.maximum_packet_size = Some(MAX_INCOMING_PACKET as u32);
     }
     let will = (cfg.status.enabled && !reset).then(|| Will {

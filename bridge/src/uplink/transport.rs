@@ -8,6 +8,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::client::MAX_INCOMING_PACKET;
 use crate::config::{Address, Scheme};
 
 /// A bidirectional byte stream to the cloud broker.
@@ -15,7 +16,8 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Connect to `addr`; TLS when `tls` is given (SNI from `server_name` or the host), then
-/// the WebSocket handshake for `ws://` and `wss://`.
+/// the WebSocket handshake for `ws://` and `wss://`, whose frames are bounded by the
+/// largest packet the bridge takes.
 pub async fn connect(
     addr: &Address,
     tls: Option<(&Arc<ClientConfig>, Option<&str>)>,
@@ -30,7 +32,7 @@ pub async fn connect(
     let Some((config, server_name)) = tls else {
         if addr.scheme == Scheme::Ws {
             let url = format!("ws://{host}:{}{}", addr.port, addr.path);
-            let ws = outpost_ws::connect(&url, tcp).await?;
+            let ws = outpost_ws::connect(&url, tcp, MAX_INCOMING_PACKET).await?;
             tracing::debug!(%url, "websocket handshake done");
             return Ok(Box::new(ws));
         }
@@ -44,7 +46,9 @@ pub async fn connect(
         .await?;
     if addr.scheme == Scheme::Wss {
         let url = format!("wss://{host}:{}{}", addr.port, addr.path);
-        return Ok(Box::new(outpost_ws::connect(&url, stream).await?));
+        return Ok(Box::new(
+            outpost_ws::connect(&url, stream, MAX_INCOMING_PACKET).await?,
+        ));
     }
     Ok(Box::new(stream))
 }

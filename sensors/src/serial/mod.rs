@@ -78,10 +78,19 @@ pub struct SerialTask {
     /// followed unlogged since: a noisy line must not flood the journal.
     frame_warned: Option<Instant>,
     frames_unlogged: u64,
+    /// New keys dropped because [`MAX_DISCOVERED_FIELDS`] were already known; the first
+    /// one is logged, the rest only counted, so a noisy line cannot flood the journal.
+    fields_refused: u64,
 }
 
 /// At most one warning per sensor this often for frames that name no point.
 const FRAME_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Most fields a sensor without `points` discovers on its own. Each one is kept for the
+/// life of the task and gets its own (maybe retained) topic, so line noise or a faulty
+/// device naming a new key in every frame would otherwise grow memory and the topic
+/// space without end; real devices name far fewer keys than this.
+pub const MAX_DISCOVERED_FIELDS: usize = 256;
 
 impl std::fmt::Debug for SerialTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,6 +112,7 @@ impl SerialTask {
             status: None,
             frame_warned: None,
             frames_unlogged: 0,
+            fields_refused: 0,
         };
         let points = t.cfg.points.clone();
         for p in &points {
@@ -158,6 +168,10 @@ impl SerialTask {
                         {
                             continue;
                         }
+                        if self.fields.len() >= MAX_DISCOVERED_FIELDS {
+                            self.refuse_field(&name);
+                            continue;
+                        }
                         let f = self.make_field(None, &name);
                         self.fields.insert(name.clone(), f);
                     }
@@ -197,6 +211,29 @@ impl SerialTask {
             }
         }
         msgs
+    }
+
+    /// Counts a key dropped at the discovery cap; warns on the first, telling the user how
+    /// to choose the fields instead.
+    fn refuse_field(&mut self, name: &str) {
+        self.fields_refused += 1;
+        if self.fields_refused > 1 {
+            return;
+        }
+        let device = self.cfg.name.as_str();
+        tracing::warn!(
+            device,
+            "device {device} has sent more than {MAX_DISCOVERED_FIELDS} distinct field names \
+             (the latest: {:?}); new ones are ignored from now on. To choose which fields \
+             are published, list them as `points` in its [[sensors.serial]] section; if the \
+             names look like noise, check the port's `baud`, `format` and `framing`",
+            kv::truncate(name)
+        );
+    }
+
+    /// How many new field names were ignored because the discovery cap was reached.
+    pub fn fields_refused(&self) -> u64 {
+        self.fields_refused
     }
 
     fn warn_frame(&mut self, reason: &FrameError, now: Instant) {
@@ -483,6 +520,29 @@ mod tests {
             feed(&mut t, b"temp=22 hum=42"),
             vec![r("hum", "good", 42.into()), r("temp", "good", 22.into())]
         );
+    }
+
+    #[test]
+    fn discovered_fields_stop_at_the_cap_and_known_ones_still_update() {
+        let mut t = task("");
+        for i in 0..MAX_DISCOVERED_FIELDS + 10 {
+            let line = format!("k{i}={i}");
+            let got = feed(&mut t, line.as_bytes());
+            if i < MAX_DISCOVERED_FIELDS {
+                assert_eq!(got, vec![r(&format!("k{i}"), "good", i.into())]);
+            } else {
+                assert_eq!(got, vec![], "key {i} beyond the cap was published");
+            }
+        }
+        assert_eq!(t.fields.len(), MAX_DISCOVERED_FIELDS);
+        assert_eq!(t.fields_refused(), 10);
+        // A line mixing a known key and a new one updates the known one only.
+        assert_eq!(
+            feed(&mut t, b"k0=99 fresh=1"),
+            vec![r("k0", "good", 99.into())]
+        );
+        assert_eq!(t.fields.len(), MAX_DISCOVERED_FIELDS);
+        assert_eq!(t.fields_refused(), 11);
     }
 
     #[test]

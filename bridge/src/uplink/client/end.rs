@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use outpost_mqtt::{Disconnect, ReasonCode};
+use outpost_mqtt::{Disconnect, Packet, Properties, ReasonCode};
 
 use super::Client;
 
@@ -86,6 +86,21 @@ pub(super) fn may_be_about_a_message(reason: ReasonCode) -> bool {
 }
 
 impl Client<'_> {
+    /// The cloud broke the protocol (`why`): on 5.0 a DISCONNECT with `reason` goes into
+    /// the write buffer for the driver to flush before it closes the link, so the cloud's
+    /// log says what it did wrong. The link is lost, not dropped: no message is to blame.
+    pub(super) fn protocol_error(&mut self, reason: ReasonCode, why: String) -> SessionEnd {
+        if self.setup.protocol.is_v5() {
+            self.farewell = self
+                .encode(&Packet::Disconnect(Disconnect {
+                    reason,
+                    properties: Properties::default(),
+                }))
+                .is_ok();
+        }
+        lost(why)
+    }
+
     /// How the session ends when the cloud dropped the link: `why`, with the row to blame
     /// and what was out.
     pub(super) fn drop_end(&self, why: String) -> SessionEnd {

@@ -22,6 +22,7 @@ use crate::spool::{NewMessage, Stage};
 use crate::stats::BridgeStats;
 use crate::status::Status;
 
+mod downlink;
 mod drops;
 mod qos2;
 mod send;
