@@ -471,8 +471,10 @@ mod tests {
         while p.running.load(Ordering::SeqCst) + p.waiting.load(Ordering::SeqCst) < CONNECTS {
             tokio::task::yield_now().await;
         }
-        assert_eq!(p.running.load(Ordering::SeqCst), CONCURRENT_HASH_CHECKS);
+        let running = p.running.load(Ordering::SeqCst);
+        // Opened before asserting: the runtime waits for its blocking threads on drop.
         p.set_open(true);
+        assert_eq!(running, CONCURRENT_HASH_CHECKS);
         for t in tasks {
             // 5.0: 0x86 Bad User Name or Password (3.1.1: return code 4).
             let refusal = t.await.unwrap().unwrap_err();
