@@ -1246,3 +1246,12 @@ async fn a_client_reconnecting_in_a_loop_keeps_at_most_one_will_and_one_expiry_t
     assert!(!h.holds_session("looper"));
     assert_eq!(h.core.timers.len(), 0);
 }
+
+#[tokio::test]
+async fn a_sys_interval_past_what_the_clock_holds_is_never_due_rather_than_a_panic() {
+    // Config validation bounds sys_interval; the core must not panic without it either.
+    let mut h = Harness::new(|s| s.sys_interval = Duration::MAX);
+    assert_eq!(h.core.poll_timeout(), None, "no $SYS publication is due");
+    h.advance_to(Duration::from_secs(3600));
+    assert_eq!(h.core.timers.len(), 0);
+}
