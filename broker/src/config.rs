@@ -37,10 +37,11 @@ pub struct BrokerConfig {
     /// Any: a client may only do what a rule that applies to it allows.
     #[serde(default)]
     pub acl: Vec<AclRule>,
-    /// A client must send CONNECT within this time after the TCP connection opens.
+    /// A client must send CONNECT within this time after the TCP connection opens (at
+    /// most [`MAX_CONNECTION_TIMEOUT`]).
     #[serde(
         default = "default_connect_timeout",
-        deserialize_with = "outpost_units::duration"
+        deserialize_with = "connect_timeout"
     )]
     pub connect_timeout: Duration,
     /// Upper bound on a client's keep alive, announced as 5.0 Server Keep Alive.
@@ -70,7 +71,7 @@ pub struct BrokerConfig {
     /// end this long after their client left. "0s" means no bound.
     #[serde(
         default = "default_max_session_expiry",
-        deserialize_with = "opt_duration"
+        deserialize_with = "max_session_expiry"
     )]
     pub max_session_expiry: Option<Duration>,
     /// Open client connections, all listeners together; past it new ones are closed at
@@ -89,10 +90,11 @@ pub struct BrokerConfig {
     #[serde(default = "default_max_connect_size")]
     pub max_connect_size: ByteSize,
     /// A packet whose first byte has arrived must be complete within this time, or the
-    /// connection is closed (slow-sender guard; keep alive 0 does not turn it off).
+    /// connection is closed (slow-sender guard; keep alive 0 does not turn it off). At
+    /// most [`MAX_CONNECTION_TIMEOUT`].
     #[serde(
         default = "default_packet_timeout",
-        deserialize_with = "outpost_units::duration"
+        deserialize_with = "packet_timeout"
     )]
     pub packet_timeout: Duration,
     /// Subscriptions one session may hold; further filters are refused (SUBACK 0x97,
@@ -125,11 +127,9 @@ pub struct BrokerConfig {
     /// subscription can take.
     #[serde(default = "default_max_topic_length")]
     pub max_topic_length: usize,
-    /// How often `$SYS/broker/...` statistics are published; "0s" turns them off.
-    #[serde(
-        default = "default_sys_interval",
-        deserialize_with = "outpost_units::duration"
-    )]
+    /// How often `$SYS/broker/...` statistics are published; "0s" turns them off. At most
+    /// [`MAX_SYS_INTERVAL`].
+    #[serde(default = "default_sys_interval", deserialize_with = "sys_interval")]
     pub sys_interval: Duration,
     /// Keep retained messages and persistent sessions (with the messages they are owed)
     /// in `{state_dir}/broker.sqlite`, so they survive a restart, a crash or a power
@@ -144,9 +144,56 @@ pub struct BrokerConfig {
     pub commit_window: Duration,
 }
 
-fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+/// Longest `connect_timeout` and `packet_timeout`. Both are added to the current
+/// `Instant` for a connection's deadline, which panics past what the clock can hold (a
+/// `connect_timeout` of i64::MAX seconds stopped the listener's accept task); an hour
+/// is far beyond any real link's need and nowhere near that.
+pub const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Longest `sys_interval`: a day. The next publication's time is `now + sys_interval`,
+/// and statistics a day apart are already of little use.
+pub const MAX_SYS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest `max_session_expiry`: the largest Session Expiry Interval MQTT can carry
+/// (u32::MAX seconds, about 136 years, which means "never"); a longer bound says nothing
+/// more, and the expiry is added to an `Instant`.
+pub const MAX_SESSION_EXPIRY: Duration = Duration::from_secs(u32::MAX as u64);
+
+/// A duration of at most `max`, refused with the bound and `what` it is for otherwise.
+fn at_most<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    max: Duration,
+    what: &str,
+) -> Result<Duration, D::Error> {
+    let v = outpost_units::duration(d)?;
+    if v > max {
+        return Err(serde::de::Error::custom(format_args!(
+            "{} is too long for {what}; use at most {}",
+            humantime::format_duration(v),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(v)
+}
+
+fn connect_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    at_most(d, MAX_CONNECTION_TIMEOUT, "the time to CONNECT")
+}
+
+fn packet_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    at_most(d, MAX_CONNECTION_TIMEOUT, "the time to finish a packet")
+}
+
+fn sys_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    at_most(d, MAX_SYS_INTERVAL, "the $SYS interval")
+}
+
+fn max_session_expiry<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    let v = at_most(d, MAX_SESSION_EXPIRY, "a session expiry")?;
     // "0s" turns the bound off.
-    outpost_units::duration(d).map(|v| (!v.is_zero()).then_some(v))
+    Ok((!v.is_zero()).then_some(v))
 }
 
 fn default_listeners() -> Vec<ListenerConfig> {

@@ -60,7 +60,7 @@ impl RetainedStore {
 
     /// Retained messages whose topic matches `filter`, skipping expired ones.
     pub fn matching(&mut self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
-        self.by_topic.retain(|_, m| !m.is_expired(now));
+        self.remove_expired(now);
         if !filter.contains(['+', '#']) {
             return self.by_topic.get(filter).cloned().into_iter().collect();
         }
@@ -69,6 +69,36 @@ impl RetainedStore {
             .filter(|m| outpost_mqtt::topic::matches(filter, &m.topic))
             .cloned()
             .collect()
+    }
+
+    /// Drops the messages whose Message Expiry Interval has passed (MQTT-3.3.2-5), and
+    /// their bytes with them: `fits` counts `bytes`, so a byte left behind would be
+    /// room refused to every later retained message until a restart.
+    pub fn remove_expired(&mut self, now: Instant) {
+        let bytes = &mut self.bytes;
+        self.by_topic.retain(|_, m| {
+            let expired = m.is_expired(now);
+            if expired {
+                *bytes -= m.payload.len() as u64;
+            }
+            !expired
+        });
+    }
+
+    /// [`Self::fits`], after dropping expired messages if the store looks full: only
+    /// then, so a store with room is not scanned on every retained publish.
+    pub fn fits_at(
+        &mut self,
+        topic: &str,
+        payload_len: usize,
+        limits: RetainedLimits,
+        now: Instant,
+    ) -> bool {
+        if self.fits(topic, payload_len, limits) {
+            return true;
+        }
+        self.remove_expired(now);
+        self.fits(topic, payload_len, limits)
     }
 
     /// Number of retained messages.
@@ -131,5 +161,76 @@ mod tests {
         r.update(&msg("a", b""));
         assert_eq!((r.len(), r.bytes()), (1, 3));
         assert!(r.fits("c", 7, limits));
+    }
+
+    fn expiring(topic: &str, payload: &'static [u8], secs: u32, now: Instant) -> Arc<Message> {
+        let props = Properties {
+            message_expiry_interval: Some(secs),
+            ..Properties::default()
+        };
+        Message::new_at(
+            topic.into(),
+            Bytes::from_static(payload),
+            QoS::AtMostOnce,
+            true,
+            props,
+            None,
+            now,
+        )
+    }
+
+    #[test]
+    fn expired_messages_give_back_their_bytes_and_room_for_new_ones() {
+        // MQTT-3.3.2-5: once its Message Expiry Interval has passed, a retained message
+        // is no longer delivered; it must stop taking room too.
+        let limits = RetainedLimits {
+            messages: 4,
+            bytes: 20,
+        };
+        let t0 = Instant::now();
+        let mut r = RetainedStore::default();
+        for topic in ["a", "b", "c", "d"] {
+            let m = expiring(topic, b"12345", 10, t0);
+            assert!(r.fits_at(&m.topic, m.payload.len(), limits, t0));
+            r.update(&m);
+        }
+        assert_eq!((r.len(), r.bytes()), (4, 20));
+        assert!(!r.fits_at("e", 1, limits, t0), "full before expiry");
+
+        // Expired, then dropped by a subscribe's look-up.
+        let later = t0 + std::time::Duration::from_secs(10);
+        assert!(r.matching("#", later).is_empty());
+        assert_eq!((r.len(), r.bytes()), (0, 0), "expiry gave its bytes back");
+        for topic in ["e", "f", "g", "h"] {
+            let m = msg(topic, b"12345");
+            assert!(
+                r.fits_at(&m.topic, m.payload.len(), limits, later),
+                "{topic}"
+            );
+            r.update(&m);
+        }
+        assert_eq!((r.len(), r.bytes()), (4, 20));
+    }
+
+    #[test]
+    fn a_full_store_of_expired_messages_makes_room_for_a_new_one_without_a_subscribe() {
+        let limits = RetainedLimits {
+            messages: 0,
+            bytes: 10,
+        };
+        let t0 = Instant::now();
+        let mut r = RetainedStore::default();
+        r.update(&expiring("a", b"12345", 1, t0));
+        r.update(&msg("b", b"12345"));
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert!(
+            r.fits_at("c", 5, limits, later),
+            "the expired one made room"
+        );
+        assert_eq!((r.len(), r.bytes()), (1, 5));
+        assert!(
+            !r.fits_at("c", 6, limits, later),
+            "the live one stays counted"
+        );
     }
 }

@@ -135,6 +135,43 @@ fn check_rejects_a_commit_window_over_five_seconds_for_the_broker_and_a_spool() 
 }
 
 #[test]
+fn check_rejects_durations_past_their_bound_naming_file_line_key_and_bound() {
+    outpost_only!();
+    // Each is added to an Instant (a connection's deadline, the next $SYS time): past
+    // what the clock holds, that panicked the accept task or the core instead.
+    let huge = "9223372036854775807";
+    for (key, value, bound) in [
+        ("connect_timeout", huge, "at most 1h"),
+        ("packet_timeout", huge, "at most 1h"),
+        ("sys_interval", huge, "at most 1day"),
+        ("sys_interval", "\"2days\"", "at most 1day"),
+        ("max_session_expiry", huge, "at most 136years"),
+    ] {
+        let file = format!("{key}.toml");
+        let body =
+            format!("[broker]\nlisteners = [{{ bind = \"127.0.0.1:0\" }}]\n{key} = {value}\n");
+        let (ok, text) = run_check(&file, &body);
+        assert!(!ok, "{key} = {value} was accepted: {text}");
+        assert!(
+            text.contains(&format!("{file}:3:")),
+            "error must name {file} and line 3: {text}"
+        );
+        assert!(
+            text.contains(&format!("broker.{key}")),
+            "error must name the key broker.{key}: {text}"
+        );
+        assert!(
+            text.contains(bound),
+            "error must say the bound ({bound}): {text}"
+        );
+    }
+    let fine = "[broker]\nlisteners = [{ bind = \"127.0.0.1:0\" }]\n\
+        connect_timeout = \"1h\"\npacket_timeout = \"1h\"\nsys_interval = \"1day\"\n";
+    let (ok, text) = run_check("bounds.toml", fine);
+    assert!(ok, "the bounds themselves were refused: {text}");
+}
+
+#[test]
 fn check_rejects_a_missing_file_naming_it() {
     outpost_only!();
     let out = Command::new(outpost_bin())

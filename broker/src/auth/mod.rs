@@ -5,9 +5,11 @@ pub mod mosquitto;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use outpost_mqtt::{Connect, ReasonCode};
+use tokio::sync::Semaphore;
 
 use super::config::{BrokerConfig, PasswordFileError};
 pub use mosquitto::{MosquittoHash, MosquittoHashError};
@@ -77,9 +79,22 @@ pub struct HashPasswordError(argon2::password_hash::Error);
 
 /// Users and their credentials: made from the config, never changed afterwards (a new
 /// config makes a new table). Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Users {
     by_name: Arc<HashMap<String, Arc<Credential>>>,
+    /// Longest a CONNECT waits for a free hash check (`connect_timeout`): the caller's
+    /// deadline does not reach this far, so a client is not held longer than it would
+    /// be for a slow CONNECT.
+    check_wait: Duration,
+}
+
+impl Default for Users {
+    fn default() -> Self {
+        Users {
+            by_name: Arc::default(),
+            check_wait: BrokerConfig::default().connect_timeout,
+        }
+    }
 }
 
 impl std::fmt::Debug for Users {
@@ -104,6 +119,7 @@ impl Users {
         }
         Users {
             by_name: Arc::new(by_name),
+            check_wait: c.connect_timeout,
         }
     }
 
@@ -140,6 +156,9 @@ pub enum Refusal {
     /// The password does not match.
     #[error("bad password")]
     BadPassword,
+    /// Every password check was taken for as long as a CONNECT may take.
+    #[error("too many password checks at once; none came free within broker.connect_timeout")]
+    Busy,
     /// The user's hash cannot be read.
     #[error("unreadable hash for user {user}: {why}")]
     UnreadableHash {
@@ -157,6 +176,8 @@ impl Refusal {
             // MQTT-4.12.0-1: an unsupported Authentication Method gets 0x8C.
             Refusal::AuthMethod => ReasonCode::BAD_AUTHENTICATION_METHOD,
             Refusal::Anonymous => ReasonCode::NOT_AUTHORIZED,
+            // 3.1.1 gets return code 3 (server unavailable) for it.
+            Refusal::Busy => ReasonCode::SERVER_BUSY,
             _ => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
         }
     }
@@ -186,8 +207,43 @@ impl BrokerConfig {
     }
 }
 
+/// Password hash checks that may run at once, broker-wide; more CONNECTs wait. Each
+/// argon2 check holds its memory cost (19 MiB by default) while it runs, and tokio's
+/// blocking pool would run up to 512: 300 CONNECTs with a wrong password took 3.6 GB.
+/// A small device has few cores, so more at once would not finish sooner; the gateway's
+/// HTTP logins are capped the same way (`CONCURRENT_LOGINS`).
+pub const CONCURRENT_HASH_CHECKS: usize = 2;
+
+/// The permits for hash checks, with a probe that tests use to watch them.
+struct HashChecks {
+    permits: Semaphore,
+    #[cfg(test)]
+    probe: tests::Probe,
+}
+
+impl HashChecks {
+    const fn new() -> HashChecks {
+        HashChecks {
+            permits: Semaphore::const_new(CONCURRENT_HASH_CHECKS),
+            #[cfg(test)]
+            probe: tests::Probe::new(),
+        }
+    }
+}
+
+static HASH_CHECKS: HashChecks = HashChecks::new();
+
 /// Checks a CONNECT's credentials against `users`; `Err` says why it is refused.
 pub async fn check(c: &Connect, allow_anonymous: bool, users: &Users) -> Result<(), Refusal> {
+    check_with(c, allow_anonymous, users, &HASH_CHECKS).await
+}
+
+async fn check_with(
+    c: &Connect,
+    allow_anonymous: bool,
+    users: &Users,
+    checks: &'static HashChecks,
+) -> Result<(), Refusal> {
     if c.properties.authentication_method.is_some() {
         // 5.0 enhanced authentication is not offered (MQTT-4.12.0-1).
         return Err(Refusal::AuthMethod);
@@ -216,10 +272,26 @@ pub async fn check(c: &Connect, allow_anonymous: bool, users: &Users) -> Result<
     let Some(password) = c.password.clone() else {
         return Err(Refusal::NoPassword);
     };
-    // Hash verification is deliberately slow; keep it off the async workers.
-    let ok = tokio::task::spawn_blocking(move || cred.verify(&password))
-        .await
-        .unwrap_or(false);
+    #[cfg(test)]
+    let waiting = checks.probe.wait();
+    let permit = match tokio::time::timeout(users.check_wait, checks.permits.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        // The semaphore is never closed; a wait as long as a CONNECT may take is refused.
+        Ok(Err(_)) | Err(_) => return Err(Refusal::Busy),
+    };
+    #[cfg(test)]
+    drop(waiting);
+    // Hash verification is deliberately slow; keep it off the async workers. The permit
+    // goes with it: a client that hangs up does not stop a check already started, so
+    // it must stay counted until the check ends.
+    let ok = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        #[cfg(test)]
+        let _running = checks.probe.enter();
+        cred.verify(&password)
+    })
+    .await
+    .unwrap_or(false);
     if ok {
         Ok(())
     } else {
@@ -250,6 +322,69 @@ pub fn hash_password(password: &str) -> Result<String, HashPasswordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex};
+
+    /// Counts hash checks running at once and holds them at a gate until a test opens it.
+    pub(super) struct Probe {
+        /// Checks waiting for a permit.
+        waiting: AtomicUsize,
+        running: AtomicUsize,
+        most: AtomicUsize,
+        /// Open gate: checks run through. Starts open, so the static's checks never wait.
+        open: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Probe {
+        pub(super) const fn new() -> Probe {
+            Probe {
+                waiting: AtomicUsize::new(0),
+                running: AtomicUsize::new(0),
+                most: AtomicUsize::new(0),
+                open: Mutex::new(true),
+                opened: Condvar::new(),
+            }
+        }
+
+        /// Marks a check running until the guard drops; waits while the gate is shut.
+        pub(super) fn enter(&self) -> Running<'_> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            Running(self)
+        }
+
+        /// Marks a check waiting for a permit until the guard drops.
+        pub(super) fn wait(&self) -> Waiting<'_> {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            Waiting(self)
+        }
+
+        fn set_open(&self, open: bool) {
+            *self.open.lock().unwrap() = open;
+            self.opened.notify_all();
+        }
+    }
+
+    pub(super) struct Running<'a>(&'a Probe);
+
+    pub(super) struct Waiting<'a>(&'a Probe);
+
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.running.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 
     #[test]
     fn hash_then_verify() {
@@ -276,5 +411,98 @@ mod tests {
             let e = Credential::parse(bad).unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
+    }
+
+    /// A cheap argon2id hash (8 KiB, one pass): the tests count checks, not their cost.
+    fn cheap_hash(password: &str) -> String {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let params = argon2::Params::new(8, 1, 1, None).unwrap();
+        let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = SaltString::generate(&mut rand_core::OsRng);
+        a.hash_password(password.as_bytes(), &salt)
+            .unwrap()
+            .to_string()
+    }
+
+    fn users_with(name: &str, password: &str) -> Users {
+        let mut c = BrokerConfig::default();
+        c.users.push(crate::config::UserConfig {
+            name: name.into(),
+            password_hash: cheap_hash(password),
+        });
+        Users::from_config(&c)
+    }
+
+    fn connect(user: &str, password: &'static [u8]) -> Connect {
+        Connect {
+            protocol: outpost_mqtt::Protocol::V5,
+            clean_start: true,
+            keep_alive: 0,
+            properties: outpost_mqtt::Properties::default(),
+            client_id: String::new(),
+            will: None,
+            username: Some(user.into()),
+            password: Some(bytes::Bytes::from_static(password)),
+        }
+    }
+
+    fn own_checks() -> &'static HashChecks {
+        Box::leak(Box::new(HashChecks::new()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn password_checks_run_at_most_the_limit_at_once_and_each_connect_gets_its_answer() {
+        const CONNECTS: usize = 16;
+        let users = users_with("u", "right");
+        let checks = own_checks();
+        // Shut: every check that starts stays running, so any past the limit would show.
+        checks.probe.set_open(false);
+        let tasks: Vec<_> = (0..CONNECTS)
+            .map(|_| {
+                let users = users.clone();
+                tokio::spawn(async move {
+                    check_with(&connect("u", b"wrong"), false, &users, checks).await
+                })
+            })
+            .collect();
+        // Settled once every CONNECT is either running its check or waiting for a permit;
+        // without the bound all of them run.
+        let p = &checks.probe;
+        while p.running.load(Ordering::SeqCst) + p.waiting.load(Ordering::SeqCst) < CONNECTS {
+            tokio::task::yield_now().await;
+        }
+        let running = p.running.load(Ordering::SeqCst);
+        // Opened before asserting: the runtime waits for its blocking threads on drop.
+        p.set_open(true);
+        assert_eq!(running, CONCURRENT_HASH_CHECKS);
+        for t in tasks {
+            // 5.0: 0x86 Bad User Name or Password (3.1.1: return code 4).
+            let refusal = t.await.unwrap().unwrap_err();
+            assert_eq!(refusal, Refusal::BadPassword);
+            assert_eq!(refusal.reason(), ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+        }
+        assert_eq!(p.most.load(Ordering::SeqCst), CONCURRENT_HASH_CHECKS);
+        assert_eq!(
+            check_with(&connect("u", b"right"), false, &users, checks).await,
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_finds_no_free_check_within_its_wait_is_refused_as_busy() {
+        let mut users = users_with("u", "right");
+        users.check_wait = Duration::ZERO;
+        let checks = own_checks();
+        let _all = checks
+            .permits
+            .acquire_many(CONCURRENT_HASH_CHECKS as u32)
+            .await
+            .unwrap();
+        let refusal = check_with(&connect("u", b"right"), false, &users, checks)
+            .await
+            .unwrap_err();
+        // 5.0: 0x89 Server busy.
+        assert_eq!(refusal, Refusal::Busy);
+        assert_eq!(refusal.reason(), ReasonCode::SERVER_BUSY);
     }
 }

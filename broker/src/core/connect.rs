@@ -124,6 +124,8 @@ impl Core {
         s.protocol = connect.protocol;
         s.expiry = expiry;
         s.generation = s.generation.wrapping_add(1);
+        // Connected again: the will and expiry set at its last disconnect are void.
+        self.timers.cancel_session(key);
         s.acl = ClientAcl::resolve(
             self.settings.acl_for(listener),
             connect.username.as_deref(),
@@ -321,14 +323,16 @@ impl Core {
             Some(delay) => {
                 // MQTT-3.1.3-9: the will waits for the delay or the end of the session,
                 // whichever comes first.
-                let at = now + Duration::from_secs(u64::from(delay.min(expiry)));
-                self.timers.push(at, Timer::Will { key, generation });
+                let after = Duration::from_secs(u64::from(delay.min(expiry)));
+                self.timers
+                    .push_after(now, after, Timer::Will { key, generation });
             }
             None => {}
         }
         if expiry != u32::MAX {
-            let at = now + Duration::from_secs(u64::from(expiry));
-            self.timers.push(at, Timer::Expire { key, generation });
+            let after = Duration::from_secs(u64::from(expiry));
+            self.timers
+                .push_after(now, after, Timer::Expire { key, generation });
         }
     }
 
@@ -359,6 +363,7 @@ impl Core {
     /// Removes a session and everything it subscribed to.
     pub(crate) fn end_session(&mut self, key: SessionKey) {
         self.users.remove(&key);
+        self.timers.cancel_session(key);
         let Some(s) = self.sessions.remove(key) else {
             return;
         };

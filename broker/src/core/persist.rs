@@ -187,8 +187,9 @@ impl Core {
                 self.tree.insert(&inner, group.as_deref(), key, entry);
             }
             if expiry != u32::MAX {
-                let at = now + Duration::from_secs(u64::from(expiry));
-                self.timers.push(at, Timer::Expire { key, generation: 0 });
+                let after = Duration::from_secs(u64::from(expiry));
+                self.timers
+                    .push_after(now, after, Timer::Expire { key, generation: 0 });
             }
         }
         if sessions > 0 || retained > 0 {

@@ -31,7 +31,7 @@ impl Core {
             return;
         }
         let qos = p.qos;
-        if let Some(refusal) = self.publish_refusal(key, &p) {
+        if let Some(refusal) = self.publish_refusal(key, &p, now) {
             self.refuse_publish(key, &tx, qos, packet_id, refusal);
             return;
         }
@@ -124,7 +124,7 @@ impl Core {
     }
 
     /// Why the broker will not take this PUBLISH, if it will not.
-    fn publish_refusal(&mut self, key: SessionKey, p: &Publish) -> Option<Refusal> {
+    fn publish_refusal(&mut self, key: SessionKey, p: &Publish, now: Instant) -> Option<Refusal> {
         let s = self.sessions.get(key)?;
         // $SYS belongs to the broker: a client must not forge its statistics (Mosquitto
         // refuses these too), whatever the ACL says.
@@ -146,7 +146,7 @@ impl Core {
             && s.protocol.is_v5()
             && !self
                 .retained
-                .fits(&p.topic, p.payload.len(), self.retained_limits())
+                .fits_at(&p.topic, p.payload.len(), self.retained_limits(), now)
         {
             {
                 self.stats.limits.retained += 1;

@@ -34,7 +34,7 @@ impl Core {
         if msg.retain {
             if self
                 .retained
-                .fits(&msg.topic, msg.payload.len(), self.retained_limits())
+                .fits_at(&msg.topic, msg.payload.len(), self.retained_limits(), now)
             {
                 self.retained.update(msg);
                 if let Some(store) = &self.store {

@@ -1201,3 +1201,57 @@ async fn an_in_process_publish_is_answered_after_its_deliveries_are_queued_and_a
         "t"
     );
 }
+
+// ---- Timers: one will and one expiry per session (timers.rs) ----
+
+#[tokio::test]
+async fn a_client_reconnecting_in_a_loop_keeps_at_most_one_will_and_one_expiry_timer_mqtt_3_1_2_23_mqtt_3_1_3_9()
+ {
+    let mut h = Harness::new(|s| s.sys_interval = Duration::ZERO);
+    let (watcher, watcher_rx) = h.connect("watcher", true);
+    h.subscribe(&watcher, "wills/#", QoS::AtMostOnce);
+    assert_eq!(h.core.timers.len(), 0, "nothing pending without $SYS");
+
+    // Each disconnect sets a will (60 s) and a session expiry (1 h); each reconnect makes
+    // them void. Before, both stayed queued until due: two entries per reconnect.
+    let mut clock = Duration::ZERO;
+    for i in 0..10_000 {
+        let (looper, _) = h.connect_v5("looper", 3600, Some(will("wills/looper", 60)));
+        assert_eq!(h.core.timers.len(), 0, "connected again ({i})");
+        h.drop_connection(&looper);
+        assert_eq!(h.core.timers.len(), 2, "one will and one expiry ({i})");
+        clock += Duration::from_millis(1);
+        h.advance_to(clock);
+    }
+    assert!(
+        publishes(&watcher_rx).is_empty(),
+        "every will was cancelled"
+    );
+
+    // The last disconnect's will and expiry still come when due.
+    let last = clock - Duration::from_millis(1);
+    h.advance_to(last + Duration::from_secs(60) - Duration::from_millis(1));
+    assert!(publishes(&watcher_rx).is_empty(), "not before the delay");
+    h.advance_to(last + Duration::from_secs(60));
+    // MQTT-3.1.3-9: published once the Will Delay Interval has passed.
+    assert_eq!(
+        publishes(&watcher_rx),
+        vec![("wills/looper".to_owned(), None)]
+    );
+    assert_eq!(h.core.stats.wills, 1);
+    // MQTT-3.1.2-23: the session is kept for its Session Expiry Interval, then ended.
+    h.advance_to(last + Duration::from_secs(3600) - Duration::from_millis(1));
+    assert!(h.holds_session("looper"));
+    h.advance_to(last + Duration::from_secs(3600));
+    assert!(!h.holds_session("looper"));
+    assert_eq!(h.core.timers.len(), 0);
+}
+
+#[tokio::test]
+async fn a_sys_interval_past_what_the_clock_holds_is_never_due_rather_than_a_panic() {
+    // Config validation bounds sys_interval; the core must not panic without it either.
+    let mut h = Harness::new(|s| s.sys_interval = Duration::MAX);
+    assert_eq!(h.core.poll_timeout(), None, "no $SYS publication is due");
+    h.advance_to(Duration::from_secs(3600));
+    assert_eq!(h.core.timers.len(), 0);
+}
