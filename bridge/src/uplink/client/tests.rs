@@ -27,6 +27,31 @@ mod drops;
 mod qos2;
 mod send;
 
+/// One `in` rule taking every command under `gw-01/cmd/` to `cmd/`, retain kept.
+fn in_rules() -> Rules {
+    Rules::new(vec![TopicRule {
+        pattern: "#".into(),
+        direction: Direction::In,
+        qos: QoS::ExactlyOnce,
+        local_prefix: "cmd/".into(),
+        remote_prefix: "gw-01/cmd/".into(),
+        retain: RetainMode::Keep,
+    }])
+}
+
+/// A command from the cloud on `gw-01/cmd/valve` (packet id `pid` unless QoS 0).
+fn command(qos: QoS, pid: u16) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: ByteString::from("gw-01/cmd/valve"),
+        packet_id: (qos != QoS::AtMostOnce).then_some(pid),
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"open"),
+    }
+}
+
 const NOW_MS: i64 = 1_800_000_000_000;
 
 /// Nothing is claimed for dropping in these tests (drop-oldest has its own).

@@ -2,29 +2,6 @@
 //! breach closes only the link.
 use super::*;
 
-fn in_rules() -> Rules {
-    Rules::new(vec![TopicRule {
-        pattern: "#".into(),
-        direction: Direction::In,
-        qos: QoS::ExactlyOnce,
-        local_prefix: "cmd/".into(),
-        remote_prefix: "gw-01/cmd/".into(),
-        retain: RetainMode::Keep,
-    }])
-}
-
-fn command(qos: QoS, pid: u16) -> Publish {
-    Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: ByteString::from("gw-01/cmd/valve"),
-        packet_id: (qos != QoS::AtMostOnce).then_some(pid),
-        properties: Properties::default(),
-        payload: Bytes::from_static(b"open"),
-    }
-}
-
 /// A link past its first turn (SUBSCRIBE, and the spool's rows up), with the rows that
 /// went up.
 fn downlink_link<'a>(

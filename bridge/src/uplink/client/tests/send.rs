@@ -151,14 +151,7 @@ fn rows_drop_oldest_claimed_are_passed_over_and_the_rest_taken() {
 
 #[test]
 fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
-    let rules = Rules::new(vec![TopicRule {
-        pattern: "#".into(),
-        direction: Direction::In,
-        qos: QoS::ExactlyOnce,
-        local_prefix: "cmd/".into(),
-        remote_prefix: "gw-01/cmd/".into(),
-        retain: RetainMode::Keep,
-    }]);
+    let rules = in_rules();
     let stats = BridgeStats::default();
     let mut spool = Spool::default();
     let now = Instant::now();
@@ -168,15 +161,7 @@ fn downlink_qos2_is_delivered_once_and_answered_after_its_id_is_durable() {
         matches!(wire.as_slice(), [Packet::Subscribe(_)]),
         "{wire:?}"
     );
-    let command = Publish {
-        dup: false,
-        qos: QoS::ExactlyOnce,
-        retain: false,
-        topic: ByteString::from("gw-01/cmd/valve"),
-        packet_id: Some(7),
-        properties: Properties::default(),
-        payload: Bytes::from_static(b"open"),
-    };
+    let command = command(QoS::ExactlyOnce, 7);
     link.receive(&[Packet::Publish(command.clone())]).unwrap();
     let delivered = link.client.poll_delivery().expect("delivered locally");
     assert_eq!(
