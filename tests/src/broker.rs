@@ -2,12 +2,13 @@
 //! real Mosquitto when `OUTPOST_TEST_BROKER=mosquitto` validates the tests themselves).
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::ports::reserve_port;
 
 /// How long a broker may take to announce its listener.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,12 +138,6 @@ pub fn parse_listening_port(line: &str) -> Option<u16> {
         .find_map(|w| w.strip_prefix("addr="))?;
     let addr = addr.trim_matches('"');
     addr.strip_prefix("127.0.0.1:")?.parse().ok()
-}
-
-/// A free loopback port (bound, then released: a small race that is fine for tests).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
 }
 
 /// A `[broker]` table on an ephemeral loopback port, plus `broker_lines`.
@@ -351,7 +346,9 @@ impl Broker {
     }
 
     fn spawn_mosquitto(&mut self) {
-        let port = free_port();
+        // Held until Mosquitto listens, so no other test's server takes the port first.
+        let reserved = reserve_port();
+        let port = reserved.port();
         let mut conf = std::fs::read_to_string(&self.config_path).expect("read mosquitto.conf");
         // Listener line first so a restart may pick a new port.
         conf = conf

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use outpost_mqtt::{Packet, Protocol, PubResponse, QoS};
 
-use crate::broker::free_port;
+use crate::ports::{ReservedPort, reserve_port};
 use crate::raw::{RawClient, connect_packet, publish};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -19,6 +19,9 @@ pub struct Cloud {
     dir: tempfile::TempDir,
     /// The cloud's TCP port on 127.0.0.1.
     pub port: u16,
+    /// Keeps `port` this cloud's while it is down, so the bridge under test never reaches
+    /// another test's broker there.
+    _reserved: ReservedPort,
     child: Option<Child>,
 }
 
@@ -34,7 +37,8 @@ impl Cloud {
         // Mosquitto started as root drops to its own user and must write its database.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let port = free_port();
+        let reserved = reserve_port();
+        let port = reserved.port();
         std::fs::write(
             dir.path().join("mosquitto.conf"),
             format!(
@@ -46,6 +50,7 @@ impl Cloud {
         Cloud {
             dir,
             port,
+            _reserved: reserved,
             child: None,
         }
     }

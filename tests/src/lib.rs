@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod modbus;
 pub mod netlink;
 pub mod pki;
+pub mod ports;
 pub mod rabbit;
 pub mod raw;
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::broker::free_port;
+use crate::ports::free_port;
 
 /// RabbitMQ takes 10–20 s to boot on a loaded 2-core machine.
 const BOOT: Duration = Duration::from_secs(120);

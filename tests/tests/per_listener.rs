@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use outpost_tests::broker::{Broker, free_port, mosquitto_mode, password_hash};
+use outpost_tests::broker::{Broker, mosquitto_mode, password_hash};
+use outpost_tests::ports::reserve_port;
 use outpost_tests::{V4Client, WAIT};
 use rumqttc::QoS;
 
@@ -28,7 +29,8 @@ async fn a_local_listener_stays_anonymous_while_the_lan_one_needs_users_and_its_
         return;
     }
     let alice = password_hash("alice-pw");
-    let lan = free_port();
+    let lan_held = reserve_port();
+    let lan = lan_held.port();
     let mut b = Broker::outpost_with_full_config(&config(
         lan,
         &alice,

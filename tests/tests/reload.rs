@@ -5,8 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use outpost_tests::broker::{Broker, free_port, mosquitto_mode, password_hash};
+use outpost_tests::broker::{Broker, mosquitto_mode, password_hash};
 use outpost_tests::cloud::{Cloud, CloudSubscriber};
+use outpost_tests::ports::reserve_port;
 use outpost_tests::{V4Client, WAIT};
 use rumqttc::QoS;
 
@@ -133,7 +134,8 @@ async fn listeners_are_added_changed_and_removed_without_touching_the_others() {
     if mosquitto_mode() {
         return;
     }
-    let extra = free_port();
+    let extra_held = reserve_port();
+    let extra = extra_held.port();
     let first = format!(
         "[broker]\nallow_anonymous = true\nlisteners = [{}]\n",
         listener("127.0.0.1:0")
@@ -200,7 +202,8 @@ async fn reload_under_a_qos1_stream_through_broker_and_bridge_loses_nothing() {
     let mut cloud = Cloud::new();
     cloud.start();
     let collector = CloudSubscriber::start(&cloud, "collector", "up/#", N, 90);
-    let extra = free_port();
+    let extra_held = reserve_port();
+    let extra = extra_held.port();
     let config = |keep_alive: &str, listeners: &str, level: &str| {
         format!(
             r#"gateway_id = "gw-reload"

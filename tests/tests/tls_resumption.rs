@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use outpost_mqtt::{Disconnect, Packet, Properties, Protocol, ReasonCode, codec};
-use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
+use outpost_tests::broker::{Broker, mosquitto_mode};
 use outpost_tests::pki::Pki;
+use outpost_tests::ports::reserve_port;
 use outpost_tests::raw::connect_packet;
 use rustls::client::{Resumption, Tls12Resumption};
 use rustls::pki_types::pem::PemObject;
@@ -21,7 +22,8 @@ use rustls::{ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion, Str
 const WAIT: Duration = Duration::from_secs(5);
 
 fn tls_broker(pki: &Pki) -> (Broker, u16) {
-    let port = free_port();
+    let port_held = reserve_port();
+    let port = port_held.port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{port}\", tls = {{ cert = \"{}\", key = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
         pki.path("server.pem").display(),

@@ -8,9 +8,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use outpost_mqtt::{Packet, Protocol, QoS};
-use outpost_tests::broker::{Broker, free_port, mosquitto_mode};
+use outpost_tests::broker::{Broker, mosquitto_mode};
 use outpost_tests::cli::mosquitto_pub;
 use outpost_tests::pki::Pki;
+use outpost_tests::ports::reserve_port;
 use outpost_tests::raw::{connect_packet, sub_opts};
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -33,7 +34,8 @@ fn tls_listener_serves_mosquitto_clients() {
         return;
     }
     let pki = Pki::new(&[("client", "sensor-1")]);
-    let tls_port = free_port();
+    let tls_port_held = reserve_port();
+    let tls_port = tls_port_held.port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
         pki.path("server.pem").display(),
@@ -105,7 +107,8 @@ fn tls_listener_with_client_ca_requires_a_client_certificate() {
         return;
     }
     let pki = Pki::new(&[("client", "sensor-1")]);
-    let tls_port = free_port();
+    let tls_port_held = reserve_port();
+    let tls_port = tls_port_held.port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
         pki.path("server.pem").display(),
@@ -173,7 +176,8 @@ async fn websocket_listener_carries_mqtt_in_binary_frames() {
     if mosquitto_mode() {
         return;
     }
-    let ws_port = free_port();
+    let ws_port_held = reserve_port();
+    let ws_port = ws_port_held.port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{ws_port}\", websocket = \"/mqtt\" }}, {{ bind = \"127.0.0.1:0\" }}]"
     ));
@@ -254,7 +258,8 @@ async fn websocket_frame_beyond_max_packet_size_is_refused_at_its_header() {
     if mosquitto_mode() {
         return;
     }
-    let ws_port = free_port();
+    let ws_port_held = reserve_port();
+    let ws_port = ws_port_held.port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nmax_packet_size = \"4KiB\"\nconnect_timeout = \"60s\"\n\
          listeners = [{{ bind = \"127.0.0.1:{ws_port}\", websocket = \"/mqtt\" }}, {{ bind = \"127.0.0.1:0\" }}]"
@@ -311,7 +316,8 @@ async fn connect_timeout_runs_from_accept_across_the_websocket_handshake() {
     if mosquitto_mode() {
         return;
     }
-    let ws_port = free_port();
+    let ws_port_held = reserve_port();
+    let ws_port = ws_port_held.port();
     let broker = Broker::outpost_with_full_config(&format!(
         "[broker]\nconnect_timeout = \"2s\"\n\
          listeners = [{{ bind = \"127.0.0.1:{ws_port}\", websocket = \"/mqtt\" }}, {{ bind = \"127.0.0.1:0\" }}]"
@@ -376,7 +382,8 @@ fn a_renewed_certificate_is_served_after_reload_without_dropping_tls_clients() {
     );
     std::fs::copy(old.path("server.pem"), &cert).unwrap();
     std::fs::copy(old.path("server.key"), &key).unwrap();
-    let tls_port = free_port();
+    let tls_port_held = reserve_port();
+    let tls_port = tls_port_held.port();
     let config = format!(
         "[broker]\nlisteners = [{{ bind = \"127.0.0.1:{tls_port}\", tls = {{ cert = \"{}\", key = \"{}\" }} }}, {{ bind = \"127.0.0.1:0\" }}]",
         cert.display(),
@@ -471,7 +478,8 @@ fn the_client_certificate_names_the_user_on_an_identity_listener() {
         return;
     }
     let pki = Pki::new(&[("client", "sensor-1")]);
-    let tls_port = free_port();
+    let tls_port_held = reserve_port();
+    let tls_port = tls_port_held.port();
     let broker = Broker::outpost_with_full_config(&format!(
         r#"[broker]
 allow_anonymous = true

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use outpost_tests::{broker::free_port, outpost_bin, outpost_only};
+use outpost_tests::{outpost_bin, outpost_only, ports::reserve_port};
 
 /// Datagrams received from the gateway, with their arrival time.
 fn collect(sock: UnixDatagram) -> mpsc::Receiver<(Instant, String)> {
@@ -138,10 +138,12 @@ fn watchdog_pings_stop_when_a_sensor_poller_is_wedged() {
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     let rx = collect(sock);
-    let port = free_port();
+    let port_held = reserve_port();
+    let port = port_held.port();
     // Nothing listens on this port: the poller keeps failing to connect, and keeps going
     // round its loop, which is alive for the watchdog.
-    let dead = free_port();
+    let dead_held = reserve_port();
+    let dead = dead_held.port();
     let sensors = format!(
         "[[sensors.modbus]]\nname = \"probe\"\ntransport = {{ tcp = {{ host = \"127.0.0.1\", port = {dead} }} }}\n\
          unit = 1\ntimeout = \"100ms\"\nretries = 0\n\
@@ -197,7 +199,8 @@ fn watchdog_pings_only_while_the_core_answers() {
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     let rx = collect(sock);
-    let port = free_port();
+    let port_held = reserve_port();
+    let port = port_held.port();
     let mut child = start_supervised(
         dir.path(),
         &sock_path,
