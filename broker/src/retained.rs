@@ -14,6 +14,10 @@ pub struct RetainedStore {
     by_topic: HashMap<ByteString, Arc<Message>>,
     /// Payload bytes of every retained message.
     bytes: u64,
+    /// Topics whose message expired since [`Self::take_expired`] was last called: their
+    /// rows in the broker's store go too, or the file would keep every expired message
+    /// until a restart, past the limits that bound the messages kept in memory.
+    expired: Vec<ByteString>,
 }
 
 /// How many retained messages, and how many payload bytes, the store may hold (0: any).
@@ -74,15 +78,22 @@ impl RetainedStore {
     /// Drops the messages whose Message Expiry Interval has passed (MQTT-3.3.2-5), and
     /// their bytes with them: `fits` counts `bytes`, so a byte left behind would be
     /// room refused to every later retained message until a restart.
+    /// Their topics wait in [`Self::take_expired`].
     pub fn remove_expired(&mut self, now: Instant) {
-        let bytes = &mut self.bytes;
-        self.by_topic.retain(|_, m| {
-            let expired = m.is_expired(now);
-            if expired {
+        let (bytes, expired) = (&mut self.bytes, &mut self.expired);
+        self.by_topic.retain(|topic, m| {
+            let gone = m.is_expired(now);
+            if gone {
                 *bytes -= m.payload.len() as u64;
+                expired.push(topic.clone());
             }
-            !expired
+            !gone
         });
+    }
+
+    /// The topics whose message expired since the last call, for the store to forget.
+    pub fn take_expired(&mut self) -> Vec<ByteString> {
+        std::mem::take(&mut self.expired)
     }
 
     /// [`Self::fits`], after dropping expired messages if the store looks full: only

@@ -32,10 +32,12 @@ impl Core {
         self.stats.bytes_received += msg.payload.len() as u64;
         let mut retained_row = false;
         if msg.retain {
-            if self
-                .retained
-                .fits_at(&msg.topic, msg.payload.len(), self.retained_limits(), now)
-            {
+            let fits =
+                self.retained
+                    .fits_at(&msg.topic, msg.payload.len(), self.retained_limits(), now);
+            // Before this message's own row, which may be for a topic that just expired.
+            self.forget_expired_retained();
+            if fits {
                 self.retained.update(msg);
                 if let Some(store) = &self.store {
                     store.retain(msg);
@@ -93,6 +95,15 @@ impl Core {
     }
 
     /// The configured bounds of the retained messages.
+    /// Removes from the store the rows of retained messages that expired in memory.
+    pub(super) fn forget_expired_retained(&mut self) {
+        for topic in self.retained.take_expired() {
+            if let Some(store) = &self.store {
+                store.forget_retained(topic);
+            }
+        }
+    }
+
     pub(super) fn retained_limits(&self) -> crate::retained::RetainedLimits {
         crate::retained::RetainedLimits {
             messages: self.settings.max_retained_messages,

@@ -116,6 +116,7 @@ impl Core {
         for (filter, entry) in retained_for {
             let before = self.stats.dropped_queue_full;
             let matching = self.retained.matching(&filter, now);
+            self.forget_expired_retained();
             let client_id = self
                 .sessions
                 .get(key)

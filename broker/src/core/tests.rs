@@ -1255,3 +1255,72 @@ async fn a_sys_interval_past_what_the_clock_holds_is_never_due_rather_than_a_pan
     h.advance_to(Duration::from_secs(3600));
     assert_eq!(h.core.timers.len(), 0);
 }
+
+// ---- Retained messages that expire leave the store as well as memory ----
+
+/// A retained QoS 0 message on `topic` that expires `secs` after `now`.
+fn retained_expiring(topic: &str, secs: u32, now: Instant) -> Arc<Message> {
+    Message::new_at(
+        topic.into(),
+        Bytes::from_static(b"x"),
+        QoS::AtMostOnce,
+        true,
+        Properties {
+            message_expiry_interval: Some(secs),
+            ..Default::default()
+        },
+        None,
+        now,
+    )
+}
+
+/// The retained-message changes among `ops`, as "Kind topic".
+fn retained_changes(ops: &[StoreOp]) -> Vec<String> {
+    ops.iter()
+        .filter_map(|op| match op {
+            StoreOp::PutRetained(m) => Some(format!("PutRetained {}", m.topic)),
+            StoreOp::DropRetained(t) => Some(format!("DropRetained {t}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retained_message_that_expires_leaves_the_store_too_so_the_file_stays_within_the_limits_mqtt_3_3_2_5()
+ {
+    let mut h = Harness::new(|s| {
+        s.sys_interval = Duration::ZERO;
+        s.max_retained_messages = 1;
+    });
+    let _ = h.core.accept(&retained_expiring("gone/a", 1, h.now), h.now);
+    assert_eq!(retained_changes(&store_ops(&mut h)), ["PutRetained gone/a"]);
+
+    // The store is full of a message that has expired: the new one takes its place, and
+    // the expired row goes first.
+    h.advance_to(Duration::from_secs(2));
+    let _ = h.core.accept(&retained_expiring("gone/b", 1, h.now), h.now);
+    assert_eq!(
+        retained_changes(&store_ops(&mut h)),
+        ["DropRetained gone/a", "PutRetained gone/b"]
+    );
+
+    // A subscribe that finds a retained message expired drops its row as well.
+    h.advance_to(Duration::from_secs(4));
+    let (sub, _sub_rx) = h.connect("retained-reader", true);
+    let _ = store_ops(&mut h);
+    let subscribe = Subscribe {
+        packet_id: 1,
+        filters: vec![SubscribeFilter {
+            filter: "gone/#".to_owned(),
+            options: SubscriptionOptions::default(),
+        }],
+        properties: Properties::default(),
+    };
+    h.core
+        .on_packet(sub.session, Packet::Subscribe(subscribe), h.now);
+    assert_eq!(
+        retained_changes(&store_ops(&mut h)),
+        ["DropRetained gone/b"]
+    );
+    assert_eq!(h.core.retained.len(), 0);
+}

@@ -438,6 +438,11 @@ impl Store {
         }
     }
 
+    /// Forgets the retained message of `topic`, which expired in memory.
+    pub fn forget_retained(&self, topic: ByteString) {
+        self.send(Op::DropRetained(topic));
+    }
+
     /// Resolves once everything sent so far is committed, or with a refusal when it
     /// could not be.
     pub fn receipt(&self) -> DurableReceipt {
