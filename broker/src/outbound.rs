@@ -282,6 +282,15 @@ impl OutboundRx {
         }
     }
 
+    /// Gives back the room [`Self::recycle`] kept for a busy stream: a connection that
+    /// parks holds no queue memory however it was busy before.
+    pub fn shed(&self) {
+        let mut q = lock(&self.0.queue);
+        if q.items.is_empty() {
+            q.items = Vec::new();
+        }
+    }
+
     /// Marks the connection gone: further items are refused and queued ones dropped.
     pub fn close(&self) {
         let mut q = lock(&self.0.queue);
@@ -333,5 +342,28 @@ mod tests {
     fn shared_stays_small() {
         let size = std::mem::size_of::<super::Shared>();
         assert!(size <= 88, "outbound Shared is {size} bytes");
+    }
+
+    /// A burst of three PUBLISHes from every idle client left each queue holding room for
+    /// its three acknowledgements after the client parked again: about 500 bytes a client
+    /// at 10,000 clients (`bench/RESULTS-idle.md`, "After a burst").
+    #[test]
+    fn a_queue_gives_back_the_room_kept_for_a_busy_stream_when_its_connection_parks() {
+        use super::{Ack, AckKind, Outbound, channel, lock};
+        let (_tx, rx) = channel(None);
+        let batch: Vec<Outbound> = (1..=3)
+            .map(|id| Outbound::Ack(Ack::new(AckKind::PubAck, id)))
+            .collect();
+        rx.recycle(batch, 3);
+        assert!(
+            lock(&rx.0.queue).items.capacity() >= 3,
+            "a busy stream keeps its buffer"
+        );
+        rx.shed();
+        assert_eq!(
+            lock(&rx.0.queue).items.capacity(),
+            0,
+            "a parked one does not"
+        );
     }
 }

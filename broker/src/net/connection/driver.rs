@@ -665,6 +665,7 @@ fn park_tcp(d: Driver<TcpStream>) {
             return;
         }
     }
+    z.rx.shed();
     let queued = z.rx.register(&waker);
     deadlines.lot().parked();
     *state = Some(z);
