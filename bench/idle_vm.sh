@@ -11,7 +11,8 @@
 #
 # Env: SIZES (client counts, default "10000 100000"), SOURCES (loopback source addresses,
 # default 8: each has about 64,000 ephemeral ports towards one broker port), BROKERS
-# (default "outpost mosquitto"), ACCEL (qemu's -accel, default "tcg,thread=multi"; "kvm"
+# (default "outpost mosquitto"; OUTPOST_BEFORE_BIN adds "outpost-before", an earlier
+# build to compare with), ACCEL (qemu's -accel, default "tcg,thread=multi"; "kvm"
 # where nested KVM works), OUTPOST_BIN and BENCH_BIN (default target/release/...;
 # built against the host's glibc, which is the guest's: both are bookworm), VM_MEM
 # (default 8G), OUT (default /tmp/idle-vm).
@@ -101,6 +102,11 @@ payload=$(mktemp -d /var/tmp/outpost-bench-vm-payload.XXXXXX)
 trap 'rm -rf "$payload"' EXIT
 cp "$outpost_bin" "$payload/outpost"
 cp "$bench_bin" "$payload/outpost-bench"
+# An earlier build to compare with, run as broker "outpost-before".
+if [ -n "${OUTPOST_BEFORE_BIN:-}" ]; then
+  cp "$OUTPOST_BEFORE_BIN" "$payload/outpost-before"
+  case " $brokers " in *" outpost-before "*) ;; *) brokers="$brokers outpost-before";; esac
+fi
 cp "$here/broker_configs.sh" "$payload/"
 cat >"$payload/run.sh" <<RUN
 set -u
@@ -118,6 +124,7 @@ for n in $sizes; do
   for b in $brokers; do
     case \$b in
       outpost) port=28840; cmd="/tmp/payload/outpost --config /tmp/cfg/outpost.toml";;
+      outpost-before) port=28840; cmd="/tmp/payload/outpost-before --config /tmp/cfg/outpost.toml";;
       mosquitto) port=28841; cmd="mosquitto -c /tmp/cfg/mosquitto.conf";;
     esac
     /tmp/payload/outpost-bench idle --addr 127.0.0.1:\$port -c \$n --sources $sources \
