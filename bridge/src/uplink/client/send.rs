@@ -14,6 +14,10 @@ use super::{Client, Out, SessionEnd, Timer, lost};
 use crate::spool::{NewMessage, Stage, StageUpdate, StoredMessage};
 use crate::stats::BridgeStats;
 
+/// Sending time the replay rate may make up for at once after a wait: at most a tenth of
+/// a second's messages go in one burst, so no second carries more than 1.1 × the rate.
+const REPLAY_BURST: Duration = Duration::from_millis(100);
+
 /// The drop-oldest fence as the client sees it (see `spool::fence`): in the driver the
 /// spool's locked marks, in tests nothing is ever claimed.
 pub(crate) trait Claims {
@@ -85,7 +89,14 @@ impl Client<'_> {
                     self.timers.set(Timer::Replay, self.replay_next);
                     break;
                 }
-                self.replay_next = self.replay_next.max(now) + Duration::from_secs(1) / rate.max(1);
+                // A token bucket holding up to REPLAY_BURST of credit: sending that waited
+                // (for a stage commit, a full window) makes up for the wait with one batch.
+                // Without the credit, each fill after a wait sent one message, and QoS 2
+                // stages then committed one message at a time: a drain at 300/s fell to
+                // one per commit window (10/s) on a loaded machine and stayed there.
+                let floor = now.checked_sub(REPLAY_BURST).unwrap_or(now);
+                self.replay_next =
+                    self.replay_next.max(floor) + Duration::from_secs(1) / rate.max(1);
             }
             let Some(row) = self.queue.pop_front() else {
                 break;

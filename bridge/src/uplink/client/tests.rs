@@ -296,6 +296,58 @@ fn a_backlog_from_before_the_session_goes_at_the_replay_rate_on_the_given_clock(
     assert_eq!(rows(&link.turn(&mut spool)), [3]);
 }
 
+#[test]
+fn after_a_wait_the_replay_rate_sends_the_credit_of_up_to_a_tenth_of_a_second_in_one_batch() {
+    let (rules, stats) = (Rules::default(), BridgeStats::default());
+    let mut spool = Spool::default();
+    for id in 1..=2_000 {
+        spool.add(id, QoS::AtLeastOnce); // accepted before the session started
+    }
+    let mut s = setup(&rules, &stats);
+    s.replay_rate = 300;
+    let t0 = Instant::now();
+    // A window far above what the rate lets out, so only the rate paces.
+    let wide = Limits {
+        window: 1_000,
+        ..limits(false, false)
+    };
+    let mut link = Link::open(s, &spool, wide, 0, t0);
+    let turn = |link: &mut Link, spool: &mut Spool| {
+        let batch = publishes(&link.turn(spool));
+        let acks: Vec<Packet> = batch.iter().map(|(_, p)| ack(p)).collect();
+        link.receive(&acks).unwrap();
+        link.apply(spool);
+        batch.len()
+    };
+    assert_eq!(turn(&mut link, &mut spool), 1, "the first goes at once");
+    // The sender was held for 100 ms (a commit, a slow cloud): what the rate allowed
+    // meanwhile goes now, in one batch, rather than one message per turn.
+    link.now = t0 + Duration::from_millis(100);
+    let batch = turn(&mut link, &mut spool);
+    assert!(
+        (29..=31).contains(&batch),
+        "{batch} sent after a 100 ms wait at 300/s"
+    );
+    // A long wait earns no more than a tenth of a second's credit.
+    link.now = t0 + Duration::from_secs(5);
+    let batch = turn(&mut link, &mut spool);
+    assert!(
+        (30..=32).contains(&batch),
+        "{batch} sent after a 4.9 s wait at 300/s"
+    );
+    // Over a whole second of turns every 10 ms the rate holds: 300, plus at most the
+    // credit already counted above.
+    let mut second = 0;
+    for ms in (10..=1_000).step_by(10) {
+        link.now = t0 + Duration::from_secs(5) + Duration::from_millis(ms);
+        second += turn(&mut link, &mut spool);
+    }
+    assert!(
+        (290..=301).contains(&second),
+        "{second} sent in the second after"
+    );
+}
+
 /// Keep alive of the [`limits`] the tests use.
 const KA: Duration = Duration::from_secs(60);
 const MS: Duration = Duration::from_millis(1);
