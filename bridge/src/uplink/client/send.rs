@@ -15,7 +15,8 @@ use crate::spool::{NewMessage, Stage, StageUpdate, StoredMessage};
 use crate::stats::BridgeStats;
 
 /// Sending time the replay rate may make up for at once after a wait: at most a tenth of
-/// a second's messages go in one burst, so no second carries more than 1.1 × the rate.
+/// a second's messages go in one burst, so no second carries more than 1.1 × the rate
+/// and one message.
 const REPLAY_BURST: Duration = Duration::from_millis(100);
 
 /// The drop-oldest fence as the client sees it (see `spool::fence`): in the driver the
