@@ -94,7 +94,6 @@ impl Core {
         (receipts, wanted)
     }
 
-    /// The configured bounds of the retained messages.
     /// Removes from the store the rows of retained messages that expired in memory.
     pub(super) fn forget_expired_retained(&mut self) {
         for topic in self.retained.take_expired() {
@@ -104,6 +103,7 @@ impl Core {
         }
     }
 
+    /// The configured bounds of the retained messages.
     pub(super) fn retained_limits(&self) -> crate::retained::RetainedLimits {
         crate::retained::RetainedLimits {
             messages: self.settings.max_retained_messages,
